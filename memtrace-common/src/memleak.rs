@@ -1,0 +1,175 @@
+//! memleak: outstanding allocations per (pid, address), aggregated per (pid, stack) in the kernel.
+
+use crate::user_pod;
+
+/// One outstanding allocation. User mode keys by (tgid, address) so that two processes'
+/// heaps never alias; kernel mode uses `pid = NO_PID`.
+#[repr(C)]
+#[derive(Copy, Clone, Debug, Default, PartialEq, Eq, Hash)]
+pub struct AllocKey {
+    pub pid: u32,
+    pub _pad: u32,
+    pub addr: u64,
+}
+
+#[repr(C)]
+#[derive(Copy, Clone, Debug, Default)]
+pub struct AllocInfo {
+    pub size: u64,
+    pub timestamp_ns: u64,
+    pub stack_id: u32,
+    /// One of the `FN_*` values: which entry point made it.
+    pub func: u32,
+}
+
+/// Key of the per-stack totals: the same stack id in two processes is two rows.
+#[repr(C)]
+#[derive(Copy, Clone, Debug, Default, PartialEq, Eq, Hash)]
+pub struct StackKey {
+    pub pid: u32,
+    pub stack_id: u32,
+}
+
+/// Outstanding bytes and allocation count of one stack, kept up to date in the kernel.
+#[repr(C)]
+#[derive(Copy, Clone, Debug, Default)]
+pub struct StackTotal {
+    pub bytes: u64,
+    pub allocs: u64,
+}
+
+/// A call in flight on one thread, between the allocator's entry and its return.
+#[repr(C)]
+#[derive(Copy, Clone, Debug, Default)]
+pub struct Pending {
+    pub size: u64,
+    /// posix_memalign's out-pointer (user address), 0 for the others.
+    pub memptr: u64,
+    /// Allocator calls nested inside this one (glibc's realloc(NULL, n) calls malloc).
+    pub depth: u32,
+    pub func: u32,
+}
+
+/// Settings written into the object before it is loaded.
+#[repr(C)]
+#[derive(Copy, Clone, Debug)]
+pub struct Config {
+    pub min_size: u64,
+    pub max_size: u64,
+    /// Record one allocation in `sample_rate`; 1 records all.
+    pub sample_rate: u32,
+    /// Non-zero: send every call to user space (`--trace`).
+    pub trace: u32,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config { min_size: 0, max_size: u64::MAX, sample_rate: 1, trace: 0 }
+    }
+}
+
+/// Byte offsets of the fields memleak reads in each kmem/percpu tracepoint record,
+/// taken from the running kernel's `format` files (layouts differ across versions).
+#[repr(C)]
+#[derive(Copy, Clone, Debug, Default)]
+pub struct KmemOffsets {
+    pub kmalloc_ptr: u32,
+    pub kmalloc_bytes: u32,
+    pub kmalloc_node_ptr: u32,
+    pub kmalloc_node_bytes: u32,
+    pub cache_alloc_ptr: u32,
+    pub cache_alloc_bytes: u32,
+    pub cache_alloc_node_ptr: u32,
+    pub cache_alloc_node_bytes: u32,
+    pub kfree_ptr: u32,
+    pub cache_free_ptr: u32,
+    pub page_alloc_pfn: u32,
+    pub page_alloc_order: u32,
+    pub page_free_pfn: u32,
+    pub page_free_order: u32,
+    pub percpu_alloc_ptr: u32,
+    pub percpu_alloc_bytes: u32,
+    pub percpu_free_ptr: u32,
+    pub page_shift: u32,
+}
+
+/// Event kinds on the ring buffer.
+pub const EV_ALLOC: u32 = 1;
+pub const EV_FREE: u32 = 2;
+/// First allocation seen from a (pid, stack): user space symbolizes it while the process lives.
+pub const EV_NEW_STACK: u32 = 3;
+
+#[repr(C)]
+#[derive(Copy, Clone, Debug, Default)]
+pub struct Event {
+    pub kind: u32,
+    pub pid: u32,
+    pub tid: u32,
+    pub stack_id: u32,
+    pub addr: u64,
+    pub size: u64,
+    pub timestamp_ns: u64,
+    pub func: u32,
+    pub _pad: u32,
+}
+
+/// Allocator entry points, in `AllocInfo::func` and `Event::func`.
+pub const FN_MALLOC: u32 = 0;
+pub const FN_CALLOC: u32 = 1;
+pub const FN_REALLOC: u32 = 2;
+pub const FN_REALLOCARRAY: u32 = 3;
+pub const FN_POSIX_MEMALIGN: u32 = 4;
+pub const FN_ALIGNED_ALLOC: u32 = 5;
+pub const FN_MEMALIGN: u32 = 6;
+pub const FN_VALLOC: u32 = 7;
+pub const FN_PVALLOC: u32 = 8;
+pub const FN_MMAP: u32 = 9;
+pub const FN_FREE: u32 = 10;
+pub const FN_MUNMAP: u32 = 11;
+pub const FN_KMALLOC: u32 = 12;
+pub const FN_KMEM_CACHE_ALLOC: u32 = 13;
+pub const FN_PAGE_ALLOC: u32 = 14;
+pub const FN_PERCPU_ALLOC: u32 = 15;
+pub const FN_KFREE: u32 = 16;
+
+/// Names of the `FN_*` values, indexed by value.
+pub const FN_NAMES: [&str; 17] = [
+    "malloc",
+    "calloc",
+    "realloc",
+    "reallocarray",
+    "posix_memalign",
+    "aligned_alloc",
+    "memalign",
+    "valloc",
+    "pvalloc",
+    "mmap",
+    "free",
+    "munmap",
+    "kmalloc",
+    "kmem_cache_alloc",
+    "mm_page_alloc",
+    "percpu_alloc",
+    "kfree",
+];
+
+/// Indices of the per-CPU counters in the `STATS` map: the tool's own blind spots.
+pub const STAT_TRACKED: u32 = 0;
+pub const STAT_FREED: u32 = 1;
+/// Allocations not tracked because the per-address map was full.
+pub const STAT_MAP_FULL: u32 = 2;
+/// Allocations whose stack could not be recorded (counted under a "[lost stack]" row).
+pub const STAT_STACK_LOST: u32 = 3;
+/// free() of an address memleak never saw allocated (allocated before attach, or sampled out).
+pub const STAT_UNKNOWN_FREE: u32 = 4;
+/// Allocations that returned NULL.
+pub const STAT_FAILED: u32 = 5;
+/// Allocations whose stack row could not be created because the per-stack map was full.
+pub const STAT_STACKS_FULL: u32 = 6;
+/// Ring-buffer events dropped because user space fell behind.
+pub const STAT_EVENTS_LOST: u32 = 7;
+/// An address allocated again without a free in between: the older record was replaced.
+pub const STAT_REPLACED: u32 = 8;
+pub const STAT_COUNT: u32 = 9;
+
+user_pod!(AllocKey, AllocInfo, StackKey, StackTotal, Pending, Config, KmemOffsets, Event);

@@ -1,0 +1,62 @@
+//! Helpers shared by memtrace's eBPF programs. Each tracer is one binary (one object file).
+#![cfg_attr(target_arch = "bpf", no_std)]
+// The BPF target has no atomic read-modify-write types; the intrinsic lowers to BPF_ATOMIC add.
+#![allow(internal_features, reason = "atomic_xadd is the only way to an atomic add on bpf")]
+#![feature(core_intrinsics)]
+
+use aya_ebpf::btf_maps::PerCpuArray;
+
+/// `bpf_map_update_elem` flag: fail if the key exists.
+pub const BPF_NOEXIST: u64 = 1;
+/// Errno values as the helpers return them (negated).
+pub const EEXIST: i32 = -17;
+
+/// Adds `delta` (wrapping, so a negated value subtracts) to a counter shared between CPUs.
+#[inline(always)]
+pub fn atomic_add(counter: *mut u64, delta: u64) {
+    // SAFETY: callers pass a pointer returned by a map lookup, valid and 8-byte aligned.
+    unsafe { core::intrinsics::atomic_xadd::<u64, u64, { core::intrinsics::AtomicOrdering::Relaxed }>(counter, delta) };
+}
+
+/// Bumps a per-CPU counter: no atomics needed, each CPU owns its slot.
+#[inline(always)]
+pub fn bump<const N: usize>(stats: &PerCpuArray<u64, N>, index: u32) {
+    if let Some(slot) = stats.get_ptr_mut(index) {
+        // SAFETY: the slot belongs to this CPU and programs do not preempt each other on it.
+        unsafe { *slot += 1 };
+    }
+}
+
+/// Reads the `u64` at `offset` bytes into a tracepoint record; 0 when unreadable.
+#[inline(always)]
+pub fn tp_u64(ctx: &aya_ebpf::programs::TracePointContext, offset: u32) -> u64 {
+    // SAFETY: the offset comes from the tracepoint's format file; the read is checked by the helper.
+    unsafe { ctx.read_at::<u64>(offset as usize) }.unwrap_or(0)
+}
+
+/// Reads the `u32` at `offset` bytes into a tracepoint record; 0 when unreadable.
+#[inline(always)]
+pub fn tp_u32(ctx: &aya_ebpf::programs::TracePointContext, offset: u32) -> u32 {
+    // SAFETY: as for `tp_u64`.
+    unsafe { ctx.read_at::<u32>(offset as usize) }.unwrap_or(0)
+}
+
+/// The license section every object needs: the tracing helpers used are GPL-only.
+#[macro_export]
+macro_rules! license {
+    () => {
+        #[unsafe(link_section = "license")]
+        #[unsafe(no_mangle)]
+        static LICENSE: [u8; 13] = *b"Dual MIT/GPL\0";
+
+        #[cfg(target_arch = "bpf")]
+        #[panic_handler]
+        fn panic(_info: &core::panic::PanicInfo) -> ! {
+            // SAFETY: the verifier rejects any program that could reach a panic.
+            unsafe { core::hint::unreachable_unchecked() }
+        }
+
+        #[cfg(not(target_arch = "bpf"))]
+        fn main() {}
+    };
+}

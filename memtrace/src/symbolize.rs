@@ -1,0 +1,556 @@
+//! Stack symbolization; user addresses go through a maps snapshot to (ELF, file offset) so it works after exit.
+
+use std::collections::HashMap;
+use std::fmt;
+use std::fs::File;
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::MetadataExt;
+use std::rc::Rc;
+
+use anyhow::Context;
+use blazesym::symbolize::source::{Elf, Source};
+use blazesym::symbolize::{CodeInfo, Input, Sym, Symbolized, Symbolizer};
+
+use crate::kernel::kallsyms::Kallsyms;
+
+#[derive(Clone, Debug, serde::Serialize, PartialEq, Eq)]
+pub struct Frame {
+    /// The address as captured.
+    pub addr: u64,
+    /// Demangled function name; `None` when unknown.
+    pub func: Option<String>,
+    /// `addr` minus the function's start (0 when unknown, and for inlined frames).
+    pub offset: u64,
+    /// Basename of the ELF, "[vdso]", "[kernel]" or a kernel module name.
+    pub module: Option<String>,
+    /// Full source path as recorded in DWARF.
+    pub file: Option<String>,
+    pub line: Option<u32>,
+    /// True for functions inlined at `addr`; each address's one non-inlined frame (the real function) comes last.
+    pub inlined: bool,
+}
+
+impl Frame {
+    pub fn unknown(addr: u64) -> Frame {
+        Frame { addr, func: None, offset: 0, module: None, file: None, line: None, inlined: false }
+    }
+
+    fn in_module(addr: u64, module: &str) -> Frame {
+        Frame { module: Some(module.to_string()), ..Frame::unknown(addr) }
+    }
+}
+
+impl fmt::Display for Frame {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match &self.func {
+            // An inlined function has no start address of its own, so no offset.
+            Some(func) if self.inlined => write!(f, "{func}")?,
+            Some(func) => write!(f, "{func}+{:#x}", self.offset)?,
+            None => write!(f, "{:#x}", self.addr)?,
+        }
+        match self.module.as_deref() {
+            Some(m) if m.starts_with('[') => write!(f, " {m}")?,
+            Some(m) => write!(f, " [{m}]")?,
+            None => f.write_str(" [unknown]")?,
+        }
+        if let Some(file) = &self.file {
+            write!(f, " {}", file.rsplit('/').next().unwrap_or(file))?;
+            if let Some(line) = self.line {
+                write!(f, ":{line}")?;
+            }
+        }
+        if self.inlined {
+            f.write_str(" (inlined)")?;
+        }
+        Ok(())
+    }
+}
+
+/// Identity of an opened ELF file: (st_dev, st_ino).
+type FileKey = (u64, u64);
+
+#[derive(Clone)]
+enum Kind {
+    /// File-backed mapping; `file` is None when it could not be opened or is not executable.
+    File {
+        path: Rc<str>,
+        module: Rc<str>,
+        inode: u64,
+        file: Option<FileKey>,
+    },
+    Vdso,
+    Other,
+}
+
+struct Mapping {
+    start: u64,
+    end: u64,
+    offset: u64,
+    kind: Kind,
+}
+
+pub struct UserSymbolizer {
+    symbolizer: Symbolizer,
+    maps: HashMap<u32, Vec<Mapping>>,
+    /// ELF files kept open so they stay readable after the process (and its /proc/PID/root) is gone.
+    files: HashMap<FileKey, File>,
+    /// Frames per (file, file offset) with `addr` left 0; the same offset has different addrs per pid.
+    cache: HashMap<(FileKey, u64), Vec<Frame>>,
+}
+
+impl Default for UserSymbolizer {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl UserSymbolizer {
+    pub fn new() -> Self {
+        let symbolizer = Symbolizer::builder()
+            .enable_code_info(true)
+            .enable_inlined_fns(true)
+            .enable_demangling(true)
+            // Files are addressed via fds we hold open, so they cannot change underneath.
+            .enable_auto_reload(false)
+            .build();
+        UserSymbolizer { symbolizer, maps: HashMap::new(), files: HashMap::new(), cache: HashMap::new() }
+    }
+
+    /// Re-read /proc/PID/maps. Keeps the previous snapshot when the process is gone (returns Ok(false) then), Ok(true) when refreshed.
+    pub fn refresh(&mut self, pid: u32) -> anyhow::Result<bool> {
+        let text = match std::fs::read_to_string(format!("/proc/{pid}/maps")) {
+            Ok(text) => text,
+            Err(e) if matches!(e.raw_os_error(), Some(libc::ENOENT | libc::ESRCH)) => {
+                return Ok(false);
+            }
+            Err(e) => return Err(e).with_context(|| format!("reading /proc/{pid}/maps")),
+        };
+        // Zombies (exited, not yet reaped) have empty maps; the old snapshot is better.
+        if text.is_empty() {
+            return Ok(false);
+        }
+        // Files already opened for this pid are reused; failed opens are retried.
+        let previous = self.maps.remove(&pid).unwrap_or_default();
+        let mut opened: HashMap<(Rc<str>, u64), Option<FileKey>> = previous
+            .into_iter()
+            .filter_map(|m| match m.kind {
+                Kind::File { path, inode, file: Some(key), .. } => Some(((path, inode), Some(key))),
+                _ => None,
+            })
+            .collect();
+        let mut maps = Vec::new();
+        for line in text.lines() {
+            let Some((start, end, perms, offset, inode, path)) = parse_maps_line(line) else {
+                continue;
+            };
+            let kind = if path == "[vdso]" {
+                Kind::Vdso
+            } else if path.starts_with('/') {
+                let path: Rc<str> = path.strip_suffix(" (deleted)").unwrap_or(path).into();
+                let module: Rc<str> = path.rsplit('/').next().unwrap_or_default().into();
+                // Only code can appear in stacks; skip opening data files mapped read-only.
+                let file = if perms.contains('x') {
+                    match opened.get(&(path.clone(), inode)) {
+                        Some(&file) => file,
+                        None => {
+                            let file = self.open_elf(pid, &path, inode, (start, end));
+                            opened.insert((path.clone(), inode), file);
+                            file
+                        }
+                    }
+                } else {
+                    None
+                };
+                Kind::File { path, module, inode, file }
+            } else {
+                Kind::Other
+            };
+            maps.push(Mapping { start, end, offset, kind });
+        }
+        maps.sort_by_key(|m| m.start);
+        self.maps.insert(pid, maps);
+        Ok(true)
+    }
+
+    /// Opens `path` via the process's root (containers), plainly, or via map_files (deleted files), preferring the mapped inode.
+    fn open_elf(&mut self, pid: u32, path: &str, inode: u64, range: (u64, u64)) -> Option<FileKey> {
+        let mut fallback = None;
+        let candidates = [
+            format!("/proc/{pid}/root{path}"),
+            path.to_string(),
+            format!("/proc/{pid}/map_files/{:x}-{:x}", range.0, range.1),
+        ];
+        for candidate in candidates {
+            let Ok(file) = File::open(&candidate) else {
+                continue;
+            };
+            let Ok(meta) = file.metadata() else {
+                continue;
+            };
+            let key = (meta.dev(), meta.ino());
+            if meta.ino() == inode {
+                self.files.entry(key).or_insert(file);
+                return Some(key);
+            }
+            fallback.get_or_insert((key, file));
+        }
+        // Overlayfs reports different inodes in maps and stat; the first readable candidate is still right.
+        let (key, file) = fallback?;
+        self.files.entry(key).or_insert(file);
+        Some(key)
+    }
+
+    /// Symbolize one stack (innermost first). Each address expands into one or more frames: for an address inside inlined code, the innermost inlined function first, then its callers down to the real function. Addresses not covered by the snapshot trigger one refresh (if the process is alive), then fall back to Frame::unknown. Never fails.
+    pub fn symbolize_stack(&mut self, pid: u32, addrs: &[u64]) -> Vec<Frame> {
+        let mut refreshed = false;
+        let mut frames = Vec::with_capacity(addrs.len());
+        for &addr in addrs {
+            let mut found = self.lookup(pid, addr);
+            if found.is_none() && !refreshed {
+                refreshed = true;
+                if matches!(self.refresh(pid), Ok(true)) {
+                    found = self.lookup(pid, addr);
+                }
+            }
+            match found {
+                None | Some((Kind::Other, _)) => frames.push(Frame::unknown(addr)),
+                Some((Kind::Vdso, _)) => frames.push(Frame::in_module(addr, "[vdso]")),
+                Some((Kind::File { module, file, .. }, file_off)) => match file {
+                    Some(key) => frames.extend(self.symbolize_file(key, file_off, &module, addr)),
+                    None => frames.push(Frame::in_module(addr, &module)),
+                },
+            }
+        }
+        frames
+    }
+
+    /// Forget a pid's snapshot (process gone and reported).
+    pub fn forget(&mut self, pid: u32) {
+        self.maps.remove(&pid);
+    }
+
+    /// The mapping covering `addr` and the address's offset in the mapped file.
+    fn lookup(&self, pid: u32, addr: u64) -> Option<(Kind, u64)> {
+        let maps = self.maps.get(&pid)?;
+        let m = &maps[maps.partition_point(|m| m.start <= addr).checked_sub(1)?];
+        (addr < m.end).then(|| (m.kind.clone(), addr - m.start + m.offset))
+    }
+
+    fn symbolize_file(&mut self, key: FileKey, file_off: u64, module: &str, addr: u64) -> Vec<Frame> {
+        let frames = self.cache.entry((key, file_off)).or_insert_with(|| {
+            let Some(file) = self.files.get(&key) else {
+                return vec![Frame::in_module(0, module)];
+            };
+            // blazesym needs a path; the fd path stays valid for as long as we hold the file.
+            let src = Source::Elf(Elf::new(format!("/proc/self/fd/{}", file.as_raw_fd())));
+            match self.symbolizer.symbolize_single(&src, Input::FileOffset(file_off)) {
+                Ok(Symbolized::Sym(sym)) => sym_frames(&sym, module),
+                Ok(Symbolized::Unknown(_)) | Err(_) => vec![Frame::in_module(0, module)],
+            }
+        });
+        frames.iter().map(|f| Frame { addr, ..f.clone() }).collect()
+    }
+}
+
+/// Parses `start-end perms offset dev inode [path]` into its fields.
+fn parse_maps_line(line: &str) -> Option<(u64, u64, &str, u64, u64, &str)> {
+    let mut fields = line.splitn(6, ' ');
+    let (start, end) = fields.next()?.split_once('-')?;
+    let perms = fields.next()?;
+    let offset = fields.next()?;
+    let _dev = fields.next()?;
+    let inode = fields.next()?.parse().ok()?;
+    let path = fields.next().unwrap_or("").trim_start();
+    let hex = |s: &str| u64::from_str_radix(s, 16).ok();
+    Some((hex(start)?, hex(end)?, perms, hex(offset)?, inode, path))
+}
+
+/// blazesym lists inlined functions outermost first; frames go innermost first.
+fn sym_frames(sym: &Sym<'_>, module: &str) -> Vec<Frame> {
+    let non_empty = |name: &str| (!name.is_empty()).then(|| name.to_string());
+    let mut frames: Vec<Frame> = sym
+        .inlined
+        .iter()
+        .rev()
+        .map(|inl| {
+            let (file, line) = location(inl.code_info.as_ref());
+            Frame {
+                addr: 0,
+                func: non_empty(&inl.name),
+                offset: 0,
+                module: Some(module.to_string()),
+                file,
+                line,
+                inlined: true,
+            }
+        })
+        .collect();
+    let (file, line) = location(sym.code_info.as_deref());
+    frames.push(Frame {
+        addr: 0,
+        func: non_empty(&sym.name),
+        offset: sym.offset as u64,
+        module: Some(module.to_string()),
+        file,
+        line,
+        inlined: false,
+    });
+    frames
+}
+
+fn location(info: Option<&CodeInfo<'_>>) -> (Option<String>, Option<u32>) {
+    match info {
+        Some(info) => (Some(info.to_path().to_string_lossy().into_owned()), info.line),
+        None => (None, None),
+    }
+}
+
+pub struct KernelSymbolizer {
+    kallsyms: Kallsyms,
+}
+
+impl KernelSymbolizer {
+    pub fn new() -> anyhow::Result<Self> {
+        Ok(KernelSymbolizer { kallsyms: Kallsyms::load()? })
+    }
+
+    pub fn symbolize_stack(&self, addrs: &[u64]) -> Vec<Frame> {
+        addrs
+            .iter()
+            .map(|&addr| match self.kallsyms.resolve(addr) {
+                Some((name, offset, module)) => Frame {
+                    func: Some(name.to_string()),
+                    offset,
+                    module: Some(module.unwrap_or("[kernel]").to_string()),
+                    ..Frame::unknown(addr)
+                },
+                None => Frame::unknown(addr),
+            })
+            .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::hint::black_box;
+
+    #[inline(never)]
+    fn probe_target(x: u64) -> u64 {
+        black_box(x) + 1
+    }
+
+    #[inline(always)]
+    fn inlined_leaf(x: u64) -> (u64, u32) {
+        (black_box(x) * 3, line!())
+    }
+
+    #[inline(never)]
+    fn inline_host(x: u64) -> (u64, u32, u32) {
+        let ((v, leaf_line), call_line) = (inlined_leaf(x), line!());
+        (v + 1, leaf_line, call_line)
+    }
+
+    fn name(f: &Frame) -> &str {
+        f.func.as_deref().unwrap_or_default()
+    }
+
+    fn exe_name() -> String {
+        let exe = std::env::current_exe().unwrap();
+        exe.file_name().unwrap().to_string_lossy().into_owned()
+    }
+
+    #[test]
+    fn own_function_has_name_module_and_line() {
+        black_box(probe_target(1));
+        let addr = probe_target as *const () as u64;
+        let mut sym = UserSymbolizer::new();
+        let frames = sym.symbolize_stack(std::process::id(), &[addr]);
+        assert_eq!(frames.len(), 1, "{frames:?}");
+        let f = &frames[0];
+        assert_eq!(f.addr, addr);
+        assert!(name(f).ends_with("tests::probe_target"), "{f:?}");
+        assert_eq!(f.offset, 0);
+        assert_eq!(f.module.as_deref(), Some(exe_name().as_str()));
+        assert!(f.file.as_deref().unwrap().ends_with("symbolize.rs"), "{f:?}");
+        assert!(f.line.unwrap() > 0);
+        assert!(!f.inlined);
+        let shown = f.to_string();
+        assert!(shown.contains("probe_target+0x0 [") && shown.contains("symbolize.rs:"), "{shown}");
+        // A second lookup, at a different offset, comes from the same cached file.
+        let frames = sym.symbolize_stack(std::process::id(), &[addr + 1, addr]);
+        assert_eq!(frames[0].offset, 1);
+        assert_eq!(frames[1], *f);
+    }
+
+    #[test]
+    fn inlined_frames_come_innermost_first() {
+        let (_, leaf_line, call_line) = inline_host(black_box(2));
+        let start = inline_host as *const () as u64;
+        let mut sym = UserSymbolizer::new();
+        let pid = std::process::id();
+        let hit = (start..start + 512).find_map(|addr| {
+            let frames = sym.symbolize_stack(pid, &[addr]);
+            (frames.len() == 2 && frames[0].line == Some(leaf_line)).then_some(frames)
+        });
+        let frames = hit.expect("an address inside the inlined call");
+        assert!(name(&frames[0]).ends_with("tests::inlined_leaf"));
+        assert!(frames[0].inlined);
+        assert!(name(&frames[1]).ends_with("tests::inline_host"));
+        assert!(!frames[1].inlined);
+        assert_eq!(frames[1].line, Some(call_line));
+        assert!(frames[1].offset > 0);
+        assert!(frames[0].to_string().ends_with("(inlined)"), "{}", frames[0]);
+    }
+
+    /// glibc's malloc is `malloc`/`__libc_malloc` in .dynsym, `__GI___libc_malloc` with libc6-dbg.
+    fn is_malloc(f: &Frame) -> bool {
+        name(f).ends_with("malloc") && f.offset == 0
+    }
+
+    /// The address of `file_off` of the mapped file `module` in `pid`'s snapshot.
+    fn addr_in(sym: &UserSymbolizer, pid: u32, module: &str, file_off: u64) -> Option<u64> {
+        sym.maps.get(&pid)?.iter().find_map(|m| match &m.kind {
+            Kind::File { module: name, .. }
+                if &**name == module && (m.offset..m.offset + m.end - m.start).contains(&file_off) =>
+            {
+                Some(m.start + file_off - m.offset)
+            }
+            _ => None,
+        })
+    }
+
+    /// Refreshes `pid` until `module` is mapped (the child may not have exec'd yet).
+    fn wait_mapped(sym: &mut UserSymbolizer, pid: u32, module: &str) {
+        for _ in 0..500 {
+            if sym.refresh(pid).unwrap() && addr_in(sym, pid, module, 0).is_some() {
+                return;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+        panic!("{module} never mapped in {pid}");
+    }
+
+    /// Our own `addr` translated to where the same file offset of `module` sits in `pid`.
+    fn translate(sym: &mut UserSymbolizer, addr: u64, pid: u32, module: &str) -> u64 {
+        let me = std::process::id();
+        assert!(sym.refresh(me).unwrap());
+        let (_, file_off) = sym.lookup(me, addr).unwrap();
+        sym.forget(me);
+        addr_in(sym, pid, module, file_off).expect("offset mapped in the child")
+    }
+
+    #[test]
+    fn libc_function() {
+        let addr = libc::malloc as *const () as u64;
+        let mut sym = UserSymbolizer::new();
+        // A second refresh must keep the opened files of the first.
+        assert!(sym.refresh(std::process::id()).unwrap());
+        assert!(sym.refresh(std::process::id()).unwrap());
+        let frames = sym.symbolize_stack(std::process::id(), &[addr]);
+        let f = frames.last().unwrap();
+        assert_eq!(f.module.as_deref(), Some("libc.so.6"), "{f:?}");
+        assert!(is_malloc(f), "{f:?}");
+        assert_eq!(f.offset, 0);
+    }
+
+    #[test]
+    fn dead_process_keeps_snapshot() {
+        let mut child = std::process::Command::new("sleep").arg("30").spawn().unwrap();
+        let pid = child.id();
+        let mut sym = UserSymbolizer::new();
+        wait_mapped(&mut sym, pid, "libc.so.6");
+        let child_addr = translate(&mut sym, libc::malloc as *const () as u64, pid, "libc.so.6");
+
+        child.kill().unwrap();
+        let zombie = || {
+            let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+            stat.rsplit_once(") ").unwrap().1.starts_with('Z')
+        };
+        for _ in 0..500 {
+            if zombie() {
+                break;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+        assert!(!sym.refresh(pid).unwrap(), "zombie keeps the snapshot");
+        child.wait().unwrap();
+        assert!(!sym.refresh(pid).unwrap(), "reaped keeps the snapshot");
+
+        let frames = sym.symbolize_stack(pid, &[child_addr, 0x10]);
+        let f = &frames[0];
+        assert_eq!(f.addr, child_addr);
+        assert_eq!(f.module.as_deref(), Some("libc.so.6"), "{f:?}");
+        assert!(is_malloc(f), "{f:?}");
+        assert_eq!(frames[1], Frame::unknown(0x10));
+        assert_eq!(frames[1].to_string(), "0x10 [unknown]");
+
+        sym.forget(pid);
+        assert_eq!(sym.symbolize_stack(pid, &[child_addr]), vec![Frame::unknown(child_addr)]);
+    }
+
+    /// Only sleeps when run as the child of `deleted_binary_is_still_symbolized`.
+    #[test]
+    #[ignore]
+    fn sleeper() {
+        if std::env::var_os("MEMTRACE_SYMBOLIZE_SLEEPER").is_some() {
+            std::thread::sleep(std::time::Duration::from_secs(30));
+        }
+    }
+
+    #[test]
+    fn deleted_binary_is_still_symbolized() {
+        // Run a copy of this test binary, then delete it and put a different file at its path.
+        let copy = std::env::temp_dir().join(format!("symbolize-copy-{}", std::process::id()));
+        std::fs::copy(std::env::current_exe().unwrap(), &copy).unwrap();
+        let test_name = module_path!().split_once("::").unwrap().1.to_string() + "::sleeper";
+        let mut child = std::process::Command::new(&copy)
+            .args(["--ignored", "--exact", &test_name])
+            .env("MEMTRACE_SYMBOLIZE_SLEEPER", "1")
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        let pid = child.id();
+        let module = copy.file_name().unwrap().to_str().unwrap().to_string();
+        let mut sym = UserSymbolizer::new();
+        wait_mapped(&mut sym, pid, &module);
+        let child_addr = translate(&mut sym, probe_target as *const () as u64, pid, &module);
+        std::fs::remove_file(&copy).unwrap();
+        std::fs::write(&copy, b"not the mapped binary").unwrap();
+        // A fresh symbolizer has to find the deleted file on its own.
+        let mut sym = UserSymbolizer::new();
+        assert!(sym.refresh(pid).unwrap());
+        child.kill().unwrap();
+        child.wait().unwrap();
+        std::fs::remove_file(&copy).unwrap();
+
+        let frames = sym.symbolize_stack(pid, &[child_addr]);
+        assert_eq!(frames.len(), 1, "{frames:?}");
+        assert!(name(&frames[0]).ends_with("tests::probe_target"), "{frames:?}");
+        assert_eq!(frames[0].module.as_deref(), Some(module.as_str()));
+    }
+
+    #[test]
+    fn parses_maps_lines() {
+        let line = "7f0a1c400000-7f0a1c428000 r-xp 00028000 fd:01 1835 /usr/lib/x86_64-linux-gnu/libc.so.6";
+        assert_eq!(
+            parse_maps_line(line),
+            Some((0x7f0a1c400000, 0x7f0a1c428000, "r-xp", 0x28000, 1835, "/usr/lib/x86_64-linux-gnu/libc.so.6"))
+        );
+        let anon = "7ffd6a1e5000-7ffd6a1e7000 r-xp 00000000 00:00 0                          [vdso]";
+        assert_eq!(parse_maps_line(anon).unwrap().5, "[vdso]");
+        assert_eq!(parse_maps_line("55d0c0a00000-55d0c0a21000 rw-p 00000000 00:00 0 ").unwrap().5, "");
+        assert!(parse_maps_line("55d0 rw-p").is_none());
+    }
+
+    #[test]
+    fn kernel_stack() {
+        let k = Kallsyms::load().unwrap();
+        let addr = k.address_of("vfs_read").unwrap();
+        let frames = KernelSymbolizer::new().unwrap().symbolize_stack(&[addr + 0x10, 1]);
+        assert_eq!(frames[0].func.as_deref(), Some("vfs_read"));
+        assert_eq!(frames[0].offset, 0x10);
+        assert_eq!(frames[0].to_string(), "vfs_read+0x10 [kernel]");
+        assert_eq!(frames[1], Frame::unknown(1));
+    }
+}

@@ -1,0 +1,49 @@
+//! Developer tasks for memtrace: `cargo xtask <setup|build|demo|test>`.
+
+mod cmd;
+mod setup;
+mod tasks;
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(bin_name = "cargo xtask", about = "Set up, build, demo and test memtrace")]
+struct Cli {
+    #[command(subcommand)]
+    task: Task,
+}
+
+#[derive(Subcommand)]
+enum Task {
+    /// Install what building and testing memtrace needs (root; safe to re-run).
+    Setup,
+    /// Set up, then build the release binary target/release/memtrace.
+    Build,
+    /// Build, then run `memtrace memleak` on the bundled leaky demo program.
+    Demo,
+    /// Set up, then run the test suite one test at a time.
+    Test {
+        /// Extra arguments for the test harness, e.g. a test name filter.
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.task {
+        Task::Setup => setup::run().map(|()| 0),
+        Task::Build => tasks::build().map(|()| 0),
+        Task::Demo => tasks::demo(),
+        Task::Test { args } => tasks::test(&args),
+    };
+    match result {
+        Ok(code) => ExitCode::from(code),
+        Err(err) => {
+            eprintln!("xtask: error: {err:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
