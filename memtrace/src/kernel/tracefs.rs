@@ -108,7 +108,8 @@ impl Format {
 
 /// The identifier in a C declaration such as `const char * name`, `__data_loc char[] name`, `u8 buf[16]`.
 fn field_name(decl: &str) -> Option<&str> {
-    let decl = decl.split('[').next()?.trim_end();
+    // An array suffix belongs to the name only when it ends the declaration (`u8 buf[16]`).
+    let decl = if decl.ends_with(']') { &decl[..decl.rfind('[')?] } else { decl }.trim_end();
     let start = decl.rfind(|c: char| !(c.is_alphanumeric() || c == '_')).map_or(0, |i| i + 1);
     let name = &decl[start..];
     (!name.is_empty()).then_some(name)
@@ -147,7 +148,7 @@ print fmt: \"call_site=%pS ptr=%p\", (void *)REC->call_site, REC->ptr
         assert_eq!(f.field("comm").unwrap(), &Field { name: "comm".into(), offset: 52, size: 16 });
         assert_eq!(f.field("name").unwrap().offset, 68);
         assert_eq!(f.field("common_pid").unwrap().offset, 4);
-        assert_eq!(f.fields.len(), 10);
+        assert_eq!(f.fields.len(), 11);
     }
 
     #[test]

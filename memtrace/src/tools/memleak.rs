@@ -274,6 +274,9 @@ fn classify(samples: &[(f64, u64)]) -> (&'static str, f64) {
 
 pub async fn run(args: Args) -> Result<()> {
     kernel::require_root()?;
+    // Before anything is attached: a Ctrl-C from here on ends with a final report.
+    let mut sigint = signal(SignalKind::interrupt())?;
+    let mut sigterm = signal(SignalKind::terminate())?;
     if args.sample_rate == 0 {
         bail!("--sample-rate must be at least 1");
     }
@@ -357,8 +360,6 @@ pub async fn run(args: Args) -> Result<()> {
 
     let every = Duration::from_secs(args.interval.unwrap_or(5));
     let mut ticker = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
-    let mut sigint = signal(SignalKind::interrupt())?;
-    let mut sigterm = signal(SignalKind::terminate())?;
     let deadline = tokio::time::sleep(args.duration.map_or(Duration::from_secs(u64::MAX / 4), Duration::from_secs));
     tokio::pin!(deadline);
     let watch_pid = pid.filter(|_| child.is_none());

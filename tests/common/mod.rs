@@ -1,0 +1,239 @@
+//! Shared by memtrace's integration tests: they run the real binary against the real kernel,
+//! as root, one at a time (`--test-threads=1`: the kernel is shared state).
+#![allow(dead_code, reason = "each test file uses a different part of this module")]
+
+use std::{
+    io::{BufRead, BufReader, Read},
+    path::{Path, PathBuf},
+    process::{Child, Command, Output, Stdio},
+    sync::{Mutex, mpsc},
+    time::{Duration, Instant},
+};
+
+use serde_json::Value;
+
+pub fn repo() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_path_buf()
+}
+
+pub fn memtrace() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_memtrace"))
+}
+
+/// True when BPF can be used. Without it a test fails, unless MEMTRACE_ALLOW_SKIP=1, in
+/// which case the caller returns early (and says so).
+pub fn bpf_available(test: &str) -> bool {
+    let problem = bpf_problem();
+    match problem {
+        None => true,
+        Some(why) if std::env::var("MEMTRACE_ALLOW_SKIP").as_deref() == Ok("1") => {
+            eprintln!("{test}: not run: {why} (MEMTRACE_ALLOW_SKIP=1)");
+            false
+        }
+        Some(why) => panic!("{test} needs BPF: {why}. Run as root on a kernel with BPF, or set MEMTRACE_ALLOW_SKIP=1"),
+    }
+}
+
+fn bpf_problem() -> Option<String> {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        return Some("not running as root".into());
+    }
+    // BPF_MAP_CREATE of a one-element array: the cheapest proof that the bpf syscall works.
+    #[repr(C)]
+    struct MapCreate {
+        map_type: u32,
+        key_size: u32,
+        value_size: u32,
+        max_entries: u32,
+        rest: [u8; 112],
+    }
+    let attr = MapCreate { map_type: 2, key_size: 4, value_size: 8, max_entries: 1, rest: [0; 112] };
+    // SAFETY: the attr struct is larger than the kernel reads for BPF_MAP_CREATE and zeroed.
+    let fd = unsafe { libc::syscall(libc::SYS_bpf, 0, &attr as *const MapCreate, size_of::<MapCreate>()) };
+    if fd < 0 {
+        return Some(format!("bpf(BPF_MAP_CREATE) failed: {}", std::io::Error::last_os_error()));
+    }
+    // SAFETY: closing the fd just created.
+    unsafe { libc::close(fd as i32) };
+    None
+}
+
+static BUILD_LOCK: Mutex<()> = Mutex::new(());
+
+/// Builds `tests/progs/<name>` (a .c or .rs file) once per test run, with frame pointers and
+/// debug info, unoptimised so that each source call stays one call site.
+pub fn prog(name: &str) -> PathBuf {
+    let _guard = BUILD_LOCK.lock().unwrap();
+    let dir = repo().join("target/test-progs");
+    std::fs::create_dir_all(&dir).unwrap();
+    let out = dir.join(name);
+    let c = repo().join(format!("tests/progs/{name}.c"));
+    let rs = repo().join(format!("tests/progs/{name}.rs"));
+    let (src, mut cmd) = if c.exists() {
+        let mut cmd = Command::new("cc");
+        cmd.args(["-g", "-O0", "-fno-omit-frame-pointer", "-o"]).arg(&out).arg(&c);
+        (c, cmd)
+    } else {
+        let mut cmd = Command::new("rustc");
+        cmd.args(["-g", "-C", "opt-level=0", "-C", "force-frame-pointers=yes", "-o"]).arg(&out).arg(&rs);
+        (rs, cmd)
+    };
+    let fresh = |p: &Path| p.metadata().and_then(|m| m.modified()).ok();
+    if fresh(&out).is_none() || fresh(&out) < fresh(&src) {
+        let status = cmd.status().unwrap_or_else(|e| panic!("cannot run the compiler for {name}: {e}"));
+        assert!(status.success(), "building {} failed", src.display());
+    }
+    out
+}
+
+/// The line of `tests/progs/<file>` that carries the marker `LEAK:<name>`.
+pub fn marker_line(file: &str, name: &str) -> u32 {
+    let text = std::fs::read_to_string(repo().join("tests/progs").join(file)).unwrap();
+    let marker = format!("LEAK:{name} ");
+    let alt = format!("LEAK:{name}\n");
+    text.lines()
+        .position(|l| l.contains(&marker) || format!("{l}\n").contains(&alt))
+        .map(|i| i as u32 + 1)
+        .unwrap_or_else(|| panic!("no LEAK:{name} marker in {file}"))
+}
+
+/// Runs memtrace to completion with a time limit, returning its output.
+pub fn run(args: &[&str], limit: Duration) -> Output {
+    let child = memtrace().args(args).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap();
+    wait_output(child, limit)
+}
+
+/// Waits for a child with a time limit; a hang kills it and fails the test.
+pub fn wait_output(mut child: Child, limit: Duration) -> Output {
+    let deadline = Instant::now() + limit;
+    loop {
+        if child.try_wait().unwrap().is_some() {
+            return child.wait_with_output().unwrap();
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let out = child.wait_with_output().unwrap();
+            panic!(
+                "memtrace did not finish within {limit:?}\nstdout:\n{}\nstderr:\n{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// A memtrace started in the background whose stderr is watched for its ready line.
+pub struct Running {
+    pub child: Child,
+    stderr_lines: mpsc::Receiver<String>,
+    pub stderr: Vec<String>,
+}
+
+impl Running {
+    pub fn start(args: &[&str]) -> Running {
+        let mut child = memtrace().args(args).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap();
+        let (tx, stderr_lines) = mpsc::channel();
+        let stderr = child.stderr.take().unwrap();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                let _ = tx.send(line);
+            }
+        });
+        Running { child, stderr_lines, stderr: Vec::new() }
+    }
+
+    /// Waits until memtrace says its probes are live.
+    pub fn wait_ready(&mut self) {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while Instant::now() < deadline {
+            if let Ok(line) = self.stderr_lines.recv_timeout(Duration::from_millis(100)) {
+                let ready = line.contains("Ctrl-C to stop");
+                self.stderr.push(line);
+                if ready {
+                    return;
+                }
+            }
+            if let Some(status) = self.child.try_wait().unwrap() {
+                panic!("memtrace exited before it was ready ({status}): {:?}", self.stderr);
+            }
+        }
+        panic!("memtrace was not ready within 30 s: {:?}", self.stderr);
+    }
+
+    pub fn signal(&self, sig: i32) {
+        // SAFETY: signalling our own child.
+        unsafe { libc::kill(self.child.id() as i32, sig) };
+    }
+
+    /// Waits for exit; returns (exit status, stdout, all of stderr).
+    pub fn finish(mut self, limit: Duration) -> (std::process::ExitStatus, String, String) {
+        let mut stdout = self.child.stdout.take().unwrap();
+        let reader = std::thread::spawn(move || {
+            let mut s = String::new();
+            let _ = stdout.read_to_string(&mut s);
+            s
+        });
+        let deadline = Instant::now() + limit;
+        let status = loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                break status;
+            }
+            if Instant::now() > deadline {
+                let _ = self.child.kill();
+                panic!("memtrace did not exit within {limit:?}: {:?}", self.stderr);
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        let stdout = reader.join().unwrap();
+        self.stderr.extend(self.stderr_lines.try_iter());
+        std::thread::sleep(Duration::from_millis(50));
+        self.stderr.extend(self.stderr_lines.try_iter());
+        (status, stdout, self.stderr.join("\n"))
+    }
+}
+
+/// The JSON reports memtrace printed, one per line.
+pub fn json_lines(stdout: &str) -> Vec<Value> {
+    stdout
+        .lines()
+        .filter(|l| l.starts_with('{'))
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("bad JSON line {l}: {e}")))
+        .collect()
+}
+
+/// The stacks of a report that have a frame whose function name ends with `func`.
+pub fn stacks_with<'a>(report: &'a Value, func: &str) -> Vec<&'a Value> {
+    report["stacks"].as_array().expect("report has stacks").iter().filter(|s| frame_of(s, func).is_some()).collect()
+}
+
+pub fn frame_of<'a>(stack: &'a Value, func: &str) -> Option<&'a Value> {
+    stack["frames"]
+        .as_array()?
+        .iter()
+        .find(|f| f["func"].as_str().is_some_and(|n| n == func || n.ends_with(&format!("::{func}"))))
+}
+
+/// Names of the BPF programs loaded in the kernel right now.
+pub fn loaded_program_names() -> Vec<String> {
+    aya::programs::loaded_programs()
+        .filter_map(Result::ok)
+        .map(|p| p.name_as_str().unwrap_or_default().to_string())
+        .collect()
+}
+
+/// Fails if any program of `tool` is still loaded after memtrace exited.
+pub fn assert_detached(tool: &str) {
+    // Program fds close with the process; give the kernel a moment to free them.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let left: Vec<String> =
+            loaded_program_names().into_iter().filter(|n| n.starts_with(&format!("{tool}_"))).collect();
+        if left.is_empty() {
+            return;
+        }
+        assert!(Instant::now() < deadline, "programs still loaded after memtrace exited: {left:?}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
