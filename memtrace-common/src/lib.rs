@@ -4,7 +4,27 @@
 //! image on both sides (aya's `Pod` requires that no byte is implicit padding).
 #![no_std]
 
+pub mod brkstack;
+pub mod drsnoop;
+pub mod faults;
 pub mod memleak;
+pub mod mmapsnoop;
+pub mod oomkill;
+pub mod shmsnoop;
+pub mod vmscan;
+
+/// Which tasks a tracer reports, set by user space before load (`-p`, `--comm`).
+#[repr(C)]
+#[derive(Copy, Clone, Debug, Default)]
+pub struct Filter {
+    /// Process (tgid) to keep; `NO_PID` keeps all.
+    pub pid: u32,
+    /// Non-zero: keep only tasks whose comm equals `comm`.
+    pub has_comm: u32,
+    pub comm: [u8; 16],
+}
+
+user_pod!(Filter);
 
 /// `pid` value meaning "no process": kernel allocations, or no filter.
 pub const NO_PID: u32 = 0;

@@ -4,7 +4,11 @@
 #![allow(internal_features, reason = "atomic_xadd is the only way to an atomic add on bpf")]
 #![feature(core_intrinsics)]
 
-use aya_ebpf::btf_maps::PerCpuArray;
+use aya_ebpf::{
+    btf_maps::{PerCpuArray, RingBuf},
+    helpers::{bpf_get_current_comm, bpf_get_current_pid_tgid},
+};
+use memtrace_common::Filter;
 
 /// `bpf_map_update_elem` flag: fail if the key exists.
 pub const BPF_NOEXIST: u64 = 1;
@@ -24,6 +28,27 @@ pub fn bump<const N: usize>(stats: &PerCpuArray<u64, N>, index: u32) {
     if let Some(slot) = stats.get_ptr_mut(index) {
         // SAFETY: the slot belongs to this CPU and programs do not preempt each other on it.
         unsafe { *slot += 1 };
+    }
+}
+
+/// Whether the current task passes the `-p`/`--comm` filter.
+#[inline(always)]
+pub fn wanted(filter: &Filter) -> bool {
+    if filter.pid != 0 && (bpf_get_current_pid_tgid() >> 32) as u32 != filter.pid {
+        return false;
+    }
+    if filter.has_comm != 0 {
+        let Ok(comm) = bpf_get_current_comm() else { return false };
+        return comm == filter.comm;
+    }
+    true
+}
+
+/// Sends `event` to user space, counting it in `lost[0]` when the ring buffer is full.
+#[inline(always)]
+pub fn submit<T, const N: usize, const L: usize>(ring: &RingBuf<T, N>, event: &T, lost: &PerCpuArray<u64, L>) {
+    if ring.output(event, 0).is_err() {
+        bump(lost, 0);
     }
 }
 

@@ -28,6 +28,20 @@ struct Cli {
 enum Tool {
     /// Memory allocated and not freed, per stack (user process or kernel).
     Memleak(tools::memleak::Args),
+    /// OOM kills: victim, trigger, memory, cgroup.
+    Oomkill(tools::oomkill::Args),
+    /// Every mmap, munmap and mremap, decoded.
+    Mmapsnoop(tools::mmapsnoop::Args),
+    /// Heap growth (brk) per user stack.
+    Brkstack(tools::brkstack::Args),
+    /// System V shared memory calls, decoded.
+    Shmsnoop(tools::shmsnoop::Args),
+    /// Page faults per stack and process, or each fault.
+    Faults(tools::faults::Args),
+    /// Reclaim activity per interval, with latency histograms.
+    Vmscan(tools::vmscan::Args),
+    /// Each direct reclaim: who stalled and for how long.
+    Drsnoop(tools::drsnoop::Args),
 }
 
 fn main() -> ExitCode {
@@ -50,6 +64,13 @@ fn main() -> ExitCode {
     let result = runtime.block_on(async {
         match cli.tool {
             Tool::Memleak(args) => tools::memleak::run(args).await,
+            Tool::Oomkill(args) => tools::oomkill::run(args).await,
+            Tool::Mmapsnoop(args) => tools::mmapsnoop::run(args).await,
+            Tool::Brkstack(args) => tools::brkstack::run(args).await,
+            Tool::Shmsnoop(args) => tools::shmsnoop::run(args).await,
+            Tool::Faults(args) => tools::faults::run(args).await,
+            Tool::Vmscan(args) => tools::vmscan::run(args).await,
+            Tool::Drsnoop(args) => tools::drsnoop::run(args).await,
         }
     });
     match result {

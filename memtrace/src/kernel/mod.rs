@@ -68,23 +68,6 @@ pub fn attach_tracepoint(bpf: &mut Ebpf, prog: &str, category: &str, name: &str)
     Ok(())
 }
 
-/// Attaches `prog` to the first of `candidates` that this kernel has (tracepoints get
-/// renamed across versions) and returns the one it chose.
-pub fn attach_first_tracepoint<'c>(
-    bpf: &mut Ebpf,
-    prog: &str,
-    candidates: &[(&'c str, &'c str)],
-) -> Result<(&'c str, &'c str)> {
-    for &(category, name) in candidates {
-        if tracefs::exists(category, name) {
-            attach_tracepoint(bpf, prog, category, name)?;
-            return Ok((category, name));
-        }
-    }
-    let names: Vec<String> = candidates.iter().map(|(c, n)| format!("{c}:{n}")).collect();
-    bail!("this kernel has none of the tracepoints {}", names.join(", "))
-}
-
 /// Why a uprobe could not be attached: the library lacks the symbol, or something worse.
 pub enum UprobeError {
     NoSymbol,
@@ -117,4 +100,95 @@ pub fn attach_uprobe(
             anyhow!(e).context(format!("attaching a uprobe to {symbol} in {} failed", target.display())),
         )),
     }
+}
+
+/// One probe of an attach point. Name lists hold alternatives, first present wins: kernels
+/// rename functions and tracepoints (`swap_readpage` became `swap_read_folio`).
+#[derive(Clone, Copy, Debug)]
+pub enum Probe {
+    Kprobe { prog: &'static str, funcs: &'static [&'static str] },
+    Kretprobe { prog: &'static str, funcs: &'static [&'static str] },
+    Tracepoint { prog: &'static str, category: &'static str, names: &'static [&'static str] },
+}
+
+/// A way for a tool to see its event: probes that must all attach. Tools list theirs in
+/// order of preference and `attach_preferred` takes the first this kernel supports.
+#[derive(Clone, Copy, Debug)]
+pub struct AttachPoint {
+    /// What users see under -v and in `memtrace probe`, e.g. "kprobe oom_kill_process".
+    pub label: &'static str,
+    pub probes: &'static [Probe],
+}
+
+/// Whether the kernel can place kprobes (CONFIG_KPROBES and its perf PMU).
+pub fn kprobes_available() -> bool {
+    Path::new("/sys/bus/event_source/devices/kprobe/type").exists()
+}
+
+fn kallsyms() -> Option<&'static kallsyms::Kallsyms> {
+    static KALLSYMS: std::sync::OnceLock<Option<kallsyms::Kallsyms>> = std::sync::OnceLock::new();
+    KALLSYMS.get_or_init(|| kallsyms::Kallsyms::load().ok()).as_ref()
+}
+
+/// The first of `funcs` the running kernel has, or why none can be probed.
+pub fn kernel_function(funcs: &[&'static str]) -> Result<&'static str, String> {
+    if !kprobes_available() {
+        return Err("this kernel has no kprobes (CONFIG_KPROBES is off)".into());
+    }
+    let syms = kallsyms().ok_or("cannot read /proc/kallsyms")?;
+    funcs
+        .iter()
+        .copied()
+        .find(|f| syms.contains(f))
+        .ok_or_else(|| format!("this kernel has no function {}", funcs.join(" or ")))
+}
+
+/// The first of `names` under tracefs `category`, or why none exists.
+pub fn tracepoint_name(category: &str, names: &[&'static str]) -> Result<&'static str, String> {
+    names.iter().copied().find(|n| tracefs::exists(category, n)).ok_or_else(|| {
+        let all: Vec<String> = names.iter().map(|n| format!("{category}:{n}")).collect();
+        format!("this kernel has no tracepoint {}", all.join(" or "))
+    })
+}
+
+/// Resolves every probe of `point` without attaching anything: the concrete targets, or why
+/// this point cannot work here.
+pub fn resolve(point: &AttachPoint) -> Result<Vec<(Probe, &'static str)>, String> {
+    point
+        .probes
+        .iter()
+        .map(|p| match *p {
+            Probe::Kprobe { funcs, .. } | Probe::Kretprobe { funcs, .. } => kernel_function(funcs).map(|f| (*p, f)),
+            Probe::Tracepoint { category, names, .. } => tracepoint_name(category, names).map(|n| (*p, n)),
+        })
+        .collect()
+}
+
+/// Attaches the first of `points` that this kernel supports and returns its label; the
+/// error names why each was unusable.
+pub fn attach_preferred(bpf: &mut Ebpf, tool: &str, points: &[AttachPoint]) -> Result<&'static str> {
+    let mut why = Vec::new();
+    for point in points {
+        let resolved = match resolve(point) {
+            Ok(r) => r,
+            Err(reason) => {
+                tracing::info!("{tool}: not using {}: {reason}", point.label);
+                why.push(format!("{}: {reason}", point.label));
+                continue;
+            }
+        };
+        for (probe, target) in resolved {
+            match probe {
+                Probe::Kprobe { prog, .. } | Probe::Kretprobe { prog, .. } => {
+                    let kp: &mut aya::programs::KProbe = program(bpf, prog)?.try_into()?;
+                    ensure_loaded(kp, prog, |p| p.fd().is_ok(), aya::programs::KProbe::load)?;
+                    kp.attach(target, 0).with_context(|| format!("attaching a kprobe to {target} failed"))?;
+                }
+                Probe::Tracepoint { prog, category, .. } => attach_tracepoint(bpf, prog, category, target)?,
+            }
+        }
+        tracing::info!("{tool}: using {}", point.label);
+        return Ok(point.label);
+    }
+    bail!("{tool} cannot run on this kernel: {}", why.join("; "))
 }

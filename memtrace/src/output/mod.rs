@@ -32,6 +32,16 @@ pub fn now() -> String {
     humantime::format_rfc3339_seconds(SystemTime::now()).to_string()
 }
 
+/// Wall-clock time as RFC 3339 in UTC, to the millisecond: the `time` of JSON events.
+pub fn now_ms() -> String {
+    humantime::format_rfc3339_millis(SystemTime::now()).to_string()
+}
+
+/// Wall-clock `HH:MM:SS` (UTC), the TIME column of tables.
+pub fn hms() -> String {
+    now()[11..19].to_string()
+}
+
 /// Appends a stack, one frame a line, innermost first.
 pub fn write_stack(out: &mut String, frames: &[Frame], indent: &str) {
     if frames.is_empty() {

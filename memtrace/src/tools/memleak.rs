@@ -20,7 +20,6 @@ use memtrace_common::{
     },
 };
 use serde::Serialize;
-use tokio::signal::unix::{SignalKind, signal};
 
 use crate::{
     kernel::{self, UprobeError, tracefs::Format},
@@ -275,8 +274,7 @@ fn classify(samples: &[(f64, u64)]) -> (&'static str, f64) {
 pub async fn run(args: Args) -> Result<()> {
     kernel::require_root()?;
     // Before anything is attached: a Ctrl-C from here on ends with a final report.
-    let mut sigint = signal(SignalKind::interrupt())?;
-    let mut sigterm = signal(SignalKind::terminate())?;
+    let mut signals = crate::tools::Signals::catch()?;
     if args.sample_rate == 0 {
         bail!("--sample-rate must be at least 1");
     }
@@ -415,8 +413,7 @@ pub async fn run(args: Args) -> Result<()> {
                 target_gone = true;
                 break;
             }
-            _ = sigint.recv() => break,
-            _ = sigterm.recv() => break,
+            _ = signals.recv() => break,
             _ = &mut deadline => break,
         }
     }

@@ -1,7 +1,185 @@
 //! One module per tracer; each has its eBPF half in memtrace-ebpf and its event types in
-//! memtrace-common under the same name.
+//! memtrace-common under the same name. What tracers share lives here: common options,
+//! signals, and the loop that streams ring-buffer events until the run ends.
 
+pub mod brkstack;
+pub mod drsnoop;
+pub mod faults;
 pub mod memleak;
+pub mod mmapsnoop;
+pub mod oomkill;
+pub mod shmsnoop;
+pub mod vmscan;
+
+use std::time::Duration;
+
+use anyhow::{Context as _, Result, bail};
+use aya::{
+    Ebpf,
+    maps::{MapData, PerCpuArray, RingBuf},
+};
+use memtrace_common::Filter;
+use tokio::signal::unix::{Signal, SignalKind, signal};
+
+use crate::target;
+
+/// Options every tracer takes, the same way.
+#[derive(clap::Args, Debug, Clone, Default)]
+pub struct CommonArgs {
+    /// Only this process (and the run ends when it exits).
+    #[arg(short, long)]
+    pub pid: Option<u32>,
+    /// Only tasks with this command name (as in /proc/PID/comm, at most 15 characters).
+    #[arg(long, value_name = "NAME")]
+    pub comm: Option<String>,
+    /// Stop after this many seconds.
+    #[arg(short, long, value_name = "SECONDS")]
+    pub duration: Option<u64>,
+    /// One JSON object per line on stdout.
+    #[arg(long)]
+    pub json: bool,
+}
+
+impl CommonArgs {
+    /// The eBPF-side filter; checks the PID and the name first.
+    pub fn filter(&self) -> Result<Filter> {
+        let mut filter = Filter::default();
+        if let Some(pid) = self.pid {
+            target::check_pid(pid)?;
+            filter.pid = pid;
+        }
+        if let Some(comm) = &self.comm {
+            if comm.is_empty() || comm.len() > 15 {
+                bail!("--comm takes 1 to 15 bytes (the kernel keeps 15 of a task's name): {comm:?}");
+            }
+            filter.has_comm = 1;
+            filter.comm[..comm.len()].copy_from_slice(comm.as_bytes());
+        }
+        Ok(filter)
+    }
+}
+
+/// SIGINT and SIGTERM, caught from the start of a run so that any later one ends it cleanly.
+pub struct Signals {
+    int: Signal,
+    term: Signal,
+}
+
+impl Signals {
+    pub fn catch() -> Result<Signals> {
+        Ok(Signals { int: signal(SignalKind::interrupt())?, term: signal(SignalKind::terminate())? })
+    }
+
+    pub async fn recv(&mut self) {
+        tokio::select! {
+            _ = self.int.recv() => {}
+            _ = self.term.recv() => {}
+        }
+    }
+}
+
+/// What a streaming tracer does with its events.
+pub trait Stream {
+    /// One record from the `EVENTS` ring buffer.
+    fn event(&mut self, data: &[u8]) -> Result<()>;
+    /// Called every `tick` (interval reports).
+    fn tick(&mut self) -> Result<()> {
+        Ok(())
+    }
+    /// Called once at the end, with the number of events lost on the way.
+    fn finish(&mut self, _lost: u64) -> Result<()> {
+        Ok(())
+    }
+}
+
+/// Why a run ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum End {
+    Signal,
+    Duration,
+    TargetExited,
+    Count,
+}
+
+/// Streams `EVENTS` into `tool` until a signal, `--duration`, the `-p` process exits, or
+/// `max_ticks` ticks. Prints `ready` (the line tests and scripts wait for) once live, and the
+/// lost-event count (from the `LOST` per-CPU counter) at the end.
+pub async fn stream(
+    bpf: &mut Ebpf,
+    name: &str,
+    common: &CommonArgs,
+    signals: &mut Signals,
+    tick: Option<Duration>,
+    max_ticks: Option<u64>,
+    ready: &str,
+    tool: &mut impl Stream,
+) -> Result<End> {
+    let ring = RingBuf::try_from(bpf.take_map("EVENTS").context("internal: no EVENTS map")?)?;
+    let lost = PerCpuArray::<MapData, u64>::try_from(bpf.take_map("LOST").context("internal: no LOST map")?)?;
+    let mut ring = async_readable(ring)?;
+    let forever = Duration::from_secs(u64::MAX / 4);
+    let every = tick.unwrap_or(forever);
+    let mut ticker = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
+    let deadline = tokio::time::sleep(common.duration.map_or(forever, Duration::from_secs));
+    tokio::pin!(deadline);
+    let watch = common.pid;
+    let exited = async move {
+        match watch {
+            Some(pid) => target::exited(pid).await,
+            None => std::future::pending().await,
+        }
+    };
+    tokio::pin!(exited);
+    eprintln!("memtrace: {name}: {ready}; Ctrl-C to stop");
+    let mut ticks = 0u64;
+    let end = loop {
+        tokio::select! {
+            guard = ring.readable_mut() => {
+                let mut guard = guard?;
+                while let Some(item) = guard.get_inner_mut().next() {
+                    tool.event(&item)?;
+                }
+                guard.clear_ready();
+            }
+            _ = ticker.tick() => {
+                tool.tick()?;
+                ticks += 1;
+                if max_ticks.is_some_and(|m| ticks >= m) {
+                    break End::Count;
+                }
+            }
+            res = &mut exited => {
+                res?;
+                eprintln!("memtrace: {name}: process {} exited", watch.unwrap_or_default());
+                break End::TargetExited;
+            }
+            _ = signals.recv() => break End::Signal,
+            _ = &mut deadline => break End::Duration,
+        }
+    };
+    // Events already in the ring belong to the run.
+    while let Some(item) = ring.get_mut().next() {
+        tool.event(&item)?;
+    }
+    let lost: u64 = lost.get(&0, 0).map(|v| v.iter().sum()).unwrap_or(0);
+    if lost > 0 {
+        eprintln!("memtrace: {name}: {lost} events lost (ring buffer full)");
+    }
+    tool.finish(lost)?;
+    Ok(end)
+}
+
+/// Reads a `#[repr(C)]` event out of a ring-buffer record.
+pub fn read_event<T: Copy>(data: &[u8]) -> Option<T> {
+    // SAFETY: length checked; the eBPF side writes whole `T`s; read unaligned.
+    (data.len() >= size_of::<T>()).then(|| unsafe { std::ptr::read_unaligned(data.as_ptr().cast::<T>()) })
+}
+
+/// A NUL-terminated byte array (comm, path) as text.
+pub fn c_str(bytes: &[u8]) -> String {
+    let end = bytes.iter().position(|&b| b == 0).unwrap_or(bytes.len());
+    String::from_utf8_lossy(&bytes[..end]).into_owned()
+}
 
 /// Monotonic clock in nanoseconds, the clock of `bpf_ktime_get_ns`.
 pub fn monotonic_ns() -> u64 {
@@ -12,7 +190,7 @@ pub fn monotonic_ns() -> u64 {
 }
 
 /// Registers an fd-owning value (ring buffer, pidfd) with tokio for readiness.
-pub fn async_readable<T: std::os::fd::AsRawFd>(inner: T) -> anyhow::Result<tokio::io::unix::AsyncFd<T>> {
+pub fn async_readable<T: std::os::fd::AsRawFd>(inner: T) -> Result<tokio::io::unix::AsyncFd<T>> {
     // SAFETY: `inner` owns its fd, and the AsyncFd owns `inner`, so the fd outlives the registration.
     unsafe { tokio::io::unix::AsyncFd::register_with_interest(inner, tokio::io::Interest::READABLE) }
         .map_err(|e| anyhow::anyhow!("cannot poll fd: {}", e.into_parts().1))

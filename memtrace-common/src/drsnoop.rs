@@ -1,0 +1,1 @@
+//! drsnoop: events shared by the kernel and user halves (stub, to be written).

@@ -1,0 +1,1 @@
+//! shmsnoop: events shared by the kernel and user halves (stub, to be written).

@@ -1,0 +1,1 @@
+//! vmscan: events shared by the kernel and user halves (stub, to be written).

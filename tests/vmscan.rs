@@ -1,0 +1,4 @@
+//! vmscan against the real kernel (to be written).
+
+#[path = "common/mod.rs"]
+mod common;
