@@ -1,4 +1,229 @@
-//! mmapsnoop against the real kernel (to be written).
+//! mmapsnoop against the real kernel: the exact calls of tests/progs/mmapsnoop_maps.c (lengths,
+//! decoded protection and flags, the file behind a file mapping, errno names, addresses that
+//! match across calls), --failed, the table, bad input, and clean detach.
 
 #[path = "common/mod.rs"]
 mod common;
+#[path = "common/live.rs"]
+mod live;
+
+use std::{
+    collections::HashMap,
+    io::{BufRead, BufReader, Lines, Write},
+    process::{Child, ChildStdin, ChildStdout, Command, Stdio},
+    time::Duration,
+};
+
+use common::*;
+use live::Live;
+use serde_json::{Value, json};
+
+const PAGE: u64 = 4096;
+
+/// tests/progs/mmapsnoop_maps.c, started and waiting for the line that makes it act.
+struct Maps {
+    child: Child,
+    stdin: Option<ChildStdin>,
+    stdout: Lines<BufReader<ChildStdout>>,
+}
+
+impl Maps {
+    fn start() -> Maps {
+        let mut child =
+            Command::new(prog("mmapsnoop_maps")).stdin(Stdio::piped()).stdout(Stdio::piped()).spawn().unwrap();
+        let mut stdout = BufReader::new(child.stdout.take().unwrap()).lines();
+        assert_eq!(stdout.next().unwrap().unwrap(), "ready");
+        Maps { stdin: child.stdin.take(), child, stdout }
+    }
+
+    fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Makes the calls; returns what the program printed: anon, file, small, grown, closed, fd, fd2, path.
+    fn act(&mut self) -> HashMap<String, String> {
+        writeln!(self.stdin.as_mut().unwrap()).unwrap();
+        let line = self.stdout.next().unwrap().unwrap();
+        line.split(' ').filter_map(|kv| kv.split_once('=')).map(|(k, v)| (k.to_string(), v.to_string())).collect()
+    }
+
+    /// Lets the program exit.
+    fn end(mut self) {
+        drop(self.stdin.take());
+        assert!(self.child.wait().unwrap().success());
+    }
+}
+
+fn hex(v: &str) -> u64 {
+    u64::from_str_radix(v.trim_start_matches("0x"), 16).unwrap_or_else(|e| panic!("{v}: {e}"))
+}
+
+/// Checks the fields of `expected` in `event`, naming the event on failure.
+fn assert_fields(event: &Value, expected: &Value) {
+    for (key, want) in expected.as_object().unwrap() {
+        assert_eq!(&event[key], want, "field {key} of {event:#}");
+    }
+}
+
+/// Splits JSON output into the events and the final object.
+fn events_and_final(stdout: &str) -> (Vec<Value>, Value) {
+    let mut lines = json_lines(stdout);
+    let last = lines.pop().unwrap_or_else(|| panic!("no JSON in:\n{stdout}"));
+    assert_eq!(last["final"], true, "the last object is not the final one: {last}");
+    (lines, last)
+}
+
+#[test]
+fn mmapsnoop_reports_each_call_exactly() {
+    if !bpf_available("mmapsnoop_reports_each_call_exactly") {
+        return;
+    }
+    let mut maps = Maps::start();
+    let pid = maps.pid();
+    let mut mt = Live::start(&["mmapsnoop", "--json", "-p", &pid.to_string()]);
+    mt.wait_ready();
+    let got = maps.act();
+    // The file paths are read from /proc while the program lives: keep it until they are out.
+    mt.wait_lines("{", 7);
+    maps.end();
+    let (status, stdout, stderr) = mt.finish(Duration::from_secs(20));
+    assert!(status.success(), "{status}: {stderr}");
+    assert!(stderr.contains(&format!("process {pid} exited")), "{stderr}");
+    let (events, last) = events_and_final(&stdout);
+    assert_eq!(last["events_lost"], 0, "{last}");
+    assert_eq!(last["events"], events.len(), "{last}");
+
+    let (anon, file, small, grown, closed) =
+        (hex(&got["anon"]), hex(&got["file"]), hex(&got["small"]), hex(&got["grown"]), hex(&got["closed"]));
+    let fd: i64 = got["fd"].parse().unwrap();
+    let path = &got["path"];
+    let calls: Vec<&str> = events.iter().map(|e| e["call"].as_str().unwrap()).collect();
+    assert_eq!(calls, ["mmap", "mmap", "mmap", "munmap", "mmap", "mremap", "mmap"], "{stdout}");
+    for e in &events {
+        assert_fields(e, &json!({ "pid": pid, "tid": pid, "comm": "mmapsnoop_maps" }));
+    }
+    assert_fields(
+        &events[0],
+        &json!({
+            "addr": anon, "ret": anon, "error": null, "hint": 0, "len": 3 * PAGE,
+            "prot": 3, "prot_str": "PROT_READ|PROT_WRITE",
+            "flags": 0x22, "flags_str": "MAP_PRIVATE|MAP_ANONYMOUS",
+            "fd": -1, "offset": 0, "path": null, "path_source": null,
+        }),
+    );
+    assert_fields(
+        &events[1],
+        &json!({
+            "addr": file, "error": null, "len": 5 * PAGE,
+            "prot": 1, "prot_str": "PROT_READ", "flags": 1, "flags_str": "MAP_SHARED",
+            "fd": fd, "offset": 0, "path": path, "path_source": "fd",
+        }),
+    );
+    assert_fields(
+        &events[2],
+        &json!({
+            "addr": null, "ret": -9, "error": "EBADF", "len": PAGE,
+            "prot_str": "PROT_READ", "flags_str": "MAP_PRIVATE",
+            "fd": 1000, "path": null, "path_source": "unknown",
+        }),
+    );
+    assert_fields(&events[3], &json!({ "addr": anon, "len": 3 * PAGE, "ret": 0, "error": null }));
+    assert_fields(
+        &events[4],
+        &json!({ "addr": small, "len": 2 * PAGE, "prot_str": "PROT_READ|PROT_WRITE", "flags_str": "MAP_PRIVATE|MAP_ANONYMOUS" }),
+    );
+    assert_fields(
+        &events[5],
+        &json!({
+            "addr": grown, "ret": grown, "error": null, "old_addr": small,
+            "old_len": 2 * PAGE, "new_len": 8 * PAGE, "flags": 1, "flags_str": "MREMAP_MAYMOVE",
+        }),
+    );
+    // The program closed this fd right after mmap: found through the fd if memtrace was
+    // quicker than close(), otherwise through the mapping; the same file either way.
+    assert_fields(
+        &events[6],
+        &json!({
+            "addr": closed, "len": PAGE, "offset": PAGE, "prot_str": "PROT_READ", "flags_str": "MAP_PRIVATE",
+            "fd": got["fd2"].parse::<i64>().unwrap(), "path": path,
+        }),
+    );
+    let source = events[6]["path_source"].as_str().unwrap();
+    assert!(source == "fd" || source == "maps", "{:#}", events[6]);
+    assert_detached("mmapsnoop");
+}
+
+/// --comm and --failed together: only the EBADF of the test program, and the table shows it decoded.
+#[test]
+fn mmapsnoop_failed_only_in_a_table() {
+    if !bpf_available("mmapsnoop_failed_only_in_a_table") {
+        return;
+    }
+    let mut maps = Maps::start();
+    let pid = maps.pid();
+    let mut mt = Live::start(&["mmapsnoop", "--failed", "-T", "--comm", "mmapsnoop_maps"]);
+    mt.wait_ready();
+    maps.act();
+    mt.wait_lines("", 2);
+    maps.end();
+    mt.signal(libc::SIGINT);
+    let (status, stdout, stderr) = mt.finish(Duration::from_secs(20));
+    assert!(status.success(), "{status}: {stderr}");
+    let lines: Vec<&str> = stdout.lines().collect();
+    assert_eq!(lines.len(), 2, "a header and one failed call expected:\n{stdout}");
+    let header: Vec<&str> = lines[0].split_whitespace().collect();
+    assert_eq!(header, ["TIME", "TIME(s)", "PID", "COMM", "CALL", "RET", "ADDR", "LEN", "PROT", "FLAGS", "FD", "PATH"]);
+    let row: Vec<&str> = lines[1].split_whitespace().collect();
+    assert_eq!(
+        row[2..],
+        [
+            &pid.to_string(),
+            "mmapsnoop_maps",
+            "mmap",
+            "EBADF",
+            "0x0",
+            "4096",
+            "PROT_READ",
+            "MAP_PRIVATE",
+            "1000",
+            "[unknown]"
+        ],
+        "{}",
+        lines[1]
+    );
+    assert_detached("mmapsnoop");
+}
+
+#[test]
+fn mmapsnoop_rejects_bad_input() {
+    for (args, want) in [
+        (&["mmapsnoop", "-p", "999999999"][..], "no such process: 999999999"),
+        (&["mmapsnoop", "--comm", "a_name_too_long_for_comm"][..], "--comm takes 1 to 15 bytes"),
+    ] {
+        let out = run(args, Duration::from_secs(20));
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{args:?}: {stderr}");
+        assert_eq!(stderr.lines().count(), 1, "{args:?}: one line expected: {stderr}");
+        assert!(stderr.starts_with("memtrace: error: ") && stderr.contains(want), "{args:?}: {stderr}");
+        assert!(out.stdout.is_empty(), "{args:?}: {}", String::from_utf8_lossy(&out.stdout));
+    }
+}
+
+/// Six programs live while it runs, none after SIGTERM; the final object still comes out.
+#[test]
+fn mmapsnoop_detaches_cleanly() {
+    if !bpf_available("mmapsnoop_detaches_cleanly") {
+        return;
+    }
+    let mut mt = Running::start(&["mmapsnoop", "--json", "--comm", "no_such_comm"]);
+    mt.wait_ready();
+    let live = loaded_program_names().into_iter().filter(|n| n.starts_with("mmapsnoop_")).count();
+    assert_eq!(live, 6, "{:?}", loaded_program_names());
+    mt.signal(libc::SIGTERM);
+    let (status, stdout, stderr) = mt.finish(Duration::from_secs(20));
+    assert!(status.success(), "{status}: {stderr}");
+    let (events, last) = events_and_final(&stdout);
+    assert!(events.is_empty(), "{events:?}");
+    assert_eq!(last, json!({ "final": true, "events": 0, "events_lost": 0 }));
+    assert_detached("mmapsnoop");
+}

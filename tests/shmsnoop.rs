@@ -1,4 +1,188 @@
-//! shmsnoop against the real kernel (to be written).
+//! shmsnoop against the real kernel: the exact calls of tests/progs/shmsnoop_shm.c (key, size,
+//! decoded flags and commands, errno names, the shmid and address shared between calls),
+//! --failed in a table, bad input, --duration, and clean detach.
 
 #[path = "common/mod.rs"]
 mod common;
+#[path = "common/live.rs"]
+mod live;
+
+use std::{
+    collections::HashMap,
+    io::{BufRead, BufReader, Lines, Write},
+    process::{Child, ChildStdin, ChildStdout, Command, Stdio},
+    time::Duration,
+};
+
+use common::*;
+use live::Live;
+use serde_json::{Value, json};
+
+/// tests/progs/shmsnoop_shm.c, started and waiting for the line that makes it act.
+struct Shm {
+    child: Child,
+    stdin: Option<ChildStdin>,
+    stdout: Lines<BufReader<ChildStdout>>,
+}
+
+impl Shm {
+    fn start() -> Shm {
+        let mut child =
+            Command::new(prog("shmsnoop_shm")).stdin(Stdio::piped()).stdout(Stdio::piped()).spawn().unwrap();
+        let mut stdout = BufReader::new(child.stdout.take().unwrap()).lines();
+        assert_eq!(stdout.next().unwrap().unwrap(), "ready");
+        Shm { stdin: child.stdin.take(), child, stdout }
+    }
+
+    fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Makes the calls; returns what the program printed: key, id, addr.
+    fn act(&mut self) -> HashMap<String, String> {
+        writeln!(self.stdin.as_mut().unwrap()).unwrap();
+        let line = self.stdout.next().unwrap().unwrap();
+        line.split(' ').filter_map(|kv| kv.split_once('=')).map(|(k, v)| (k.to_string(), v.to_string())).collect()
+    }
+
+    fn end(mut self) {
+        drop(self.stdin.take());
+        assert!(self.child.wait().unwrap().success());
+    }
+}
+
+fn hex(v: &str) -> u64 {
+    u64::from_str_radix(v.trim_start_matches("0x"), 16).unwrap_or_else(|e| panic!("{v}: {e}"))
+}
+
+fn assert_fields(event: &Value, expected: &Value) {
+    for (key, want) in expected.as_object().unwrap() {
+        assert_eq!(&event[key], want, "field {key} of {event:#}");
+    }
+}
+
+fn events_and_final(stdout: &str) -> (Vec<Value>, Value) {
+    let mut lines = json_lines(stdout);
+    let last = lines.pop().unwrap_or_else(|| panic!("no JSON in:\n{stdout}"));
+    assert_eq!(last["final"], true, "the last object is not the final one: {last}");
+    (lines, last)
+}
+
+#[test]
+fn shmsnoop_reports_each_call_exactly() {
+    if !bpf_available("shmsnoop_reports_each_call_exactly") {
+        return;
+    }
+    let mut shm = Shm::start();
+    let pid = shm.pid();
+    let mut mt = Live::start(&["shmsnoop", "--json", "-p", &pid.to_string()]);
+    mt.wait_ready();
+    let got = shm.act();
+    mt.wait_lines("{", 5);
+    shm.end();
+    let (status, stdout, stderr) = mt.finish(Duration::from_secs(20));
+    assert!(status.success(), "{status}: {stderr}");
+    assert!(stderr.contains(&format!("process {pid} exited")), "{stderr}");
+    let (events, last) = events_and_final(&stdout);
+    assert_eq!(last, json!({ "final": true, "events": 5, "events_lost": 0 }));
+
+    let key = &got["key"];
+    let id: i64 = got["id"].parse().unwrap();
+    let addr = hex(&got["addr"]);
+    let calls: Vec<&str> = events.iter().map(|e| e["call"].as_str().unwrap()).collect();
+    assert_eq!(calls, ["shmget", "shmget", "shmat", "shmdt", "shmctl"], "{stdout}");
+    for e in &events {
+        assert_fields(e, &json!({ "pid": pid, "tid": pid, "comm": "shmsnoop_shm" }));
+    }
+    assert_fields(
+        &events[0],
+        &json!({
+            "key": hex(key), "key_str": key, "size": 3 * 4096,
+            "shmflg": 0o1600, "shmflg_str": "IPC_CREAT|0600",
+            "ret": id, "shmid": id, "error": null,
+        }),
+    );
+    assert_fields(
+        &events[1],
+        &json!({
+            "key_str": key, "size": 3 * 4096, "shmflg": 0o3600, "shmflg_str": "IPC_CREAT|IPC_EXCL|0600",
+            "ret": -17, "error": "EEXIST", "shmid": null,
+        }),
+    );
+    assert_fields(
+        &events[2],
+        &json!({
+            "shmid": id, "shmaddr": 0, "shmflg": 0o10000, "shmflg_str": "SHM_RDONLY",
+            "ret": addr, "addr": addr, "error": null,
+        }),
+    );
+    // shmdt takes what shmat returned.
+    assert_fields(&events[3], &json!({ "shmaddr": addr, "ret": 0, "error": null }));
+    assert_fields(
+        &events[4],
+        &json!({ "shmid": id, "cmd": 0, "cmd_str": "IPC_RMID", "buf": 0, "ret": 0, "error": null }),
+    );
+    assert_detached("shmsnoop");
+}
+
+/// --comm and --failed together: only the EEXIST of the test program, decoded in the table.
+#[test]
+fn shmsnoop_failed_only_in_a_table() {
+    if !bpf_available("shmsnoop_failed_only_in_a_table") {
+        return;
+    }
+    let mut shm = Shm::start();
+    let pid = shm.pid();
+    let mut mt = Live::start(&["shmsnoop", "--failed", "-T", "--comm", "shmsnoop_shm"]);
+    mt.wait_ready();
+    let got = shm.act();
+    mt.wait_lines("", 2);
+    shm.end();
+    mt.signal(libc::SIGINT);
+    let (status, stdout, stderr) = mt.finish(Duration::from_secs(20));
+    assert!(status.success(), "{status}: {stderr}");
+    let lines: Vec<&str> = stdout.lines().collect();
+    assert_eq!(lines.len(), 2, "a header and one failed call expected:\n{stdout}");
+    let header: Vec<&str> = lines[0].split_whitespace().collect();
+    assert_eq!(header, ["TIME", "TIME(s)", "PID", "COMM", "SYSCALL", "RET", "ARGS"]);
+    let cols: Vec<&str> = lines[1].split_whitespace().take(6).collect();
+    assert_eq!(cols[2..], [&pid.to_string(), "shmsnoop_shm", "shmget", "EEXIST"], "{}", lines[1]);
+    let args = format!("key: {}, size: 12288, shmflg: IPC_CREAT|IPC_EXCL|0600", got["key"]);
+    assert!(lines[1].ends_with(&format!(" {args}")), "{}", lines[1]);
+    assert_detached("shmsnoop");
+}
+
+#[test]
+fn shmsnoop_rejects_bad_input() {
+    for (args, want) in [
+        (&["shmsnoop", "-p", "999999999"][..], "no such process: 999999999"),
+        (&["shmsnoop", "--comm", "a_name_too_long_for_comm"][..], "--comm takes 1 to 15 bytes"),
+        (&["shmsnoop", "--comm", ""][..], "--comm takes 1 to 15 bytes"),
+    ] {
+        let out = run(args, Duration::from_secs(20));
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{args:?}: {stderr}");
+        assert_eq!(stderr.lines().count(), 1, "{args:?}: one line expected: {stderr}");
+        assert!(stderr.starts_with("memtrace: error: ") && stderr.contains(want), "{args:?}: {stderr}");
+        assert!(out.stdout.is_empty(), "{args:?}: {}", String::from_utf8_lossy(&out.stdout));
+    }
+}
+
+/// Eight programs live while it runs; --duration ends it with the final object and nothing
+/// left attached.
+#[test]
+fn shmsnoop_detaches_cleanly() {
+    if !bpf_available("shmsnoop_detaches_cleanly") {
+        return;
+    }
+    let mut mt = Running::start(&["shmsnoop", "--json", "-d", "2", "--comm", "no_such_comm"]);
+    mt.wait_ready();
+    let live = loaded_program_names().into_iter().filter(|n| n.starts_with("shmsnoop_")).count();
+    assert_eq!(live, 8, "{:?}", loaded_program_names());
+    let (status, stdout, stderr) = mt.finish(Duration::from_secs(20));
+    assert!(status.success(), "{status}: {stderr}");
+    let (events, last) = events_and_final(&stdout);
+    assert!(events.is_empty(), "{events:?}");
+    assert_eq!(last, json!({ "final": true, "events": 0, "events_lost": 0 }));
+    assert_detached("shmsnoop");
+}

@@ -12,6 +12,8 @@ use serde::Serialize;
 
 use crate::symbolize::Frame;
 
+pub mod decode;
+
 /// Writes one line to stdout. A closed pipe surfaces as an io::Error that `main` turns
 /// into a quiet exit.
 pub fn line(text: &str) -> Result<()> {
