@@ -1,4 +1,181 @@
-//! oomkill against the real kernel (to be written).
+//! oomkill against the real kernel: a process allocating past a 32 MiB memory cgroup is
+//! OOM-killed, and oomkill names it, its memory, its group and its trigger; -p filters by
+//! trigger; bad input; clean detach.
 
 #[path = "common/mod.rs"]
 mod common;
+#[path = "common/memcg.rs"]
+mod memcg;
+
+use std::{os::unix::process::ExitStatusExt, time::Duration};
+
+use common::*;
+use memcg::{Hog, Memcg};
+use serde_json::Value;
+
+const HOG_MIB: u64 = 512;
+const LIMIT_MIB: u64 = 32;
+const SCORE_ADJ: i64 = 321;
+
+/// Starts the hog in `group` with a known oom_score_adj, lets it allocate, and waits for the
+/// OOM killer's SIGKILL.
+fn provoke(group: &Memcg, start: impl FnOnce(&Hog)) -> Hog {
+    let mut hog = group.spawn(&prog("oomkill_hog"), &[&HOG_MIB.to_string()]);
+    std::fs::write(format!("/proc/{}/oom_score_adj", hog.pid), SCORE_ADJ.to_string()).unwrap();
+    start(&hog);
+    hog.go();
+    let status = hog.wait(Duration::from_secs(60));
+    assert_eq!(status.signal(), Some(libc::SIGKILL), "the hog was not OOM-killed: {status}");
+    assert_eq!(group.oom_kills(), 1, "{} counted no OOM kill", group.path);
+    hog
+}
+
+fn kills(stdout: &str) -> (Vec<Value>, Value) {
+    let mut lines = json_lines(stdout);
+    let last = lines.pop().unwrap_or_else(|| panic!("no JSON output:\n{stdout}"));
+    assert_eq!(last["final"], true, "last line is not the final summary: {last}");
+    assert_eq!(last["events_lost"], 0, "{last}");
+    (lines, last)
+}
+
+#[test]
+fn oomkill_victim_names_the_memcg_hog() {
+    if !bpf_available("oomkill_victim_names_the_memcg_hog") {
+        return;
+    }
+    let group = Memcg::new("oomkill", LIMIT_MIB);
+    let mut mt = None;
+    let hog = provoke(&group, |_| {
+        let mut running = Running::start(&["-v", "oomkill", "--json"]);
+        running.wait_ready();
+        mt = Some(running);
+    });
+    let mt = mt.unwrap();
+    mt.signal(libc::SIGINT);
+    let (status, stdout, stderr) = mt.finish(Duration::from_secs(20));
+    assert!(status.success(), "{status}: {stderr}");
+    let expected = if std::path::Path::new("/sys/bus/event_source/devices/kprobe/type").exists() {
+        "oomkill: using kprobe oom_kill_process"
+    } else {
+        "oomkill: using tracepoint oom:mark_victim"
+    };
+    assert!(stderr.contains(expected), "{stderr}");
+
+    let (events, last) = kills(&stdout);
+    let ours: Vec<&Value> = events.iter().filter(|e| e["victim_pid"] == hog.pid).collect();
+    assert_eq!(ours.len(), 1, "expected one kill of pid {}: {stdout}", hog.pid);
+    let kill = ours[0];
+    assert_eq!(kill["victim_comm"], "oomkill_hog", "{kill:#}");
+    // A memcg OOM runs in the task whose charge failed: the hog itself.
+    assert_eq!(kill["trigger_pid"], hog.pid, "{kill:#}");
+    assert_eq!(kill["trigger_tid"], hog.pid, "{kill:#}");
+    assert_eq!(kill["trigger_comm"], "oomkill_hog", "{kill:#}");
+    assert_eq!(kill["constraint"], "memcg", "{kill:#}");
+    assert_eq!(kill["memcg"], group.path.as_str(), "{kill:#}");
+    assert_eq!(kill["victim_memcg"], group.path.as_str(), "{kill:#}");
+    assert_eq!(kill["oom_score_adj"], SCORE_ADJ, "{kill:#}");
+    assert_eq!(kill["uid"], 0, "{kill:#}");
+    // The whole malloc'd region is mapped; what is resident is bounded by the group's limit.
+    let total_vm = kill["total_vm_kb"].as_u64().unwrap();
+    assert!(total_vm >= HOG_MIB * 1024, "{kill:#}");
+    let anon = kill["anon_rss_kb"].as_u64().unwrap();
+    assert!(anon > LIMIT_MIB * 1024 / 2 && anon <= LIMIT_MIB * 1024, "{kill:#}");
+    assert!(kill["pgtables_kb"].as_u64().unwrap() > 0, "{kill:#}");
+    assert!(kill["file_rss_kb"].is_u64() && kill["shmem_rss_kb"] == 0, "{kill:#}");
+    assert_eq!(kill["loadavg"].as_str().unwrap().split_whitespace().count(), 5, "{kill:#}");
+    assert!(last["kills"].as_u64().unwrap() >= 1, "{last}");
+    assert_detached("oomkill");
+}
+
+/// The table names the same kill on one line.
+#[test]
+fn oomkill_table_line() {
+    if !bpf_available("oomkill_table_line") {
+        return;
+    }
+    let group = Memcg::new("oomkill-table", LIMIT_MIB);
+    let mut mt = None;
+    let hog = provoke(&group, |_| {
+        let mut running = Running::start(&["oomkill", "--comm", "oomkill_hog", "-d", "60"]);
+        running.wait_ready();
+        mt = Some(running);
+    });
+    let mt = mt.unwrap();
+    mt.signal(libc::SIGTERM);
+    let (status, stdout, stderr) = mt.finish(Duration::from_secs(20));
+    assert!(status.success(), "{status}: {stderr}");
+    let lines: Vec<&str> =
+        stdout.lines().filter(|l| l.contains(&format!("killed {} (oomkill_hog)", hog.pid))).collect();
+    assert_eq!(lines.len(), 1, "{stdout}");
+    let line = lines[0];
+    let trigger = format!(" {} (oomkill_hog) ", hog.pid);
+    for part in [trigger.as_str(), " anon-rss=", " total-vm=", " oom_score_adj=321 ", " uid=0 ", " loadavg: "] {
+        assert!(line.contains(part), "{part:?} missing: {line}");
+    }
+    assert!(line.contains(&format!(" memcg={} ", group.path)), "{line}");
+    assert_detached("oomkill");
+}
+
+/// -p selects the trigger: a kill triggered by another process is not reported.
+#[test]
+fn oomkill_pid_filter_skips_other_triggers() {
+    if !bpf_available("oomkill_pid_filter_skips_other_triggers") {
+        return;
+    }
+    let group = Memcg::new("oomkill-filter", LIMIT_MIB);
+    let me = std::process::id().to_string();
+    let mut mt = None;
+    provoke(&group, |_| {
+        let mut running = Running::start(&["oomkill", "--json", "-p", &me]);
+        running.wait_ready();
+        mt = Some(running);
+    });
+    let mt = mt.unwrap();
+    mt.signal(libc::SIGINT);
+    let (status, stdout, stderr) = mt.finish(Duration::from_secs(20));
+    assert!(status.success(), "{status}: {stderr}");
+    let (events, last) = kills(&stdout);
+    assert!(events.is_empty(), "kills of other triggers reported: {stdout}");
+    assert_eq!(last["kills"], 0, "{last}");
+    assert_detached("oomkill");
+}
+
+#[test]
+fn oomkill_bad_input_gets_one_line_errors() {
+    if !bpf_available("oomkill_bad_input_gets_one_line_errors") {
+        return;
+    }
+    for (args, expect) in [
+        (&["oomkill", "-p", "999999999"][..], "no such process: 999999999"),
+        (&["oomkill", "--comm", "a-name-longer-than-15"][..], "--comm takes 1 to 15 bytes"),
+    ] {
+        let out = run(args, Duration::from_secs(30));
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{args:?}: {stderr}");
+        let lines: Vec<&str> = stderr.lines().collect();
+        assert_eq!(lines.len(), 1, "{args:?}: expected one line: {stderr}");
+        assert!(lines[0].starts_with("memtrace: error: ") && lines[0].contains(expect), "{args:?}: {stderr}");
+    }
+    assert_detached("oomkill");
+}
+
+/// The kprobe path cannot attach on a kernel without kprobes, but its program must still
+/// pass the verifier wherever the kprobe program type exists (it does with uprobes).
+#[test]
+fn oomkill_kprobe_program_passes_the_verifier() {
+    if !bpf_available("oomkill_kprobe_program_passes_the_verifier") {
+        return;
+    }
+    let object = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/oomkill"));
+    let mut bpf = aya::Ebpf::load(object).expect("the oomkill object loads");
+    for name in ["oomkill_kprobe", "oomkill_victim"] {
+        let prog = bpf.program_mut(name).unwrap_or_else(|| panic!("no program {name}"));
+        match prog {
+            aya::programs::Program::KProbe(p) => p.load().unwrap_or_else(|e| panic!("{name}: {e:?}")),
+            aya::programs::Program::TracePoint(p) => p.load().unwrap_or_else(|e| panic!("{name}: {e:?}")),
+            _ => panic!("{name} has an unexpected program type"),
+        }
+    }
+    drop(bpf);
+    assert_detached("oomkill");
+}

@@ -1,1 +1,35 @@
-//! drsnoop: events shared by the kernel and user halves (stub, to be written).
+//! drsnoop: one event per direct (or, with --memcg, memory-cgroup) reclaim, with its latency.
+
+use crate::user_pod;
+
+pub const KIND_DIRECT: u32 = 0;
+pub const KIND_MEMCG: u32 = 1;
+pub const KIND_NAMES: [&str; 2] = ["direct", "memcg"];
+
+/// Settings written into the object before it is loaded.
+#[repr(C)]
+#[derive(Copy, Clone, Debug, Default)]
+pub struct Config {
+    /// Only this thread (`-t`); 0 keeps all.
+    pub tid: u32,
+    /// `nr_reclaimed` offsets in the direct and memcg end tracepoints.
+    pub direct_end_reclaimed: u32,
+    pub memcg_end_reclaimed: u32,
+    pub _pad: u32,
+}
+
+#[repr(C)]
+#[derive(Copy, Clone, Debug, Default)]
+pub struct Event {
+    pub pid: u32,
+    pub tid: u32,
+    pub kind: u32,
+    pub _pad: u32,
+    pub comm: [u8; 16],
+    /// bpf_ktime_get_ns at the start of the reclaim.
+    pub start_ns: u64,
+    pub latency_ns: u64,
+    pub nr_reclaimed: u64,
+}
+
+user_pod!(Config, Event);

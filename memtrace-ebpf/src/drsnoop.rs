@@ -1,5 +1,94 @@
-//! drsnoop: (stub, to be written)
+//! drsnoop: each direct reclaim (and, when attached, each memcg reclaim) with its latency and
+//! the pages it reclaimed, sent to user space as it ends.
 #![cfg_attr(target_arch = "bpf", no_std)]
 #![cfg_attr(target_arch = "bpf", no_main)]
 
+use aya_ebpf::{
+    Global,
+    btf_maps::{HashMap, PerCpuArray, RingBuf},
+    helpers::{bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_ktime_get_ns},
+    macros::{btf_map, tracepoint},
+    programs::TracePointContext,
+};
+use memtrace_common::{
+    Filter,
+    drsnoop::{Config, Event, KIND_DIRECT, KIND_MEMCG},
+};
+use memtrace_ebpf::{submit, tp_u64, wanted};
+
 memtrace_ebpf::license!();
+
+#[unsafe(no_mangle)]
+static FILTER: Global<Filter> = Global::new(Filter { pid: 0, has_comm: 0, comm: [0; 16] });
+
+#[unsafe(no_mangle)]
+static CONFIG: Global<Config> =
+    Global::new(Config { tid: 0, direct_end_reclaimed: 0, memcg_end_reclaimed: 0, _pad: 0 });
+
+/// Start time per thread: a thread is in at most one direct or memcg reclaim at a time.
+#[btf_map]
+static STARTS: HashMap<u32, u64, 16_384> = HashMap::new();
+#[btf_map]
+static EVENTS: RingBuf<Event, { 256 * 1024 }> = RingBuf::new();
+#[btf_map]
+static LOST: PerCpuArray<u64, 1> = PerCpuArray::new();
+
+#[inline(always)]
+fn begin() -> u32 {
+    if !wanted(&FILTER.load()) {
+        return 0;
+    }
+    let tid = bpf_get_current_pid_tgid() as u32;
+    let want_tid = CONFIG.load().tid;
+    if want_tid != 0 && tid != want_tid {
+        return 0;
+    }
+    // SAFETY: helper without preconditions.
+    let _ = STARTS.insert(tid, unsafe { bpf_ktime_get_ns() }, 0);
+    0
+}
+
+#[inline(always)]
+fn end(ctx: &TracePointContext, kind: u32, reclaimed_offset: u32) -> u32 {
+    let id = bpf_get_current_pid_tgid();
+    let tid = id as u32;
+    // SAFETY: value copied out of the map at once.
+    let Some(start) = (unsafe { STARTS.get(&tid) }).copied() else { return 0 };
+    let _ = STARTS.remove(&tid);
+    let event = Event {
+        pid: (id >> 32) as u32,
+        tid,
+        kind,
+        _pad: 0,
+        comm: bpf_get_current_comm().unwrap_or_default(),
+        start_ns: start,
+        // SAFETY: helper without preconditions.
+        latency_ns: unsafe { bpf_ktime_get_ns() }.saturating_sub(start),
+        nr_reclaimed: tp_u64(ctx, reclaimed_offset),
+    };
+    submit(&EVENTS, &event, &LOST);
+    0
+}
+
+#[tracepoint]
+pub fn drsnoop_direct_begin(_ctx: TracePointContext) -> u32 {
+    begin()
+}
+
+// name: mm_vmscan_direct_reclaim_end (mm_vmscan_memcg_reclaim_end has the same layout)
+// format:
+//  field:unsigned long nr_reclaimed; offset:8; size:8; signed:0;
+#[tracepoint]
+pub fn drsnoop_direct_end(ctx: TracePointContext) -> u32 {
+    end(&ctx, KIND_DIRECT, CONFIG.load().direct_end_reclaimed)
+}
+
+#[tracepoint]
+pub fn drsnoop_memcg_begin(_ctx: TracePointContext) -> u32 {
+    begin()
+}
+
+#[tracepoint]
+pub fn drsnoop_memcg_end(ctx: TracePointContext) -> u32 {
+    end(&ctx, KIND_MEMCG, CONFIG.load().memcg_end_reclaimed)
+}

@@ -13,6 +13,7 @@ use serde::Serialize;
 use crate::symbolize::Frame;
 
 pub mod decode;
+pub mod histogram;
 
 /// Writes one line to stdout. A closed pipe surfaces as an io::Error that `main` turns
 /// into a quiet exit.

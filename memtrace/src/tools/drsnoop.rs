@@ -1,15 +1,174 @@
-//! drsnoop: (stub, to be written).
+//! drsnoop: one line per direct reclaim (with --memcg, memory-cgroup reclaim too): who
+//! stalled, for how long, and how many pages it got back.
 
 use anyhow::{Result, bail};
+use memtrace_common::drsnoop::{Config, Event, KIND_NAMES};
+use serde::Serialize;
 
-use crate::tools::CommonArgs;
+use crate::{
+    kernel::{self, AttachPoint, Probe, tracefs::Format},
+    output,
+    tools::{self, CommonArgs, c_str, monotonic_ns},
+};
 
+const OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/drsnoop"));
+
+const DIRECT: &[AttachPoint] = &[AttachPoint {
+    label: "tracepoints vmscan:mm_vmscan_direct_reclaim_begin/end",
+    probes: &[
+        Probe::Tracepoint {
+            prog: "drsnoop_direct_begin",
+            category: "vmscan",
+            names: &["mm_vmscan_direct_reclaim_begin"],
+        },
+        Probe::Tracepoint { prog: "drsnoop_direct_end", category: "vmscan", names: &["mm_vmscan_direct_reclaim_end"] },
+    ],
+}];
+
+const MEMCG: &[AttachPoint] = &[AttachPoint {
+    label: "tracepoints vmscan:mm_vmscan_memcg_reclaim_begin/end",
+    probes: &[
+        Probe::Tracepoint {
+            prog: "drsnoop_memcg_begin",
+            category: "vmscan",
+            names: &["mm_vmscan_memcg_reclaim_begin"],
+        },
+        Probe::Tracepoint { prog: "drsnoop_memcg_end", category: "vmscan", names: &["mm_vmscan_memcg_reclaim_end"] },
+    ],
+}];
+
+/// Trace direct reclaim: latency and pages reclaimed, one line each.
 #[derive(clap::Args, Debug)]
 pub struct Args {
+    /// Only this thread.
+    #[arg(short = 't', long = "tid", value_name = "TID")]
+    pub tid: Option<u32>,
+    /// Only tasks with this command name (same as --comm).
+    #[arg(short = 'n', long = "name", value_name = "NAME", conflicts_with = "comm")]
+    pub name: Option<String>,
+    /// Add a TIME(s) column: seconds since tracing started.
+    #[arg(short = 'T', long = "timestamp")]
+    pub timestamp: bool,
+    /// Also trace memory-cgroup reclaim (a group at its limit), in the KIND column as "memcg".
+    #[arg(long)]
+    pub memcg: bool,
     #[command(flatten)]
     pub common: CommonArgs,
 }
 
-pub async fn run(_args: Args) -> Result<()> {
-    bail!("drsnoop is not written yet")
+pub async fn run(mut args: Args) -> Result<()> {
+    kernel::require_root()?;
+    let mut signals = tools::Signals::catch()?;
+    if let Some(name) = args.name.take() {
+        args.common.comm = Some(name);
+    }
+    let filter = args.common.filter()?;
+    let mut config = Config::default();
+    if let Some(tid) = args.tid {
+        check_tid(tid)?;
+        config.tid = tid;
+    }
+    config.direct_end_reclaimed = Format::read("vmscan", "mm_vmscan_direct_reclaim_end")?.offset("nr_reclaimed")?;
+    if args.memcg {
+        config.memcg_end_reclaimed = Format::read("vmscan", "mm_vmscan_memcg_reclaim_end")?.offset("nr_reclaimed")?;
+    }
+    let mut bpf = kernel::load(OBJECT, |loader| {
+        loader.override_global("FILTER", &filter, true).override_global("CONFIG", &config, true);
+    })?;
+    kernel::attach_preferred(&mut bpf, "drsnoop", DIRECT)?;
+    if args.memcg {
+        kernel::attach_preferred(&mut bpf, "drsnoop", MEMCG)?;
+    }
+    let mut state =
+        State { json: args.common.json, timestamp: args.timestamp, start_ns: monotonic_ns(), header: false, seen: 0 };
+    let ready = if args.memcg { "tracing direct and memcg reclaim" } else { "tracing direct reclaim" };
+    tools::stream(&mut bpf, "drsnoop", &args.common, &mut signals, None, None, ready, &mut state).await?;
+    Ok(())
+}
+
+/// A thread id must name a live thread; it need not be a process id.
+fn check_tid(tid: u32) -> Result<()> {
+    if tid == 0 {
+        bail!("TID must be positive");
+    }
+    if !std::path::Path::new(&format!("/proc/{tid}")).exists() {
+        bail!("no such thread: {tid} (list threads with `ps -eLf`)");
+    }
+    Ok(())
+}
+
+struct State {
+    json: bool,
+    timestamp: bool,
+    start_ns: u64,
+    header: bool,
+    seen: u64,
+}
+
+#[derive(Serialize)]
+struct Reclaim {
+    time: String,
+    /// Seconds since tracing started, when the reclaim began.
+    ts_s: f64,
+    pid: u32,
+    tid: u32,
+    comm: String,
+    kind: &'static str,
+    latency_ms: f64,
+    latency_ns: u64,
+    pages: u64,
+}
+
+impl tools::Stream for State {
+    fn event(&mut self, data: &[u8]) -> Result<()> {
+        let Some(e) = tools::read_event::<Event>(data) else { return Ok(()) };
+        self.seen += 1;
+        let r = Reclaim {
+            time: if self.json { output::now_ms() } else { output::hms() },
+            ts_s: e.start_ns.saturating_sub(self.start_ns) as f64 / 1e9,
+            pid: e.pid,
+            tid: e.tid,
+            comm: c_str(&e.comm),
+            kind: KIND_NAMES.get(e.kind as usize).copied().unwrap_or("?"),
+            latency_ms: e.latency_ns as f64 / 1e6,
+            latency_ns: e.latency_ns,
+            pages: e.nr_reclaimed,
+        };
+        if self.json {
+            return output::json_line(&r);
+        }
+        let stamp = |s: &str| if self.timestamp { format!("{s:<11} ") } else { String::new() };
+        if !self.header {
+            self.header = true;
+            output::line(&format!(
+                "{}{:<8} {:<16} {:>7} {:>7} {:<6} {:>10} {:>7}",
+                stamp("TIME(s)"),
+                "TIME",
+                "COMM",
+                "PID",
+                "TID",
+                "KIND",
+                "LAT(ms)",
+                "PAGES"
+            ))?;
+        }
+        output::line(&format!(
+            "{}{:<8} {:<16} {:>7} {:>7} {:<6} {:>10.3} {:>7}",
+            stamp(&format!("{:.6}", r.ts_s)),
+            r.time,
+            r.comm,
+            r.pid,
+            r.tid,
+            r.kind,
+            r.latency_ms,
+            r.pages
+        ))
+    }
+
+    fn finish(&mut self, lost: u64) -> Result<()> {
+        if self.json {
+            output::json_line(&serde_json::json!({"final": true, "events_lost": lost, "reclaims": self.seen}))?;
+        }
+        Ok(())
+    }
 }
