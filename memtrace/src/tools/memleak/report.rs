@@ -1,0 +1,353 @@
+//! memleak's reports: outstanding bytes per stack read from the maps, symbolized, followed
+//! over time, and printed as a table or JSON.
+
+use std::{
+    collections::{HashMap as StdHashMap, VecDeque},
+    time::Instant,
+};
+
+use anyhow::{Context as _, Result};
+use aya::{
+    Ebpf,
+    maps::{HashMap, MapData, PerCpuArray, RingBuf, StackTraceMap},
+};
+use memtrace_common::{
+    NO_PID, STACK_LOST,
+    memleak::{
+        AllocInfo, AllocKey, EV_ALLOC, EV_FREE, EV_NEW_STACK, Event, FN_NAMES, STAT_EVENTS_LOST, STAT_FREED,
+        STAT_MAP_FULL, STAT_STACK_LOST, STAT_STACKS_FULL, STAT_TRACKED, STAT_UNKNOWN_FREE, StackKey, StackTotal,
+    },
+};
+use serde::Serialize;
+
+use super::Args;
+use crate::{
+    output::{self, Dropped},
+    symbolize::{Frame, KernelSymbolizer, UserSymbolizer},
+    tools::monotonic_ns,
+};
+
+pub(super) struct Maps {
+    allocs: HashMap<MapData, AllocKey, AllocInfo>,
+    totals: HashMap<MapData, StackKey, StackTotal>,
+    stacks: StackTraceMap<MapData>,
+    stats: PerCpuArray<MapData, u64>,
+}
+
+impl Maps {
+    pub(super) fn take(bpf: &mut Ebpf) -> Result<(Maps, RingBuf<MapData>)> {
+        let mut take = |name: &str| bpf.take_map(name).with_context(|| format!("internal: no map {name}"));
+        let maps = Maps {
+            allocs: HashMap::try_from(take("ALLOCS")?)?,
+            totals: HashMap::try_from(take("TOTALS")?)?,
+            stacks: StackTraceMap::try_from(take("STACKS")?)?,
+            stats: PerCpuArray::try_from(take("STATS")?)?,
+        };
+        Ok((maps, RingBuf::try_from(take("EVENTS")?)?))
+    }
+
+    fn stat(&self, index: u32) -> u64 {
+        self.stats.get(&index, 0).map(|v| v.iter().sum()).unwrap_or(0)
+    }
+
+    fn dropped(&self) -> Dropped {
+        Dropped {
+            map_full: self.stat(STAT_MAP_FULL),
+            stacks_lost: self.stat(STAT_STACK_LOST),
+            unknown_frees: self.stat(STAT_UNKNOWN_FREE),
+            stacks_full: self.stat(STAT_STACKS_FULL),
+            events_lost: self.stat(STAT_EVENTS_LOST),
+        }
+    }
+
+    /// Outstanding bytes per stack: from the in-kernel totals, or, when an age cut-off or the
+    /// list of allocations is wanted, from the per-address map.
+    fn rows(&self, older_ns: u64, with_allocs: bool) -> Vec<Row> {
+        let mut rows: StdHashMap<StackKey, Row> = StdHashMap::new();
+        if older_ns == 0 && !with_allocs {
+            for (key, total) in self.totals.iter().filter_map(Result::ok) {
+                if total.allocs > 0 && total.allocs < u64::MAX / 2 {
+                    rows.insert(key, Row { key, bytes: total.bytes, allocs: total.allocs, allocations: Vec::new() });
+                }
+            }
+        } else {
+            let now = monotonic_ns();
+            for (key, info) in self.allocs.iter().filter_map(Result::ok) {
+                let age = now.saturating_sub(info.timestamp_ns);
+                if age < older_ns {
+                    continue;
+                }
+                let skey = StackKey { pid: key.pid, stack_id: info.stack_id };
+                let row =
+                    rows.entry(skey).or_insert_with(|| Row { key: skey, bytes: 0, allocs: 0, allocations: Vec::new() });
+                row.bytes += info.size;
+                row.allocs += 1;
+                if with_allocs {
+                    row.allocations.push(Allocation { addr: key.addr, size: info.size, age_ms: age / 1_000_000 });
+                }
+            }
+        }
+        let mut rows: Vec<Row> = rows.into_values().collect();
+        rows.sort_by(|a, b| b.bytes.cmp(&a.bytes).then(b.allocs.cmp(&a.allocs)));
+        rows
+    }
+}
+
+struct Row {
+    key: StackKey,
+    bytes: u64,
+    allocs: u64,
+    allocations: Vec<Allocation>,
+}
+
+#[derive(Serialize, Clone)]
+struct Allocation {
+    addr: u64,
+    size: u64,
+    age_ms: u64,
+}
+
+/// One report, as JSON.
+#[derive(Serialize)]
+struct Report {
+    time: String,
+    /// The traced process; null in kernel mode.
+    pid: Option<u32>,
+    mode: &'static str,
+    /// True for the last report (target exited, Ctrl-C, count or duration reached).
+    #[serde(rename = "final")]
+    is_final: bool,
+    /// Sampling rate: with N > 1 the numbers are those of one allocation in N.
+    sample_rate: u32,
+    total_bytes: u64,
+    /// Allocations recorded and frees matched since the start.
+    tracked: u64,
+    freed: u64,
+    stacks: Vec<StackReport>,
+    dropped: Dropped,
+}
+
+#[derive(Serialize)]
+struct StackReport {
+    pid: u32,
+    stack_id: Option<u32>,
+    bytes: u64,
+    allocs: u64,
+    /// growing / steady / shrinking / new: the stack's outstanding bytes over the last reports.
+    trend: &'static str,
+    /// Change of outstanding bytes per second over the reports seen so far.
+    growth_bytes_per_sec: f64,
+    frames: Vec<Frame>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    allocations: Vec<Allocation>,
+}
+
+/// Outstanding bytes of each stack over time: tells a leak (keeps growing) from a cache or
+/// pool (grows, then holds steady), which an age cut-off alone cannot.
+#[derive(Default)]
+struct Trends {
+    history: StdHashMap<StackKey, VecDeque<(Instant, u64)>>,
+}
+
+impl Trends {
+    const KEEP: usize = 12;
+
+    fn observe(&mut self, key: StackKey, bytes: u64, now: Instant) -> (&'static str, f64) {
+        let h = self.history.entry(key).or_default();
+        h.push_back((now, bytes));
+        if h.len() > Self::KEEP {
+            h.pop_front();
+        }
+        classify(h.iter().map(|&(t, b)| (t.duration_since(h[0].0).as_secs_f64(), b)).collect::<Vec<_>>().as_slice())
+    }
+}
+
+/// Classifies a series of (seconds since first sample, bytes).
+fn classify(samples: &[(f64, u64)]) -> (&'static str, f64) {
+    let (Some(&(t0, b0)), Some(&(t1, b1))) = (samples.first(), samples.last()) else { return ("new", 0.0) };
+    if samples.len() < 2 {
+        return ("new", 0.0);
+    }
+    let rate = if t1 > t0 { (b1 as f64 - b0 as f64) / (t1 - t0) } else { 0.0 };
+    let recent = &samples[samples.len().saturating_sub(4)..];
+    let steps: Vec<i128> = recent.windows(2).map(|w| w[1].1 as i128 - w[0].1 as i128).collect();
+    let trend = if steps.iter().all(|&d| d > 0) {
+        "growing"
+    } else if steps.iter().all(|&d| d == 0) {
+        "steady"
+    } else if steps.iter().all(|&d| d <= 0) {
+        "shrinking"
+    } else if b1 > b0 {
+        "growing"
+    } else {
+        "steady"
+    };
+    (trend, rate)
+}
+
+/// Reporting state: maps, symbolizers and caches.
+pub(super) struct Session<'a> {
+    args: &'a Args,
+    pid: Option<u32>,
+    maps: Maps,
+    pub(super) user_sym: UserSymbolizer,
+    kernel_sym: Option<KernelSymbolizer>,
+    stack_cache: StdHashMap<StackKey, Vec<Frame>>,
+    trends: Trends,
+}
+
+impl<'a> Session<'a> {
+    pub(super) fn new(args: &'a Args, pid: Option<u32>, maps: Maps) -> Result<Self> {
+        let kernel_sym = if pid.is_none() { Some(KernelSymbolizer::new()?) } else { None };
+        Ok(Session {
+            args,
+            pid,
+            maps,
+            user_sym: UserSymbolizer::new(),
+            kernel_sym,
+            stack_cache: StdHashMap::new(),
+            trends: Trends::default(),
+        })
+    }
+
+    pub(super) fn on_event(&mut self, event: &Event) -> Result<()> {
+        match event.kind {
+            // Symbolize while the process is alive; the result is cached for every report.
+            EV_NEW_STACK => {
+                let _ = self.frames(StackKey { pid: event.pid, stack_id: event.stack_id });
+            }
+            EV_ALLOC | EV_FREE if self.args.trace => {
+                let func = FN_NAMES.get(event.func as usize).copied().unwrap_or("?");
+                let text = if event.kind == EV_ALLOC {
+                    format!("pid {} tid {}: {func}({}) = {:#x}", event.pid, event.tid, event.size, event.addr)
+                } else {
+                    format!("pid {} tid {}: {func}({:#x}) frees {} bytes", event.pid, event.tid, event.addr, event.size)
+                };
+                if self.args.json {
+                    output::json_line(&serde_json::json!({
+                        "event": if event.kind == EV_ALLOC { "alloc" } else { "free" },
+                        "pid": event.pid, "tid": event.tid, "func": func, "addr": event.addr, "size": event.size,
+                    }))?;
+                } else {
+                    output::line(&text)?;
+                }
+            }
+            _ => {}
+        }
+        Ok(())
+    }
+
+    fn frames(&mut self, key: StackKey) -> Vec<Frame> {
+        if key.stack_id == STACK_LOST {
+            return Vec::new();
+        }
+        if let Some(frames) = self.stack_cache.get(&key) {
+            return frames.clone();
+        }
+        let Ok(trace) = self.maps.stacks.get(&key.stack_id, 0) else { return Vec::new() };
+        let ips: Vec<u64> = trace.frames().iter().map(|f| f.ip).filter(|&ip| ip != 0).collect();
+        let frames = if key.pid == NO_PID {
+            self.kernel_sym.as_ref().map(|k| k.symbolize_stack(&ips)).unwrap_or_default()
+        } else {
+            // Every user frame is a return address: look up the call instruction before it,
+            // so file:line names the line that called, not the one after.
+            let calls: Vec<u64> = ips.iter().map(|ip| ip.saturating_sub(1)).collect();
+            let mut frames = self.user_sym.symbolize_stack(key.pid, &calls);
+            for f in &mut frames {
+                f.addr += 1;
+            }
+            frames
+        };
+        self.stack_cache.insert(key, frames.clone());
+        frames
+    }
+
+    /// Builds and prints one report. After the target exited, no age cut-off applies.
+    pub(super) fn report(&mut self, is_final: bool, target_gone: bool) -> Result<()> {
+        let older_ns = if target_gone { 0 } else { self.args.older * 1_000_000 };
+        let rows = self.maps.rows(older_ns, self.args.show_allocs);
+        let now = Instant::now();
+        let total_bytes = rows.iter().map(|r| r.bytes).sum();
+        let mut stacks = Vec::new();
+        for row in rows.iter() {
+            let (trend, rate) = self.trends.observe(row.key, row.bytes, now);
+            if stacks.len() < self.args.top {
+                stacks.push(StackReport {
+                    pid: row.key.pid,
+                    stack_id: (row.key.stack_id != STACK_LOST).then_some(row.key.stack_id),
+                    bytes: row.bytes,
+                    allocs: row.allocs,
+                    trend,
+                    growth_bytes_per_sec: rate,
+                    frames: self.frames(row.key),
+                    allocations: row.allocations.clone(),
+                });
+            }
+        }
+        let report = Report {
+            time: output::now(),
+            pid: self.pid,
+            mode: if self.pid.is_some() { "user" } else { "kernel" },
+            is_final,
+            sample_rate: self.args.sample_rate,
+            total_bytes,
+            tracked: self.maps.stat(STAT_TRACKED),
+            freed: self.maps.stat(STAT_FREED),
+            stacks,
+            dropped: self.maps.dropped(),
+        };
+        if self.args.json {
+            output::json_line(&report)?;
+        } else {
+            output::line(&render(&report, self.args.sample_rate))?;
+        }
+        if is_final && let Some(path) = &self.args.folded {
+            let text: String = report.stacks.iter().map(|s| output::folded(&s.frames, s.bytes) + "\n").collect();
+            std::fs::write(path, text).with_context(|| format!("cannot write {}", path.display()))?;
+        }
+        Ok(())
+    }
+}
+
+fn render(report: &Report, sample_rate: u32) -> String {
+    use std::fmt::Write as _;
+    let mut out = String::new();
+    let whose = match report.pid {
+        Some(pid) => format!("pid {pid}"),
+        None => "kernel".into(),
+    };
+    let sampled = if sample_rate > 1 { format!(", sampled 1 in {sample_rate}") } else { String::new() };
+    let _ = writeln!(
+        out,
+        "[{}] {}{whose}: {} outstanding in {} stacks{sampled}",
+        report.time,
+        if report.is_final { "final report, " } else { "" },
+        output::bytes(report.total_bytes),
+        report.stacks.len()
+    );
+    for s in &report.stacks {
+        let rate = if s.trend == "new" { String::new() } else { format!(", {:+.0} B/s", s.growth_bytes_per_sec) };
+        let _ = writeln!(out, "  {} bytes in {} allocations from stack [{}{rate}]", s.bytes, s.allocs, s.trend);
+        output::write_stack(&mut out, &s.frames, "      ");
+        for a in s.allocations.iter().take(16) {
+            let _ = writeln!(out, "      addr {:#x} size {} age {} ms", a.addr, a.size, a.age_ms);
+        }
+    }
+    let _ = write!(out, "  {}", report.dropped);
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::classify;
+
+    #[test]
+    fn tells_growth_from_a_plateau() {
+        assert_eq!(classify(&[(0.0, 100)]).0, "new");
+        let growing = classify(&[(0.0, 100), (1.0, 200), (2.0, 300), (3.0, 400)]);
+        assert_eq!(growing.0, "growing");
+        assert!((growing.1 - 100.0).abs() < 1e-9);
+        assert_eq!(classify(&[(0.0, 100), (1.0, 400), (2.0, 400), (3.0, 400), (4.0, 400)]).0, "steady");
+        assert_eq!(classify(&[(0.0, 400), (1.0, 300), (2.0, 300)]).0, "shrinking");
+    }
+}
