@@ -1,4 +1,196 @@
-//! brkstack against the real kernel (to be written).
+//! brkstack against the real kernel: the exact calls and growth of a known function's sbrk
+//! loop, each call with --events, bad input, and clean detach.
 
 #[path = "common/mod.rs"]
 mod common;
+
+use std::{
+    io::{BufRead, BufReader, Lines, Write},
+    process::{Child, ChildStdin, ChildStdout, Command, Stdio},
+    time::Duration,
+};
+
+use common::*;
+use serde_json::Value;
+
+/// tests/progs/brkstack_grow.c: sbrk(4096) this many times from grow_heap.
+const GROWS: u64 = 5;
+const PAGE: u64 = 4096;
+
+/// The test program, started and waiting for its go line.
+struct Grower {
+    child: Child,
+    stdin: ChildStdin,
+    lines: Lines<BufReader<ChildStdout>>,
+}
+
+impl Grower {
+    fn start() -> Grower {
+        let mut child =
+            Command::new(prog("brkstack_grow")).stdin(Stdio::piped()).stdout(Stdio::piped()).spawn().unwrap();
+        let stdin = child.stdin.take().unwrap();
+        let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+        assert_eq!(lines.next().unwrap().unwrap(), "ready");
+        Grower { child, stdin, lines }
+    }
+
+    /// Grows the heap, then lets the program exit.
+    fn grow_and_exit(mut self) {
+        writeln!(self.stdin).unwrap();
+        assert_eq!(self.lines.next().unwrap().unwrap(), "grown");
+        drop(self.stdin);
+        self.child.wait().unwrap();
+    }
+}
+
+fn final_report(stdout: &str) -> Value {
+    let last = json_lines(stdout).pop().unwrap_or_else(|| panic!("no JSON in:\n{stdout}"));
+    assert_eq!(last["final"], true, "last line is not the final report: {last}");
+    last
+}
+
+#[test]
+fn brkstack_counts_grow_heap_exactly() {
+    if !bpf_available("brkstack_counts_grow_heap_exactly") {
+        return;
+    }
+    let grower = Grower::start();
+    let pid = grower.child.id();
+    let mut mt = Running::start(&["brkstack", "--json", "-p", &pid.to_string()]);
+    mt.wait_ready();
+    grower.grow_and_exit();
+    let (status, stdout, stderr) = mt.finish(Duration::from_secs(20));
+    assert!(status.success(), "{status}: {stderr}");
+    assert!(stderr.contains(&format!("process {pid} exited")), "{stderr}");
+    let report = final_report(&stdout);
+    let stacks = stacks_with(&report, "grow_heap");
+    assert_eq!(stacks.len(), 1, "one stack through grow_heap expected: {report:#}");
+    let stack = stacks[0];
+    assert_eq!(stack["calls"], GROWS, "{stack:#}");
+    assert_eq!(stack["bytes"], GROWS * PAGE, "{stack:#}");
+    assert_eq!(stack["pid"], pid, "{stack:#}");
+    let frame = frame_of(stack, "grow_heap").unwrap();
+    assert!(frame["file"].as_str().is_some_and(|f| f.ends_with("brkstack_grow.c")), "{frame:#}");
+    assert_eq!(frame["line"], marker_line("brkstack_grow.c", "grow_heap"), "{frame:#}");
+    // The stack runs from libc's brk wrapper through sbrk and grow_heap to main, in order:
+    // the frames a frame-pointer walk loses inside glibc are found.
+    let names: Vec<&str> =
+        stack["frames"].as_array().unwrap().iter().map(|f| f["func"].as_str().unwrap_or("?")).collect();
+    let at =
+        |name: &str| names.iter().position(|n| n.ends_with(name)).unwrap_or_else(|| panic!("no {name}: {names:?}"));
+    assert!(at("brk") < at("sbrk") && at("sbrk") < at("grow_heap"), "{names:?}");
+    assert_eq!(names[at("grow_heap") + 1], "main", "{names:?}");
+    assert!(stack["frames"][0]["module"].as_str().is_some_and(|m| m.starts_with("libc")), "{stack:#}");
+    // Nothing else in the program moved the break after attach.
+    assert_eq!(report["calls"], GROWS, "{report:#}");
+    assert_eq!(report["bytes"], GROWS * PAGE, "{report:#}");
+    for field in ["events_lost", "stacks_lost", "stacks_full", "growth_unknown"] {
+        assert_eq!(report[field], 0, "blind spot {field}: {report:#}");
+    }
+    assert_detached("brkstack");
+}
+
+#[test]
+fn brkstack_events_show_each_call() {
+    if !bpf_available("brkstack_events_show_each_call") {
+        return;
+    }
+    let grower = Grower::start();
+    let pid = grower.child.id();
+    let mut mt = Running::start(&["brkstack", "--json", "--events", "-p", &pid.to_string()]);
+    mt.wait_ready();
+    grower.grow_and_exit();
+    let (status, stdout, stderr) = mt.finish(Duration::from_secs(20));
+    assert!(status.success(), "{status}: {stderr}");
+    let lines = json_lines(&stdout);
+    let calls: Vec<&Value> = lines.iter().filter(|l| l["event"] == "brk").collect();
+    assert_eq!(calls.len() as u64, GROWS, "{stdout}");
+    let first = calls[0]["result"].as_u64().unwrap();
+    for (i, call) in calls.iter().enumerate() {
+        let i = i as u64;
+        assert_eq!(call["pid"], pid, "{call}");
+        assert_eq!(call["comm"], "brkstack_grow", "{call}");
+        // Each call asks for one page more than the last break and gets it.
+        assert_eq!(call["requested"], call["result"], "{call}");
+        assert_eq!(call["result"], first + i * PAGE, "{call}");
+        assert_eq!(call["growth"], PAGE, "{call}");
+    }
+    let report = final_report(&stdout);
+    assert_eq!(report["events_lost"], 0, "{report}");
+    assert_detached("brkstack");
+}
+
+#[test]
+fn brkstack_writes_folded_stacks() {
+    if !bpf_available("brkstack_writes_folded_stacks") {
+        return;
+    }
+    let folded = std::env::temp_dir().join(format!("brkstack-folded-{}", std::process::id()));
+    let grower = Grower::start();
+    let pid = grower.child.id().to_string();
+    let mut mt = Running::start(&["brkstack", "-p", &pid, "--folded", folded.to_str().unwrap()]);
+    mt.wait_ready();
+    grower.grow_and_exit();
+    let (status, stdout, stderr) = mt.finish(Duration::from_secs(20));
+    assert!(status.success(), "{status}: {stderr}");
+    assert!(stdout.contains(&format!("{GROWS} calls, +{} bytes: pid {pid} (brkstack_grow)", GROWS * PAGE)), "{stdout}");
+    assert!(stdout.contains("blind spots: none"), "{stdout}");
+    let text = std::fs::read_to_string(&folded).unwrap();
+    std::fs::remove_file(&folded).unwrap();
+    let line = text.lines().find(|l| l.contains(";grow_heap;")).unwrap_or_else(|| panic!("{text}"));
+    assert!(line.ends_with(&format!(" {GROWS}")), "{line}");
+    assert!(line.contains("main;grow_heap;"), "root first: {line}");
+}
+
+fn assert_one_line_error(args: &[&str], expect: &str) {
+    let out = run(args, Duration::from_secs(30));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{args:?}: {stderr}");
+    let lines: Vec<&str> = stderr.lines().collect();
+    assert_eq!(lines.len(), 1, "{args:?}: expected one line: {stderr}");
+    assert!(lines[0].starts_with("memtrace: error: ") && lines[0].contains(expect), "{args:?}: {stderr}");
+}
+
+#[test]
+fn brkstack_bad_input_gets_one_line_errors() {
+    if !bpf_available("brkstack_bad_input_gets_one_line_errors") {
+        return;
+    }
+    assert_one_line_error(&["brkstack", "-p", "999999999"], "no such process: 999999999");
+    assert_one_line_error(&["brkstack", "-T", "0"], "-T/--top takes a number of rows of at least 1");
+    assert_one_line_error(&["brkstack", "-T", "many"], "-T/--top takes a number of rows of at least 1");
+    assert_one_line_error(&["brkstack", "0"], "the interval is a number of seconds of at least 1");
+    assert_detached("brkstack");
+}
+
+/// By name, without -p: the process was already running, so its previous break comes from
+/// /proc at start, and the growth of its very first traced call is still known.
+#[test]
+fn brkstack_comm_filter_seeds_running_processes() {
+    if !bpf_available("brkstack_comm_filter_seeds_running_processes") {
+        return;
+    }
+    let mut grower = Grower::start();
+    let pid = grower.child.id();
+    let mut mt = Running::start(&["brkstack", "--json", "--comm", "brkstack_grow"]);
+    mt.wait_ready();
+    writeln!(grower.stdin).unwrap();
+    assert_eq!(grower.lines.next().unwrap().unwrap(), "grown");
+    // Stop while the program lives, so its stack symbolizes from its own mappings.
+    mt.signal(libc::SIGINT);
+    let (status, stdout, stderr) = mt.finish(Duration::from_secs(20));
+    drop(grower.stdin);
+    grower.child.wait().unwrap();
+    assert!(status.success(), "{status}: {stderr}");
+    let report = final_report(&stdout);
+    assert_eq!(report["pid"], Value::Null);
+    let stacks = report["stacks"].as_array().unwrap();
+    assert!(stacks.iter().all(|s| s["comm"] == "brkstack_grow"), "other processes reported: {report:#}");
+    let grow = stacks_with(&report, "grow_heap");
+    assert_eq!(grow.len(), 1, "{report:#}");
+    assert_eq!(grow[0]["pid"], pid);
+    assert_eq!(grow[0]["calls"], GROWS);
+    assert_eq!(grow[0]["bytes"], GROWS * PAGE);
+    assert_eq!(report["growth_unknown"], 0, "{report:#}");
+    assert_detached("brkstack");
+}

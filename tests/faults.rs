@@ -1,4 +1,246 @@
-//! faults against the real kernel (to be written).
+//! faults against the real kernel: a known number of write faults from a known function, per
+//! process, per stack and one by one; kernel-mode faults with kernel stacks; bad input;
+//! clean detach.
 
 #[path = "common/mod.rs"]
 mod common;
+
+use std::{
+    io::{BufRead, BufReader, Lines, Write},
+    process::{Child, ChildStdin, ChildStdout, Command, Stdio},
+    time::Duration,
+};
+
+use common::*;
+use serde_json::Value;
+
+/// tests/progs/faults_touch.c writes one byte to each of this many fresh pages.
+const PAGES: u64 = 256;
+
+struct Toucher {
+    child: Child,
+    stdin: ChildStdin,
+    lines: Lines<BufReader<ChildStdout>>,
+}
+
+/// What the program said it did: the touched mapping, and the buffer read() filled.
+struct Touched {
+    start: u64,
+    len: u64,
+    /// Bytes read() copied into its fresh buffer.
+    read: u64,
+}
+
+fn hex(s: &str) -> u64 {
+    u64::from_str_radix(s.trim_start_matches("0x"), 16).unwrap()
+}
+
+impl Toucher {
+    fn start() -> Toucher {
+        let mut child =
+            Command::new(prog("faults_touch")).stdin(Stdio::piped()).stdout(Stdio::piped()).spawn().unwrap();
+        let stdin = child.stdin.take().unwrap();
+        let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+        assert_eq!(lines.next().unwrap().unwrap(), "ready");
+        Toucher { child, stdin, lines }
+    }
+
+    /// Touches the pages and reads into a fresh buffer, then lets the program exit.
+    fn touch_and_exit(mut self) -> Touched {
+        writeln!(self.stdin).unwrap();
+        let mut next = || self.lines.next().unwrap().unwrap();
+        let mapping = next();
+        let parts: Vec<&str> = mapping.split(' ').collect();
+        assert_eq!(parts[0], "mapping", "{mapping}");
+        let read = next();
+        let read_parts: Vec<&str> = read.split(' ').collect();
+        assert_eq!(read_parts[0], "read", "{read}");
+        let touched =
+            Touched { start: hex(parts[1]), len: parts[2].parse().unwrap(), read: read_parts[3].parse().unwrap() };
+        assert_eq!(next(), "done");
+        drop(self.stdin);
+        self.child.wait().unwrap();
+        touched
+    }
+}
+
+fn final_report(stdout: &str) -> Value {
+    let last = json_lines(stdout).pop().unwrap_or_else(|| panic!("no JSON in:\n{stdout}"));
+    assert_eq!(last["final"], true, "last line is not the final report: {last}");
+    last
+}
+
+#[test]
+fn faults_counts_touch_pages_per_process_and_stack() {
+    if !bpf_available("faults_counts_touch_pages_per_process_and_stack") {
+        return;
+    }
+    let toucher = Toucher::start();
+    let pid = toucher.child.id();
+    let mut mt = Running::start(&["faults", "--json", "-p", &pid.to_string()]);
+    mt.wait_ready();
+    toucher.touch_and_exit();
+    let (status, stdout, stderr) = mt.finish(Duration::from_secs(20));
+    assert!(status.success(), "{status}: {stderr}");
+    assert!(stderr.contains(&format!("process {pid} exited")), "{stderr}");
+    let report = final_report(&stdout);
+    let procs = report["processes"].as_array().unwrap();
+    assert_eq!(procs.len(), 1, "only the -p process: {report:#}");
+    assert_eq!(procs[0]["pid"], pid);
+    assert_eq!(procs[0]["comm"], "faults_touch");
+    assert!(procs[0]["faults"].as_u64().unwrap() >= PAGES, "{report:#}");
+    // Without --kernel, no kernel-mode faults are counted.
+    assert_eq!(procs[0]["kernel_faults"], 0, "{report:#}");
+    let stacks = stacks_with(&report, "touch_pages");
+    assert_eq!(stacks.len(), 1, "one stack through touch_pages: {report:#}");
+    let stack = stacks[0];
+    assert!(stack["faults"].as_u64().unwrap() >= PAGES, "{stack:#}");
+    assert_eq!(stack["mode"], "user");
+    // The faulting instruction itself is the first frame, in touch_pages, called from main.
+    assert!(stack["frames"][0]["func"].as_str().is_some_and(|f| f.ends_with("touch_pages")), "{stack:#}");
+    assert!(frame_of(stack, "main").is_some(), "{stack:#}");
+    for field in ["events_lost", "stacks_lost", "stacks_full", "processes_full"] {
+        assert_eq!(report[field], 0, "blind spot {field}: {report:#}");
+    }
+    assert_detached("faults");
+}
+
+#[test]
+fn faults_events_decode_address_and_error_code() {
+    if !bpf_available("faults_events_decode_address_and_error_code") {
+        return;
+    }
+    let toucher = Toucher::start();
+    let pid = toucher.child.id();
+    let mut mt = Running::start(&["faults", "--json", "--events", "-p", &pid.to_string()]);
+    mt.wait_ready();
+    let touched = toucher.touch_and_exit();
+    let (status, stdout, stderr) = mt.finish(Duration::from_secs(20));
+    assert!(status.success(), "{status}: {stderr}");
+    let lines = json_lines(&stdout);
+    let in_mapping: Vec<&Value> = lines
+        .iter()
+        .filter(|l| l["event"] == "fault")
+        .filter(|l| (touched.start..touched.start + touched.len).contains(&l["address"].as_u64().unwrap()))
+        .collect();
+    assert_eq!(in_mapping.len() as u64, PAGES, "one fault per page: {stdout}");
+    let mut pages: Vec<u64> =
+        in_mapping.iter().map(|e| (e["address"].as_u64().unwrap() - touched.start) / 4096).collect();
+    pages.sort_unstable();
+    pages.dedup();
+    assert_eq!(pages.len() as u64, PAGES, "each page faulted once");
+    for e in &in_mapping {
+        assert_eq!(e["pid"], pid, "{e}");
+        assert_eq!(e["mode"], "user", "{e}");
+        assert_eq!(e["error_code"], 6, "{e}");
+        assert_eq!(e["flags"], "write|user|not-present", "{e}");
+    }
+    assert_eq!(final_report(&stdout)["events_lost"], 0);
+    assert_detached("faults");
+}
+
+#[test]
+fn faults_kernel_mode_shows_copy_to_user_stacks() {
+    if !bpf_available("faults_kernel_mode_shows_copy_to_user_stacks") {
+        return;
+    }
+    let toucher = Toucher::start();
+    let pid = toucher.child.id();
+    let mut mt = Running::start(&["faults", "--json", "--kernel", "-T", "50", "-p", &pid.to_string()]);
+    mt.wait_ready();
+    let touched = toucher.touch_and_exit();
+    let (status, stdout, stderr) = mt.finish(Duration::from_secs(20));
+    assert!(status.success(), "{status}: {stderr}");
+    let report = final_report(&stdout);
+    // read() into an untouched buffer: the kernel faults in while copying to user space.
+    let kernel: Vec<&Value> = report["stacks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|s| s["mode"] == "kernel")
+        .filter(|s| s["kernel_frames"].as_array().unwrap().iter().any(|f| f["func"] == "ksys_read"))
+        .collect();
+    assert!(!kernel.is_empty(), "no kernel-mode fault under read(): {report:#}");
+    let stack = kernel[0];
+    assert_eq!(stack["pid"], pid);
+    assert!(stack["kernel_frames"][0]["module"] == "[kernel]", "{stack:#}");
+    // One fault per page the copy reached: each is a fresh page of an untouched buffer.
+    let faults: u64 = kernel.iter().map(|s| s["faults"].as_u64().unwrap()).sum();
+    assert_eq!(faults, touched.read.div_ceil(4096), "{report:#}");
+    assert!(touched.read > 4096, "the read must span pages");
+    let procs = report["processes"].as_array().unwrap();
+    assert!(procs[0]["kernel_faults"].as_u64().unwrap() >= 1, "{report:#}");
+    assert_eq!(report["kernel_stacks_lost"], 0, "{report:#}");
+    assert_detached("faults");
+}
+
+fn assert_one_line_error(args: &[&str], expect: &str) {
+    let out = run(args, Duration::from_secs(30));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{args:?}: {stderr}");
+    let lines: Vec<&str> = stderr.lines().collect();
+    assert_eq!(lines.len(), 1, "{args:?}: expected one line: {stderr}");
+    assert!(lines[0].starts_with("memtrace: error: ") && lines[0].contains(expect), "{args:?}: {stderr}");
+}
+
+#[test]
+fn faults_bad_input_gets_one_line_errors() {
+    if !bpf_available("faults_bad_input_gets_one_line_errors") {
+        return;
+    }
+    assert_one_line_error(&["faults", "-p", "999999999"], "no such process: 999999999");
+    assert_one_line_error(&["faults", "-T", "0"], "-T/--top takes a number of rows of at least 1");
+    assert_one_line_error(&["faults", "-T", "x"], "-T/--top takes a number of rows of at least 1");
+    assert_detached("faults");
+}
+
+#[test]
+fn faults_table_and_interval_reports() {
+    if !bpf_available("faults_table_and_interval_reports") {
+        return;
+    }
+    let toucher = Toucher::start();
+    let pid = toucher.child.id();
+    let mut mt = Running::start(&["faults", "-p", &pid.to_string(), "1"]);
+    mt.wait_ready();
+    std::thread::sleep(Duration::from_millis(1500));
+    toucher.touch_and_exit();
+    let (status, stdout, stderr) = mt.finish(Duration::from_secs(20));
+    assert!(status.success(), "{status}: {stderr}");
+    assert!(stdout.matches("page faults in").count() >= 2, "an interval and a final report: {stdout}");
+    let last = stdout.rsplit("final report: ").next().unwrap();
+    assert!(last.contains("faults_touch"), "{last}");
+    assert!(last.contains("touch_pages+0x"), "{last}");
+    assert!(last.contains("blind spots: none"), "{last}");
+    assert_detached("faults");
+}
+
+/// By name, without -p: only that command's faults are counted.
+#[test]
+fn faults_comm_filter_keeps_only_that_command() {
+    if !bpf_available("faults_comm_filter_keeps_only_that_command") {
+        return;
+    }
+    let mut toucher = Toucher::start();
+    let pid = toucher.child.id();
+    let mut mt = Running::start(&["faults", "--json", "--comm", "faults_touch", "-T", "100"]);
+    mt.wait_ready();
+    writeln!(toucher.stdin).unwrap();
+    while toucher.lines.next().unwrap().unwrap() != "done" {}
+    // Stop while the program lives, so its stacks symbolize from its own mappings.
+    mt.signal(libc::SIGINT);
+    let (status, stdout, stderr) = mt.finish(Duration::from_secs(20));
+    drop(toucher.stdin);
+    toucher.child.wait().unwrap();
+    assert!(status.success(), "{status}: {stderr}");
+    let report = final_report(&stdout);
+    let procs = report["processes"].as_array().unwrap();
+    assert_eq!(procs.len(), 1, "{report:#}");
+    assert_eq!(procs[0]["pid"], pid);
+    assert_eq!(procs[0]["comm"], "faults_touch");
+    let stacks = stacks_with(&report, "touch_pages");
+    assert_eq!(stacks.len(), 1, "{report:#}");
+    assert!(stacks[0]["faults"].as_u64().unwrap() >= PAGES);
+    assert!(report["stacks"].as_array().unwrap().iter().all(|s| s["pid"] == pid), "{report:#}");
+    assert_detached("faults");
+}

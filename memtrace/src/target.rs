@@ -133,6 +133,10 @@ pub async fn exited(pid: u32) -> Result<()> {
     // SAFETY: plain syscall; the returned fd is owned below.
     let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid as libc::c_int, 0) };
     if fd < 0 {
+        // Callers checked the PID at start: gone by the first poll means it already exited.
+        if std::io::Error::last_os_error().raw_os_error() == Some(libc::ESRCH) {
+            return Ok(());
+        }
         bail!("no such process: {pid}");
     }
     // SAFETY: pidfd_open returned a new fd that nothing else owns.

@@ -1,15 +1,396 @@
-//! faults: (stub, to be written).
+//! faults: page faults counted in the kernel per process and per stack (user stack, plus the
+//! kernel stack for faults taken in kernel mode with `--kernel`), or each fault (`--events`).
 
-use anyhow::{Result, bail};
+use std::{fmt::Write as _, path::PathBuf};
 
-use crate::tools::CommonArgs;
+use anyhow::{Context as _, Result};
+use aya::maps::{HashMap, MapData, PerCpuArray, StackTraceMap};
+use memtrace_common::{
+    STACK_LOST,
+    faults::{
+        Config, EV_FAULT, EV_NEW_STACK, Event, FaultKey, KIND_KERNEL, Offsets, ProcFaults, STAT_COUNTS_FULL,
+        STAT_KSTACK_LOST, STAT_PROCS_FULL, STAT_USTACK_LOST,
+    },
+};
+use serde::Serialize;
 
+use crate::{
+    kernel::{self, AttachPoint, Probe, tracefs::Format},
+    output,
+    symbolize::Frame,
+    tools::{self, CommonArgs, c_str, read_event, stacks::Stacks},
+};
+
+const OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/faults"));
+
+/// Count page faults per process and per stack.
 #[derive(clap::Args, Debug)]
+#[command(after_help = "Reports are cumulative since start. Error codes are decoded with the x86 \
+                        page-fault error-code bits.")]
 pub struct Args {
     #[command(flatten)]
     pub common: CommonArgs,
+    /// Seconds between reports (default: one report at the end).
+    pub interval: Option<String>,
+    /// Show the N processes and the N stacks with the most faults.
+    #[arg(short = 'T', long = "top", default_value = "10", value_name = "N")]
+    pub top: String,
+    /// Print every fault (address, ip, decoded error code).
+    #[arg(long)]
+    pub events: bool,
+    /// Also count faults taken in kernel mode (copy_to_user and the like), with kernel stacks.
+    #[arg(long)]
+    pub kernel: bool,
+    /// Also write the final report's stacks as folded stacks (weight: faults) to this file.
+    #[arg(long, value_name = "FILE")]
+    pub folded: Option<PathBuf>,
+    /// Capacity of the stack map and the per-stack counts (a full map is reported as a blind spot).
+    #[arg(long, default_value_t = 16384, value_name = "N")]
+    pub max_stacks: u32,
 }
 
-pub async fn run(_args: Args) -> Result<()> {
-    bail!("faults is not written yet")
+const USER: AttachPoint = AttachPoint {
+    label: "tracepoint exceptions:page_fault_user",
+    probes: &[Probe::Tracepoint { prog: "faults_user", category: "exceptions", names: &["page_fault_user"] }],
+};
+const KERNEL: AttachPoint = AttachPoint {
+    label: "tracepoint exceptions:page_fault_kernel",
+    probes: &[Probe::Tracepoint { prog: "faults_kernel", category: "exceptions", names: &["page_fault_kernel"] }],
+};
+/// How faults attaches by default (--kernel adds KERNEL), as `memtrace probe` reports it.
+pub const ATTACH: &[AttachPoint] = &[USER];
+
+pub async fn run(args: Args) -> Result<()> {
+    kernel::require_root()?;
+    let mut signals = tools::Signals::catch()?;
+    let top = tools::stacks::parse_top(&args.top)?;
+    let tick = tools::stacks::parse_interval(args.interval.as_deref())?;
+    if args.max_stacks == 0 {
+        anyhow::bail!("--max-stacks must be at least 1");
+    }
+    let filter = args.common.filter()?;
+    let format = Format::read("exceptions", "page_fault_user")?;
+    let offsets = Offsets {
+        address: format.offset("address")?,
+        ip: format.offset("ip")?,
+        error_code: format.offset("error_code")?,
+        _pad: 0,
+    };
+    let config = Config { events: args.events as u32, self_pid: std::process::id() };
+    let mut bpf = kernel::load(OBJECT, |loader| {
+        loader
+            .override_global("FILTER", &filter, true)
+            .override_global("CONFIG", &config, true)
+            .override_global("OFFSETS", &offsets, true)
+            .map_max_entries("STACKS", args.max_stacks)
+            .map_max_entries("COUNTS", args.max_stacks);
+    })?;
+    let mut how = vec![kernel::attach_preferred(&mut bpf, "faults", &[USER])?];
+    if args.kernel {
+        how.push(kernel::attach_preferred(&mut bpf, "faults", &[KERNEL])?);
+    }
+    let mut take = |name: &str| bpf.take_map(name).with_context(|| format!("internal: no map {name}"));
+    let counts = HashMap::try_from(take("COUNTS")?)?;
+    let procs = HashMap::try_from(take("PROCS")?)?;
+    let stats = PerCpuArray::try_from(take("STATS")?)?;
+    let mut stacks = Stacks::new(Some(StackTraceMap::try_from(take("STACKS")?)?), args.kernel)?;
+    if let Some(pid) = args.common.pid {
+        stacks.watch(pid);
+    }
+    let whose = match args.common.pid {
+        Some(pid) => format!(" of pid {pid} ({})", crate::target::comm(pid)),
+        None => String::new(),
+    };
+    let ready = format!("tracing page faults{whose} ({})", how.join(", "));
+    let mut state = State { args: &args, top, counts, procs, stats, stacks, lost: None, headed: false };
+    tools::stream(&mut bpf, "faults", &args.common, &mut signals, tick, None, &ready, &mut state).await?;
+    Ok(())
+}
+
+/// The x86 page-fault error code, for people: access, mode, cause, then the rarer bits.
+pub fn decode_error(code: u64) -> String {
+    let bit = |n: u32| code & (1 << n) != 0;
+    let mut parts = vec![
+        if bit(4) {
+            "instr-fetch"
+        } else if bit(1) {
+            "write"
+        } else {
+            "read"
+        },
+        if bit(2) { "user" } else { "kernel" },
+        if bit(0) { "protection" } else { "not-present" },
+    ];
+    for (n, name) in [(3, "rsvd"), (5, "pkey"), (6, "shstk"), (15, "sgx")] {
+        if bit(n) {
+            parts.push(name);
+        }
+    }
+    parts.join("|")
+}
+
+struct State<'a> {
+    args: &'a Args,
+    top: usize,
+    counts: HashMap<MapData, FaultKey, u64>,
+    procs: HashMap<MapData, u32, ProcFaults>,
+    stats: PerCpuArray<MapData, u64>,
+    stacks: Stacks,
+    /// Events lost on the ring buffer: known only at the end.
+    lost: Option<u64>,
+    headed: bool,
+}
+
+#[derive(Serialize)]
+struct FaultEvent {
+    time: String,
+    event: &'static str,
+    pid: u32,
+    tid: u32,
+    comm: String,
+    mode: &'static str,
+    address: u64,
+    ip: u64,
+    error_code: u64,
+    flags: String,
+}
+
+#[derive(Serialize)]
+struct Report {
+    time: String,
+    #[serde(rename = "final")]
+    is_final: bool,
+    pid: Option<u32>,
+    faults: u64,
+    processes: Vec<ProcRow>,
+    stacks: Vec<StackRow>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    events_lost: Option<u64>,
+    stacks_lost: u64,
+    kernel_stacks_lost: u64,
+    stacks_full: u64,
+    processes_full: u64,
+}
+
+#[derive(Serialize)]
+struct ProcRow {
+    pid: u32,
+    comm: String,
+    faults: u64,
+    user_faults: u64,
+    kernel_faults: u64,
+}
+
+#[derive(Serialize)]
+struct StackRow {
+    pid: u32,
+    mode: &'static str,
+    faults: u64,
+    user_stack_id: Option<u32>,
+    kernel_stack_id: Option<u32>,
+    /// Kernel frames (kernel-mode faults), innermost first.
+    kernel_frames: Vec<Frame>,
+    /// User frames, innermost first: the faulting instruction, then its callers.
+    frames: Vec<Frame>,
+}
+
+fn mode_name(mode: u32) -> &'static str {
+    if mode == KIND_KERNEL { "kernel" } else { "user" }
+}
+
+fn id(stack: u32) -> Option<u32> {
+    (stack != STACK_LOST).then_some(stack)
+}
+
+impl State<'_> {
+    fn stat(&self, index: u32) -> u64 {
+        self.stats.get(&index, 0).map(|v| v.iter().sum()).unwrap_or(0)
+    }
+
+    /// Symbolizes a stack key; user frames start at the faulting instruction for user faults,
+    /// at a syscall's return address for kernel ones.
+    fn frames(&mut self, pid: u32, user: u32, kernel: u32, mode: u32) -> (Vec<Frame>, Vec<Frame>) {
+        (self.stacks.user(pid, user, mode != KIND_KERNEL), self.stacks.kernel(kernel))
+    }
+
+    fn print_fault(&mut self, e: &Event) -> Result<()> {
+        let ev = FaultEvent {
+            time: output::now_ms(),
+            event: "fault",
+            pid: e.pid,
+            tid: e.tid,
+            comm: c_str(&e.comm),
+            mode: mode_name(e.mode),
+            address: e.address,
+            ip: e.ip,
+            error_code: e.error_code,
+            flags: decode_error(e.error_code),
+        };
+        if self.args.common.json {
+            return output::json_line(&ev);
+        }
+        if !self.headed {
+            self.headed = true;
+            output::line(&format!(
+                "{:<8} {:>7} {:>7} {:<16} {:<6} {:>18} {:>18} {:<6} FLAGS",
+                "TIME", "PID", "TID", "COMM", "MODE", "ADDRESS", "IP", "ERROR"
+            ))?;
+        }
+        output::line(&format!(
+            "{:<8} {:>7} {:>7} {:<16} {:<6} {:>#18x} {:>#18x} {:<#6x} {}",
+            output::hms(),
+            ev.pid,
+            ev.tid,
+            ev.comm,
+            ev.mode,
+            ev.address,
+            ev.ip,
+            ev.error_code,
+            ev.flags
+        ))
+    }
+
+    fn report(&mut self, is_final: bool) -> Result<()> {
+        let mut procs: Vec<ProcRow> = self
+            .procs
+            .iter()
+            .filter_map(Result::ok)
+            .map(|(pid, p)| ProcRow {
+                pid,
+                comm: c_str(&p.comm),
+                faults: p.user + p.kernel,
+                user_faults: p.user,
+                kernel_faults: p.kernel,
+            })
+            .collect();
+        procs.sort_by(|a, b| b.faults.cmp(&a.faults).then(a.pid.cmp(&b.pid)));
+        let faults = procs.iter().map(|p| p.faults).sum();
+        let proc_count = procs.len();
+        procs.truncate(self.top);
+        let mut rows: Vec<(FaultKey, u64)> = self.counts.iter().filter_map(Result::ok).collect();
+        rows.sort_by_key(|r| std::cmp::Reverse(r.1));
+        let shown = if is_final && self.args.folded.is_some() { rows.len() } else { self.top };
+        let mut stacks = Vec::new();
+        for &(k, n) in rows.iter().take(shown) {
+            let (frames, kernel_frames) = self.frames(k.pid, k.user_stack, k.kernel_stack, k.kind);
+            stacks.push(StackRow {
+                pid: k.pid,
+                mode: mode_name(k.kind),
+                faults: n,
+                user_stack_id: id(k.user_stack),
+                kernel_stack_id: id(k.kernel_stack),
+                kernel_frames,
+                frames,
+            });
+        }
+        if is_final && let Some(path) = &self.args.folded {
+            let folded: Vec<(Vec<Frame>, u64)> =
+                stacks.iter().map(|s| ([s.kernel_frames.clone(), s.frames.clone()].concat(), s.faults)).collect();
+            tools::stacks::write_folded(path, folded.iter().map(|(f, n)| (f.as_slice(), *n)))?;
+        }
+        stacks.truncate(self.top);
+        let report = Report {
+            time: output::now(),
+            is_final,
+            pid: self.args.common.pid,
+            faults,
+            processes: procs,
+            stacks,
+            events_lost: self.lost,
+            stacks_lost: self.stat(STAT_USTACK_LOST),
+            kernel_stacks_lost: self.stat(STAT_KSTACK_LOST),
+            stacks_full: self.stat(STAT_COUNTS_FULL),
+            processes_full: self.stat(STAT_PROCS_FULL),
+        };
+        if self.args.common.json {
+            output::json_line(&report)
+        } else {
+            output::line(&render(&report, proc_count, rows.len()))
+        }
+    }
+}
+
+impl tools::Stream for State<'_> {
+    fn event(&mut self, data: &[u8]) -> Result<()> {
+        let Some(e) = read_event::<Event>(data) else { return Ok(()) };
+        match e.kind {
+            // Symbolize while the process lives; reports use the cached frames.
+            EV_NEW_STACK => {
+                self.frames(e.pid, e.user_stack, e.kernel_stack, e.mode);
+            }
+            EV_FAULT => self.print_fault(&e)?,
+            _ => {}
+        }
+        Ok(())
+    }
+
+    fn tick(&mut self) -> Result<()> {
+        self.report(false)
+    }
+
+    fn finish(&mut self, lost: u64) -> Result<()> {
+        self.lost = Some(lost);
+        self.report(true)
+    }
+}
+
+fn render(r: &Report, procs: usize, rows: usize) -> String {
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "[{}] {}{} page faults in {procs} processes, {rows} stacks{}",
+        r.time,
+        if r.is_final { "final report: " } else { "" },
+        r.faults,
+        if procs > r.processes.len() || rows > r.stacks.len() {
+            format!(" (top {} shown)", r.processes.len().max(r.stacks.len()))
+        } else {
+            String::new()
+        }
+    );
+    let _ = writeln!(out, "  {:>7} {:<16} {:>10} {:>10} {:>10}", "PID", "COMM", "FAULTS", "USER", "KERNEL");
+    for p in &r.processes {
+        let _ = writeln!(
+            out,
+            "  {:>7} {:<16} {:>10} {:>10} {:>10}",
+            p.pid, p.comm, p.faults, p.user_faults, p.kernel_faults
+        );
+    }
+    for s in &r.stacks {
+        let _ = writeln!(out, "  {} faults ({} mode): pid {}", s.faults, s.mode, s.pid);
+        if s.mode == "kernel" {
+            output::write_stack(&mut out, &s.kernel_frames, "      ");
+            let _ = writeln!(out, "      --");
+        }
+        output::write_stack(&mut out, &s.frames, "      ");
+    }
+    let blind: Vec<String> = [
+        (r.events_lost.unwrap_or(0), "events lost (ring buffer full)"),
+        (r.stacks_lost, "faults without a user stack"),
+        (r.kernel_stacks_lost, "kernel faults without a kernel stack"),
+        (r.stacks_full, "faults not counted per stack (map full)"),
+        (r.processes_full, "faults not counted per process (map full)"),
+    ]
+    .iter()
+    .filter(|(n, _)| *n > 0)
+    .map(|(n, what)| format!("{n} {what}"))
+    .collect();
+    let _ = write!(out, "  blind spots: {}", if blind.is_empty() { "none".to_string() } else { blind.join(", ") });
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::decode_error;
+
+    #[test]
+    fn decodes_x86_error_codes() {
+        assert_eq!(decode_error(0x6), "write|user|not-present");
+        assert_eq!(decode_error(0x4), "read|user|not-present");
+        assert_eq!(decode_error(0x7), "write|user|protection");
+        assert_eq!(decode_error(0x0), "read|kernel|not-present");
+        assert_eq!(decode_error(0x15), "instr-fetch|user|protection");
+        assert_eq!(decode_error(0x8025), "read|user|protection|pkey|sgx");
+        assert_eq!(decode_error(0x48), "read|kernel|not-present|rsvd|shstk");
+    }
 }

@@ -9,6 +9,7 @@ pub mod memleak;
 pub mod mmapsnoop;
 pub mod oomkill;
 pub mod shmsnoop;
+pub mod stacks;
 pub mod vmscan;
 
 use std::time::Duration;
