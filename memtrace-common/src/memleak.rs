@@ -60,11 +60,14 @@ pub struct Config {
     pub sample_rate: u32,
     /// Non-zero: send every call to user space (`--trace`).
     pub trace: u32,
+    /// Non-zero: allocations are recorded only while `WINDOW[0]` is set (`--duty-cycle`).
+    pub duty: u32,
+    pub _pad: u32,
 }
 
 impl Default for Config {
     fn default() -> Self {
-        Config { min_size: 0, max_size: u64::MAX, sample_rate: 1, trace: 0 }
+        Config { min_size: 0, max_size: u64::MAX, sample_rate: 1, trace: 0, duty: 0, _pad: 0 }
     }
 }
 
@@ -170,6 +173,10 @@ pub const STAT_STACKS_FULL: u32 = 6;
 pub const STAT_EVENTS_LOST: u32 = 7;
 /// An address allocated again without a free in between: the older record was replaced.
 pub const STAT_REPLACED: u32 = 8;
-pub const STAT_COUNT: u32 = 9;
+/// Every free() call, and those made while the recording window was open (`--duty-cycle`):
+/// their ratio estimates what share of the allocator's activity was recorded.
+pub const STAT_FREE_CALLS: u32 = 9;
+pub const STAT_FREE_CALLS_IN_WINDOW: u32 = 10;
+pub const STAT_COUNT: u32 = 11;
 
 user_pod!(AllocKey, AllocInfo, StackKey, StackTotal, Pending, Config, KmemOffsets, Event);

@@ -6,7 +6,7 @@
 use aya_ebpf::{
     Global,
     bindings::BPF_F_USER_STACK,
-    btf_maps::{HashMap, PerCpuArray, RingBuf, StackTrace},
+    btf_maps::{Array, HashMap, PerCpuArray, RingBuf, StackTrace},
     helpers::{bpf_get_current_pid_tgid, bpf_get_prandom_u32, bpf_ktime_get_ns, bpf_probe_read_user},
     macros::{btf_map, tracepoint, uprobe, uretprobe},
     programs::{ProbeContext, RetProbeContext, TracePointContext, tracing::StackIdContext},
@@ -17,7 +17,7 @@ use memtrace_common::{
         AllocInfo, AllocKey, Config, EV_ALLOC, EV_FREE, EV_NEW_STACK, Event, FN_ALIGNED_ALLOC, FN_CALLOC, FN_FREE,
         FN_KFREE, FN_KMALLOC, FN_KMEM_CACHE_ALLOC, FN_MALLOC, FN_MEMALIGN, FN_MMAP, FN_MUNMAP, FN_PAGE_ALLOC,
         FN_PERCPU_ALLOC, FN_POSIX_MEMALIGN, FN_PVALLOC, FN_REALLOC, FN_REALLOCARRAY, FN_VALLOC, KmemOffsets, Pending,
-        STAT_COUNT, STAT_EVENTS_LOST, STAT_FAILED, STAT_FREED, STAT_MAP_FULL, STAT_REPLACED, STAT_STACK_LOST,
+        STAT_COUNT, STAT_EVENTS_LOST, STAT_FAILED, STAT_FREE_CALLS, STAT_FREE_CALLS_IN_WINDOW, STAT_FREED, STAT_MAP_FULL, STAT_REPLACED, STAT_STACK_LOST,
         STAT_STACKS_FULL, STAT_TRACKED, STAT_UNKNOWN_FREE, StackKey, StackTotal,
     },
 };
@@ -26,7 +26,8 @@ use memtrace_ebpf::{BPF_NOEXIST, EEXIST, atomic_add, bump, tp_u32, tp_u64};
 memtrace_ebpf::license!();
 
 #[unsafe(no_mangle)]
-static CONFIG: Global<Config> = Global::new(Config { min_size: 0, max_size: u64::MAX, sample_rate: 1, trace: 0 });
+static CONFIG: Global<Config> =
+    Global::new(Config { min_size: 0, max_size: u64::MAX, sample_rate: 1, trace: 0, duty: 0, _pad: 0 });
 
 #[unsafe(no_mangle)]
 static KMEM: Global<KmemOffsets> = Global::new(KmemOffsets {
@@ -65,6 +66,14 @@ static STACKS: StackTrace<32_768, 0, 64> = StackTrace::new();
 static STATS: PerCpuArray<u64, { STAT_COUNT as usize }> = PerCpuArray::new();
 #[btf_map]
 static EVENTS: RingBuf<Event, { 256 * 1024 }> = RingBuf::new();
+/// Set by user space while the recording window of `--duty-cycle` is open.
+#[btf_map]
+static WINDOW: Array<u32, 1> = Array::new();
+
+#[inline(always)]
+fn window_open() -> bool {
+    WINDOW.get(0).is_some_and(|open| *open != 0)
+}
 
 #[inline(always)]
 fn emit(kind: u32, pid: u32, tid: u32, stack_id: u32, addr: u64, size: u64, func: u32) {
@@ -213,7 +222,7 @@ fn enter(size: u64, memptr: u64, func: u32) -> u32 {
         unsafe { (*pending).depth += 1 };
         return 0;
     }
-    if sampled_in(size) {
+    if sampled_in(size) && (CONFIG.load().duty == 0 || window_open()) {
         let _ = PENDING.insert(tid, Pending { size, memptr, depth: 0, func }, 0);
     }
     0
@@ -327,6 +336,12 @@ pub fn memleak_alloc_ret(ctx: RetProbeContext) -> u32 {
 
 #[uprobe]
 pub fn memleak_free(ctx: ProbeContext) -> u32 {
+    if CONFIG.load().duty != 0 {
+        bump(&STATS, STAT_FREE_CALLS);
+        if window_open() {
+            bump(&STATS, STAT_FREE_CALLS_IN_WINDOW);
+        }
+    }
     let addr = arg(&ctx, 0);
     if addr != 0 {
         let (pid, tid) = ids();

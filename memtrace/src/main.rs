@@ -42,6 +42,9 @@ enum Tool {
     Vmscan(tools::vmscan::Args),
     /// Each direct reclaim: who stalled and for how long.
     Drsnoop(tools::drsnoop::Args),
+    /// The floor tracer of `cargo xtask bench` (not a tool).
+    #[command(hide = true)]
+    Benchfloor(tools::benchfloor::Args),
 }
 
 fn main() -> ExitCode {
@@ -71,6 +74,7 @@ fn main() -> ExitCode {
             Tool::Faults(args) => tools::faults::run(args).await,
             Tool::Vmscan(args) => tools::vmscan::run(args).await,
             Tool::Drsnoop(args) => tools::drsnoop::run(args).await,
+            Tool::Benchfloor(args) => tools::benchfloor::run(args).await,
         }
     });
     match result {

@@ -1,5 +1,6 @@
-//! Developer tasks for memtrace: `cargo xtask <setup|build|demo|test>`.
+//! Developer tasks for memtrace: `cargo xtask <setup|build|demo|test|bench>`.
 
+mod bench;
 mod cmd;
 mod setup;
 mod tasks;
@@ -23,6 +24,15 @@ enum Task {
     Build,
     /// Build, then run `memtrace memleak` on the bundled leaky demo program.
     Demo,
+    /// Measure memtrace's cost on a malloc-heavy workload, side by side (writes target/bench.json).
+    Bench {
+        /// Runs of each mode (the median is reported).
+        #[arg(long, default_value_t = 3)]
+        runs: usize,
+        /// Loop iterations of the workload per run.
+        #[arg(long, default_value_t = 200_000)]
+        iterations: u64,
+    },
     /// Set up, then run the test suite one test at a time.
     Test {
         /// Extra arguments for the test harness, e.g. a test name filter.
@@ -38,6 +48,7 @@ fn main() -> ExitCode {
         Task::Build => tasks::build().map(|()| 0),
         Task::Demo => tasks::demo(),
         Task::Test { args } => tasks::test(&args),
+        Task::Bench { runs, iterations } => bench::run(runs, iterations),
     };
     match result {
         Ok(code) => ExitCode::from(code),

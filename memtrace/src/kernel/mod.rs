@@ -3,6 +3,7 @@
 //! Tools ask this module; none of them probes the kernel by itself.
 
 pub mod kallsyms;
+pub mod placement;
 pub mod tracefs;
 
 use std::path::Path;
@@ -10,7 +11,10 @@ use std::path::Path;
 use anyhow::{Context as _, Result, anyhow, bail};
 use aya::{
     Ebpf, EbpfLoader,
-    programs::{Program, ProgramError, TracePoint, UProbe, uprobe::UProbeScope},
+    programs::{
+        Program, ProgramError, TracePoint, UProbe,
+        uprobe::{UProbeLinkId, UProbeScope},
+    },
 };
 
 /// eBPF needs CAP_BPF and CAP_PERFMON; say so before anything else fails less clearly.
@@ -74,24 +78,27 @@ pub enum UprobeError {
     Other(anyhow::Error),
 }
 
-/// Attaches `prog` at `symbol` in `target`, for one process or all (`pid` None).
+/// Attaches `prog` at `symbol`+`offset` in `target`, for one process or all (`pid` None).
+/// Entry probes should take their offset from `placement::Placement`; return probes use 0.
 pub fn attach_uprobe(
     bpf: &mut Ebpf,
     prog: &str,
     target: &Path,
     symbol: &str,
+    offset: u64,
     pid: Option<u32>,
-) -> Result<(), UprobeError> {
+) -> Result<UProbeLinkId, UprobeError> {
     let up: &mut UProbe = program(bpf, prog).and_then(|p| Ok(p.try_into()?)).map_err(UprobeError::Other)?;
     ensure_loaded(up, prog, |p| p.fd().is_ok(), UProbe::load).map_err(UprobeError::Other)?;
     let scope = match pid.and_then(std::num::NonZeroU32::new) {
         Some(pid) => UProbeScope::OneProcess(pid),
         None => UProbeScope::AllProcesses,
     };
-    match up.attach(symbol, target, scope) {
-        Ok(_) => {
+    let location = aya::programs::uprobe::UProbeAttachLocation::SymbolOffset(symbol, offset);
+    match up.attach(location, target, scope) {
+        Ok(id) => {
             tracing::debug!("{prog}: attached to {symbol} in {}", target.display());
-            Ok(())
+            Ok(id)
         }
         Err(ProgramError::UProbeError(aya::programs::uprobe::UProbeError::SymbolError { .. })) => {
             Err(UprobeError::NoSymbol)
@@ -100,6 +107,13 @@ pub fn attach_uprobe(
             anyhow!(e).context(format!("attaching a uprobe to {symbol} in {} failed", target.display())),
         )),
     }
+}
+
+/// Detaches one uprobe link. Each detach waits for the kernel's RCU grace period (about
+/// 100 ms here), so callers detach only what they must.
+pub fn detach_uprobe(bpf: &mut Ebpf, prog: &str, link: UProbeLinkId) -> Result<()> {
+    let up: &mut UProbe = program(bpf, prog)?.try_into()?;
+    up.detach(link).with_context(|| format!("detaching {prog} failed"))
 }
 
 /// One probe of an attach point. Name lists hold alternatives, first present wins: kernels

@@ -6,11 +6,15 @@ mod report;
 use std::{path::PathBuf, time::Duration};
 
 use anyhow::{Context as _, Result, bail};
-use aya::Ebpf;
+use aya::{
+    Ebpf,
+    maps::{Array, MapData},
+    programs::uprobe::UProbeLinkId,
+};
 use memtrace_common::memleak::{Config, Event, KmemOffsets};
 
 use crate::{
-    kernel::{self, UprobeError, tracefs::Format},
+    kernel::{self, UprobeError, placement::Placement, tracefs::Format},
     target::{self, Child, ChildEvent},
 };
 use report::{Maps, Session};
@@ -74,6 +78,13 @@ pub struct Args {
     /// Also write the final report as folded stacks (weight: bytes) to this file, for flame graphs.
     #[arg(long, value_name = "FILE")]
     pub folded: Option<PathBuf>,
+    /// Low-overhead estimate: probe malloc, calloc and realloc only PCT% of the time (free stays
+    /// probed); outstanding bytes are scaled by the share of activity recorded.
+    #[arg(long, value_name = "PCT", value_parser = clap::value_parser!(u32).range(1..100))]
+    pub duty_cycle: Option<u32>,
+    /// Length of one --duty-cycle period, in milliseconds.
+    #[arg(long, default_value_t = 1000, value_name = "MS", hide = true)]
+    pub duty_period_ms: u64,
     /// Capacity of the outstanding-allocation map.
     #[arg(long, default_value_t = 262_144, value_name = "N")]
     pub max_allocs: u32,
@@ -147,6 +158,8 @@ pub async fn run(args: Args) -> Result<()> {
         max_size: args.max_size.unwrap_or(u64::MAX),
         sample_rate: args.sample_rate,
         trace: args.trace as u32,
+        duty: args.duty_cycle.is_some() as u32,
+        _pad: 0,
     };
     let kmem = match mode {
         Mode::Kernel => Some(kmem_offsets()?),
@@ -163,22 +176,37 @@ pub async fn run(args: Args) -> Result<()> {
         }
     })?;
 
+    let mut duty = None;
     let (pid, mut child) = match mode {
         Mode::User { pid, child, obj } => {
-            let probes = attach_user(&mut bpf, &obj, &args.symbols_prefix, pid)?;
+            let skip = if args.duty_cycle.is_some() { DutyCycle::HOT } else { &[] };
+            let probes = attach_user(&mut bpf, &obj, &args.symbols_prefix, pid, skip)?;
+            if let Some(pct) = args.duty_cycle {
+                let period = Duration::from_millis(args.duty_period_ms.max(10));
+                let window = Array::try_from(bpf.take_map("WINDOW").context("internal: no WINDOW map")?)?;
+                let mut cycle = DutyCycle::new(obj.clone(), &args.symbols_prefix, pid, window, pct, period);
+                cycle.open(&mut bpf)?;
+                duty = Some(cycle);
+            }
+            let sampled = args.duty_cycle.map(|p| format!(", malloc/calloc/realloc {p}% of the time")).unwrap_or_default();
             eprintln!(
-                "memtrace: memleak: tracing pid {pid} ({}) through {} with {probes} probes; Ctrl-C to stop",
+                "memtrace: memleak: tracing pid {pid} ({}) through {} with {probes} probes{sampled}; Ctrl-C to stop",
                 if child.is_some() { args.command.clone().unwrap_or_default() } else { target::comm(pid) },
                 obj.display()
             );
             (Some(pid), child)
         }
         Mode::Kernel => {
+            if args.duty_cycle.is_some() {
+                bail!("--duty-cycle applies to user mode (-p or -c)");
+            }
             let attached = attach_kernel(&mut bpf, args.percpu)?;
             eprintln!("memtrace: memleak: tracing kernel allocations ({}); Ctrl-C to stop", attached.join(", "));
             (None, None)
         }
     };
+    let duty_timer = tokio::time::sleep(duty.as_ref().map_or(Duration::from_secs(u64::MAX / 4), |d| d.open_for));
+    tokio::pin!(duty_timer);
     let (maps, ring) = Maps::take(&mut bpf)?;
     let mut session = Session::new(&args, pid, maps)?;
     if let Some(pid) = pid {
@@ -207,6 +235,11 @@ pub async fn run(args: Args) -> Result<()> {
 
     loop {
         tokio::select! {
+            _ = &mut duty_timer, if duty.is_some() => {
+                let cycle = duty.as_mut().expect("guarded by the branch condition");
+                let next = if cycle.is_open() { cycle.close(&mut bpf)? } else { cycle.open(&mut bpf)? };
+                duty_timer.as_mut().reset(tokio::time::Instant::now() + next);
+            }
             _ = ticker.tick() => {
                 reports += 1;
                 let last = args.count.is_some_and(|c| reports >= c);
@@ -263,12 +296,17 @@ async fn recv_child(child: &mut Option<Child>) -> Option<ChildEvent> {
 }
 
 /// Attaches the allocator probes; missing optional functions are skipped with a note.
-fn attach_user(bpf: &mut Ebpf, obj: &std::path::Path, prefix: &str, pid: u32) -> Result<usize> {
+fn attach_user(bpf: &mut Ebpf, obj: &std::path::Path, prefix: &str, pid: u32, skip: &[&str]) -> Result<usize> {
     let mut attached = 0;
+    let placement = Placement::new(obj);
     let mut attach = |bpf: &mut Ebpf, prog: &str, func: &str, required: bool| -> Result<bool> {
+        if skip.contains(&func) {
+            return Ok(false);
+        }
         let symbol = format!("{prefix}{func}");
-        match kernel::attach_uprobe(bpf, prog, obj, &symbol, Some(pid)) {
-            Ok(()) => {
+        let offset = entry_offset(&placement, prog, &symbol, func);
+        match kernel::attach_uprobe(bpf, prog, obj, &symbol, offset, Some(pid)) {
+            Ok(_) => {
                 attached += 1;
                 Ok(true)
             }
@@ -293,6 +331,82 @@ fn attach_user(bpf: &mut Ebpf, obj: &std::path::Path, prefix: &str, pid: u32) ->
         attach(bpf, prog, func, func == "malloc")?;
     }
     Ok(attached)
+}
+
+/// Where an allocator probe goes: return probes at the entry (the kernel needs it there), entry
+/// probes on an instruction the kernel can emulate; free may step over its NULL check.
+fn entry_offset(placement: &Placement, prog: &str, symbol: &str, func: &str) -> u64 {
+    if prog == "memleak_alloc_ret" { 0 } else { placement.entry_offset(symbol, func == "free") }
+}
+
+/// `--duty-cycle`: the busiest allocator functions are probed only during short windows, so
+/// most calls take no trap; free stays probed so recorded blocks are still matched.
+struct DutyCycle {
+    obj: PathBuf,
+    pid: u32,
+    /// (program, symbol, offset) of each hot probe, returns first.
+    probes: Vec<(&'static str, String, u64)>,
+    window: Array<MapData, u32>,
+    links: Vec<(&'static str, UProbeLinkId)>,
+    open_for: Duration,
+    closed_for: Duration,
+}
+
+impl DutyCycle {
+    /// The functions whose traps dominate: malloc, calloc, realloc.
+    const HOT: &'static [&'static str] = &["malloc", "calloc", "realloc"];
+
+    fn is_open(&self) -> bool {
+        !self.links.is_empty()
+    }
+
+    fn new(obj: PathBuf, prefix: &str, pid: u32, window: Array<MapData, u32>, pct: u32, period: Duration) -> Self {
+        let placement = Placement::new(&obj);
+        let mut probes = Vec::new();
+        for &func in Self::HOT {
+            let entry = USER_PROBES.iter().find(|(f, _)| *f == func).map_or("memleak_malloc", |(_, p)| *p);
+            for prog in ["memleak_alloc_ret", entry] {
+                let symbol = format!("{prefix}{func}");
+                let offset = entry_offset(&placement, prog, &symbol, func);
+                probes.push((prog, symbol, offset));
+            }
+        }
+        DutyCycle {
+            obj,
+            pid,
+            probes,
+            window,
+            links: Vec::new(),
+            open_for: period * pct / 100,
+            closed_for: period * (100 - pct) / 100,
+        }
+    }
+
+    /// Attaches the hot probes (returns first), then opens the window; returns how long to stay.
+    fn open(&mut self, bpf: &mut Ebpf) -> Result<Duration> {
+        for (prog, symbol, offset) in &self.probes {
+            match kernel::attach_uprobe(bpf, prog, &self.obj, symbol, *offset, Some(self.pid)) {
+                Ok(id) => self.links.push((prog, id)),
+                Err(UprobeError::NoSymbol) => {}
+                Err(UprobeError::Other(e)) => return Err(e),
+            }
+        }
+        self.window.set(0, 1, 0)?;
+        Ok(self.open_for)
+    }
+
+    /// Closes the window, then detaches entries before returns; returns how long to stay closed.
+    fn close(&mut self, bpf: &mut Ebpf) -> Result<Duration> {
+        self.window.set(0, 0, 0)?;
+        let mut links = std::mem::take(&mut self.links);
+        links.sort_by_key(|(prog, _)| *prog == "memleak_alloc_ret");
+        let started = std::time::Instant::now();
+        for (prog, id) in links {
+            kernel::detach_uprobe(bpf, prog, id)?;
+        }
+        // Detaching takes a grace period per probe; count it as closed time.
+        Ok(self.closed_for.saturating_sub(started.elapsed()))
+    }
 }
 
 /// Offsets of the kmem/percpu tracepoint fields on this kernel.

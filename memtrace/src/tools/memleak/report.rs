@@ -14,7 +14,7 @@ use aya::{
 use memtrace_common::{
     NO_PID, STACK_LOST,
     memleak::{
-        AllocInfo, AllocKey, EV_ALLOC, EV_FREE, EV_NEW_STACK, Event, FN_NAMES, STAT_EVENTS_LOST, STAT_FREED,
+        AllocInfo, AllocKey, EV_ALLOC, EV_FREE, EV_NEW_STACK, Event, FN_NAMES, STAT_EVENTS_LOST, STAT_FREE_CALLS, STAT_FREE_CALLS_IN_WINDOW, STAT_FREED,
         STAT_MAP_FULL, STAT_STACK_LOST, STAT_STACKS_FULL, STAT_TRACKED, STAT_UNKNOWN_FREE, StackKey, StackTotal,
     },
 };
@@ -119,6 +119,10 @@ struct Report {
     is_final: bool,
     /// Sampling rate: with N > 1 the numbers are those of one allocation in N.
     sample_rate: u32,
+    /// True under --duty-cycle: bytes and counts are the recorded ones times `scale`.
+    estimated: bool,
+    /// All free() calls over those made while recording (1 when everything is recorded).
+    scale: f64,
     total_bytes: u64,
     /// Allocations recorded and frees matched since the start.
     tracked: u64,
@@ -265,7 +269,18 @@ impl<'a> Session<'a> {
     /// Builds and prints one report. After the target exited, no age cut-off applies.
     pub(super) fn report(&mut self, is_final: bool, target_gone: bool) -> Result<()> {
         let older_ns = if target_gone { 0 } else { self.args.older * 1_000_000 };
-        let rows = self.maps.rows(older_ns, self.args.show_allocs);
+        let mut rows = self.maps.rows(older_ns, self.args.show_allocs);
+        // Under --duty-cycle only part of the activity is recorded; free() is always probed, so
+        // the share of frees seen while recording estimates the share of allocations recorded.
+        let estimated = self.args.duty_cycle.is_some();
+        let in_window = self.maps.stat(STAT_FREE_CALLS_IN_WINDOW);
+        let scale = if estimated && in_window > 0 { self.maps.stat(STAT_FREE_CALLS) as f64 / in_window as f64 } else { 1.0 };
+        if scale != 1.0 {
+            for row in &mut rows {
+                row.bytes = (row.bytes as f64 * scale).round() as u64;
+                row.allocs = (row.allocs as f64 * scale).round() as u64;
+            }
+        }
         let now = Instant::now();
         let total_bytes = rows.iter().map(|r| r.bytes).sum();
         let mut stacks = Vec::new();
@@ -290,6 +305,8 @@ impl<'a> Session<'a> {
             mode: if self.pid.is_some() { "user" } else { "kernel" },
             is_final,
             sample_rate: self.args.sample_rate,
+            estimated,
+            scale,
             total_bytes,
             tracked: self.maps.stat(STAT_TRACKED),
             freed: self.maps.stat(STAT_FREED),
@@ -316,7 +333,10 @@ fn render(report: &Report, sample_rate: u32) -> String {
         Some(pid) => format!("pid {pid}"),
         None => "kernel".into(),
     };
-    let sampled = if sample_rate > 1 { format!(", sampled 1 in {sample_rate}") } else { String::new() };
+    let mut sampled = if sample_rate > 1 { format!(", sampled 1 in {sample_rate}") } else { String::new() };
+    if report.estimated {
+        sampled += &format!(", estimated: recorded share x{:.1}", report.scale);
+    }
     let _ = writeln!(
         out,
         "[{}] {}{whose}: {} outstanding in {} stacks{sampled}",

@@ -1,0 +1,476 @@
+//! `cargo xtask bench`: what memtrace costs the program it traces, measured side by side in
+//! one run (untraced, the cheapest possible tracer, memleak's modes, bcc's memleak when
+//! present), plus start-up, memory, exit latency and event throughput. Figures are ratios and
+//! medians of several runs on this machine; nothing here is asserted by the tests.
+
+use std::{
+    io::{BufRead, BufReader, Read, Write},
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    sync::mpsc,
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context, Result, bail};
+use serde_json::{Value, json};
+
+use crate::{cmd, tasks};
+
+/// bench_malloc.c leaks one 64-byte block from bench_leak every LEAK_EVERY iterations.
+const LEAK_EVERY: u64 = 200;
+const LEAK_SIZE: u64 = 64;
+
+/// The leak a run of `iterations` makes: (bytes, allocations).
+fn expected_leak(iterations: u64) -> (u64, u64) {
+    let n = iterations.div_ceil(LEAK_EVERY);
+    (n * LEAK_SIZE, n)
+}
+
+struct Opts {
+    runs: usize,
+    iterations: u64,
+}
+
+pub fn run(runs: usize, iterations: u64) -> Result<u8> {
+    tasks::build()?;
+    let opts = Opts { runs: runs.max(1), iterations };
+    let workload = build_workload()?;
+    let memtrace = cmd::root().join("target/release/memtrace");
+    let mut rows = Vec::new();
+    let mut failures = Vec::new();
+
+    let n = opts.iterations;
+    let untraced = measure(&opts, n, &workload, None, &mut failures)?;
+    let base = untraced.median_ns_per_call();
+    rows.push(untraced.row("untraced", base));
+    // The floor as naive tracers place probes (at each function's first instruction, as bcc
+    // does), and the same floor placed like memleak's probes: the second is the fair floor.
+    let naive =
+        measure(&opts, n, &workload, Some(Tracer::new(&memtrace, &["benchfloor", "--naive"], Check::None)), &mut failures)?;
+    rows.push(naive.row("floor, probes at +0 (empty uprobe + uretprobe insert + free delete)", base));
+    let floor = measure(&opts, n, &workload, Some(Tracer::new(&memtrace, &["benchfloor"], Check::None)), &mut failures)?;
+    rows.push(floor.row("floor, probes placed as memleak's", base));
+    let memleak =
+        measure(&opts, n, &workload, Some(Tracer::new(&memtrace, &["memleak", "--json"], Check::Exact)), &mut failures)?;
+    rows.push(memleak.row("memtrace memleak -p PID", base));
+    let sampled = measure(
+        &opts,
+        n,
+        &workload,
+        Some(Tracer::new(&memtrace, &["memleak", "--json", "-s", "10"], Check::None)),
+        &mut failures,
+    )?;
+    rows.push(sampled.row("memtrace memleak -s 10 -p PID", base));
+    // Most calls run untraced here, so a longer run spans several recording windows.
+    let duty = measure(
+        &opts,
+        n * 10,
+        &workload,
+        Some(Tracer::new(&memtrace, &["memleak", "--json", "--duty-cycle", "10"], Check::Within(0.2))),
+        &mut failures,
+    )?;
+    rows.push(duty.row("memtrace memleak --duty-cycle 10 -p PID (estimate)", base));
+    if let Some(bcc) = which("memleak-bpfcc") {
+        let bcc = measure(&opts, n, &workload, Some(Tracer::bcc(&bcc)), &mut failures)?;
+        rows.push(bcc.row("bcc memleak-bpfcc -p PID", base));
+    }
+
+    let exit_ms = exit_latency(&opts, &workload, &memtrace)?;
+    let kernel = kernel_events(&memtrace)?;
+
+    let report = json!({
+        "cores": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0),
+        "runs": opts.runs,
+        "iterations": opts.iterations,
+        "modes": rows,
+        "memleak_added_over_floor_added": ratio(memleak.median_ns_per_call() - base, floor.median_ns_per_call() - base),
+        "memleak_added_over_naive_floor_added": ratio(memleak.median_ns_per_call() - base, naive.median_ns_per_call() - base),
+        "duty_added_over_floor_added": ratio(duty.median_ns_per_call() - base, floor.median_ns_per_call() - base),
+        "exit_after_sigint_ms": exit_ms,
+        "kernel_memleak": kernel,
+        "failures": failures,
+    });
+    print_table(&report);
+    let out = cmd::root().join("target/bench.json");
+    std::fs::write(&out, serde_json::to_string_pretty(&report)?)?;
+    println!("\nwritten to {}", out.display());
+    if !report["failures"].as_array().is_some_and(|f| f.is_empty()) {
+        eprintln!("bench: a traced run did not report the workload's leak exactly (see failures)");
+        return Ok(1);
+    }
+    Ok(0)
+}
+
+fn build_workload() -> Result<PathBuf> {
+    let dir = cmd::root().join("target/progs");
+    std::fs::create_dir_all(&dir)?;
+    let out = dir.join("bench_malloc");
+    cmd::run(
+        cmd::new("cc").args(["-O2", "-g", "-fno-omit-frame-pointer", "-o"]).arg(&out).arg("tests/progs/bench_malloc.c"),
+    )?;
+    Ok(out)
+}
+
+fn which(name: &str) -> Option<PathBuf> {
+    std::env::split_paths(&std::env::var_os("PATH")?).map(|d| d.join(name)).find(|p| p.is_file())
+}
+
+/// How closely a traced run must report the workload's leak.
+#[derive(Clone, Copy)]
+enum Check {
+    /// Every call is probed: bytes and allocations exactly.
+    Exact,
+    /// An estimate: bytes within this fraction of the truth.
+    Within(f64),
+    /// Not checked (sampling with -s is partial by design; bcc's output is not parsed).
+    None,
+}
+
+/// How to start a tracer on a PID, and how its report of the leak is checked.
+struct Tracer {
+    argv: Vec<String>,
+    check: Check,
+    /// The ready line on stderr (memtrace) or stdout (bcc).
+    ready: &'static str,
+}
+
+impl Tracer {
+    fn new(memtrace: &Path, args: &[&str], check: Check) -> Tracer {
+        let mut argv = vec![memtrace.display().to_string()];
+        argv.extend(args.iter().map(|a| a.to_string()));
+        Tracer { argv, check, ready: "Ctrl-C to stop" }
+    }
+
+    fn bcc(path: &Path) -> Tracer {
+        Tracer { argv: vec![path.display().to_string()], check: Check::None, ready: "Ctrl-C to end" }
+    }
+}
+
+#[derive(Default)]
+struct Samples {
+    ns_per_call: Vec<f64>,
+    startup_ms: Vec<f64>,
+    peak_rss_kib: Vec<f64>,
+    leak_bytes: Vec<u64>,
+    /// |reported - true| / true of the leak's bytes, per run.
+    leak_error: Vec<f64>,
+}
+
+impl Samples {
+    fn median_ns_per_call(&self) -> f64 {
+        median(&self.ns_per_call)
+    }
+
+    fn row(&self, mode: &str, base: f64) -> Value {
+        let med = self.median_ns_per_call();
+        json!({
+            "mode": mode,
+            "ns_per_call": stats(&self.ns_per_call),
+            "traced_over_untraced": ratio(med, base),
+            "added_ns_per_call": med - base,
+            "startup_ms": (!self.startup_ms.is_empty()).then(|| stats(&self.startup_ms)),
+            "peak_rss_mib": (!self.peak_rss_kib.is_empty()).then(|| median(&self.peak_rss_kib) / 1024.0),
+            "leak_bytes_reported": self.leak_bytes,
+            "leak_error": (!self.leak_error.is_empty()).then(|| stats(&self.leak_error)),
+        })
+    }
+}
+
+fn stats(v: &[f64]) -> Value {
+    let min = v.iter().copied().fold(f64::INFINITY, f64::min);
+    let max = v.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+    json!({ "median": median(v), "min": min, "max": max })
+}
+
+fn median(v: &[f64]) -> f64 {
+    let mut v = v.to_vec();
+    v.sort_by(|a, b| a.total_cmp(b));
+    if v.is_empty() { f64::NAN } else { v[v.len() / 2] }
+}
+
+fn ratio(a: f64, b: f64) -> f64 {
+    if b.abs() < f64::EPSILON { f64::NAN } else { a / b }
+}
+
+/// Runs the workload `opts.runs` times, traced by `tracer` when given.
+fn measure(
+    opts: &Opts,
+    iterations: u64,
+    workload: &Path,
+    tracer: Option<Tracer>,
+    failures: &mut Vec<String>,
+) -> Result<Samples> {
+    let mut samples = Samples::default();
+    let (true_bytes, true_allocs) = expected_leak(iterations);
+    for _ in 0..opts.runs {
+        let mut w = Command::new(workload)
+            .arg(iterations.to_string())
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .context("cannot start the workload")?;
+        let mut lines = BufReader::new(w.stdout.take().context("workload stdout")?).lines();
+        expect_line(&mut lines, "ready")?;
+        let traced = match &tracer {
+            Some(t) => Some(start_tracer(t, w.id())?),
+            None => None,
+        };
+        let mut stdin = w.stdin.take().context("workload stdin")?;
+        writeln!(stdin, "go")?;
+        let result = lines.next().context("workload said nothing")??;
+        let (calls, ns) = parse_result(&result)?;
+        samples.ns_per_call.push(ns as f64 / calls as f64);
+        drop(stdin);
+        w.wait()?;
+        if let Some((child, startup, out_rx)) = traced {
+            samples.startup_ms.push(startup.as_secs_f64() * 1e3);
+            let (rss_kib, stdout) = finish_tracer(child, out_rx)?;
+            samples.peak_rss_kib.push(rss_kib as f64);
+            let t = tracer.as_ref().expect("traced");
+            if t.argv.iter().any(|a| a == "memleak") {
+                let (bytes, allocs) = reported_leak(&stdout);
+                samples.leak_bytes.push(bytes);
+                let error = (bytes as f64 - true_bytes as f64).abs() / true_bytes as f64;
+                samples.leak_error.push(error);
+                let bad = match t.check {
+                    Check::Exact => (bytes, allocs) != (true_bytes, true_allocs),
+                    Check::Within(limit) => error > limit,
+                    Check::None => false,
+                };
+                if bad {
+                    failures.push(format!(
+                        "{}: reported {bytes} bytes in {allocs} allocations from bench_leak, truth {true_bytes} in {true_allocs}",
+                        t.argv.join(" ")
+                    ));
+                }
+            }
+        }
+    }
+    Ok(samples)
+}
+
+fn expect_line(lines: &mut impl Iterator<Item = std::io::Result<String>>, want: &str) -> Result<()> {
+    match lines.next() {
+        Some(Ok(l)) if l.trim() == want => Ok(()),
+        other => bail!("workload: expected {want:?}, got {other:?}"),
+    }
+}
+
+fn parse_result(line: &str) -> Result<(u64, u64)> {
+    let f: Vec<&str> = line.split_whitespace().collect();
+    match f.as_slice() {
+        ["calls", c, "ns", n] => Ok((c.parse()?, n.parse()?)),
+        _ => bail!("workload: unexpected result line {line:?}"),
+    }
+}
+
+type Started = (Child, Duration, mpsc::Receiver<String>);
+
+/// Starts a tracer on `pid` and waits for its ready line; returns how long that took.
+fn start_tracer(t: &Tracer, pid: u32) -> Result<Started> {
+    let t0 = Instant::now();
+    let mut child = Command::new(&t.argv[0])
+        .args(&t.argv[1..])
+        .args(["-p", &pid.to_string()])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .with_context(|| format!("cannot start {}", t.argv[0]))?;
+    let (ready_tx, ready_rx) = mpsc::channel();
+    // bcc prints its ready line on stdout, memtrace on stderr: watch both, keep stdout.
+    let stderr = child.stderr.take().context("stderr")?;
+    let tx = ready_tx.clone();
+    let ready = t.ready;
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            if line.contains(ready) {
+                let _ = tx.send(());
+            }
+        }
+    });
+    let stdout = child.stdout.take().context("stdout")?;
+    let (out_tx, out_rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        let mut all = String::new();
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            if line.contains(ready) {
+                let _ = ready_tx.send(());
+            }
+            all.push_str(&line);
+            all.push('\n');
+        }
+        let _ = out_tx.send(all);
+    });
+    ready_rx.recv_timeout(Duration::from_secs(60)).context("the tracer never said it was ready")?;
+    Ok((child, t0.elapsed(), out_rx))
+}
+
+/// Waits for a tracer to exit (it follows the workload's exit, or gets SIGINT), returning its
+/// peak RSS in KiB and its stdout.
+fn finish_tracer(mut child: Child, out: mpsc::Receiver<String>) -> Result<(i64, String)> {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let pid = child.id() as i32;
+    loop {
+        let mut status = 0;
+        // SAFETY: rusage is written by wait4 for our own child.
+        let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
+        let r = unsafe { libc::wait4(pid, &mut status, libc::WNOHANG, &mut usage) };
+        if r == pid {
+            let stdout = out.recv_timeout(Duration::from_secs(5)).unwrap_or_default();
+            return Ok((usage.ru_maxrss, stdout));
+        }
+        if Instant::now() > deadline {
+            // SAFETY: signalling our own child.
+            unsafe { libc::kill(pid, libc::SIGINT) };
+        }
+        if Instant::now() > deadline + Duration::from_secs(10) {
+            let _ = child.kill();
+            bail!("a tracer did not exit");
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+/// Bytes and allocations memleak's final JSON report gives the stack through bench_leak.
+fn reported_leak(stdout: &str) -> (u64, u64) {
+    let Some(last) = stdout.lines().rfind(|l| l.starts_with('{')) else { return (0, 0) };
+    let Ok(report) = serde_json::from_str::<Value>(last) else { return (0, 0) };
+    let mut found = (0, 0);
+    for s in report["stacks"].as_array().into_iter().flatten() {
+        let through = s["frames"].as_array().into_iter().flatten().any(|f| f["func"] == "bench_leak");
+        if through {
+            found.0 += s["bytes"].as_u64().unwrap_or(0);
+            found.1 += s["allocs"].as_u64().unwrap_or(0);
+        }
+    }
+    found
+}
+
+/// Milliseconds from SIGINT to memleak's exit (final report included).
+fn exit_latency(opts: &Opts, workload: &Path, memtrace: &Path) -> Result<Value> {
+    let mut ms = Vec::new();
+    for _ in 0..opts.runs {
+        let mut w = Command::new(workload).stdin(Stdio::piped()).stdout(Stdio::piped()).spawn()?;
+        let mut lines = BufReader::new(w.stdout.take().context("stdout")?).lines();
+        expect_line(&mut lines, "ready")?;
+        let (child, _, out) = start_tracer(&Tracer::new(memtrace, &["memleak", "--json"], Check::None), w.id())?;
+        let t0 = Instant::now();
+        // SAFETY: signalling our own child.
+        unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
+        finish_tracer(child, out)?;
+        ms.push(t0.elapsed().as_secs_f64() * 1e3);
+        let _ = w.kill();
+        let _ = w.wait();
+    }
+    Ok(stats(&ms))
+}
+
+/// Kernel-mode memleak under a generated load (pipes: kmalloc and free in the kernel):
+/// allocations tracked per second and anything lost.
+fn kernel_events(memtrace: &Path) -> Result<Value> {
+    let mut child = Command::new(memtrace)
+        .args(["memleak", "--json", "-o", "0", "2", "1"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()?;
+    let mut stderr = BufReader::new(child.stderr.take().context("stderr")?);
+    let mut line = String::new();
+    while stderr.read_line(&mut line)? > 0 && !line.contains("Ctrl-C to stop") {
+        line.clear();
+    }
+    let t0 = Instant::now();
+    let mut pipes = 0u64;
+    while t0.elapsed() < Duration::from_millis(1800) {
+        let mut fds = [0; 2];
+        // SAFETY: pipe fills two fds, closed right after.
+        if unsafe { libc::pipe(fds.as_mut_ptr()) } == 0 {
+            unsafe { libc::close(fds[0]) };
+            unsafe { libc::close(fds[1]) };
+            pipes += 1;
+        }
+    }
+    let mut stdout = String::new();
+    child.stdout.take().context("stdout")?.read_to_string(&mut stdout)?;
+    child.wait()?;
+    let report: Value =
+        stdout.lines().rfind(|l| l.starts_with('{')).map(serde_json::from_str).transpose()?.unwrap_or_default();
+    let tracked = report["tracked"].as_u64().unwrap_or(0);
+    let d = &report["dropped"];
+    let lost = d["map_full"].as_u64().unwrap_or(0)
+        + d["stacks_full"].as_u64().unwrap_or(0)
+        + d["events_lost"].as_u64().unwrap_or(0);
+    Ok(
+        json!({ "allocations_tracked_per_sec": tracked as f64 / 2.0, "pipes_per_sec": pipes as f64 / 1.8, "lost": lost }),
+    )
+}
+
+fn print_table(r: &Value) {
+    println!(
+        "\nmemtrace bench: {} cores, {} runs each, {} workload iterations; figures are medians [min-max]\n",
+        r["cores"], r["runs"], r["iterations"]
+    );
+    println!(
+        "{:<56} {:>24} {:>9} {:>12} {:>16} {:>9}",
+        "mode", "ns/call", "x untr.", "added ns", "start-up ms", "RSS MiB"
+    );
+    for m in r["modes"].as_array().into_iter().flatten() {
+        let ns = &m["ns_per_call"];
+        let su = &m["startup_ms"];
+        println!(
+            "{:<56} {:>24} {:>9.2} {:>12.0} {:>16} {:>9}",
+            m["mode"].as_str().unwrap_or(""),
+            format!(
+                "{:.0} [{:.0}-{:.0}]",
+                ns["median"].as_f64().unwrap_or(0.0),
+                ns["min"].as_f64().unwrap_or(0.0),
+                ns["max"].as_f64().unwrap_or(0.0)
+            ),
+            m["traced_over_untraced"].as_f64().unwrap_or(f64::NAN),
+            m["added_ns_per_call"].as_f64().unwrap_or(0.0),
+            if su.is_null() {
+                "-".into()
+            } else {
+                format!(
+                    "{:.0} [{:.0}-{:.0}]",
+                    su["median"].as_f64().unwrap_or(0.0),
+                    su["min"].as_f64().unwrap_or(0.0),
+                    su["max"].as_f64().unwrap_or(0.0)
+                )
+            },
+            m["peak_rss_mib"].as_f64().map_or("-".into(), |v| format!("{v:.1}")),
+        );
+    }
+    let num = |key: &str| r[key].as_f64().unwrap_or(f64::NAN);
+    println!("\nmemleak's added cost / the placed floor's: {:.3}", num("memleak_added_over_floor_added"));
+    println!("memleak's added cost / the naive (+0) floor's: {:.3}", num("memleak_added_over_naive_floor_added"));
+    println!("--duty-cycle 10 added cost / the placed floor's: {:.3}", num("duty_added_over_floor_added"));
+    for m in r["modes"].as_array().into_iter().flatten() {
+        let e = &m["leak_error"];
+        if e.is_object() {
+            println!(
+                "{}: leak bytes off by {:.1}% [{:.1}-{:.1}%]",
+                m["mode"].as_str().unwrap_or(""),
+                100.0 * e["median"].as_f64().unwrap_or(0.0),
+                100.0 * e["min"].as_f64().unwrap_or(0.0),
+                100.0 * e["max"].as_f64().unwrap_or(0.0)
+            );
+        }
+    }
+    let e = &r["exit_after_sigint_ms"];
+    println!(
+        "exit after Ctrl-C (final report included): {:.0} ms [{:.0}-{:.0}]",
+        e["median"].as_f64().unwrap_or(0.0),
+        e["min"].as_f64().unwrap_or(0.0),
+        e["max"].as_f64().unwrap_or(0.0)
+    );
+    let k = &r["kernel_memleak"];
+    println!(
+        "kernel-mode memleak: {:.0} allocations tracked/s under {:.0} pipe()+close() pairs/s, {} lost",
+        k["allocations_tracked_per_sec"].as_f64().unwrap_or(0.0),
+        k["pipes_per_sec"].as_f64().unwrap_or(0.0),
+        k["lost"]
+    );
+    for f in r["failures"].as_array().into_iter().flatten() {
+        println!("FAILURE: {}", f.as_str().unwrap_or(""));
+    }
+}
