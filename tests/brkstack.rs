@@ -142,14 +142,6 @@ fn brkstack_writes_folded_stacks() {
     assert!(line.contains("main;grow_heap;"), "root first: {line}");
 }
 
-fn assert_one_line_error(args: &[&str], expect: &str) {
-    let out = run(args, Duration::from_secs(30));
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(1), "{args:?}: {stderr}");
-    let lines: Vec<&str> = stderr.lines().collect();
-    assert_eq!(lines.len(), 1, "{args:?}: expected one line: {stderr}");
-    assert!(lines[0].starts_with("memtrace: error: ") && lines[0].contains(expect), "{args:?}: {stderr}");
-}
 
 #[test]
 fn brkstack_bad_input_gets_one_line_errors() {

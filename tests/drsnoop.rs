@@ -124,12 +124,7 @@ fn drsnoop_bad_input_gets_one_line_errors() {
         (&["drsnoop", "-t", "999999999"][..], "no such thread: 999999999"),
         (&["drsnoop", "-n", "a-name-longer-than-15"][..], "--comm takes 1 to 15 bytes"),
     ] {
-        let out = run(args, Duration::from_secs(30));
-        let stderr = String::from_utf8_lossy(&out.stderr);
-        assert_eq!(out.status.code(), Some(1), "{args:?}: {stderr}");
-        let lines: Vec<&str> = stderr.lines().collect();
-        assert_eq!(lines.len(), 1, "{args:?}: expected one line: {stderr}");
-        assert!(lines[0].starts_with("memtrace: error: ") && lines[0].contains(expect), "{args:?}: {stderr}");
+        assert_one_line_error(args, expect);
     }
     assert_detached("drsnoop");
 }

@@ -174,14 +174,6 @@ fn faults_kernel_mode_shows_copy_to_user_stacks() {
     assert_detached("faults");
 }
 
-fn assert_one_line_error(args: &[&str], expect: &str) {
-    let out = run(args, Duration::from_secs(30));
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(1), "{args:?}: {stderr}");
-    let lines: Vec<&str> = stderr.lines().collect();
-    assert_eq!(lines.len(), 1, "{args:?}: expected one line: {stderr}");
-    assert!(lines[0].starts_with("memtrace: error: ") && lines[0].contains(expect), "{args:?}: {stderr}");
-}
 
 #[test]
 fn faults_bad_input_gets_one_line_errors() {

@@ -151,15 +151,6 @@ fn memleak_kernel_mode_shows_kmalloc_stacks() {
     assert_detached("memleak");
 }
 
-fn assert_one_line_error(args: &[&str], expect: &str) {
-    let out = run(args, Duration::from_secs(30));
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(1), "{args:?}: {stderr}");
-    let lines: Vec<&str> = stderr.lines().collect();
-    assert_eq!(lines.len(), 1, "{args:?}: expected one line: {stderr}");
-    assert!(lines[0].starts_with("memtrace: error: ") && lines[0].contains(expect), "{args:?}: {stderr}");
-    assert_detached("memleak");
-}
 
 #[test]
 fn memleak_bad_input_gets_one_line_errors() {

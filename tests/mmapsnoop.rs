@@ -200,12 +200,7 @@ fn mmapsnoop_rejects_bad_input() {
         (&["mmapsnoop", "-p", "999999999"][..], "no such process: 999999999"),
         (&["mmapsnoop", "--comm", "a_name_too_long_for_comm"][..], "--comm takes 1 to 15 bytes"),
     ] {
-        let out = run(args, Duration::from_secs(20));
-        let stderr = String::from_utf8_lossy(&out.stderr);
-        assert_eq!(out.status.code(), Some(1), "{args:?}: {stderr}");
-        assert_eq!(stderr.lines().count(), 1, "{args:?}: one line expected: {stderr}");
-        assert!(stderr.starts_with("memtrace: error: ") && stderr.contains(want), "{args:?}: {stderr}");
-        assert!(out.stdout.is_empty(), "{args:?}: {}", String::from_utf8_lossy(&out.stdout));
+        assert_one_line_error(args, want);
     }
 }
 

@@ -111,12 +111,7 @@ fn vmscan_bad_input_gets_one_line_errors() {
         (&["vmscan", "1", "0"][..], "the count must be at least 1"),
         (&["vmscan", "-p", "999999999"][..], "no such process: 999999999"),
     ] {
-        let out = run(args, Duration::from_secs(30));
-        let stderr = String::from_utf8_lossy(&out.stderr);
-        assert_eq!(out.status.code(), Some(1), "{args:?}: {stderr}");
-        let lines: Vec<&str> = stderr.lines().collect();
-        assert_eq!(lines.len(), 1, "{args:?}: expected one line: {stderr}");
-        assert!(lines[0].starts_with("memtrace: error: ") && lines[0].contains(expect), "{args:?}: {stderr}");
+        assert_one_line_error(args, expect);
     }
     assert_detached("vmscan");
 }

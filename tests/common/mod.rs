@@ -237,3 +237,16 @@ pub fn assert_detached(tool: &str) {
         std::thread::sleep(Duration::from_millis(100));
     }
 }
+
+/// Runs memtrace with bad input: it must exit 1 with one line, `memtrace: error: ...` containing
+/// `expect`, print nothing on stdout, and leave none of the tool's (`args[0]`) programs loaded.
+pub fn assert_one_line_error(args: &[&str], expect: &str) {
+    let out = run(args, Duration::from_secs(30));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{args:?}: {stderr}");
+    let lines: Vec<&str> = stderr.lines().collect();
+    assert_eq!(lines.len(), 1, "{args:?}: expected one line: {stderr}");
+    assert!(lines[0].starts_with("memtrace: error: ") && lines[0].contains(expect), "{args:?}: {stderr}");
+    assert!(out.stdout.is_empty(), "{args:?}: {}", String::from_utf8_lossy(&out.stdout));
+    assert_detached(args[0]);
+}
