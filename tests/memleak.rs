@@ -151,7 +151,6 @@ fn memleak_kernel_mode_shows_kmalloc_stacks() {
     assert_detached("memleak");
 }
 
-
 #[test]
 fn memleak_bad_input_gets_one_line_errors() {
     if !bpf_available("memleak_bad_input_gets_one_line_errors") {
@@ -220,4 +219,33 @@ fn memleak_signals_print_a_final_report_and_detach() {
         drop(stdin);
         assert!(target.wait().unwrap().success());
     }
+}
+
+/// A replacement allocator preloaded into the command is found and probed by default; what it
+/// lacks (mmap, pvalloc) is still probed in libc, so every leak is reported exactly.
+#[test]
+fn memleak_follows_a_preloaded_jemalloc() {
+    if !bpf_available("memleak_follows_a_preloaded_jemalloc") {
+        return;
+    }
+    let jemalloc = "/usr/lib/x86_64-linux-gnu/libjemalloc.so.2";
+    assert!(
+        std::path::Path::new(jemalloc).exists(),
+        "{jemalloc} is missing: `cargo xtask setup` installs libjemalloc2"
+    );
+    let leaky = prog("leaky");
+    let child = memtrace()
+        .args(["memleak", "--json", "-T", "100", "-c", leaky.to_str().unwrap()])
+        .env("LD_PRELOAD", jemalloc)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let out = wait_output(child, Duration::from_secs(60));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert!(stderr.contains(&format!("through {jemalloc}")), "{stderr}");
+    let report = final_report(&String::from_utf8_lossy(&out.stdout));
+    assert_leaks(&report, "leaky.c", LEAKY_C, "no_leak");
+    assert_detached("memleak");
 }

@@ -73,34 +73,67 @@ pub fn check_elf(path: &Path) -> Result<()> {
 const LIB_DIRS: &[&str] =
     &["/lib/x86_64-linux-gnu", "/usr/lib/x86_64-linux-gnu", "/lib64", "/usr/lib64", "/lib", "/usr/lib"];
 
-/// The allocator library of a running process: its libc, or the executable itself when it
-/// is statically linked.
-pub fn allocator_of_pid(pid: u32) -> Result<PathBuf> {
+/// Allocator libraries that replace libc's malloc when linked or preloaded.
+const ALLOCATORS: &[&str] = &["libjemalloc", "libtcmalloc", "libmimalloc", "libhoard", "libsnmalloc"];
+
+fn is_allocator(path: &str) -> bool {
+    let name = path.rsplit('/').next().unwrap_or(path);
+    ALLOCATORS.iter().any(|a| name.starts_with(a))
+}
+
+/// Where a process's allocator functions live: `primary` holds malloc and free (a replacement
+/// allocator when one is loaded, else libc, else the static executable); `libc` is where
+/// functions the primary lacks (mmap, pvalloc, ...) are found, when it differs.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Allocator {
+    pub primary: PathBuf,
+    pub libc: Option<PathBuf>,
+}
+
+/// The allocator of a running process, from its memory map.
+pub fn allocator_of_pid(pid: u32) -> Result<Allocator> {
     let maps =
         fs::read_to_string(format!("/proc/{pid}/maps")).with_context(|| format!("cannot read /proc/{pid}/maps"))?;
-    let libc = maps.lines().filter_map(|l| l.split_whitespace().nth(5)).find(|p| is_libc(p));
-    match libc {
-        Some(path) => Ok(PathBuf::from(path)),
-        None => fs::read_link(format!("/proc/{pid}/exe")).with_context(|| format!("cannot read /proc/{pid}/exe")),
+    let paths: Vec<&str> = maps.lines().filter_map(|l| l.split_whitespace().nth(5)).collect();
+    let libc = paths.iter().find(|p| is_libc(p)).map(PathBuf::from);
+    let primary = match (paths.iter().find(|p| is_allocator(p)), &libc) {
+        (Some(alloc), _) => PathBuf::from(alloc),
+        (None, Some(libc)) => libc.clone(),
+        (None, None) => {
+            fs::read_link(format!("/proc/{pid}/exe")).with_context(|| format!("cannot read /proc/{pid}/exe"))?
+        }
+    };
+    Ok(Allocator { libc: libc.filter(|l| *l != primary), primary })
+}
+
+/// The allocator an executable will use, before it runs: a replacement allocator it is linked
+/// with or that LD_PRELOAD names, else its libc when dynamically linked, else itself.
+pub fn allocator_of_program(exe: &Path) -> Result<Allocator> {
+    check_elf(exe)?;
+    let Some(interp) = elf_interpreter(exe)? else {
+        return Ok(Allocator { primary: exe.to_path_buf(), libc: None });
+    };
+    // musl's dynamic loader is its libc.
+    let libc = if interp.contains("ld-musl") {
+        PathBuf::from(interp)
+    } else {
+        find_library("libc.so.6")
+            .with_context(|| format!("cannot find the libc of {}: give it with -O", exe.display()))?
+    };
+    let preload = std::env::var("LD_PRELOAD").unwrap_or_default();
+    let preloaded = preload
+        .split([' ', ':'])
+        .find(|p| is_allocator(p))
+        .map(|p| if p.contains('/') { Some(PathBuf::from(p)) } else { find_library(p) });
+    let linked = || elf_needed(exe).ok()?.into_iter().find(|n| is_allocator(n)).and_then(|n| find_library(&n));
+    match preloaded.flatten().or_else(linked) {
+        Some(primary) => Ok(Allocator { primary, libc: Some(libc) }),
+        None => Ok(Allocator { primary: libc, libc: None }),
     }
 }
 
-/// The allocator library an executable will use, before it runs: its libc when it is
-/// dynamically linked, itself when static.
-pub fn allocator_of_program(exe: &Path) -> Result<PathBuf> {
-    check_elf(exe)?;
-    let Some(interp) = elf_interpreter(exe)? else {
-        return Ok(exe.to_path_buf());
-    };
-    if interp.contains("ld-musl") {
-        // musl's dynamic loader is its libc.
-        return Ok(PathBuf::from(interp));
-    }
-    LIB_DIRS
-        .iter()
-        .map(|d| Path::new(d).join("libc.so.6"))
-        .find(|p| p.exists())
-        .with_context(|| format!("cannot find the libc of {}: give it with -O", exe.display()))
+fn find_library(name: &str) -> Option<PathBuf> {
+    LIB_DIRS.iter().map(|d| Path::new(d).join(name)).find(|p| p.exists())
 }
 
 fn is_libc(path: &str) -> bool {
@@ -108,24 +141,66 @@ fn is_libc(path: &str) -> bool {
     name.starts_with("libc.so") || name.starts_with("libc-") || name.starts_with("ld-musl")
 }
 
-/// PT_INTERP of a 64-bit little-endian ELF, or None for a static executable.
-fn elf_interpreter(path: &Path) -> Result<Option<String>> {
-    let data = fs::read(path).with_context(|| format!("cannot read {}", path.display()))?;
-    let u16_at = |o: usize| data.get(o..o + 2).map(|b| u16::from_le_bytes([b[0], b[1]]) as usize);
-    let u64_at = |o: usize| data.get(o..o + 8).map(|b| u64::from_le_bytes(b.try_into().unwrap()) as usize);
+/// Program headers of a 64-bit little-endian ELF: (type, file offset, vaddr, file size).
+fn program_headers(data: &[u8], path: &Path) -> Result<Vec<(u32, usize, usize, usize)>> {
     if data.get(4) != Some(&2) {
         bail!("{}: only 64-bit ELF files are supported", path.display());
     }
-    let (phoff, phentsize, phnum) = (u64_at(0x20).unwrap_or(0), u16_at(0x36).unwrap_or(0), u16_at(0x38).unwrap_or(0));
-    for i in 0..phnum {
-        let ph = phoff + i * phentsize;
-        if data.get(ph..ph + 4) == Some(&3u32.to_le_bytes()) {
-            let (off, size) = (u64_at(ph + 8).unwrap_or(0), u64_at(ph + 32).unwrap_or(0));
+    let (phoff, phentsize, phnum) = (u64_at(data, 0x20), u16_at(data, 0x36), u16_at(data, 0x38));
+    Ok((0..phnum)
+        .map(|i| phoff + i * phentsize)
+        .map(|ph| (u16_at(data, ph) as u32, u64_at(data, ph + 8), u64_at(data, ph + 16), u64_at(data, ph + 32)))
+        .collect())
+}
+
+fn u16_at(data: &[u8], o: usize) -> usize {
+    data.get(o..o + 2).map_or(0, |b| u16::from_le_bytes([b[0], b[1]]) as usize)
+}
+
+fn u64_at(data: &[u8], o: usize) -> usize {
+    data.get(o..o + 8).map_or(0, |b| u64::from_le_bytes(b.try_into().expect("8 bytes")) as usize)
+}
+
+const PT_LOAD: u32 = 1;
+const PT_DYNAMIC: u32 = 2;
+const PT_INTERP: u32 = 3;
+
+/// PT_INTERP of an ELF, or None for a static executable.
+fn elf_interpreter(path: &Path) -> Result<Option<String>> {
+    let data = fs::read(path).with_context(|| format!("cannot read {}", path.display()))?;
+    for (kind, off, _, size) in program_headers(&data, path)? {
+        if kind == PT_INTERP {
             let raw = data.get(off..off + size).context("truncated PT_INTERP")?;
             return Ok(Some(String::from_utf8_lossy(raw).trim_end_matches('\0').to_string()));
         }
     }
     Ok(None)
+}
+
+/// The DT_NEEDED libraries of a dynamically linked ELF.
+fn elf_needed(path: &Path) -> Result<Vec<String>> {
+    let data = fs::read(path).with_context(|| format!("cannot read {}", path.display()))?;
+    let headers = program_headers(&data, path)?;
+    // DT_STRTAB is an address: map it to a file offset through the PT_LOAD that holds it.
+    let to_offset = |vaddr: usize| {
+        headers
+            .iter()
+            .find(|&&(k, _, va, size)| k == PT_LOAD && (va..va + size).contains(&vaddr))
+            .map(|&(_, off, va, _)| vaddr - va + off)
+    };
+    let Some(&(_, dyn_off, _, dyn_size)) = headers.iter().find(|h| h.0 == PT_DYNAMIC) else { return Ok(Vec::new()) };
+    let entries: Vec<(usize, usize)> =
+        (dyn_off..dyn_off + dyn_size).step_by(16).map(|e| (u64_at(&data, e), u64_at(&data, e + 8))).collect();
+    let Some(strtab) = entries.iter().find(|e| e.0 == 5).and_then(|e| to_offset(e.1)) else { return Ok(Vec::new()) };
+    Ok(entries
+        .iter()
+        .filter(|e| e.0 == 1)
+        .filter_map(|e| {
+            let start = strtab + e.1;
+            let end = start + data.get(start..)?.iter().position(|&b| b == 0)?;
+            Some(String::from_utf8_lossy(&data[start..end]).into_owned())
+        })
+        .collect())
 }
 
 /// Resolves when process `pid` exits (pidfd: no polling, no races with PID reuse).
@@ -287,9 +362,20 @@ mod tests {
     }
 
     #[test]
-    fn finds_the_interpreter_of_a_dynamic_program() {
+    fn finds_the_interpreter_and_libraries_of_a_dynamic_program() {
         let interp = elf_interpreter(Path::new("/bin/sh")).unwrap().unwrap();
         assert!(interp.contains("ld-linux"), "{interp}");
-        assert!(allocator_of_program(Path::new("/bin/sh")).unwrap().ends_with("libc.so.6"));
+        assert!(elf_needed(Path::new("/bin/sh")).unwrap().contains(&"libc.so.6".to_string()));
+        if std::env::var_os("LD_PRELOAD").is_none() {
+            let alloc = allocator_of_program(Path::new("/bin/sh")).unwrap();
+            assert!(alloc.primary.ends_with("libc.so.6") && alloc.libc.is_none(), "{alloc:?}");
+        }
+    }
+
+    #[test]
+    fn replacement_allocators_are_recognised() {
+        assert!(is_allocator("/usr/lib/x86_64-linux-gnu/libjemalloc.so.2"));
+        assert!(is_allocator("libtcmalloc_minimal.so.4"));
+        assert!(!is_allocator("/usr/lib/x86_64-linux-gnu/libc.so.6"));
     }
 }

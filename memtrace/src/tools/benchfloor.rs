@@ -20,7 +20,7 @@ pub struct Args {
 pub async fn run(args: Args) -> Result<()> {
     kernel::require_root()?;
     target::check_pid(args.pid)?;
-    let libc = target::allocator_of_pid(args.pid)?;
+    let libc = target::allocator_of_pid(args.pid)?.primary;
     let mut bpf = kernel::load(OBJECT, |_| {})?;
     let placement = kernel::placement::Placement::new(&libc);
     let attach = |bpf: &mut aya::Ebpf, prog: &str, func: &str| {

@@ -15,7 +15,7 @@ use memtrace_common::memleak::{Config, Event, KmemOffsets};
 
 use crate::{
     kernel::{self, UprobeError, placement::Placement, tracefs::Format},
-    target::{self, Child, ChildEvent},
+    target::{self, Allocator, Child, ChildEvent},
 };
 use report::{Maps, Session};
 
@@ -109,11 +109,11 @@ const USER_PROBES: &[(&str, &str)] = &[
 
 /// Where the report's numbers come from.
 enum Mode {
-    /// One process, through uprobes on `obj` (its allocator); `child` when memtrace started it.
+    /// One process, through uprobes on its allocator; `child` when memtrace started it.
     User {
         pid: u32,
         child: Option<Child>,
-        obj: PathBuf,
+        alloc: Allocator,
     },
     Kernel,
 }
@@ -133,22 +133,14 @@ pub async fn run(args: Args) -> Result<()> {
             let argv =
                 shlex::split(cmd).filter(|a| !a.is_empty()).context("-c needs a command, e.g. -c \"./prog arg\"")?;
             let exe = target::find_program(&argv[0])?;
-            let obj = match &args.obj {
-                Some(obj) => obj.clone(),
-                None => target::allocator_of_program(&exe)?,
-            };
-            target::check_elf(&obj)?;
+            let alloc = with_obj(target::allocator_of_program(&exe)?, args.obj.as_ref())?;
             let child = Child::spawn(&argv)?;
-            Mode::User { pid: child.pid, child: Some(child), obj }
+            Mode::User { pid: child.pid, child: Some(child), alloc }
         }
         (None, Some(pid)) => {
             target::check_pid(pid)?;
-            let obj = match &args.obj {
-                Some(obj) => obj.clone(),
-                None => target::allocator_of_pid(pid)?,
-            };
-            target::check_elf(&obj)?;
-            Mode::User { pid, child: None, obj }
+            let alloc = with_obj(target::allocator_of_pid(pid)?, args.obj.as_ref())?;
+            Mode::User { pid, child: None, alloc }
         }
         (None, None) => Mode::Kernel,
     };
@@ -178,9 +170,10 @@ pub async fn run(args: Args) -> Result<()> {
 
     let mut duty = None;
     let (pid, mut child) = match mode {
-        Mode::User { pid, child, obj } => {
+        Mode::User { pid, child, alloc } => {
+            let obj = alloc.primary.clone();
             let skip = if args.duty_cycle.is_some() { DutyCycle::HOT } else { &[] };
-            let probes = attach_user(&mut bpf, &obj, &args.symbols_prefix, pid, skip)?;
+            let probes = attach_user(&mut bpf, &alloc, &args.symbols_prefix, pid, skip)?;
             if let Some(pct) = args.duty_cycle {
                 let period = Duration::from_millis(args.duty_period_ms.max(10));
                 let window = Array::try_from(bpf.take_map("WINDOW").context("internal: no WINDOW map")?)?;
@@ -188,7 +181,8 @@ pub async fn run(args: Args) -> Result<()> {
                 cycle.open(&mut bpf)?;
                 duty = Some(cycle);
             }
-            let sampled = args.duty_cycle.map(|p| format!(", malloc/calloc/realloc {p}% of the time")).unwrap_or_default();
+            let sampled =
+                args.duty_cycle.map(|p| format!(", malloc/calloc/realloc {p}% of the time")).unwrap_or_default();
             eprintln!(
                 "memtrace: memleak: tracing pid {pid} ({}) through {} with {probes} probes{sampled}; Ctrl-C to stop",
                 if child.is_some() { args.command.clone().unwrap_or_default() } else { target::comm(pid) },
@@ -295,31 +289,52 @@ async fn recv_child(child: &mut Option<Child>) -> Option<ChildEvent> {
     }
 }
 
-/// Attaches the allocator probes; missing optional functions are skipped with a note.
-fn attach_user(bpf: &mut Ebpf, obj: &std::path::Path, prefix: &str, pid: u32, skip: &[&str]) -> Result<usize> {
+/// `-O` replaces the detected allocator; the detected libc still serves what it lacks.
+fn with_obj(detected: Allocator, obj: Option<&PathBuf>) -> Result<Allocator> {
+    let alloc = match obj {
+        None => detected,
+        Some(obj) => {
+            let libc = detected.libc.unwrap_or(detected.primary);
+            Allocator { libc: Some(libc).filter(|l| l != obj), primary: obj.clone() }
+        }
+    };
+    target::check_elf(&alloc.primary)?;
+    Ok(alloc)
+}
+
+/// Attaches the allocator probes. Each function is probed in the allocator library, else in
+/// libc (a jemalloc program still gets mmap and pvalloc from libc); missing optional functions
+/// are skipped with a note.
+fn attach_user(bpf: &mut Ebpf, alloc: &Allocator, prefix: &str, pid: u32, skip: &[&str]) -> Result<usize> {
     let mut attached = 0;
-    let placement = Placement::new(obj);
+    let placements: Vec<(&std::path::Path, Placement, &str)> = std::iter::once((alloc.primary.as_path(), prefix))
+        .chain(alloc.libc.as_deref().map(|l| (l, "")))
+        .map(|(obj, prefix)| (obj, Placement::new(obj), prefix))
+        .collect();
+    let obj = alloc.primary.as_path();
     let mut attach = |bpf: &mut Ebpf, prog: &str, func: &str, required: bool| -> Result<bool> {
         if skip.contains(&func) {
             return Ok(false);
         }
-        let symbol = format!("{prefix}{func}");
-        let offset = entry_offset(&placement, prog, &symbol, func);
-        match kernel::attach_uprobe(bpf, prog, obj, &symbol, offset, Some(pid)) {
-            Ok(_) => {
-                attached += 1;
-                Ok(true)
+        for (lib, placement, prefix) in &placements {
+            let symbol = format!("{prefix}{func}");
+            let offset = entry_offset(placement, prog, &symbol, func);
+            match kernel::attach_uprobe(bpf, prog, lib, &symbol, offset, Some(pid)) {
+                Ok(_) => {
+                    attached += 1;
+                    return Ok(true);
+                }
+                // malloc and free must come from the allocator itself.
+                Err(UprobeError::NoSymbol) if required => bail!(
+                    "{} has no {symbol}: it is not the allocator (give the right library with -O, or the prefix with --symbols-prefix)",
+                    lib.display()
+                ),
+                Err(UprobeError::NoSymbol) => continue,
+                Err(UprobeError::Other(e)) => return Err(e),
             }
-            Err(UprobeError::NoSymbol) if !required => {
-                tracing::info!("{} has no {symbol}: not traced", obj.display());
-                Ok(false)
-            }
-            Err(UprobeError::NoSymbol) => bail!(
-                "{} has no {symbol}: it is not the allocator (give the right library with -O, or the prefix with --symbols-prefix)",
-                obj.display()
-            ),
-            Err(UprobeError::Other(e)) => Err(e),
         }
+        tracing::info!("{} has no {prefix}{func}: not traced", obj.display());
+        Ok(false)
     };
     // Return probes and frees first, so no call is seen entering without being seen leaving.
     for &(func, _) in USER_PROBES {
