@@ -142,7 +142,6 @@ fn brkstack_writes_folded_stacks() {
     assert!(line.contains("main;grow_heap;"), "root first: {line}");
 }
 
-
 #[test]
 fn brkstack_bad_input_gets_one_line_errors() {
     if !bpf_available("brkstack_bad_input_gets_one_line_errors") {

@@ -174,7 +174,6 @@ fn faults_kernel_mode_shows_copy_to_user_stacks() {
     assert_detached("faults");
 }
 
-
 #[test]
 fn faults_bad_input_gets_one_line_errors() {
     if !bpf_available("faults_bad_input_gets_one_line_errors") {

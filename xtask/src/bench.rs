@@ -45,13 +45,24 @@ pub fn run(runs: usize, iterations: u64) -> Result<u8> {
     rows.push(untraced.row("untraced", base));
     // The floor as naive tracers place probes (at each function's first instruction, as bcc
     // does), and the same floor placed like memleak's probes: the second is the fair floor.
-    let naive =
-        measure(&opts, n, &workload, Some(Tracer::new(&memtrace, &["benchfloor", "--naive"], Check::None)), &mut failures)?;
+    let naive = measure(
+        &opts,
+        n,
+        &workload,
+        Some(Tracer::new(&memtrace, &["benchfloor", "--naive"], Check::None)),
+        &mut failures,
+    )?;
     rows.push(naive.row("floor, probes at +0 (empty uprobe + uretprobe insert + free delete)", base));
-    let floor = measure(&opts, n, &workload, Some(Tracer::new(&memtrace, &["benchfloor"], Check::None)), &mut failures)?;
+    let floor =
+        measure(&opts, n, &workload, Some(Tracer::new(&memtrace, &["benchfloor"], Check::None)), &mut failures)?;
     rows.push(floor.row("floor, probes placed as memleak's", base));
-    let memleak =
-        measure(&opts, n, &workload, Some(Tracer::new(&memtrace, &["memleak", "--json"], Check::Exact)), &mut failures)?;
+    let memleak = measure(
+        &opts,
+        n,
+        &workload,
+        Some(Tracer::new(&memtrace, &["memleak", "--json"], Check::Exact)),
+        &mut failures,
+    )?;
     rows.push(memleak.row("memtrace memleak -p PID", base));
     let sampled = measure(
         &opts,

@@ -7,7 +7,10 @@
 
 use std::{fs::File, os::unix::fs::FileExt as _, path::Path};
 
-use blazesym::inspect::{Inspector, source::{Elf, Source}};
+use blazesym::inspect::{
+    Inspector,
+    source::{Elf, Source},
+};
 
 /// Entry-probe placement for the functions of one ELF file (its symbol table is read once).
 pub struct Placement<'a> {

@@ -14,8 +14,9 @@ use aya::{
 use memtrace_common::{
     NO_PID, STACK_LOST,
     memleak::{
-        AllocInfo, AllocKey, EV_ALLOC, EV_FREE, EV_NEW_STACK, Event, FN_NAMES, STAT_EVENTS_LOST, STAT_FREE_CALLS, STAT_FREE_CALLS_IN_WINDOW, STAT_FREED,
-        STAT_MAP_FULL, STAT_STACK_LOST, STAT_STACKS_FULL, STAT_TRACKED, STAT_UNKNOWN_FREE, StackKey, StackTotal,
+        AllocInfo, AllocKey, EV_ALLOC, EV_FREE, EV_NEW_STACK, Event, FN_NAMES, STAT_EVENTS_LOST, STAT_FREE_CALLS,
+        STAT_FREE_CALLS_IN_WINDOW, STAT_FREED, STAT_MAP_FULL, STAT_STACK_LOST, STAT_STACKS_FULL, STAT_TRACKED,
+        STAT_UNKNOWN_FREE, StackKey, StackTotal,
     },
 };
 use serde::Serialize;
@@ -274,7 +275,8 @@ impl<'a> Session<'a> {
         // the share of frees seen while recording estimates the share of allocations recorded.
         let estimated = self.args.duty_cycle.is_some();
         let in_window = self.maps.stat(STAT_FREE_CALLS_IN_WINDOW);
-        let scale = if estimated && in_window > 0 { self.maps.stat(STAT_FREE_CALLS) as f64 / in_window as f64 } else { 1.0 };
+        let scale =
+            if estimated && in_window > 0 { self.maps.stat(STAT_FREE_CALLS) as f64 / in_window as f64 } else { 1.0 };
         if scale != 1.0 {
             for row in &mut rows {
                 row.bytes = (row.bytes as f64 * scale).round() as u64;
