@@ -7,10 +7,12 @@
 pub mod brkstack;
 pub mod drsnoop;
 pub mod faults;
+pub mod hfaults;
 pub mod memleak;
 pub mod mmapsnoop;
 pub mod oomkill;
 pub mod shmsnoop;
+pub mod swapin;
 pub mod vmscan;
 
 /// Which tasks a tracer reports, set by user space before load (`-p`, `--comm`).

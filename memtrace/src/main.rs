@@ -42,6 +42,12 @@ enum Tool {
     Vmscan(tools::vmscan::Args),
     /// Each direct reclaim: who stalled and for how long.
     Drsnoop(tools::drsnoop::Args),
+    /// Swap-ins per process per interval.
+    Swapin(tools::swapin::Args),
+    /// Hugetlb page faults per process and file.
+    Hfaults(tools::hfaults::Args),
+    /// What this kernel supports, and how each tool would attach.
+    Probe(tools::probe::Args),
     /// The floor tracer of `cargo xtask bench` (not a tool).
     #[command(hide = true)]
     Benchfloor(tools::benchfloor::Args),
@@ -74,6 +80,9 @@ fn main() -> ExitCode {
             Tool::Faults(args) => tools::faults::run(args).await,
             Tool::Vmscan(args) => tools::vmscan::run(args).await,
             Tool::Drsnoop(args) => tools::drsnoop::run(args).await,
+            Tool::Swapin(args) => tools::swapin::run(args).await,
+            Tool::Hfaults(args) => tools::hfaults::run(args).await,
+            Tool::Probe(args) => tools::probe::run(args).await,
             Tool::Benchfloor(args) => tools::benchfloor::run(args).await,
         }
     });

@@ -1,9 +1,11 @@
-//! Developer tasks for memtrace: `cargo xtask <setup|build|demo|test|bench>`.
+//! Developer tasks for memtrace: `cargo xtask <setup|build|demo|test|vm-test>`.
 
 mod bench;
 mod cmd;
 mod setup;
 mod tasks;
+mod vm;
+mod vm_image;
 
 use std::process::ExitCode;
 
@@ -39,6 +41,9 @@ enum Task {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
+    /// Build a static memtrace and boot it in a QEMU VM running a stock Debian kernel; one
+    /// smoke test per subcommand (kprobes, swap, global reclaim and OOM, hugetlb).
+    VmTest(vm::Options),
 }
 
 fn main() -> ExitCode {
@@ -49,6 +54,7 @@ fn main() -> ExitCode {
         Task::Demo => tasks::demo(),
         Task::Test { args } => tasks::test(&args),
         Task::Bench { runs, iterations } => bench::run(runs, iterations),
+        Task::VmTest(opts) => setup::run().and_then(|()| vm::run(&opts)),
     };
     match result {
         Ok(code) => ExitCode::from(code),

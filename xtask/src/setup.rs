@@ -11,8 +11,12 @@ use anyhow::{Context, Result, bail};
 
 use crate::cmd;
 
-/// Debian packages the build and the tests need (cc for the test programs, make for their builds).
-const APT_PACKAGES: &[&str] = &["gcc", "libc6-dev", "make"];
+/// Debian packages the build and the tests need (cc for the test programs, make for their
+/// builds; qemu, cpio and xz for the VM suite's image, busybox comes from `apt-get download`).
+const APT_PACKAGES: &[&str] = &["gcc", "libc6-dev", "make", "qemu-system-x86", "cpio", "xz-utils"];
+
+/// The static target memtrace is built for inside the VM.
+const MUSL_TARGET: &str = "x86_64-unknown-linux-musl";
 
 /// The bpf-linker release known to build against rustc's own libLLVM (see NOTES.md).
 const BPF_LINKER: &str = "bpf-linker@0.13.0";
@@ -26,6 +30,7 @@ pub fn run() -> Result<()> {
     step("nightly toolchain", nightly_present, install_nightly)?;
     step("rust-src (nightly)", rust_src_present, install_rust_src)?;
     step("bpf-linker", bpf_linker_works, install_bpf_linker)?;
+    step("rust target x86_64-unknown-linux-musl", musl_present, install_musl)?;
     step("tracefs", tracefs_mounted, mount_tracefs)?;
     Ok(())
 }
@@ -154,6 +159,16 @@ fn find_libllvm(dir: &Path) -> Result<(PathBuf, u32)> {
         }
     }
     bail!("no libLLVM.so.<version> in {}: this rustc does not ship its LLVM as a shared library", dir.display())
+}
+
+/// The VM suite's memtrace is static (musl), so the initramfs needs no libraries.
+fn musl_present() -> Result<bool> {
+    let list = cmd::stdout(cmd::new("rustup").args(["target", "list", "--installed"]))?;
+    Ok(list.lines().any(|line| line == MUSL_TARGET))
+}
+
+fn install_musl() -> Result<()> {
+    cmd::run(cmd::new("rustup").args(["target", "add", MUSL_TARGET]))
 }
 
 fn tracefs_mounted() -> Result<bool> {

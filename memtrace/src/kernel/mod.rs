@@ -2,6 +2,7 @@
 //! kallsyms, feature checks, loading objects and attaching programs with fallbacks.
 //! Tools ask this module; none of them probes the kernel by itself.
 
+pub mod btf;
 pub mod kallsyms;
 pub mod placement;
 pub mod tracefs;

@@ -24,6 +24,8 @@ const DIRECT: &[AttachPoint] = &[AttachPoint {
         Probe::Tracepoint { prog: "drsnoop_direct_end", category: "vmscan", names: &["mm_vmscan_direct_reclaim_end"] },
     ],
 }];
+/// How drsnoop attaches (memcg reclaim is an optional extra), as `memtrace probe` reports it.
+pub const ATTACH: &[AttachPoint] = DIRECT;
 
 const MEMCG: &[AttachPoint] = &[AttachPoint {
     label: "tracepoints vmscan:mm_vmscan_memcg_reclaim_begin/end",

@@ -6,11 +6,14 @@ pub mod benchfloor;
 pub mod brkstack;
 pub mod drsnoop;
 pub mod faults;
+pub mod hfaults;
 pub mod memleak;
 pub mod mmapsnoop;
 pub mod oomkill;
+pub mod probe;
 pub mod shmsnoop;
 pub mod stacks;
+pub mod swapin;
 pub mod vmscan;
 
 use std::time::Duration;
@@ -106,6 +109,7 @@ pub enum End {
 /// Streams `EVENTS` into `tool` until a signal, `--duration`, the `-p` process exits, or
 /// `max_ticks` ticks. Prints `ready` (the line tests and scripts wait for) once live, and the
 /// lost-event count (from the `LOST` per-CPU counter) at the end.
+#[expect(clippy::too_many_arguments, reason = "each is a distinct part of a run; a struct would only rename them")]
 pub async fn stream(
     bpf: &mut Ebpf,
     name: &str,

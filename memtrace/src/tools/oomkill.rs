@@ -33,6 +33,8 @@ const ATTACH_POINTS: &[AttachPoint] = &[
     },
     AttachPoint { label: "tracepoint oom:mark_victim", probes: &[VICTIM_TP] },
 ];
+/// The attach points in order of preference, as `memtrace probe` reports them.
+pub const ATTACH: &[AttachPoint] = ATTACH_POINTS;
 
 /// Trace OOM kills: victim, trigger, memory, memory cgroup, load average.
 #[derive(clap::Args, Debug)]

@@ -20,7 +20,7 @@ use crate::{
 const OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/vmscan"));
 
 /// (program, tracepoint names, newest first): kernels rename some of them.
-const TRACEPOINTS: &[(&str, &[&str])] = &[
+pub const TRACEPOINTS: &[(&str, &[&str])] = &[
     ("vmscan_slab_start", &["mm_shrink_slab_start"]),
     ("vmscan_slab_end", &["mm_shrink_slab_end"]),
     ("vmscan_direct_begin", &["mm_vmscan_direct_reclaim_begin"]),

@@ -1,0 +1,278 @@
+//! probe: what this kernel offers memtrace (BPF, BTF, kprobes, uprobes, ring buffer, each
+//! tracepoint the tools use), and for each subcommand the attach method it would use here or
+//! why it cannot run. Nothing is attached: attach points are resolved with `kernel::resolve`.
+
+use std::path::Path;
+
+use anyhow::Result;
+use serde::Serialize;
+
+use crate::{
+    kernel::{self, AttachPoint, Probe},
+    output,
+    tools::{brkstack, drsnoop, faults, hfaults, mmapsnoop, oomkill, shmsnoop, swapin, vmscan},
+};
+
+#[derive(clap::Args, Debug)]
+pub struct Args {
+    /// One JSON object on stdout.
+    #[arg(long)]
+    pub json: bool,
+}
+
+const fn tp(category: &'static str, names: &'static [&'static str]) -> Probe {
+    Probe::Tracepoint { prog: "", category, names }
+}
+
+/// How a subcommand attaches.
+enum Plan {
+    /// Attach points in order of preference: the first that resolves is used.
+    Points(&'static [AttachPoint]),
+    /// vmscan: each tracepoint is optional (a missing one leaves its column at 0); at least one.
+    AnyOf(&'static str, &'static str, &'static [(&'static str, &'static [&'static str])]),
+}
+
+/// Every subcommand but memleak's user mode (uprobes, found per allocator at run time).
+const PLANS: &[(&str, Plan)] = &[
+    ("memleak-kernel", Plan::Points(MEMLEAK_KERNEL)),
+    ("oomkill", Plan::Points(oomkill::ATTACH)),
+    ("mmapsnoop", Plan::Points(mmapsnoop::ATTACH)),
+    ("brkstack", Plan::Points(brkstack::ATTACH)),
+    ("shmsnoop", Plan::Points(shmsnoop::ATTACH)),
+    ("faults", Plan::Points(faults::ATTACH)),
+    ("vmscan", Plan::AnyOf("tracepoints vmscan:*", "vmscan", vmscan::TRACEPOINTS)),
+    ("drsnoop", Plan::Points(drsnoop::ATTACH)),
+    ("swapin", Plan::Points(swapin::ATTACH)),
+    ("hfaults", Plan::Points(hfaults::ATTACH)),
+];
+
+/// memleak's kernel mode attaches tracepoints one by one (the `_node` variants when present);
+/// these are the ones it cannot do without. TODO: fold into memleak.rs as `pub const`.
+const MEMLEAK_KERNEL: &[AttachPoint] = &[AttachPoint {
+    label: "tracepoints kmem:{kmalloc,kfree,kmem_cache_alloc,kmem_cache_free,mm_page_alloc,mm_page_free}",
+    probes: &[
+        tp("kmem", &["kmalloc"]),
+        tp("kmem", &["kfree"]),
+        tp("kmem", &["kmem_cache_alloc"]),
+        tp("kmem", &["kmem_cache_free"]),
+        tp("kmem", &["mm_page_alloc"]),
+        tp("kmem", &["mm_page_free"]),
+    ],
+}];
+
+/// Tracepoints used by some tool but not in PLANS' probe lists (optional columns, memcg mode).
+const MORE_TRACEPOINTS: &[(&str, &str)] = &[
+    ("kmem", "kmalloc_node"),
+    ("kmem", "kmem_cache_alloc_node"),
+    ("percpu", "percpu_alloc_percpu"),
+    ("percpu", "percpu_free_percpu"),
+    ("exceptions", "page_fault_kernel"),
+];
+
+#[derive(Serialize)]
+struct Feature {
+    name: &'static str,
+    /// "yes", "no" or "unknown".
+    state: &'static str,
+    detail: String,
+}
+
+#[derive(Serialize)]
+struct ToolPlan {
+    tool: &'static str,
+    /// The attach method chosen here, or None when the tool cannot run.
+    method: Option<String>,
+    /// The concrete functions and tracepoints of that method.
+    targets: Vec<String>,
+    /// Why each more-preferred method (or every method) is unusable.
+    unusable: Vec<String>,
+}
+
+#[derive(Serialize)]
+struct Report {
+    kernel: String,
+    features: Vec<Feature>,
+    tracepoints: Vec<(String, bool)>,
+    tools: Vec<ToolPlan>,
+}
+
+pub async fn run(args: Args) -> Result<()> {
+    let report = Report { kernel: kernel_release(), features: features(), tracepoints: tracepoints(), tools: plans() };
+    if args.json {
+        let value = serde_json::json!({
+            "kernel": report.kernel,
+            "features": report.features.iter()
+                .map(|f| (f.name.to_string(), serde_json::json!({"state": f.state, "detail": f.detail})))
+                .collect::<serde_json::Map<_, _>>(),
+            "tracepoints": report.tracepoints.iter()
+                .map(|(n, ok)| (n.clone(), serde_json::Value::Bool(*ok)))
+                .collect::<serde_json::Map<_, _>>(),
+            "tools": report.tools,
+        });
+        return output::json_line(&value);
+    }
+    output::line(&format!("kernel {}", report.kernel))?;
+    output::line("features:")?;
+    for f in &report.features {
+        output::line(&format!("  {:<18} {:<8} {}", f.name, f.state, f.detail))?;
+    }
+    output::line("tracepoints:")?;
+    for (name, ok) in &report.tracepoints {
+        output::line(&format!("  {:<40} {}", name, if *ok { "yes" } else { "no" }))?;
+    }
+    output::line("tools:")?;
+    for t in &report.tools {
+        let how = match &t.method {
+            Some(m) => m.clone(),
+            None => format!("cannot run: {}", t.unusable.join("; ")),
+        };
+        output::line(&format!("  {:<16} {how}", t.tool))?;
+    }
+    Ok(())
+}
+
+fn kernel_release() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/osrelease").map_or_else(|_| "unknown".into(), |s| s.trim().into())
+}
+
+fn yes_no(ok: bool) -> &'static str {
+    if ok { "yes" } else { "no" }
+}
+
+fn features() -> Vec<Feature> {
+    let (bpf, bpf_detail) = match map_create(BPF_MAP_TYPE_ARRAY, 4, 8, 1) {
+        Ok(()) => (true, "bpf(BPF_MAP_CREATE) works".to_string()),
+        Err(e) => (false, format!("bpf(BPF_MAP_CREATE): {e}")),
+    };
+    let btf = Path::new("/sys/kernel/btf/vmlinux").exists();
+    let kprobes = kernel::kprobes_available();
+    let uprobes = Path::new("/sys/bus/event_source/devices/uprobe").exists();
+    // The ring buffer map (5.8+): creating a one-page one is the cheapest proof.
+    let ring = map_create(BPF_MAP_TYPE_RINGBUF, 0, 0, 4096);
+    let (ring_state, ring_detail) = match (&ring, bpf) {
+        (Ok(()), _) => ("yes", "BPF_MAP_TYPE_RINGBUF created".to_string()),
+        (Err(e), true) => ("no", format!("BPF_MAP_TYPE_RINGBUF: {e} (needs kernel 5.8+)")),
+        (Err(_), false) => ("unknown", "no BPF syscall to try it with".to_string()),
+    };
+    let tracefs = kernel::tracefs::root().map(|p| p.display().to_string());
+    vec![
+        Feature { name: "bpf syscall", state: yes_no(bpf), detail: bpf_detail },
+        Feature { name: "btf", state: yes_no(btf), detail: "/sys/kernel/btf/vmlinux".into() },
+        Feature {
+            name: "tracefs",
+            state: yes_no(tracefs.is_ok()),
+            detail: tracefs.unwrap_or_else(|e| format!("{e:#}")),
+        },
+        Feature {
+            name: "kprobes",
+            state: yes_no(kprobes),
+            detail: "/sys/bus/event_source/devices/kprobe (CONFIG_KPROBES)".into(),
+        },
+        Feature {
+            name: "uprobes",
+            state: yes_no(uprobes),
+            detail: "/sys/bus/event_source/devices/uprobe (CONFIG_UPROBES)".into(),
+        },
+        Feature { name: "ring buffer", state: ring_state, detail: ring_detail },
+        Feature {
+            name: "fentry",
+            state: "unknown",
+            detail: "not probed (no memtrace tool uses it; kernel lockdown can forbid it)".into(),
+        },
+    ]
+}
+
+const BPF_MAP_TYPE_ARRAY: u32 = 2;
+const BPF_MAP_TYPE_RINGBUF: u32 = 27;
+
+/// Creates and closes a map: a cheap feature test that needs no program.
+fn map_create(map_type: u32, key_size: u32, value_size: u32, max_entries: u32) -> std::io::Result<()> {
+    #[repr(C)]
+    struct MapCreate {
+        map_type: u32,
+        key_size: u32,
+        value_size: u32,
+        max_entries: u32,
+        rest: [u8; 112],
+    }
+    let attr = MapCreate { map_type, key_size, value_size, max_entries, rest: [0; 112] };
+    // SAFETY: attr is larger than what the kernel reads for BPF_MAP_CREATE, and zeroed past it.
+    let fd = unsafe { libc::syscall(libc::SYS_bpf, 0, &attr as *const MapCreate, size_of::<MapCreate>()) };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: closing the fd just created.
+    unsafe { libc::close(fd as i32) };
+    Ok(())
+}
+
+/// Every tracepoint any tool may use (first name of each alternative list), sorted.
+fn tracepoints() -> Vec<(String, bool)> {
+    let mut all: Vec<(&str, &str)> = MORE_TRACEPOINTS.to_vec();
+    for (_, plan) in PLANS {
+        match plan {
+            Plan::Points(points) => {
+                for p in points.iter().flat_map(|p| p.probes) {
+                    if let Probe::Tracepoint { category, names, .. } = *p {
+                        all.extend(names.iter().map(|n| (category, *n)));
+                    }
+                }
+            }
+            Plan::AnyOf(_, category, list) => {
+                all.extend(list.iter().flat_map(|(_, names)| names.iter().map(|n| (*category, *n))));
+            }
+        }
+    }
+    all.sort();
+    all.dedup();
+    all.into_iter().map(|(cat, name)| (format!("{cat}:{name}"), kernel::tracefs::exists(cat, name))).collect()
+}
+
+fn plans() -> Vec<ToolPlan> {
+    let uprobes = Path::new("/sys/bus/event_source/devices/uprobe").exists();
+    let mut out = vec![ToolPlan {
+        tool: "memleak",
+        method: uprobes.then(|| "uprobes on the allocator (malloc, free, ...)".to_string()),
+        targets: Vec::new(),
+        unusable: if uprobes {
+            Vec::new()
+        } else {
+            vec!["uprobes: this kernel has no uprobes (CONFIG_UPROBES)".into()]
+        },
+    }];
+    out.extend(PLANS.iter().map(|(tool, p)| match p {
+        Plan::Points(points) => plan(tool, points),
+        Plan::AnyOf(label, category, list) => any_of(tool, label, category, list),
+    }));
+    out
+}
+
+fn any_of(tool: &'static str, label: &str, category: &str, list: &[(&str, &'static [&'static str])]) -> ToolPlan {
+    let (found, missing): (Vec<_>, Vec<_>) =
+        list.iter().map(|(_, names)| kernel::tracepoint_name(category, names)).partition(Result::is_ok);
+    let targets: Vec<String> = found.into_iter().flatten().map(|n| format!("tracepoint:{category}:{n}")).collect();
+    let unusable: Vec<String> = missing.into_iter().filter_map(Result::err).collect();
+    let method = (!targets.is_empty()).then(|| label.to_string());
+    ToolPlan { tool, method, targets, unusable }
+}
+
+fn plan(tool: &'static str, points: &[AttachPoint]) -> ToolPlan {
+    let mut unusable = Vec::new();
+    for p in points {
+        match kernel::resolve(p) {
+            Ok(resolved) => {
+                let targets = resolved
+                    .iter()
+                    .map(|(probe, target)| match probe {
+                        Probe::Kprobe { .. } => format!("kprobe:{target}"),
+                        Probe::Kretprobe { .. } => format!("kretprobe:{target}"),
+                        Probe::Tracepoint { category, .. } => format!("tracepoint:{category}:{target}"),
+                    })
+                    .collect();
+                return ToolPlan { tool, method: Some(p.label.to_string()), targets, unusable };
+            }
+            Err(why) => unusable.push(format!("{}: {why}", p.label)),
+        }
+    }
+    ToolPlan { tool, method: None, targets: Vec::new(), unusable }
+}

@@ -1,0 +1,170 @@
+//! swapin: swap-ins per process per interval (like bcc's swapin), optionally per user stack.
+//! A kprobe on the function that reads from swap; the counts live in the kernel and are read
+//! and cleared each interval.
+
+use std::time::Duration;
+
+use anyhow::{Context as _, Result, bail};
+use aya::maps::{HashMap, MapData, PerCpuArray, StackTraceMap};
+use memtrace_common::swapin::{Config, NewStack, STAT_COUNTS_FULL, STAT_STACK_LOST, SwapKey};
+use serde::Serialize;
+
+use crate::{
+    kernel::{self, AttachPoint, Probe},
+    output,
+    symbolize::Frame,
+    tools::{self, CommonArgs, c_str, read_event, stacks::Stacks},
+};
+
+const OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/swapin"));
+
+/// No tracepoint fires on swap-in (6.1 to 6.18), so a kernel without kprobes cannot run this.
+pub const ATTACH: &[AttachPoint] = &[AttachPoint {
+    label: "kprobe swap_read_folio/swap_readpage",
+    // Renamed from swap_readpage in 6.10.
+    probes: &[Probe::Kprobe { prog: "swapin_read", funcs: &["swap_read_folio", "swap_readpage"] }],
+}];
+
+/// Count swap-ins per process (and per user stack with --stack).
+#[derive(clap::Args, Debug)]
+pub struct Args {
+    /// Seconds between reports.
+    #[arg(default_value_t = 1)]
+    pub interval: u64,
+    /// Number of reports, then exit (default: until Ctrl-C, --duration or the -p process exits).
+    pub count: Option<u64>,
+    /// Print a timestamp line before each report.
+    #[arg(short = 'T', long)]
+    pub timestamp: bool,
+    /// Also count per user stack of the task that swapped in.
+    #[arg(long)]
+    pub stack: bool,
+    #[command(flatten)]
+    pub common: CommonArgs,
+}
+
+pub async fn run(args: Args) -> Result<()> {
+    kernel::require_root()?;
+    if args.interval == 0 {
+        bail!("the interval must be at least 1 second");
+    }
+    if args.count == Some(0) {
+        bail!("the count must be at least 1");
+    }
+    let mut signals = tools::Signals::catch()?;
+    let filter = args.common.filter()?;
+    if let Err(why) = kernel::resolve(&ATTACH[0]) {
+        bail!("swapin needs a kprobe on swap_read_folio/swap_readpage and {why}; no tracepoint reports swap-ins");
+    }
+    let config = Config { stacks: args.stack.into(), _pad: 0 };
+    let mut bpf = kernel::load(OBJECT, |loader| {
+        loader.override_global("FILTER", &filter, true).override_global("CONFIG", &config, true);
+    })?;
+    let how = kernel::attach_preferred(&mut bpf, "swapin", ATTACH)?;
+    let mut take = |name: &str| bpf.take_map(name).with_context(|| format!("internal: no map {name}"));
+    let counts = HashMap::try_from(take("COUNTS")?)?;
+    let stats = PerCpuArray::try_from(take("STATS")?)?;
+    let mut stacks = Stacks::new(Some(StackTraceMap::try_from(take("STACKS")?)?), false)?;
+    if let Some(pid) = args.common.pid {
+        stacks.watch(pid);
+    }
+    let mut state = State { args: &args, counts, stats, stacks, total: 0 };
+    let ready = format!("counting swap-ins ({how})");
+    let tick = Some(Duration::from_secs(args.interval));
+    tools::stream(&mut bpf, "swapin", &args.common, &mut signals, tick, args.count, &ready, &mut state).await?;
+    Ok(())
+}
+
+struct State<'a> {
+    args: &'a Args,
+    counts: HashMap<MapData, SwapKey, u64>,
+    stats: PerCpuArray<MapData, u64>,
+    stacks: Stacks,
+    total: u64,
+}
+
+#[derive(Serialize)]
+struct Row {
+    pid: u32,
+    comm: String,
+    count: u64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    stack: Option<Vec<Frame>>,
+}
+
+impl State<'_> {
+    /// Reads and clears the counts. An increment landing between read and delete is lost;
+    /// at one swap-in per page that is rare enough to leave unlocked.
+    fn drain(&mut self) -> Vec<Row> {
+        let keys: Vec<SwapKey> = self.counts.keys().filter_map(Result::ok).collect();
+        let mut rows: Vec<Row> = Vec::new();
+        for key in keys {
+            let Ok(count) = self.counts.get(&key, 0) else { continue };
+            let _ = self.counts.remove(&key);
+            let stack = self.args.stack.then(|| self.stacks.user(key.pid, key.stack_id, true));
+            rows.push(Row { pid: key.pid, comm: c_str(&key.comm), count, stack });
+        }
+        rows.sort_by(|a, b| b.count.cmp(&a.count).then(a.pid.cmp(&b.pid)));
+        self.total += rows.iter().map(|r| r.count).sum::<u64>();
+        rows
+    }
+
+    fn stat(&self, index: u32) -> u64 {
+        self.stats.get(&index, 0).map(|v| v.iter().sum()).unwrap_or(0)
+    }
+
+    fn report(&mut self, rows: Vec<Row>) -> Result<()> {
+        if self.args.common.json {
+            let value = serde_json::json!({ "time": output::now_ms(), "swapins": rows });
+            return output::json_line(&value);
+        }
+        if self.args.timestamp {
+            output::line(&output::hms())?;
+        }
+        output::line(&format!("{:<16} {:>7} {:>8}", "COMM", "PID", "COUNT"))?;
+        for row in &rows {
+            output::line(&format!("{:<16} {:>7} {:>8}", row.comm, row.pid, row.count))?;
+            if let Some(frames) = &row.stack {
+                let mut text = String::new();
+                output::write_stack(&mut text, frames, "    ");
+                output::line(text.trim_end())?;
+            }
+        }
+        output::line("")
+    }
+}
+
+impl tools::Stream for State<'_> {
+    fn event(&mut self, data: &[u8]) -> Result<()> {
+        // Symbolize a new stack while its process lives; the result is cached.
+        if let Some(new) = read_event::<NewStack>(data) {
+            let _ = self.stacks.user(new.pid, new.stack_id, true);
+        }
+        Ok(())
+    }
+
+    fn tick(&mut self) -> Result<()> {
+        let rows = self.drain();
+        self.report(rows)
+    }
+
+    fn finish(&mut self, lost: u64) -> Result<()> {
+        // Swap-ins since the last tick belong to the run too.
+        let rows = self.drain();
+        if !rows.is_empty() {
+            self.report(rows)?;
+        }
+        let (full, stacks_lost) = (self.stat(STAT_COUNTS_FULL), self.stat(STAT_STACK_LOST));
+        if self.args.common.json {
+            let value = serde_json::json!({
+                "final": true, "events_lost": lost, "total": self.total,
+                "counts_full": full, "stacks_lost": stacks_lost,
+            });
+            return output::json_line(&value);
+        }
+        if full > 0 || stacks_lost > 0 {
+            eprintln!("memtrace: swapin: {full} swap-ins not counted (map full), {stacks_lost} stacks lost");
+        }
+        Ok(())
+    }
+}

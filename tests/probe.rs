@@ -1,0 +1,102 @@
+//! probe against the real kernel: features as the kernel shows them, every tracepoint the
+//! tools use, and each tool's attach method (or why it cannot run), in JSON and as text.
+
+#[path = "common/mod.rs"]
+mod common;
+
+use std::{path::Path, time::Duration};
+
+use common::*;
+use serde_json::Value;
+
+fn probe_json() -> Value {
+    let out = run(&["probe", "--json"], Duration::from_secs(30));
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let lines = json_lines(&String::from_utf8_lossy(&out.stdout));
+    assert_eq!(lines.len(), 1, "probe prints one JSON object");
+    lines[0].clone()
+}
+
+fn tool<'a>(report: &'a Value, name: &str) -> &'a Value {
+    report["tools"].as_array().unwrap().iter().find(|t| t["tool"] == name).unwrap_or_else(|| panic!("no {name}"))
+}
+
+#[test]
+fn probe_reports_features_as_the_kernel_has_them() {
+    if !bpf_available("probe_reports_features_as_the_kernel_has_them") {
+        return;
+    }
+    let r = probe_json();
+    let state =
+        |f: &str| r["features"][f]["state"].as_str().unwrap_or_else(|| panic!("no feature {f}: {r}")).to_string();
+    let kprobes = Path::new("/sys/bus/event_source/devices/kprobe/type").exists();
+    assert_eq!(state("kprobes"), if kprobes { "yes" } else { "no" });
+    assert_eq!(state("bpf syscall"), "yes");
+    assert_eq!(state("btf"), if Path::new("/sys/kernel/btf/vmlinux").exists() { "yes" } else { "no" });
+    assert_eq!(state("uprobes"), "yes");
+    assert_eq!(state("ring buffer"), "yes");
+    assert_eq!(state("fentry"), "unknown");
+    for tp in ["kmem:kmalloc", "oom:mark_victim", "exceptions:page_fault_user", "vmscan:mm_vmscan_direct_reclaim_begin"]
+    {
+        assert_eq!(r["tracepoints"][tp], true, "{tp}: {}", r["tracepoints"]);
+    }
+    // Gone since 6.x: kmalloc_node was merged into kmalloc.
+    assert_eq!(
+        r["tracepoints"]["kmem:kmalloc_node"],
+        Path::new("/sys/kernel/tracing/events/kmem/kmalloc_node").exists()
+    );
+}
+
+#[test]
+fn probe_picks_the_attach_method_each_tool_would_use() {
+    if !bpf_available("probe_picks_the_attach_method_each_tool_would_use") {
+        return;
+    }
+    let r = probe_json();
+    assert!(tool(&r, "memleak")["method"].as_str().unwrap().starts_with("uprobes"), "{r}");
+    let kmem = tool(&r, "memleak-kernel");
+    assert!(kmem["method"].as_str().unwrap().starts_with("tracepoints kmem"), "{kmem}");
+    assert!(kmem["targets"].as_array().unwrap().contains(&"tracepoint:kmem:kmalloc".into()), "{kmem}");
+    if Path::new("/sys/bus/event_source/devices/kprobe/type").exists() {
+        assert_eq!(tool(&r, "oomkill")["method"], "kprobe oom_kill_process");
+        assert_eq!(tool(&r, "hfaults")["method"], "kprobe hugetlb_fault");
+        return;
+    }
+    // No kprobes here: the tracepoint fallbacks, and swapin cannot run at all.
+    assert_eq!(tool(&r, "oomkill")["method"], "tracepoint oom:mark_victim");
+    let oom_why = tool(&r, "oomkill")["unusable"][0].as_str().unwrap().to_string();
+    assert!(oom_why.starts_with("kprobe oom_kill_process: ") && oom_why.contains("no kprobes"), "{oom_why}");
+    assert_eq!(tool(&r, "hfaults")["method"], "tracepoint exceptions:page_fault_user in hugetlb ranges");
+    let swapin = tool(&r, "swapin");
+    assert_eq!(swapin["method"], Value::Null, "{swapin}");
+    assert!(swapin["unusable"][0].as_str().unwrap().contains("CONFIG_KPROBES"), "{swapin}");
+    for name in ["mmapsnoop", "brkstack", "shmsnoop", "faults", "vmscan", "drsnoop"] {
+        assert!(tool(&r, name)["method"].as_str().is_some_and(|m| m.starts_with("tracepoint")), "{name}: {r}");
+    }
+}
+
+#[test]
+fn probe_text_lists_every_tool_once() {
+    let out = run(&["probe"], Duration::from_secs(30));
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let text = String::from_utf8_lossy(&out.stdout);
+    let tools = text.split("tools:\n").nth(1).expect("a tools: section");
+    let names: Vec<&str> = tools.lines().filter_map(|l| l.split_whitespace().next()).collect();
+    assert_eq!(
+        names,
+        [
+            "memleak",
+            "memleak-kernel",
+            "oomkill",
+            "mmapsnoop",
+            "brkstack",
+            "shmsnoop",
+            "faults",
+            "vmscan",
+            "drsnoop",
+            "swapin",
+            "hfaults"
+        ]
+    );
+    assert!(text.contains("\n  kprobes "), "{text}");
+}
