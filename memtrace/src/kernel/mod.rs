@@ -122,7 +122,6 @@ pub fn detach_uprobe(bpf: &mut Ebpf, prog: &str, link: UProbeLinkId) -> Result<(
 #[derive(Clone, Copy, Debug)]
 pub enum Probe {
     Kprobe { prog: &'static str, funcs: &'static [&'static str] },
-    Kretprobe { prog: &'static str, funcs: &'static [&'static str] },
     Tracepoint { prog: &'static str, category: &'static str, names: &'static [&'static str] },
 }
 
@@ -173,7 +172,7 @@ pub fn resolve(point: &AttachPoint) -> Result<Vec<(Probe, &'static str)>, String
         .probes
         .iter()
         .map(|p| match *p {
-            Probe::Kprobe { funcs, .. } | Probe::Kretprobe { funcs, .. } => kernel_function(funcs).map(|f| (*p, f)),
+            Probe::Kprobe { funcs, .. } => kernel_function(funcs).map(|f| (*p, f)),
             Probe::Tracepoint { category, names, .. } => tracepoint_name(category, names).map(|n| (*p, n)),
         })
         .collect()
@@ -194,7 +193,7 @@ pub fn attach_preferred(bpf: &mut Ebpf, tool: &str, points: &[AttachPoint]) -> R
         };
         for (probe, target) in resolved {
             match probe {
-                Probe::Kprobe { prog, .. } | Probe::Kretprobe { prog, .. } => {
+                Probe::Kprobe { prog, .. } => {
                     let kp: &mut aya::programs::KProbe = program(bpf, prog)?.try_into()?;
                     ensure_loaded(kp, prog, |p| p.fd().is_ok(), aya::programs::KProbe::load)?;
                     kp.attach(target, 0).with_context(|| format!("attaching a kprobe to {target} failed"))?;

@@ -265,7 +265,6 @@ fn plan(tool: &'static str, points: &[AttachPoint]) -> ToolPlan {
                     .iter()
                     .map(|(probe, target)| match probe {
                         Probe::Kprobe { .. } => format!("kprobe:{target}"),
-                        Probe::Kretprobe { .. } => format!("kretprobe:{target}"),
                         Probe::Tracepoint { category, .. } => format!("tracepoint:{category}:{target}"),
                     })
                     .collect();
