@@ -20,6 +20,9 @@ use crate::{cmd, tasks};
 const LEAK_EVERY: u64 = 200;
 const LEAK_SIZE: u64 = 64;
 
+/// The steady mmap+munmap rate the mmapsnoop measurement generates.
+const SNOOP_RATE: f64 = 200_000.0;
+
 /// The leak a run of `iterations` makes: (bytes, allocations).
 fn expected_leak(iterations: u64) -> (u64, u64) {
     let n = iterations.div_ceil(LEAK_EVERY);
@@ -81,13 +84,16 @@ pub fn run(runs: usize, iterations: u64) -> Result<u8> {
         &mut failures,
     )?;
     rows.push(duty.row("memtrace memleak --duty-cycle 10 -p PID (estimate)", base));
+    let mut bcc_added = None;
     if let Some(bcc) = which("memleak-bpfcc") {
         let bcc = measure(&opts, n, &workload, Some(Tracer::bcc(&bcc)), &mut failures)?;
-        rows.push(bcc.row("bcc memleak-bpfcc -p PID", base));
+        bcc_added = Some(bcc.median_ns_per_call() - base);
+        rows.push(bcc.row("bcc memleak-bpfcc -o 0 1 -p PID (start-up: to its first report)", base));
     }
 
     let exit_ms = exit_latency(&opts, &workload, &memtrace)?;
     let kernel = kernel_events(&memtrace)?;
+    let snoop = snoop_events(&memtrace)?;
 
     let report = json!({
         "cores": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0),
@@ -97,8 +103,11 @@ pub fn run(runs: usize, iterations: u64) -> Result<u8> {
         "memleak_added_over_floor_added": ratio(memleak.median_ns_per_call() - base, floor.median_ns_per_call() - base),
         "memleak_added_over_naive_floor_added": ratio(memleak.median_ns_per_call() - base, naive.median_ns_per_call() - base),
         "duty_added_over_floor_added": ratio(duty.median_ns_per_call() - base, floor.median_ns_per_call() - base),
+        "memleak_added_over_bcc_added": bcc_added.map(|b| ratio(memleak.median_ns_per_call() - base, b)),
+        "duty_added_over_bcc_added": bcc_added.map(|b| ratio(duty.median_ns_per_call() - base, b)),
         "exit_after_sigint_ms": exit_ms,
         "kernel_memleak": kernel,
+        "mmapsnoop": snoop,
         "failures": failures,
     });
     print_table(&report);
@@ -152,8 +161,11 @@ impl Tracer {
         Tracer { argv, check, ready: "Ctrl-C to stop" }
     }
 
+    /// bcc's memleak prints "Attaching to pid" before its probes are attached, so its first
+    /// report (after a 1 s interval, `-o 0` so nothing is hidden by age) is the ready signal.
     fn bcc(path: &Path) -> Tracer {
-        Tracer { argv: vec![path.display().to_string()], check: Check::None, ready: "Ctrl-C to end" }
+        let argv = [path.display().to_string(), "-o".into(), "0".into(), "1".into()].to_vec();
+        Tracer { argv, check: Check::Exact, ready: "Top 10 stacks with outstanding allocations" }
     }
 }
 
@@ -238,8 +250,9 @@ fn measure(
             let (rss_kib, stdout) = finish_tracer(child, out_rx)?;
             samples.peak_rss_kib.push(rss_kib as f64);
             let t = tracer.as_ref().expect("traced");
-            if t.argv.iter().any(|a| a == "memleak") {
-                let (bytes, allocs) = reported_leak(&stdout);
+            let is_bcc = t.argv[0].ends_with("memleak-bpfcc");
+            if is_bcc || t.argv.iter().any(|a| a == "memleak") {
+                let (bytes, allocs) = if is_bcc { bcc_reported_leak(&stdout) } else { reported_leak(&stdout) };
                 samples.leak_bytes.push(bytes);
                 let error = (bytes as f64 - true_bytes as f64).abs() / true_bytes as f64;
                 samples.leak_error.push(error);
@@ -283,6 +296,8 @@ fn start_tracer(t: &Tracer, pid: u32) -> Result<Started> {
     let mut child = Command::new(&t.argv[0])
         .args(&t.argv[1..])
         .args(["-p", &pid.to_string()])
+        // bcc is Python: without this its report lines sit in a buffer.
+        .env("PYTHONUNBUFFERED", "1")
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
@@ -357,6 +372,25 @@ fn reported_leak(stdout: &str) -> (u64, u64) {
     found
 }
 
+/// Bytes and allocations of the stack through bench_leak in bcc's last text report
+/// ("\t64000 bytes in 1000 allocations from stack" followed by its frames).
+fn bcc_reported_leak(stdout: &str) -> (u64, u64) {
+    let last = stdout.rsplit("Top 10 stacks").next().unwrap_or("");
+    let mut found = (0, 0);
+    let mut current = None;
+    for line in last.lines() {
+        let words: Vec<&str> = line.split_whitespace().collect();
+        if let [bytes, "bytes", "in", allocs, "allocations", ..] = words.as_slice() {
+            current = Some((bytes.parse().unwrap_or(0), allocs.parse().unwrap_or(0)));
+        } else if line.contains("bench_leak")
+            && let Some(c) = current.take()
+        {
+            found = c;
+        }
+    }
+    found
+}
+
 /// Milliseconds from SIGINT to memleak's exit (final report included).
 fn exit_latency(opts: &Opts, workload: &Path, memtrace: &Path) -> Result<Value> {
     let mut ms = Vec::new();
@@ -374,6 +408,60 @@ fn exit_latency(opts: &Opts, workload: &Path, memtrace: &Path) -> Result<Value> 
         let _ = w.wait();
     }
     Ok(stats(&ms))
+}
+
+/// mmapsnoop following this process while it maps and unmaps at a steady SNOOP_RATE calls/s
+/// for 2 s: events delivered per second and events lost.
+fn snoop_events(memtrace: &Path) -> Result<Value> {
+    let mut child = Command::new(memtrace)
+        .args(["mmapsnoop", "--json", "-d", "3", "-p", &std::process::id().to_string()])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()?;
+    let mut stderr = BufReader::new(child.stderr.take().context("stderr")?);
+    let mut line = String::new();
+    while stderr.read_line(&mut line)? > 0 && !line.contains("Ctrl-C to stop") {
+        line.clear();
+    }
+    // Drain its output while the load runs: a full pipe would stall it and lose events.
+    let mut out = child.stdout.take().context("stdout")?;
+    let reader = std::thread::spawn(move || {
+        let mut s = String::new();
+        let _ = out.read_to_string(&mut s);
+        s
+    });
+    let t0 = Instant::now();
+    let mut calls = 0u64;
+    while t0.elapsed() < Duration::from_secs(2) {
+        for _ in 0..500 {
+            // SAFETY: an anonymous page mapped and unmapped at once.
+            unsafe {
+                let p = libc::mmap(
+                    std::ptr::null_mut(),
+                    4096,
+                    libc::PROT_READ,
+                    libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+                    -1,
+                    0,
+                );
+                libc::munmap(p, 4096);
+            }
+        }
+        calls += 1000;
+        // Keep to the rate: a steady load, not a flood.
+        let due = Duration::from_secs_f64(calls as f64 / SNOOP_RATE);
+        if let Some(wait) = due.checked_sub(t0.elapsed()) {
+            std::thread::sleep(wait);
+        }
+    }
+    let stdout = reader.join().map_err(|_| anyhow::anyhow!("the output reader panicked"))?;
+    child.wait()?;
+    let events = stdout.lines().filter(|l| l.starts_with('{') && !l.contains("\"final\"")).count() as u64;
+    let last: Value =
+        stdout.lines().rfind(|l| l.contains("\"final\"")).map(serde_json::from_str).transpose()?.unwrap_or_default();
+    Ok(
+        json!({ "calls_per_sec": calls as f64 / 2.0, "events_per_sec": events as f64 / 2.0, "events": events, "calls": calls, "lost": last["events_lost"] }),
+    )
 }
 
 /// Kernel-mode memleak under a generated load (pipes: kmalloc and free in the kernel):
@@ -455,6 +543,12 @@ fn print_table(r: &Value) {
     println!("\nmemleak's added cost / the placed floor's: {:.3}", num("memleak_added_over_floor_added"));
     println!("memleak's added cost / the naive (+0) floor's: {:.3}", num("memleak_added_over_naive_floor_added"));
     println!("--duty-cycle 10 added cost / the placed floor's: {:.3}", num("duty_added_over_floor_added"));
+    if r["memleak_added_over_bcc_added"].is_number() {
+        println!("memleak's added cost / bcc memleak's: {:.3}", num("memleak_added_over_bcc_added"));
+        println!("--duty-cycle 10 added cost / bcc memleak's: {:.3}", num("duty_added_over_bcc_added"));
+    } else {
+        println!("bcc memleak-bpfcc: not installed here, not measured");
+    }
     for m in r["modes"].as_array().into_iter().flatten() {
         let e = &m["leak_error"];
         if e.is_object() {
@@ -480,6 +574,13 @@ fn print_table(r: &Value) {
         k["allocations_tracked_per_sec"].as_f64().unwrap_or(0.0),
         k["pipes_per_sec"].as_f64().unwrap_or(0.0),
         k["lost"]
+    );
+    let m = &r["mmapsnoop"];
+    println!(
+        "mmapsnoop: {:.0} events/s delivered of {:.0} mmap+munmap calls/s made, {} lost",
+        m["events_per_sec"].as_f64().unwrap_or(0.0),
+        m["calls_per_sec"].as_f64().unwrap_or(0.0),
+        m["lost"]
     );
     for f in r["failures"].as_array().into_iter().flatten() {
         println!("FAILURE: {}", f.as_str().unwrap_or(""));
