@@ -7,70 +7,16 @@ mod common;
 #[path = "common/live.rs"]
 mod live;
 
-use std::{
-    collections::HashMap,
-    io::{BufRead, BufReader, Lines, Write},
-    process::{Child, ChildStdin, ChildStdout, Command, Stdio},
-    time::Duration,
-};
+use std::time::Duration;
 
 use common::*;
 use live::Live;
-use serde_json::{Value, json};
+use serde_json::json;
 
 const PAGE: u64 = 4096;
 
-/// tests/progs/mmapsnoop_maps.c, started and waiting for the line that makes it act.
-struct Maps {
-    child: Child,
-    stdin: Option<ChildStdin>,
-    stdout: Lines<BufReader<ChildStdout>>,
-}
-
-impl Maps {
-    fn start() -> Maps {
-        let mut child =
-            Command::new(prog("mmapsnoop_maps")).stdin(Stdio::piped()).stdout(Stdio::piped()).spawn().unwrap();
-        let mut stdout = BufReader::new(child.stdout.take().unwrap()).lines();
-        assert_eq!(stdout.next().unwrap().unwrap(), "ready");
-        Maps { stdin: child.stdin.take(), child, stdout }
-    }
-
-    fn pid(&self) -> u32 {
-        self.child.id()
-    }
-
-    /// Makes the calls; returns what the program printed: anon, file, small, grown, closed, fd, fd2, path.
-    fn act(&mut self) -> HashMap<String, String> {
-        writeln!(self.stdin.as_mut().unwrap()).unwrap();
-        let line = self.stdout.next().unwrap().unwrap();
-        line.split(' ').filter_map(|kv| kv.split_once('=')).map(|(k, v)| (k.to_string(), v.to_string())).collect()
-    }
-
-    /// Lets the program exit.
-    fn end(mut self) {
-        drop(self.stdin.take());
-        assert!(self.child.wait().unwrap().success());
-    }
-}
-
 fn hex(v: &str) -> u64 {
     u64::from_str_radix(v.trim_start_matches("0x"), 16).unwrap_or_else(|e| panic!("{v}: {e}"))
-}
-
-/// Checks the fields of `expected` in `event`, naming the event on failure.
-fn assert_fields(event: &Value, expected: &Value) {
-    for (key, want) in expected.as_object().unwrap() {
-        assert_eq!(&event[key], want, "field {key} of {event:#}");
-    }
-}
-
-/// Splits JSON output into the events and the final object.
-fn events_and_final(stdout: &str) -> (Vec<Value>, Value) {
-    let mut lines = json_lines(stdout);
-    let last = lines.pop().unwrap_or_else(|| panic!("no JSON in:\n{stdout}"));
-    assert_eq!(last["final"], true, "the last object is not the final one: {last}");
-    (lines, last)
 }
 
 #[test]
@@ -78,7 +24,7 @@ fn mmapsnoop_reports_each_call_exactly() {
     if !bpf_available("mmapsnoop_reports_each_call_exactly") {
         return;
     }
-    let mut maps = Maps::start();
+    let mut maps = Gated::start("mmapsnoop_maps");
     let pid = maps.pid();
     let mut mt = Live::start(&["mmapsnoop", "--json", "-p", &pid.to_string()]);
     mt.wait_ready();
@@ -159,7 +105,7 @@ fn mmapsnoop_failed_only_in_a_table() {
     if !bpf_available("mmapsnoop_failed_only_in_a_table") {
         return;
     }
-    let mut maps = Maps::start();
+    let mut maps = Gated::start("mmapsnoop_maps");
     let pid = maps.pid();
     let mut mt = Live::start(&["mmapsnoop", "--failed", "-T", "--comm", "mmapsnoop_maps"]);
     mt.wait_ready();

@@ -7,65 +7,14 @@ mod common;
 #[path = "common/live.rs"]
 mod live;
 
-use std::{
-    collections::HashMap,
-    io::{BufRead, BufReader, Lines, Write},
-    process::{Child, ChildStdin, ChildStdout, Command, Stdio},
-    time::Duration,
-};
+use std::time::Duration;
 
 use common::*;
 use live::Live;
-use serde_json::{Value, json};
-
-/// tests/progs/shmsnoop_shm.c, started and waiting for the line that makes it act.
-struct Shm {
-    child: Child,
-    stdin: Option<ChildStdin>,
-    stdout: Lines<BufReader<ChildStdout>>,
-}
-
-impl Shm {
-    fn start() -> Shm {
-        let mut child =
-            Command::new(prog("shmsnoop_shm")).stdin(Stdio::piped()).stdout(Stdio::piped()).spawn().unwrap();
-        let mut stdout = BufReader::new(child.stdout.take().unwrap()).lines();
-        assert_eq!(stdout.next().unwrap().unwrap(), "ready");
-        Shm { stdin: child.stdin.take(), child, stdout }
-    }
-
-    fn pid(&self) -> u32 {
-        self.child.id()
-    }
-
-    /// Makes the calls; returns what the program printed: key, id, addr.
-    fn act(&mut self) -> HashMap<String, String> {
-        writeln!(self.stdin.as_mut().unwrap()).unwrap();
-        let line = self.stdout.next().unwrap().unwrap();
-        line.split(' ').filter_map(|kv| kv.split_once('=')).map(|(k, v)| (k.to_string(), v.to_string())).collect()
-    }
-
-    fn end(mut self) {
-        drop(self.stdin.take());
-        assert!(self.child.wait().unwrap().success());
-    }
-}
+use serde_json::json;
 
 fn hex(v: &str) -> u64 {
     u64::from_str_radix(v.trim_start_matches("0x"), 16).unwrap_or_else(|e| panic!("{v}: {e}"))
-}
-
-fn assert_fields(event: &Value, expected: &Value) {
-    for (key, want) in expected.as_object().unwrap() {
-        assert_eq!(&event[key], want, "field {key} of {event:#}");
-    }
-}
-
-fn events_and_final(stdout: &str) -> (Vec<Value>, Value) {
-    let mut lines = json_lines(stdout);
-    let last = lines.pop().unwrap_or_else(|| panic!("no JSON in:\n{stdout}"));
-    assert_eq!(last["final"], true, "the last object is not the final one: {last}");
-    (lines, last)
 }
 
 #[test]
@@ -73,7 +22,7 @@ fn shmsnoop_reports_each_call_exactly() {
     if !bpf_available("shmsnoop_reports_each_call_exactly") {
         return;
     }
-    let mut shm = Shm::start();
+    let mut shm = Gated::start("shmsnoop_shm");
     let pid = shm.pid();
     let mut mt = Live::start(&["shmsnoop", "--json", "-p", &pid.to_string()]);
     mt.wait_ready();
@@ -131,7 +80,7 @@ fn shmsnoop_failed_only_in_a_table() {
     if !bpf_available("shmsnoop_failed_only_in_a_table") {
         return;
     }
-    let mut shm = Shm::start();
+    let mut shm = Gated::start("shmsnoop_shm");
     let pid = shm.pid();
     let mut mt = Live::start(&["shmsnoop", "--failed", "-T", "--comm", "shmsnoop_shm"]);
     mt.wait_ready();

@@ -250,3 +250,54 @@ pub fn assert_one_line_error(args: &[&str], expect: &str) {
     assert!(out.stdout.is_empty(), "{args:?}: {}", String::from_utf8_lossy(&out.stdout));
     assert_detached(args[0]);
 }
+
+/// A test program that prints "ready", acts when it reads a line, prints one line of
+/// `key=value` results, and exits at end of input: the tracer attaches in between.
+pub struct Gated {
+    child: Child,
+    stdin: Option<std::process::ChildStdin>,
+    stdout: std::io::Lines<BufReader<std::process::ChildStdout>>,
+}
+
+impl Gated {
+    /// Starts tests/progs/<name> and waits for its "ready".
+    pub fn start(name: &str) -> Gated {
+        let mut child = Command::new(prog(name)).stdin(Stdio::piped()).stdout(Stdio::piped()).spawn().unwrap();
+        let mut stdout = BufReader::new(child.stdout.take().unwrap()).lines();
+        assert_eq!(stdout.next().unwrap().unwrap(), "ready", "{name}");
+        Gated { stdin: child.stdin.take(), child, stdout }
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Makes the program act; returns the `key=value` pairs it printed.
+    pub fn act(&mut self) -> std::collections::HashMap<String, String> {
+        use std::io::Write as _;
+        writeln!(self.stdin.as_mut().unwrap()).unwrap();
+        let line = self.stdout.next().unwrap().unwrap();
+        line.split(' ').filter_map(|kv| kv.split_once('=')).map(|(k, v)| (k.to_string(), v.to_string())).collect()
+    }
+
+    /// Lets the program exit, and checks it succeeded.
+    pub fn end(mut self) {
+        drop(self.stdin.take());
+        assert!(self.child.wait().unwrap().success());
+    }
+}
+
+/// Checks the fields of `expected` in `event`, naming the event on failure.
+pub fn assert_fields(event: &Value, expected: &Value) {
+    for (key, want) in expected.as_object().unwrap() {
+        assert_eq!(&event[key], want, "field {key} of {event:#}");
+    }
+}
+
+/// Splits a tracer's JSON output into its events and its final object.
+pub fn events_and_final(stdout: &str) -> (Vec<Value>, Value) {
+    let mut lines = json_lines(stdout);
+    let last = lines.pop().unwrap_or_else(|| panic!("no JSON in:\n{stdout}"));
+    assert_eq!(last["final"], true, "the last object is not the final one: {last}");
+    (lines, last)
+}
