@@ -45,3 +45,32 @@ macro_rules! user_pod {
         )+
     };
 }
+
+#[cfg(test)]
+mod tests {
+    use core::mem::size_of;
+
+    use crate::{Filter, memleak::*};
+
+    // aya reads these as plain bytes: a size above the sum of the fields would be implicit
+    // padding, whose contents are undefined.
+    #[test]
+    fn shared_structs_have_no_implicit_padding() {
+        assert_eq!(size_of::<Filter>(), 4 + 4 + 16);
+        assert_eq!(size_of::<AllocKey>(), 4 + 4 + 8);
+        assert_eq!(size_of::<AllocInfo>(), 8 + 8 + 4 + 4);
+        assert_eq!(size_of::<StackKey>(), 4 + 4);
+        assert_eq!(size_of::<StackTotal>(), 8 + 8);
+        assert_eq!(size_of::<Pending>(), 8 + 8 + 4 + 4);
+        assert_eq!(size_of::<Config>(), 8 + 8 + 4 + 4 + 4 + 4);
+        assert_eq!(size_of::<Event>(), 4 * 4 + 8 * 3 + 4 + 4);
+        assert_eq!(size_of::<KmemOffsets>(), 18 * 4);
+    }
+
+    #[test]
+    fn every_allocator_function_has_a_name() {
+        assert_eq!(FN_NAMES.len(), FN_KFREE as usize + 1);
+        assert_eq!(FN_NAMES[FN_POSIX_MEMALIGN as usize], "posix_memalign");
+        assert_eq!(FN_NAMES[FN_MUNMAP as usize], "munmap");
+    }
+}
