@@ -87,19 +87,21 @@ pub struct Dropped {
 
 impl std::fmt::Display for Dropped {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let parts: Vec<String> = [
+        f.write_str(&blind_spots(&[
             (self.map_full, "allocations untracked (allocation map full: raise --max-allocs)"),
             (self.stacks_lost, "allocations without a stack (stack map full or collided)"),
             (self.unknown_frees, "frees of addresses not seen allocated"),
             (self.stacks_full, "allocations uncounted (stack-totals map full: raise --max-stacks)"),
             (self.events_lost, "events lost (ring buffer full)"),
-        ]
-        .iter()
-        .filter(|(n, _)| *n > 0)
-        .map(|(n, what)| format!("{n} {what}"))
-        .collect();
-        if parts.is_empty() { write!(f, "blind spots: none") } else { write!(f, "blind spots: {}", parts.join(", ")) }
+        ]))
     }
+}
+
+/// The line every report ends with: each non-zero count of what the tool could not see, or
+/// "none", so a quiet report is never mistaken for a complete one.
+pub fn blind_spots(counts: &[(u64, &str)]) -> String {
+    let parts: Vec<String> = counts.iter().filter(|(n, _)| *n > 0).map(|(n, what)| format!("{n} {what}")).collect();
+    if parts.is_empty() { "blind spots: none".into() } else { format!("blind spots: {}", parts.join(", ")) }
 }
 
 /// "1.5 KiB"-style sizes for tables.

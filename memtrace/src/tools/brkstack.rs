@@ -312,18 +312,17 @@ fn render(r: &Report, rows: usize) -> String {
         let _ = writeln!(out, "  {} calls, {:+} bytes: pid {} ({})", s.calls, s.bytes, s.pid, s.comm);
         output::write_stack(&mut out, &s.frames, "      ");
     }
-    let blind: Vec<String> = [
-        (r.events_lost.unwrap_or(0), "events lost (ring buffer full)"),
-        (r.stacks_lost, "calls without a stack (stack map full or collided)"),
-        (r.stacks_full, "calls uncounted (per-stack map full)"),
-        (r.growth_unknown, "calls with unknown growth (previous break not seen)"),
-        (r.exits_without_entry, "calls seen leaving but not entering"),
-    ]
-    .iter()
-    .filter(|(n, _)| *n > 0)
-    .map(|(n, what)| format!("{n} {what}"))
-    .collect();
-    let _ = write!(out, "  blind spots: {}", if blind.is_empty() { "none".to_string() } else { blind.join(", ") });
+    let _ = write!(
+        out,
+        "  {}",
+        output::blind_spots(&[
+            (r.events_lost.unwrap_or(0), "events lost (ring buffer full)"),
+            (r.stacks_lost, "calls without a stack (stack map full or collided)"),
+            (r.stacks_full, "calls uncounted (per-stack map full)"),
+            (r.growth_unknown, "calls with unknown growth (previous break not seen)"),
+            (r.exits_without_entry, "calls seen leaving but not entering"),
+        ])
+    );
     out
 }
 

@@ -364,18 +364,17 @@ fn render(r: &Report, procs: usize, rows: usize) -> String {
         }
         output::write_stack(&mut out, &s.frames, "      ");
     }
-    let blind: Vec<String> = [
-        (r.events_lost.unwrap_or(0), "events lost (ring buffer full)"),
-        (r.stacks_lost, "faults without a user stack"),
-        (r.kernel_stacks_lost, "kernel faults without a kernel stack"),
-        (r.stacks_full, "faults not counted per stack (map full)"),
-        (r.processes_full, "faults not counted per process (map full)"),
-    ]
-    .iter()
-    .filter(|(n, _)| *n > 0)
-    .map(|(n, what)| format!("{n} {what}"))
-    .collect();
-    let _ = write!(out, "  blind spots: {}", if blind.is_empty() { "none".to_string() } else { blind.join(", ") });
+    let _ = write!(
+        out,
+        "  {}",
+        output::blind_spots(&[
+            (r.events_lost.unwrap_or(0), "events lost (ring buffer full)"),
+            (r.stacks_lost, "faults without a user stack"),
+            (r.kernel_stacks_lost, "kernel faults without a kernel stack"),
+            (r.stacks_full, "faults not counted per stack (map full)"),
+            (r.processes_full, "faults not counted per process (map full)"),
+        ])
+    );
     out
 }
 
