@@ -104,9 +104,22 @@ pub fn attach_uprobe(
         Err(ProgramError::UProbeError(aya::programs::uprobe::UProbeError::SymbolError { .. })) => {
             Err(UprobeError::NoSymbol)
         }
-        Err(e) => Err(UprobeError::Other(
-            anyhow!(e).context(format!("attaching a uprobe to {symbol} in {} failed", target.display())),
-        )),
+        Err(e) => {
+            let e = anyhow!(e);
+            // The kernel refuses a second uprobe at the same place whose reference-counter
+            // offset differs (dmesg: "ref_ctr_offset mismatch"); bcc registers with a non-zero one.
+            let clash = e
+                .chain()
+                .any(|c| c.downcast_ref::<std::io::Error>().and_then(|io| io.raw_os_error()) == Some(libc::EINVAL));
+            let hint = if clash {
+                " (another tracer, such as bcc's memleak, probes this function in an incompatible way: stop it and retry)"
+            } else {
+                ""
+            };
+            Err(UprobeError::Other(
+                e.context(format!("attaching a uprobe to {symbol} in {} failed{hint}", target.display())),
+            ))
+        }
     }
 }
 
