@@ -59,8 +59,9 @@ mod tests {
         assert_eq!(size_of::<Filter>(), 4 + 4 + 16);
         assert_eq!(size_of::<AllocKey>(), 4 + 4 + 8);
         assert_eq!(size_of::<AllocInfo>(), 8 + 8 + 4 + 4);
-        assert_eq!(size_of::<StackKey>(), 4 + 4);
-        assert_eq!(size_of::<StackTotal>(), 8 + 8);
+        assert_eq!(size_of::<StackKey>(), 4 * 4);
+        assert_eq!(size_of::<Tracked>(), 4 + 4);
+        assert_eq!(size_of::<ForkOffsets>(), 4 + 4);
         assert_eq!(size_of::<Pending>(), 8 + 8 + 4 + 4);
         assert_eq!(size_of::<Config>(), 8 + 8 + 4 + 4 + 4 + 4);
         assert_eq!(size_of::<Event>(), 4 * 4 + 8 * 3 + 4 + 4);

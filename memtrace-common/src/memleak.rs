@@ -2,14 +2,35 @@
 
 use crate::user_pod;
 
-/// One outstanding allocation. User mode keys by (tgid, address) so that two processes'
-/// heaps never alias; kernel mode uses `pid = NO_PID`.
+/// One outstanding allocation. User mode keys by (tgid, image, address) so that two
+/// processes' heaps never alias, nor a process's heaps before and after an exec; kernel
+/// mode uses `pid = NO_PID`.
 #[repr(C)]
 #[derive(Copy, Clone, Debug, Default, PartialEq, Eq, Hash)]
 pub struct AllocKey {
     pub pid: u32,
-    pub _pad: u32,
+    /// How many execs the process made since tracing began (`Tracked::image`).
+    pub image: u32,
     pub addr: u64,
+}
+
+/// A process memleak follows, keyed by tgid in `TRACKED`. User space adds the first one;
+/// the kernel side adds the children it forks (with `Config::children`).
+#[repr(C)]
+#[derive(Copy, Clone, Debug, Default)]
+pub struct Tracked {
+    /// Bumped at each exec: the old image's allocations end with it.
+    pub image: u32,
+    /// The tracked process that forked it; 0 for the first one.
+    pub parent: u32,
+}
+
+/// Byte offsets of `task:task_newtask`'s fields on the running kernel.
+#[repr(C)]
+#[derive(Copy, Clone, Debug, Default)]
+pub struct ForkOffsets {
+    pub pid: u32,
+    pub clone_flags: u32,
 }
 
 #[repr(C)]
@@ -22,20 +43,15 @@ pub struct AllocInfo {
     pub func: u32,
 }
 
-/// Key of the per-stack totals: the same stack id in two processes is two rows.
+/// A stack of one process image: the same stack id in two processes, or before and after
+/// an exec, is two rows.
 #[repr(C)]
 #[derive(Copy, Clone, Debug, Default, PartialEq, Eq, Hash)]
 pub struct StackKey {
     pub pid: u32,
+    pub image: u32,
     pub stack_id: u32,
-}
-
-/// Outstanding bytes and allocation count of one stack, kept up to date in the kernel.
-#[repr(C)]
-#[derive(Copy, Clone, Debug, Default)]
-pub struct StackTotal {
-    pub bytes: u64,
-    pub allocs: u64,
+    pub _pad: u32,
 }
 
 /// A call in flight on one thread, between the allocator's entry and its return.
@@ -62,12 +78,13 @@ pub struct Config {
     pub trace: u32,
     /// Non-zero: allocations are recorded only while `WINDOW[0]` is set (`--duty-cycle`).
     pub duty: u32,
-    pub _pad: u32,
+    /// Non-zero: children forked by a tracked process are tracked too (`-c`, `--children`).
+    pub children: u32,
 }
 
 impl Default for Config {
     fn default() -> Self {
-        Config { min_size: 0, max_size: u64::MAX, sample_rate: 1, trace: 0, duty: 0, _pad: 0 }
+        Config { min_size: 0, max_size: u64::MAX, sample_rate: 1, trace: 0, duty: 0, children: 0 }
     }
 }
 
@@ -101,6 +118,10 @@ pub const EV_ALLOC: u32 = 1;
 pub const EV_FREE: u32 = 2;
 /// First allocation seen from a (pid, stack): user space symbolizes it while the process lives.
 pub const EV_NEW_STACK: u32 = 3;
+/// A tracked process forked a child (`pid`); `addr` holds the parent, `size` the clone flags.
+pub const EV_FORK: u32 = 4;
+/// A tracked process (`pid`) called exec; `size` holds its new generation.
+pub const EV_EXEC: u32 = 5;
 
 #[repr(C)]
 #[derive(Copy, Clone, Debug, Default)]
@@ -113,7 +134,8 @@ pub struct Event {
     pub size: u64,
     pub timestamp_ns: u64,
     pub func: u32,
-    pub _pad: u32,
+    /// The process image (`AllocKey::image`) the event belongs to.
+    pub image: u32,
 }
 
 /// Allocator entry points, in `AllocInfo::func` and `Event::func`.
@@ -167,7 +189,8 @@ pub const STAT_STACK_LOST: u32 = 3;
 pub const STAT_UNKNOWN_FREE: u32 = 4;
 /// Allocations that returned NULL.
 pub const STAT_FAILED: u32 = 5;
-/// Allocations whose stack row could not be created because the per-stack map was full.
+/// New stacks not announced to user space because the `SEEN` set was full (they are still
+/// counted, and symbolized at report time instead of at once).
 pub const STAT_STACKS_FULL: u32 = 6;
 /// Ring-buffer events dropped because user space fell behind.
 pub const STAT_EVENTS_LOST: u32 = 7;
@@ -177,6 +200,16 @@ pub const STAT_REPLACED: u32 = 8;
 /// their ratio estimates what share of the allocator's activity was recorded.
 pub const STAT_FREE_CALLS: u32 = 9;
 pub const STAT_FREE_CALLS_IN_WINDOW: u32 = 10;
-pub const STAT_COUNT: u32 = 11;
+/// Children not followed because the `TRACKED` map was full.
+pub const STAT_UNTRACKED_CHILDREN: u32 = 11;
+/// Frees of unknown addresses not remembered while a child's inheritance was being copied
+/// (`EARLY_FREES` full): such a block may then show as outstanding in the child.
+pub const STAT_EARLY_FULL: u32 = 12;
+pub const STAT_COUNT: u32 = 13;
 
-user_pod!(AllocKey, AllocInfo, StackKey, StackTotal, Pending, Config, KmemOffsets, Event);
+/// `clone` flags that decide whether a new task is a process of its own.
+pub const CLONE_VM: u64 = 0x100;
+pub const CLONE_VFORK: u64 = 0x4000;
+pub const CLONE_THREAD: u64 = 0x10000;
+
+user_pod!(AllocKey, AllocInfo, StackKey, Tracked, ForkOffsets, Pending, Config, KmemOffsets, Event);

@@ -14,21 +14,24 @@ use aya_ebpf::{
 use memtrace_common::{
     NO_PID, STACK_LOST,
     memleak::{
-        AllocInfo, AllocKey, Config, EV_ALLOC, EV_FREE, EV_NEW_STACK, Event, FN_ALIGNED_ALLOC, FN_CALLOC, FN_FREE,
-        FN_KFREE, FN_KMALLOC, FN_KMEM_CACHE_ALLOC, FN_MALLOC, FN_MEMALIGN, FN_MMAP, FN_MUNMAP, FN_PAGE_ALLOC,
-        FN_PERCPU_ALLOC, FN_POSIX_MEMALIGN, FN_PVALLOC, FN_REALLOC, FN_REALLOCARRAY, FN_VALLOC, KmemOffsets, Pending,
-        STAT_COUNT, STAT_EVENTS_LOST, STAT_FAILED, STAT_FREE_CALLS, STAT_FREE_CALLS_IN_WINDOW, STAT_FREED,
-        STAT_MAP_FULL, STAT_REPLACED, STAT_STACK_LOST, STAT_STACKS_FULL, STAT_TRACKED, STAT_UNKNOWN_FREE, StackKey,
-        StackTotal,
+        AllocInfo, AllocKey, CLONE_THREAD, CLONE_VM, Config, EV_ALLOC, EV_EXEC, EV_FORK, EV_FREE, EV_NEW_STACK, Event,
+        FN_ALIGNED_ALLOC, FN_CALLOC, FN_FREE, FN_KFREE, FN_KMALLOC, FN_KMEM_CACHE_ALLOC, FN_MALLOC, FN_MEMALIGN,
+        FN_MMAP, FN_MUNMAP, FN_PAGE_ALLOC, FN_PERCPU_ALLOC, FN_POSIX_MEMALIGN, FN_PVALLOC, FN_REALLOC, FN_REALLOCARRAY,
+        FN_VALLOC, ForkOffsets, KmemOffsets, Pending, STAT_COUNT, STAT_EARLY_FULL, STAT_EVENTS_LOST, STAT_FAILED,
+        STAT_FREE_CALLS, STAT_FREE_CALLS_IN_WINDOW, STAT_FREED, STAT_MAP_FULL, STAT_REPLACED, STAT_STACK_LOST,
+        STAT_STACKS_FULL, STAT_TRACKED, STAT_UNKNOWN_FREE, STAT_UNTRACKED_CHILDREN, StackKey, Tracked,
     },
 };
-use memtrace_ebpf::{BPF_NOEXIST, EEXIST, atomic_add, bump, tp_u32, tp_u64};
+use memtrace_ebpf::{BPF_NOEXIST, EEXIST, bump, tp_u32, tp_u64};
 
 memtrace_ebpf::license!();
 
 #[unsafe(no_mangle)]
 static CONFIG: Global<Config> =
-    Global::new(Config { min_size: 0, max_size: u64::MAX, sample_rate: 1, trace: 0, duty: 0, _pad: 0 });
+    Global::new(Config { min_size: 0, max_size: u64::MAX, sample_rate: 1, trace: 0, duty: 0, children: 0 });
+
+#[unsafe(no_mangle)]
+static FORK: Global<ForkOffsets> = Global::new(ForkOffsets { pid: 0, clone_flags: 0 });
 
 #[unsafe(no_mangle)]
 static KMEM: Global<KmemOffsets> = Global::new(KmemOffsets {
@@ -55,8 +58,20 @@ static KMEM: Global<KmemOffsets> = Global::new(KmemOffsets {
 // Sizes here are defaults; user space resizes ALLOCS and STACKS (`--max-allocs`, `--max-stacks`).
 #[btf_map]
 static ALLOCS: HashMap<AllocKey, AllocInfo, 262_144> = HashMap::new();
+/// (pid, image, stack) rows already announced to user space with `EV_NEW_STACK`.
 #[btf_map]
-static TOTALS: HashMap<StackKey, StackTotal, 16_384> = HashMap::new();
+static SEEN: HashMap<StackKey, u32, 16_384> = HashMap::new();
+/// The processes traced in user mode, and the image each is in.
+#[btf_map]
+static TRACKED: HashMap<u32, Tracked, 4096> = HashMap::new();
+/// Children forked with their own copy of the parent's heap, until user space has copied the
+/// parent's records of it to the child's pid.
+#[btf_map]
+static COPYING: HashMap<u32, u32, 1024> = HashMap::new();
+/// Frees of unknown addresses by children in `COPYING`: user space skips these addresses
+/// when it copies.
+#[btf_map]
+static EARLY_FREES: HashMap<AllocKey, u32, 16_384> = HashMap::new();
 #[btf_map]
 static PENDING: HashMap<u32, Pending, 16_384> = HashMap::new();
 // 64 frames keep a bucket at 512 bytes, so the table can be large enough that hash collisions
@@ -77,7 +92,7 @@ fn window_open() -> bool {
 }
 
 #[inline(always)]
-fn emit(kind: u32, pid: u32, tid: u32, stack_id: u32, addr: u64, size: u64, func: u32) {
+fn emit(kind: u32, pid: u32, image: u32, tid: u32, stack_id: u32, addr: u64, size: u64, func: u32) {
     let event = Event {
         kind,
         pid,
@@ -88,30 +103,17 @@ fn emit(kind: u32, pid: u32, tid: u32, stack_id: u32, addr: u64, size: u64, func
         // SAFETY: helper without preconditions.
         timestamp_ns: unsafe { bpf_ktime_get_ns() },
         func,
-        _pad: 0,
+        image,
     };
     if EVENTS.output(&event, 0).is_err() {
         bump(&STATS, STAT_EVENTS_LOST);
     }
 }
 
-/// Adds `bytes`/`allocs` (wrapping: negated values subtract) to a stack's totals.
+/// Records one allocation in the per-address map, and tells user space about a stack the
+/// first time a process image uses it.
 #[inline(always)]
-fn add_to_stack(key: &StackKey, bytes: u64, allocs: u64) -> bool {
-    if let Some(total) = TOTALS.get_ptr_mut(key) {
-        // SAFETY: the pointer comes from the map lookup and fields are 8-byte aligned.
-        unsafe {
-            atomic_add(&raw mut (*total).bytes, bytes);
-            atomic_add(&raw mut (*total).allocs, allocs);
-        }
-        return true;
-    }
-    false
-}
-
-/// Records one allocation: its per-address entry and its stack's totals.
-#[inline(always)]
-fn record<C: StackIdContext>(ctx: &C, pid: u32, tid: u32, addr: u64, size: u64, func: u32, stack_flags: u64) {
+fn record<C: StackIdContext>(ctx: &C, key: AllocKey, tid: u32, size: u64, func: u32, stack_flags: u64) {
     let stack_id = match ctx.get_stackid(&STACKS, stack_flags) {
         Ok(id) => id as u32,
         Err(_) => {
@@ -119,7 +121,6 @@ fn record<C: StackIdContext>(ctx: &C, pid: u32, tid: u32, addr: u64, size: u64, 
             STACK_LOST
         }
     };
-    let key = AllocKey { pid, _pad: 0, addr };
     let info = AllocInfo {
         size,
         // SAFETY: helper without preconditions.
@@ -130,12 +131,7 @@ fn record<C: StackIdContext>(ctx: &C, pid: u32, tid: u32, addr: u64, size: u64, 
     match ALLOCS.insert(&key, &info, BPF_NOEXIST) {
         Ok(()) => {}
         Err(EEXIST) => {
-            // A free we never saw: take the stale record off its stack before replacing it.
-            // SAFETY: value copied out of the map at once.
-            if let Some(old) = unsafe { ALLOCS.get(&key) }.copied() {
-                let old_key = StackKey { pid, stack_id: old.stack_id };
-                add_to_stack(&old_key, old.size.wrapping_neg(), u64::MAX);
-            }
+            // A free we never saw: the newer block replaces the stale record.
             bump(&STATS, STAT_REPLACED);
             if ALLOCS.insert(&key, &info, 0).is_err() {
                 bump(&STATS, STAT_MAP_FULL);
@@ -147,53 +143,55 @@ fn record<C: StackIdContext>(ctx: &C, pid: u32, tid: u32, addr: u64, size: u64, 
             return;
         }
     }
-    let skey = StackKey { pid, stack_id };
-    if !add_to_stack(&skey, size, 1) {
-        let total = StackTotal { bytes: size, allocs: 1 };
-        match TOTALS.insert(&skey, &total, BPF_NOEXIST) {
-            Ok(()) => {
-                if pid != NO_PID && stack_id != STACK_LOST {
-                    emit(EV_NEW_STACK, pid, tid, stack_id, addr, size, func);
-                }
-            }
-            // Another CPU created the row between our lookup and insert.
-            Err(EEXIST) => {
-                add_to_stack(&skey, size, 1);
-            }
-            Err(_) => {
-                // Keep the two maps consistent: an allocation is counted in both or neither.
-                let _ = ALLOCS.remove(&key);
-                bump(&STATS, STAT_STACKS_FULL);
-                return;
-            }
+    if key.pid != NO_PID && stack_id != STACK_LOST {
+        let skey = StackKey { pid: key.pid, image: key.image, stack_id, _pad: 0 };
+        match SEEN.insert(&skey, &0, BPF_NOEXIST) {
+            Ok(()) => emit(EV_NEW_STACK, key.pid, key.image, tid, stack_id, key.addr, size, func),
+            Err(EEXIST) => {}
+            // Still counted; user space symbolizes it at report time instead.
+            Err(_) => bump(&STATS, STAT_STACKS_FULL),
         }
     }
     bump(&STATS, STAT_TRACKED);
     if CONFIG.load().trace != 0 {
-        emit(EV_ALLOC, pid, tid, stack_id, addr, size, func);
+        emit(EV_ALLOC, key.pid, key.image, tid, stack_id, key.addr, size, func);
     }
 }
 
-/// Forgets the allocation at `addr`; `count_unknown` says whether a miss is a blind spot.
+/// Forgets the allocation at `key`; `count_unknown` says whether a miss is a blind spot.
 #[inline(always)]
-fn forget(pid: u32, tid: u32, addr: u64, func: u32, count_unknown: bool) {
-    let key = AllocKey { pid, _pad: 0, addr };
+fn forget(key: AllocKey, tid: u32, func: u32, count_unknown: bool) {
     // SAFETY: value copied out of the map at once.
     let Some(info) = (unsafe { ALLOCS.get(&key) }).copied() else {
-        if count_unknown {
+        // SAFETY: presence check only.
+        if key.pid != NO_PID && unsafe { COPYING.get(&key.pid) }.is_some() {
+            // The block may be one the child inherited and user space has yet to copy.
+            if EARLY_FREES.insert(&key, &0, 0).is_err() {
+                bump(&STATS, STAT_EARLY_FULL);
+            }
+        } else if count_unknown {
             bump(&STATS, STAT_UNKNOWN_FREE);
         }
         return;
     };
-    // Only the caller whose delete succeeds subtracts, so a double free cannot count twice.
+    // Only the caller whose delete succeeds counts it, so a double free cannot count twice.
     if ALLOCS.remove(&key).is_err() {
         return;
     }
-    add_to_stack(&StackKey { pid, stack_id: info.stack_id }, info.size.wrapping_neg(), u64::MAX);
     bump(&STATS, STAT_FREED);
     if CONFIG.load().trace != 0 {
-        emit(EV_FREE, pid, tid, info.stack_id, addr, info.size, func);
+        emit(EV_FREE, key.pid, key.image, tid, info.stack_id, key.addr, info.size, func);
     }
+}
+
+/// The tracked process the current task belongs to: its tgid and image generation. None:
+/// not traced.
+#[inline(always)]
+fn tracked() -> Option<(u32, u32)> {
+    let (pid, _) = ids();
+    // SAFETY: value copied out of the map at once.
+    let t = unsafe { TRACKED.get(&pid) }.copied()?;
+    Some((pid, t.image))
 }
 
 #[inline(always)]
@@ -215,6 +213,9 @@ fn sampled_in(size: u64) -> bool {
 /// Allocator entry: remember the size until the call returns the address.
 #[inline(always)]
 fn enter(size: u64, memptr: u64, func: u32) -> u32 {
+    if tracked().is_none() {
+        return 0;
+    }
     let (_, tid) = ids();
     if let Some(pending) = PENDING.get_ptr_mut(tid) {
         // A call nested in another allocator call (realloc(NULL, n) -> malloc): the outer one
@@ -257,9 +258,10 @@ pub fn memleak_reallocarray(ctx: ProbeContext) -> u32 {
 /// realloc is a free of the old block plus an allocation of the new one.
 #[inline(always)]
 fn realloc_enter(old: u64, size: u64, func: u32) -> u32 {
-    let (pid, tid) = ids();
+    let Some((pid, image)) = tracked() else { return 0 };
+    let (_, tid) = ids();
     if old != 0 {
-        forget(pid, tid, old, func, true);
+        forget(AllocKey { pid, image, addr: old }, tid, func, true);
     }
     if size == 0 && old != 0 {
         // realloc(p, 0) frees p and returns NULL: not a failed allocation.
@@ -301,7 +303,7 @@ pub fn memleak_mmap(ctx: ProbeContext) -> u32 {
 /// One return probe serves every allocator: the pending entry says what was called.
 #[uretprobe]
 pub fn memleak_alloc_ret(ctx: RetProbeContext) -> u32 {
-    let (pid, tid) = ids();
+    let (_, tid) = ids();
     let Some(pending) = PENDING.get_ptr_mut(tid) else {
         return 0;
     };
@@ -331,7 +333,9 @@ pub fn memleak_alloc_ret(ctx: RetProbeContext) -> u32 {
         bump(&STATS, STAT_FAILED);
         return 0;
     }
-    record(&ctx, pid, tid, addr, call.size, call.func, BPF_F_USER_STACK as u64);
+    // An exec between entry and return would have ended the call; the image is the current one.
+    let Some((pid, image)) = tracked() else { return 0 };
+    record(&ctx, AllocKey { pid, image, addr }, tid, call.size, call.func, BPF_F_USER_STACK as u64);
     0
 }
 
@@ -344,18 +348,63 @@ pub fn memleak_free(ctx: ProbeContext) -> u32 {
         }
     }
     let addr = arg(&ctx, 0);
-    if addr != 0 {
-        let (pid, tid) = ids();
-        forget(pid, tid, addr, FN_FREE, true);
+    if addr != 0
+        && let Some((pid, image)) = tracked()
+    {
+        forget(AllocKey { pid, image, addr }, ids().1, FN_FREE, true);
     }
     0
 }
 
 #[uprobe]
 pub fn memleak_munmap(ctx: ProbeContext) -> u32 {
-    let (pid, tid) = ids();
-    // The allocator unmaps its own chunks from inside free(): a miss here is not a blind spot.
-    forget(pid, tid, arg(&ctx, 0), FN_MUNMAP, false);
+    if let Some((pid, image)) = tracked() {
+        // The allocator unmaps its own chunks from inside free(): a miss here is not a blind spot.
+        forget(AllocKey { pid, image, addr: arg(&ctx, 0) }, ids().1, FN_MUNMAP, false);
+    }
+    0
+}
+
+/// A tracked process forks: follow the child (a new process, not a thread) from its first
+/// instruction, keyed by its own pid.
+#[tracepoint]
+pub fn memleak_newtask(ctx: TracePointContext) -> u32 {
+    if CONFIG.load().children == 0 {
+        return 0;
+    }
+    let Some((parent, _)) = tracked() else { return 0 };
+    let offsets = FORK.load();
+    let flags = tp_u64(&ctx, offsets.clone_flags);
+    if flags & CLONE_THREAD != 0 {
+        return 0;
+    }
+    let child = tp_u32(&ctx, offsets.pid);
+    // Never insert a constant struct: the compiler may share its bytes with a read-only global
+    // of the same contents, which user space then overwrites before load.
+    if TRACKED.insert(&child, &Tracked { image: 0, parent }, BPF_NOEXIST).is_err() {
+        bump(&STATS, STAT_UNTRACKED_CHILDREN);
+        return 0;
+    }
+    // A child sharing its parent's memory (vfork, posix_spawn) inherits nothing to copy.
+    if flags & CLONE_VM == 0 && COPYING.insert(&child, &0, 0).is_err() {
+        bump(&STATS, STAT_EARLY_FULL);
+    }
+    emit(EV_FORK, child, 0, 0, STACK_LOST, parent as u64, flags, 0);
+    0
+}
+
+/// A tracked process execs: its old image's allocations are gone with that image.
+#[tracepoint]
+pub fn memleak_exec(_ctx: TracePointContext) -> u32 {
+    let (pid, _) = ids();
+    if let Some(t) = TRACKED.get_ptr_mut(&pid) {
+        // SAFETY: pointer from the map lookup; only this task (now alone in its process) writes it.
+        let image = unsafe {
+            (*t).image += 1;
+            (*t).image
+        };
+        emit(EV_EXEC, pid, image, 0, STACK_LOST, 0, image as u64, 0);
+    }
     0
 }
 
@@ -370,7 +419,7 @@ fn kernel_alloc(ctx: &TracePointContext, ptr_off: u32, bytes_off: u32, func: u32
         return 0;
     }
     let (_, tid) = ids();
-    record(ctx, NO_PID, tid, addr, size, func, 0);
+    record(ctx, AllocKey { pid: NO_PID, image: 0, addr }, tid, size, func, 0);
     0
 }
 
@@ -380,7 +429,7 @@ fn kernel_free(ctx: &TracePointContext, ptr_off: u32) -> u32 {
     if addr > 16 {
         let (_, tid) = ids();
         // Most kernel frees are of objects allocated before tracing: not worth a blind-spot line.
-        forget(NO_PID, tid, addr, FN_KFREE, false);
+        forget(AllocKey { pid: NO_PID, image: 0, addr }, tid, FN_KFREE, false);
     }
     0
 }
@@ -433,7 +482,7 @@ pub fn memleak_page_alloc(ctx: TracePointContext) -> u32 {
         return 0;
     }
     let (_, tid) = ids();
-    record(&ctx, NO_PID, tid, pfn, size, FN_PAGE_ALLOC, 0);
+    record(&ctx, AllocKey { pid: NO_PID, image: 0, addr: pfn }, tid, size, FN_PAGE_ALLOC, 0);
     0
 }
 
@@ -441,7 +490,7 @@ pub fn memleak_page_alloc(ctx: TracePointContext) -> u32 {
 pub fn memleak_page_free(ctx: TracePointContext) -> u32 {
     let pfn = tp_u64(&ctx, KMEM.load().page_free_pfn);
     let (_, tid) = ids();
-    forget(NO_PID, tid, pfn, FN_KFREE, false);
+    forget(AllocKey { pid: NO_PID, image: 0, addr: pfn }, tid, FN_KFREE, false);
     0
 }
 

@@ -5,6 +5,7 @@ mod output;
 mod symbolize;
 mod target;
 mod tools;
+mod tracee;
 
 use std::process::ExitCode;
 

@@ -2,19 +2,12 @@
 //! library, and noticing when it exits.
 
 use std::{
-    ffi::CString,
     fs,
-    os::{
-        fd::{AsRawFd, FromRawFd, OwnedFd},
-        unix::ffi::OsStrExt,
-    },
+    os::fd::{FromRawFd, OwnedFd},
     path::{Path, PathBuf},
-    sync::mpsc as std_mpsc,
-    time::Duration,
 };
 
 use anyhow::{Context as _, Result, bail};
-use tokio::sync::{mpsc, oneshot};
 
 /// Fails with a one-line message unless `pid` is a live process.
 pub fn check_pid(pid: u32) -> Result<()> {
@@ -106,34 +99,56 @@ pub fn allocator_of_pid(pid: u32) -> Result<Allocator> {
     Ok(Allocator { libc: libc.filter(|l| *l != primary), primary })
 }
 
-/// The allocator an executable will use, before it runs: a replacement allocator it is linked
-/// with or that LD_PRELOAD names, else its libc when dynamically linked, else itself.
-pub fn allocator_of_program(exe: &Path) -> Result<Allocator> {
+/// The allocator of a process stopped right after an exec, before its libraries are mapped:
+/// from its new executable, its own LD_PRELOAD, and the files it sees (its root).
+pub fn allocator_after_exec(pid: u32) -> Result<Allocator> {
+    let exe = PathBuf::from(format!("/proc/{pid}/exe"));
+    let environ = fs::read(format!("/proc/{pid}/environ")).unwrap_or_default();
+    let preload = environ
+        .split(|&b| b == 0)
+        .find_map(|var| var.strip_prefix(b"LD_PRELOAD="))
+        .map(|v| String::from_utf8_lossy(v).into_owned())
+        .unwrap_or_default();
+    allocator_in(&exe, &preload, &process_root(pid))
+}
+
+/// The root a process sees its files under: `/` when it shares ours, else /proc/PID/root.
+fn process_root(pid: u32) -> PathBuf {
+    use std::os::unix::fs::MetadataExt;
+    let theirs = PathBuf::from(format!("/proc/{pid}/root"));
+    let same = |a: &Path, b: &Path| match (fs::metadata(a), fs::metadata(b)) {
+        (Ok(a), Ok(b)) => a.dev() == b.dev() && a.ino() == b.ino(),
+        _ => false,
+    };
+    if same(&theirs, Path::new("/")) { PathBuf::from("/") } else { theirs }
+}
+
+/// The allocator `exe` will use, before it runs: a replacement allocator it is linked with or
+/// that `preload` (LD_PRELOAD) names, else its libc when dynamically linked, else itself.
+fn allocator_in(exe: &Path, preload: &str, root: &Path) -> Result<Allocator> {
     check_elf(exe)?;
     let Some(interp) = elf_interpreter(exe)? else {
         return Ok(Allocator { primary: exe.to_path_buf(), libc: None });
     };
+    let find = |name: &str| find_library_in(root, name);
     // musl's dynamic loader is its libc.
     let libc = if interp.contains("ld-musl") {
-        PathBuf::from(interp)
+        root.join(interp.trim_start_matches('/'))
     } else {
-        find_library("libc.so.6")
-            .with_context(|| format!("cannot find the libc of {}: give it with -O", exe.display()))?
+        find("libc.so.6").with_context(|| format!("cannot find the libc of {}: give it with -O", exe.display()))?
     };
-    let preload = std::env::var("LD_PRELOAD").unwrap_or_default();
-    let preloaded = preload
-        .split([' ', ':'])
-        .find(|p| is_allocator(p))
-        .map(|p| if p.contains('/') { Some(PathBuf::from(p)) } else { find_library(p) });
-    let linked = || elf_needed(exe).ok()?.into_iter().find(|n| is_allocator(n)).and_then(|n| find_library(&n));
+    let preloaded = preload.split([' ', ':']).find(|p| is_allocator(p)).map(|p| {
+        if p.contains('/') { Some(root.join(p.trim_start_matches('/'))).filter(|p| p.exists()) } else { find(p) }
+    });
+    let linked = || elf_needed(exe).ok()?.into_iter().find(|n| is_allocator(n)).and_then(|n| find(&n));
     match preloaded.flatten().or_else(linked) {
         Some(primary) => Ok(Allocator { primary, libc: Some(libc) }),
         None => Ok(Allocator { primary: libc, libc: None }),
     }
 }
 
-fn find_library(name: &str) -> Option<PathBuf> {
-    LIB_DIRS.iter().map(|d| Path::new(d).join(name)).find(|p| p.exists())
+fn find_library_in(root: &Path, name: &str) -> Option<PathBuf> {
+    LIB_DIRS.iter().map(|d| root.join(d.trim_start_matches('/')).join(name)).find(|p| p.exists())
 }
 
 fn is_libc(path: &str) -> bool {
@@ -220,130 +235,6 @@ pub async fn exited(pid: u32) -> Result<()> {
     Ok(())
 }
 
-/// What a started command tells the tool.
-pub enum ChildEvent {
-    /// The command is about to exit; its memory map is still intact until `ack` is sent.
-    Exiting { ack: oneshot::Sender<()> },
-    /// The command is gone; the value is what a shell would show as `$?`.
-    Exited(i32),
-}
-
-/// A command started by the tool, held before exec until probes are attached.
-pub struct Child {
-    pub pid: u32,
-    gate: Option<OwnedFd>,
-    pub events: mpsc::UnboundedReceiver<ChildEvent>,
-}
-
-impl Child {
-    /// Starts `argv` stopped before exec. A dedicated thread forks it and stays its ptrace
-    /// parent, so that the command stops once at exit while its maps can still be read.
-    pub fn spawn(argv: &[String]) -> Result<Child> {
-        let program = find_program(&argv[0])?;
-        let path = CString::new(program.as_os_str().as_bytes())?;
-        let args = argv.iter().map(|a| CString::new(a.as_bytes())).collect::<Result<Vec<_>, _>>()?;
-        let (pid_tx, pid_rx) = std_mpsc::channel();
-        let (events_tx, events) = mpsc::unbounded_channel();
-        std::thread::Builder::new()
-            .name("memtrace-child".into())
-            .spawn(move || supervise(path, args, pid_tx, events_tx))?;
-        let (pid, gate) = pid_rx.recv().context("the command's supervisor thread died")??;
-        Ok(Child { pid, gate: Some(gate), events })
-    }
-
-    /// Lets the command exec: call once the probes are attached.
-    pub fn release(&mut self) -> Result<()> {
-        if let Some(gate) = self.gate.take() {
-            // SAFETY: writing one byte to a pipe we own.
-            if unsafe { libc::write(gate.as_raw_fd(), b"g".as_ptr().cast(), 1) } != 1 {
-                bail!("could not start the command: {}", std::io::Error::last_os_error());
-            }
-        }
-        Ok(())
-    }
-}
-
-fn supervise(
-    path: CString,
-    args: Vec<CString>,
-    pid_tx: std_mpsc::Sender<Result<(u32, OwnedFd)>>,
-    events: mpsc::UnboundedSender<ChildEvent>,
-) {
-    let mut argv: Vec<*const libc::c_char> = args.iter().map(|a| a.as_ptr()).collect();
-    argv.push(std::ptr::null());
-    let mut fds = [0; 2];
-    // SAFETY: pipe2 fills two fds we then own.
-    if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
-        let _ = pid_tx.send(Err(std::io::Error::last_os_error().into()));
-        return;
-    }
-    // SAFETY: the child only makes async-signal-safe calls (ptrace, read, execv, _exit).
-    let pid = unsafe { libc::fork() };
-    if pid == 0 {
-        unsafe {
-            libc::close(fds[1]);
-            libc::ptrace(libc::PTRACE_TRACEME, 0, 0, 0);
-            let mut byte = 0u8;
-            // Wait until the probes are attached; EOF means memtrace gave up.
-            if libc::read(fds[0], (&raw mut byte).cast(), 1) == 1 {
-                libc::execv(path.as_ptr(), argv.as_ptr());
-            }
-            libc::_exit(127);
-        }
-    }
-    // SAFETY: both fds come from pipe2 above and are owned here.
-    let (read_end, write_end) = unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
-    drop(read_end);
-    if pid < 0 {
-        let _ = pid_tx.send(Err(std::io::Error::last_os_error().into()));
-        return;
-    }
-    let _ = pid_tx.send(Ok((pid as u32, write_end)));
-    let mut started = false;
-    loop {
-        let mut status = 0;
-        // SAFETY: waiting for our own child.
-        if unsafe { libc::waitpid(pid, &mut status, 0) } < 0 {
-            let _ = events.send(ChildEvent::Exited(127));
-            return;
-        }
-        if libc::WIFEXITED(status) || libc::WIFSIGNALED(status) {
-            let code = if libc::WIFEXITED(status) { libc::WEXITSTATUS(status) } else { 128 + libc::WTERMSIG(status) };
-            let _ = events.send(ChildEvent::Exited(code));
-            return;
-        }
-        let sig = libc::WSTOPSIG(status);
-        let mut inject = 0;
-        if !started && sig == libc::SIGTRAP {
-            // The stop after a successful exec: ask for a stop at exit from now on.
-            started = true;
-            let opts = libc::PTRACE_O_TRACEEXIT | libc::PTRACE_O_EXITKILL;
-            unsafe { libc::ptrace(libc::PTRACE_SETOPTIONS, pid, 0, opts) };
-        } else if status >> 8 == (libc::SIGTRAP | (libc::PTRACE_EVENT_EXIT << 8)) {
-            let (ack, done) = oneshot::channel();
-            if events.send(ChildEvent::Exiting { ack }).is_ok() {
-                // Bounded: a stuck tool must not hold the command forever.
-                let _ = recv_timeout(done, Duration::from_secs(5));
-            }
-        } else {
-            inject = sig;
-        }
-        // SAFETY: resuming our stopped tracee, passing on the signal it stopped for.
-        unsafe { libc::ptrace(libc::PTRACE_CONT, pid, 0, inject) };
-    }
-}
-
-fn recv_timeout(mut rx: oneshot::Receiver<()>, timeout: Duration) -> bool {
-    let deadline = std::time::Instant::now() + timeout;
-    while std::time::Instant::now() < deadline {
-        match rx.try_recv() {
-            Ok(()) | Err(oneshot::error::TryRecvError::Closed) => return true,
-            Err(oneshot::error::TryRecvError::Empty) => std::thread::sleep(Duration::from_millis(1)),
-        }
-    }
-    false
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -367,7 +258,7 @@ mod tests {
         assert!(interp.contains("ld-linux"), "{interp}");
         assert!(elf_needed(Path::new("/bin/sh")).unwrap().contains(&"libc.so.6".to_string()));
         if std::env::var_os("LD_PRELOAD").is_none() {
-            let alloc = allocator_of_program(Path::new("/bin/sh")).unwrap();
+            let alloc = allocator_in(Path::new("/bin/sh"), "", Path::new("/")).unwrap();
             assert!(alloc.primary.ends_with("libc.so.6") && alloc.libc.is_none(), "{alloc:?}");
         }
     }

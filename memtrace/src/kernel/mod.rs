@@ -4,6 +4,7 @@
 
 pub mod btf;
 pub mod kallsyms;
+pub mod maps;
 pub mod placement;
 pub mod tracefs;
 

@@ -83,6 +83,16 @@ pub struct Dropped {
     pub stacks_full: u64,
     /// Events that did not reach user space.
     pub events_lost: u64,
+    /// Processes (forked children, new images) whose probes went in after they had started
+    /// running (`-p --children`): their first moments were not seen.
+    pub late_processes: u64,
+    /// Images a followed process exec'd into whose allocator could not be probed.
+    pub unprobed_images: u64,
+    /// Children not followed because memleak's process table was full.
+    pub untracked_children: u64,
+    /// Frees a child made while its inheritance was being copied that could not be noted:
+    /// the block may show as outstanding in the child.
+    pub early_frees_lost: u64,
 }
 
 impl std::fmt::Display for Dropped {
@@ -93,6 +103,10 @@ impl std::fmt::Display for Dropped {
             (self.unknown_frees, "frees of addresses not seen allocated"),
             (self.stacks_full, "allocations uncounted (stack-totals map full: raise --max-stacks)"),
             (self.events_lost, "events lost (ring buffer full)"),
+            (self.late_processes, "processes traced from a few ms after they started (allocations before not seen)"),
+            (self.unprobed_images, "exec'd images whose allocator could not be probed (-v says why)"),
+            (self.untracked_children, "child processes not followed (process table full)"),
+            (self.early_frees_lost, "frees during a child's inheritance copy not noted (counts may be high)"),
         ]))
     }
 }

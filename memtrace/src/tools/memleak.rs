@@ -1,22 +1,23 @@
-//! memleak: memory allocated and not freed, per stack, for one process (uprobes on its
+//! memleak: memory allocated and not freed, per stack, for processes (uprobes on their
 //! allocator) or for the kernel (kmem and percpu tracepoints).
 
+mod attach;
+mod procs;
 mod report;
 
 use std::{path::PathBuf, time::Duration};
 
 use anyhow::{Context as _, Result, bail};
-use aya::{
-    Ebpf,
-    maps::{Array, MapData},
-    programs::uprobe::UProbeLinkId,
-};
-use memtrace_common::memleak::{Config, Event, KmemOffsets};
+use aya::Ebpf;
+use memtrace_common::memleak::{Config, EV_EXEC, EV_FORK, Event};
 
 use crate::{
-    kernel::{self, UprobeError, placement::Placement, tracefs::Format},
-    target::{self, Allocator, Child, ChildEvent},
+    kernel,
+    target::{self, Allocator},
+    tracee::{Command, CommandEvent},
 };
+use attach::DutyCycle;
+use procs::Procs;
 use report::{Maps, Session};
 
 const OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/memleak"));
@@ -30,7 +31,11 @@ pub struct Args {
     /// Trace the process with this PID.
     #[arg(short, long, conflicts_with = "command")]
     pub pid: Option<u32>,
-    /// Run this command (with its arguments, as one string) and trace it from its first instruction.
+    /// With -p: also trace the processes it forks from now on, and theirs.
+    #[arg(long, requires = "pid")]
+    pub children: bool,
+    /// Run this command (with its arguments, as one string) and trace it from its first
+    /// instruction, through every exec, with every process it forks.
     #[arg(short = 'c', long = "command", value_name = "CMD")]
     pub command: Option<String>,
     /// Seconds between reports (default 5).
@@ -93,28 +98,12 @@ pub struct Args {
     pub max_stacks: u32,
 }
 
-/// Allocator entry points: (symbol without prefix, entry program). All share one return probe.
-const USER_PROBES: &[(&str, &str)] = &[
-    ("malloc", "memleak_malloc"),
-    ("calloc", "memleak_calloc"),
-    ("realloc", "memleak_realloc"),
-    ("reallocarray", "memleak_reallocarray"),
-    ("posix_memalign", "memleak_posix_memalign"),
-    ("aligned_alloc", "memleak_aligned_alloc"),
-    ("memalign", "memleak_memalign"),
-    ("valloc", "memleak_valloc"),
-    ("pvalloc", "memleak_pvalloc"),
-    ("mmap", "memleak_mmap"),
-];
-
 /// Where the report's numbers come from.
 enum Mode {
-    /// One process, through uprobes on its allocator; `child` when memtrace started it.
-    User {
-        pid: u32,
-        child: Option<Child>,
-        alloc: Allocator,
-    },
+    /// Processes, through uprobes on their allocator: a running one (`-p`), or a command
+    /// memtrace starts and follows (`-c`).
+    Pid(u32, Allocator),
+    Command(Command),
     Kernel,
 }
 
@@ -128,22 +117,28 @@ pub async fn run(args: Args) -> Result<()> {
     if args.interval == Some(0) {
         bail!("the interval must be at least 1 second");
     }
+    if args.duty_cycle.is_some() && (args.pid.is_none() || args.children) {
+        bail!("--duty-cycle works with -p PID alone (not with -c, --children or kernel mode)");
+    }
     let mode = match (&args.command, args.pid) {
         (Some(cmd), _) => {
+            if let Some(obj) = &args.obj {
+                target::check_elf(obj)?;
+            }
             let argv =
                 shlex::split(cmd).filter(|a| !a.is_empty()).context("-c needs a command, e.g. -c \"./prog arg\"")?;
-            let exe = target::find_program(&argv[0])?;
-            let alloc = with_obj(target::allocator_of_program(&exe)?, args.obj.as_ref())?;
-            let child = Child::spawn(&argv)?;
-            Mode::User { pid: child.pid, child: Some(child), alloc }
+            Mode::Command(Command::spawn(&argv)?)
         }
         (None, Some(pid)) => {
             target::check_pid(pid)?;
-            let alloc = with_obj(target::allocator_of_pid(pid)?, args.obj.as_ref())?;
-            Mode::User { pid, child: None, alloc }
+            if let Some(obj) = &args.obj {
+                target::check_elf(obj)?;
+            }
+            Mode::Pid(pid, with_obj(target::allocator_of_pid(pid)?, args.obj.as_ref())?)
         }
         (None, None) => Mode::Kernel,
     };
+    let user = !matches!(mode, Mode::Kernel);
 
     let config = Config {
         min_size: args.min_size.unwrap_or(0),
@@ -151,64 +146,76 @@ pub async fn run(args: Args) -> Result<()> {
         sample_rate: args.sample_rate,
         trace: args.trace as u32,
         duty: args.duty_cycle.is_some() as u32,
-        _pad: 0,
+        children: (args.children || args.command.is_some()) as u32,
     };
-    let kmem = match mode {
-        Mode::Kernel => Some(kmem_offsets()?),
-        Mode::User { .. } => None,
-    };
+    let kmem = if user { None } else { Some(attach::kmem_offsets()?) };
+    let fork = if user { Some(attach::fork_offsets()?) } else { None };
     let mut bpf = kernel::load(OBJECT, |loader| {
         loader
             .override_global("CONFIG", &config, true)
             .map_max_entries("ALLOCS", args.max_allocs)
-            .map_max_entries("TOTALS", args.max_stacks)
+            .map_max_entries("SEEN", args.max_stacks)
             .map_max_entries("STACKS", args.max_stacks);
         if let Some(k) = &kmem {
             loader.override_global("KMEM", k, true);
         }
+        if let Some(f) = &fork {
+            loader.override_global("FORK", f, true);
+        }
     })?;
-
+    let skip = if args.duty_cycle.is_some() { DutyCycle::HOT } else { &[] };
+    let mut procs = Procs::new(&mut bpf, &args.symbols_prefix, args.obj.clone(), skip)?;
+    let (maps, ring) = Maps::take(&mut bpf)?;
     let mut duty = None;
-    let (pid, mut child) = match mode {
-        Mode::User { pid, child, alloc } => {
+    let mut command = None;
+    let root = match mode {
+        Mode::Pid(pid, alloc) => {
             let obj = alloc.primary.clone();
-            let skip = if args.duty_cycle.is_some() { DutyCycle::HOT } else { &[] };
-            let probes = attach_user(&mut bpf, &alloc, &args.symbols_prefix, pid, skip)?;
+            attach::lifecycle(&mut bpf)?;
+            let probes = procs.start(&mut bpf, pid, alloc)?;
             if let Some(pct) = args.duty_cycle {
                 let period = Duration::from_millis(args.duty_period_ms.max(10));
-                let window = Array::try_from(bpf.take_map("WINDOW").context("internal: no WINDOW map")?)?;
+                let window = aya::maps::Array::try_from(bpf.take_map("WINDOW").context("internal: no WINDOW map")?)?;
                 let mut cycle = DutyCycle::new(obj.clone(), &args.symbols_prefix, pid, window, pct, period);
                 cycle.open(&mut bpf)?;
                 duty = Some(cycle);
             }
             let sampled =
                 args.duty_cycle.map(|p| format!(", malloc/calloc/realloc {p}% of the time")).unwrap_or_default();
+            let children = if args.children { " and the processes it forks" } else { "" };
             eprintln!(
-                "memtrace: memleak: tracing pid {pid} ({}) through {} with {probes} probes{sampled}; Ctrl-C to stop",
-                if child.is_some() { args.command.clone().unwrap_or_default() } else { target::comm(pid) },
+                "memtrace: memleak: tracing pid {pid} ({}){children} through {} with {probes} probes{sampled}; Ctrl-C to stop",
+                target::comm(pid),
                 obj.display()
             );
-            (Some(pid), child)
+            Some(pid)
+        }
+        Mode::Command(cmd) => {
+            // Probes go in at the command's first exec, when its program is known.
+            attach::lifecycle(&mut bpf)?;
+            procs.begin_command(cmd.pid)?;
+            eprintln!(
+                "memtrace: memleak: running {} (pid {}) and following its processes; Ctrl-C to stop",
+                args.command.as_deref().unwrap_or_default(),
+                cmd.pid
+            );
+            let pid = cmd.pid;
+            command = Some(cmd);
+            Some(pid)
         }
         Mode::Kernel => {
-            if args.duty_cycle.is_some() {
-                bail!("--duty-cycle applies to user mode (-p or -c)");
-            }
-            let attached = attach_kernel(&mut bpf, args.percpu)?;
+            let attached = attach::kernel(&mut bpf, args.percpu)?;
             eprintln!("memtrace: memleak: tracing kernel allocations ({}); Ctrl-C to stop", attached.join(", "));
-            (None, None)
+            None
         }
     };
     let duty_timer = tokio::time::sleep(duty.as_ref().map_or(Duration::from_secs(u64::MAX / 4), |d| d.open_for));
     tokio::pin!(duty_timer);
-    let (maps, ring) = Maps::take(&mut bpf)?;
-    let mut session = Session::new(&args, pid, maps)?;
-    if let Some(pid) = pid {
+    let held = command.is_some();
+    let mut session = Session::new(&args, root, maps)?;
+    if let (Some(pid), None) = (root, &command) {
         // Keep a map of the process while it surely lives; symbolization uses it after exit.
         let _ = session.user_sym.refresh(pid);
-    }
-    if let Some(child) = child.as_mut() {
-        child.release()?;
     }
     let mut ring = crate::tools::async_readable(ring)?;
 
@@ -216,16 +223,12 @@ pub async fn run(args: Args) -> Result<()> {
     let mut ticker = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
     let deadline = tokio::time::sleep(args.duration.map_or(Duration::from_secs(u64::MAX / 4), Duration::from_secs));
     tokio::pin!(deadline);
-    let watch_pid = pid.filter(|_| child.is_none());
-    let target_exit = async move {
-        match watch_pid {
-            Some(pid) => target::exited(pid).await,
-            None => std::future::pending().await,
-        }
-    };
-    tokio::pin!(target_exit);
+    // Processes memtrace did not start: their exits are watched through pidfds.
+    let mut exits = tokio::task::JoinSet::new();
+    if let (Some(pid), None) = (root, &command) {
+        exits.spawn(async move { (pid, target::exited(pid).await) });
+    }
     let mut reports = 0u64;
-    let mut target_gone = false;
 
     loop {
         tokio::select! {
@@ -237,60 +240,130 @@ pub async fn run(args: Args) -> Result<()> {
             _ = ticker.tick() => {
                 reports += 1;
                 let last = args.count.is_some_and(|c| reports >= c);
-                session.report(last, false)?;
+                session.report(&procs, last, false)?;
                 if last {
                     return Ok(());
                 }
             }
             guard = ring.readable_mut() => {
                 let mut guard = guard?;
-                while let Some(item) = guard.get_inner_mut().next() {
-                    if item.len() >= size_of::<Event>() {
-                        // SAFETY: the kernel side writes whole `Event`s; read unaligned.
-                        let event = unsafe { std::ptr::read_unaligned(item.as_ptr().cast::<Event>()) };
-                        session.on_event(&event)?;
-                    }
-                }
+                let events: Vec<Event> = std::iter::from_fn(|| guard.get_inner_mut().next().and_then(|i| crate::tools::read_event::<Event>(&i))).collect();
                 guard.clear_ready();
+                for event in &events {
+                    lifecycle(event, &mut bpf, &mut procs, &mut session, held, &mut exits)?;
+                    session.on_event(event)?;
+                }
             }
-            event = recv_child(&mut child) => match event {
-                Some(ChildEvent::Exiting { ack }) => {
-                    // The command is stopped at exit with its memory map intact: snapshot it.
-                    if let Some(pid) = pid {
-                        let _ = session.user_sym.refresh(pid);
+            event = recv_command(&mut command) => match event {
+                Some(CommandEvent::Exec { pid, ack }) => {
+                    // The kernel side saw the exec first; take its generation from the ring.
+                    drain(&mut ring, &mut bpf, &mut procs, &mut session, held, &mut exits)?;
+                    let image = procs.images().get(&pid).copied().unwrap_or(0);
+                    if let Some((obj, probes)) = procs.exec(&mut bpf, pid, image, true)? {
+                        let line = format!("pid {pid} ({}) probed through {} with {probes} probes", target::comm(pid), obj.display());
+                        // The command's own images are news; its children's are detail (-v).
+                        if Some(pid) == root { eprintln!("memtrace: memleak: {line}") } else { tracing::info!("{line}") }
                     }
+                    session.user_sym.forget(pid);
                     let _ = ack.send(());
                 }
-                Some(ChildEvent::Exited(code)) => {
-                    eprintln!("memtrace: memleak: command exited with status {code}");
-                    target_gone = true;
-                    break;
+                Some(CommandEvent::Fork { parent, child, ack }) => {
+                    drain(&mut ring, &mut bpf, &mut procs, &mut session, held, &mut exits)?;
+                    procs.fork(&mut bpf, session.allocs_mut(), parent, child, crate::tools::monotonic_ns(), true);
+                    let _ = session.user_sym.refresh(child);
+                    let _ = ack.send(());
                 }
-                None => { child = None; }
+                Some(CommandEvent::Exiting { pid, ack }) => {
+                    // Stopped at exit with its memory map intact: snapshot it for symbolization.
+                    let _ = session.user_sym.refresh(pid);
+                    let _ = ack.send(());
+                }
+                Some(CommandEvent::Exited { pid, code }) => {
+                    if Some(pid) == root {
+                        eprintln!("memtrace: memleak: command exited with status {code}");
+                    }
+                    procs.exited(pid, Some(code));
+                }
+                Some(CommandEvent::Done) | None => break,
             },
-            res = &mut target_exit => {
-                res?;
-                eprintln!("memtrace: memleak: process {} exited", pid.unwrap_or_default());
-                target_gone = true;
-                break;
+            Some(res) = exits.join_next(), if !exits.is_empty() => {
+                if let Ok((pid, res)) = res {
+                    res?;
+                    if Some(pid) == root {
+                        eprintln!("memtrace: memleak: process {pid} exited");
+                    }
+                    procs.exited(pid, None);
+                    if procs.all_exited() {
+                        break;
+                    }
+                }
             }
             _ = signals.recv() => break,
             _ = &mut deadline => break,
         }
     }
-    session.report(true, target_gone)?;
+    // Events already in the ring belong to the run.
+    drain(&mut ring, &mut bpf, &mut procs, &mut session, held, &mut exits)?;
+    session.report(&procs, true, user && procs.all_exited())?;
     Ok(())
 }
 
-async fn recv_child(child: &mut Option<Child>) -> Option<ChildEvent> {
-    match child {
+/// Acts on the kernel side's news of a tracked process forking or exec'ing.
+fn lifecycle(
+    event: &Event,
+    bpf: &mut Ebpf,
+    procs: &mut Procs,
+    session: &mut Session,
+    held: bool,
+    exits: &mut tokio::task::JoinSet<(u32, Result<()>)>,
+) -> Result<()> {
+    match event.kind {
+        EV_FORK => {
+            let (parent, child) = (event.addr as u32, event.pid);
+            // Under -c the child waits at its fork until the command's event is handled.
+            procs.fork(bpf, session.allocs_mut(), parent, child, event.timestamp_ns, held);
+            let _ = session.user_sym.refresh(child);
+            if !held && procs.list.contains_key(&child) {
+                exits.spawn(async move { (child, target::exited(child).await) });
+            }
+        }
+        EV_EXEC if !held => {
+            if let Some((obj, probes)) = procs.exec(bpf, event.pid, event.size as u32, false)? {
+                tracing::info!("pid {} probed through {} with {probes} probes", event.pid, obj.display());
+            }
+            session.user_sym.forget(event.pid);
+        }
+        _ => {}
+    }
+    Ok(())
+}
+
+fn drain(
+    ring: &mut tokio::io::unix::AsyncFd<aya::maps::RingBuf<aya::maps::MapData>>,
+    bpf: &mut Ebpf,
+    procs: &mut Procs,
+    session: &mut Session,
+    held: bool,
+    exits: &mut tokio::task::JoinSet<(u32, Result<()>)>,
+) -> Result<()> {
+    let events: Vec<Event> =
+        std::iter::from_fn(|| ring.get_mut().next().and_then(|i| crate::tools::read_event::<Event>(&i))).collect();
+    for event in &events {
+        lifecycle(event, bpf, procs, session, held, exits)?;
+        session.on_event(event)?;
+    }
+    Ok(())
+}
+
+async fn recv_command(command: &mut Option<Command>) -> Option<CommandEvent> {
+    match command {
         Some(c) => c.events.recv().await,
         None => std::future::pending().await,
     }
 }
 
 /// `-O` replaces the detected allocator; the detected libc still serves what it lacks.
-fn with_obj(detected: Allocator, obj: Option<&PathBuf>) -> Result<Allocator> {
+pub(super) fn with_obj(detected: Allocator, obj: Option<&PathBuf>) -> Result<Allocator> {
     let alloc = match obj {
         None => detected,
         Some(obj) => {
@@ -300,194 +373,4 @@ fn with_obj(detected: Allocator, obj: Option<&PathBuf>) -> Result<Allocator> {
     };
     target::check_elf(&alloc.primary)?;
     Ok(alloc)
-}
-
-/// Attaches the allocator probes. Each function is probed in the allocator library, else in
-/// libc (a jemalloc program still gets mmap and pvalloc from libc); missing optional functions
-/// are skipped with a note.
-fn attach_user(bpf: &mut Ebpf, alloc: &Allocator, prefix: &str, pid: u32, skip: &[&str]) -> Result<usize> {
-    let mut attached = 0;
-    let placements: Vec<(&std::path::Path, Placement, &str)> = std::iter::once((alloc.primary.as_path(), prefix))
-        .chain(alloc.libc.as_deref().map(|l| (l, "")))
-        .map(|(obj, prefix)| (obj, Placement::new(obj), prefix))
-        .collect();
-    let obj = alloc.primary.as_path();
-    let mut attach = |bpf: &mut Ebpf, prog: &str, func: &str, required: bool| -> Result<bool> {
-        if skip.contains(&func) {
-            return Ok(false);
-        }
-        for (lib, placement, prefix) in &placements {
-            let symbol = format!("{prefix}{func}");
-            let offset = entry_offset(placement, prog, &symbol, func);
-            match kernel::attach_uprobe(bpf, prog, lib, &symbol, offset, Some(pid)) {
-                Ok(_) => {
-                    attached += 1;
-                    return Ok(true);
-                }
-                // malloc and free must come from the allocator itself.
-                Err(UprobeError::NoSymbol) if required => bail!(
-                    "{} has no {symbol}: it is not the allocator (give the right library with -O, or the prefix with --symbols-prefix)",
-                    lib.display()
-                ),
-                Err(UprobeError::NoSymbol) => continue,
-                Err(UprobeError::Other(e)) => return Err(e),
-            }
-        }
-        tracing::info!("{} has no {prefix}{func}: not traced", obj.display());
-        Ok(false)
-    };
-    // Return probes and frees first, so no call is seen entering without being seen leaving.
-    for &(func, _) in USER_PROBES {
-        attach(bpf, "memleak_alloc_ret", func, func == "malloc")?;
-    }
-    attach(bpf, "memleak_free", "free", true)?;
-    attach(bpf, "memleak_munmap", "munmap", false)?;
-    for &(func, prog) in USER_PROBES {
-        attach(bpf, prog, func, func == "malloc")?;
-    }
-    Ok(attached)
-}
-
-/// Where an allocator probe goes: return probes at the entry (the kernel needs it there), entry
-/// probes on an instruction the kernel can emulate; free may step over its NULL check.
-fn entry_offset(placement: &Placement, prog: &str, symbol: &str, func: &str) -> u64 {
-    if prog == "memleak_alloc_ret" { 0 } else { placement.entry_offset(symbol, func == "free") }
-}
-
-/// `--duty-cycle`: the busiest allocator functions are probed only during short windows, so
-/// most calls take no trap; free stays probed so recorded blocks are still matched.
-struct DutyCycle {
-    obj: PathBuf,
-    pid: u32,
-    /// (program, symbol, offset) of each hot probe, returns first.
-    probes: Vec<(&'static str, String, u64)>,
-    window: Array<MapData, u32>,
-    links: Vec<(&'static str, UProbeLinkId)>,
-    open_for: Duration,
-    closed_for: Duration,
-}
-
-impl DutyCycle {
-    /// The functions whose traps dominate: malloc, calloc, realloc.
-    const HOT: &'static [&'static str] = &["malloc", "calloc", "realloc"];
-
-    fn is_open(&self) -> bool {
-        !self.links.is_empty()
-    }
-
-    fn new(obj: PathBuf, prefix: &str, pid: u32, window: Array<MapData, u32>, pct: u32, period: Duration) -> Self {
-        let placement = Placement::new(&obj);
-        let mut probes = Vec::new();
-        for &func in Self::HOT {
-            let entry = USER_PROBES.iter().find(|(f, _)| *f == func).map_or("memleak_malloc", |(_, p)| *p);
-            for prog in ["memleak_alloc_ret", entry] {
-                let symbol = format!("{prefix}{func}");
-                let offset = entry_offset(&placement, prog, &symbol, func);
-                probes.push((prog, symbol, offset));
-            }
-        }
-        DutyCycle {
-            obj,
-            pid,
-            probes,
-            window,
-            links: Vec::new(),
-            open_for: period * pct / 100,
-            closed_for: period * (100 - pct) / 100,
-        }
-    }
-
-    /// Attaches the hot probes (returns first), then opens the window; returns how long to stay.
-    fn open(&mut self, bpf: &mut Ebpf) -> Result<Duration> {
-        for (prog, symbol, offset) in &self.probes {
-            match kernel::attach_uprobe(bpf, prog, &self.obj, symbol, *offset, Some(self.pid)) {
-                Ok(id) => self.links.push((prog, id)),
-                Err(UprobeError::NoSymbol) => {}
-                Err(UprobeError::Other(e)) => return Err(e),
-            }
-        }
-        self.window.set(0, 1, 0)?;
-        Ok(self.open_for)
-    }
-
-    /// Closes the window, then detaches entries before returns; returns how long to stay closed.
-    fn close(&mut self, bpf: &mut Ebpf) -> Result<Duration> {
-        self.window.set(0, 0, 0)?;
-        let mut links = std::mem::take(&mut self.links);
-        links.sort_by_key(|(prog, _)| *prog == "memleak_alloc_ret");
-        let started = std::time::Instant::now();
-        for (prog, id) in links {
-            kernel::detach_uprobe(bpf, prog, id)?;
-        }
-        // Detaching takes a grace period per probe; count it as closed time.
-        Ok(self.closed_for.saturating_sub(started.elapsed()))
-    }
-}
-
-/// Offsets of the kmem/percpu tracepoint fields on this kernel.
-fn kmem_offsets() -> Result<KmemOffsets> {
-    let fmt = |name| Format::read("kmem", name);
-    let optional =
-        |cat, name| if crate::kernel::tracefs::exists(cat, name) { Format::read(cat, name).ok() } else { None };
-    let kmalloc = fmt("kmalloc")?;
-    let cache_alloc = fmt("kmem_cache_alloc")?;
-    let page_alloc = fmt("mm_page_alloc")?;
-    let page_free = fmt("mm_page_free")?;
-    let mut k = KmemOffsets {
-        kmalloc_ptr: kmalloc.offset("ptr")?,
-        kmalloc_bytes: kmalloc.offset("bytes_alloc")?,
-        cache_alloc_ptr: cache_alloc.offset("ptr")?,
-        cache_alloc_bytes: cache_alloc.offset("bytes_alloc")?,
-        kfree_ptr: fmt("kfree")?.offset("ptr")?,
-        cache_free_ptr: fmt("kmem_cache_free")?.offset("ptr")?,
-        page_alloc_pfn: page_alloc.offset("pfn")?,
-        page_alloc_order: page_alloc.offset("order")?,
-        page_free_pfn: page_free.offset("pfn")?,
-        page_free_order: page_free.offset("order")?,
-        // SAFETY: sysconf has no preconditions.
-        page_shift: (unsafe { libc::sysconf(libc::_SC_PAGESIZE) } as u64).trailing_zeros(),
-        ..Default::default()
-    };
-    // The _node variants exist only before 6.1-era kernels merged them into the plain ones.
-    if let Some(f) = optional("kmem", "kmalloc_node") {
-        (k.kmalloc_node_ptr, k.kmalloc_node_bytes) = (f.offset("ptr")?, f.offset("bytes_alloc")?);
-    }
-    if let Some(f) = optional("kmem", "kmem_cache_alloc_node") {
-        (k.cache_alloc_node_ptr, k.cache_alloc_node_bytes) = (f.offset("ptr")?, f.offset("bytes_alloc")?);
-    }
-    if let Some(f) = optional("percpu", "percpu_alloc_percpu") {
-        // Older kernels have no bytes_alloc; size is what was asked.
-        (k.percpu_alloc_ptr, k.percpu_alloc_bytes) = (f.offset("ptr")?, f.offset_of_any(&["bytes_alloc", "size"])?);
-    }
-    if let Some(f) = optional("percpu", "percpu_free_percpu") {
-        k.percpu_free_ptr = f.offset("ptr")?;
-    }
-    Ok(k)
-}
-
-fn attach_kernel(bpf: &mut Ebpf, percpu: bool) -> Result<Vec<String>> {
-    let mut points = vec![
-        ("memleak_kmalloc", "kmem", "kmalloc", true),
-        ("memleak_kmalloc_node", "kmem", "kmalloc_node", false),
-        ("memleak_kfree", "kmem", "kfree", true),
-        ("memleak_cache_alloc", "kmem", "kmem_cache_alloc", true),
-        ("memleak_cache_alloc_node", "kmem", "kmem_cache_alloc_node", false),
-        ("memleak_cache_free", "kmem", "kmem_cache_free", true),
-        ("memleak_page_alloc", "kmem", "mm_page_alloc", true),
-        ("memleak_page_free", "kmem", "mm_page_free", true),
-    ];
-    if percpu {
-        points.push(("memleak_percpu_alloc", "percpu", "percpu_alloc_percpu", true));
-        points.push(("memleak_percpu_free", "percpu", "percpu_free_percpu", true));
-    }
-    let mut attached = Vec::new();
-    for (prog, category, name, required) in points {
-        if !required && !crate::kernel::tracefs::exists(category, name) {
-            tracing::info!("tracepoint {category}:{name} absent on this kernel (merged into its plain variant)");
-            continue;
-        }
-        kernel::attach_tracepoint(bpf, prog, category, name)?;
-        attached.push(name.to_string());
-    }
-    Ok(attached)
 }

@@ -14,15 +14,16 @@ use aya::{
 use memtrace_common::{
     NO_PID, STACK_LOST,
     memleak::{
-        AllocInfo, AllocKey, EV_ALLOC, EV_FREE, EV_NEW_STACK, Event, FN_NAMES, STAT_EVENTS_LOST, STAT_FREE_CALLS,
-        STAT_FREE_CALLS_IN_WINDOW, STAT_FREED, STAT_MAP_FULL, STAT_STACK_LOST, STAT_STACKS_FULL, STAT_TRACKED,
-        STAT_UNKNOWN_FREE, StackKey, StackTotal,
+        AllocInfo, AllocKey, EV_ALLOC, EV_FREE, EV_NEW_STACK, Event, FN_NAMES, STAT_EARLY_FULL, STAT_EVENTS_LOST,
+        STAT_FREE_CALLS, STAT_FREE_CALLS_IN_WINDOW, STAT_FREED, STAT_MAP_FULL, STAT_STACK_LOST, STAT_TRACKED,
+        STAT_UNKNOWN_FREE, STAT_UNTRACKED_CHILDREN, StackKey,
     },
 };
 use serde::Serialize;
 
-use super::Args;
+use super::{Args, procs::Procs};
 use crate::{
+    kernel,
     output::{self, Dropped},
     symbolize::{Frame, KernelSymbolizer, UserSymbolizer},
     tools::monotonic_ns,
@@ -30,7 +31,6 @@ use crate::{
 
 pub(super) struct Maps {
     allocs: HashMap<MapData, AllocKey, AllocInfo>,
-    totals: HashMap<MapData, StackKey, StackTotal>,
     stacks: StackTraceMap<MapData>,
     stats: PerCpuArray<MapData, u64>,
 }
@@ -40,7 +40,6 @@ impl Maps {
         let mut take = |name: &str| bpf.take_map(name).with_context(|| format!("internal: no map {name}"));
         let maps = Maps {
             allocs: HashMap::try_from(take("ALLOCS")?)?,
-            totals: HashMap::try_from(take("TOTALS")?)?,
             stacks: StackTraceMap::try_from(take("STACKS")?)?,
             stats: PerCpuArray::try_from(take("STATS")?)?,
         };
@@ -51,45 +50,53 @@ impl Maps {
         self.stats.get(&index, 0).map(|v| v.iter().sum()).unwrap_or(0)
     }
 
-    fn dropped(&self) -> Dropped {
+    fn dropped(&self, procs: &Procs) -> Dropped {
         Dropped {
             map_full: self.stat(STAT_MAP_FULL),
             stacks_lost: self.stat(STAT_STACK_LOST),
             unknown_frees: self.stat(STAT_UNKNOWN_FREE),
-            stacks_full: self.stat(STAT_STACKS_FULL),
             events_lost: self.stat(STAT_EVENTS_LOST),
+            late_processes: procs.late,
+            unprobed_images: procs.unprobed,
+            untracked_children: self.stat(STAT_UNTRACKED_CHILDREN),
+            early_frees_lost: self.stat(STAT_EARLY_FULL),
+            ..Default::default()
         }
     }
 
-    /// Outstanding bytes per stack: from the in-kernel totals, or, when an age cut-off or the
-    /// list of allocations is wanted, from the per-address map.
-    fn rows(&self, older_ns: u64, with_allocs: bool) -> Vec<Row> {
+    /// Outstanding bytes per stack, from one consistent read of the per-address map (see
+    /// `kernel::maps::dump`): blocks that do not change while it is read count exactly once.
+    /// Blocks younger than `older_ns` are left out, except in processes that have exited.
+    /// Records of an image a process has exec'd away from are void, and deleted.
+    fn rows(
+        &mut self,
+        older_ns: u64,
+        with_allocs: bool,
+        images: &StdHashMap<u32, u32>,
+        exited: &dyn Fn(u32) -> bool,
+    ) -> Vec<Row> {
         let mut rows: StdHashMap<StackKey, Row> = StdHashMap::new();
-        if older_ns == 0 && !with_allocs {
-            for (key, total) in self.totals.iter().filter_map(Result::ok) {
-                if total.allocs > 0 && total.allocs < u64::MAX / 2 {
-                    rows.insert(key, Row { key, bytes: total.bytes, allocs: total.allocs, allocations: Vec::new() });
-                }
+        let now = monotonic_ns();
+        for (key, info) in kernel::maps::dump(&self.allocs) {
+            if key.pid != NO_PID && images.get(&key.pid).is_some_and(|&image| key.image < image) {
+                let _ = self.allocs.remove(&key);
+                continue;
             }
-        } else {
-            let now = monotonic_ns();
-            for (key, info) in self.allocs.iter().filter_map(Result::ok) {
-                let age = now.saturating_sub(info.timestamp_ns);
-                if age < older_ns {
-                    continue;
-                }
-                let skey = StackKey { pid: key.pid, stack_id: info.stack_id };
-                let row =
-                    rows.entry(skey).or_insert_with(|| Row { key: skey, bytes: 0, allocs: 0, allocations: Vec::new() });
-                row.bytes += info.size;
-                row.allocs += 1;
-                if with_allocs {
-                    row.allocations.push(Allocation { addr: key.addr, size: info.size, age_ms: age / 1_000_000 });
-                }
+            let age = now.saturating_sub(info.timestamp_ns);
+            if age < older_ns && !(key.pid != NO_PID && exited(key.pid)) {
+                continue;
+            }
+            let skey = StackKey { pid: key.pid, image: key.image, stack_id: info.stack_id, _pad: 0 };
+            let row =
+                rows.entry(skey).or_insert_with(|| Row { key: skey, bytes: 0, allocs: 0, allocations: Vec::new() });
+            row.bytes += info.size;
+            row.allocs += 1;
+            if with_allocs {
+                row.allocations.push(Allocation { addr: key.addr, size: info.size, age_ms: age / 1_000_000 });
             }
         }
         let mut rows: Vec<Row> = rows.into_values().collect();
-        rows.sort_by(|a, b| b.bytes.cmp(&a.bytes).then(b.allocs.cmp(&a.allocs)));
+        rows.sort_by(|a, b| b.bytes.cmp(&a.bytes).then(b.allocs.cmp(&a.allocs)).then(a.key.pid.cmp(&b.key.pid)));
         rows
     }
 }
@@ -129,7 +136,23 @@ struct Report {
     tracked: u64,
     freed: u64,
     stacks: Vec<StackReport>,
+    /// Each process followed (user mode): with `-c` or `--children`, the whole tree.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    processes: Vec<ProcessReport>,
     dropped: Dropped,
+}
+
+#[derive(Serialize)]
+struct ProcessReport {
+    pid: u32,
+    /// The process it was forked from, when memleak followed that fork.
+    parent: Option<u32>,
+    comm: String,
+    exited: bool,
+    exit_code: Option<i32>,
+    /// Its outstanding bytes and allocations, over all its stacks.
+    bytes: u64,
+    allocs: u64,
 }
 
 #[derive(Serialize)]
@@ -202,6 +225,11 @@ pub(super) struct Session<'a> {
 }
 
 impl<'a> Session<'a> {
+    /// The per-address map, for copying a forked child's inheritance.
+    pub(super) fn allocs_mut(&mut self) -> &mut HashMap<MapData, AllocKey, AllocInfo> {
+        &mut self.maps.allocs
+    }
+
     pub(super) fn new(args: &'a Args, pid: Option<u32>, maps: Maps) -> Result<Self> {
         let kernel_sym = if pid.is_none() { Some(KernelSymbolizer::new()?) } else { None };
         Ok(Session {
@@ -219,7 +247,7 @@ impl<'a> Session<'a> {
         match event.kind {
             // Symbolize while the process is alive; the result is cached for every report.
             EV_NEW_STACK => {
-                let _ = self.frames(StackKey { pid: event.pid, stack_id: event.stack_id });
+                let _ = self.frames(StackKey { pid: event.pid, image: event.image, stack_id: event.stack_id, _pad: 0 });
             }
             EV_ALLOC | EV_FREE if self.args.trace => {
                 let func = FN_NAMES.get(event.func as usize).copied().unwrap_or("?");
@@ -267,10 +295,12 @@ impl<'a> Session<'a> {
         frames
     }
 
-    /// Builds and prints one report. After the target exited, no age cut-off applies.
-    pub(super) fn report(&mut self, is_final: bool, target_gone: bool) -> Result<()> {
+    /// Builds and prints one report. After the targets exited, no age cut-off applies.
+    pub(super) fn report(&mut self, procs: &Procs, is_final: bool, target_gone: bool) -> Result<()> {
         let older_ns = if target_gone { 0 } else { self.args.older * 1_000_000 };
-        let mut rows = self.maps.rows(older_ns, self.args.show_allocs);
+        let images = procs.images();
+        let exited = |pid: u32| procs.list.get(&pid).is_some_and(|p| p.exited);
+        let mut rows = self.maps.rows(older_ns, self.args.show_allocs, &images, &exited);
         // Under --duty-cycle only part of the activity is recorded; free() is always probed, so
         // the share of frees seen while recording estimates the share of allocations recorded.
         let estimated = self.args.duty_cycle.is_some();
@@ -285,6 +315,24 @@ impl<'a> Session<'a> {
         }
         let now = Instant::now();
         let total_bytes = rows.iter().map(|r| r.bytes).sum();
+        let mut processes: Vec<ProcessReport> = procs
+            .list
+            .iter()
+            .map(|(&pid, p)| {
+                let mine = rows.iter().filter(|r| r.key.pid == pid);
+                let (bytes, allocs) = mine.fold((0, 0), |(b, a), r| (b + r.bytes, a + r.allocs));
+                ProcessReport {
+                    pid,
+                    parent: p.parent,
+                    comm: p.comm.clone(),
+                    exited: p.exited,
+                    exit_code: p.exit_code,
+                    bytes,
+                    allocs,
+                }
+            })
+            .collect();
+        processes.sort_by(|a, b| b.bytes.cmp(&a.bytes).then(a.pid.cmp(&b.pid)));
         let mut stacks = Vec::new();
         for row in rows.iter() {
             let (trend, rate) = self.trends.observe(row.key, row.bytes, now);
@@ -313,7 +361,8 @@ impl<'a> Session<'a> {
             tracked: self.maps.stat(STAT_TRACKED),
             freed: self.maps.stat(STAT_FREED),
             stacks,
-            dropped: self.maps.dropped(),
+            processes,
+            dropped: self.maps.dropped(procs),
         };
         if self.args.json {
             output::json_line(&report)?;
@@ -347,12 +396,35 @@ fn render(report: &Report, sample_rate: u32) -> String {
         output::bytes(report.total_bytes),
         report.stacks.len()
     );
-    for s in &report.stacks {
-        let rate = if s.trend == "new" { String::new() } else { format!(", {:+.0} B/s", s.growth_bytes_per_sec) };
-        let _ = writeln!(out, "  {} bytes in {} allocations from stack [{}{rate}]", s.bytes, s.allocs, s.trend);
-        output::write_stack(&mut out, &s.frames, "      ");
-        for a in s.allocations.iter().take(16) {
-            let _ = writeln!(out, "      addr {:#x} size {} age {} ms", a.addr, a.size, a.age_ms);
+    // One process: its stacks as they come. Several (a command's tree): grouped by process.
+    let several = report.processes.len() > 1;
+    let groups: Vec<Option<&ProcessReport>> =
+        if several { report.processes.iter().map(Some).collect() } else { vec![None] };
+    for group in groups {
+        let stacks: Vec<&StackReport> = report.stacks.iter().filter(|s| group.is_none_or(|p| p.pid == s.pid)).collect();
+        if let Some(p) = group {
+            let state = match (p.exited, p.exit_code) {
+                (true, Some(code)) => format!(", exited with status {code}"),
+                (true, None) => ", exited".into(),
+                _ => String::new(),
+            };
+            let parent = p.parent.map(|pp| format!(", child of {pp}")).unwrap_or_default();
+            let _ = writeln!(
+                out,
+                "  pid {} ({}{parent}{state}): {} outstanding in {} allocations",
+                p.pid,
+                p.comm,
+                output::bytes(p.bytes),
+                p.allocs
+            );
+        }
+        for s in stacks {
+            let rate = if s.trend == "new" { String::new() } else { format!(", {:+.0} B/s", s.growth_bytes_per_sec) };
+            let _ = writeln!(out, "  {} bytes in {} allocations from stack [{}{rate}]", s.bytes, s.allocs, s.trend);
+            output::write_stack(&mut out, &s.frames, "      ");
+            for a in s.allocations.iter().take(16) {
+                let _ = writeln!(out, "      addr {:#x} size {} age {} ms", a.addr, a.size, a.age_ms);
+            }
         }
     }
     let _ = write!(out, "  {}", report.dropped);

@@ -1,0 +1,221 @@
+//! The processes a user-mode memleak run follows: the one it was given, and with `-c` or
+//! `--children` every process that one forks, each through its execs.
+//!
+//! Every process gets probes of its own (a uprobe filtered to one process costs the others
+//! nothing), on the allocator of its current image. A forked child starts with a copy of its
+//! parent's heap: the parent's records of it are copied to the child's pid, so a block the
+//! child inherited and never frees is the child's leak, and one it frees is matched.
+
+use std::{collections::BTreeMap, path::PathBuf};
+
+use anyhow::{Context as _, Result};
+use aya::{
+    Ebpf,
+    maps::{HashMap, MapData},
+};
+use memtrace_common::memleak::{AllocInfo, AllocKey, Tracked};
+
+use super::attach;
+use crate::{kernel, target, target::Allocator};
+
+pub(super) struct Proc {
+    pub alloc: Allocator,
+    /// Execs seen since tracing began; records of older images are void.
+    pub image: u32,
+    pub parent: Option<u32>,
+    pub comm: String,
+    /// Set once the process is gone: its outstanding blocks are final, no age cut-off applies.
+    pub exit_code: Option<i32>,
+    pub exited: bool,
+}
+
+pub(super) struct Procs {
+    tracked: HashMap<MapData, u32, Tracked>,
+    copying: HashMap<MapData, u32, u32>,
+    early: HashMap<MapData, AllocKey, u32>,
+    pub list: BTreeMap<u32, Proc>,
+    prefix: String,
+    obj: Option<PathBuf>,
+    skip: &'static [&'static str],
+    /// Processes and images whose probes went in after they had started running: their first
+    /// moments were not seen.
+    pub late: u64,
+    /// New images memleak found no allocator in (a static program without malloc, say).
+    pub unprobed: u64,
+}
+
+impl Procs {
+    pub(super) fn new(
+        bpf: &mut Ebpf,
+        prefix: &str,
+        obj: Option<PathBuf>,
+        skip: &'static [&'static str],
+    ) -> Result<Procs> {
+        let mut take = |name: &str| bpf.take_map(name).with_context(|| format!("internal: no map {name}"));
+        Ok(Procs {
+            tracked: HashMap::try_from(take("TRACKED")?)?,
+            copying: HashMap::try_from(take("COPYING")?)?,
+            early: HashMap::try_from(take("EARLY_FREES")?)?,
+            list: BTreeMap::new(),
+            prefix: prefix.to_string(),
+            obj,
+            skip,
+            late: 0,
+            unprobed: 0,
+        })
+    }
+
+    /// Starts following `pid` with the allocator `alloc`; returns the number of probes.
+    pub(super) fn start(&mut self, bpf: &mut Ebpf, pid: u32, alloc: Allocator) -> Result<usize> {
+        self.tracked.insert(pid, Tracked::default(), 0).context("cannot track the process")?;
+        let probes = attach::user(bpf, &alloc, &self.prefix, pid, self.skip)?;
+        self.list.insert(pid, Proc::new(alloc, None, pid));
+        Ok(probes)
+    }
+
+    /// Follows the command memtrace started; its probes go in at its first exec.
+    pub(super) fn begin_command(&mut self, pid: u32) -> Result<()> {
+        self.tracked.insert(pid, Tracked::default(), 0).context("cannot track the command")?;
+        let none = Allocator { primary: PathBuf::new(), libc: None };
+        self.list.insert(pid, Proc::new(none, None, pid));
+        Ok(())
+    }
+
+    /// `parent` forked `child` at `fork_ns`. `held`: the child has not run yet (`-c`).
+    pub(super) fn fork(
+        &mut self,
+        bpf: &mut Ebpf,
+        allocs: &mut HashMap<MapData, AllocKey, AllocInfo>,
+        parent: u32,
+        child: u32,
+        fork_ns: u64,
+        held: bool,
+    ) {
+        if self.list.contains_key(&child) {
+            return;
+        }
+        let Some(from) = self.list.get(&parent) else { return };
+        let (alloc, parent_image) = (from.alloc.clone(), from.image);
+        // A child gone before its probes went in has nothing to report.
+        if attach::user(bpf, &alloc, &self.prefix, child, self.skip).is_err() {
+            let _ = self.tracked.remove(&child);
+            let _ = self.copying.remove(&child);
+            return;
+        }
+        if !held {
+            self.late += 1;
+        }
+        self.list.insert(child, Proc::new(alloc, Some(parent), child));
+        if self.copying.get(&child, 0).is_ok() {
+            self.copy_inherited(allocs, parent, parent_image, child, fork_ns);
+        }
+    }
+
+    /// Gives the child a record of each block its parent held when it forked. The kernel
+    /// side noted the unknown addresses the child freed meanwhile; those are not copied.
+    fn copy_inherited(
+        &mut self,
+        allocs: &mut HashMap<MapData, AllocKey, AllocInfo>,
+        parent: u32,
+        parent_image: u32,
+        child: u32,
+        fork_ns: u64,
+    ) {
+        let inherited: Vec<(AllocKey, AllocInfo)> = kernel::maps::dump(allocs)
+            .into_iter()
+            .filter(|(k, v)| k.pid == parent && k.image == parent_image && v.timestamp_ns < fork_ns)
+            .collect();
+        for (key, info) in inherited {
+            let copy = AllocKey { pid: child, image: 0, addr: key.addr };
+            // A block already there is the child's own newer one.
+            if allocs.insert(copy, info, crate::kernel::maps::BPF_NOEXIST).is_ok() && self.early.get(&copy, 0).is_ok() {
+                let _ = allocs.remove(&copy);
+            }
+        }
+        // From here on a free of an unknown address by the child is an ordinary blind spot.
+        let _ = self.copying.remove(&child);
+        for (key, _) in kernel::maps::dump(&self.early) {
+            if key.pid == child {
+                let _ = self.early.remove(&key);
+            }
+        }
+    }
+
+    /// `pid` exec'd into generation `image`. `held`: it has not run yet (`-c`). Probes follow
+    /// the process into its new image; an image with another allocator gets probes of its own,
+    /// and the allocator and number of probes are returned.
+    pub(super) fn exec(
+        &mut self,
+        bpf: &mut Ebpf,
+        pid: u32,
+        image: u32,
+        held: bool,
+    ) -> Result<Option<(PathBuf, usize)>> {
+        let Some(proc) = self.list.get_mut(&pid) else { return Ok(None) };
+        proc.image = proc.image.max(image);
+        proc.comm = target::comm(pid);
+        let detected = match target::allocator_after_exec(pid) {
+            Ok(alloc) => alloc,
+            Err(e) => {
+                tracing::warn!("pid {pid} exec'd into an image memleak cannot probe: {e:#}");
+                self.unprobed += 1;
+                return Ok(None);
+            }
+        };
+        let alloc = super::with_obj(detected, self.obj.as_ref())?;
+        if same_files(&alloc, &proc.alloc) {
+            return Ok(None);
+        }
+        proc.alloc = alloc.clone();
+        if !held {
+            self.late += 1;
+        }
+        match attach::user(bpf, &alloc, &self.prefix, pid, self.skip) {
+            Ok(probes) => Ok(Some((alloc.primary, probes))),
+            Err(e) => {
+                tracing::warn!("pid {pid}: cannot probe its new allocator {}: {e:#}", alloc.primary.display());
+                self.unprobed += 1;
+                Ok(None)
+            }
+        }
+    }
+
+    pub(super) fn exited(&mut self, pid: u32, code: Option<i32>) {
+        if let Some(proc) = self.list.get_mut(&pid) {
+            proc.exited = true;
+            proc.exit_code = proc.exit_code.or(code);
+            // Its pid may be reused by a process nobody asked to trace.
+            let _ = self.tracked.remove(&pid);
+        }
+    }
+
+    pub(super) fn all_exited(&self) -> bool {
+        self.list.values().all(|p| p.exited)
+    }
+
+    /// The current image of each process, read from the kernel side (which bumps it at exec
+    /// before user space hears of it).
+    pub(super) fn images(&self) -> std::collections::HashMap<u32, u32> {
+        let mut images: std::collections::HashMap<u32, u32> =
+            self.list.iter().map(|(&pid, p)| (pid, p.image)).collect();
+        for (pid, t) in kernel::maps::dump(&self.tracked) {
+            images.insert(pid, t.image);
+        }
+        images
+    }
+}
+
+impl Proc {
+    fn new(alloc: Allocator, parent: Option<u32>, pid: u32) -> Proc {
+        Proc { alloc, image: 0, parent, comm: target::comm(pid), exit_code: None, exited: false }
+    }
+}
+
+/// Whether two allocators are the same files (a new image of the same program, or with the
+/// same libc), whatever path they were found by.
+fn same_files(a: &Allocator, b: &Allocator) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    let id = |p: &PathBuf| std::fs::metadata(p).ok().map(|m| (m.dev(), m.ino()));
+    let ids = |x: &Allocator| (id(&x.primary), x.libc.as_ref().and_then(id));
+    ids(a) == ids(b) && id(&a.primary).is_some()
+}

@@ -1,0 +1,286 @@
+//! memleak on real targets: a live process under churn, commands that exec, wrappers and
+//! shims, process trees (fork, double fork), `-p --children`, and a process that execs.
+
+#[path = "common/mod.rs"]
+mod common;
+#[path = "common/live.rs"]
+#[allow(dead_code, reason = "each test file uses a different part of this module")]
+mod live;
+
+use std::{
+    io::{BufRead, BufReader, Write},
+    os::unix::fs::PermissionsExt,
+    process::{Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use common::*;
+use serde_json::Value;
+
+/// The stacks of `pid` in `report` whose frames include `func`.
+fn stacks_of<'a>(report: &'a Value, pid: u64, func: &str) -> Vec<&'a Value> {
+    stacks_with(report, func).into_iter().filter(|s| s["pid"] == pid).collect()
+}
+
+/// `pid` has exactly one stack through `func`, holding `bytes` in `allocs` allocations.
+fn assert_stack(report: &Value, pid: u64, func: &str, bytes: u64, allocs: u64) {
+    let stacks = stacks_of(report, pid, func);
+    assert_eq!(stacks.len(), 1, "pid {pid} {func}: expected one stack: {report:#}");
+    assert_eq!(stacks[0]["bytes"], bytes, "pid {pid} {func}: {:#}", stacks[0]);
+    assert_eq!(stacks[0]["allocs"], allocs, "pid {pid} {func}: {:#}", stacks[0]);
+}
+
+fn final_report(stdout: &str) -> Value {
+    let last = json_lines(stdout).pop().unwrap_or_else(|| panic!("no JSON report in:\n{stdout}"));
+    assert_eq!(last["final"], true, "{last}");
+    last
+}
+
+/// The pids of the processes in a report, with their parents, ordered by pid.
+fn processes(report: &Value) -> Vec<(u64, Option<u64>)> {
+    let mut list: Vec<(u64, Option<u64>)> = report["processes"]
+        .as_array()
+        .unwrap_or_else(|| panic!("no processes: {report:#}"))
+        .iter()
+        .map(|p| (p["pid"].as_u64().unwrap(), p["parent"].as_u64()))
+        .collect();
+    list.sort();
+    list
+}
+
+/// Six threads churn the allocator while a leak of exactly 3,000 blocks sits still: every
+/// report, live and final, must count it exactly (with the default age cut-off).
+#[test]
+fn memleak_live_reports_are_exact_under_churn() {
+    if !bpf_available("memleak_live_reports_are_exact_under_churn") {
+        return;
+    }
+    let mut target = Command::new(prog("churn")).stdin(Stdio::piped()).stdout(Stdio::piped()).spawn().unwrap();
+    let mut lines = BufReader::new(target.stdout.take().unwrap()).lines();
+    assert_eq!(lines.next().unwrap().unwrap(), "ready");
+    let pid = target.id();
+    let mut mt = live::Live::start(&["memleak", "--json", "-T", "1000", "-p", &pid.to_string(), "1"]);
+    mt.wait_ready();
+    let mut stdin = target.stdin.take().unwrap();
+    writeln!(stdin).unwrap();
+    assert_eq!(lines.next().unwrap().unwrap(), "leaked");
+    let leaked_at = Instant::now();
+    // Reports that start after the leak is older than the 500 ms cut-off.
+    mt.wait_for("10 reports after the leak", |out, _| {
+        leaked_at.elapsed() > Duration::from_millis(600) && out.iter().filter(|l| l.starts_with('{')).count() >= 12
+    });
+    let first_counted = Instant::now();
+    mt.wait_for("8 more reports", |out, _| {
+        first_counted.elapsed() > Duration::from_millis(8500) && out.iter().filter(|l| l.starts_with('{')).count() >= 20
+    });
+    mt.signal(libc::SIGINT);
+    let (status, stdout, stderr) = mt.finish(Duration::from_secs(30));
+    assert!(status.success(), "{status}: {stderr}");
+    let reports = json_lines(&stdout);
+    let counted: Vec<&Value> = reports.iter().filter(|r| !stacks_with(r, "leak_once").is_empty()).collect();
+    assert!(counted.len() >= 9, "expected at least 8 live reports and a final one with the leak: {}", counted.len());
+    for report in &counted {
+        assert_stack(report, pid as u64, "leak_once", 3000 * 64, 3000);
+    }
+    // Reports made after the leak aged past the cut-off all show it.
+    let last_missing = reports.iter().rposition(|r| stacks_with(r, "leak_once").is_empty());
+    let first_with = reports.iter().position(|r| !stacks_with(r, "leak_once").is_empty()).unwrap();
+    assert!(last_missing.is_none_or(|m| m < first_with), "a later report lost the leak: {stdout}");
+    assert_eq!(reports.last().unwrap()["final"], true);
+    drop(stdin);
+    let _ = target.kill();
+    let _ = target.wait();
+    assert_detached("memleak");
+}
+
+fn leaky_leaks() -> Vec<(&'static str, u64, u64)> {
+    vec![("leak_malloc", 3000, 3), ("leak_calloc", 2000, 2), ("leak_valloc", 5000, 1), ("leak_mmap", 12288, 1)]
+}
+
+/// Runs `memleak -c CMD` and returns (its final report, stderr); it must exit 0.
+fn run_command(cmd: &str) -> (Value, String) {
+    let out = run(&["memleak", "--json", "-T", "200", "-c", cmd], Duration::from_secs(60));
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(out.status.success(), "{cmd}: exit {}: {stderr}", out.status);
+    assert!(stderr.contains("command exited with status 0"), "{cmd}: {stderr}");
+    (final_report(&String::from_utf8_lossy(&out.stdout)), stderr)
+}
+
+/// The process of `report` whose image ran `func` (the one that exec'd the leaky program).
+fn pid_with(report: &Value, func: &str) -> u64 {
+    let stacks = stacks_with(report, func);
+    assert!(!stacks.is_empty(), "no {func} in {report:#}");
+    stacks[0]["pid"].as_u64().unwrap()
+}
+
+/// `-c` runs anything the kernel can exec and follows it to its final image: a shell that
+/// execs, `env`, a wrapper script, and a shim found through PATH.
+#[test]
+fn memleak_command_follows_exec_through_shells_env_and_scripts() {
+    if !bpf_available("memleak_command_follows_exec_through_shells_env_and_scripts") {
+        return;
+    }
+    let leaky = prog("leaky");
+    let leaky = leaky.to_str().unwrap();
+    let dir = tempdir("memleak-shim");
+    let wrapper = dir.join("wrapper.sh");
+    std::fs::write(&wrapper, format!("#!/bin/sh\n# a wrapper, as many launchers are\nexec {leaky} \"$@\"\n")).unwrap();
+    std::fs::set_permissions(&wrapper, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let shim = dir.join("leaky-shim");
+    std::fs::write(&shim, format!("#!/usr/bin/env bash\nexec \"{leaky}\" \"$@\"\n")).unwrap();
+    std::fs::set_permissions(&shim, std::fs::Permissions::from_mode(0o755)).unwrap();
+
+    let cases = [
+        format!("/bin/sh -c 'exec {leaky}'"),
+        format!("env LEAKY_TEST=1 {leaky}"),
+        wrapper.to_str().unwrap().to_string(),
+        format!("env PATH={}:/usr/bin:/bin leaky-shim", dir.display()),
+    ];
+    for cmd in &cases {
+        let (report, _) = run_command(cmd);
+        let pid = pid_with(&report, "leak_malloc");
+        for (func, bytes, allocs) in leaky_leaks() {
+            assert_stack(&report, pid, func, bytes, allocs);
+        }
+        assert!(stacks_with(&report, "no_leak").is_empty(), "{cmd}: freed memory reported");
+        assert_eq!(report["dropped"]["late_processes"], 0, "{cmd}: {}", report["dropped"]);
+    }
+    // A shell that runs the program as a child: the child is followed too.
+    let (report, _) = run_command(&format!("/bin/sh -c '{leaky}; true'"));
+    let pid = pid_with(&report, "leak_malloc");
+    assert_ne!(pid, report["pid"].as_u64().unwrap(), "the leak is the child's");
+    for (func, bytes, allocs) in leaky_leaks() {
+        assert_stack(&report, pid, func, bytes, allocs);
+    }
+    assert!(processes(&report).contains(&(pid, report["pid"].as_u64())), "{:#}", report["processes"]);
+    assert_detached("memleak");
+}
+
+/// A process tree under `-c`: each process is reported with its own leaks and its copy of
+/// what it inherited; a block a child frees of its inheritance is gone from the child only.
+#[test]
+fn memleak_command_follows_forks_and_inheritance_exactly() {
+    if !bpf_available("memleak_command_follows_forks_and_inheritance_exactly") {
+        return;
+    }
+    let family = prog("family");
+    let (report, _) = run_command(family.to_str().unwrap());
+    let root = report["pid"].as_u64().unwrap();
+    let procs = processes(&report);
+    assert_eq!(procs.len(), 3, "parent, child and grandchild: {:#}", report["processes"]);
+    let child = procs.iter().find(|p| p.1 == Some(root)).expect("a child of the root").0;
+    let grandchild = procs.iter().find(|p| p.1 == Some(child)).expect("a grandchild").0;
+
+    assert_stack(&report, root, "inherited", 500, 1);
+    assert_stack(&report, root, "leak_parent", 1000, 10);
+    assert!(stacks_of(&report, root, "leak_child").is_empty());
+
+    assert!(stacks_of(&report, child, "inherited").is_empty(), "the child freed its copy: {report:#}");
+    assert_stack(&report, child, "leak_parent", 1000, 10);
+    assert_stack(&report, child, "leak_child", 2000, 20);
+
+    assert_stack(&report, grandchild, "leak_parent", 1000, 10);
+    assert_stack(&report, grandchild, "leak_child", 2000, 20);
+    assert_stack(&report, grandchild, "leak_grandchild", 3000, 30);
+    let dropped = &report["dropped"];
+    for field in ["late_processes", "unknown_frees", "map_full", "stacks_lost"] {
+        assert_eq!(dropped[field], 0, "{field}: {dropped}");
+    }
+    for p in report["processes"].as_array().unwrap() {
+        assert_eq!(p["exited"], true, "{p}");
+        assert_eq!(p["exit_code"], 0, "{p}");
+    }
+}
+
+/// stress-ng's malloc stressor allocates in a worker two forks below the command: the worker
+/// must be in the report, with its own allocations.
+#[test]
+fn memleak_command_follows_stress_ng_workers() {
+    if !bpf_available("memleak_command_follows_stress_ng_workers") {
+        return;
+    }
+    let (report, _) = run_command("stress-ng --malloc 1 --malloc-ops 20000 --timeout 10s --quiet");
+    let procs = processes(&report);
+    assert!(procs.len() >= 3, "stress-ng, its stressor and the malloc worker: {:#}", report["processes"]);
+    let worker = report["processes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| p["comm"].as_str().is_some_and(|c| c.starts_with("stress-ng-mallo")))
+        .unwrap_or_else(|| panic!("no malloc worker: {:#}", report["processes"]));
+    assert!(worker["parent"].is_u64(), "{worker}");
+    // The parents make a few hundred allocations; only the worker's loop makes thousands.
+    assert!(
+        report["tracked"].as_u64().unwrap() > 10_000,
+        "the worker's allocations were not seen: {}",
+        report["tracked"]
+    );
+}
+
+/// `-p` on a process that execs: what the old image held ends with it.
+#[test]
+fn memleak_pid_drops_the_old_image_at_exec() {
+    if !bpf_available("memleak_pid_drops_the_old_image_at_exec") {
+        return;
+    }
+    let mut target = Command::new(prog("reexec")).stdin(Stdio::piped()).stdout(Stdio::piped()).spawn().unwrap();
+    let mut lines = BufReader::new(target.stdout.take().unwrap()).lines();
+    assert_eq!(lines.next().unwrap().unwrap(), "ready");
+    let pid = target.id();
+    let mut mt = Running::start(&["memleak", "--json", "-T", "100", "-o", "0", "-p", &pid.to_string(), "1"]);
+    mt.wait_ready();
+    let mut stdin = target.stdin.take().unwrap();
+    writeln!(stdin).unwrap();
+    assert_eq!(lines.next().unwrap().unwrap(), "leaked");
+    std::thread::sleep(Duration::from_millis(1500));
+    drop(stdin);
+    target.wait().unwrap();
+    let (status, stdout, stderr) = mt.finish(Duration::from_secs(20));
+    assert!(status.success(), "{status}: {stderr}");
+    for report in json_lines(&stdout).iter().skip(1) {
+        assert!(stacks_with(report, "leak_before_exec").is_empty(), "the old image's blocks live on: {report:#}");
+    }
+    let report = final_report(&stdout);
+    assert_stack(&report, pid as u64, "leak_after_exec", 2100, 7);
+    assert_detached("memleak");
+}
+
+/// `-p PID --children` on a running process: its children are followed from the fork on,
+/// with their inheritance; the report says they were attached late.
+#[test]
+fn memleak_pid_children_follows_new_processes() {
+    if !bpf_available("memleak_pid_children_follows_new_processes") {
+        return;
+    }
+    let mut target =
+        Command::new(prog("family")).arg("wait").stdin(Stdio::piped()).stdout(Stdio::piped()).spawn().unwrap();
+    let mut lines = BufReader::new(target.stdout.take().unwrap()).lines();
+    assert_eq!(lines.next().unwrap().unwrap(), "ready");
+    let pid = target.id() as u64;
+    let mut mt = Running::start(&["memleak", "--json", "-T", "100", "-p", &pid.to_string(), "--children"]);
+    mt.wait_ready();
+    writeln!(target.stdin.take().unwrap()).unwrap();
+    assert!(target.wait().unwrap().success());
+    let (status, stdout, stderr) = mt.finish(Duration::from_secs(20));
+    assert!(status.success(), "{status}: {stderr}");
+    let report = final_report(&stdout);
+    let procs = processes(&report);
+    assert_eq!(procs.len(), 3, "{:#}", report["processes"]);
+    let child = procs.iter().find(|p| p.1 == Some(pid)).expect("a child").0;
+    let grandchild = procs.iter().find(|p| p.1 == Some(child)).expect("a grandchild").0;
+    assert_stack(&report, pid, "leak_parent", 1000, 10);
+    assert_stack(&report, child, "leak_parent", 1000, 10);
+    assert_stack(&report, child, "leak_child", 2000, 20);
+    assert!(stacks_of(&report, child, "inherited").is_empty(), "{report:#}");
+    assert_stack(&report, grandchild, "leak_child", 2000, 20);
+    assert_stack(&report, grandchild, "leak_grandchild", 3000, 30);
+    assert_eq!(report["dropped"]["late_processes"], 2, "{}", report["dropped"]);
+    assert_detached("memleak");
+}
+
+fn tempdir(name: &str) -> std::path::PathBuf {
+    let dir = repo().join("target/test-tmp").join(name);
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
