@@ -6,6 +6,9 @@ mod symbolize;
 mod target;
 mod tools;
 
+#[cfg(test)]
+mod cli_tests;
+
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
@@ -53,6 +56,27 @@ enum Tool {
     Benchfloor(tools::benchfloor::Args),
 }
 
+impl Tool {
+    /// Checks the arguments before anything is loaded: bad input is a one-line error here,
+    /// without root and before any probe exists.
+    fn validate(&self) -> anyhow::Result<()> {
+        match self {
+            Tool::Memleak(args) => args.validate(),
+            Tool::Oomkill(args) => args.validate(),
+            Tool::Mmapsnoop(args) => args.validate(),
+            Tool::Brkstack(args) => args.validate(),
+            Tool::Shmsnoop(args) => args.validate(),
+            Tool::Faults(args) => args.validate(),
+            Tool::Vmscan(args) => args.validate(),
+            Tool::Drsnoop(args) => args.validate(),
+            Tool::Swapin(args) => args.validate(),
+            Tool::Hfaults(args) => args.validate(),
+            Tool::Probe(_) => Ok(()),
+            Tool::Benchfloor(args) => target::check_pid(args.pid),
+        }
+    }
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let level = match cli.verbose {
@@ -62,10 +86,15 @@ fn main() -> ExitCode {
     };
     tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
+        // Colour codes only for a person at a terminal, never into a pipe or a log file.
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_target(false)
         .without_time()
         .with_env_filter(tracing_subscriber::EnvFilter::try_from_env("MEMTRACE_LOG").unwrap_or_else(|_| level.into()))
         .init();
+    if let Err(e) = cli.tool.validate() {
+        return fail(&e);
+    }
     let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
         Ok(rt) => rt,
         Err(e) => return fail(&e.into()),
