@@ -206,6 +206,12 @@ fn memleak_nonsense_and_extremes_get_exact_one_line_errors() {
             "--percpu applies to kernel mode (without -p or -c): percpu memory is the kernel's",
         ),
         (&["-p", &me, "-O", foreign.to_str().unwrap()], &foreign_msg),
+        // Past u64, clap refuses the value: one line too.
+        (
+            &["18446744073709551616"],
+            "invalid value '18446744073709551616' for '[INTERVAL]': number too large to fit in target type (see --help)",
+        ),
+        (&["--no-such-option"], "unexpected argument '--no-such-option' found (see --help)"),
     ];
     for (args, expect) in cases {
         let args: Vec<&str> = std::iter::once("memleak").chain(args.iter().copied()).collect();

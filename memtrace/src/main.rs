@@ -78,7 +78,10 @@ impl Tool {
 }
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => return usage_error(e),
+    };
     let level = match cli.verbose {
         0 => "warn",
         1 => "info",
@@ -119,6 +122,18 @@ fn main() -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => fail(&e),
     }
+}
+
+/// clap's errors made one line like every other (`--help` and `--version` print as usual).
+fn usage_error(e: clap::Error) -> ExitCode {
+    use clap::error::ErrorKind;
+    if !e.use_stderr() || e.kind() == ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand {
+        e.exit();
+    }
+    let text = e.render().to_string();
+    let first = text.lines().next().unwrap_or_default();
+    eprintln!("memtrace: error: {} (see --help)", first.strip_prefix("error: ").unwrap_or(first));
+    ExitCode::FAILURE
 }
 
 /// One line with the cause chain; a closed stdout (`| head`) is not an error.
