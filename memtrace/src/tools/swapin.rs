@@ -48,7 +48,8 @@ impl Args {
     pub fn validate(&self) -> Result<()> {
         tools::check::interval(self.interval)?;
         tools::check::count(self.count)?;
-        self.common.validate()
+        // A kernel thread has no user stack to show.
+        if self.stack { self.common.validate_user_target() } else { self.common.validate() }
     }
 }
 
