@@ -26,8 +26,12 @@ struct Grower {
 
 impl Grower {
     fn start() -> Grower {
-        let mut child =
-            Command::new(prog("brkstack_grow")).stdin(Stdio::piped()).stdout(Stdio::piped()).spawn().unwrap();
+        Grower::start_as(&prog("brkstack_grow"))
+    }
+
+    /// Started by this path (a symlink to the program, say).
+    fn start_as(path: &std::path::Path) -> Grower {
+        let mut child = Command::new(path).stdin(Stdio::piped()).stdout(Stdio::piped()).spawn().unwrap();
         let stdin = child.stdin.take().unwrap();
         let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
         assert_eq!(lines.next().unwrap().unwrap(), "ready");
@@ -105,14 +109,14 @@ fn brkstack_events_show_each_call() {
     let lines = json_lines(&stdout);
     let calls: Vec<&Value> = lines.iter().filter(|l| l["event"] == "brk").collect();
     assert_eq!(calls.len() as u64, GROWS, "{stdout}");
-    let first = calls[0]["result"].as_u64().unwrap();
+    let first = u64::from_str_radix(calls[0]["result"].as_str().unwrap().trim_start_matches("0x"), 16).unwrap();
     for (i, call) in calls.iter().enumerate() {
         let i = i as u64;
         assert_eq!(call["pid"], pid, "{call}");
         assert_eq!(call["comm"], "brkstack_grow", "{call}");
         // Each call asks for one page more than the last break and gets it.
         assert_eq!(call["requested"], call["result"], "{call}");
-        assert_eq!(call["result"], first + i * PAGE, "{call}");
+        assert_eq!(call["result"], format!("{:#x}", first + i * PAGE), "addresses are hex strings: {call}");
         assert_eq!(call["growth"], PAGE, "{call}");
     }
     let report = final_report(&stdout);
@@ -140,6 +144,33 @@ fn brkstack_writes_folded_stacks() {
     let line = text.lines().find(|l| l.contains(";grow_heap;")).unwrap_or_else(|| panic!("{text}"));
     assert!(line.ends_with(&format!(" {GROWS}")), "{line}");
     assert!(line.contains("main;grow_heap;"), "root first: {line}");
+    assert!(line.starts_with(&format!("brkstack_grow ({pid});")), "the process is the root frame: {line}");
+}
+
+/// A program started through a symlink of another name is labelled with the name it was
+/// started by (as `redis-server`, a symlink to redis-check-rdb), not the symlink's target.
+#[test]
+fn brkstack_labels_a_symlinked_program_by_its_name() {
+    if !bpf_available("brkstack_labels_a_symlinked_program_by_its_name") {
+        return;
+    }
+    let alias = prog("brkstack_grow").with_file_name("grow-alias");
+    let _ = std::fs::remove_file(&alias);
+    std::os::unix::fs::symlink("brkstack_grow", &alias).unwrap();
+    let grower = Grower::start_as(&alias);
+    let pid = grower.child.id();
+    let mut mt = Running::start(&["brkstack", "--json", "-p", &pid.to_string()]);
+    mt.wait_ready();
+    grower.grow_and_exit();
+    let (status, stdout, stderr) = mt.finish(Duration::from_secs(20));
+    assert!(status.success(), "{status}: {stderr}");
+    let report = final_report(&stdout);
+    let stack = stacks_with(&report, "grow_heap")[0];
+    assert_eq!(stack["comm"], "grow-alias", "{stack:#}");
+    for func in ["grow_heap", "main"] {
+        assert_eq!(frame_of(stack, func).unwrap()["module"], "grow-alias", "{func}: {stack:#}");
+    }
+    assert_detached("brkstack");
 }
 
 #[test]
@@ -150,7 +181,27 @@ fn brkstack_bad_input_gets_one_line_errors() {
     assert_one_line_error(&["brkstack", "-p", "999999999"], "no such process: 999999999");
     assert_one_line_error(&["brkstack", "-T", "0"], "-T/--top takes a number of rows of at least 1");
     assert_one_line_error(&["brkstack", "-T", "many"], "-T/--top takes a number of rows of at least 1");
-    assert_one_line_error(&["brkstack", "0"], "the interval is a number of seconds of at least 1");
+    assert_one_line_error(
+        &["brkstack", "0"],
+        "the interval must be at least 1 second and at most 31536000 (a year), not 0",
+    );
+    assert_one_line_error(
+        &["brkstack", "18446744073709551615"],
+        "the interval must be at least 1 second and at most 31536000 (a year), not 18446744073709551615",
+    );
+    assert_one_line_error(
+        &["brkstack", "x"],
+        "the interval is a number of seconds from 1 to 31536000 (a year), not \"x\"",
+    );
+    assert_one_line_error(&["brkstack", "--max-stacks", "0"], "--max-stacks takes 1 to 16777216, not 0");
+    assert_one_line_error(
+        &["brkstack", "--max-stacks", "4294967295"],
+        "--max-stacks takes 1 to 16777216, not 4294967295",
+    );
+    assert_one_line_error(
+        &["brkstack", "-p", "2"],
+        "process 2 (kthreadd) is a kernel thread: it has no user memory to trace",
+    );
     assert_detached("brkstack");
 }
 

@@ -121,18 +121,19 @@ fn faults_events_decode_address_and_error_code() {
     let in_mapping: Vec<&Value> = lines
         .iter()
         .filter(|l| l["event"] == "fault")
-        .filter(|l| (touched.start..touched.start + touched.len).contains(&l["address"].as_u64().unwrap()))
+        .filter(|l| (touched.start..touched.start + touched.len).contains(&hex(l["address"].as_str().unwrap())))
         .collect();
     assert_eq!(in_mapping.len() as u64, PAGES, "one fault per page: {stdout}");
     let mut pages: Vec<u64> =
-        in_mapping.iter().map(|e| (e["address"].as_u64().unwrap() - touched.start) / 4096).collect();
+        in_mapping.iter().map(|e| (hex(e["address"].as_str().unwrap()) - touched.start) / 4096).collect();
     pages.sort_unstable();
     pages.dedup();
     assert_eq!(pages.len() as u64, PAGES, "each page faulted once");
     for e in &in_mapping {
         assert_eq!(e["pid"], pid, "{e}");
         assert_eq!(e["mode"], "user", "{e}");
-        assert_eq!(e["error_code"], 6, "{e}");
+        assert_eq!(e["error_code"], "0x6", "flags are hex strings: {e}");
+        assert!(e["ip"].as_str().is_some_and(|ip| ip.starts_with("0x")), "{e}");
         assert_eq!(e["flags"], "write|user|not-present", "{e}");
     }
     assert_eq!(final_report(&stdout)["events_lost"], 0);
@@ -182,6 +183,15 @@ fn faults_bad_input_gets_one_line_errors() {
     assert_one_line_error(&["faults", "-p", "999999999"], "no such process: 999999999");
     assert_one_line_error(&["faults", "-T", "0"], "-T/--top takes a number of rows of at least 1");
     assert_one_line_error(&["faults", "-T", "x"], "-T/--top takes a number of rows of at least 1");
+    assert_exact_error(
+        &["faults", "18446744073709551615"],
+        "the interval must be at least 1 second and at most 31536000 (a year), not 18446744073709551615",
+    );
+    assert_exact_error(&["faults", "--max-stacks", "0"], "--max-stacks takes 1 to 16777216, not 0");
+    assert_exact_error(
+        &["faults", "-p", "2"],
+        "process 2 (kthreadd) is a kernel thread: it has no user memory to trace",
+    );
     assert_detached("faults");
 }
 

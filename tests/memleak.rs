@@ -168,6 +168,147 @@ fn memleak_bad_input_gets_one_line_errors() {
     assert_one_line_error(&["memleak", "-p", &me, "-s", "0"], "--sample-rate must be at least 1");
 }
 
+/// Input that used to panic, mislead or pass: each is one exact line, exit 1, before attach.
+#[test]
+fn memleak_nonsense_and_extremes_get_exact_one_line_errors() {
+    if !bpf_available("memleak_nonsense_and_extremes_get_exact_one_line_errors") {
+        return;
+    }
+    let me = std::process::id().to_string();
+    let interval = "the interval must be at least 1 second and at most 31536000 (a year), not 18446744073709551615";
+    let foreign = std::env::temp_dir().join(format!("memtrace-aarch64-{me}.so"));
+    let mut elf = std::fs::read("/bin/true").unwrap();
+    elf[18..20].copy_from_slice(&183u16.to_le_bytes());
+    std::fs::write(&foreign, elf).unwrap();
+    let foreign_msg = format!(
+        "{} is not a 64-bit x86-64 ELF file (class 2, machine 183): memtrace traces x86-64 code",
+        foreign.display()
+    );
+    let cases: &[(&[&str], &str)] = &[
+        (&["-p", &me, "18446744073709551615", "1"], interval),
+        (&["-p", &me, "-d", "18446744073709551615"], "-d/--duration takes 1 to 31536000, not 18446744073709551615"),
+        (&["-p", &me, "-o", "18446744073709551615"], "-o/--older takes 0 to 31536000000, not 18446744073709551615"),
+        (&["--max-allocs", "0"], "--max-allocs takes 1 to 16777216, not 0"),
+        (&["--max-allocs", "4294967295"], "--max-allocs takes 1 to 16777216, not 4294967295"),
+        (&["--max-stacks", "0"], "--max-stacks takes 1 to 16777216, not 0"),
+        (&["--max-stacks", "4294967295"], "--max-stacks takes 1 to 16777216, not 4294967295"),
+        (&["-p", "2"], "process 2 (kthreadd) is a kernel thread: it has no user memory to trace"),
+        (&["-c", "/tmp"], "/tmp is a directory, not a program"),
+        (&["-p", &me, "1", "0"], "the count must be at least 1"),
+        (&["-p", &me, "-T", "0"], "-T/--top takes a number of rows of at least 1, not 0"),
+        (
+            &["-p", &me, "-z", "100", "-Z", "10"],
+            "-z/--min-size (100) is larger than -Z/--max-size (10): no allocation would be counted",
+        ),
+        (&["--percpu", "-p", &me], "--percpu applies to kernel mode (without -p or -c): percpu memory is the kernel's"),
+        (
+            &["--percpu", "-c", "/bin/true"],
+            "--percpu applies to kernel mode (without -p or -c): percpu memory is the kernel's",
+        ),
+        (&["-p", &me, "-O", foreign.to_str().unwrap()], &foreign_msg),
+        // Past u64, clap refuses the value: one line too.
+        (
+            &["18446744073709551616"],
+            "invalid value '18446744073709551616' for '[INTERVAL]': number too large to fit in target type (see --help)",
+        ),
+        (&["--no-such-option"], "unexpected argument '--no-such-option' found (see --help)"),
+    ];
+    for (args, expect) in cases {
+        let args: Vec<&str> = std::iter::once("memleak").chain(args.iter().copied()).collect();
+        assert_exact_error(&args, expect);
+    }
+    std::fs::remove_file(&foreign).unwrap();
+}
+
+/// `--folded` that cannot be written is refused before attaching, not after the trace.
+#[test]
+fn memleak_unwritable_folded_path_is_refused_before_attach() {
+    if !bpf_available("memleak_unwritable_folded_path_is_refused_before_attach") {
+        return;
+    }
+    let me = std::process::id().to_string();
+    let dir = std::env::temp_dir().join(format!("memtrace-ro-{me}"));
+    std::fs::create_dir_all(&dir).unwrap();
+    let mounted = Command::new("mount").args(["-t", "tmpfs", "-o", "ro,size=64k", "tmpfs"]).arg(&dir).status().unwrap();
+    assert!(mounted.success(), "mount a read-only tmpfs");
+    let ro = dir.join("out.folded");
+    let ro_msg =
+        format!("--folded {}: cannot write {}: Read-only file system (os error 30)", ro.display(), dir.display());
+    let cases: [(&str, &str); 3] = [
+        ("/tmp", "--folded /tmp is a directory: give a file path"),
+        ("/nonexistent/out.folded", "--folded /nonexistent/out.folded: directory /nonexistent does not exist"),
+        (ro.to_str().unwrap(), &ro_msg),
+    ];
+    for (path, expect) in cases {
+        assert_exact_error(&["memleak", "-p", &me, "--folded", path], expect);
+        assert_exact_error(&["brkstack", "-p", &me, "--folded", path], expect);
+        assert_exact_error(&["faults", "-p", &me, "--folded", path], expect);
+    }
+    assert!(Command::new("umount").arg(&dir).status().unwrap().success());
+    std::fs::remove_dir(&dir).unwrap();
+}
+
+/// Addresses are hex strings in JSON (jq rounds u64 numbers above 2^53), counts stay numbers;
+/// each folded stack starts with its process.
+#[test]
+fn memleak_json_addresses_are_hex_and_folded_stacks_start_with_the_process() {
+    if !bpf_available("memleak_json_addresses_are_hex_and_folded_stacks_start_with_the_process") {
+        return;
+    }
+    let folded = std::env::temp_dir().join(format!("memleak-folded-{}", std::process::id()));
+    let leaky = prog("leaky");
+    let args =
+        ["memleak", "--json", "-a", "-T", "100", "--folded", folded.to_str().unwrap(), "-c", leaky.to_str().unwrap()];
+    let out = run(&args, Duration::from_secs(60));
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let report = final_report(&String::from_utf8_lossy(&out.stdout));
+    let stack = stacks_with(&report, "leak_malloc")[0];
+    assert_eq!(stack["bytes"], 3000, "{stack:#}");
+    let is_hex =
+        |v: &Value| v.as_str().is_some_and(|s| s.starts_with("0x") && u64::from_str_radix(&s[2..], 16).is_ok());
+    let allocations = stack["allocations"].as_array().unwrap();
+    assert_eq!(allocations.len(), 3, "{stack:#}");
+    for a in allocations {
+        assert!(is_hex(&a["addr"]) && a["size"] == 1000, "{a}");
+    }
+    for f in stack["frames"].as_array().unwrap() {
+        assert!(is_hex(&f["addr"]) && f["offset"].is_u64(), "{f}");
+    }
+    let text = std::fs::read_to_string(&folded).unwrap();
+    std::fs::remove_file(&folded).unwrap();
+    let root = format!("leaky ({})", report["pid"]);
+    assert!(!text.is_empty());
+    for line in text.lines() {
+        assert_eq!(line.split(';').next(), Some(root.as_str()), "{text}");
+    }
+    assert!(text.lines().any(|l| l.ends_with(";main;leak_all;leak_malloc 3000")), "{text}");
+    assert_detached("memleak");
+}
+
+/// Without root, bad arguments are still named first: they need no privilege to check.
+#[test]
+fn memleak_checks_arguments_before_root() {
+    let as_nobody = |args: &[&str]| {
+        let out = Command::new("setpriv")
+            .args(["--reuid=65534", "--regid=65534", "--clear-groups", env!("CARGO_BIN_EXE_memtrace")])
+            .args(args)
+            .output()
+            .expect("setpriv (util-linux) runs");
+        (out.status.code(), String::from_utf8_lossy(&out.stderr).trim_end().to_string())
+    };
+    assert_eq!(
+        as_nobody(&["memleak", "-p", "1", "--folded", "/etc/passwd"]),
+        (
+            Some(1),
+            "memtrace: error: --folded /etc/passwd: cannot write /etc/passwd: Permission denied (os error 13)".into()
+        )
+    );
+    assert_eq!(
+        as_nobody(&["memleak", "--max-stacks", "0"]),
+        (Some(1), "memtrace: error: --max-stacks takes 1 to 16777216, not 0".into())
+    );
+}
+
 #[test]
 fn memleak_refuses_to_run_without_root() {
     // Needs no BPF: the check comes first. setpriv drops to nobody.

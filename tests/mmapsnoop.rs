@@ -51,17 +51,17 @@ fn mmapsnoop_reports_each_call_exactly() {
     assert_fields(
         &events[0],
         &json!({
-            "addr": anon, "ret": anon, "error": null, "hint": 0, "len": 3 * PAGE,
-            "prot": 3, "prot_str": "PROT_READ|PROT_WRITE",
-            "flags": 0x22, "flags_str": "MAP_PRIVATE|MAP_ANONYMOUS",
+            "addr": hx(anon), "ret": anon, "error": null, "hint": "0x0", "len": 3 * PAGE,
+            "prot": "0x3", "prot_str": "PROT_READ|PROT_WRITE",
+            "flags": "0x22", "flags_str": "MAP_PRIVATE|MAP_ANONYMOUS",
             "fd": -1, "offset": 0, "path": null, "path_source": null,
         }),
     );
     assert_fields(
         &events[1],
         &json!({
-            "addr": file, "error": null, "len": 5 * PAGE,
-            "prot": 1, "prot_str": "PROT_READ", "flags": 1, "flags_str": "MAP_SHARED",
+            "addr": hx(file), "error": null, "len": 5 * PAGE,
+            "prot": "0x1", "prot_str": "PROT_READ", "flags": "0x1", "flags_str": "MAP_SHARED",
             "fd": fd, "offset": 0, "path": path, "path_source": "fd",
         }),
     );
@@ -73,16 +73,16 @@ fn mmapsnoop_reports_each_call_exactly() {
             "fd": 1000, "path": null, "path_source": "unknown",
         }),
     );
-    assert_fields(&events[3], &json!({ "addr": anon, "len": 3 * PAGE, "ret": 0, "error": null }));
+    assert_fields(&events[3], &json!({ "addr": hx(anon), "len": 3 * PAGE, "ret": 0, "error": null }));
     assert_fields(
         &events[4],
-        &json!({ "addr": small, "len": 2 * PAGE, "prot_str": "PROT_READ|PROT_WRITE", "flags_str": "MAP_PRIVATE|MAP_ANONYMOUS" }),
+        &json!({ "addr": hx(small), "len": 2 * PAGE, "prot_str": "PROT_READ|PROT_WRITE", "flags_str": "MAP_PRIVATE|MAP_ANONYMOUS" }),
     );
     assert_fields(
         &events[5],
         &json!({
-            "addr": grown, "ret": grown, "error": null, "old_addr": small,
-            "old_len": 2 * PAGE, "new_len": 8 * PAGE, "flags": 1, "flags_str": "MREMAP_MAYMOVE",
+            "addr": hx(grown), "ret": grown, "error": null, "old_addr": hx(small),
+            "old_len": 2 * PAGE, "new_len": 8 * PAGE, "flags": "0x1", "flags_str": "MREMAP_MAYMOVE",
         }),
     );
     // The program closed this fd right after mmap: found through the fd if memtrace was
@@ -90,7 +90,7 @@ fn mmapsnoop_reports_each_call_exactly() {
     assert_fields(
         &events[6],
         &json!({
-            "addr": closed, "len": PAGE, "offset": PAGE, "prot_str": "PROT_READ", "flags_str": "MAP_PRIVATE",
+            "addr": hx(closed), "len": PAGE, "offset": PAGE, "prot_str": "PROT_READ", "flags_str": "MAP_PRIVATE",
             "fd": got["fd2"].parse::<i64>().unwrap(), "path": path,
         }),
     );

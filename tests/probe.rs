@@ -100,3 +100,18 @@ fn probe_text_lists_every_tool_once() {
     );
     assert!(text.contains("\n  kprobes "), "{text}");
 }
+
+/// Without root, tracefs and BPF look absent: probe must say it needs root, not blame the kernel.
+#[test]
+fn probe_without_root_says_it_needs_root() {
+    let out = std::process::Command::new("setpriv")
+        .args(["--reuid=65534", "--regid=65534", "--clear-groups", env!("CARGO_BIN_EXE_memtrace"), "probe"])
+        .output()
+        .expect("setpriv (util-linux) runs");
+    assert_eq!(out.status.code(), Some(1));
+    assert_eq!(
+        String::from_utf8_lossy(&out.stderr),
+        "memtrace: error: must run as root: loading eBPF programs needs CAP_BPF and CAP_PERFMON (try sudo)\n"
+    );
+    assert!(out.stdout.is_empty());
+}

@@ -47,29 +47,29 @@ fn shmsnoop_reports_each_call_exactly() {
         &events[0],
         &json!({
             "key": hex(key), "key_str": key, "size": 3 * 4096,
-            "shmflg": 0o1600, "shmflg_str": "IPC_CREAT|0600",
+            "shmflg": hx(0o1600), "shmflg_str": "IPC_CREAT|0600",
             "ret": id, "shmid": id, "error": null,
         }),
     );
     assert_fields(
         &events[1],
         &json!({
-            "key_str": key, "size": 3 * 4096, "shmflg": 0o3600, "shmflg_str": "IPC_CREAT|IPC_EXCL|0600",
+            "key_str": key, "size": 3 * 4096, "shmflg": hx(0o3600), "shmflg_str": "IPC_CREAT|IPC_EXCL|0600",
             "ret": -17, "error": "EEXIST", "shmid": null,
         }),
     );
     assert_fields(
         &events[2],
         &json!({
-            "shmid": id, "shmaddr": 0, "shmflg": 0o10000, "shmflg_str": "SHM_RDONLY",
-            "ret": addr, "addr": addr, "error": null,
+            "shmid": id, "shmaddr": "0x0", "shmflg": hx(0o10000), "shmflg_str": "SHM_RDONLY",
+            "ret": addr, "addr": hx(addr), "error": null,
         }),
     );
     // shmdt takes what shmat returned.
-    assert_fields(&events[3], &json!({ "shmaddr": addr, "ret": 0, "error": null }));
+    assert_fields(&events[3], &json!({ "shmaddr": hx(addr), "ret": 0, "error": null }));
     assert_fields(
         &events[4],
-        &json!({ "shmid": id, "cmd": 0, "cmd_str": "IPC_RMID", "buf": 0, "ret": 0, "error": null }),
+        &json!({ "shmid": id, "cmd": 0, "cmd_str": "IPC_RMID", "buf": "0x0", "ret": 0, "error": null }),
     );
     assert_detached("shmsnoop");
 }
@@ -129,4 +129,17 @@ fn shmsnoop_detaches_cleanly() {
     assert!(events.is_empty(), "{events:?}");
     assert_eq!(last, json!({ "final": true, "events": 0, "events_lost": 0 }));
     assert_detached("shmsnoop");
+}
+
+/// -vv logs go to stderr; into a pipe they carry no colour codes.
+#[test]
+fn shmsnoop_verbose_logs_have_no_colour_in_a_pipe() {
+    if !bpf_available("shmsnoop_verbose_logs_have_no_colour_in_a_pipe") {
+        return;
+    }
+    let out = run(&["-vv", "shmsnoop", "-d", "1", "--comm", "no_such_comm"], Duration::from_secs(20));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert!(stderr.contains("shmsnoop: using tracepoints"), "-vv logs the attach method: {stderr}");
+    assert!(!stderr.contains('\x1b'), "colour codes in a pipe: {stderr:?}");
 }

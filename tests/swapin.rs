@@ -37,4 +37,8 @@ fn swapin_runs_or_names_the_missing_feature() {
 fn swapin_bad_input_is_one_line_error() {
     assert_one_line_error(&["swapin", "0"], "at least 1");
     assert_one_line_error(&["swapin", "-p", "999999999"], "no such process: 999999999");
+    assert_exact_error(
+        &["swapin", "--stack", "-p", "2"],
+        "process 2 (kthreadd) is a kernel thread: it has no user memory to trace",
+    );
 }

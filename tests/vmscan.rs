@@ -109,6 +109,11 @@ fn vmscan_bad_input_gets_one_line_errors() {
     for (args, expect) in [
         (&["vmscan", "0"][..], "the interval must be at least 1 second"),
         (&["vmscan", "1", "0"][..], "the count must be at least 1"),
+        (
+            &["vmscan", "18446744073709551615", "1"][..],
+            "the interval must be at least 1 second and at most 31536000 (a year), not 18446744073709551615",
+        ),
+        (&["vmscan", "-d", "18446744073709551615"][..], "-d/--duration takes 1 to 31536000, not 18446744073709551615"),
         (&["vmscan", "-p", "999999999"][..], "no such process: 999999999"),
     ] {
         assert_one_line_error(args, expect);

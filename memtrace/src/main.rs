@@ -7,6 +7,9 @@ mod target;
 mod tools;
 mod tracee;
 
+#[cfg(test)]
+mod cli_tests;
+
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
@@ -54,8 +57,32 @@ enum Tool {
     Benchfloor(tools::benchfloor::Args),
 }
 
+impl Tool {
+    /// Checks the arguments before anything is loaded: bad input is a one-line error here,
+    /// without root and before any probe exists.
+    fn validate(&self) -> anyhow::Result<()> {
+        match self {
+            Tool::Memleak(args) => args.validate(),
+            Tool::Oomkill(args) => args.validate(),
+            Tool::Mmapsnoop(args) => args.validate(),
+            Tool::Brkstack(args) => args.validate(),
+            Tool::Shmsnoop(args) => args.validate(),
+            Tool::Faults(args) => args.validate(),
+            Tool::Vmscan(args) => args.validate(),
+            Tool::Drsnoop(args) => args.validate(),
+            Tool::Swapin(args) => args.validate(),
+            Tool::Hfaults(args) => args.validate(),
+            Tool::Probe(_) => Ok(()),
+            Tool::Benchfloor(args) => target::check_pid(args.pid),
+        }
+    }
+}
+
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => return usage_error(e),
+    };
     let level = match cli.verbose {
         0 => "warn",
         1 => "info",
@@ -63,10 +90,15 @@ fn main() -> ExitCode {
     };
     tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
+        // Colour codes only for a person at a terminal, never into a pipe or a log file.
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_target(false)
         .without_time()
         .with_env_filter(tracing_subscriber::EnvFilter::try_from_env("MEMTRACE_LOG").unwrap_or_else(|_| level.into()))
         .init();
+    if let Err(e) = cli.tool.validate() {
+        return fail(&e);
+    }
     let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
         Ok(rt) => rt,
         Err(e) => return fail(&e.into()),
@@ -91,6 +123,18 @@ fn main() -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => fail(&e),
     }
+}
+
+/// clap's errors made one line like every other (`--help` and `--version` print as usual).
+fn usage_error(e: clap::Error) -> ExitCode {
+    use clap::error::ErrorKind;
+    if !e.use_stderr() || e.kind() == ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand {
+        e.exit();
+    }
+    let text = e.render().to_string();
+    let first = text.lines().next().unwrap_or_default();
+    eprintln!("memtrace: error: {} (see --help)", first.strip_prefix("error: ").unwrap_or(first));
+    ExitCode::FAILURE
 }
 
 /// One line with the cause chain; a closed stdout (`| head`) is not an error.

@@ -15,7 +15,8 @@ use crate::kernel::kallsyms::Kallsyms;
 
 #[derive(Clone, Debug, serde::Serialize, PartialEq, Eq)]
 pub struct Frame {
-    /// The address as captured.
+    /// The address as captured (a hex string in JSON).
+    #[serde(serialize_with = "crate::output::hex::serialize")]
     pub addr: u64,
     /// Demangled function name; `None` when unknown.
     pub func: Option<String>,
@@ -96,6 +97,8 @@ pub struct UserSymbolizer {
     files: HashMap<FileKey, File>,
     /// Frames per (file, file offset) with `addr` left 0; the same offset has different addrs per pid.
     cache: HashMap<(FileKey, u64), Vec<Frame>>,
+    /// Each process's name at its last snapshot, for reports made after it exited.
+    comms: HashMap<u32, String>,
 }
 
 impl Default for UserSymbolizer {
@@ -113,7 +116,18 @@ impl UserSymbolizer {
             // Files are addressed via fds we hold open, so they cannot change underneath.
             .enable_auto_reload(false)
             .build();
-        UserSymbolizer { symbolizer, maps: HashMap::new(), files: HashMap::new(), cache: HashMap::new() }
+        UserSymbolizer {
+            symbolizer,
+            maps: HashMap::new(),
+            files: HashMap::new(),
+            cache: HashMap::new(),
+            comms: HashMap::new(),
+        }
+    }
+
+    /// The process's name (/proc/PID/comm) at its last snapshot.
+    pub fn comm(&self, pid: u32) -> Option<&str> {
+        self.comms.get(&pid).map(String::as_str)
     }
 
     /// Re-read /proc/PID/maps. Keeps the previous snapshot when the process is gone (returns Ok(false) then), Ok(true) when refreshed.
@@ -129,6 +143,10 @@ impl UserSymbolizer {
         if text.is_empty() {
             return Ok(false);
         }
+        if let Ok(comm) = std::fs::read_to_string(format!("/proc/{pid}/comm")) {
+            self.comms.insert(pid, comm.trim_end().to_string());
+        }
+        let exe_label = exe_label(pid);
         // Files already opened for this pid are reused; failed opens are retried.
         let previous = self.maps.remove(&pid).unwrap_or_default();
         let mut opened: HashMap<(Rc<str>, u64), Option<FileKey>> = previous
@@ -147,7 +165,10 @@ impl UserSymbolizer {
                 Kind::Vdso
             } else if path.starts_with('/') {
                 let path: Rc<str> = path.strip_suffix(" (deleted)").unwrap_or(path).into();
-                let module: Rc<str> = path.rsplit('/').next().unwrap_or_default().into();
+                let module: Rc<str> = match &exe_label {
+                    Some((exe, label)) if **exe == *path => label.clone(),
+                    _ => path.rsplit('/').next().unwrap_or_default().into(),
+                };
                 // Only code can appear in stacks; skip opening data files mapped read-only.
                 let file = if perms.contains('x') {
                     match opened.get(&(path.clone(), inode)) {
@@ -253,6 +274,33 @@ impl UserSymbolizer {
     }
 }
 
+/// The executable's path as /proc/PID/maps shows it and the name it was started by, when that
+/// name differs: maps and /proc/PID/exe show a symlink's target (`redis-server` runs
+/// /usr/bin/redis-check-rdb), while the name people know is the one given to execve, which
+/// the kernel leaves in the process's memory at AT_EXECFN. Only a name that still leads to
+/// the same file is taken (a script's name leads to its script, not to the interpreter).
+fn exe_label(pid: u32) -> Option<(Rc<str>, Rc<str>)> {
+    use std::os::unix::fs::FileExt as _;
+    const AT_EXECFN: u64 = 31;
+    let exe = std::fs::read_link(format!("/proc/{pid}/exe")).ok()?;
+    let auxv = std::fs::read(format!("/proc/{pid}/auxv")).ok()?;
+    let word = |c: &[u8]| u64::from_ne_bytes(c.try_into().unwrap_or_default());
+    let at = auxv.chunks_exact(16).find(|e| word(&e[..8]) == AT_EXECFN).map(|e| word(&e[8..]))?;
+    let mut buf = [0u8; 4096];
+    let n = File::open(format!("/proc/{pid}/mem")).ok()?.read_at(&mut buf, at).ok()?;
+    let execfn = std::str::from_utf8(&buf[..buf[..n].iter().position(|&b| b == 0)?]).ok()?;
+    let name = execfn.rsplit('/').next().filter(|n| !n.is_empty())?;
+    let exe = exe.to_str()?.strip_suffix(" (deleted)").unwrap_or(exe.to_str()?);
+    if exe.rsplit('/').next() == Some(name) {
+        return None;
+    }
+    let through =
+        if execfn.starts_with('/') { format!("/proc/{pid}/root{execfn}") } else { format!("/proc/{pid}/cwd/{execfn}") };
+    let same = |a: &std::fs::Metadata, b: &std::fs::Metadata| a.dev() == b.dev() && a.ino() == b.ino();
+    let (named, running) = (std::fs::metadata(through).ok()?, std::fs::metadata(format!("/proc/{pid}/exe")).ok()?);
+    same(&named, &running).then(|| (exe.into(), name.into()))
+}
+
 /// Parses `start-end perms offset dev inode [path]` into its fields.
 fn parse_maps_line(line: &str) -> Option<(u64, u64, &str, u64, u64, &str)> {
     let mut fields = line.splitn(6, ' ');
@@ -334,6 +382,39 @@ impl KernelSymbolizer {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Started through a symlink of another name: the executable is labelled with that name.
+    #[test]
+    fn an_executable_started_through_a_symlink_keeps_its_name() {
+        let dir = std::env::temp_dir().join(format!("memtrace-alias-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let alias = dir.join("sleep-alias");
+        let _ = std::fs::remove_file(&alias);
+        std::os::unix::fs::symlink("/bin/sleep", &alias).unwrap();
+        let mut plain = std::process::Command::new("/bin/sleep").arg("5").spawn().unwrap();
+        let mut child = std::process::Command::new(&alias).arg("5").spawn().unwrap();
+        // Wait for both to have exec'd: /proc/PID/exe changes before the kernel writes the new
+        // auxiliary vector, so wait for AT_EXECFN (31) itself.
+        let started = |pid: u32| {
+            let exe = std::fs::read_link(format!("/proc/{pid}/exe")).unwrap_or_default();
+            let auxv = std::fs::read(format!("/proc/{pid}/auxv")).unwrap_or_default();
+            exe.ends_with("sleep") && auxv.chunks_exact(16).any(|e| e[..8] == 31u64.to_ne_bytes())
+        };
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        while !(started(child.id()) && started(plain.id())) && std::time::Instant::now() < deadline {
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+        let label = exe_label(child.id());
+        let plain_label = exe_label(plain.id());
+        for c in [&mut child, &mut plain] {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        std::fs::remove_dir_all(&dir).unwrap();
+        let (exe, name) = label.expect("a label for the symlinked executable");
+        assert_eq!((exe.rsplit('/').next(), &*name), (Some("sleep"), "sleep-alias"));
+        assert!(plain_label.is_none(), "no relabelling when the names agree");
+    }
     use std::hint::black_box;
 
     #[inline(never)]

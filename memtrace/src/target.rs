@@ -21,6 +21,23 @@ pub fn check_pid(pid: u32) -> Result<()> {
     }
 }
 
+/// Fails unless `pid` is a user process: a kernel thread has no user stacks and no allocator.
+pub fn check_user_pid(pid: u32) -> Result<()> {
+    if is_kernel_thread(pid) {
+        bail!("process {pid} ({}) is a kernel thread: it has no user memory to trace", comm(pid));
+    }
+    Ok(())
+}
+
+/// PF_KTHREAD in the flags of /proc/PID/stat (a kernel thread also has an empty cmdline).
+fn is_kernel_thread(pid: u32) -> bool {
+    const PF_KTHREAD: u64 = 0x0020_0000;
+    let Ok(stat) = fs::read_to_string(format!("/proc/{pid}/stat")) else { return false };
+    // Fields after the comm start at field 3; flags is field 9.
+    let flags = stat.rsplit_once(')').and_then(|(_, rest)| rest.split_whitespace().nth(6)?.parse::<u64>().ok());
+    flags.is_some_and(|f| f & PF_KTHREAD != 0) && fs::read(format!("/proc/{pid}/cmdline")).is_ok_and(|c| c.is_empty())
+}
+
 fn is_zombie(stat: &str) -> bool {
     // The state follows the parenthesised comm, which may itself hold spaces and parentheses.
     stat.rsplit_once(')').is_some_and(|(_, rest)| rest.trim_start().starts_with(['Z', 'X']))
@@ -38,6 +55,9 @@ pub fn find_program(name: &str) -> Result<PathBuf> {
         if path.is_file() {
             return Ok(path);
         }
+        if path.is_dir() {
+            bail!("{name} is a directory, not a program");
+        }
         bail!("no such program: {name}");
     }
     let path = std::env::var_os("PATH").unwrap_or_else(|| "/usr/local/bin:/usr/bin:/bin".into());
@@ -52,15 +72,28 @@ fn is_executable(p: &Path) -> bool {
     fs::metadata(p).is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
 }
 
-/// Checks that `path` is an ELF file, so a wrong `-O` fails before anything is attached.
+/// Checks that `path` is an x86-64 ELF file, so a wrong `-O` fails before anything is attached.
 pub fn check_elf(path: &Path) -> Result<()> {
-    let mut magic = [0u8; 4];
+    const EM_X86_64: u16 = 62;
+    let mut header = [0u8; 20];
+    if path.is_dir() {
+        bail!("{} is a directory: give -O the file that holds the allocator", path.display());
+    }
     let file = fs::File::open(path).with_context(|| format!("cannot open {}", path.display()))?;
     use std::io::Read as _;
-    match (&file).read_exact(&mut magic) {
-        Ok(()) if &magic == b"\x7fELF" => Ok(()),
-        _ => bail!("{} is not an ELF binary or library: give -O the file that holds the allocator", path.display()),
+    if (&file).read_exact(&mut header).is_err() || &header[..4] != b"\x7fELF" {
+        bail!("{} is not an ELF binary or library: give -O the file that holds the allocator", path.display());
     }
+    // EI_CLASS 2 is 64-bit, EI_DATA 1 little-endian; e_machine follows e_type.
+    let machine = u16::from_le_bytes([header[18], header[19]]);
+    if header[4] != 2 || header[5] != 1 || machine != EM_X86_64 {
+        bail!(
+            "{} is not a 64-bit x86-64 ELF file (class {}, machine {machine}): memtrace traces x86-64 code",
+            path.display(),
+            header[4]
+        );
+    }
+    Ok(())
 }
 
 const LIB_DIRS: &[&str] =
@@ -238,6 +271,42 @@ pub async fn exited(pid: u32) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn kernel_threads_are_told_apart() {
+        assert!(is_kernel_thread(2), "kthreadd");
+        assert!(!is_kernel_thread(std::process::id()));
+        let err = check_user_pid(2).unwrap_err().to_string();
+        assert!(err.ends_with("is a kernel thread: it has no user memory to trace"), "{err}");
+    }
+
+    #[test]
+    fn only_x86_64_elf_files_pass() {
+        assert!(check_elf(Path::new("/bin/sh")).is_ok());
+        let dir = std::env::temp_dir().join(format!("memtrace-elf-{}", std::process::id()));
+        fs::create_dir_all(&dir).unwrap();
+        let mut elf = fs::read("/bin/sh").unwrap();
+        elf[18..20].copy_from_slice(&183u16.to_le_bytes());
+        let arm = dir.join("arm");
+        fs::write(&arm, &elf).unwrap();
+        let err = check_elf(&arm).unwrap_err().to_string();
+        assert!(err.ends_with("is not a 64-bit x86-64 ELF file (class 2, machine 183): memtrace traces x86-64 code"));
+        elf[4] = 1;
+        elf[18..20].copy_from_slice(&62u16.to_le_bytes());
+        fs::write(&arm, &elf).unwrap();
+        assert!(check_elf(&arm).unwrap_err().to_string().contains("(class 1, machine 62)"));
+        assert!(
+            check_elf(&dir)
+                .unwrap_err()
+                .to_string()
+                .ends_with("is a directory: give -O the file that holds the allocator")
+        );
+        assert_eq!(
+            find_program(dir.to_str().unwrap()).unwrap_err().to_string(),
+            format!("{} is a directory, not a program", dir.display())
+        );
+        fs::remove_dir_all(&dir).unwrap();
+    }
 
     #[test]
     fn zombie_state_is_read_after_the_comm() {

@@ -194,6 +194,11 @@ impl Running {
     }
 }
 
+/// An address, hint or flags value as memtrace's JSON writes it: a hex string.
+pub fn hx(v: u64) -> String {
+    format!("{v:#x}")
+}
+
 /// The JSON reports memtrace printed, one per line.
 pub fn json_lines(stdout: &str) -> Vec<Value> {
     stdout
@@ -247,6 +252,16 @@ pub fn assert_one_line_error(args: &[&str], expect: &str) {
     let lines: Vec<&str> = stderr.lines().collect();
     assert_eq!(lines.len(), 1, "{args:?}: expected one line: {stderr}");
     assert!(lines[0].starts_with("memtrace: error: ") && lines[0].contains(expect), "{args:?}: {stderr}");
+    assert!(out.stdout.is_empty(), "{args:?}: {}", String::from_utf8_lossy(&out.stdout));
+    assert_detached(args[0]);
+}
+
+/// Like `assert_one_line_error`, with the whole message given: `memtrace: error: {message}`.
+pub fn assert_exact_error(args: &[&str], message: &str) {
+    let out = run(args, Duration::from_secs(30));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{args:?}: {stderr}");
+    assert_eq!(stderr, format!("memtrace: error: {message}\n"), "{args:?}");
     assert!(out.stdout.is_empty(), "{args:?}: {}", String::from_utf8_lossy(&out.stdout));
     assert_detached(args[0]);
 }

@@ -4,15 +4,18 @@
 use std::{
     fmt::Write as _,
     io::{self, Write as _},
+    os::unix::ffi::OsStrExt as _,
+    path::Path,
     time::SystemTime,
 };
 
-use anyhow::Result;
+use anyhow::{Result, bail};
 use serde::Serialize;
 
 use crate::symbolize::Frame;
 
 pub mod decode;
+pub mod hex;
 pub mod histogram;
 
 /// Writes one line to stdout. A closed pipe surfaces as an io::Error that `main` turns
@@ -55,18 +58,53 @@ pub fn write_stack(out: &mut String, frames: &[Frame], indent: &str) {
     }
 }
 
-/// One line of folded stacks (root first, `;`-separated, then the value), the input of
-/// flamegraph.pl and inferno.
-pub fn folded(frames: &[Frame], value: u64) -> String {
-    let mut names: Vec<String> = frames
-        .iter()
-        .rev()
-        .map(|f| f.func.clone().unwrap_or_else(|| format!("{:#x}", f.addr)).replace(';', ":"))
+/// One line of folded stacks (`root` first, `;`-separated, then the value), the input of
+/// flamegraph.pl and inferno. `root` names the process (see `process_root`), so each
+/// process gets its own tower in the flame graph.
+pub fn folded(root: &str, frames: &[Frame], value: u64) -> String {
+    let mut names: Vec<String> = std::iter::once(root.replace(';', ":"))
+        .chain(
+            frames.iter().rev().map(|f| f.func.clone().unwrap_or_else(|| format!("{:#x}", f.addr)).replace(';', ":")),
+        )
         .collect();
-    if names.is_empty() {
+    if names.len() == 1 {
         names.push("[lost stack]".into());
     }
     format!("{} {value}", names.join(";"))
+}
+
+/// The root frame of a process's folded stacks: `comm (pid)`, or `[pid N]` when the name is
+/// not known.
+pub fn process_root(pid: u32, comm: &str) -> String {
+    if comm.is_empty() { format!("[pid {pid}]") } else { format!("{comm} ({pid})") }
+}
+
+/// Checks, before a run, that an output file (`--folded`, ...) can be written at the end:
+/// not a directory, in a directory that exists, and writable. Creates nothing.
+pub fn check_writable(option: &str, path: &Path) -> Result<()> {
+    let shown = path.display();
+    if path.is_dir() {
+        bail!("{option} {shown} is a directory: give a file path");
+    }
+    let target = if path.exists() {
+        path
+    } else {
+        let parent = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+        if !parent.is_dir() {
+            bail!("{option} {shown}: directory {} does not exist", parent.display());
+        }
+        parent
+    };
+    let c_path = std::ffi::CString::new(target.as_os_str().as_bytes())
+        .map_err(|_| anyhow::anyhow!("{option} {shown}: the path holds a NUL byte"))?;
+    // With the effective ids, as the write will be done; EROFS for a read-only file system.
+    // SAFETY: a NUL-terminated path; faccessat reads it only.
+    let mode = if target.is_dir() { libc::W_OK | libc::X_OK } else { libc::W_OK };
+    if unsafe { libc::faccessat(libc::AT_FDCWD, c_path.as_ptr(), mode, libc::AT_EACCESS) } != 0 {
+        let err = io::Error::last_os_error();
+        bail!("{option} {shown}: cannot write {}: {err}", target.display());
+    }
+    Ok(())
 }
 
 /// What a tool could not see, stated in every report so that a quiet report is never
@@ -140,8 +178,20 @@ mod tests {
 
     #[test]
     fn folded_is_root_first() {
-        assert_eq!(folded(&[frame("leaf"), frame("mid"), frame("main")], 42), "main;mid;leaf 42");
-        assert_eq!(folded(&[], 7), "[lost stack] 7");
+        let root = process_root(42, "app");
+        assert_eq!(folded(&root, &[frame("leaf"), frame("mid"), frame("main")], 42), "app (42);main;mid;leaf 42");
+        assert_eq!(folded(&process_root(7, ""), &[], 7), "[pid 7];[lost stack] 7");
+        assert_eq!(folded("a;b (1)", &[frame("f")], 1), "a:b (1);f 1");
+    }
+
+    #[test]
+    fn unwritable_output_paths_are_named() {
+        let err = |p: &str| check_writable("--folded", Path::new(p)).unwrap_err().to_string();
+        assert_eq!(err("/tmp"), "--folded /tmp is a directory: give a file path");
+        assert_eq!(err("/nonexistent/f"), "--folded /nonexistent/f: directory /nonexistent does not exist");
+        assert_eq!(err("/proc/1/f"), "--folded /proc/1/f: cannot write /proc/1: Operation not permitted (os error 1)");
+        assert!(check_writable("--folded", &std::env::temp_dir().join("memtrace-unwritten")).is_ok());
+        assert!(!std::env::temp_dir().join("memtrace-unwritten").exists(), "the check creates nothing");
     }
 
     #[test]

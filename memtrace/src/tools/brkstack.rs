@@ -57,14 +57,25 @@ pub const ATTACH: &[AttachPoint] = &[AttachPoint {
     ],
 }];
 
+impl Args {
+    /// Everything that can be checked before loading anything (and without root).
+    pub fn validate(&self) -> Result<()> {
+        tools::check::parse_top(&self.top)?;
+        tools::check::parse_interval(self.interval.as_deref())?;
+        tools::check::in_range("--max-stacks", self.max_stacks.into(), tools::check::MAP_ENTRIES)?;
+        if let Some(path) = &self.folded {
+            output::check_writable("--folded", path)?;
+        }
+        // Kernel threads never call brk.
+        self.common.validate_user_target()
+    }
+}
+
 pub async fn run(args: Args) -> Result<()> {
     kernel::require_root()?;
     let mut signals = tools::Signals::catch()?;
-    let top = tools::stacks::parse_top(&args.top)?;
-    let tick = tools::stacks::parse_interval(args.interval.as_deref())?;
-    if args.max_stacks == 0 {
-        anyhow::bail!("--max-stacks must be at least 1");
-    }
+    let top = tools::check::parse_top(&args.top)?;
+    let tick = tools::check::parse_interval(args.interval.as_deref())?;
     let filter = args.common.filter()?;
     let offsets = Offsets {
         enter_brk: Format::read("syscalls", "sys_enter_brk")?.offset("brk")?,
@@ -151,7 +162,9 @@ struct CallEvent {
     pid: u32,
     tid: u32,
     comm: String,
+    #[serde(serialize_with = "crate::output::hex::serialize")]
     requested: u64,
+    #[serde(serialize_with = "crate::output::hex::serialize")]
     result: u64,
     /// Signed bytes; null when the previous break of the process was unknown.
     growth: Option<i64>,
@@ -253,7 +266,8 @@ impl State<'_> {
             })
             .collect();
         if is_final && let Some(path) = &self.args.folded {
-            tools::stacks::write_folded(path, stacks.iter().map(|s| (s.frames.as_slice(), s.calls)))?;
+            let folded = stacks.iter().map(|s| (output::process_root(s.pid, &s.comm), s.frames.as_slice(), s.calls));
+            tools::stacks::write_folded(path, folded)?;
         }
         let mut report = Report {
             time: output::now(),

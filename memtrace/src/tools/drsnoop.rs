@@ -58,6 +58,18 @@ pub struct Args {
     pub common: CommonArgs,
 }
 
+impl Args {
+    /// Everything that can be checked before loading anything (and without root).
+    pub fn validate(&self) -> Result<()> {
+        let comm = self.name.clone().or_else(|| self.common.comm.clone());
+        CommonArgs { comm, ..self.common.clone() }.validate()?;
+        if let Some(tid) = self.tid {
+            check_tid(tid)?;
+        }
+        Ok(())
+    }
+}
+
 pub async fn run(mut args: Args) -> Result<()> {
     kernel::require_root()?;
     let mut signals = tools::Signals::catch()?;

@@ -60,14 +60,25 @@ const KERNEL: AttachPoint = AttachPoint {
 /// How faults attaches by default (--kernel adds KERNEL), as `memtrace probe` reports it.
 pub const ATTACH: &[AttachPoint] = &[USER];
 
+impl Args {
+    /// Everything that can be checked before loading anything (and without root).
+    pub fn validate(&self) -> Result<()> {
+        tools::check::parse_top(&self.top)?;
+        tools::check::parse_interval(self.interval.as_deref())?;
+        tools::check::in_range("--max-stacks", self.max_stacks.into(), tools::check::MAP_ENTRIES)?;
+        if let Some(path) = &self.folded {
+            output::check_writable("--folded", path)?;
+        }
+        // A kernel thread takes no user faults; with --kernel its kernel-mode faults count.
+        if self.kernel { self.common.validate() } else { self.common.validate_user_target() }
+    }
+}
+
 pub async fn run(args: Args) -> Result<()> {
     kernel::require_root()?;
     let mut signals = tools::Signals::catch()?;
-    let top = tools::stacks::parse_top(&args.top)?;
-    let tick = tools::stacks::parse_interval(args.interval.as_deref())?;
-    if args.max_stacks == 0 {
-        anyhow::bail!("--max-stacks must be at least 1");
-    }
+    let top = tools::check::parse_top(&args.top)?;
+    let tick = tools::check::parse_interval(args.interval.as_deref())?;
     let filter = args.common.filter()?;
     let format = Format::read("exceptions", "page_fault_user")?;
     let offsets = Offsets {
@@ -149,8 +160,11 @@ struct FaultEvent {
     tid: u32,
     comm: String,
     mode: &'static str,
+    #[serde(serialize_with = "crate::output::hex::serialize")]
     address: u64,
+    #[serde(serialize_with = "crate::output::hex::serialize")]
     ip: u64,
+    #[serde(serialize_with = "crate::output::hex::serialize")]
     error_code: u64,
     flags: String,
 }
@@ -264,6 +278,7 @@ impl State<'_> {
             })
             .collect();
         procs.sort_by(|a, b| b.faults.cmp(&a.faults).then(a.pid.cmp(&b.pid)));
+        let comms: std::collections::HashMap<u32, String> = procs.iter().map(|p| (p.pid, p.comm.clone())).collect();
         let faults = procs.iter().map(|p| p.faults).sum();
         let proc_count = procs.len();
         procs.truncate(self.top);
@@ -284,9 +299,12 @@ impl State<'_> {
             });
         }
         if is_final && let Some(path) = &self.args.folded {
-            let folded: Vec<(Vec<Frame>, u64)> =
-                stacks.iter().map(|s| ([s.kernel_frames.clone(), s.frames.clone()].concat(), s.faults)).collect();
-            tools::stacks::write_folded(path, folded.iter().map(|(f, n)| (f.as_slice(), *n)))?;
+            let root = |pid: u32| output::process_root(pid, comms.get(&pid).map_or("", String::as_str));
+            let folded: Vec<(String, Vec<Frame>, u64)> = stacks
+                .iter()
+                .map(|s| (root(s.pid), [s.kernel_frames.clone(), s.frames.clone()].concat(), s.faults))
+                .collect();
+            tools::stacks::write_folded(path, folded.iter().map(|(r, f, n)| (r.clone(), f.as_slice(), *n)))?;
         }
         stacks.truncate(self.top);
         let report = Report {

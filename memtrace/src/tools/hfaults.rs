@@ -8,7 +8,7 @@ use std::{
     time::Duration,
 };
 
-use anyhow::{Context as _, Result, bail};
+use anyhow::{Context as _, Result};
 use aya::maps::{HashMap, MapData};
 use memtrace_common::hfaults::{Event, KernelOffsets, MAX_RANGES, Ranges, SRC_KPROBE};
 use serde::Serialize;
@@ -48,11 +48,19 @@ pub struct Args {
     pub common: CommonArgs,
 }
 
+impl Args {
+    /// Everything that can be checked before loading anything (and without root).
+    pub fn validate(&self) -> Result<()> {
+        if let Some(secs) = self.interval {
+            tools::check::interval(secs)?;
+        }
+        tools::check::count(self.count)?;
+        self.common.validate()
+    }
+}
+
 pub async fn run(args: Args) -> Result<()> {
     kernel::require_root()?;
-    if args.interval == Some(0) || args.count == Some(0) {
-        bail!("the interval and the count must be at least 1");
-    }
     let mut signals = tools::Signals::catch()?;
     let filter = args.common.filter()?;
     let offsets = offsets();

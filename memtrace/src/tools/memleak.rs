@@ -98,6 +98,57 @@ pub struct Args {
     pub max_stacks: u32,
 }
 
+impl Args {
+    /// Everything that can be checked before loading anything (and without root).
+    pub fn validate(&self) -> Result<()> {
+        use crate::tools::check::{self, MAP_ENTRIES, MAX_SECONDS, in_range};
+        if let Some(pid) = self.pid {
+            target::check_pid(pid)?;
+            target::check_user_pid(pid)?;
+        }
+        if let Some(cmd) = &self.command {
+            let argv = shlex::split(cmd).filter(|a| !a.is_empty() && !a[0].is_empty());
+            target::find_program(&argv.context("-c needs a command, e.g. -c \"./prog arg\"")?[0])?;
+        }
+        if let Some(obj) = &self.obj {
+            target::check_elf(obj)?;
+        }
+        if let Some(secs) = self.interval {
+            check::interval(secs)?;
+        }
+        check::count(self.count)?;
+        if self.top == 0 {
+            bail!("-T/--top takes a number of rows of at least 1, not 0");
+        }
+        in_range("-o/--older", self.older, 0..=MAX_SECONDS * 1000)?;
+        if let (Some(min), Some(max)) = (self.min_size, self.max_size)
+            && min > max
+        {
+            bail!("-z/--min-size ({min}) is larger than -Z/--max-size ({max}): no allocation would be counted");
+        }
+        if self.sample_rate == 0 {
+            bail!("--sample-rate must be at least 1");
+        }
+        let user = self.pid.is_some() || self.command.is_some();
+        if self.percpu && user {
+            bail!("--percpu applies to kernel mode (without -p or -c): percpu memory is the kernel's");
+        }
+        if self.duty_cycle.is_some() && (self.pid.is_none() || self.children) {
+            bail!("--duty-cycle works with -p PID alone (not with -c, --children or kernel mode)");
+        }
+        in_range("--duty-period-ms", self.duty_period_ms, 10..=3_600_000)?;
+        if let Some(secs) = self.duration {
+            in_range("-d/--duration", secs, 1..=MAX_SECONDS)?;
+        }
+        in_range("--max-allocs", self.max_allocs.into(), MAP_ENTRIES)?;
+        in_range("--max-stacks", self.max_stacks.into(), MAP_ENTRIES)?;
+        if let Some(path) = &self.folded {
+            crate::output::check_writable("--folded", path)?;
+        }
+        Ok(())
+    }
+}
+
 /// Where the report's numbers come from.
 enum Mode {
     /// Processes, through uprobes on their allocator: a running one (`-p`), or a command
@@ -111,29 +162,14 @@ pub async fn run(args: Args) -> Result<()> {
     kernel::require_root()?;
     // Before anything is attached: a Ctrl-C from here on ends with a final report.
     let mut signals = crate::tools::Signals::catch()?;
-    if args.sample_rate == 0 {
-        bail!("--sample-rate must be at least 1");
-    }
-    if args.interval == Some(0) {
-        bail!("the interval must be at least 1 second");
-    }
-    if args.duty_cycle.is_some() && (args.pid.is_none() || args.children) {
-        bail!("--duty-cycle works with -p PID alone (not with -c, --children or kernel mode)");
-    }
     let mode = match (&args.command, args.pid) {
         (Some(cmd), _) => {
-            if let Some(obj) = &args.obj {
-                target::check_elf(obj)?;
-            }
             let argv =
                 shlex::split(cmd).filter(|a| !a.is_empty()).context("-c needs a command, e.g. -c \"./prog arg\"")?;
             Mode::Command(Command::spawn(&argv)?)
         }
         (None, Some(pid)) => {
             target::check_pid(pid)?;
-            if let Some(obj) = &args.obj {
-                target::check_elf(obj)?;
-            }
             Mode::Pid(pid, with_obj(target::allocator_of_pid(pid)?, args.obj.as_ref())?)
         }
         (None, None) => Mode::Kernel,

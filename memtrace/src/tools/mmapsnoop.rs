@@ -12,6 +12,7 @@ use crate::{
     output::{
         self,
         decode::{errno_name, errno_of, flag_names},
+        hex::hex,
     },
     tools::{self, CommonArgs},
 };
@@ -43,6 +44,13 @@ pub const ATTACH: &[AttachPoint] = &[AttachPoint {
         Probe::Tracepoint { prog: "mmapsnoop_mremap_exit", category: "syscalls", names: &["sys_exit_mremap"] },
     ],
 }];
+
+impl Args {
+    /// Everything that can be checked before loading anything (and without root).
+    pub fn validate(&self) -> Result<()> {
+        self.common.validate()
+    }
+}
 
 pub async fn run(args: Args) -> Result<()> {
     kernel::require_root()?;
@@ -238,7 +246,7 @@ fn to_json(e: &Event, call: &Call, path: &FilePath) -> Value {
         "error": error,
     });
     // The address the call produced: mmap's and mremap's result; munmap's argument.
-    let result = (errno_of(e.ret).is_none()).then_some(e.ret as u64);
+    let result = (errno_of(e.ret).is_none()).then_some(hex(e.ret as u64));
     let fields = match *call {
         Call::Mmap { hint, len, prot, flags, fd, off } => {
             let (path, source) = match path {
@@ -247,16 +255,16 @@ fn to_json(e: &Event, call: &Call, path: &FilePath) -> Value {
                 FilePath::Unknown => (None, Some("unknown")),
             };
             json!({
-                "addr": result, "hint": hint, "len": len,
-                "prot": prot, "prot_str": prot_str(prot),
-                "flags": flags, "flags_str": map_flags_str(flags),
+                "addr": result, "hint": hex(hint), "len": len,
+                "prot": hex(prot), "prot_str": prot_str(prot),
+                "flags": hex(flags), "flags_str": map_flags_str(flags),
                 "fd": fd, "offset": off, "path": path, "path_source": source,
             })
         }
-        Call::Munmap { addr, len } => json!({ "addr": addr, "len": len }),
+        Call::Munmap { addr, len } => json!({ "addr": hex(addr), "len": len }),
         Call::Mremap { addr, old_len, new_len, flags, new_addr } => json!({
-            "addr": result, "old_addr": addr, "old_len": old_len, "new_len": new_len,
-            "flags": flags, "flags_str": mremap_flags_str(flags), "new_addr_arg": new_addr,
+            "addr": result, "old_addr": hex(addr), "old_len": old_len, "new_len": new_len,
+            "flags": hex(flags), "flags_str": mremap_flags_str(flags), "new_addr_arg": hex(new_addr),
         }),
     };
     if let (Some(obj), Value::Object(extra)) = (v.as_object_mut(), fields) {

@@ -4,6 +4,7 @@
 
 pub mod benchfloor;
 pub mod brkstack;
+pub mod check;
 pub mod drsnoop;
 pub mod faults;
 pub mod hfaults;

@@ -44,6 +44,13 @@ pub struct Args {
     pub common: CommonArgs,
 }
 
+impl Args {
+    /// Everything that can be checked before loading anything (and without root).
+    pub fn validate(&self) -> Result<()> {
+        self.common.validate()
+    }
+}
+
 pub async fn run(args: Args) -> Result<()> {
     kernel::require_root()?;
     let mut signals = tools::Signals::catch()?;

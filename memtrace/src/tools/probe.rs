@@ -97,6 +97,8 @@ struct Report {
 }
 
 pub async fn run(args: Args) -> Result<()> {
+    // Without root, tracefs and BPF look absent: a report would blame the kernel.
+    kernel::require_root()?;
     let report = Report { kernel: kernel_release(), features: features(), tracepoints: tracepoints(), tools: plans() };
     if args.json {
         let value = serde_json::json!({

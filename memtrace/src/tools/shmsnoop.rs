@@ -10,6 +10,7 @@ use crate::{
     output::{
         self,
         decode::{errno_name, errno_of, flag_names},
+        hex::hex,
     },
     tools::{self, CommonArgs},
 };
@@ -47,6 +48,13 @@ pub const ATTACH: &[AttachPoint] = &[AttachPoint {
         tp("shmsnoop_shmctl_exit", &["sys_exit_shmctl"]),
     ],
 }];
+
+impl Args {
+    /// Everything that can be checked before loading anything (and without root).
+    pub fn validate(&self) -> Result<()> {
+        self.common.validate()
+    }
+}
 
 pub async fn run(args: Args) -> Result<()> {
     kernel::require_root()?;
@@ -192,16 +200,16 @@ fn to_json(e: &Event, call: &Call) -> Value {
     let fields = match *call {
         Call::Shmget { key, size, shmflg } => json!({
             "key": key, "key_str": format!("{key:#x}"), "size": size,
-            "shmflg": shmflg, "shmflg_str": shmget_flags_str(shmflg),
+            "shmflg": hex(shmflg), "shmflg_str": shmget_flags_str(shmflg),
             "shmid": ok.then_some(e.ret),
         }),
         Call::Shmat { shmid, shmaddr, shmflg } => json!({
-            "shmid": shmid, "shmaddr": shmaddr, "shmflg": shmflg, "shmflg_str": shmat_flags_str(shmflg),
-            "addr": ok.then_some(e.ret as u64),
+            "shmid": shmid, "shmaddr": hex(shmaddr), "shmflg": hex(shmflg), "shmflg_str": shmat_flags_str(shmflg),
+            "addr": ok.then(|| hex(e.ret as u64)),
         }),
-        Call::Shmdt { shmaddr } => json!({ "shmaddr": shmaddr }),
+        Call::Shmdt { shmaddr } => json!({ "shmaddr": hex(shmaddr) }),
         Call::Shmctl { shmid, cmd, buf } => json!({
-            "shmid": shmid, "cmd": cmd, "cmd_str": shmctl_cmd_str(cmd), "buf": buf,
+            "shmid": shmid, "cmd": cmd, "cmd_str": shmctl_cmd_str(cmd), "buf": hex(buf),
         }),
     };
     if let (Some(obj), Value::Object(extra)) = (v.as_object_mut(), fields) {

@@ -95,25 +95,10 @@ impl Stacks {
     }
 }
 
-/// Writes folded stacks (one `root;...;leaf weight` line each) for flame graphs.
-pub fn write_folded<'a>(path: &Path, stacks: impl Iterator<Item = (&'a [Frame], u64)>) -> Result<()> {
-    let text: String = stacks.map(|(frames, weight)| crate::output::folded(frames, weight) + "\n").collect();
+/// Writes folded stacks (one `process;root;...;leaf weight` line each) for flame graphs; each
+/// item is (process root frame, frames innermost first, weight).
+pub fn write_folded<'a>(path: &Path, stacks: impl Iterator<Item = (String, &'a [Frame], u64)>) -> Result<()> {
+    let text: String =
+        stacks.map(|(root, frames, weight)| crate::output::folded(&root, frames, weight) + "\n").collect();
     std::fs::write(path, text).with_context(|| format!("cannot write {}", path.display()))
-}
-
-/// Parses a `-T/--top` value (taken as text so a bad one is a one-line error, not clap's).
-pub fn parse_top(s: &str) -> Result<usize> {
-    match s.parse::<usize>() {
-        Ok(n) if n > 0 => Ok(n),
-        _ => anyhow::bail!("-T/--top takes a number of rows of at least 1, not {s:?}"),
-    }
-}
-
-/// Parses the optional `[interval]` (seconds, at least 1) the same way.
-pub fn parse_interval(s: Option<&str>) -> Result<Option<std::time::Duration>> {
-    match s.map(str::parse::<u64>) {
-        None => Ok(None),
-        Some(Ok(n)) if n > 0 => Ok(Some(std::time::Duration::from_secs(n))),
-        Some(_) => anyhow::bail!("the interval is a number of seconds of at least 1, not {:?}", s.unwrap_or_default()),
-    }
 }

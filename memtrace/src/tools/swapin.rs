@@ -43,14 +43,18 @@ pub struct Args {
     pub common: CommonArgs,
 }
 
+impl Args {
+    /// Everything that can be checked before loading anything (and without root).
+    pub fn validate(&self) -> Result<()> {
+        tools::check::interval(self.interval)?;
+        tools::check::count(self.count)?;
+        // A kernel thread has no user stack to show.
+        if self.stack { self.common.validate_user_target() } else { self.common.validate() }
+    }
+}
+
 pub async fn run(args: Args) -> Result<()> {
     kernel::require_root()?;
-    if args.interval == 0 {
-        bail!("the interval must be at least 1 second");
-    }
-    if args.count == Some(0) {
-        bail!("the count must be at least 1");
-    }
     let mut signals = tools::Signals::catch()?;
     let filter = args.common.filter()?;
     if let Err(why) = kernel::resolve(&ATTACH[0]) {

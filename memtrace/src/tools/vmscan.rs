@@ -44,15 +44,18 @@ pub struct Args {
     pub common: CommonArgs,
 }
 
+impl Args {
+    /// Everything that can be checked before loading anything (and without root).
+    pub fn validate(&self) -> Result<()> {
+        tools::check::interval(self.interval)?;
+        tools::check::count(self.count)?;
+        self.common.validate()
+    }
+}
+
 pub async fn run(args: Args) -> Result<()> {
     kernel::require_root()?;
     let mut signals = tools::Signals::catch()?;
-    if args.interval == 0 {
-        bail!("the interval must be at least 1 second");
-    }
-    if args.count == Some(0) {
-        bail!("the count must be at least 1");
-    }
     let filter = args.common.filter()?;
     let offsets = Offsets {
         direct_end_reclaimed: reclaimed_offset("mm_vmscan_direct_reclaim_end")?,

@@ -110,6 +110,7 @@ struct Row {
 
 #[derive(Serialize, Clone)]
 struct Allocation {
+    #[serde(serialize_with = "crate::output::hex::serialize")]
     addr: u64,
     size: u64,
     age_ms: u64,
@@ -259,7 +260,7 @@ impl<'a> Session<'a> {
                 if self.args.json {
                     output::json_line(&serde_json::json!({
                         "event": if event.kind == EV_ALLOC { "alloc" } else { "free" },
-                        "pid": event.pid, "tid": event.tid, "func": func, "addr": event.addr, "size": event.size,
+                        "pid": event.pid, "tid": event.tid, "func": func, "addr": output::hex::hex(event.addr), "size": event.size,
                     }))?;
                 } else {
                     output::line(&text)?;
@@ -370,8 +371,12 @@ impl<'a> Session<'a> {
             output::line(&render(&report, self.args.sample_rate))?;
         }
         if is_final && let Some(path) = &self.args.folded {
-            let text: String = report.stacks.iter().map(|s| output::folded(&s.frames, s.bytes) + "\n").collect();
-            std::fs::write(path, text).with_context(|| format!("cannot write {}", path.display()))?;
+            let root = |pid: u32| match pid {
+                NO_PID => "[kernel]".to_string(),
+                pid => output::process_root(pid, self.user_sym.comm(pid).unwrap_or_default()),
+            };
+            let folded = report.stacks.iter().map(|s| (root(s.pid), s.frames.as_slice(), s.bytes));
+            crate::tools::stacks::write_folded(path, folded)?;
         }
         Ok(())
     }

@@ -1,0 +1,187 @@
+//! Property tests of the command line: any argument list, however huge or malformed its
+//! values, is either refused (by clap or by `validate`) or accepted with every duration
+//! small enough for a timer. Nothing panics. Needs no root and no BPF: `validate` runs
+//! before anything is loaded.
+
+use clap::Parser as _;
+use proptest::prelude::*;
+
+use crate::{Cli, tools::check::MAX_SECONDS};
+
+/// How an option takes its value.
+#[derive(Clone, Copy, Debug)]
+enum Kind {
+    Flag,
+    Number,
+    /// A number of seconds: accepted only up to MAX_SECONDS.
+    Seconds,
+    Text,
+    Path,
+}
+
+use Kind::*;
+
+/// A subcommand's options: (flag, how it takes its value).
+type Options = &'static [(&'static str, Kind)];
+
+const COMMON: Options = &[("-p", Number), ("--comm", Text), ("-d", Seconds), ("--json", Flag)];
+
+/// Each subcommand's options, and whether its first positional is an interval in seconds.
+const TOOLS: &[(&str, Options, bool)] = &[
+    (
+        "memleak",
+        &[
+            ("-p", Number),
+            ("-c", Text),
+            ("-T", Number),
+            ("-o", Number),
+            ("-z", Number),
+            ("-Z", Number),
+            ("-s", Number),
+            ("-a", Flag),
+            ("-t", Flag),
+            ("-O", Path),
+            ("--symbols-prefix", Text),
+            ("--percpu", Flag),
+            ("-d", Seconds),
+            ("--json", Flag),
+            ("--folded", Path),
+            ("--duty-cycle", Number),
+            ("--duty-period-ms", Number),
+            ("--max-allocs", Number),
+            ("--max-stacks", Number),
+        ],
+        true,
+    ),
+    ("brkstack", &[("-T", Text), ("--events", Flag), ("--folded", Path), ("--max-stacks", Number)], true),
+    (
+        "faults",
+        &[("-T", Text), ("--events", Flag), ("--kernel", Flag), ("--folded", Path), ("--max-stacks", Number)],
+        true,
+    ),
+    ("vmscan", &[], true),
+    ("swapin", &[("-T", Flag), ("--stack", Flag)], true),
+    ("hfaults", &[], true),
+    ("drsnoop", &[("-t", Number), ("-n", Text), ("-T", Flag), ("--memcg", Flag)], false),
+    ("oomkill", &[], false),
+    ("mmapsnoop", &[("--failed", Flag), ("-T", Flag)], false),
+    ("shmsnoop", &[("--failed", Flag), ("-T", Flag)], false),
+    ("probe", &[("--json", Flag)], false),
+    ("benchfloor", &[("-p", Number), ("--naive", Flag)], false),
+];
+
+fn number() -> impl Strategy<Value = String> {
+    prop_oneof![
+        any::<u64>().prop_map(|n| n.to_string()),
+        (0u64..4).prop_map(|n| n.to_string()),
+        Just(u64::MAX.to_string()),
+        Just("18446744073709551616".to_string()),
+        Just(u32::MAX.to_string()),
+        Just((u64::from(u32::MAX) + 1).to_string()),
+        Just((MAX_SECONDS + 1).to_string()),
+        Just("-1".to_string()),
+        Just(String::new()),
+        "\\PC{0,12}",
+    ]
+}
+
+fn text() -> impl Strategy<Value = String> {
+    prop_oneof![Just("sh".to_string()), Just("/".to_string()), Just("a-name-longer-than-15".to_string()), "\\PC{0,20}"]
+}
+
+fn path() -> impl Strategy<Value = String> {
+    prop_oneof![
+        Just("/".to_string()),
+        Just("/tmp".to_string()),
+        Just("/proc/version".to_string()),
+        Just("/nonexistent/dir/file".to_string()),
+        Just("/bin/sh".to_string()),
+        "\\PC{0,12}",
+    ]
+}
+
+fn value(kind: Kind) -> BoxedStrategy<Option<String>> {
+    match kind {
+        Flag => Just(Some(String::new())).boxed(),
+        Number | Seconds => number().prop_map(Some).boxed(),
+        Text => text().prop_map(Some).boxed(),
+        Path => path().prop_map(Some).boxed(),
+    }
+}
+
+/// An argument list for one tool: a random subset of its options, each with a random value,
+/// and up to two positionals. Also returns the seconds values given.
+fn argv() -> impl Strategy<Value = (Vec<String>, Vec<String>)> {
+    (0..TOOLS.len()).prop_flat_map(|t| {
+        let (name, own, interval) = TOOLS[t];
+        let memleak = name == "memleak";
+        let options: Vec<(&str, Kind)> = own
+            .iter()
+            .chain(if memleak || name == "probe" || name == "benchfloor" { &[][..] } else { COMMON })
+            .copied()
+            .collect();
+        let picks: Vec<_> = options
+            .iter()
+            .map(|&(flag, kind)| proptest::option::of(value(kind)).prop_map(move |v| (flag, kind, v.flatten())))
+            .collect();
+        (picks, proptest::collection::vec(number(), 0..=2)).prop_map(move |(picks, positionals)| {
+            let mut args = vec!["memtrace".to_string(), name.to_string()];
+            let mut seconds = Vec::new();
+            for (flag, kind, v) in picks {
+                let Some(v) = v else { continue };
+                args.push(flag.to_string());
+                if !matches!(kind, Flag) {
+                    if matches!(kind, Seconds) {
+                        seconds.push(v.clone());
+                    }
+                    args.push(v);
+                }
+            }
+            if interval && let Some(first) = positionals.first() {
+                seconds.push(first.clone());
+            }
+            args.extend(positionals);
+            (args, seconds)
+        })
+    })
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 1000, ..ProptestConfig::default() })]
+
+    #[test]
+    fn parse_and_validate_never_panic((args, seconds) in argv()) {
+        let Ok(cli) = Cli::try_parse_from(&args) else { return Ok(()) };
+        if cli.tool.validate().is_ok() {
+            for s in seconds {
+                let n: u64 = s.parse().expect("an accepted number of seconds parses");
+                prop_assert!((1..=MAX_SECONDS).contains(&n), "{args:?} accepted {n} s");
+            }
+        }
+    }
+}
+
+/// The longest accepted interval still fits a timer deadline, twice over (a ticker adds its
+/// period to the previous deadline).
+#[test]
+fn the_longest_interval_fits_a_timer() {
+    let every = std::time::Duration::from_secs(MAX_SECONDS);
+    let start = tokio::time::Instant::now();
+    assert!(start.checked_add(every * 2).is_some());
+}
+
+#[test]
+fn huge_intervals_are_refused_in_every_tool() {
+    for tool in ["memleak", "brkstack", "faults", "vmscan", "swapin", "hfaults"] {
+        let mut args = vec!["memtrace", tool, "18446744073709551615"];
+        if !matches!(tool, "brkstack" | "faults") {
+            args.push("1");
+        }
+        let cli = Cli::try_parse_from(args).expect("parses");
+        let err = cli.tool.validate().expect_err(tool).to_string();
+        assert_eq!(
+            err, "the interval must be at least 1 second and at most 31536000 (a year), not 18446744073709551615",
+            "{tool}"
+        );
+    }
+}
