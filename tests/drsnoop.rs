@@ -83,7 +83,8 @@ fn drsnoop_tid_filter_skips_other_threads() {
     assert_eq!(last["reclaims"], 0);
 }
 
-/// The table with -T and -n: a TIME(s) column and the KIND column.
+/// The table with -T and -n: a TIME(s) column and the KIND column. `-n` takes a part of the
+/// name, as bcc's does: "kill_ho" keeps oomkill_hog.
 #[test]
 fn drsnoop_table_with_timestamps_and_name() {
     if !bpf_available("drsnoop_table_with_timestamps_and_name") {
@@ -91,7 +92,7 @@ fn drsnoop_table_with_timestamps_and_name() {
     }
     let group = Memcg::new("drsnoop-table", 32);
     let mut hog = group.spawn(&prog("oomkill_hog"), &["512"]);
-    let mut mt = Running::start(&["drsnoop", "--memcg", "-T", "-n", "oomkill_hog"]);
+    let mut mt = Running::start(&["drsnoop", "--memcg", "-T", "-n", "kill_ho"]);
     mt.wait_ready();
     hog.go();
     let status = hog.wait(Duration::from_secs(60));
@@ -122,7 +123,8 @@ fn drsnoop_bad_input_gets_one_line_errors() {
     for (args, expect) in [
         (&["drsnoop", "-p", "999999999"][..], "no such process: 999999999"),
         (&["drsnoop", "-t", "999999999"][..], "no such thread: 999999999"),
-        (&["drsnoop", "-n", "a-name-longer-than-15"][..], "--comm takes 1 to 15 bytes"),
+        (&["drsnoop", "-n", "a-name-longer-than-15"][..], "-n takes 1 to 15 bytes"),
+        (&["drsnoop", "-n", ""][..], "-n takes 1 to 15 bytes"),
     ] {
         assert_one_line_error(args, expect);
     }

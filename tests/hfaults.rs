@@ -157,3 +157,36 @@ fn hfaults_bad_input_is_one_line_error() {
         assert_eq!(stderr.trim_end().lines().count(), 1, "{args:?}: {stderr}");
     }
 }
+
+/// Ordinary memory placed where hugetlb mappings were (after munmap, after mremap moved them,
+/// after exec) faults thousands of times; only the 5 hugetlb faults of hfaults_reuse count.
+/// It all happens well within the one-second rescan, so only following the changes as they
+/// happen gets it right.
+#[test]
+fn hfaults_ignores_ordinary_memory_where_hugetlb_was() {
+    if !bpf_available("hfaults_ignores_ordinary_memory_where_hugetlb_was") {
+        return;
+    }
+    let _pool = HugePages::reserve(8);
+    let mut child = Command::new(prog("hfaults_reuse")).stdin(Stdio::piped()).stdout(Stdio::piped()).spawn().unwrap();
+    let mut stdin = child.stdin.take().unwrap();
+    let mut out = BufReader::new(child.stdout.take().unwrap());
+    expect_line(&mut out, "ready");
+    let pid = child.id().to_string();
+    let mut tool = Running::start(&["hfaults", "--json", "-p", &pid]);
+    tool.wait_ready();
+    writeln!(stdin).unwrap();
+    expect_line(&mut out, "touched");
+    drop(stdin);
+    assert!(child.wait().unwrap().success());
+    let (status, stdout, stderr) = tool.finish(Duration::from_secs(30));
+    assert!(status.success(), "{status}: {stderr}");
+    let report = report(&stdout);
+    assert_eq!(faults_of(&report, "processes", "pid", &child.id().into()), 5, "{report}");
+    assert_eq!(faults_of(&report, "files", "file", &"anon_hugepage".into()), 5, "{report}");
+    assert_eq!(report["files"].as_array().unwrap().len(), 1, "{report}");
+    let last = json_lines(&stdout).pop().unwrap();
+    assert_eq!(last["ranges_untracked"], 0, "{last}");
+    assert_eq!(last["total"], 5, "{last}");
+    assert_detached("hfaults");
+}

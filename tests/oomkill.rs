@@ -140,6 +140,49 @@ fn oomkill_pid_filter_skips_other_triggers() {
     assert_detached("oomkill");
 }
 
+/// A burst: stress-ng's vm workers, restarted as each is killed, OOM a 32 MiB group hundreds
+/// of times in a few seconds. memtrace is stopped for a while in the middle, as a loaded
+/// machine would delay it, so that it reads many kills at once: each must still be the
+/// group's, with the group's path, whatever the counters say by the time it is read.
+#[test]
+fn oomkill_labels_every_kill_of_a_burst() {
+    if !bpf_available("oomkill_labels_every_kill_of_a_burst") {
+        return;
+    }
+    let stress = std::path::Path::new("/usr/bin/stress-ng");
+    assert!(stress.exists(), "stress-ng is missing: run `cargo xtask setup`");
+    let group = Memcg::new("oomkill-burst", LIMIT_MIB);
+    let mut mt = Running::start(&["oomkill", "--json"]);
+    mt.wait_ready();
+    let mut stress = group
+        .command(stress)
+        .args(["--vm", "4", "--vm-bytes", "64M", "--timeout", "6s", "--quiet"])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_secs(1));
+    mt.signal(libc::SIGSTOP);
+    std::thread::sleep(Duration::from_millis(1500));
+    mt.signal(libc::SIGCONT);
+    let status = stress.wait().unwrap();
+    assert!(status.code().is_some(), "stress-ng itself was killed: {status}");
+    let kills_in_group = group.oom_kills();
+    mt.signal(libc::SIGINT);
+    let (status, stdout, stderr) = mt.finish(Duration::from_secs(20));
+    assert!(status.success(), "{status}: {stderr}");
+    let (events, _) = kills(&stdout);
+    let ours: Vec<&Value> =
+        events.iter().filter(|e| e["victim_comm"].as_str().is_some_and(|c| c.starts_with("stress-ng"))).collect();
+    assert!(kills_in_group >= 20, "only {kills_in_group} OOM kills: not a burst");
+    assert_eq!(ours.len() as u64, kills_in_group, "{stdout}");
+    for kill in &ours {
+        assert_eq!(kill["constraint"], "memcg", "{kill:#}");
+        assert_eq!(kill["memcg"], group.path.as_str(), "{kill:#}");
+    }
+    assert_detached("oomkill");
+}
+
 #[test]
 fn oomkill_bad_input_gets_one_line_errors() {
     if !bpf_available("oomkill_bad_input_gets_one_line_errors") {

@@ -143,3 +143,40 @@ fn shmsnoop_verbose_logs_have_no_colour_in_a_pipe() {
     assert!(stderr.contains("shmsnoop: using tracepoints"), "-vv logs the attach method: {stderr}");
     assert!(!stderr.contains('\x1b'), "colour codes in a pipe: {stderr:?}");
 }
+
+/// `shmsnoop | head -1`: once the reader has its line and is gone, memtrace must notice the
+/// closed pipe by itself (no further event will come to fail a write) and exit 0 at once,
+/// leaving nothing attached. The traced program stays alive and quiet meanwhile.
+#[test]
+fn shmsnoop_exits_when_the_reader_of_stdout_is_gone() {
+    if !bpf_available("shmsnoop_exits_when_the_reader_of_stdout_is_gone") {
+        return;
+    }
+    let mut shm = Gated::start("shmsnoop_shm");
+    let pid = shm.pid().to_string();
+    let mut mt = Running::start(&["shmsnoop", "--json", "-p", &pid]);
+    mt.wait_ready();
+    let mut stdout = std::io::BufReader::new(mt.child.stdout.take().unwrap());
+    shm.act();
+    let mut first = String::new();
+    std::io::BufRead::read_line(&mut stdout, &mut first).unwrap();
+    assert!(first.contains("\"call\":\"shmget\""), "{first}");
+    // The other four events are written into the pipe before the reader leaves, so that no
+    // write can fail after it: only watching the pipe ends the run.
+    std::thread::sleep(Duration::from_millis(500));
+    drop(stdout);
+    let closed = std::time::Instant::now();
+    let status = loop {
+        if let Some(status) = mt.child.try_wait().unwrap() {
+            break status;
+        }
+        if closed.elapsed() > Duration::from_secs(2) {
+            let _ = mt.child.kill();
+            panic!("memtrace still running 2 s after its reader left");
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    };
+    assert_eq!(status.code(), Some(0), "{status}: {:?}", mt.stderr);
+    assert_detached("shmsnoop");
+    shm.end();
+}

@@ -15,7 +15,10 @@ pub struct Config {
     /// `nr_reclaimed` offsets in the direct and memcg end tracepoints.
     pub direct_end_reclaimed: u32,
     pub memcg_end_reclaimed: u32,
-    pub _pad: u32,
+    /// Length of `name` (`-n`); 0 keeps every task.
+    pub name_len: u32,
+    /// Keep tasks whose comm contains this (`-n`, a substring match as in bcc).
+    pub name: [u8; 16],
 }
 
 #[repr(C)]

@@ -23,7 +23,7 @@ static FILTER: Global<Filter> = Global::new(Filter { pid: 0, has_comm: 0, comm: 
 
 #[unsafe(no_mangle)]
 static CONFIG: Global<Config> =
-    Global::new(Config { tid: 0, direct_end_reclaimed: 0, memcg_end_reclaimed: 0, _pad: 0 });
+    Global::new(Config { tid: 0, direct_end_reclaimed: 0, memcg_end_reclaimed: 0, name_len: 0, name: [0; 16] });
 
 /// Start time per thread: a thread is in at most one direct or memcg reclaim at a time.
 #[btf_map]
@@ -39,13 +39,42 @@ fn begin() -> u32 {
         return 0;
     }
     let tid = bpf_get_current_pid_tgid() as u32;
-    let want_tid = CONFIG.load().tid;
-    if want_tid != 0 && tid != want_tid {
+    let config = CONFIG.load();
+    if config.tid != 0 && tid != config.tid {
+        return 0;
+    }
+    if config.name_len != 0 && !comm_contains(&config.name, config.name_len as usize) {
         return 0;
     }
     // SAFETY: helper without preconditions.
     let _ = STARTS.insert(tid, unsafe { bpf_ktime_get_ns() }, 0);
     0
+}
+
+/// Whether the current comm contains `name[..len]` anywhere (bcc's `-n`).
+#[inline(always)]
+fn comm_contains(name: &[u8; 16], len: usize) -> bool {
+    let Ok(comm) = bpf_get_current_comm() else { return false };
+    // Bounded loops over fixed sizes keep the verifier's work small (at most 16 x 16 steps).
+    for start in 0..16 {
+        let mut matched = true;
+        for i in 0..16 {
+            if i >= len {
+                break;
+            }
+            if start + i >= 16 || comm[start + i] != name[i] {
+                matched = false;
+                break;
+            }
+        }
+        if matched {
+            return true;
+        }
+        if start + len >= 16 || comm[start] == 0 {
+            return false;
+        }
+    }
+    false
 }
 
 #[inline(always)]

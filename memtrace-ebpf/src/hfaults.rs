@@ -1,23 +1,28 @@
 //! hfaults: hugetlb page faults. The kprobe on hugetlb_fault(mm, vma, address, flags) reads
 //! the mapping's start and file name through BTF offsets; the fallback, for kernels without
-//! kprobes, keeps the user page faults that land in hugetlb ranges: those user space found
-//! in /proc/PID/smaps, and those of MAP_HUGETLB mmaps, added here as the mmap returns (so
-//! that a mapping touched right after it was made is not missed).
+//! kprobes, keeps the user page faults that land in the hugetlb ranges of the faulting
+//! process. Those ranges are kept here as the mappings change (mmap, munmap, mremap, shmdt,
+//! exec, exit, fork), so that an ordinary mapping placed where a hugetlb one was is never
+//! counted; user space adds what no syscall shows (hugetlbfs files, SysV SHM_HUGETLB) from
+//! /proc/PID/smaps.
 #![cfg_attr(target_arch = "bpf", no_std)]
 #![cfg_attr(target_arch = "bpf", no_main)]
 
 use aya_ebpf::{
     Global,
-    btf_maps::{HashMap, PerCpuArray, RingBuf},
+    btf_maps::{HashMap, LruHashMap, PerCpuArray, RingBuf},
     helpers::{bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_probe_read_kernel, bpf_probe_read_kernel_str_bytes},
     macros::{btf_map, kprobe, tracepoint},
     programs::{ProbeContext, TracePointContext},
 };
 use memtrace_common::{
     Filter,
-    hfaults::{Event, KernelOffsets, MAP_HUGETLB, MAX_RANGES, Ranges, SRC_KPROBE, SRC_TRACEPOINT},
+    hfaults::{
+        CALL_MMAP, CALL_MREMAP, CALL_MUNMAP, CALL_SHMDT, Call, DROPPED_RANGES, Event, FIELD_ABSENT, KernelOffsets,
+        MAP_HUGE_MASK, MAP_HUGE_SHIFT, MAP_HUGETLB, MAX_RANGES, MREMAP_DONTUNMAP, Ranges, SRC_KPROBE, SRC_TRACEPOINT,
+    },
 };
-use memtrace_ebpf::{BPF_NOEXIST, submit, tp_u64, wanted};
+use memtrace_ebpf::{BPF_NOEXIST, bump, submit, tp_u32, tp_u64, wanted};
 
 memtrace_ebpf::license!();
 
@@ -34,18 +39,128 @@ static OFFSETS: Global<KernelOffsets> = Global::new(KernelOffsets {
     mmap_len: 0,
     mmap_flags: 0,
     mmap_ret: 0,
-    _pad: 0,
+    munmap_addr: 0,
+    munmap_len: 0,
+    munmap_ret: 0,
+    mremap_addr: 0,
+    mremap_old_len: 0,
+    mremap_new_len: 0,
+    mremap_flags: 0,
+    mremap_ret: 0,
+    shmdt_addr: 0,
+    shmdt_ret: 0,
+    exit_group_dead: FIELD_ABSENT,
+    newtask_pid: 0,
+    newtask_flags: 0,
+    default_huge: 2 << 20,
 });
 
 #[btf_map]
 static RANGES: HashMap<u32, Ranges, 4096> = HashMap::new();
-/// Length of a MAP_HUGETLB mmap in flight, by thread.
+/// Syscalls in flight, by thread (LRU: a thread that dies inside one leaves no slot taken).
 #[btf_map]
-static PENDING: HashMap<u32, u64, 4096> = HashMap::new();
+static CALLS: LruHashMap<u32, Call, 4096> = LruHashMap::new();
 #[btf_map]
 static EVENTS: RingBuf<Event, { 256 * 1024 }> = RingBuf::new();
 #[btf_map]
 static LOST: PerCpuArray<u64, 1> = PerCpuArray::new();
+/// What the fallback could not keep (`DROPPED_RANGES`).
+#[btf_map]
+static DROPPED: PerCpuArray<u64, 1> = PerCpuArray::new();
+
+const PAGE: u64 = 4096;
+
+#[inline(always)]
+fn page_align(len: u64) -> u64 {
+    (len + PAGE - 1) & !(PAGE - 1)
+}
+
+#[inline(always)]
+fn current() -> (u32, u32) {
+    let id = bpf_get_current_pid_tgid();
+    ((id >> 32) as u32, id as u32)
+}
+
+/// Errors are -4095..-1.
+#[inline(always)]
+fn failed(ret: u64) -> bool {
+    ret >= (-4095i64) as u64
+}
+
+/// The ranges of `pid`, for changing them.
+#[inline(always)]
+fn ranges_mut(pid: u32) -> Option<&'static mut Ranges> {
+    // SAFETY: a map value pointer, valid for this program run. Two threads of one process
+    // changing their mappings at the same instant could interleave here; mmap_lock orders the
+    // changes themselves, and the next rescan compares with smaps.
+    RANGES.get_ptr_mut(&pid).map(|p| unsafe { &mut *p })
+}
+
+/// Adds `[start, end)` in a free slot, or counts it as dropped.
+#[inline(always)]
+fn add(r: &mut Ranges, start: u64, end: u64) {
+    for i in 0..MAX_RANGES {
+        if r.end[i] == 0 {
+            r.start[i] = start;
+            r.end[i] = end;
+            r.generation += 1;
+            return;
+        }
+    }
+    bump(&DROPPED, DROPPED_RANGES);
+}
+
+/// Removes `[a, b)` from every range, splitting one that contains it.
+#[inline(always)]
+fn trim(r: &mut Ranges, a: u64, b: u64) {
+    let mut tail = (0u64, 0u64);
+    for i in 0..MAX_RANGES {
+        let (s, e) = (r.start[i], r.end[i]);
+        if e == 0 || b <= s || a >= e {
+            continue;
+        }
+        r.generation += 1;
+        if a <= s && b >= e {
+            r.start[i] = 0;
+            r.end[i] = 0;
+        } else if a <= s {
+            r.start[i] = b;
+        } else {
+            r.end[i] = a;
+            if b < e {
+                tail = (b, e);
+            }
+        }
+    }
+    if tail.1 != 0 {
+        add(r, tail.0, tail.1);
+    }
+}
+
+#[inline(always)]
+fn overlaps(r: &Ranges, a: u64, b: u64) -> bool {
+    for i in 0..MAX_RANGES {
+        if r.end[i] != 0 && a < r.end[i] && r.start[i] < b {
+            return true;
+        }
+    }
+    false
+}
+
+/// Takes the call that `tid` entered, if it is of `kind`.
+#[inline(always)]
+fn take_call(tid: u32, kind: u32) -> Option<Call> {
+    // SAFETY: keyed by thread id, so no other program run writes this entry meanwhile.
+    let call = unsafe { CALLS.get(&tid) }.copied()?;
+    let _ = CALLS.remove(&tid);
+    (call.kind == kind).then_some(call)
+}
+
+#[inline(always)]
+fn has_ranges(pid: u32) -> bool {
+    // SAFETY: only checks presence.
+    unsafe { RANGES.get(&pid) }.is_some()
+}
 
 #[inline(always)]
 fn event(address: u64, vm_start: u64, source: u32) -> Event {
@@ -119,11 +234,13 @@ pub fn hfaults_user_fault(ctx: TracePointContext) -> u32 {
 #[tracepoint]
 pub fn hfaults_mmap_enter(ctx: TracePointContext) -> u32 {
     let off = OFFSETS.load();
-    if tp_u64(&ctx, off.mmap_flags) & MAP_HUGETLB == 0 {
-        return 0;
+    let (pid, tid) = current();
+    let flags = tp_u64(&ctx, off.mmap_flags);
+    // Any mmap of a process with hugetlb ranges: MAP_FIXED may put it over one of them.
+    if flags & MAP_HUGETLB != 0 || has_ranges(pid) {
+        let call = Call { kind: CALL_MMAP, len: tp_u64(&ctx, off.mmap_len), flags, ..Call::default() };
+        let _ = CALLS.insert(&tid, &call, 0);
     }
-    let tid = bpf_get_current_pid_tgid() as u32;
-    let _ = PENDING.insert(&tid, &tp_u64(&ctx, off.mmap_len), 0);
     0
 }
 
@@ -131,32 +248,178 @@ pub fn hfaults_mmap_enter(ctx: TracePointContext) -> u32 {
 //	field:long ret;	offset:16;	size:8;	signed:1;
 #[tracepoint]
 pub fn hfaults_mmap_exit(ctx: TracePointContext) -> u32 {
-    let id = bpf_get_current_pid_tgid();
-    let (pid, tid) = ((id >> 32) as u32, id as u32);
-    // SAFETY: keyed by thread id, so no other program run writes this entry meanwhile.
-    let Some(&len) = (unsafe { PENDING.get(&tid) }) else { return 0 };
-    let _ = PENDING.remove(&tid);
-    let start = tp_u64(&ctx, OFFSETS.load().mmap_ret);
-    // Errors are -4095..-1.
-    if start >= (-4095i64) as u64 {
+    let (pid, tid) = current();
+    let Some(call) = take_call(tid, CALL_MMAP) else { return 0 };
+    let off = OFFSETS.load();
+    let start = tp_u64(&ctx, off.mmap_ret);
+    if failed(start) {
         return 0;
     }
-    // SAFETY: only checks presence.
-    if unsafe { RANGES.get(&pid) }.is_none() {
-        let _ = RANGES.insert(&pid, &Ranges { start: [0; MAX_RANGES], end: [0; MAX_RANGES] }, BPF_NOEXIST);
+    if let Some(r) = ranges_mut(pid) {
+        trim(r, start, start + page_align(call.len));
     }
-    let Some(ranges) = RANGES.get_ptr_mut(&pid) else { return 0 };
-    // SAFETY: a map value pointer, valid for this program run.
-    let ranges = unsafe { &mut *ranges };
-    // A free slot, else the last one (user space's next rescan puts every range back).
-    let mut slot = MAX_RANGES - 1;
+    if call.flags & MAP_HUGETLB == 0 {
+        return 0;
+    }
+    // The kernel rounds a hugetlb length up to the huge page size.
+    let shift = (call.flags >> MAP_HUGE_SHIFT) & MAP_HUGE_MASK;
+    let huge = if shift != 0 && shift < 40 { 1u64 << shift } else { off.default_huge };
+    let len = (call.len + huge - 1) / huge * huge;
+    if !has_ranges(pid) {
+        let _ = RANGES.insert(&pid, &Ranges::default(), BPF_NOEXIST);
+    }
+    if let Some(r) = ranges_mut(pid) {
+        add(r, start, start + len);
+    }
+    0
+}
+
+// syscalls:sys_enter_munmap
+//	field:unsigned long addr;	offset:16;	size:8;	signed:0;
+//	field:size_t len;	offset:24;	size:8;	signed:0;
+#[tracepoint]
+pub fn hfaults_munmap_enter(ctx: TracePointContext) -> u32 {
+    let (pid, tid) = current();
+    if has_ranges(pid) {
+        let off = OFFSETS.load();
+        let call = Call {
+            kind: CALL_MUNMAP,
+            addr: tp_u64(&ctx, off.munmap_addr),
+            len: tp_u64(&ctx, off.munmap_len),
+            ..Call::default()
+        };
+        let _ = CALLS.insert(&tid, &call, 0);
+    }
+    0
+}
+
+// syscalls:sys_exit_munmap
+//	field:long ret;	offset:16;	size:8;	signed:1;
+#[tracepoint]
+pub fn hfaults_munmap_exit(ctx: TracePointContext) -> u32 {
+    let (pid, tid) = current();
+    let Some(call) = take_call(tid, CALL_MUNMAP) else { return 0 };
+    if tp_u64(&ctx, OFFSETS.load().munmap_ret) != 0 {
+        return 0;
+    }
+    if let Some(r) = ranges_mut(pid) {
+        trim(r, call.addr, call.addr + page_align(call.len));
+    }
+    0
+}
+
+// syscalls:sys_enter_mremap
+//	field:unsigned long addr;	offset:16;	size:8;	signed:0;
+//	field:unsigned long old_len;	offset:24;	size:8;	signed:0;
+//	field:unsigned long new_len;	offset:32;	size:8;	signed:0;
+//	field:unsigned long flags;	offset:40;	size:8;	signed:0;
+#[tracepoint]
+pub fn hfaults_mremap_enter(ctx: TracePointContext) -> u32 {
+    let (pid, tid) = current();
+    if has_ranges(pid) {
+        let off = OFFSETS.load();
+        let call = Call {
+            kind: CALL_MREMAP,
+            _pad: 0,
+            addr: tp_u64(&ctx, off.mremap_addr),
+            len: tp_u64(&ctx, off.mremap_old_len),
+            new_len: tp_u64(&ctx, off.mremap_new_len),
+            flags: tp_u64(&ctx, off.mremap_flags),
+        };
+        let _ = CALLS.insert(&tid, &call, 0);
+    }
+    0
+}
+
+// syscalls:sys_exit_mremap
+//	field:long ret;	offset:16;	size:8;	signed:1;
+#[tracepoint]
+pub fn hfaults_mremap_exit(ctx: TracePointContext) -> u32 {
+    let (pid, tid) = current();
+    let Some(call) = take_call(tid, CALL_MREMAP) else { return 0 };
+    let new = tp_u64(&ctx, OFFSETS.load().mremap_ret);
+    if failed(new) {
+        return 0;
+    }
+    let Some(r) = ranges_mut(pid) else { return 0 };
+    let old_end = call.addr + page_align(call.len);
+    // mremap moves within one mapping: hugetlb if it overlaps a hugetlb range.
+    if !overlaps(r, call.addr, old_end) {
+        return 0;
+    }
+    if call.flags & MREMAP_DONTUNMAP == 0 {
+        trim(r, call.addr, old_end);
+    }
+    add(r, new, new + page_align(call.new_len));
+    0
+}
+
+// syscalls:sys_enter_shmdt
+//	field:char * shmaddr;	offset:16;	size:8;	signed:0;
+#[tracepoint]
+pub fn hfaults_shmdt_enter(ctx: TracePointContext) -> u32 {
+    let (pid, tid) = current();
+    if has_ranges(pid) {
+        let call = Call { kind: CALL_SHMDT, addr: tp_u64(&ctx, OFFSETS.load().shmdt_addr), ..Call::default() };
+        let _ = CALLS.insert(&tid, &call, 0);
+    }
+    0
+}
+
+// syscalls:sys_exit_shmdt: detaches the whole segment mapped at shmaddr.
+#[tracepoint]
+pub fn hfaults_shmdt_exit(ctx: TracePointContext) -> u32 {
+    let (pid, tid) = current();
+    let Some(call) = take_call(tid, CALL_SHMDT) else { return 0 };
+    if tp_u64(&ctx, OFFSETS.load().shmdt_ret) != 0 {
+        return 0;
+    }
+    let Some(r) = ranges_mut(pid) else { return 0 };
     for i in 0..MAX_RANGES {
-        if ranges.end[i] == 0 {
-            slot = i;
+        if r.end[i] != 0 && r.start[i] == call.addr {
+            let end = r.end[i];
+            trim(r, call.addr, end);
             break;
         }
     }
-    ranges.start[slot] = start;
-    ranges.end[slot] = start + len;
+    0
+}
+
+// sched:sched_process_exec: the new image starts with no hugetlb mapping.
+#[tracepoint]
+pub fn hfaults_exec(_ctx: TracePointContext) -> u32 {
+    let _ = RANGES.remove(&current().0);
+    0
+}
+
+// sched:sched_process_exit
+//	field:bool group_dead;	offset:32;	size:1;	signed:0;	(6.16+; older kernels: the rescan)
+#[tracepoint]
+pub fn hfaults_exit(ctx: TracePointContext) -> u32 {
+    let at = OFFSETS.load().exit_group_dead;
+    if at == FIELD_ABSENT {
+        return 0;
+    }
+    // SAFETY: offset from the format file; the read is checked by the helper.
+    if unsafe { ctx.read_at::<u8>(at as usize) }.unwrap_or(0) != 0 {
+        let _ = RANGES.remove(&current().0);
+    }
+    0
+}
+
+// task:task_newtask, in the parent: a new process (not a thread) inherits its parent's
+// hugetlb mappings, and a CLONE_VM child shares them.
+//	field:pid_t pid;	offset:8;	size:4;	signed:1;
+//	field:u64 clone_flags;	offset:32;	size:8;	signed:0;
+#[tracepoint]
+pub fn hfaults_newtask(ctx: TracePointContext) -> u32 {
+    const CLONE_THREAD: u64 = 0x10000;
+    let off = OFFSETS.load();
+    if tp_u64(&ctx, off.newtask_flags) & CLONE_THREAD != 0 {
+        return 0;
+    }
+    // SAFETY: the value is copied out at once.
+    let Some(r) = (unsafe { RANGES.get(&current().0) }).copied() else { return 0 };
+    let _ = RANGES.insert(&tp_u32(&ctx, off.newtask_pid), &r, 0);
     0
 }

@@ -1,5 +1,8 @@
 //! oomkill: the victim of each OOM kill from `oom:mark_victim`, whose current task is the
-//! trigger; with kprobes, `oom_kill_process` adds the trigger's user stack first.
+//! trigger; with kprobes, `oom_kill_process` adds the trigger's user stack first. What makes
+//! the kill a memory cgroup's is read at the kill itself, not after it: the trigger's kernel
+//! stack (a memcg OOM runs under mem_cgroup_out_of_memory) and its memory cgroup chain with
+//! how far each group is from its limit.
 #![cfg_attr(target_arch = "bpf", no_std)]
 #![cfg_attr(target_arch = "bpf", no_main)]
 
@@ -7,13 +10,19 @@ use aya_ebpf::{
     EbpfContext as _, Global,
     bindings::BPF_F_USER_STACK,
     btf_maps::{PerCpuArray, RingBuf, StackTrace},
-    helpers::{bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_ktime_get_ns, bpf_probe_read_kernel_str_bytes},
+    helpers::{
+        bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_get_current_task, bpf_ktime_get_ns, bpf_probe_read_kernel,
+        bpf_probe_read_kernel_str_bytes, generated::bpf_get_stack,
+    },
     macros::{btf_map, kprobe, tracepoint},
     programs::{ProbeContext, TracePointContext, tracing::StackIdContext},
 };
 use memtrace_common::{
     Filter, STACK_LOST,
-    oomkill::{EV_TRIGGER, EV_VICTIM, Event, FIELD_ABSENT, VictimOffsets},
+    oomkill::{
+        EV_TRIGGER, EV_VICTIM, Event, FIELD_ABSENT, KSTACK_DEPTH, MARGIN_UNKNOWN, MEMCG_LEVELS, MemcgOffsets,
+        VictimOffsets,
+    },
 };
 use memtrace_ebpf::{submit, tp_u32, tp_u64, wanted};
 
@@ -36,6 +45,25 @@ static VICTIM: Global<VictimOffsets> = Global::new(VictimOffsets {
     _pad: 0,
 });
 
+#[unsafe(no_mangle)]
+static MEMCG: Global<MemcgOffsets> = Global::new(MemcgOffsets {
+    valid: 0,
+    task_cgroups: 0,
+    css_set_memory: 0,
+    css_cgroup: 0,
+    css_parent: 0,
+    cgroup_kn: 0,
+    kn_id: 0,
+    memory_usage: 0,
+    memory_max: 0,
+    memsw_usage: FIELD_ABSENT,
+    memsw_max: FIELD_ABSENT,
+    task_active_memcg: FIELD_ABSENT,
+});
+
+/// The event is built here: it is too large for the 512-byte BPF stack.
+#[btf_map]
+static SCRATCH: PerCpuArray<Event, 1> = PerCpuArray::new();
 #[btf_map]
 static EVENTS: RingBuf<Event, { 256 * 1024 }> = RingBuf::new();
 #[btf_map]
@@ -43,19 +71,74 @@ static LOST: PerCpuArray<u64, 1> = PerCpuArray::new();
 #[btf_map]
 static STACKS: StackTrace<1024, 0, 64> = StackTrace::new();
 
-/// An event about the current task (the trigger), other fields zero.
+/// The per-CPU event buffer, reset to an event about the current task (the trigger).
 #[inline(always)]
-fn trigger_event(kind: u32) -> Event {
+fn trigger_event(kind: u32) -> Option<&'static mut Event> {
+    // SAFETY: this CPU's slot; programs do not preempt each other on one CPU.
+    let event = unsafe { &mut *SCRATCH.get_ptr_mut(0)? };
     let id = bpf_get_current_pid_tgid();
-    Event {
-        kind,
-        trigger_pid: (id >> 32) as u32,
-        trigger_tid: id as u32,
-        trigger_comm: bpf_get_current_comm().unwrap_or_default(),
-        stack_id: STACK_LOST,
-        // SAFETY: helper without preconditions.
-        timestamp_ns: unsafe { bpf_ktime_get_ns() },
-        ..Event::default()
+    *event = Event::default();
+    event.kind = kind;
+    event.trigger_pid = (id >> 32) as u32;
+    event.trigger_tid = id as u32;
+    event.trigger_comm = bpf_get_current_comm().unwrap_or_default();
+    event.stack_id = STACK_LOST;
+    // SAFETY: helper without preconditions.
+    event.timestamp_ns = unsafe { bpf_ktime_get_ns() };
+    Some(event)
+}
+
+/// Reads the u64 at `base + offset` in kernel memory; 0 when unreadable.
+#[inline(always)]
+fn read_u64(base: u64, offset: u32) -> u64 {
+    // SAFETY: the helper checks the read; offsets come from the kernel's BTF.
+    unsafe { bpf_probe_read_kernel((base + offset as u64) as *const u64) }.unwrap_or(0)
+}
+
+/// Pages a page counter can still charge, or MARGIN_UNKNOWN when unreadable.
+#[inline(always)]
+fn margin_of(memcg: u64, usage: u32, max: u32) -> u64 {
+    // SAFETY: the helper checks the reads; offsets come from the kernel's BTF.
+    let read = |at: u32| unsafe { bpf_probe_read_kernel((memcg + at as u64) as *const u64) }.ok();
+    match (read(usage), read(max)) {
+        (Some(usage), Some(max)) => max.saturating_sub(usage),
+        _ => MARGIN_UNKNOWN,
+    }
+}
+
+/// The memory cgroup the current task charges, and its ancestors, deepest first.
+#[inline(always)]
+fn memcg_chain(event: &mut Event) {
+    let off = MEMCG.load();
+    if off.valid == 0 {
+        return;
+    }
+    // SAFETY: helper without preconditions; the task is read through checked helpers only.
+    let task = unsafe { bpf_get_current_task() };
+    let active = if off.task_active_memcg != FIELD_ABSENT { read_u64(task, off.task_active_memcg) } else { 0 };
+    let cgroups = read_u64(task, off.task_cgroups);
+    let mut css = if active != 0 {
+        active
+    } else if cgroups != 0 {
+        read_u64(cgroups, off.css_set_memory)
+    } else {
+        0
+    };
+    for level in 0..MEMCG_LEVELS {
+        if css == 0 {
+            break;
+        }
+        let cgroup = read_u64(css, off.css_cgroup);
+        let kn = if cgroup != 0 { read_u64(cgroup, off.cgroup_kn) } else { 0 };
+        event.memcg_ids[level] = if kn != 0 { read_u64(kn, off.kn_id) } else { 0 };
+        // css is the first member of struct mem_cgroup: the counters are at offsets from it.
+        let mut margin = margin_of(css, off.memory_usage, off.memory_max);
+        if off.memsw_max != FIELD_ABSENT {
+            margin = margin.min(margin_of(css, off.memsw_usage, off.memsw_max));
+        }
+        event.memcg_margin[level] = margin;
+        event.memcg_levels = level as u32 + 1;
+        css = read_u64(css, off.css_parent);
     }
 }
 
@@ -89,7 +172,7 @@ pub fn oomkill_victim(ctx: TracePointContext) -> u32 {
         return 0;
     }
     let off = VICTIM.load();
-    let mut event = trigger_event(EV_VICTIM);
+    let Some(event) = trigger_event(EV_VICTIM) else { return 0 };
     event.victim_pid = field_u32(&ctx, off.pid);
     if off.comm != FIELD_ABSENT {
         let loc = tp_u32(&ctx, off.comm);
@@ -107,7 +190,12 @@ pub fn oomkill_victim(ctx: TracePointContext) -> u32 {
         // SAFETY: offset from the format file; the read is checked by the helper.
         event.oom_score_adj = unsafe { ctx.read_at::<i16>(off.oom_score_adj as usize) }.unwrap_or(0) as i32;
     }
-    submit(&EVENTS, &event, &LOST);
+    let size = (KSTACK_DEPTH * 8) as u32;
+    // SAFETY: the buffer is the event's own array of `size` bytes; flags 0: the kernel stack.
+    let got = unsafe { bpf_get_stack(ctx.as_ptr(), event.kstack.as_mut_ptr().cast(), size, 0) };
+    event.kstack_len = if got > 0 { (got / 8) as u32 } else { 0 };
+    memcg_chain(event);
+    submit(&EVENTS, event, &LOST);
     0
 }
 
@@ -119,10 +207,10 @@ pub fn oomkill_kprobe(ctx: ProbeContext) -> u32 {
     if !wanted(&FILTER.load()) {
         return 0;
     }
-    let mut event = trigger_event(EV_TRIGGER);
+    let Some(event) = trigger_event(EV_TRIGGER) else { return 0 };
     if let Ok(id) = ctx.get_stackid(&STACKS, BPF_F_USER_STACK as u64) {
         event.stack_id = id as u32;
     }
-    submit(&EVENTS, &event, &LOST);
+    submit(&EVENTS, event, &LOST);
     0
 }

@@ -61,12 +61,11 @@ impl Memcg {
         self.read("cgroup.procs").lines().filter_map(|l| l.trim().parse().ok()).collect()
     }
 
-    /// Starts `program args` inside the group: the child joins it between fork and exec, so
-    /// every page it ever touches is charged to the group.
-    pub fn spawn(&self, program: &Path, args: &[&str]) -> Hog {
+    /// A command whose process joins the group between fork and exec, so that every page it
+    /// (and every child it starts) ever touches is charged to the group.
+    pub fn command(&self, program: &Path) -> Command {
         let procs = CString::new(self.dir.join("cgroup.procs").to_str().unwrap()).unwrap();
         let mut cmd = Command::new(program);
-        cmd.args(args).stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::piped());
         // SAFETY: the closure only calls open/write/close, which are async-signal-safe, on a
         // path built before the fork.
         unsafe {
@@ -81,6 +80,13 @@ impl Memcg {
                 if ok { Ok(()) } else { Err(std::io::Error::last_os_error()) }
             });
         }
+        cmd
+    }
+
+    /// Starts `program args` inside the group (see `command`).
+    pub fn spawn(&self, program: &Path, args: &[&str]) -> Hog {
+        let mut cmd = self.command(program);
+        cmd.args(args).stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::piped());
         let mut child =
             cmd.spawn().unwrap_or_else(|e| panic!("cannot start {} in {}: {e}", program.display(), self.path));
         let mut line = String::new();

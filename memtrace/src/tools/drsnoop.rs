@@ -45,7 +45,8 @@ pub struct Args {
     /// Only this thread.
     #[arg(short = 't', long = "tid", value_name = "TID")]
     pub tid: Option<u32>,
-    /// Only tasks with this command name (same as --comm).
+    /// Only tasks whose command name contains NAME (a substring, as bcc's -n; --comm matches
+    /// the whole name).
     #[arg(short = 'n', long = "name", value_name = "NAME", conflicts_with = "comm")]
     pub name: Option<String>,
     /// Add a TIME(s) column: seconds since tracing started.
@@ -61,8 +62,10 @@ pub struct Args {
 impl Args {
     /// Everything that can be checked before loading anything (and without root).
     pub fn validate(&self) -> Result<()> {
-        let comm = self.name.clone().or_else(|| self.common.comm.clone());
-        CommonArgs { comm, ..self.common.clone() }.validate()?;
+        self.common.validate()?;
+        if let Some(name) = &self.name {
+            set_name(&mut Config::default(), name)?;
+        }
         if let Some(tid) = self.tid {
             check_tid(tid)?;
         }
@@ -70,14 +73,14 @@ impl Args {
     }
 }
 
-pub async fn run(mut args: Args) -> Result<()> {
+pub async fn run(args: Args) -> Result<()> {
     kernel::require_root()?;
     let mut signals = tools::Signals::catch()?;
-    if let Some(name) = args.name.take() {
-        args.common.comm = Some(name);
-    }
     let filter = args.common.filter()?;
     let mut config = Config::default();
+    if let Some(name) = &args.name {
+        set_name(&mut config, name)?;
+    }
     if let Some(tid) = args.tid {
         check_tid(tid)?;
         config.tid = tid;
@@ -97,6 +100,16 @@ pub async fn run(mut args: Args) -> Result<()> {
         State { json: args.common.json, timestamp: args.timestamp, start_ns: monotonic_ns(), header: false, seen: 0 };
     let ready = if args.memcg { "tracing direct and memcg reclaim" } else { "tracing direct reclaim" };
     tools::stream(&mut bpf, "drsnoop", &args.common, &mut signals, None, None, ready, &mut state).await?;
+    Ok(())
+}
+
+/// `-n`: a part of a command name, which the kernel keeps to 15 bytes.
+fn set_name(config: &mut Config, name: &str) -> Result<()> {
+    if name.is_empty() || name.len() > 15 {
+        bail!("-n takes 1 to 15 bytes (a part of the command name, which the kernel keeps to 15): {name:?}");
+    }
+    config.name_len = name.len() as u32;
+    config.name[..name.len()].copy_from_slice(name.as_bytes());
     Ok(())
 }
 

@@ -1,6 +1,8 @@
 //! hfaults: hugetlb page faults per process and per mapped file (like bpftrace's hfaults.bt).
 //! A kprobe on hugetlb_fault where the kernel has kprobes; otherwise user page faults
-//! (exceptions:page_fault_user) inside the hugetlb mappings found in /proc/PID/smaps.
+//! (exceptions:page_fault_user) inside the hugetlb ranges of the faulting process, which the
+//! kernel side follows through mmap, munmap, mremap, shmdt, fork, exec and exit, and which
+//! the one-second rescan of /proc/PID/smaps completes with what no syscall shows.
 
 use std::{
     collections::{BTreeMap, HashMap as StdHashMap},
@@ -9,8 +11,8 @@ use std::{
 };
 
 use anyhow::{Context as _, Result};
-use aya::maps::{HashMap, MapData};
-use memtrace_common::hfaults::{Event, KernelOffsets, MAX_RANGES, Ranges, SRC_KPROBE};
+use aya::maps::{HashMap, MapData, PerCpuArray};
+use memtrace_common::hfaults::{DROPPED_RANGES, Event, FIELD_ABSENT, KernelOffsets, MAX_RANGES, Ranges, SRC_KPROBE};
 use serde::Serialize;
 
 use crate::{
@@ -30,15 +32,26 @@ pub const ATTACH: &[AttachPoint] = &[
             Probe::Tracepoint { prog: "hfaults_user_fault", category: "exceptions", names: &["page_fault_user"] },
             Probe::Tracepoint { prog: "hfaults_mmap_enter", category: "syscalls", names: &["sys_enter_mmap"] },
             Probe::Tracepoint { prog: "hfaults_mmap_exit", category: "syscalls", names: &["sys_exit_mmap"] },
+            Probe::Tracepoint { prog: "hfaults_munmap_enter", category: "syscalls", names: &["sys_enter_munmap"] },
+            Probe::Tracepoint { prog: "hfaults_munmap_exit", category: "syscalls", names: &["sys_exit_munmap"] },
+            Probe::Tracepoint { prog: "hfaults_mremap_enter", category: "syscalls", names: &["sys_enter_mremap"] },
+            Probe::Tracepoint { prog: "hfaults_mremap_exit", category: "syscalls", names: &["sys_exit_mremap"] },
+            Probe::Tracepoint { prog: "hfaults_shmdt_enter", category: "syscalls", names: &["sys_enter_shmdt"] },
+            Probe::Tracepoint { prog: "hfaults_shmdt_exit", category: "syscalls", names: &["sys_exit_shmdt"] },
+            Probe::Tracepoint { prog: "hfaults_exec", category: "sched", names: &["sched_process_exec"] },
+            Probe::Tracepoint { prog: "hfaults_exit", category: "sched", names: &["sched_process_exit"] },
+            Probe::Tracepoint { prog: "hfaults_newtask", category: "task", names: &["task_newtask"] },
         ],
     },
 ];
 
 /// Count hugetlb page faults per process and per mapped file.
 #[derive(clap::Args, Debug)]
-#[command(after_help = "Without kprobes, faults are kept when they land in a hugetlb mapping: MAP_HUGETLB mmaps are \
-                        seen as they return; other hugetlb mappings (hugetlbfs files, SysV SHM_HUGETLB) are found by \
-                        rescanning /proc/PID/smaps every second, so their faults in the first second can be missed.")]
+#[command(after_help = "Without kprobes, faults are kept when they land in a hugetlb mapping of their process: \
+                        MAP_HUGETLB mmaps are seen as they return, and munmap, mremap, shmdt, fork, exec and exit \
+                        are followed as they happen; other hugetlb mappings (hugetlbfs files, SysV SHM_HUGETLB) are \
+                        found by rescanning /proc/PID/smaps every second, so their faults in the first second can \
+                        be missed.")]
 pub struct Args {
     /// Seconds between reports (default: one report at the end).
     pub interval: Option<u64>,
@@ -68,14 +81,19 @@ pub async fn run(args: Args) -> Result<()> {
         loader.override_global("FILTER", &filter, true).override_global("OFFSETS", &offsets, true);
     })?;
     let how = kernel::attach_preferred(&mut bpf, "hfaults", ATTACH)?;
-    let ranges = if how == KPROBE {
-        None
+    let (ranges, dropped) = if how == KPROBE {
+        (None, None)
     } else {
-        Some(HashMap::try_from(bpf.take_map("RANGES").context("internal: no map RANGES")?)?)
+        (
+            Some(HashMap::try_from(bpf.take_map("RANGES").context("internal: no map RANGES")?)?),
+            Some(PerCpuArray::try_from(bpf.take_map("DROPPED").context("internal: no map DROPPED")?)?),
+        )
     };
     let mut state = State {
         args: &args,
         ranges,
+        dropped,
+        untracked: std::collections::HashSet::new(),
         procs: BTreeMap::new(),
         files: BTreeMap::new(),
         known: StdHashMap::new(),
@@ -102,12 +120,30 @@ pub async fn run(args: Args) -> Result<()> {
 
 /// BTF offsets for the kprobe's file names; without BTF the kprobe still counts, unnamed.
 fn offsets() -> KernelOffsets {
+    // A missing tracepoint fails the attach below, with its name; a missing field reads 0.
     let tp = |cat: &str, name: &str, field: &str| Format::read(cat, name).and_then(|f| f.offset(field)).unwrap_or(0);
     let fallback = KernelOffsets {
         tp_address: tp("exceptions", "page_fault_user", "address"),
         mmap_len: tp("syscalls", "sys_enter_mmap", "len"),
         mmap_flags: tp("syscalls", "sys_enter_mmap", "flags"),
         mmap_ret: tp("syscalls", "sys_exit_mmap", "ret"),
+        munmap_addr: tp("syscalls", "sys_enter_munmap", "addr"),
+        munmap_len: tp("syscalls", "sys_enter_munmap", "len"),
+        munmap_ret: tp("syscalls", "sys_exit_munmap", "ret"),
+        mremap_addr: tp("syscalls", "sys_enter_mremap", "addr"),
+        mremap_old_len: tp("syscalls", "sys_enter_mremap", "old_len"),
+        mremap_new_len: tp("syscalls", "sys_enter_mremap", "new_len"),
+        mremap_flags: tp("syscalls", "sys_enter_mremap", "flags"),
+        mremap_ret: tp("syscalls", "sys_exit_mremap", "ret"),
+        shmdt_addr: tp("syscalls", "sys_enter_shmdt", "shmaddr"),
+        shmdt_ret: tp("syscalls", "sys_exit_shmdt", "ret"),
+        // Before 6.16 the exit record has no group_dead: the rescan drops a process's ranges.
+        exit_group_dead: Format::read("sched", "sched_process_exit")
+            .and_then(|f| f.offset("group_dead"))
+            .unwrap_or(FIELD_ABSENT),
+        newtask_pid: tp("task", "task_newtask", "pid"),
+        newtask_flags: tp("task", "task_newtask", "clone_flags"),
+        default_huge: default_huge_page_size(),
         ..KernelOffsets::default()
     };
     let read = || -> Result<KernelOffsets> {
@@ -124,6 +160,15 @@ fn offsets() -> KernelOffsets {
         tracing::info!("hfaults: no file names: {e:#}");
         fallback
     })
+}
+
+/// Hugepagesize in /proc/meminfo (2 MiB on x86-64 when unreadable).
+fn default_huge_page_size() -> u64 {
+    let kb = fs::read_to_string("/proc/meminfo").ok().and_then(|text| {
+        text.lines()
+            .find_map(|l| l.strip_prefix("Hugepagesize:")?.trim().strip_suffix("kB")?.trim().parse::<u64>().ok())
+    });
+    kb.map_or(2 << 20, |kb| kb << 10)
 }
 
 /// One hugetlb mapping of a process: where it is and what it maps.
@@ -154,6 +199,26 @@ fn hugetlb_mappings(smaps: &str) -> Vec<Mapping> {
     out
 }
 
+/// The used slots of a ranges value.
+fn slots(r: &Ranges) -> impl Iterator<Item = (u64, u64)> + '_ {
+    (0..MAX_RANGES).filter(|&i| r.end[i] != 0).map(|i| (r.start[i], r.end[i]))
+}
+
+/// Ranges sorted, with touching or overlapping ones joined: the kernel side may keep two
+/// pieces where smaps shows one mapping, or the other way round.
+fn merged(ranges: impl Iterator<Item = (u64, u64)>) -> Vec<(u64, u64)> {
+    let mut all: Vec<(u64, u64)> = ranges.filter(|(s, e)| s < e).collect();
+    all.sort_unstable();
+    let mut out: Vec<(u64, u64)> = Vec::with_capacity(all.len());
+    for (start, end) in all {
+        match out.last_mut() {
+            Some(last) if start <= last.1 => last.1 = last.1.max(end),
+            _ => out.push((start, end)),
+        }
+    }
+    out
+}
+
 /// A mapping's display name: the file's base name, as the kprobe's dentry name shows it.
 fn short_name(path: &str) -> String {
     let path = path.strip_suffix(" (deleted)").unwrap_or(path);
@@ -162,8 +227,11 @@ fn short_name(path: &str) -> String {
 
 struct State<'a> {
     args: &'a Args,
-    /// The fallback's ranges map; None with the kprobe.
+    /// The fallback's ranges map and its counter of ranges not kept; None with the kprobe.
     ranges: Option<HashMap<MapData, u32, Ranges>>,
+    dropped: Option<PerCpuArray<MapData, u64>>,
+    /// Hugetlb mappings found in smaps beyond MAX_RANGES for their process: (pid, start).
+    untracked: std::collections::HashSet<(u32, u64)>,
     procs: BTreeMap<u32, (String, u64)>,
     files: BTreeMap<String, u64>,
     /// Hugetlb mappings per pid as of the last rescan: names faults of processes gone since.
@@ -186,7 +254,11 @@ struct FileRow<'a> {
 }
 
 impl State<'_> {
-    /// Fallback: (re)lists the hugetlb ranges of the traced process, or of every process.
+    /// Fallback: compares the kernel side's ranges of the traced process, or of every
+    /// process, with /proc/PID/smaps, and fixes them where they differ (hugetlbfs files and
+    /// SysV segments mapped since, processes that existed before the start). The kernel side
+    /// follows every change it can see; a change while smaps is read (the generation moved)
+    /// leaves the entry to the kernel side until the next scan, so a scan never undoes one.
     fn rescan(&mut self) -> Result<()> {
         let Some(map) = self.ranges.as_mut() else { return Ok(()) };
         let pids: Vec<u32> = match self.args.common.pid {
@@ -195,25 +267,55 @@ impl State<'_> {
         };
         let mut seen = StdHashMap::new();
         for pid in pids {
+            let before = map.get(&pid, 0).ok();
             let Ok(smaps) = fs::read_to_string(format!("/proc/{pid}/smaps")) else { continue };
             let maps = hugetlb_mappings(&smaps);
-            if maps.is_empty() {
+            let after = map.get(&pid, 0).ok();
+            if before.map(|r| r.generation) != after.map(|r| r.generation) {
                 continue;
             }
-            let mut ranges = Ranges::default();
-            for (i, m) in maps.iter().take(MAX_RANGES).enumerate() {
-                ranges.start[i] = m.start;
-                ranges.end[i] = m.end;
+            let want = merged(maps.iter().map(|m| (m.start, m.end)));
+            let have = before.map(|r| merged(slots(&r))).unwrap_or_default();
+            if !maps.is_empty() {
+                seen.insert(pid, maps);
             }
-            map.insert(pid, ranges, 0)?;
-            seen.insert(pid, maps);
+            if want == have {
+                continue;
+            }
+            if want.is_empty() {
+                let _ = map.remove(&pid);
+                continue;
+            }
+            let mut ranges = Ranges { generation: before.map_or(0, |r| r.generation), ..Ranges::default() };
+            for (i, (start, end)) in want.iter().enumerate() {
+                if i < MAX_RANGES {
+                    ranges.start[i] = *start;
+                    ranges.end[i] = *end;
+                } else {
+                    self.untracked.insert((pid, *start));
+                }
+            }
+            // A process first seen here: the kernel side may have added it meanwhile.
+            let flags = if before.is_none() { 1 } else { 0 };
+            let _ = map.insert(pid, ranges, flags);
         }
-        let stale: Vec<u32> = map.keys().filter_map(Result::ok).filter(|p| !seen.contains_key(p)).collect();
-        for pid in stale {
+        // Processes gone without an exit the kernel side could see (kernels before 6.16).
+        let gone: Vec<u32> = map
+            .keys()
+            .filter_map(Result::ok)
+            .filter(|p| !std::path::Path::new(&format!("/proc/{p}")).exists())
+            .collect();
+        for pid in gone {
             let _ = map.remove(&pid);
         }
         self.known = seen;
         Ok(())
+    }
+
+    /// Hugetlb ranges that were not followed: more than MAX_RANGES in one process at once.
+    fn untracked(&self) -> u64 {
+        let kernel = self.dropped.as_ref().and_then(|d| d.get(&DROPPED_RANGES, 0).ok()).map_or(0, |v| v.iter().sum());
+        kernel + self.untracked.len() as u64
     }
 
     fn file_of(&self, ev: &Event) -> String {
@@ -284,8 +386,17 @@ impl tools::Stream for State<'_> {
         if self.args.interval.is_none() || !self.procs.is_empty() {
             self.report()?;
         }
+        let untracked = self.untracked();
+        if untracked > 0 {
+            eprintln!(
+                "memtrace: hfaults: blind spots: {untracked} hugetlb ranges untracked (more than {MAX_RANGES} in one \
+                 process): their faults are not counted"
+            );
+        }
         if self.args.common.json {
-            output::json_line(&serde_json::json!({ "final": true, "events_lost": lost, "total": self.total }))?;
+            output::json_line(&serde_json::json!({
+                "final": true, "events_lost": lost, "ranges_untracked": untracked, "total": self.total
+            }))?;
         }
         Ok(())
     }
@@ -320,5 +431,15 @@ VmFlags: rd wr sh mr mw me ms de ht
         );
         assert_eq!(short_name(&maps[0].file), "anon_hugepage");
         assert_eq!(short_name(&maps[1].file), "my file");
+    }
+
+    #[test]
+    fn ranges_compare_as_joined_intervals() {
+        let mut r = Ranges::default();
+        (r.start[0], r.end[0]) = (0x60_0000, 0x80_0000);
+        (r.start[3], r.end[3]) = (0x40_0000, 0x60_0000);
+        (r.start[5], r.end[5]) = (0x100_0000, 0x120_0000);
+        assert_eq!(merged(slots(&r)), vec![(0x40_0000, 0x80_0000), (0x100_0000, 0x120_0000)]);
+        assert_eq!(merged([(5, 9), (1, 3), (2, 4), (9, 9)].into_iter()), vec![(1, 4), (5, 9)]);
     }
 }

@@ -105,6 +105,8 @@ pub enum End {
     Duration,
     TargetExited,
     Count,
+    /// Whoever read stdout went away (`| head -1`): nothing more can be shown.
+    OutputClosed,
 }
 
 /// Streams `EVENTS` into `tool` until a signal, `--duration`, the `-p` process exits, or
@@ -137,6 +139,9 @@ pub async fn stream(
         }
     };
     tokio::pin!(exited);
+    let stdout = watch_stdout();
+    let output_closed = stdout_closed(stdout.as_ref());
+    tokio::pin!(output_closed);
     eprintln!("memtrace: {name}: {ready}; Ctrl-C to stop");
     let mut ticks = 0u64;
     let end = loop {
@@ -162,8 +167,13 @@ pub async fn stream(
             }
             _ = signals.recv() => break End::Signal,
             _ = &mut deadline => break End::Duration,
+            _ = &mut output_closed => break End::OutputClosed,
         }
     };
+    if end == End::OutputClosed {
+        // Not an error (as for `| head` in general), and there is no one left to report to.
+        return Ok(end);
+    }
     // Events already in the ring belong to the run.
     while let Some(item) = ring.get_mut().next() {
         tool.event(&item)?;
@@ -174,6 +184,35 @@ pub async fn stream(
     }
     tool.finish(lost)?;
     Ok(end)
+}
+
+/// File descriptor 1, borrowed for readiness only (never closed here).
+struct Stdout;
+
+impl std::os::fd::AsRawFd for Stdout {
+    fn as_raw_fd(&self) -> std::os::fd::RawFd {
+        libc::STDOUT_FILENO
+    }
+}
+
+/// Stdout registered for error readiness: the write end of a pipe reports EPOLLERR as soon as
+/// the reader closes its end, without anything written. None when stdout cannot be polled (a
+/// regular file, /dev/null, closed): such an output never goes away.
+fn watch_stdout() -> Option<tokio::io::unix::AsyncFd<Stdout>> {
+    // SAFETY: fd 1 stays open for the whole process, so it outlives the registration.
+    unsafe { tokio::io::unix::AsyncFd::register_with_interest(Stdout, tokio::io::Interest::ERROR) }.ok()
+}
+
+/// Resolves once the reader of stdout is gone; never without a watch.
+async fn stdout_closed(watch: Option<&tokio::io::unix::AsyncFd<Stdout>>) {
+    let Some(watch) = watch else { return std::future::pending().await };
+    loop {
+        match watch.ready(tokio::io::Interest::ERROR).await {
+            Ok(guard) if guard.ready().is_error() || guard.ready().is_write_closed() => return,
+            Ok(mut guard) => guard.clear_ready(),
+            Err(_) => return std::future::pending().await,
+        }
+    }
 }
 
 /// Reads a `#[repr(C)]` event out of a ring-buffer record.

@@ -1,5 +1,11 @@
 //! oomkill: one line per OOM kill: the trigger, the victim and its memory, the memory
 //! cgroup that hit its limit (memcg OOMs), and the load average at that moment.
+//!
+//! Whether a kill is a memory cgroup's is decided from what the kernel side read at the kill:
+//! the OOM killer runs under mem_cgroup_out_of_memory for a memcg OOM (the trigger's kernel
+//! stack says so), and the group whose limit was hit is the group of the trigger's chain
+//! with the least room below its limit at the kill (see `limited_level`). Counters read
+//! afterwards cannot tell the kills of a burst apart.
 
 use std::collections::HashMap;
 
@@ -7,12 +13,12 @@ use anyhow::{Context as _, Result};
 use aya::maps::{MapData, StackTraceMap};
 use memtrace_common::{
     STACK_LOST,
-    oomkill::{EV_TRIGGER, EV_VICTIM, Event, FIELD_ABSENT, VictimOffsets},
+    oomkill::{EV_TRIGGER, EV_VICTIM, Event, FIELD_ABSENT, KSTACK_DEPTH, MEMCG_LEVELS, MemcgOffsets, VictimOffsets},
 };
 use serde::Serialize;
 
 use crate::{
-    kernel::{self, AttachPoint, Probe, tracefs::Format},
+    kernel::{self, AttachPoint, Probe, btf, kallsyms::Kallsyms, tracefs::Format},
     output,
     symbolize::{Frame, UserSymbolizer},
     tools::{self, CommonArgs, c_str},
@@ -59,8 +65,15 @@ pub async fn run(args: Args) -> Result<()> {
     let (offsets, present) = victim_offsets().unwrap_or_default();
     // Before attaching: every kill the probes see must rise above this reading.
     let memcgs = memcg::Counters::snapshot();
+    let chain = memcg_offsets(memcgs.is_v1()).unwrap_or_else(|e| {
+        tracing::info!("oomkill: memory cgroups read from their counters only: {e:#}");
+        MemcgOffsets::default()
+    });
     let mut bpf = kernel::load(OBJECT, |loader| {
-        loader.override_global("FILTER", &filter, true).override_global("VICTIM", &offsets, true);
+        loader
+            .override_global("FILTER", &filter, true)
+            .override_global("VICTIM", &offsets, true)
+            .override_global("MEMCG", &chain, true);
     })?;
     let how = kernel::attach_preferred(&mut bpf, "oomkill", ATTACH_POINTS)?;
     let stacks = StackTraceMap::try_from(bpf.take_map("STACKS").context("internal: no STACKS map")?)?;
@@ -70,6 +83,7 @@ pub async fn run(args: Args) -> Result<()> {
         memcgs,
         stacks,
         symbolizer: UserSymbolizer::new(),
+        kallsyms: None,
         triggers: HashMap::new(),
         kills: 0,
         header: false,
@@ -112,12 +126,61 @@ fn victim_offsets() -> Result<(VictimOffsets, Present)> {
     Ok((offsets, present))
 }
 
+/// BTF offsets for the kernel side's walk up the trigger's memory cgroup chain.
+fn memcg_offsets(v1: bool) -> Result<MemcgOffsets> {
+    let id = memcg::memory_subsys_id(&std::fs::read_to_string("/proc/cgroups")?)
+        .context("no memory controller in /proc/cgroups")?;
+    let off = btf::member_offset;
+    anyhow::ensure!(off("mem_cgroup", "css")? == 0, "struct mem_cgroup does not start with its css");
+    // v1's memory+swap limit also ends in an OOM; v2 keeps a swap counter in the same place,
+    // whose limit does not.
+    let memsw = |field: &str| if v1 { off("mem_cgroup", &format!("memsw.{field}")).ok() } else { None };
+    Ok(MemcgOffsets {
+        valid: 1,
+        task_cgroups: off("task_struct", "cgroups")?,
+        css_set_memory: off("css_set", "subsys")? + 8 * id,
+        css_cgroup: off("cgroup_subsys_state", "cgroup")?,
+        css_parent: off("cgroup_subsys_state", "parent")?,
+        cgroup_kn: off("cgroup", "kn")?,
+        kn_id: off("kernfs_node", "id")?,
+        memory_usage: off("mem_cgroup", "memory.usage")?,
+        memory_max: off("mem_cgroup", "memory.max")?,
+        memsw_usage: memsw("usage").unwrap_or(FIELD_ABSENT),
+        memsw_max: memsw("max").unwrap_or(FIELD_ABSENT),
+        task_active_memcg: off("task_struct", "active_memcg").unwrap_or(FIELD_ABSENT),
+    })
+}
+
+/// Whether the OOM killer ran for a memory cgroup, from the trigger's kernel stack: the
+/// caller of out_of_memory is mem_cgroup_out_of_memory for a memcg OOM, the page allocator
+/// (or sysrq) for a global one. None when the stack does not reach that far.
+fn memcg_oom_by_stack(names: &[&str]) -> Option<bool> {
+    let at = names.iter().position(|n| *n == "out_of_memory")?;
+    names.get(at + 1).map(|caller| caller.starts_with("mem_cgroup_out_of_memory"))
+}
+
+/// Half the page counters' "no limit" (LONG_MAX / 4 KiB pages): more room means no limit.
+const NO_LIMIT_PAGES: u64 = 1 << 50;
+
+/// The level of the trigger's memory cgroup chain (deepest first) whose limit was hit: the
+/// one with the least room below its limit, the deepest of equals. When the kernel's charge
+/// failed at a group, every group below it had at least the charge's room, and pages charged
+/// or freed since below that group moved all their margins alike; the victim's own memory,
+/// freed while the kill is prepared, is charged there too. The root (last, when the chain
+/// reaches it) has no limit.
+fn limited_level(margins: &[u64], levels: usize, chain_reaches_root: bool) -> Option<usize> {
+    let last = if chain_reaches_root { levels.saturating_sub(1) } else { levels };
+    (0..last).filter(|&i| margins[i] < NO_LIMIT_PAGES).min_by_key(|&i| (margins[i], i))
+}
+
 struct State {
     json: bool,
     present: Present,
     memcgs: memcg::Counters,
     stacks: StackTraceMap<MapData>,
     symbolizer: UserSymbolizer,
+    /// Kernel symbols, loaded at the first kill; None inside until then.
+    kallsyms: Option<Option<Kallsyms>>,
     /// Trigger stacks from the kprobe, by thread, waiting for their mark_victim.
     triggers: HashMap<u32, Vec<Frame>>,
     kills: u64,
@@ -152,6 +215,26 @@ struct Kill {
 }
 
 impl State {
+    fn memcg_oom(&mut self, e: &Event) -> Option<bool> {
+        let syms = self.kallsyms.get_or_insert_with(|| Kallsyms::load().ok()).as_ref()?;
+        let len = (e.kstack_len as usize).min(KSTACK_DEPTH);
+        let names: Vec<&str> = e.kstack[..len].iter().filter_map(|&ip| syms.resolve(ip).map(|(n, _, _)| n)).collect();
+        memcg_oom_by_stack(&names)
+    }
+
+    /// The path of the group whose limit was hit, from the chain read at the kill.
+    fn oom_group(&mut self, e: &Event) -> Option<String> {
+        let levels = (e.memcg_levels as usize).min(MEMCG_LEVELS);
+        tracing::debug!(
+            "oomkill: trigger's memcg chain: ids {:?}, pages below the limit {:?}",
+            &e.memcg_ids[..levels],
+            &e.memcg_margin[..levels]
+        );
+        let root = levels.checked_sub(1).and_then(|i| self.memcgs.path_of(e.memcg_ids[i]));
+        let level = limited_level(&e.memcg_margin, levels, root.as_deref() == Some("/"))?;
+        self.memcgs.path_of(e.memcg_ids[level])
+    }
+
     fn trigger_stack(&mut self, event: &Event) -> Vec<Frame> {
         if event.stack_id == STACK_LOST {
             return Vec::new();
@@ -176,6 +259,12 @@ impl State {
         }
         // The kernel counts the kill in the victim's cgroups before it marks the victim.
         let found = self.memcgs.after_kill(e.victim_pid);
+        let (constraint, memcg) = match self.memcg_oom(e) {
+            Some(true) => ("memcg", self.oom_group(e).or(found.limited)),
+            Some(false) => ("global", None),
+            // The stack was not recorded: the counters are all there is.
+            None => (if found.limited.is_some() { "memcg" } else { "global" }, found.limited),
+        };
         Kill {
             time: if self.json { output::now_ms() } else { output::hms() },
             trigger_pid: e.trigger_pid,
@@ -190,8 +279,8 @@ impl State {
             pgtables_kb: mem(e.pgtables_kb),
             oom_score_adj: p.oom_score_adj.then_some(e.oom_score_adj),
             uid: p.uid.then_some(e.uid),
-            constraint: if found.limited.is_some() { "memcg" } else { "global" },
-            memcg: found.limited,
+            constraint,
+            memcg,
             victim_memcg: found.victim,
             loadavg: std::fs::read_to_string("/proc/loadavg").map(|s| s.trim().to_string()).unwrap_or_default(),
             trigger_stack: self.triggers.remove(&e.trigger_tid).unwrap_or_default(),
@@ -255,15 +344,54 @@ fn render(k: &Kill) -> String {
     if let Some(uid) = k.uid {
         let _ = write!(s, " uid={uid}");
     }
-    match &k.memcg {
-        Some(path) => {
+    match (&k.memcg, k.constraint) {
+        (Some(path), _) => {
             let _ = write!(s, " memcg={path}");
         }
-        None => s.push_str(" global"),
+        (None, "memcg") => s.push_str(" memcg=[removed]"),
+        (None, _) => s.push_str(" global"),
     }
     let _ = write!(s, " loadavg: {}", k.loadavg);
     for frame in &k.trigger_stack {
         let _ = write!(s, "\n        {frame}");
     }
     s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_caller_of_out_of_memory_decides() {
+        let memcg = ["perf_trace_mark_victim", "mark_oom_victim", "__oom_kill_process", "oom_kill_process"];
+        let memcg: Vec<&str> =
+            memcg.iter().copied().chain(["out_of_memory", "mem_cgroup_out_of_memory", "try_charge_memcg"]).collect();
+        assert_eq!(memcg_oom_by_stack(&memcg), Some(true));
+        let global = ["mark_oom_victim", "out_of_memory", "__alloc_pages_slowpath.constprop.0", "__alloc_pages"];
+        assert_eq!(memcg_oom_by_stack(&global), Some(false));
+        assert_eq!(memcg_oom_by_stack(&["mark_oom_victim", "out_of_memory", "moom_callback"]), Some(false));
+        // A memcg function further down does not make a global OOM a memcg one.
+        let nested = ["out_of_memory", "__alloc_pages_slowpath", "mem_cgroup_css_alloc"];
+        assert_eq!(memcg_oom_by_stack(&nested), Some(false));
+        assert_eq!(memcg_oom_by_stack(&["mark_oom_victim", "out_of_memory"]), None);
+        assert_eq!(memcg_oom_by_stack(&[]), None);
+    }
+
+    #[test]
+    fn the_group_with_least_room_hit_its_limit() {
+        const UNLIMITED: u64 = (i64::MAX as u64) / 4096 - 9000;
+        const UNKNOWN: u64 = memtrace_common::oomkill::MARGIN_UNKNOWN;
+        // /a/b/c (deepest first), then the root: /a has the least room (pages freed since the
+        // kill began count too).
+        let margins = [UNLIMITED, 9000, 300, UNLIMITED, UNKNOWN, UNKNOWN, UNKNOWN, UNKNOWN];
+        assert_eq!(limited_level(&margins, 4, true), Some(2));
+        // Equal room: the charge failed at the deeper group first.
+        assert_eq!(limited_level(&[UNLIMITED, 0, 0, UNLIMITED, 0, 0, 0, 0], 4, true), Some(1));
+        // The root is never the answer, whatever its counter says.
+        assert_eq!(limited_level(&[UNLIMITED, 0, 0, 0, 0, 0, 0, 0], 2, true), None);
+        // A chain cut at MEMCG_LEVELS has no root at its end.
+        assert_eq!(limited_level(&[UNLIMITED, UNLIMITED, 5, 0, 0, 0, 0, 0], 3, false), Some(2));
+        assert_eq!(limited_level(&[UNKNOWN; 8], 3, true), None);
+    }
 }
