@@ -17,9 +17,10 @@ pub struct AllocKey {
 pub struct AllocInfo {
     pub size: u64,
     pub timestamp_ns: u64,
-    pub stack_id: u32,
+    pub stack_id: u64,
     /// One of the `FN_*` values: which entry point made it.
     pub func: u32,
+    pub _pad: u32,
 }
 
 /// Key of the per-stack totals: the same stack id in two processes is two rows.
@@ -27,7 +28,8 @@ pub struct AllocInfo {
 #[derive(Copy, Clone, Debug, Default, PartialEq, Eq, Hash)]
 pub struct StackKey {
     pub pid: u32,
-    pub stack_id: u32,
+    pub _pad: u32,
+    pub stack_id: u64,
 }
 
 /// Outstanding bytes and allocation count of one stack, kept up to date in the kernel.
@@ -108,12 +110,11 @@ pub struct Event {
     pub kind: u32,
     pub pid: u32,
     pub tid: u32,
-    pub stack_id: u32,
+    pub func: u32,
+    pub stack_id: u64,
     pub addr: u64,
     pub size: u64,
     pub timestamp_ns: u64,
-    pub func: u32,
-    pub _pad: u32,
 }
 
 /// Allocator entry points, in `AllocInfo::func` and `Event::func`.

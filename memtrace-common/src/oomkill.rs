@@ -63,8 +63,7 @@ pub struct Event {
     pub uid: u32,
     pub oom_score_adj: i32,
     /// User stack of the trigger (EV_TRIGGER), or `STACK_LOST`.
-    pub stack_id: u32,
-    pub _pad: u32,
+    pub stack_id: u64,
     pub timestamp_ns: u64,
 }
 

@@ -4,12 +4,12 @@
 #![cfg_attr(target_arch = "bpf", no_main)]
 
 use aya_ebpf::{
-    Global,
+    EbpfContext, Global,
     bindings::BPF_F_USER_STACK,
-    btf_maps::{Array, HashMap, PerCpuArray, RingBuf, StackTrace},
+    btf_maps::{Array, HashMap, PerCpuArray, RingBuf},
     helpers::{bpf_get_current_pid_tgid, bpf_get_prandom_u32, bpf_ktime_get_ns, bpf_probe_read_user},
     macros::{btf_map, tracepoint, uprobe, uretprobe},
-    programs::{ProbeContext, RetProbeContext, TracePointContext, tracing::StackIdContext},
+    programs::{ProbeContext, RetProbeContext, TracePointContext},
 };
 use memtrace_common::{
     NO_PID, STACK_LOST,
@@ -52,17 +52,14 @@ static KMEM: Global<KmemOffsets> = Global::new(KmemOffsets {
     page_shift: 12,
 });
 
-// Sizes here are defaults; user space resizes ALLOCS and STACKS (`--max-allocs`, `--max-stacks`).
+// Sizes here are defaults; user space resizes ALLOCS, TOTALS and STACKS (`--max-allocs`, `--max-stacks`).
 #[btf_map]
 static ALLOCS: HashMap<AllocKey, AllocInfo, 262_144> = HashMap::new();
 #[btf_map]
 static TOTALS: HashMap<StackKey, StackTotal, 16_384> = HashMap::new();
 #[btf_map]
 static PENDING: HashMap<u32, Pending, 16_384> = HashMap::new();
-// 64 frames keep a bucket at 512 bytes, so the table can be large enough that hash collisions
-// (which lose a stack) stay rare.
-#[btf_map]
-static STACKS: StackTrace<32_768, 0, 64> = StackTrace::new();
+memtrace_ebpf::stack_store!();
 #[btf_map]
 static STATS: PerCpuArray<u64, { STAT_COUNT as usize }> = PerCpuArray::new();
 #[btf_map]
@@ -77,18 +74,17 @@ fn window_open() -> bool {
 }
 
 #[inline(always)]
-fn emit(kind: u32, pid: u32, tid: u32, stack_id: u32, addr: u64, size: u64, func: u32) {
+fn emit(kind: u32, pid: u32, tid: u32, stack_id: u64, addr: u64, size: u64, func: u32) {
     let event = Event {
         kind,
         pid,
         tid,
+        func,
         stack_id,
         addr,
         size,
         // SAFETY: helper without preconditions.
         timestamp_ns: unsafe { bpf_ktime_get_ns() },
-        func,
-        _pad: 0,
     };
     if EVENTS.output(&event, 0).is_err() {
         bump(&STATS, STAT_EVENTS_LOST);
@@ -111,9 +107,9 @@ fn add_to_stack(key: &StackKey, bytes: u64, allocs: u64) -> bool {
 
 /// Records one allocation: its per-address entry and its stack's totals.
 #[inline(always)]
-fn record<C: StackIdContext>(ctx: &C, pid: u32, tid: u32, addr: u64, size: u64, func: u32, stack_flags: u64) {
-    let stack_id = match ctx.get_stackid(&STACKS, stack_flags) {
-        Ok(id) => id as u32,
+fn record<C: EbpfContext>(ctx: &C, pid: u32, tid: u32, addr: u64, size: u64, func: u32, stack_flags: u64) {
+    let stack_id = match stacks().capture(ctx, stack_flags) {
+        Ok(id) => id,
         Err(_) => {
             bump(&STATS, STAT_STACK_LOST);
             STACK_LOST
@@ -126,6 +122,7 @@ fn record<C: StackIdContext>(ctx: &C, pid: u32, tid: u32, addr: u64, size: u64, 
         timestamp_ns: unsafe { bpf_ktime_get_ns() },
         stack_id,
         func,
+        _pad: 0,
     };
     match ALLOCS.insert(&key, &info, BPF_NOEXIST) {
         Ok(()) => {}
@@ -133,7 +130,7 @@ fn record<C: StackIdContext>(ctx: &C, pid: u32, tid: u32, addr: u64, size: u64, 
             // A free we never saw: take the stale record off its stack before replacing it.
             // SAFETY: value copied out of the map at once.
             if let Some(old) = unsafe { ALLOCS.get(&key) }.copied() {
-                let old_key = StackKey { pid, stack_id: old.stack_id };
+                let old_key = StackKey { pid, _pad: 0, stack_id: old.stack_id };
                 add_to_stack(&old_key, old.size.wrapping_neg(), u64::MAX);
             }
             bump(&STATS, STAT_REPLACED);
@@ -147,7 +144,7 @@ fn record<C: StackIdContext>(ctx: &C, pid: u32, tid: u32, addr: u64, size: u64, 
             return;
         }
     }
-    let skey = StackKey { pid, stack_id };
+    let skey = StackKey { pid, _pad: 0, stack_id };
     if !add_to_stack(&skey, size, 1) {
         let total = StackTotal { bytes: size, allocs: 1 };
         match TOTALS.insert(&skey, &total, BPF_NOEXIST) {
@@ -189,7 +186,7 @@ fn forget(pid: u32, tid: u32, addr: u64, func: u32, count_unknown: bool) {
     if ALLOCS.remove(&key).is_err() {
         return;
     }
-    add_to_stack(&StackKey { pid, stack_id: info.stack_id }, info.size.wrapping_neg(), u64::MAX);
+    add_to_stack(&StackKey { pid, _pad: 0, stack_id: info.stack_id }, info.size.wrapping_neg(), u64::MAX);
     bump(&STATS, STAT_FREED);
     if CONFIG.load().trace != 0 {
         emit(EV_FREE, pid, tid, info.stack_id, addr, info.size, func);

@@ -5,11 +5,10 @@
 
 use aya_ebpf::{
     EbpfContext as _, Global,
-    bindings::BPF_F_USER_STACK,
-    btf_maps::{PerCpuArray, RingBuf, StackTrace},
+    btf_maps::{PerCpuArray, RingBuf},
     helpers::{bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_ktime_get_ns, bpf_probe_read_kernel_str_bytes},
     macros::{btf_map, kprobe, tracepoint},
-    programs::{ProbeContext, TracePointContext, tracing::StackIdContext},
+    programs::{ProbeContext, TracePointContext},
 };
 use memtrace_common::{
     Filter, STACK_LOST,
@@ -40,8 +39,7 @@ static VICTIM: Global<VictimOffsets> = Global::new(VictimOffsets {
 static EVENTS: RingBuf<Event, { 256 * 1024 }> = RingBuf::new();
 #[btf_map]
 static LOST: PerCpuArray<u64, 1> = PerCpuArray::new();
-#[btf_map]
-static STACKS: StackTrace<1024, 0, 64> = StackTrace::new();
+memtrace_ebpf::stack_store!();
 
 /// An event about the current task (the trigger), other fields zero.
 #[inline(always)]
@@ -120,8 +118,8 @@ pub fn oomkill_kprobe(ctx: ProbeContext) -> u32 {
         return 0;
     }
     let mut event = trigger_event(EV_TRIGGER);
-    if let Ok(id) = ctx.get_stackid(&STACKS, BPF_F_USER_STACK as u64) {
-        event.stack_id = id as u32;
+    if let Ok(id) = stacks().user(&ctx) {
+        event.stack_id = id;
     }
     submit(&EVENTS, &event, &LOST);
     0
