@@ -212,8 +212,11 @@ fn user_stack() -> u64 {
         set_chain(if ret != 0 && links_up(next, fp) { next } else { 0 });
         push(ret);
     }
-    // SAFETY: as above; at most MAX_FRAMES.
-    unsafe { (*stack).len = count.read_volatile() as u32 };
+    // SAFETY: as above; at most MAX_FRAMES. No closure uses the slot any more.
+    let stack = unsafe {
+        (*stack).len = count.read_volatile() as u32;
+        &*stack
+    };
     match stacks().store(stack) {
         Ok(id) => id,
         Err(Lost::Collided) => {

@@ -65,7 +65,8 @@ impl<const N: usize> Store<N> {
             return Err(self.lost(Lost::Unreadable));
         }
         // SAFETY: this CPU's scratch slot.
-        unsafe { (*stack).len = (bytes as u32 / 8).min(MAX_FRAMES as u32) };
+        let stack = unsafe { &mut *stack };
+        stack.len = (bytes as u32 / 8).min(MAX_FRAMES as u32);
         self.store(stack)
     }
 
@@ -76,11 +77,11 @@ impl<const N: usize> Store<N> {
         self.scratch.get_ptr_mut(0)
     }
 
-    /// Stores `stack` (usually the scratch one) unless already there; returns its id.
+    /// Stores `stack` (the scratch one: the helpers want map memory) unless already there;
+    /// returns its id.
     #[inline(always)]
-    pub fn store(&self, stack: *mut Stack) -> Result<u64, Lost> {
-        // SAFETY: `stack` is a map value pointer (the scratch slot); reads are bounded below.
-        let len = unsafe { (*stack).len };
+    pub fn store(&self, stack: &Stack) -> Result<u64, Lost> {
+        let len = stack.len;
         if len == 0 {
             return Err(self.lost(Lost::Unreadable));
         }
@@ -89,22 +90,20 @@ impl<const N: usize> Store<N> {
             if i as u32 >= len {
                 break;
             }
-            // SAFETY: i < MAX_FRAMES.
-            h = hash_step(h, unsafe { (*stack).ips[i] });
+            h = hash_step(h, stack.ips[i]);
         }
         let id = hash_finish(h, len);
         // The common case, a stack seen before: one lock-free lookup. Comparing the length and
         // the innermost frame catches a colliding hash at no real cost.
         if let Some(known) = self.stacks.get_ptr(id) {
             // SAFETY: pointer from the lookup; entries are never removed while tracing.
-            return if unsafe { (*known).len == len && (*known).ips[0] == (*stack).ips[0] } {
+            return if unsafe { (*known).len == len && (*known).ips[0] == stack.ips[0] } {
                 Ok(id)
             } else {
                 Err(self.lost(Lost::Collided))
             };
         }
-        // SAFETY: as above.
-        match self.stacks.insert(id, unsafe { &*stack }, BPF_NOEXIST) {
+        match self.stacks.insert(id, stack, BPF_NOEXIST) {
             Ok(()) => {
                 bump(self.stats, STORE_STORED);
                 Ok(id)
