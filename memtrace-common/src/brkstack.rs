@@ -7,7 +7,8 @@ use crate::user_pod;
 #[derive(Copy, Clone, Debug, Default, PartialEq, Eq, Hash)]
 pub struct BrkKey {
     pub pid: u32,
-    pub stack_id: u32,
+    pub _pad: u32,
+    pub stack_id: u64,
 }
 
 /// brk calls of one stack and the net bytes by which they moved the break.
@@ -24,18 +25,12 @@ pub struct BrkTotal {
 pub const SCAN_WORDS: usize = 128;
 /// Frames followed through the frame-pointer chain once the scan finds its first link.
 pub const CHAIN_FRAMES: usize = 32;
-pub const STACK_WORDS: usize = 1 + SCAN_WORDS + CHAIN_FRAMES;
 
-/// A user stack as the kernel recorded it: `ips[0]` is the instruction pointer; `ips[1 + i]`
-/// the i-th stack word when it looks like a return address (else 0), up to the first frame
-/// record (saved rbp, return address) found; then the return addresses of the frame-pointer
-/// chain from there. glibc's sbrk uses rbp as a general register, so a plain frame-pointer
-/// walk from brk stops in libc; the fixed layout keeps the verifier's work linear.
-#[repr(C)]
-#[derive(Copy, Clone, Debug)]
-pub struct UStack {
-    pub ips: [u64; STACK_WORDS],
-}
+// A user stack is found by scanning, not by the kernel's frame-pointer walk: glibc's sbrk uses
+// rbp as a general register, so that walk stops in libc. The stack is the instruction pointer,
+// the words of the top of the stack that look like return addresses, up to the first frame
+// record (saved rbp, return address), then the frame-pointer chain from there; it is kept in
+// the shared stack store (`stack`), at most `stack::MAX_FRAMES` deep.
 
 /// Settings written into the object before it is loaded.
 #[repr(C)]
@@ -69,15 +64,14 @@ pub struct Event {
     pub kind: u32,
     pub pid: u32,
     pub tid: u32,
-    pub stack_id: u32,
+    pub flags: u32,
+    pub stack_id: u64,
     /// The break asked for (0 asks for the current one).
     pub requested: u64,
     /// The break after the call (the old one when the kernel refused).
     pub result: u64,
     /// result minus the previous break (signed); 0 when `FLAG_UNKNOWN_PREV`.
     pub growth: u64,
-    pub flags: u32,
-    pub _pad: u32,
     pub comm: [u8; 16],
 }
 
@@ -94,4 +88,4 @@ pub const STAT_NO_ENTRY: u32 = 3;
 pub const STAT_STACK_COLLISION: u32 = 4;
 pub const STAT_COUNT: u32 = 5;
 
-user_pod!(BrkKey, BrkTotal, Config, Offsets, Event, UStack);
+user_pod!(BrkKey, BrkTotal, Config, Offsets, Event);

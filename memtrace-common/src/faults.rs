@@ -7,10 +7,10 @@ use crate::user_pod;
 #[derive(Copy, Clone, Debug, Default, PartialEq, Eq, Hash)]
 pub struct FaultKey {
     pub pid: u32,
-    pub user_stack: u32,
-    pub kernel_stack: u32,
     /// `KIND_USER` or `KIND_KERNEL`: which tracepoint saw it.
     pub kind: u32,
+    pub user_stack: u64,
+    pub kernel_stack: u64,
 }
 
 /// Faults of one process.
@@ -19,6 +19,9 @@ pub struct FaultKey {
 pub struct ProcFaults {
     pub user: u64,
     pub kernel: u64,
+    /// Faults counted in no row with their stack: a stack lost (store full, unreadable) or
+    /// the counts map full. The process's stacked rows sum to `user + kernel - no_stack`.
+    pub no_stack: u64,
     pub comm: [u8; 16],
 }
 
@@ -57,8 +60,8 @@ pub struct Event {
     pub tid: u32,
     /// `KIND_USER` or `KIND_KERNEL`.
     pub mode: u32,
-    pub user_stack: u32,
-    pub kernel_stack: u32,
+    pub user_stack: u64,
+    pub kernel_stack: u64,
     pub address: u64,
     pub ip: u64,
     pub error_code: u64,

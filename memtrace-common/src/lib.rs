@@ -12,6 +12,7 @@ pub mod memleak;
 pub mod mmapsnoop;
 pub mod oomkill;
 pub mod shmsnoop;
+pub mod stack;
 pub mod swapin;
 pub mod vmscan;
 
@@ -31,8 +32,9 @@ user_pod!(Filter);
 /// `pid` value meaning "no process": kernel allocations, or no filter.
 pub const NO_PID: u32 = 0;
 
-/// Stack id stored when the kernel could not record a stack (map full, hash collision, fault).
-pub const STACK_LOST: u32 = u32::MAX;
+/// Stack id stored when the kernel could not record a stack (store full, unreadable stack).
+/// Ids are 64-bit hashes of the frames (see `stack`), never 0.
+pub const STACK_LOST: u64 = 0;
 
 /// Implements aya's `Pod` for the listed types when building user space.
 #[macro_export]
@@ -58,14 +60,38 @@ mod tests {
     fn shared_structs_have_no_implicit_padding() {
         assert_eq!(size_of::<Filter>(), 4 + 4 + 16);
         assert_eq!(size_of::<AllocKey>(), 4 + 4 + 8);
-        assert_eq!(size_of::<AllocInfo>(), 8 + 8 + 4 + 4);
-        assert_eq!(size_of::<StackKey>(), 4 * 4);
+        assert_eq!(size_of::<AllocInfo>(), 8 + 8 + 8 + 4 + 4);
+        assert_eq!(size_of::<StackKey>(), 4 + 4 + 8);
         assert_eq!(size_of::<Tracked>(), 4 + 4);
         assert_eq!(size_of::<ForkOffsets>(), 4 + 4);
         assert_eq!(size_of::<Pending>(), 8 + 8 + 4 + 4);
         assert_eq!(size_of::<Config>(), 8 + 8 + 4 + 4 + 4 + 4);
-        assert_eq!(size_of::<Event>(), 4 * 4 + 8 * 3 + 4 + 4);
+        assert_eq!(size_of::<Event>(), 4 * 4 + 8 * 4 + 4 + 4);
         assert_eq!(size_of::<KmemOffsets>(), 18 * 4);
+    }
+
+    // Stack ids are u64 hashes: every struct that carries one keeps it 8-aligned by hand.
+    #[test]
+    fn stack_id_carriers_have_no_implicit_padding() {
+        use crate::{brkstack, faults, stack, swapin};
+        assert_eq!(size_of::<stack::Stack>(), 4 + 4 + 8 * stack::MAX_FRAMES);
+        assert_eq!(size_of::<brkstack::BrkKey>(), 4 + 4 + 8);
+        assert_eq!(size_of::<brkstack::Event>(), 4 * 4 + 8 * 4 + 16);
+        assert_eq!(size_of::<faults::FaultKey>(), 4 + 4 + 8 + 8);
+        assert_eq!(size_of::<faults::ProcFaults>(), 8 * 3 + 16);
+        assert_eq!(size_of::<faults::Event>(), 4 * 4 + 8 * 5 + 16);
+        assert_eq!(size_of::<swapin::SwapKey>(), 4 + 4 + 8 + 16);
+        assert_eq!(size_of::<swapin::NewStack>(), 4 + 4 + 8);
+    }
+
+    #[test]
+    fn stack_ids_are_never_the_lost_id() {
+        use crate::{STACK_LOST, stack::hash};
+        assert_ne!(hash(&[]), STACK_LOST);
+        assert_ne!(hash(&[0x401000]), hash(&[0x401001]));
+        // Order matters: the same frames in another order are another stack.
+        assert_ne!(hash(&[1, 2]), hash(&[2, 1]));
+        assert_ne!(hash(&[1]), hash(&[1, 0]));
     }
 
     #[test]

@@ -38,9 +38,10 @@ pub struct ForkOffsets {
 pub struct AllocInfo {
     pub size: u64,
     pub timestamp_ns: u64,
-    pub stack_id: u32,
+    pub stack_id: u64,
     /// One of the `FN_*` values: which entry point made it.
     pub func: u32,
+    pub _pad: u32,
 }
 
 /// A stack of one process image: the same stack id in two processes, or before and after
@@ -50,8 +51,7 @@ pub struct AllocInfo {
 pub struct StackKey {
     pub pid: u32,
     pub image: u32,
-    pub stack_id: u32,
-    pub _pad: u32,
+    pub stack_id: u64,
 }
 
 /// A call in flight on one thread, between the allocator's entry and its return.
@@ -129,13 +129,14 @@ pub struct Event {
     pub kind: u32,
     pub pid: u32,
     pub tid: u32,
-    pub stack_id: u32,
+    pub func: u32,
+    pub stack_id: u64,
     pub addr: u64,
     pub size: u64,
     pub timestamp_ns: u64,
-    pub func: u32,
     /// The process image (`AllocKey::image`) the event belongs to.
     pub image: u32,
+    pub _pad: u32,
 }
 
 /// Allocator entry points, in `AllocInfo::func` and `Event::func`.

@@ -118,9 +118,10 @@ pub struct Event {
     pub uid: u32,
     pub oom_score_adj: i32,
     /// User stack of the trigger (EV_TRIGGER), or `STACK_LOST`.
-    pub stack_id: u32,
+    pub stack_id: u64,
     /// Return addresses in `kstack` (EV_VICTIM): the trigger's kernel stack at the kill.
     pub kstack_len: u32,
+    pub _pad1: u32,
     pub timestamp_ns: u64,
     pub kstack: [u64; KSTACK_DEPTH],
     /// The trigger's memory cgroup chain at the kill, deepest first: kernfs ids (the groups'
@@ -150,6 +151,7 @@ impl Default for Event {
             oom_score_adj: 0,
             stack_id: 0,
             kstack_len: 0,
+            _pad1: 0,
             timestamp_ns: 0,
             kstack: [0; KSTACK_DEPTH],
             memcg_levels: 0,
@@ -171,7 +173,7 @@ mod tests {
     #[test]
     fn no_implicit_padding() {
         assert_eq!(size_of::<MemcgOffsets>(), 12 * 4);
-        let fixed = 4 * 4 + 16 * 2 + 8 * 5 + 4 * 4 + 8;
+        let fixed = 4 * 4 + 16 * 2 + 8 * 5 + 4 * 2 + 8 + 4 * 2 + 8;
         assert_eq!(size_of::<Event>(), fixed + 8 * KSTACK_DEPTH + 8 + 8 * MEMCG_LEVELS + 8 * MEMCG_LEVELS);
     }
 }

@@ -7,7 +7,8 @@ use crate::user_pod;
 #[derive(Copy, Clone, Debug, Default, PartialEq, Eq, Hash)]
 pub struct SwapKey {
     pub pid: u32,
-    pub stack_id: u32,
+    pub _pad: u32,
+    pub stack_id: u64,
     pub comm: [u8; 16],
 }
 
@@ -25,7 +26,8 @@ pub struct Config {
 #[derive(Copy, Clone, Debug, Default)]
 pub struct NewStack {
     pub pid: u32,
-    pub stack_id: u32,
+    pub _pad: u32,
+    pub stack_id: u64,
 }
 
 /// `STATS` slots.

@@ -18,11 +18,11 @@ use memtrace_common::{
     Filter, STACK_LOST,
     brkstack::{
         BrkKey, BrkTotal, CHAIN_FRAMES, Config, EV_CALL, EV_NEW_STACK, Event, FLAG_UNKNOWN_PREV, Offsets, SCAN_WORDS,
-        STACK_WORDS, STAT_COUNT, STAT_NO_ENTRY, STAT_STACK_COLLISION, STAT_STACK_LOST, STAT_TOTALS_FULL,
-        STAT_UNKNOWN_PREV, UStack,
+        STAT_COUNT, STAT_NO_ENTRY, STAT_STACK_COLLISION, STAT_STACK_LOST, STAT_TOTALS_FULL, STAT_UNKNOWN_PREV,
     },
+    stack::MAX_FRAMES,
 };
-use memtrace_ebpf::{BPF_NOEXIST, EEXIST, atomic_add, bump, submit, tp_u64, wanted};
+use memtrace_ebpf::{BPF_NOEXIST, EEXIST, atomic_add, bump, stack::Lost, submit, tp_u64, wanted};
 
 memtrace_ebpf::license!();
 
@@ -47,15 +47,13 @@ static LAST_BRK: HashMap<u32, u64, 65_536> = HashMap::new();
 /// The break asked for, per thread, between syscall entry and exit.
 #[btf_map]
 static PENDING: HashMap<u32, u64, 16_384> = HashMap::new();
-/// Scanned stacks by the hash of their frames.
-#[btf_map]
-static STACKS: HashMap<u32, UStack, 4096> = HashMap::new();
-/// Room to build a stack in (too big for the 512-byte BPF stack), and the frame-pointer chain's
-/// next link, kept in map memory so the verifier does not track its value across the scan.
+memtrace_ebpf::stack_store!();
+/// The frame-pointer chain's next link and the frames found so far, kept in map memory so the
+/// verifier does not track their values across the scan (which would defeat its pruning).
 #[repr(C)]
 struct Scratch {
-    stack: UStack,
     chain: u64,
+    frames: u64,
 }
 
 #[btf_map]
@@ -105,8 +103,8 @@ pub fn brkstack_exit(ctx: TracePointContext) -> u32 {
     };
     let stack_id = user_stack();
     let comm = bpf_get_current_comm().unwrap_or([0; 16]);
-    let mut event = Event { kind: EV_CALL, pid, tid, stack_id, requested, result, growth, flags, _pad: 0, comm };
-    let key = BrkKey { pid, stack_id };
+    let mut event = Event { kind: EV_CALL, pid, tid, flags, stack_id, requested, result, growth, comm };
+    let key = BrkKey { pid, _pad: 0, stack_id };
     if !add(&key, growth) {
         match TOTALS.insert(&key, &BrkTotal { calls: 1, bytes: growth, comm }, BPF_NOEXIST) {
             Ok(()) if stack_id != STACK_LOST => {
@@ -155,9 +153,9 @@ fn after_call(addr: u64) -> bool {
 }
 
 /// The user stack by scanning: the instruction pointer, then every word of the top of the
-/// stack that is the address after a call. Returns its id in STACKS, or STACK_LOST.
+/// stack that is the address after a call. Returns its id in the stack store, or STACK_LOST.
 #[inline(always)]
-fn user_stack() -> u32 {
+fn user_stack() -> u64 {
     // SAFETY: helper without preconditions.
     let regs = task_pt_regs(unsafe { bpf_get_current_task_btf() });
     // SAFETY: reads kernel memory through the checked helper.
@@ -167,15 +165,24 @@ fn user_stack() -> u32 {
         bump(&STATS, STAT_STACK_LOST);
         return STACK_LOST;
     };
-    let Some(scratch) = SCRATCH.get_ptr_mut(0) else { return STACK_LOST };
-    // SAFETY: per-CPU scratch slot; programs do not preempt each other on one CPU.
-    let (stack, chain) = unsafe { (&mut (*scratch).stack, &raw mut (*scratch).chain) };
+    let (Some(scratch), Some(stack)) = (SCRATCH.get_ptr_mut(0), stacks().scratch()) else { return STACK_LOST };
+    // SAFETY: per-CPU scratch slots; programs do not preempt each other on one CPU.
+    let (chain, count) = unsafe { (&raw mut (*scratch).chain, &raw mut (*scratch).frames) };
     // SAFETY (all chain accesses): a field of the scratch slot above.
     let set_chain = |v: u64| unsafe { chain.write_volatile(v) };
     let get_chain = || unsafe { chain.read_volatile() };
-    stack.ips[0] = ip;
+    // SAFETY: the count lives in map memory; the index is checked against MAX_FRAMES.
+    let push = |ret: u64| unsafe {
+        let n = count.read_volatile();
+        if ret != 0 && n < MAX_FRAMES as u64 {
+            (*stack).ips[n as usize] = ret;
+            count.write_volatile(n + 1);
+        }
+    };
+    // SAFETY: as above.
+    unsafe { count.write_volatile(0) };
+    push(ip);
     set_chain(0);
-    let mut hash: u32 = 0x811c_9dc5 ^ (ip as u32) ^ ((ip >> 32) as u32);
     // Phase 1: scan for return addresses until a frame record [saved rbp][return address].
     let mut prev = 0u64;
     for i in 0..SCAN_WORDS {
@@ -188,39 +195,33 @@ fn user_stack() -> u32 {
         if ret != 0 && links_up(prev, at - 8) {
             set_chain(prev);
         }
-        stack.ips[1 + i] = ret;
-        hash = (hash ^ ret as u32 ^ (ret >> 32) as u32).wrapping_mul(0x0100_0193);
+        push(ret);
         prev = word;
     }
     // Phase 2: follow the frame-pointer chain from that record.
-    for k in 0..CHAIN_FRAMES {
-        let mut ret = 0;
+    for _ in 0..CHAIN_FRAMES {
         let fp = get_chain();
-        if fp != 0 {
-            // SAFETY: reads user memory through the checked helper.
-            let (next, r) =
-                unsafe { (bpf_probe_read_user(fp as *const u64), bpf_probe_read_user((fp + 8) as *const u64)) };
-            // A link that does not end in a return address was not a frame record: stop.
-            ret = r.ok().filter(|&r| after_call(r)).unwrap_or(0);
-            let next = next.unwrap_or(0);
-            set_chain(if ret != 0 && links_up(next, fp) { next } else { 0 });
+        if fp == 0 {
+            break;
         }
-        stack.ips[1 + SCAN_WORDS + k] = ret;
-        hash = (hash ^ ret as u32 ^ (ret >> 32) as u32).wrapping_mul(0x0100_0193);
+        // SAFETY: reads user memory through the checked helper.
+        let (next, r) = unsafe { (bpf_probe_read_user(fp as *const u64), bpf_probe_read_user((fp + 8) as *const u64)) };
+        // A link that does not end in a return address was not a frame record: stop.
+        let ret = r.ok().filter(|&r| after_call(r)).unwrap_or(0);
+        let next = next.unwrap_or(0);
+        set_chain(if ret != 0 && links_up(next, fp) { next } else { 0 });
+        push(ret);
     }
-    // 0 and STACK_LOST are not ids.
-    let id = if hash == 0 || hash == STACK_LOST { 1 } else { hash };
-    match STACKS.insert(id, &*stack, BPF_NOEXIST) {
-        Ok(()) => id,
-        Err(EEXIST) => {
-            // SAFETY: value read in place for a comparison.
-            match unsafe { STACKS.get(id) } {
-                Some(known) if same(&known.ips, &stack.ips) => id,
-                _ => {
-                    bump(&STATS, STAT_STACK_COLLISION);
-                    STACK_LOST
-                }
-            }
+    // SAFETY: as above; at most MAX_FRAMES. No closure uses the slot any more.
+    let stack = unsafe {
+        (*stack).len = count.read_volatile() as u32;
+        &*stack
+    };
+    match stacks().store(stack) {
+        Ok(id) => id,
+        Err(Lost::Collided) => {
+            bump(&STATS, STAT_STACK_COLLISION);
+            STACK_LOST
         }
         Err(_) => {
             bump(&STATS, STAT_STACK_LOST);
@@ -234,16 +235,6 @@ fn user_stack() -> u32 {
 #[inline(always)]
 fn links_up(fp: u64, at: u64) -> bool {
     fp > at && fp - at < (1 << 20) && fp & 15 == 0
-}
-
-#[inline(always)]
-fn same(a: &[u64; STACK_WORDS], b: &[u64; STACK_WORDS]) -> bool {
-    for i in 0..STACK_WORDS {
-        if a[i] != b[i] {
-            return false;
-        }
-    }
-    true
 }
 
 #[inline(always)]

@@ -5,11 +5,10 @@
 
 use aya_ebpf::{
     Global,
-    bindings::BPF_F_USER_STACK,
-    btf_maps::{HashMap, PerCpuArray, RingBuf, StackTrace},
+    btf_maps::{HashMap, PerCpuArray, RingBuf},
     helpers::{bpf_get_current_comm, bpf_get_current_pid_tgid},
     macros::{btf_map, tracepoint},
-    programs::{TracePointContext, tracing::StackIdContext},
+    programs::TracePointContext,
 };
 use memtrace_common::{
     Filter, STACK_LOST,
@@ -37,8 +36,7 @@ static OFFSETS: Global<Offsets> = Global::new(Offsets { address: 0, ip: 0, error
 static COUNTS: HashMap<FaultKey, u64, 16_384> = HashMap::new();
 #[btf_map]
 static PROCS: HashMap<u32, ProcFaults, 16_384> = HashMap::new();
-#[btf_map]
-static STACKS: StackTrace<16_384, 0, 64> = StackTrace::new();
+memtrace_ebpf::stack_store!();
 #[btf_map]
 static STATS: PerCpuArray<u64, { STAT_COUNT as usize }> = PerCpuArray::new();
 #[btf_map]
@@ -66,21 +64,25 @@ fn fault(ctx: &TracePointContext, mode: u32) -> u32 {
     if pid == CONFIG.load().self_pid {
         return 0;
     }
-    let user_stack = match ctx.get_stackid(&STACKS, BPF_F_USER_STACK as u64) {
-        Ok(id) => id as u32,
+    // A stack this fault should have and does not: counted for the process too.
+    let mut missing = false;
+    let user_stack = match stacks().user(ctx) {
+        Ok(id) => id,
         Err(_) => {
             // Kernel threads have no user stack to lose.
             if mode == KIND_USER {
                 bump(&STATS, STAT_USTACK_LOST);
+                missing = true;
             }
             STACK_LOST
         }
     };
     let kernel_stack = if mode == KIND_KERNEL {
-        match ctx.get_stackid(&STACKS, 0) {
-            Ok(id) => id as u32,
+        match stacks().kernel(ctx) {
+            Ok(id) => id,
             Err(_) => {
                 bump(&STATS, STAT_KSTACK_LOST);
+                missing = true;
                 STACK_LOST
             }
         }
@@ -101,8 +103,7 @@ fn fault(ctx: &TracePointContext, mode: u32) -> u32 {
         error_code: tp_u64(ctx, offsets.error_code),
         comm,
     };
-    count_process(pid, mode, comm);
-    let key = FaultKey { pid, user_stack, kernel_stack, kind: mode };
+    let key = FaultKey { pid, kind: mode, user_stack, kernel_stack };
     if let Some(n) = COUNTS.get_ptr_mut(&key) {
         atomic_add(n, 1);
     } else {
@@ -119,9 +120,13 @@ fn fault(ctx: &TracePointContext, mode: u32) -> u32 {
                     atomic_add(n, 1);
                 }
             }
-            Err(_) => bump(&STATS, STAT_COUNTS_FULL),
+            Err(_) => {
+                bump(&STATS, STAT_COUNTS_FULL);
+                missing = true;
+            }
         }
     }
+    count_process(pid, mode, comm, missing);
     if CONFIG.load().events != 0 {
         submit(&EVENTS, &event, &LOST);
     }
@@ -129,7 +134,7 @@ fn fault(ctx: &TracePointContext, mode: u32) -> u32 {
 }
 
 #[inline(always)]
-fn count_process(pid: u32, mode: u32, comm: [u8; 16]) {
+fn count_process(pid: u32, mode: u32, comm: [u8; 16], missing: bool) {
     let bump_proc = |p: *mut ProcFaults| {
         // SAFETY: pointer from the map lookup; fields are 8-byte aligned.
         unsafe {
@@ -138,13 +143,21 @@ fn count_process(pid: u32, mode: u32, comm: [u8; 16]) {
             } else {
                 atomic_add(&raw mut (*p).kernel, 1);
             }
+            if missing {
+                atomic_add(&raw mut (*p).no_stack, 1);
+            }
         }
     };
     if let Some(p) = PROCS.get_ptr_mut(pid) {
         bump_proc(p);
         return;
     }
-    let first = ProcFaults { user: (mode == KIND_USER) as u64, kernel: (mode == KIND_KERNEL) as u64, comm };
+    let first = ProcFaults {
+        user: (mode == KIND_USER) as u64,
+        kernel: (mode == KIND_KERNEL) as u64,
+        no_stack: missing as u64,
+        comm,
+    };
     match PROCS.insert(pid, &first, BPF_NOEXIST) {
         Ok(()) => {}
         Err(EEXIST) => {

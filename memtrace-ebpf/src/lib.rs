@@ -10,6 +10,8 @@ use aya_ebpf::{
 };
 use memtrace_common::Filter;
 
+pub mod stack;
+
 /// `bpf_map_update_elem` flag: fail if the key exists.
 pub const BPF_NOEXIST: u64 = 1;
 /// Errno values as the helpers return them (negated).

@@ -4,12 +4,12 @@
 #![cfg_attr(target_arch = "bpf", no_main)]
 
 use aya_ebpf::{
-    Global,
+    EbpfContext, Global,
     bindings::BPF_F_USER_STACK,
-    btf_maps::{Array, HashMap, PerCpuArray, RingBuf, StackTrace},
+    btf_maps::{Array, HashMap, PerCpuArray, RingBuf},
     helpers::{bpf_get_current_pid_tgid, bpf_get_prandom_u32, bpf_ktime_get_ns, bpf_probe_read_user},
     macros::{btf_map, tracepoint, uprobe, uretprobe},
-    programs::{ProbeContext, RetProbeContext, TracePointContext, tracing::StackIdContext},
+    programs::{ProbeContext, RetProbeContext, TracePointContext},
 };
 use memtrace_common::{
     NO_PID, STACK_LOST,
@@ -55,7 +55,7 @@ static KMEM: Global<KmemOffsets> = Global::new(KmemOffsets {
     page_shift: 12,
 });
 
-// Sizes here are defaults; user space resizes ALLOCS and STACKS (`--max-allocs`, `--max-stacks`).
+// Sizes here are defaults; user space resizes ALLOCS, SEEN and the stack store (`--max-allocs`, `--max-stacks`).
 #[btf_map]
 static ALLOCS: HashMap<AllocKey, AllocInfo, 262_144> = HashMap::new();
 /// (pid, image, stack) rows already announced to user space with `EV_NEW_STACK`.
@@ -74,10 +74,7 @@ static COPYING: HashMap<u32, u32, 1024> = HashMap::new();
 static EARLY_FREES: HashMap<AllocKey, u32, 16_384> = HashMap::new();
 #[btf_map]
 static PENDING: HashMap<u32, Pending, 16_384> = HashMap::new();
-// 64 frames keep a bucket at 512 bytes, so the table can be large enough that hash collisions
-// (which lose a stack) stay rare.
-#[btf_map]
-static STACKS: StackTrace<32_768, 0, 64> = StackTrace::new();
+memtrace_ebpf::stack_store!();
 #[btf_map]
 static STATS: PerCpuArray<u64, { STAT_COUNT as usize }> = PerCpuArray::new();
 #[btf_map]
@@ -92,18 +89,19 @@ fn window_open() -> bool {
 }
 
 #[inline(always)]
-fn emit(kind: u32, pid: u32, image: u32, tid: u32, stack_id: u32, addr: u64, size: u64, func: u32) {
+fn emit(kind: u32, pid: u32, image: u32, tid: u32, stack_id: u64, addr: u64, size: u64, func: u32) {
     let event = Event {
         kind,
         pid,
         tid,
+        func,
         stack_id,
         addr,
         size,
         // SAFETY: helper without preconditions.
         timestamp_ns: unsafe { bpf_ktime_get_ns() },
-        func,
         image,
+        _pad: 0,
     };
     if EVENTS.output(&event, 0).is_err() {
         bump(&STATS, STAT_EVENTS_LOST);
@@ -113,9 +111,9 @@ fn emit(kind: u32, pid: u32, image: u32, tid: u32, stack_id: u32, addr: u64, siz
 /// Records one allocation in the per-address map, and tells user space about a stack the
 /// first time a process image uses it.
 #[inline(always)]
-fn record<C: StackIdContext>(ctx: &C, key: AllocKey, tid: u32, size: u64, func: u32, stack_flags: u64) {
-    let stack_id = match ctx.get_stackid(&STACKS, stack_flags) {
-        Ok(id) => id as u32,
+fn record<C: EbpfContext>(ctx: &C, key: AllocKey, tid: u32, size: u64, func: u32, stack_flags: u64) {
+    let stack_id = match stacks().capture(ctx, stack_flags) {
+        Ok(id) => id,
         Err(_) => {
             bump(&STATS, STAT_STACK_LOST);
             STACK_LOST
@@ -127,6 +125,7 @@ fn record<C: StackIdContext>(ctx: &C, key: AllocKey, tid: u32, size: u64, func: 
         timestamp_ns: unsafe { bpf_ktime_get_ns() },
         stack_id,
         func,
+        _pad: 0,
     };
     match ALLOCS.insert(&key, &info, BPF_NOEXIST) {
         Ok(()) => {}
@@ -144,7 +143,7 @@ fn record<C: StackIdContext>(ctx: &C, key: AllocKey, tid: u32, size: u64, func: 
         }
     }
     if key.pid != NO_PID && stack_id != STACK_LOST {
-        let skey = StackKey { pid: key.pid, image: key.image, stack_id, _pad: 0 };
+        let skey = StackKey { pid: key.pid, image: key.image, stack_id };
         match SEEN.insert(&skey, &0, BPF_NOEXIST) {
             Ok(()) => emit(EV_NEW_STACK, key.pid, key.image, tid, stack_id, key.addr, size, func),
             Err(EEXIST) => {}

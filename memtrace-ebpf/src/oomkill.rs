@@ -8,14 +8,13 @@
 
 use aya_ebpf::{
     EbpfContext as _, Global,
-    bindings::BPF_F_USER_STACK,
-    btf_maps::{PerCpuArray, RingBuf, StackTrace},
+    btf_maps::{PerCpuArray, RingBuf},
     helpers::{
         bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_get_current_task, bpf_ktime_get_ns, bpf_probe_read_kernel,
         bpf_probe_read_kernel_str_bytes, generated::bpf_get_stack,
     },
     macros::{btf_map, kprobe, tracepoint},
-    programs::{ProbeContext, TracePointContext, tracing::StackIdContext},
+    programs::{ProbeContext, TracePointContext},
 };
 use memtrace_common::{
     Filter, STACK_LOST,
@@ -68,8 +67,7 @@ static SCRATCH: PerCpuArray<Event, 1> = PerCpuArray::new();
 static EVENTS: RingBuf<Event, { 256 * 1024 }> = RingBuf::new();
 #[btf_map]
 static LOST: PerCpuArray<u64, 1> = PerCpuArray::new();
-#[btf_map]
-static STACKS: StackTrace<1024, 0, 64> = StackTrace::new();
+memtrace_ebpf::stack_store!();
 
 /// The per-CPU event buffer, reset to an event about the current task (the trigger).
 #[inline(always)]
@@ -208,8 +206,8 @@ pub fn oomkill_kprobe(ctx: ProbeContext) -> u32 {
         return 0;
     }
     let Some(event) = trigger_event(EV_TRIGGER) else { return 0 };
-    if let Ok(id) = ctx.get_stackid(&STACKS, BPF_F_USER_STACK as u64) {
-        event.stack_id = id as u32;
+    if let Ok(id) = stacks().user(&ctx) {
+        event.stack_id = id;
     }
     submit(&EVENTS, event, &LOST);
     0

@@ -6,11 +6,10 @@
 
 use aya_ebpf::{
     Global,
-    bindings::BPF_F_USER_STACK,
-    btf_maps::{HashMap, PerCpuArray, RingBuf, StackTrace},
+    btf_maps::{HashMap, PerCpuArray, RingBuf},
     helpers::{bpf_get_current_comm, bpf_get_current_pid_tgid},
     macros::{btf_map, kprobe},
-    programs::{ProbeContext, tracing::StackIdContext},
+    programs::ProbeContext,
 };
 use memtrace_common::{
     Filter, STACK_LOST,
@@ -27,8 +26,7 @@ static CONFIG: Global<Config> = Global::new(Config { stacks: 0, _pad: 0 });
 
 #[btf_map]
 static COUNTS: HashMap<SwapKey, u64, 16_384> = HashMap::new();
-#[btf_map]
-static STACKS: StackTrace<16_384, 0, 64> = StackTrace::new();
+memtrace_ebpf::stack_store!();
 #[btf_map]
 static STATS: PerCpuArray<u64, { STAT_COUNT as usize }> = PerCpuArray::new();
 #[btf_map]
@@ -44,8 +42,8 @@ pub fn swapin_read(ctx: ProbeContext) -> u32 {
     }
     let pid = (bpf_get_current_pid_tgid() >> 32) as u32;
     let stack_id = if CONFIG.load().stacks != 0 {
-        match ctx.get_stackid(&STACKS, BPF_F_USER_STACK as u64) {
-            Ok(id) => id as u32,
+        match stacks().user(&ctx) {
+            Ok(id) => id,
             Err(_) => {
                 bump(&STATS, STAT_STACK_LOST);
                 STACK_LOST
@@ -54,13 +52,13 @@ pub fn swapin_read(ctx: ProbeContext) -> u32 {
     } else {
         STACK_LOST
     };
-    let key = SwapKey { pid, stack_id, comm: bpf_get_current_comm().unwrap_or([0; 16]) };
+    let key = SwapKey { pid, _pad: 0, stack_id, comm: bpf_get_current_comm().unwrap_or([0; 16]) };
     if let Some(n) = COUNTS.get_ptr_mut(&key) {
         atomic_add(n, 1);
         return 0;
     }
     match COUNTS.insert(&key, &1, BPF_NOEXIST) {
-        Ok(()) if stack_id != STACK_LOST => submit(&EVENTS, &NewStack { pid, stack_id }, &LOST),
+        Ok(()) if stack_id != STACK_LOST => submit(&EVENTS, &NewStack { pid, _pad: 0, stack_id }, &LOST),
         Ok(()) => {}
         // Another CPU created the row between our lookup and insert.
         Err(EEXIST) => {

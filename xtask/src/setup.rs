@@ -14,6 +14,7 @@ use crate::cmd;
 /// Debian packages the build and the tests need (cc for the test programs, make for their
 /// builds; qemu, cpio and xz for the VM suite's image, busybox comes from `apt-get download`).
 /// libjemalloc2: memleak's test of a preloaded replacement allocator.
+/// stress-ng: workloads the tests trace (faults under `--vm`).
 const APT_PACKAGES: &[&str] =
     &["gcc", "libc6-dev", "make", "qemu-system-x86", "cpio", "xz-utils", "libjemalloc2", "stress-ng"];
 

@@ -131,13 +131,19 @@ pub struct Dropped {
     /// Frees a child made while its inheritance was being copied that could not be noted:
     /// the block may show as outstanding in the child.
     pub early_frees_lost: u64,
+    /// Stacks the stack store had no room for (each one an allocation in `stacks_lost`), and
+    /// the store's capacity (`--max-stacks`).
+    pub stack_store_full: u64,
+    pub stack_store_capacity: u32,
 }
 
 impl std::fmt::Display for Dropped {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let store_full = stack_store_full(self.stack_store_capacity);
         f.write_str(&blind_spots(&[
             (self.map_full, "allocations untracked (allocation map full: raise --max-allocs)"),
-            (self.stacks_lost, "allocations without a stack (stack map full or collided)"),
+            (self.stacks_lost, "allocations without a stack"),
+            (self.stack_store_full, &store_full),
             (self.unknown_frees, "frees of addresses not seen allocated"),
             (self.stacks_full, "allocations uncounted (stack-totals map full: raise --max-stacks)"),
             (self.events_lost, "events lost (ring buffer full)"),
@@ -147,6 +153,11 @@ impl std::fmt::Display for Dropped {
             (self.early_frees_lost, "frees during a child's inheritance copy not noted (counts may be high)"),
         ]))
     }
+}
+
+/// The blind-spot entry for captures the stack store of `capacity` had no room for.
+pub fn stack_store_full(capacity: u32) -> String {
+    format!("stacks not stored (stack store of {capacity} full: raise --max-stacks)")
 }
 
 /// The line every report ends with: each non-zero count of what the tool could not see, or
@@ -201,6 +212,12 @@ mod tests {
         let s = d.to_string();
         assert!(s.starts_with("blind spots: 2 allocations untracked"), "{s}");
         assert!(s.contains("3 frees of addresses not seen allocated"), "{s}");
+        let d = Dropped { stacks_lost: 5, stack_store_full: 4, stack_store_capacity: 64, ..Default::default() };
+        assert_eq!(
+            d.to_string(),
+            "blind spots: 5 allocations without a stack, 4 stacks not stored (stack store of 64 full: raise \
+             --max-stacks)"
+        );
     }
 
     #[test]

@@ -5,12 +5,9 @@ use std::{fmt::Write as _, path::PathBuf};
 
 use anyhow::{Context as _, Result};
 use aya::maps::{HashMap, MapData, PerCpuArray};
-use memtrace_common::{
-    STACK_LOST,
-    brkstack::{
-        BrkKey, BrkTotal, Config, EV_CALL, EV_NEW_STACK, Event, FLAG_UNKNOWN_PREV, Offsets, STAT_NO_ENTRY,
-        STAT_STACK_COLLISION, STAT_STACK_LOST, STAT_TOTALS_FULL, STAT_UNKNOWN_PREV, UStack,
-    },
+use memtrace_common::brkstack::{
+    BrkKey, BrkTotal, Config, EV_CALL, EV_NEW_STACK, Event, FLAG_UNKNOWN_PREV, Offsets, STAT_NO_ENTRY,
+    STAT_STACK_COLLISION, STAT_STACK_LOST, STAT_TOTALS_FULL, STAT_UNKNOWN_PREV,
 };
 use serde::Serialize;
 
@@ -18,7 +15,10 @@ use crate::{
     kernel::{self, AttachPoint, Probe, tracefs::Format},
     output,
     symbolize::Frame,
-    tools::{self, CommonArgs, c_str, read_event, stacks::Stacks},
+    tools::{
+        self, CommonArgs, c_str, read_event,
+        stacks::{self, StackStore, Stacks},
+    },
 };
 
 const OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/brkstack"));
@@ -95,8 +95,7 @@ pub async fn run(args: Args) -> Result<()> {
     let totals = HashMap::try_from(take("TOTALS")?)?;
     let mut last_brk: HashMap<MapData, u32, u64> = HashMap::try_from(take("LAST_BRK")?)?;
     let stats = PerCpuArray::try_from(take("STATS")?)?;
-    let ustacks = HashMap::try_from(take("STACKS")?)?;
-    let mut stacks = Stacks::new(None, false)?;
+    let mut stacks = Stacks::new(StackStore::take(&mut bpf, Some("--max-stacks"))?, false)?;
     // After attach, and only where the kernel has not seen a call yet: it knows better.
     for (pid, brk) in current_breaks(args.common.pid, args.common.comm.as_deref()) {
         let _ = last_brk.insert(pid, brk, BPF_NOEXIST);
@@ -108,7 +107,7 @@ pub async fn run(args: Args) -> Result<()> {
         Some(pid) => format!("tracing brk calls of pid {pid} ({})", crate::target::comm(pid)),
         None => "tracing brk calls".to_string(),
     };
-    let mut state = State { args: &args, top, totals, stats, ustacks, stacks, lost: None, headed: false };
+    let mut state = State { args: &args, top, totals, stats, stacks, lost: None, headed: false };
     tools::stream(&mut bpf, "brkstack", &args.common, &mut signals, tick, None, &ready, &mut state).await?;
     Ok(())
 }
@@ -148,7 +147,6 @@ struct State<'a> {
     top: usize,
     totals: HashMap<MapData, BrkKey, BrkTotal>,
     stats: PerCpuArray<MapData, u64>,
-    ustacks: HashMap<MapData, u32, UStack>,
     stacks: Stacks,
     /// Events lost on the ring buffer: known only at the end.
     lost: Option<u64>,
@@ -168,7 +166,7 @@ struct CallEvent {
     result: u64,
     /// Signed bytes; null when the previous break of the process was unknown.
     growth: Option<i64>,
-    stack_id: Option<u32>,
+    stack_id: Option<String>,
 }
 
 #[derive(Serialize)]
@@ -186,13 +184,16 @@ struct Report {
     stacks_full: u64,
     growth_unknown: u64,
     exits_without_entry: u64,
+    /// Stacks the stack store had no room for, and its capacity (`--max-stacks`).
+    stack_store_full: u64,
+    stack_store_capacity: u32,
 }
 
 #[derive(Serialize)]
 struct StackRow {
     pid: u32,
     comm: String,
-    stack_id: Option<u32>,
+    stack_id: Option<String>,
     calls: u64,
     bytes: i64,
     frames: Vec<Frame>,
@@ -205,14 +206,9 @@ impl State<'_> {
 
     /// A scanned stack, symbolized. Words that symbolize to no function were data that looked
     /// like a return address: dropped (the first frame, where the task was, always stays).
-    fn frames(&mut self, pid: u32, stack_id: u32) -> Vec<Frame> {
-        if stack_id == STACK_LOST {
-            return Vec::new();
-        }
-        let Ok(stack) = self.ustacks.get(&stack_id, 0) else { return Vec::new() };
-        let ips: Vec<u64> = stack.ips.iter().copied().filter(|&ip| ip != 0).collect();
-        let Some(&first) = ips.first() else { return Vec::new() };
-        let frames = self.stacks.user_ips(pid, stack_id, &ips, false);
+    fn frames(&mut self, pid: u32, stack_id: u64) -> Vec<Frame> {
+        let frames = self.stacks.user(pid, stack_id, false);
+        let Some(first) = frames.first().map(|f| f.addr) else { return Vec::new() };
         frames.into_iter().filter(|f| f.func.is_some() || f.addr == first).collect()
     }
 
@@ -228,7 +224,7 @@ impl State<'_> {
                 requested: e.requested,
                 result: e.result,
                 growth,
-                stack_id: (e.stack_id != STACK_LOST).then_some(e.stack_id),
+                stack_id: stacks::id_json(e.stack_id),
             });
         }
         if !self.headed {
@@ -259,7 +255,7 @@ impl State<'_> {
             .map(|(k, t)| StackRow {
                 pid: k.pid,
                 comm: c_str(&t.comm),
-                stack_id: (k.stack_id != STACK_LOST).then_some(k.stack_id),
+                stack_id: stacks::id_json(k.stack_id),
                 calls: t.calls,
                 bytes: t.bytes as i64,
                 frames: self.frames(k.pid, k.stack_id),
@@ -281,6 +277,8 @@ impl State<'_> {
             stacks_full: self.stat(STAT_TOTALS_FULL),
             growth_unknown: self.stat(STAT_UNKNOWN_PREV),
             exits_without_entry: self.stat(STAT_NO_ENTRY),
+            stack_store_full: self.stacks.store.full(),
+            stack_store_capacity: self.stacks.store.capacity(),
         };
         report.stacks.truncate(self.top);
         if self.args.common.json { output::json_line(&report) } else { output::line(&render(&report, rows.len())) }
@@ -331,7 +329,8 @@ fn render(r: &Report, rows: usize) -> String {
         "  {}",
         output::blind_spots(&[
             (r.events_lost.unwrap_or(0), "events lost (ring buffer full)"),
-            (r.stacks_lost, "calls without a stack (stack map full or collided)"),
+            (r.stacks_lost, "calls without a stack"),
+            (r.stack_store_full, &output::stack_store_full(r.stack_store_capacity)),
             (r.stacks_full, "calls uncounted (per-stack map full)"),
             (r.growth_unknown, "calls with unknown growth (previous break not seen)"),
             (r.exits_without_entry, "calls seen leaving but not entering"),

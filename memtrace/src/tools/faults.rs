@@ -4,13 +4,10 @@
 use std::{fmt::Write as _, path::PathBuf};
 
 use anyhow::{Context as _, Result};
-use aya::maps::{HashMap, MapData, PerCpuArray, StackTraceMap};
-use memtrace_common::{
-    STACK_LOST,
-    faults::{
-        Config, EV_FAULT, EV_NEW_STACK, Event, FaultKey, KIND_KERNEL, Offsets, ProcFaults, STAT_COUNTS_FULL,
-        STAT_KSTACK_LOST, STAT_PROCS_FULL, STAT_USTACK_LOST,
-    },
+use aya::maps::{HashMap, MapData, PerCpuArray};
+use memtrace_common::faults::{
+    Config, EV_FAULT, EV_NEW_STACK, Event, FaultKey, KIND_KERNEL, Offsets, ProcFaults, STAT_COUNTS_FULL,
+    STAT_KSTACK_LOST, STAT_PROCS_FULL, STAT_USTACK_LOST,
 };
 use serde::Serialize;
 
@@ -18,7 +15,10 @@ use crate::{
     kernel::{self, AttachPoint, Probe, tracefs::Format},
     output,
     symbolize::Frame,
-    tools::{self, CommonArgs, c_str, read_event, stacks::Stacks},
+    tools::{
+        self, CommonArgs, c_str, read_event,
+        stacks::{self, StackStore, Stacks},
+    },
 };
 
 const OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/faults"));
@@ -44,8 +44,9 @@ pub struct Args {
     /// Also write the final report's stacks as folded stacks (weight: faults) to this file.
     #[arg(long, value_name = "FILE")]
     pub folded: Option<PathBuf>,
-    /// Capacity of the stack map and the per-stack counts (a full map is reported as a blind spot).
-    #[arg(long, default_value_t = 16384, value_name = "N")]
+    /// Capacity of the stack store and the per-stack counts (a full map is reported as a blind
+    /// spot, per process). Stacks take memory only when stored, about 1 KiB each.
+    #[arg(long, default_value_t = 65_536, value_name = "N")]
     pub max_stacks: u32,
 }
 
@@ -104,7 +105,7 @@ pub async fn run(args: Args) -> Result<()> {
     let counts = HashMap::try_from(take("COUNTS")?)?;
     let procs = HashMap::try_from(take("PROCS")?)?;
     let stats = PerCpuArray::try_from(take("STATS")?)?;
-    let mut stacks = Stacks::new(Some(StackTraceMap::try_from(take("STACKS")?)?), args.kernel)?;
+    let mut stacks = Stacks::new(StackStore::take(&mut bpf, Some("--max-stacks"))?, args.kernel)?;
     if let Some(pid) = args.common.pid {
         stacks.watch(pid);
     }
@@ -184,6 +185,9 @@ struct Report {
     kernel_stacks_lost: u64,
     stacks_full: u64,
     processes_full: u64,
+    /// Stacks the stack store had no room for, and its capacity (`--max-stacks`).
+    stack_store_full: u64,
+    stack_store_capacity: u32,
 }
 
 #[derive(Serialize)]
@@ -193,6 +197,8 @@ struct ProcRow {
     faults: u64,
     user_faults: u64,
     kernel_faults: u64,
+    /// Faults of this process counted in no stack row with their stack (lost stack or full map).
+    no_stack: u64,
 }
 
 #[derive(Serialize)]
@@ -200,8 +206,8 @@ struct StackRow {
     pid: u32,
     mode: &'static str,
     faults: u64,
-    user_stack_id: Option<u32>,
-    kernel_stack_id: Option<u32>,
+    user_stack_id: Option<String>,
+    kernel_stack_id: Option<String>,
     /// Kernel frames (kernel-mode faults), innermost first.
     kernel_frames: Vec<Frame>,
     /// User frames, innermost first: the faulting instruction, then its callers.
@@ -212,10 +218,6 @@ fn mode_name(mode: u32) -> &'static str {
     if mode == KIND_KERNEL { "kernel" } else { "user" }
 }
 
-fn id(stack: u32) -> Option<u32> {
-    (stack != STACK_LOST).then_some(stack)
-}
-
 impl State<'_> {
     fn stat(&self, index: u32) -> u64 {
         self.stats.get(&index, 0).map(|v| v.iter().sum()).unwrap_or(0)
@@ -223,7 +225,7 @@ impl State<'_> {
 
     /// Symbolizes a stack key; user frames start at the faulting instruction for user faults,
     /// at a syscall's return address for kernel ones.
-    fn frames(&mut self, pid: u32, user: u32, kernel: u32, mode: u32) -> (Vec<Frame>, Vec<Frame>) {
+    fn frames(&mut self, pid: u32, user: u64, kernel: u64, mode: u32) -> (Vec<Frame>, Vec<Frame>) {
         (self.stacks.user(pid, user, mode != KIND_KERNEL), self.stacks.kernel(kernel))
     }
 
@@ -275,11 +277,13 @@ impl State<'_> {
                 faults: p.user + p.kernel,
                 user_faults: p.user,
                 kernel_faults: p.kernel,
+                no_stack: p.no_stack,
             })
             .collect();
         procs.sort_by(|a, b| b.faults.cmp(&a.faults).then(a.pid.cmp(&b.pid)));
         let comms: std::collections::HashMap<u32, String> = procs.iter().map(|p| (p.pid, p.comm.clone())).collect();
         let faults = procs.iter().map(|p| p.faults).sum();
+        let no_stack = procs.iter().map(|p| p.no_stack).sum();
         let proc_count = procs.len();
         procs.truncate(self.top);
         let mut rows: Vec<(FaultKey, u64)> = self.counts.iter().filter_map(Result::ok).collect();
@@ -292,8 +296,8 @@ impl State<'_> {
                 pid: k.pid,
                 mode: mode_name(k.kind),
                 faults: n,
-                user_stack_id: id(k.user_stack),
-                kernel_stack_id: id(k.kernel_stack),
+                user_stack_id: stacks::id_json(k.user_stack),
+                kernel_stack_id: stacks::id_json(k.kernel_stack),
                 kernel_frames,
                 frames,
             });
@@ -319,11 +323,13 @@ impl State<'_> {
             kernel_stacks_lost: self.stat(STAT_KSTACK_LOST),
             stacks_full: self.stat(STAT_COUNTS_FULL),
             processes_full: self.stat(STAT_PROCS_FULL),
+            stack_store_full: self.stacks.store.full(),
+            stack_store_capacity: self.stacks.store.capacity(),
         };
         if self.args.common.json {
             output::json_line(&report)
         } else {
-            output::line(&render(&report, proc_count, rows.len()))
+            output::line(&render(&report, proc_count, rows.len(), no_stack))
         }
     }
 }
@@ -352,7 +358,8 @@ impl tools::Stream for State<'_> {
     }
 }
 
-fn render(r: &Report, procs: usize, rows: usize) -> String {
+/// `no_stack`: faults of all processes (not only those shown) counted without their stack.
+fn render(r: &Report, procs: usize, rows: usize, no_stack: u64) -> String {
     let mut out = String::new();
     let _ = writeln!(
         out,
@@ -366,12 +373,20 @@ fn render(r: &Report, procs: usize, rows: usize) -> String {
             String::new()
         }
     );
-    let _ = writeln!(out, "  {:>7} {:<16} {:>10} {:>10} {:>10}", "PID", "COMM", "FAULTS", "USER", "KERNEL");
+    // The NO STACK column appears only when some fault lost its stack.
+    let missing = |p: &ProcRow| if no_stack > 0 { format!(" {:>10}", p.no_stack) } else { String::new() };
+    let head = if no_stack > 0 { format!(" {:>10}", "NO STACK") } else { String::new() };
+    let _ = writeln!(out, "  {:>7} {:<16} {:>10} {:>10} {:>10}{head}", "PID", "COMM", "FAULTS", "USER", "KERNEL");
     for p in &r.processes {
         let _ = writeln!(
             out,
-            "  {:>7} {:<16} {:>10} {:>10} {:>10}",
-            p.pid, p.comm, p.faults, p.user_faults, p.kernel_faults
+            "  {:>7} {:<16} {:>10} {:>10} {:>10}{}",
+            p.pid,
+            p.comm,
+            p.faults,
+            p.user_faults,
+            p.kernel_faults,
+            missing(p)
         );
     }
     for s in &r.stacks {
@@ -389,8 +404,10 @@ fn render(r: &Report, procs: usize, rows: usize) -> String {
             (r.events_lost.unwrap_or(0), "events lost (ring buffer full)"),
             (r.stacks_lost, "faults without a user stack"),
             (r.kernel_stacks_lost, "kernel faults without a kernel stack"),
-            (r.stacks_full, "faults not counted per stack (map full)"),
+            (r.stacks_full, "faults not counted per stack (counts map full: raise --max-stacks)"),
             (r.processes_full, "faults not counted per process (map full)"),
+            (r.stack_store_full, &output::stack_store_full(r.stack_store_capacity)),
+            (no_stack, "faults without their stack in all (per process: NO STACK column)"),
         ])
     );
     out

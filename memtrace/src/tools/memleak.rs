@@ -93,8 +93,9 @@ pub struct Args {
     /// Capacity of the outstanding-allocation map.
     #[arg(long, default_value_t = 262_144, value_name = "N")]
     pub max_allocs: u32,
-    /// Capacity of the stack and per-stack totals maps.
-    #[arg(long, default_value_t = 32_768, value_name = "N")]
+    /// Capacity of the stack store and the per-stack totals map. Stored stacks take memory only
+    /// when used (about 1 KiB each); a warning comes when the store passes 80%.
+    #[arg(long, default_value_t = 65_536, value_name = "N")]
     pub max_stacks: u32,
 }
 

@@ -10,10 +10,8 @@
 use std::collections::HashMap;
 
 use anyhow::{Context as _, Result};
-use aya::maps::{MapData, StackTraceMap};
-use memtrace_common::{
-    STACK_LOST,
-    oomkill::{EV_TRIGGER, EV_VICTIM, Event, FIELD_ABSENT, KSTACK_DEPTH, MEMCG_LEVELS, MemcgOffsets, VictimOffsets},
+use memtrace_common::oomkill::{
+    EV_TRIGGER, EV_VICTIM, Event, FIELD_ABSENT, KSTACK_DEPTH, MEMCG_LEVELS, MemcgOffsets, VictimOffsets,
 };
 use serde::Serialize;
 
@@ -21,7 +19,10 @@ use crate::{
     kernel::{self, AttachPoint, Probe, btf, kallsyms::Kallsyms, tracefs::Format},
     output,
     symbolize::{Frame, UserSymbolizer},
-    tools::{self, CommonArgs, c_str},
+    tools::{
+        self, CommonArgs, c_str,
+        stacks::{self, StackStore},
+    },
 };
 
 mod memcg;
@@ -76,7 +77,7 @@ pub async fn run(args: Args) -> Result<()> {
             .override_global("MEMCG", &chain, true);
     })?;
     let how = kernel::attach_preferred(&mut bpf, "oomkill", ATTACH_POINTS)?;
-    let stacks = StackTraceMap::try_from(bpf.take_map("STACKS").context("internal: no STACKS map")?)?;
+    let stacks = StackStore::take(&mut bpf, None)?;
     let mut state = State {
         json: args.common.json,
         present,
@@ -177,7 +178,7 @@ struct State {
     json: bool,
     present: Present,
     memcgs: memcg::Counters,
-    stacks: StackTraceMap<MapData>,
+    stacks: StackStore,
     symbolizer: UserSymbolizer,
     /// Kernel symbols, loaded at the first kill; None inside until then.
     kallsyms: Option<Option<Kallsyms>>,
@@ -236,17 +237,8 @@ impl State {
     }
 
     fn trigger_stack(&mut self, event: &Event) -> Vec<Frame> {
-        if event.stack_id == STACK_LOST {
-            return Vec::new();
-        }
-        let Ok(trace) = self.stacks.get(&event.stack_id, 0) else { return Vec::new() };
-        // User frames are return addresses: symbolize the call instruction before each.
-        let calls: Vec<u64> = trace.frames().iter().map(|f| f.ip).filter(|&ip| ip != 0).map(|ip| ip - 1).collect();
-        let mut frames = self.symbolizer.symbolize_stack(event.trigger_pid, &calls);
-        for f in &mut frames {
-            f.addr += 1;
-        }
-        frames
+        let ips = self.stacks.ips(event.stack_id);
+        stacks::user_frames(&mut self.symbolizer, event.trigger_pid, &ips, false)
     }
 
     fn kill(&mut self, e: &Event) -> Kill {

@@ -1,33 +1,143 @@
-//! What the stack-counting tracers (brkstack, faults) share: stack ids to symbolized frames,
-//! cached per process so a stack is symbolized once, while its process still lives.
+//! The one place that reads a recorded stack: the shared stack store's maps (see
+//! memtrace-common's `stack`) by id, turned into symbolized frames; `Stacks` adds a per-process
+//! cache so a stack is symbolized once, while its process still lives.
 
-use std::{collections::HashMap, path::Path};
+use std::{cell::Cell, collections::HashMap as StdHashMap, path::Path};
 
 use anyhow::{Context as _, Result};
-use aya::maps::{MapData, StackTraceMap};
-use memtrace_common::STACK_LOST;
+use aya::{
+    Ebpf,
+    maps::{HashMap, IterableMap as _, MapData, PerCpuArray},
+};
+use memtrace_common::{
+    STACK_LOST,
+    stack::{STORE_FULL, STORE_STORED, Stack},
+};
 
 use crate::symbolize::{Frame, KernelSymbolizer, UserSymbolizer};
 
+/// Share of the store's capacity past which the user is told, once, what to raise.
+const WARN_FILL: f64 = 0.8;
+
+/// A tool's stack store as the kernel fills it: ids to addresses, and its own blind spots.
+pub struct StackStore {
+    map: HashMap<MapData, u64, Stack>,
+    stats: PerCpuArray<MapData, u64>,
+    capacity: u32,
+    /// The option that sizes the store, named in warnings; None when it has none.
+    option: Option<&'static str>,
+    warned: Cell<bool>,
+}
+
+impl StackStore {
+    /// Takes the store's maps from a loaded object; `option` is the command-line option that
+    /// sizes it (`--max-stacks`), if the tool has one.
+    pub fn take(bpf: &mut Ebpf, option: Option<&'static str>) -> Result<StackStore> {
+        let mut take = |name: &str| bpf.take_map(name).with_context(|| format!("internal: no map {name}"));
+        let map: HashMap<MapData, u64, Stack> = HashMap::try_from(take("STACKS")?)?;
+        let capacity = map.map().info()?.max_entries();
+        Ok(StackStore {
+            map,
+            stats: PerCpuArray::try_from(take("STACK_STATS")?)?,
+            capacity,
+            option,
+            warned: Cell::new(false),
+        })
+    }
+
+    /// The addresses of stack `id`, innermost first; empty for `STACK_LOST` or an unknown id.
+    pub fn ips(&self, id: u64) -> Vec<u64> {
+        self.warn_if_filling();
+        if id == STACK_LOST {
+            return Vec::new();
+        }
+        match self.map.get(&id, 0) {
+            Ok(stack) => {
+                let len = (stack.len as usize).min(stack.ips.len());
+                stack.ips[..len].iter().copied().filter(|&ip| ip != 0).collect()
+            }
+            Err(_) => Vec::new(),
+        }
+    }
+
+    fn stat(&self, index: u32) -> u64 {
+        self.stats.get(&index, 0).map(|v| v.iter().sum()).unwrap_or(0)
+    }
+
+    /// Stacks stored so far (entries are never removed while tracing).
+    pub fn stored(&self) -> u64 {
+        self.stat(STORE_STORED)
+    }
+
+    /// Captures dropped because the store was full.
+    pub fn full(&self) -> u64 {
+        self.stat(STORE_FULL)
+    }
+
+    pub fn capacity(&self) -> u32 {
+        self.capacity
+    }
+
+    /// One stderr line, the first time the store passes 80% of its capacity, so the user can
+    /// restart with more room before stacks are lost. Checked on every read: tools read a stack
+    /// when it is new, so the check follows the store's growth (one more map read each).
+    pub fn warn_if_filling(&self) {
+        if self.warned.get() {
+            return;
+        }
+        let stored = self.stored();
+        if stored as f64 >= WARN_FILL * self.capacity as f64 {
+            self.warned.set(true);
+            let raise = self.option.map(|o| format!(": raise {o} to keep every stack")).unwrap_or_default();
+            eprintln!("memtrace: warning: stack store {stored} of {} stacks full{raise}", self.capacity);
+        }
+    }
+}
+
+/// User frames of `ips` (innermost first) in process `pid`. Return addresses are looked up one
+/// byte earlier so file:line names the call; the first frame is where the task was, exact when
+/// `first_exact` (a faulting instruction), else a return address like the rest (a uretprobe's
+/// caller, the instruction after a syscall).
+pub fn user_frames(sym: &mut UserSymbolizer, pid: u32, ips: &[u64], first_exact: bool) -> Vec<Frame> {
+    let (exact, calls) = if first_exact && !ips.is_empty() { ips.split_at(1) } else { (&[][..], ips) };
+    let mut frames = sym.symbolize_stack(pid, exact);
+    let back: Vec<u64> = calls.iter().map(|ip| ip.saturating_sub(1)).collect();
+    let mut callers = sym.symbolize_stack(pid, &back);
+    for f in &mut callers {
+        f.addr += 1;
+    }
+    frames.extend(callers);
+    frames
+}
+
+/// Kernel frames of `ips`, innermost first.
+pub fn kernel_frames(sym: &KernelSymbolizer, ips: &[u64]) -> Vec<Frame> {
+    sym.symbolize_stack(ips)
+}
+
+/// A stack id for JSON: hex text, since ids are 64-bit hashes that JSON numbers would round.
+pub fn id_json(id: u64) -> Option<String> {
+    (id != STACK_LOST).then(|| format!("{id:#018x}"))
+}
+
 pub struct Stacks {
-    /// The kernel's stack map; None for a tool that records its own stacks (brkstack).
-    map: Option<StackTraceMap<MapData>>,
+    pub store: StackStore,
     user: UserSymbolizer,
     kernel: Option<KernelSymbolizer>,
-    user_cache: HashMap<(u32, u32), Vec<Frame>>,
-    kernel_cache: HashMap<u32, Vec<Frame>>,
+    user_cache: StdHashMap<(u32, u64), Vec<Frame>>,
+    kernel_cache: StdHashMap<u64, Vec<Frame>>,
 }
 
 impl Stacks {
     /// `kernel`: also symbolize kernel stacks (loads /proc/kallsyms).
-    pub fn new(map: Option<StackTraceMap<MapData>>, kernel: bool) -> Result<Stacks> {
+    pub fn new(store: StackStore, kernel: bool) -> Result<Stacks> {
         let kernel = if kernel { Some(KernelSymbolizer::new().context("cannot read /proc/kallsyms")?) } else { None };
         Ok(Stacks {
-            map,
+            store,
             user: UserSymbolizer::new(),
             kernel,
-            user_cache: HashMap::new(),
-            kernel_cache: HashMap::new(),
+            user_cache: StdHashMap::new(),
+            kernel_cache: StdHashMap::new(),
         })
     }
 
@@ -36,42 +146,16 @@ impl Stacks {
         let _ = self.user.refresh(pid);
     }
 
-    fn ips(&self, stack_id: u32) -> Vec<u64> {
-        match self.map.as_ref().map(|m| m.get(&stack_id, 0)) {
-            Some(Ok(trace)) => trace.frames().iter().map(|f| f.ip).filter(|&ip| ip != 0).collect(),
-            _ => Vec::new(),
-        }
-    }
-
-    /// A user stack, innermost first. Frames after the first are return addresses: they are
-    /// looked up one byte earlier so file:line names the call. The first is where the task
-    /// was (`first_exact`: the faulting instruction itself; otherwise the instruction after a
-    /// syscall, a return address like the rest).
-    pub fn user(&mut self, pid: u32, stack_id: u32, first_exact: bool) -> Vec<Frame> {
+    /// A user stack of process `pid`, innermost first (see `user_frames`).
+    pub fn user(&mut self, pid: u32, stack_id: u64, first_exact: bool) -> Vec<Frame> {
         if stack_id == STACK_LOST {
             return Vec::new();
         }
         if let Some(frames) = self.user_cache.get(&(pid, stack_id)) {
             return frames.clone();
         }
-        let ips = self.ips(stack_id);
-        self.user_ips(pid, stack_id, &ips, first_exact)
-    }
-
-    /// Like `user`, for addresses the caller read itself; cached under (pid, stack_id).
-    pub fn user_ips(&mut self, pid: u32, stack_id: u32, ips: &[u64], first_exact: bool) -> Vec<Frame> {
-        if let Some(frames) = self.user_cache.get(&(pid, stack_id)) {
-            return frames.clone();
-        }
-        let mut frames = Vec::with_capacity(ips.len());
-        for (i, &ip) in ips.iter().enumerate() {
-            let back = u64::from(!(i == 0 && first_exact));
-            let mut these = self.user.symbolize_stack(pid, &[ip.saturating_sub(back)]);
-            for f in &mut these {
-                f.addr += back;
-            }
-            frames.extend(these);
-        }
+        let ips = self.store.ips(stack_id);
+        let frames = user_frames(&mut self.user, pid, &ips, first_exact);
         if !frames.is_empty() {
             self.user_cache.insert((pid, stack_id), frames.clone());
         }
@@ -79,15 +163,15 @@ impl Stacks {
     }
 
     /// A kernel stack, innermost first.
-    pub fn kernel(&mut self, stack_id: u32) -> Vec<Frame> {
+    pub fn kernel(&mut self, stack_id: u64) -> Vec<Frame> {
         if stack_id == STACK_LOST {
             return Vec::new();
         }
         if let Some(frames) = self.kernel_cache.get(&stack_id) {
             return frames.clone();
         }
-        let ips = self.ips(stack_id);
-        let frames = self.kernel.as_ref().map(|k| k.symbolize_stack(&ips)).unwrap_or_default();
+        let ips = self.store.ips(stack_id);
+        let frames = self.kernel.as_ref().map(|k| kernel_frames(k, &ips)).unwrap_or_default();
         if !frames.is_empty() {
             self.kernel_cache.insert(stack_id, frames.clone());
         }

@@ -5,7 +5,7 @@
 use std::time::Duration;
 
 use anyhow::{Context as _, Result, bail};
-use aya::maps::{HashMap, MapData, PerCpuArray, StackTraceMap};
+use aya::maps::{HashMap, MapData, PerCpuArray};
 use memtrace_common::swapin::{Config, NewStack, STAT_COUNTS_FULL, STAT_STACK_LOST, SwapKey};
 use serde::Serialize;
 
@@ -13,7 +13,10 @@ use crate::{
     kernel::{self, AttachPoint, Probe},
     output,
     symbolize::Frame,
-    tools::{self, CommonArgs, c_str, read_event, stacks::Stacks},
+    tools::{
+        self, CommonArgs, c_str, read_event,
+        stacks::{StackStore, Stacks},
+    },
 };
 
 const OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/swapin"));
@@ -68,7 +71,7 @@ pub async fn run(args: Args) -> Result<()> {
     let mut take = |name: &str| bpf.take_map(name).with_context(|| format!("internal: no map {name}"));
     let counts = HashMap::try_from(take("COUNTS")?)?;
     let stats = PerCpuArray::try_from(take("STATS")?)?;
-    let mut stacks = Stacks::new(Some(StackTraceMap::try_from(take("STACKS")?)?), false)?;
+    let mut stacks = Stacks::new(StackStore::take(&mut bpf, None)?, false)?;
     if let Some(pid) = args.common.pid {
         stacks.watch(pid);
     }

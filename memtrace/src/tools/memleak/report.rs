@@ -9,7 +9,7 @@ use std::{
 use anyhow::{Context as _, Result};
 use aya::{
     Ebpf,
-    maps::{HashMap, MapData, PerCpuArray, RingBuf, StackTraceMap},
+    maps::{HashMap, MapData, PerCpuArray, RingBuf},
 };
 use memtrace_common::{
     NO_PID, STACK_LOST,
@@ -26,24 +26,25 @@ use crate::{
     kernel,
     output::{self, Dropped},
     symbolize::{Frame, KernelSymbolizer, UserSymbolizer},
-    tools::monotonic_ns,
+    tools::{
+        monotonic_ns,
+        stacks::{self, StackStore},
+    },
 };
 
 pub(super) struct Maps {
     allocs: HashMap<MapData, AllocKey, AllocInfo>,
-    stacks: StackTraceMap<MapData>,
+    stacks: StackStore,
     stats: PerCpuArray<MapData, u64>,
 }
 
 impl Maps {
     pub(super) fn take(bpf: &mut Ebpf) -> Result<(Maps, RingBuf<MapData>)> {
         let mut take = |name: &str| bpf.take_map(name).with_context(|| format!("internal: no map {name}"));
-        let maps = Maps {
-            allocs: HashMap::try_from(take("ALLOCS")?)?,
-            stacks: StackTraceMap::try_from(take("STACKS")?)?,
-            stats: PerCpuArray::try_from(take("STATS")?)?,
-        };
-        Ok((maps, RingBuf::try_from(take("EVENTS")?)?))
+        let allocs = HashMap::try_from(take("ALLOCS")?)?;
+        let (stats, ring) = (PerCpuArray::try_from(take("STATS")?)?, RingBuf::try_from(take("EVENTS")?)?);
+        let stacks = StackStore::take(bpf, Some("--max-stacks"))?;
+        Ok((Maps { allocs, stacks, stats }, ring))
     }
 
     fn stat(&self, index: u32) -> u64 {
@@ -60,6 +61,8 @@ impl Maps {
             unprobed_images: procs.unprobed,
             untracked_children: self.stat(STAT_UNTRACKED_CHILDREN),
             early_frees_lost: self.stat(STAT_EARLY_FULL),
+            stack_store_full: self.stacks.full(),
+            stack_store_capacity: self.stacks.capacity(),
             ..Default::default()
         }
     }
@@ -86,7 +89,7 @@ impl Maps {
             if age < older_ns && !(key.pid != NO_PID && exited(key.pid)) {
                 continue;
             }
-            let skey = StackKey { pid: key.pid, image: key.image, stack_id: info.stack_id, _pad: 0 };
+            let skey = StackKey { pid: key.pid, image: key.image, stack_id: info.stack_id };
             let row =
                 rows.entry(skey).or_insert_with(|| Row { key: skey, bytes: 0, allocs: 0, allocations: Vec::new() });
             row.bytes += info.size;
@@ -159,7 +162,7 @@ struct ProcessReport {
 #[derive(Serialize)]
 struct StackReport {
     pid: u32,
-    stack_id: Option<u32>,
+    stack_id: Option<String>,
     bytes: u64,
     allocs: u64,
     /// growing / steady / shrinking / new: the stack's outstanding bytes over the last reports.
@@ -248,7 +251,7 @@ impl<'a> Session<'a> {
         match event.kind {
             // Symbolize while the process is alive; the result is cached for every report.
             EV_NEW_STACK => {
-                let _ = self.frames(StackKey { pid: event.pid, image: event.image, stack_id: event.stack_id, _pad: 0 });
+                let _ = self.frames(StackKey { pid: event.pid, image: event.image, stack_id: event.stack_id });
             }
             EV_ALLOC | EV_FREE if self.args.trace => {
                 let func = FN_NAMES.get(event.func as usize).copied().unwrap_or("?");
@@ -278,19 +281,12 @@ impl<'a> Session<'a> {
         if let Some(frames) = self.stack_cache.get(&key) {
             return frames.clone();
         }
-        let Ok(trace) = self.maps.stacks.get(&key.stack_id, 0) else { return Vec::new() };
-        let ips: Vec<u64> = trace.frames().iter().map(|f| f.ip).filter(|&ip| ip != 0).collect();
+        let ips = self.maps.stacks.ips(key.stack_id);
         let frames = if key.pid == NO_PID {
-            self.kernel_sym.as_ref().map(|k| k.symbolize_stack(&ips)).unwrap_or_default()
+            self.kernel_sym.as_ref().map(|k| stacks::kernel_frames(k, &ips)).unwrap_or_default()
         } else {
-            // Every user frame is a return address: look up the call instruction before it,
-            // so file:line names the line that called, not the one after.
-            let calls: Vec<u64> = ips.iter().map(|ip| ip.saturating_sub(1)).collect();
-            let mut frames = self.user_sym.symbolize_stack(key.pid, &calls);
-            for f in &mut frames {
-                f.addr += 1;
-            }
-            frames
+            // Taken at the allocator's return: every frame is a return address.
+            stacks::user_frames(&mut self.user_sym, key.pid, &ips, false)
         };
         self.stack_cache.insert(key, frames.clone());
         frames
@@ -340,7 +336,7 @@ impl<'a> Session<'a> {
             if stacks.len() < self.args.top {
                 stacks.push(StackReport {
                     pid: row.key.pid,
-                    stack_id: (row.key.stack_id != STACK_LOST).then_some(row.key.stack_id),
+                    stack_id: stacks::id_json(row.key.stack_id),
                     bytes: row.bytes,
                     allocs: row.allocs,
                     trend,
