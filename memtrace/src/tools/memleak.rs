@@ -9,12 +9,11 @@ use anyhow::{Context as _, Result, bail};
 use aya::{
     Ebpf,
     maps::{Array, MapData},
-    programs::uprobe::UProbeLinkId,
 };
 use memtrace_common::memleak::{Config, Event, KmemOffsets};
 
 use crate::{
-    kernel::{self, UprobeError, placement::Placement, tracefs::Format},
+    kernel::{self, UProbeLinkId, UprobeError, placement::Placement, tracefs::Format},
     target::{self, Allocator, Child, ChildEvent},
 };
 use report::{Maps, Session};
