@@ -295,3 +295,70 @@ fn memleak_perf_links_still_detach_everything_on_ctrl_c() {
     let _ = target.kill();
     let _ = target.wait();
 }
+
+/// While another probe sits at malloc with a different reference-counter offset (as bcc's
+/// memleak -p registers it), memleak cannot probe malloc: one line that names both causes
+/// of the clash, exit 1, nothing left.
+#[test]
+fn memleak_names_the_cause_when_malloc_is_probed_incompatibly() {
+    if !bpf_available("memleak_names_the_cause_when_malloc_is_probed_incompatibly") {
+        return;
+    }
+    let mut target = uprobes::idle_target();
+    let libc = uprobes::libc_path(target.id());
+    let (malloc, _) = uprobes::dynamic_symbol(&libc, "malloc");
+    let other = uprobes::bcc_style_uprobe(target.id(), &libc, malloc).expect("registering the other probe");
+    assert_one_line_error(
+        &["memleak", "-p", &target.id().to_string()],
+        "probes this function in an incompatible way: stop it and retry; if none runs, a process stopped or \
+         blocked inside this function since an earlier trace keeps the kernel's old probe until it resumes",
+    );
+    drop(other);
+    assert_eq!(uprobes::breakpoints_in_libc(target.id()), 0, "breakpoints left in the target's libc");
+    let _ = target.kill();
+    let _ = target.wait();
+}
+
+/// Why bcc's memleak -p once failed "although no tracer was running" (issue 8, item 19):
+/// memtrace detaches everything, but while a thread of its target sits inside malloc with a
+/// return pending through memtrace's return probe (here: stopped there), this kernel (6.18)
+/// keeps that uprobe, reference-counter offset 0, at malloc+0 until the thread returns, and
+/// refuses any probe there with another offset (dmesg: ref_ctr_offset mismatch).
+#[test]
+fn memleak_a_target_stopped_inside_malloc_keeps_the_kernel_probe_until_it_resumes() {
+    if !bpf_available("memleak_a_target_stopped_inside_malloc_keeps_the_kernel_probe_until_it_resumes") {
+        return;
+    }
+    let mut target = Command::new(prog("bench_malloc"))
+        .arg("1000000000000")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(target.stdout.take().unwrap()).lines();
+    assert_eq!(lines.next().unwrap().unwrap(), "ready");
+    let pid = target.id();
+    let mut mt = Running::start(&["memleak", "--json", "-p", &pid.to_string()]);
+    mt.wait_ready();
+    let mut stdin = target.stdin.take().unwrap();
+    writeln!(stdin, "go").unwrap();
+    let libc = uprobes::libc_path(pid);
+    let (malloc, size) = uprobes::dynamic_symbol(&libc, "malloc");
+    assert!(uprobes::stop_inside_libc(pid, malloc, malloc + size), "the target was never stopped inside malloc");
+    // Past the kernel's lease on a pending return: it now holds a reference to the uprobe.
+    std::thread::sleep(Duration::from_millis(1500));
+    mt.signal(libc::SIGINT);
+    let (status, _, stderr) = mt.finish(Duration::from_secs(20));
+    assert!(status.success(), "{stderr}");
+    assert_detached("memleak");
+    assert_eq!(uprobes::breakpoints_in_libc(pid), 0, "breakpoints left in the target's libc");
+    let refused = uprobes::bcc_style_uprobe(pid, &libc, malloc).map(drop);
+    // SAFETY: signalling our own child.
+    unsafe { libc::kill(pid as i32, libc::SIGCONT) };
+    std::thread::sleep(Duration::from_millis(300));
+    let after = uprobes::bcc_style_uprobe(pid, &libc, malloc).map(drop);
+    let _ = target.kill();
+    let _ = target.wait();
+    assert_eq!(refused.map_err(|e| e.raw_os_error()), Err(Some(libc::EINVAL)), "while the target was stopped");
+    assert!(after.is_ok(), "still refused after the target resumed: {after:?}");
+}

@@ -305,6 +305,7 @@ type Started = (Child, Duration, mpsc::Receiver<String>);
 
 /// Starts a tracer on `pid` and waits for its ready line; returns how long that took.
 fn start_tracer(t: &Tracer, pid: u32) -> Result<Started> {
+    let log_mark = kernel_log().len();
     let t0 = Instant::now();
     let mut child = Command::new(&t.argv[0])
         .args(&t.argv[1..])
@@ -353,7 +354,7 @@ fn start_tracer(t: &Tracer, pid: u32) -> Result<Started> {
             // Its stderr reader may still hold the last line.
             std::thread::sleep(Duration::from_millis(100));
             let last = last_err.lock().unwrap_or_else(|p| p.into_inner()).clone();
-            bail!("{} exited ({status}) before it was ready: {last}{}", t.argv[0], kernel_says());
+            bail!("{} exited ({status}) before it was ready: {last}{}", t.argv[0], kernel_says(log_mark));
         }
     }
     let _ = child.kill();
@@ -362,12 +363,16 @@ fn start_tracer(t: &Tracer, pid: u32) -> Result<Started> {
     bail!("{} was not ready within 60 s; its last words: {last}", t.argv[0])
 }
 
+/// The kernel log's lines (empty when it cannot be read).
+fn kernel_log() -> Vec<String> {
+    let out = Command::new("dmesg").output().map(|o| o.stdout).unwrap_or_default();
+    String::from_utf8_lossy(&out).lines().map(String::from).collect()
+}
+
 /// The kernel's reason when a uprobe could not be registered, which tracers do not print:
-/// the last `ref_ctr_offset mismatch` line of the kernel log, if any.
-fn kernel_says() -> String {
-    let Ok(out) = Command::new("dmesg").output() else { return String::new() };
-    let log = String::from_utf8_lossy(&out.stdout);
-    match log.lines().rfind(|l| l.contains("ref_ctr_offset mismatch")) {
+/// a `ref_ctr_offset mismatch` line logged after the first `since` lines, if any.
+fn kernel_says(since: usize) -> String {
+    match kernel_log().iter().skip(since).rfind(|l| l.contains("ref_ctr_offset mismatch")) {
         Some(line) => format!(" (kernel: {})", line.trim()),
         None => String::new(),
     }
@@ -662,5 +667,26 @@ fn print_table(r: &Value) {
     );
     for f in r["failures"].as_array().into_iter().flatten() {
         println!("FAILURE: {}", f.as_str().unwrap_or(""));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A peer whose attach fails (as bcc's did: "cannot attach uprobe, Invalid argument") is
+    /// reported at once with its last words, not after 60 s as "never said it was ready".
+    #[test]
+    fn a_peer_that_fails_to_start_says_why() {
+        let script = "echo 'cannot attach uprobe, Invalid argument' >&2; \
+                      echo 'Exception: Failed to attach BPF to uprobe' >&2; exit 1";
+        let peer =
+            Tracer { argv: vec!["sh".into(), "-c".into(), script.into()], check: Check::None, ready: "Top 10 stacks" };
+        let t0 = Instant::now();
+        let err = start_tracer(&peer, std::process::id()).err().expect("the peer cannot be ready");
+        assert!(t0.elapsed() < Duration::from_secs(5), "took {:?}", t0.elapsed());
+        let msg = format!("{err:#}");
+        assert!(msg.starts_with("sh exited (exit status: 1) before it was ready: "), "{msg}");
+        assert!(msg.contains("Exception: Failed to attach BPF to uprobe"), "{msg}");
     }
 }

@@ -114,12 +114,16 @@ pub fn attach_uprobe(
         Err(e) => {
             let e = anyhow!(e);
             // The kernel refuses a second uprobe at the same place whose reference-counter
-            // offset differs (dmesg: "ref_ctr_offset mismatch"); bcc registers with a non-zero one.
+            // offset differs (dmesg: "ref_ctr_offset mismatch"); bcc registers with a non-zero
+            // one. It also keeps a detached uprobe while a thread has a return pending through
+            // it, e.g. a process stopped inside malloc (seen on 6.18): that one outlives its tracer.
             let clash = e
                 .chain()
                 .any(|c| c.downcast_ref::<std::io::Error>().and_then(|io| io.raw_os_error()) == Some(libc::EINVAL));
             let hint = if clash {
-                " (another tracer, such as bcc's memleak, probes this function in an incompatible way: stop it and retry)"
+                " (another tracer, such as bcc's memleak, probes this function in an incompatible way: stop it and retry; \
+                 if none runs, a process stopped or blocked inside this function since an earlier trace keeps the kernel's \
+                 old probe until it resumes)"
             } else {
                 ""
             };
