@@ -305,7 +305,7 @@ type Started = (Child, Duration, mpsc::Receiver<String>);
 
 /// Starts a tracer on `pid` and waits for its ready line; returns how long that took.
 fn start_tracer(t: &Tracer, pid: u32) -> Result<Started> {
-    let log_mark = kernel_log().len();
+    let log_mark = kernel_log_clock();
     let t0 = Instant::now();
     let mut child = Command::new(&t.argv[0])
         .args(&t.argv[1..])
@@ -363,19 +363,24 @@ fn start_tracer(t: &Tracer, pid: u32) -> Result<Started> {
     bail!("{} was not ready within 60 s; its last words: {last}", t.argv[0])
 }
 
-/// The kernel log's lines (empty when it cannot be read).
-fn kernel_log() -> Vec<String> {
-    let out = Command::new("dmesg").output().map(|o| o.stdout).unwrap_or_default();
-    String::from_utf8_lossy(&out).lines().map(String::from).collect()
+/// Seconds since boot on the clock the kernel log stamps its lines with.
+fn kernel_log_clock() -> f64 {
+    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    // SAFETY: clock_gettime writes the timespec it is given.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    ts.tv_sec as f64 + ts.tv_nsec as f64 / 1e9
 }
 
 /// The kernel's reason when a uprobe could not be registered, which tracers do not print:
-/// a `ref_ctr_offset mismatch` line logged after the first `since` lines, if any.
-fn kernel_says(since: usize) -> String {
-    match kernel_log().iter().skip(since).rfind(|l| l.contains("ref_ctr_offset mismatch")) {
-        Some(line) => format!(" (kernel: {})", line.trim()),
-        None => String::new(),
-    }
+/// a `ref_ctr_offset mismatch` line the kernel logged at or after `since` (kernel_log_clock).
+fn kernel_says(since: f64) -> String {
+    let out = Command::new("dmesg").output().map(|o| o.stdout).unwrap_or_default();
+    let log = String::from_utf8_lossy(&out);
+    let stamp = |l: &str| l.strip_prefix('[')?.split(']').next()?.trim().parse::<f64>().ok();
+    // local_clock and CLOCK_MONOTONIC may drift apart a little: a second of slack.
+    let mut recent = log.lines().filter(|l| stamp(l).is_some_and(|t| t >= since - 1.0));
+    let line = recent.rfind(|l| l.contains("ref_ctr_offset mismatch"));
+    line.map(|l| format!(" (kernel: {})", l.trim())).unwrap_or_default()
 }
 
 /// Waits for a tracer to exit (it follows the workload's exit, or gets SIGINT), returning its
@@ -624,6 +629,8 @@ fn print_table(r: &Value) {
     if r["memleak_added_over_bcc_added"].is_number() {
         println!("memleak's added cost / bcc memleak's: {:.3}", num("memleak_added_over_bcc_added"));
         println!("--duty-cycle 10 added cost / bcc memleak's: {:.3}", num("duty_added_over_bcc_added"));
+    } else if r["modes"].as_array().into_iter().flatten().any(|m| m["failed"].is_string()) {
+        println!("bcc memleak-bpfcc: could not run here (see its row), not compared");
     } else {
         println!("bcc memleak-bpfcc: not installed here, not measured");
     }
