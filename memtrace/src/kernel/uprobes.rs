@@ -2,7 +2,7 @@
 //!
 //! Closing a uprobe's perf event unregisters it and waits for grace periods while holding the
 //! kernel's global `event_mutex`: about 80 ms per probe on this host (6.18), so memleak's 22
-//! probes took 1.8 s to go, and closing them from 22 threads took as long (measured 1.78 s).
+//! probes took 2.2 s to go, and closing 22 from 22 threads took as long (1.78 s, in C).
 //! A uprobe_multi link (6.6+) waits outside that mutex: 22 such links closed from 22 threads
 //! took 52 ms. So where the kernel has fixed uprobe_multi links, each program is loaded a second
 //! time by hand (aya 0.14 cannot give a uprobe program that expected attach type) and attached
