@@ -119,6 +119,8 @@ fn main() -> ExitCode {
             Tool::Benchfloor(args) => tools::benchfloor::run(args).await,
         }
     });
+    // After the tool's last report, on success or error: one grace period, not one per probe.
+    kernel::detach_all_fast();
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => fail(&e),

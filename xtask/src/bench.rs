@@ -86,12 +86,21 @@ pub fn run(runs: usize, iterations: u64) -> Result<u8> {
     rows.push(duty.row("memtrace memleak --duty-cycle 10 -p PID (estimate)", base));
     let mut bcc_added = None;
     if let Some(bcc) = which("memleak-bpfcc") {
-        let bcc = measure(&opts, n, &workload, Some(Tracer::bcc(&bcc)), &mut failures)?;
-        bcc_added = Some(bcc.median_ns_per_call() - base);
-        rows.push(bcc.row("bcc memleak-bpfcc -o 0 1 -p PID (start-up: to its first report)", base));
+        let mode = "bcc memleak-bpfcc -o 0 1 -p PID (start-up: to its first report)";
+        // A peer that cannot run here is a finding for the table, not the end of the bench.
+        match measure(&opts, n, &workload, Some(Tracer::bcc(&bcc)), &mut failures) {
+            Ok(bcc) => {
+                bcc_added = Some(bcc.median_ns_per_call() - base);
+                rows.push(bcc.row(mode, base));
+            }
+            Err(e) => rows.push(json!({ "mode": mode, "failed": format!("{e:#}") })),
+        }
     }
 
-    let exit_ms = exit_latency(&opts, &workload, &memtrace)?;
+    let exit_ms = json!({
+        "uprobe_multi": exit_latency(&opts, &workload, &memtrace, true)?,
+        "perf_links": exit_latency(&opts, &workload, &memtrace, false)?,
+    });
     let kernel = kernel_events(&memtrace)?;
     let snoop = snoop_events(&memtrace)?;
 
@@ -105,7 +114,7 @@ pub fn run(runs: usize, iterations: u64) -> Result<u8> {
         "duty_added_over_floor_added": ratio(duty.median_ns_per_call() - base, floor.median_ns_per_call() - base),
         "memleak_added_over_bcc_added": bcc_added.map(|b| ratio(memleak.median_ns_per_call() - base, b)),
         "duty_added_over_bcc_added": bcc_added.map(|b| ratio(duty.median_ns_per_call() - base, b)),
-        "exit_after_sigint_ms": exit_ms,
+        "exit_after_sigint": exit_ms,
         "kernel_memleak": kernel,
         "mmapsnoop": snoop,
         "failures": failures,
@@ -234,9 +243,13 @@ fn measure(
             .context("cannot start the workload")?;
         let mut lines = BufReader::new(w.stdout.take().context("workload stdout")?).lines();
         expect_line(&mut lines, "ready")?;
-        let traced = match &tracer {
-            Some(t) => Some(start_tracer(t, w.id())?),
-            None => None,
+        let traced = match tracer.as_ref().map(|t| start_tracer(t, w.id())).transpose() {
+            Ok(traced) => traced,
+            Err(e) => {
+                let _ = w.kill();
+                let _ = w.wait();
+                return Err(e);
+            }
         };
         let mut stdin = w.stdin.take().context("workload stdin")?;
         writeln!(stdin, "go")?;
@@ -292,6 +305,7 @@ type Started = (Child, Duration, mpsc::Receiver<String>);
 
 /// Starts a tracer on `pid` and waits for its ready line; returns how long that took.
 fn start_tracer(t: &Tracer, pid: u32) -> Result<Started> {
+    let log_mark = kernel_log_clock();
     let t0 = Instant::now();
     let mut child = Command::new(&t.argv[0])
         .args(&t.argv[1..])
@@ -307,10 +321,15 @@ fn start_tracer(t: &Tracer, pid: u32) -> Result<Started> {
     let stderr = child.stderr.take().context("stderr")?;
     let tx = ready_tx.clone();
     let ready = t.ready;
+    let last_err = std::sync::Arc::new(std::sync::Mutex::new(String::new()));
+    let last = last_err.clone();
     std::thread::spawn(move || {
         for line in BufReader::new(stderr).lines().map_while(Result::ok) {
             if line.contains(ready) {
                 let _ = tx.send(());
+            }
+            if !line.trim().is_empty() {
+                *last.lock().unwrap_or_else(|p| p.into_inner()) = line;
             }
         }
     });
@@ -327,8 +346,41 @@ fn start_tracer(t: &Tracer, pid: u32) -> Result<Started> {
         }
         let _ = out_tx.send(all);
     });
-    ready_rx.recv_timeout(Duration::from_secs(60)).context("the tracer never said it was ready")?;
-    Ok((child, t0.elapsed(), out_rx))
+    while t0.elapsed() < Duration::from_secs(60) {
+        if ready_rx.recv_timeout(Duration::from_millis(50)).is_ok() {
+            return Ok((child, t0.elapsed(), out_rx));
+        }
+        if let Some(status) = child.try_wait()? {
+            // Its stderr reader may still hold the last line.
+            std::thread::sleep(Duration::from_millis(100));
+            let last = last_err.lock().unwrap_or_else(|p| p.into_inner()).clone();
+            bail!("{} exited ({status}) before it was ready: {last}{}", t.argv[0], kernel_says(log_mark));
+        }
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    let last = last_err.lock().unwrap_or_else(|p| p.into_inner()).clone();
+    bail!("{} was not ready within 60 s; its last words: {last}", t.argv[0])
+}
+
+/// Seconds since boot on the clock the kernel log stamps its lines with.
+fn kernel_log_clock() -> f64 {
+    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    // SAFETY: clock_gettime writes the timespec it is given.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    ts.tv_sec as f64 + ts.tv_nsec as f64 / 1e9
+}
+
+/// The kernel's reason when a uprobe could not be registered, which tracers do not print:
+/// a `ref_ctr_offset mismatch` line the kernel logged at or after `since` (kernel_log_clock).
+fn kernel_says(since: f64) -> String {
+    let out = Command::new("dmesg").output().map(|o| o.stdout).unwrap_or_default();
+    let log = String::from_utf8_lossy(&out);
+    let stamp = |l: &str| l.strip_prefix('[')?.split(']').next()?.trim().parse::<f64>().ok();
+    // local_clock and CLOCK_MONOTONIC may drift apart a little: a second of slack.
+    let mut recent = log.lines().filter(|l| stamp(l).is_some_and(|t| t >= since - 1.0));
+    let line = recent.rfind(|l| l.contains("ref_ctr_offset mismatch"));
+    line.map(|l| format!(" (kernel: {})", l.trim())).unwrap_or_default()
 }
 
 /// Waits for a tracer to exit (it follows the workload's exit, or gets SIGINT), returning its
@@ -391,23 +443,50 @@ fn bcc_reported_leak(stdout: &str) -> (u64, u64) {
     found
 }
 
-/// Milliseconds from SIGINT to memleak's exit (final report included).
-fn exit_latency(opts: &Opts, workload: &Path, memtrace: &Path) -> Result<Value> {
-    let mut ms = Vec::new();
+/// Milliseconds from SIGINT on an idle target to memleak's final report and to its exit, with
+/// uprobe_multi links (`multi`) or the per-probe perf links older kernels get.
+fn exit_latency(opts: &Opts, workload: &Path, memtrace: &Path, multi: bool) -> Result<Value> {
+    let (mut report_ms, mut exit_ms) = (Vec::new(), Vec::new());
     for _ in 0..opts.runs {
         let mut w = Command::new(workload).stdin(Stdio::piped()).stdout(Stdio::piped()).spawn()?;
         let mut lines = BufReader::new(w.stdout.take().context("stdout")?).lines();
         expect_line(&mut lines, "ready")?;
-        let (child, _, out) = start_tracer(&Tracer::new(memtrace, &["memleak", "--json"], Check::None), w.id())?;
+        let mut child = Command::new(memtrace)
+            .args(["memleak", "--json", "-p", &w.id().to_string()])
+            .env("MEMTRACE_UPROBE_MULTI", if multi { "1" } else { "0" })
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()?;
+        let mut stderr = BufReader::new(child.stderr.take().context("stderr")?);
+        let mut line = String::new();
+        while stderr.read_line(&mut line)? > 0 && !line.contains("Ctrl-C to stop") {
+            line.clear();
+        }
+        std::thread::spawn(move || std::io::copy(&mut stderr, &mut std::io::sink()));
+        // The only report is the final one (the first interval is 5 s away).
+        let (tx, rx) = mpsc::channel();
+        let mut stdout = BufReader::new(child.stdout.take().context("stdout")?);
+        std::thread::spawn(move || {
+            let mut l = String::new();
+            if stdout.read_line(&mut l).is_ok_and(|n| n > 0) {
+                let _ = tx.send(Instant::now());
+            }
+            let _ = std::io::copy(&mut stdout, &mut std::io::sink());
+        });
         let t0 = Instant::now();
         // SAFETY: signalling our own child.
         unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
-        finish_tracer(child, out)?;
-        ms.push(t0.elapsed().as_secs_f64() * 1e3);
+        let status = child.wait()?;
+        exit_ms.push(t0.elapsed().as_secs_f64() * 1e3);
+        let reported = rx.recv_timeout(Duration::from_secs(5)).context("memleak printed no final report")?;
+        report_ms.push(reported.duration_since(t0).as_secs_f64() * 1e3);
+        if !status.success() {
+            bail!("memleak exited with {status} after SIGINT");
+        }
         let _ = w.kill();
         let _ = w.wait();
     }
-    Ok(stats(&ms))
+    Ok(json!({ "report_ms": stats(&report_ms), "exit_ms": stats(&exit_ms) }))
 }
 
 /// mmapsnoop following this process while it maps and unmaps at a steady SNOOP_RATE calls/s
@@ -513,6 +592,10 @@ fn print_table(r: &Value) {
         "mode", "ns/call", "x untr.", "added ns", "start-up ms", "RSS MiB"
     );
     for m in r["modes"].as_array().into_iter().flatten() {
+        if let Some(why) = m["failed"].as_str() {
+            println!("{:<56} failed: {why}", m["mode"].as_str().unwrap_or(""));
+            continue;
+        }
         let ns = &m["ns_per_call"];
         let su = &m["startup_ms"];
         println!(
@@ -546,6 +629,8 @@ fn print_table(r: &Value) {
     if r["memleak_added_over_bcc_added"].is_number() {
         println!("memleak's added cost / bcc memleak's: {:.3}", num("memleak_added_over_bcc_added"));
         println!("--duty-cycle 10 added cost / bcc memleak's: {:.3}", num("duty_added_over_bcc_added"));
+    } else if r["modes"].as_array().into_iter().flatten().any(|m| m["failed"].is_string()) {
+        println!("bcc memleak-bpfcc: could not run here (see its row), not compared");
     } else {
         println!("bcc memleak-bpfcc: not installed here, not measured");
     }
@@ -561,13 +646,18 @@ fn print_table(r: &Value) {
             );
         }
     }
-    let e = &r["exit_after_sigint_ms"];
-    println!(
-        "exit after Ctrl-C (final report included): {:.0} ms [{:.0}-{:.0}]",
-        e["median"].as_f64().unwrap_or(0.0),
-        e["min"].as_f64().unwrap_or(0.0),
-        e["max"].as_f64().unwrap_or(0.0)
-    );
+    let ms = |v: &Value| {
+        let f = |k: &str| v[k].as_f64().unwrap_or(f64::NAN);
+        format!("{:.0} ms [{:.0}-{:.0}]", f("median"), f("min"), f("max"))
+    };
+    for (key, how) in [("uprobe_multi", "uprobe_multi links"), ("perf_links", "perf links, as before 6.10")] {
+        let e = &r["exit_after_sigint"][key];
+        println!(
+            "exit after Ctrl-C, idle target, {how}: final report {}, process gone {}",
+            ms(&e["report_ms"]),
+            ms(&e["exit_ms"])
+        );
+    }
     let k = &r["kernel_memleak"];
     println!(
         "kernel-mode memleak: {:.0} allocations tracked/s under {:.0} pipe()+close() pairs/s, {} lost",
@@ -584,5 +674,26 @@ fn print_table(r: &Value) {
     );
     for f in r["failures"].as_array().into_iter().flatten() {
         println!("FAILURE: {}", f.as_str().unwrap_or(""));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A peer whose attach fails (as bcc's did: "cannot attach uprobe, Invalid argument") is
+    /// reported at once with its last words, not after 60 s as "never said it was ready".
+    #[test]
+    fn a_peer_that_fails_to_start_says_why() {
+        let script = "echo 'cannot attach uprobe, Invalid argument' >&2; \
+                      echo 'Exception: Failed to attach BPF to uprobe' >&2; exit 1";
+        let peer =
+            Tracer { argv: vec!["sh".into(), "-c".into(), script.into()], check: Check::None, ready: "Top 10 stacks" };
+        let t0 = Instant::now();
+        let err = start_tracer(&peer, std::process::id()).err().expect("the peer cannot be ready");
+        assert!(t0.elapsed() < Duration::from_secs(5), "took {:?}", t0.elapsed());
+        let msg = format!("{err:#}");
+        assert!(msg.starts_with("sh exited (exit status: 1) before it was ready: "), "{msg}");
+        assert!(msg.contains("Exception: Failed to attach BPF to uprobe"), "{msg}");
     }
 }

@@ -7,17 +7,16 @@ pub mod kallsyms;
 pub mod maps;
 pub mod placement;
 pub mod tracefs;
+mod uprobes;
 
 use std::path::Path;
 
 use anyhow::{Context as _, Result, anyhow, bail};
 use aya::{
     Ebpf, EbpfLoader,
-    programs::{
-        Program, ProgramError, TracePoint, UProbe,
-        uprobe::{UProbeLinkId, UProbeScope},
-    },
+    programs::{Program, ProgramError, TracePoint, UProbe, uprobe::UProbeScope},
 };
+pub use uprobes::{UProbeLinkId, detach_all_fast};
 
 /// eBPF needs CAP_BPF and CAP_PERFMON; say so before anything else fails less clearly.
 pub fn require_root() -> Result<()> {
@@ -35,14 +34,16 @@ pub fn load<'a>(object: &'static [u8], configure: impl FnOnce(&mut EbpfLoader<'a
     }
     let mut loader = EbpfLoader::new();
     configure(&mut loader);
-    loader.load(object).map_err(|e| {
+    let bpf = loader.load(object).map_err(|e| {
         let hint = match std::io::Error::last_os_error().raw_os_error() {
             Some(libc::EPERM) => " (permission denied: run as root; kernel lockdown can also forbid BPF)",
             Some(libc::ENOSYS) => " (this kernel has no BPF syscall)",
             _ => "",
         };
         anyhow!(e).context(format!("loading eBPF maps failed{hint}"))
-    })
+    })?;
+    uprobes::prepare(&bpf, object);
+    Ok(bpf)
 }
 
 fn program<'a>(bpf: &'a mut Ebpf, name: &str) -> Result<&'a mut Program> {
@@ -80,8 +81,10 @@ pub enum UprobeError {
     Other(anyhow::Error),
 }
 
-/// Attaches `prog` at `symbol`+`offset` in `target`, for one process or all (`pid` None).
-/// Entry probes should take their offset from `placement::Placement`; return probes use 0.
+/// Attaches `prog` at `symbol`+`offset` in `target`, for one process or all (`pid` None):
+/// through a uprobe_multi link where the kernel has them (they detach in a few ms at exit),
+/// else a perf link. Entry probes should take their offset from `placement::Placement`;
+/// return probes use 0.
 pub fn attach_uprobe(
     bpf: &mut Ebpf,
     prog: &str,
@@ -90,6 +93,9 @@ pub fn attach_uprobe(
     offset: u64,
     pid: Option<u32>,
 ) -> Result<UProbeLinkId, UprobeError> {
+    if let Some(id) = uprobes::attach_multi(prog, target, symbol, offset, pid) {
+        return Ok(id);
+    }
     let up: &mut UProbe = program(bpf, prog).and_then(|p| Ok(p.try_into()?)).map_err(UprobeError::Other)?;
     ensure_loaded(up, prog, |p| p.fd().is_ok(), UProbe::load).map_err(UprobeError::Other)?;
     let scope = match pid.and_then(std::num::NonZeroU32::new) {
@@ -100,7 +106,8 @@ pub fn attach_uprobe(
     match up.attach(location, target, scope) {
         Ok(id) => {
             tracing::debug!("{prog}: attached to {symbol} in {}", target.display());
-            Ok(id)
+            let link = up.take_link(id).map_err(|e| UprobeError::Other(anyhow!(e)))?;
+            Ok(uprobes::register_perf(link))
         }
         Err(ProgramError::UProbeError(aya::programs::uprobe::UProbeError::SymbolError { .. })) => {
             Err(UprobeError::NoSymbol)
@@ -108,12 +115,16 @@ pub fn attach_uprobe(
         Err(e) => {
             let e = anyhow!(e);
             // The kernel refuses a second uprobe at the same place whose reference-counter
-            // offset differs (dmesg: "ref_ctr_offset mismatch"); bcc registers with a non-zero one.
+            // offset differs (dmesg: "ref_ctr_offset mismatch"); bcc registers with a non-zero
+            // one. It also keeps a detached uprobe while a thread has a return pending through
+            // it, e.g. a process stopped inside malloc (seen on 6.18): that one outlives its tracer.
             let clash = e
                 .chain()
                 .any(|c| c.downcast_ref::<std::io::Error>().and_then(|io| io.raw_os_error()) == Some(libc::EINVAL));
             let hint = if clash {
-                " (another tracer, such as bcc's memleak, probes this function in an incompatible way: stop it and retry)"
+                " (another tracer, such as bcc's memleak, probes this function in an incompatible way: stop it and retry; \
+                 if none runs, a process stopped or blocked inside this function since an earlier trace keeps the kernel's \
+                 old probe until it resumes)"
             } else {
                 ""
             };
@@ -124,11 +135,14 @@ pub fn attach_uprobe(
     }
 }
 
-/// Detaches one uprobe link. Each detach waits for the kernel's RCU grace period (about
-/// 100 ms here), so callers detach only what they must.
-pub fn detach_uprobe(bpf: &mut Ebpf, prog: &str, link: UProbeLinkId) -> Result<()> {
-    let up: &mut UProbe = program(bpf, prog)?.try_into()?;
-    up.detach(link).with_context(|| format!("detaching {prog} failed"))
+/// Detaches one uprobe link. Each detach waits for grace periods (80 ms for a perf link here,
+/// 25-70 ms for a uprobe_multi one), so callers detach only what they must; at exit,
+/// `detach_all_fast` detaches everything at once. (`bpf` is unused: links live in `uprobes`.)
+pub fn detach_uprobe(_bpf: &mut Ebpf, prog: &str, link: UProbeLinkId) -> Result<()> {
+    if !uprobes::detach(link) {
+        bail!("internal: detaching {prog}: no such uprobe link");
+    }
+    Ok(())
 }
 
 /// One probe of an attach point. Name lists hold alternatives, first present wins: kernels

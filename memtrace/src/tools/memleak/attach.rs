@@ -7,12 +7,11 @@ use anyhow::{Result, bail};
 use aya::{
     Ebpf,
     maps::{Array, MapData},
-    programs::uprobe::UProbeLinkId,
 };
 use memtrace_common::memleak::{ForkOffsets, KmemOffsets};
 
 use crate::{
-    kernel::{self, UprobeError, placement::Placement, tracefs::Format},
+    kernel::{self, UProbeLinkId, UprobeError, placement::Placement, tracefs::Format},
     target::Allocator,
 };
 
