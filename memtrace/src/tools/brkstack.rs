@@ -247,7 +247,7 @@ impl State<'_> {
     }
 
     fn report(&mut self, is_final: bool) -> Result<()> {
-        let mut rows: Vec<(BrkKey, BrkTotal)> = self.totals.iter().filter_map(Result::ok).collect();
+        let mut rows: Vec<(BrkKey, BrkTotal)> = crate::kernel::maps::dump(&self.totals);
         rows.sort_by(|a, b| b.1.calls.cmp(&a.1.calls).then((b.1.bytes as i64).cmp(&(a.1.bytes as i64))));
         let stacks: Vec<StackRow> = rows
             .iter()

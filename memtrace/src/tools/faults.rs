@@ -267,10 +267,8 @@ impl State<'_> {
     }
 
     fn report(&mut self, is_final: bool) -> Result<()> {
-        let mut procs: Vec<ProcRow> = self
-            .procs
-            .iter()
-            .filter_map(Result::ok)
+        let mut procs: Vec<ProcRow> = crate::kernel::maps::dump(&self.procs)
+            .into_iter()
             .map(|(pid, p)| ProcRow {
                 pid,
                 comm: c_str(&p.comm),
@@ -286,7 +284,7 @@ impl State<'_> {
         let no_stack = procs.iter().map(|p| p.no_stack).sum();
         let proc_count = procs.len();
         procs.truncate(self.top);
-        let mut rows: Vec<(FaultKey, u64)> = self.counts.iter().filter_map(Result::ok).collect();
+        let mut rows: Vec<(FaultKey, u64)> = crate::kernel::maps::dump(&self.counts);
         rows.sort_by_key(|r| std::cmp::Reverse(r.1));
         let shown = if is_final && self.args.folded.is_some() { rows.len() } else { self.top };
         let mut stacks = Vec::new();

@@ -75,7 +75,7 @@ pub async fn run(args: Args) -> Result<()> {
     if let Some(pid) = args.common.pid {
         stacks.watch(pid);
     }
-    let mut state = State { args: &args, counts, stats, stacks, total: 0 };
+    let mut state = State { args: &args, counts, stats, stacks, total: 0, seen: Default::default() };
     let ready = format!("counting swap-ins ({how})");
     let tick = Some(Duration::from_secs(args.interval));
     tools::stream(&mut bpf, "swapin", &args.common, &mut signals, tick, args.count, &ready, &mut state).await?;
@@ -88,6 +88,8 @@ struct State<'a> {
     stats: PerCpuArray<MapData, u64>,
     stacks: Stacks,
     total: u64,
+    /// The cumulative counts at the last report: each report shows the increase.
+    seen: std::collections::HashMap<SwapKey, u64>,
 }
 
 #[derive(Serialize)]
@@ -100,14 +102,17 @@ struct Row {
 }
 
 impl State<'_> {
-    /// Reads and clears the counts. An increment landing between read and delete is lost;
-    /// at one swap-in per page that is rare enough to leave unlocked.
+    /// The swap-ins since the last report. The kernel side only ever adds to its counters;
+    /// deleting a row it may be adding to would lose the increment, so the interval's figure
+    /// is the difference from the previous read.
     fn drain(&mut self) -> Vec<Row> {
-        let keys: Vec<SwapKey> = self.counts.keys().filter_map(Result::ok).collect();
         let mut rows: Vec<Row> = Vec::new();
-        for key in keys {
-            let Ok(count) = self.counts.get(&key, 0) else { continue };
-            let _ = self.counts.remove(&key);
+        for (key, now) in crate::kernel::maps::dump(&self.counts) {
+            let before = self.seen.insert(key, now).unwrap_or(0);
+            let count = now.saturating_sub(before);
+            if count == 0 {
+                continue;
+            }
             let stack = self.args.stack.then(|| self.stacks.user(key.pid, key.stack_id, true));
             rows.push(Row { pid: key.pid, comm: c_str(&key.comm), count, stack });
         }
