@@ -6,6 +6,8 @@
 mod common;
 #[path = "common/live.rs"]
 mod live;
+#[path = "common/ns.rs"]
+mod ns;
 
 use std::time::Duration;
 
@@ -166,5 +168,33 @@ fn mmapsnoop_detaches_cleanly() {
     let (events, last) = events_and_final(&stdout);
     assert!(events.is_empty(), "{events:?}");
     assert_eq!(last, json!({ "final": true, "events": 0, "events_lost": 0 }));
+    assert_detached("mmapsnoop");
+}
+
+/// memtrace in a pid namespace (a container): `-p` takes the pid the namespace shows, and
+/// events carry it, so the filter keeps exactly the program's calls.
+#[test]
+fn mmapsnoop_pid_filter_inside_a_pid_namespace() {
+    if !bpf_available("mmapsnoop_pid_filter_inside_a_pid_namespace") {
+        return;
+    }
+    let mut maps = ns::Contained::start(&["--pid", "--fork", "--mount-proc"], "", &prog("mmapsnoop_maps"), &[]);
+    assert_ne!(maps.inside, maps.global, "unshare --pid gave no new pid namespace");
+    let pid = maps.inside;
+    let mut mt = Live::spawn(maps.memtrace_inside(&["mmapsnoop", "--json", "-p", &pid.to_string()]));
+    mt.wait_ready();
+    let got = maps.act();
+    assert!(got.contains("anon="), "{got}");
+    mt.wait_lines("{", 7);
+    maps.end();
+    let (status, stdout, stderr) = mt.finish(Duration::from_secs(20));
+    assert!(status.success(), "{status}: {stderr}");
+    assert!(stderr.contains(&format!("process {pid} exited")), "{stderr}");
+    let (events, _) = events_and_final(&stdout);
+    let calls: Vec<&str> = events.iter().map(|e| e["call"].as_str().unwrap()).collect();
+    assert_eq!(calls, ["mmap", "mmap", "mmap", "munmap", "mmap", "mremap", "mmap"], "{stdout}");
+    for e in &events {
+        assert_fields(e, &json!({ "pid": pid, "tid": pid, "comm": "mmapsnoop_maps" }));
+    }
     assert_detached("mmapsnoop");
 }

@@ -9,7 +9,7 @@
 use aya_ebpf::{
     Global,
     btf_maps::{HashMap, PerCpuArray, RingBuf},
-    helpers::{bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_probe_read_kernel, bpf_probe_read_kernel_str_bytes},
+    helpers::{bpf_get_current_comm, bpf_probe_read_kernel, bpf_probe_read_kernel_str_bytes},
     macros::{btf_map, kprobe, tracepoint},
     programs::{ProbeContext, TracePointContext},
 };
@@ -17,7 +17,7 @@ use memtrace_common::{
     Filter,
     hfaults::{Event, KernelOffsets, MAP_HUGETLB, MAX_RANGES, Ranges, SRC_KPROBE, SRC_TRACEPOINT},
 };
-use memtrace_ebpf::{BPF_NOEXIST, submit, tp_u64, wanted};
+use memtrace_ebpf::{BPF_NOEXIST, current_pid_tgid, submit, tp_u64, wanted};
 
 memtrace_ebpf::license!();
 
@@ -49,7 +49,7 @@ static LOST: PerCpuArray<u64, 1> = PerCpuArray::new();
 
 #[inline(always)]
 fn event(address: u64, vm_start: u64, source: u32) -> Event {
-    let id = bpf_get_current_pid_tgid();
+    let id = current_pid_tgid();
     Event {
         pid: (id >> 32) as u32,
         tid: id as u32,
@@ -96,7 +96,7 @@ pub fn hfaults_kprobe(ctx: ProbeContext) -> u32 {
 
 #[tracepoint]
 pub fn hfaults_user_fault(ctx: TracePointContext) -> u32 {
-    let pid = (bpf_get_current_pid_tgid() >> 32) as u32;
+    let pid = (current_pid_tgid() >> 32) as u32;
     // Cheap first: most faulting processes have no hugetlb mapping at all.
     // SAFETY: the value is read at once; a concurrent update can only change which range matches.
     let Some(ranges) = (unsafe { RANGES.get(&pid) }) else { return 0 };
@@ -122,7 +122,7 @@ pub fn hfaults_mmap_enter(ctx: TracePointContext) -> u32 {
     if tp_u64(&ctx, off.mmap_flags) & MAP_HUGETLB == 0 {
         return 0;
     }
-    let tid = bpf_get_current_pid_tgid() as u32;
+    let tid = current_pid_tgid() as u32;
     let _ = PENDING.insert(&tid, &tp_u64(&ctx, off.mmap_len), 0);
     0
 }
@@ -131,7 +131,7 @@ pub fn hfaults_mmap_enter(ctx: TracePointContext) -> u32 {
 //	field:long ret;	offset:16;	size:8;	signed:1;
 #[tracepoint]
 pub fn hfaults_mmap_exit(ctx: TracePointContext) -> u32 {
-    let id = bpf_get_current_pid_tgid();
+    let id = current_pid_tgid();
     let (pid, tid) = ((id >> 32) as u32, id as u32);
     // SAFETY: keyed by thread id, so no other program run writes this entry meanwhile.
     let Some(&len) = (unsafe { PENDING.get(&tid) }) else { return 0 };

@@ -7,7 +7,7 @@ use aya_ebpf::{
     Global,
     bindings::BPF_F_USER_STACK,
     btf_maps::{Array, HashMap, PerCpuArray, RingBuf, StackTrace},
-    helpers::{bpf_get_current_pid_tgid, bpf_get_prandom_u32, bpf_ktime_get_ns, bpf_probe_read_user},
+    helpers::{bpf_get_prandom_u32, bpf_ktime_get_ns, bpf_probe_read_user},
     macros::{btf_map, tracepoint, uprobe, uretprobe},
     programs::{ProbeContext, RetProbeContext, TracePointContext, tracing::StackIdContext},
 };
@@ -22,7 +22,7 @@ use memtrace_common::{
         StackTotal,
     },
 };
-use memtrace_ebpf::{BPF_NOEXIST, EEXIST, atomic_add, bump, tp_u32, tp_u64};
+use memtrace_ebpf::{BPF_NOEXIST, EEXIST, atomic_add, bump, current_pid_tgid, tp_u32, tp_u64};
 
 memtrace_ebpf::license!();
 
@@ -198,7 +198,7 @@ fn forget(pid: u32, tid: u32, addr: u64, func: u32, count_unknown: bool) {
 
 #[inline(always)]
 fn ids() -> (u32, u32) {
-    let id = bpf_get_current_pid_tgid();
+    let id = current_pid_tgid();
     ((id >> 32) as u32, id as u32)
 }
 

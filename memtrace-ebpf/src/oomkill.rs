@@ -7,7 +7,7 @@ use aya_ebpf::{
     EbpfContext as _, Global,
     bindings::BPF_F_USER_STACK,
     btf_maps::{PerCpuArray, RingBuf, StackTrace},
-    helpers::{bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_ktime_get_ns, bpf_probe_read_kernel_str_bytes},
+    helpers::{bpf_get_current_comm, bpf_ktime_get_ns, bpf_probe_read_kernel_str_bytes},
     macros::{btf_map, kprobe, tracepoint},
     programs::{ProbeContext, TracePointContext, tracing::StackIdContext},
 };
@@ -15,7 +15,7 @@ use memtrace_common::{
     Filter, STACK_LOST,
     oomkill::{EV_TRIGGER, EV_VICTIM, Event, FIELD_ABSENT, VictimOffsets},
 };
-use memtrace_ebpf::{submit, tp_u32, tp_u64, wanted};
+use memtrace_ebpf::{current_pid_tgid, submit, tp_u32, tp_u64, wanted};
 
 memtrace_ebpf::license!();
 
@@ -46,7 +46,7 @@ static STACKS: StackTrace<1024, 0, 64> = StackTrace::new();
 /// An event about the current task (the trigger), other fields zero.
 #[inline(always)]
 fn trigger_event(kind: u32) -> Event {
-    let id = bpf_get_current_pid_tgid();
+    let id = current_pid_tgid();
     Event {
         kind,
         trigger_pid: (id >> 32) as u32,

@@ -8,7 +8,7 @@ use aya_ebpf::{
     Global,
     bindings::BPF_F_USER_STACK,
     btf_maps::{HashMap, PerCpuArray, RingBuf, StackTrace},
-    helpers::{bpf_get_current_comm, bpf_get_current_pid_tgid},
+    helpers::bpf_get_current_comm,
     macros::{btf_map, kprobe},
     programs::{ProbeContext, tracing::StackIdContext},
 };
@@ -16,7 +16,7 @@ use memtrace_common::{
     Filter, STACK_LOST,
     swapin::{Config, NewStack, STAT_COUNT, STAT_COUNTS_FULL, STAT_STACK_LOST, SwapKey},
 };
-use memtrace_ebpf::{BPF_NOEXIST, EEXIST, atomic_add, bump, submit, wanted};
+use memtrace_ebpf::{BPF_NOEXIST, EEXIST, atomic_add, bump, current_pid_tgid, submit, wanted};
 
 memtrace_ebpf::license!();
 
@@ -42,7 +42,7 @@ pub fn swapin_read(ctx: ProbeContext) -> u32 {
     if !wanted(&FILTER.load()) {
         return 0;
     }
-    let pid = (bpf_get_current_pid_tgid() >> 32) as u32;
+    let pid = (current_pid_tgid() >> 32) as u32;
     let stack_id = if CONFIG.load().stacks != 0 {
         match ctx.get_stackid(&STACKS, BPF_F_USER_STACK as u64) {
             Ok(id) => id as u32,

@@ -2,6 +2,7 @@
 
 mod kernel;
 mod output;
+mod procfs;
 mod symbolize;
 mod target;
 mod tools;
@@ -86,6 +87,7 @@ fn main() -> ExitCode {
             Tool::Benchfloor(args) => tools::benchfloor::run(args).await,
         }
     });
+    kernel::pidns::report_outside();
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => fail(&e),

@@ -4,6 +4,7 @@
 
 pub mod btf;
 pub mod kallsyms;
+pub mod pidns;
 pub mod placement;
 pub mod tracefs;
 
@@ -33,15 +34,18 @@ pub fn load<'a>(object: &'static [u8], configure: impl FnOnce(&mut EbpfLoader<'a
         bail!("this memtrace was built without its eBPF objects (AYA_BUILD_SKIP): rebuild it");
     }
     let mut loader = EbpfLoader::new();
+    pidns::configure(&mut loader);
     configure(&mut loader);
-    loader.load(object).map_err(|e| {
+    let bpf = loader.load(object).map_err(|e| {
         let hint = match std::io::Error::last_os_error().raw_os_error() {
             Some(libc::EPERM) => " (permission denied: run as root; kernel lockdown can also forbid BPF)",
             Some(libc::ENOSYS) => " (this kernel has no BPF syscall)",
             _ => "",
         };
         anyhow!(e).context(format!("loading eBPF maps failed{hint}"))
-    })
+    })?;
+    pidns::watch(&bpf);
+    Ok(bpf)
 }
 
 fn program<'a>(bpf: &'a mut Ebpf, name: &str) -> Result<&'a mut Program> {
