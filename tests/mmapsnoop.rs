@@ -198,3 +198,70 @@ fn mmapsnoop_pid_filter_inside_a_pid_namespace() {
     }
     assert_detached("mmapsnoop");
 }
+
+/// Run system-wide inside a pid namespace, memtrace sees that namespace's processes only: the
+/// host's (this test's own mappings) have no pid there, and are skipped and counted.
+#[test]
+fn mmapsnoop_inside_a_pid_namespace_skips_the_host_and_says_so() {
+    if !bpf_available("mmapsnoop_inside_a_pid_namespace_skips_the_host_and_says_so") {
+        return;
+    }
+    let mut maps = ns::Contained::start(&["--pid", "--fork", "--mount-proc"], "", &prog("mmapsnoop_maps"), &[]);
+    let mut mt = Live::spawn(maps.memtrace_inside(&["mmapsnoop", "--json", "-d", "3"]));
+    mt.wait_ready();
+    for _ in 0..5 {
+        // SAFETY: an anonymous mapping unmapped at once.
+        unsafe {
+            let p =
+                libc::mmap(std::ptr::null_mut(), 4096, libc::PROT_READ, libc::MAP_PRIVATE | libc::MAP_ANONYMOUS, -1, 0);
+            assert_ne!(p, libc::MAP_FAILED);
+            libc::munmap(p, 4096);
+        }
+    }
+    maps.act();
+    mt.wait_lines("{", 7);
+    maps.end();
+    let (status, stdout, stderr) = mt.finish(Duration::from_secs(20));
+    assert!(status.success(), "{status}: {stderr}");
+    let (events, _) = events_and_final(&stdout);
+    // Inside: the program, then its shell's `sleep` (pids 2 and 3); nothing from the host.
+    let inside: Vec<&str> =
+        events.iter().filter(|e| e["pid"] == maps.inside).map(|e| e["call"].as_str().unwrap()).collect();
+    assert_eq!(inside, ["mmap", "mmap", "mmap", "munmap", "mmap", "mremap", "mmap"], "{stdout}");
+    for e in &events {
+        let comm = e["comm"].as_str().unwrap();
+        assert!(["mmapsnoop_maps", "sh", "sleep"].contains(&comm), "a process outside the namespace: {e:#}");
+    }
+    assert!(
+        stderr.lines().last().is_some_and(|l| l.starts_with("memtrace: note: ")
+            && l.contains("events from processes outside memtrace's pid namespace were skipped")),
+        "{stderr}"
+    );
+}
+
+/// A process in a pid namespace nested in memtrace's own has pids memtrace cannot follow:
+/// -p says so instead of reporting nothing.
+#[test]
+fn mmapsnoop_refuses_a_process_in_a_nested_pid_namespace() {
+    if !bpf_available("mmapsnoop_refuses_a_process_in_a_nested_pid_namespace") {
+        return;
+    }
+    let maps = prog("mmapsnoop_maps");
+    let flags = ["--pid", "--fork", "--mount-proc"];
+    let mut argv = vec!["unshare"];
+    argv.extend(flags);
+    argv.push(maps.to_str().unwrap());
+    let nested = ns::Contained::start_as(&flags, "", &argv, &maps);
+    let pids = ns::nspids(nested.global);
+    assert_eq!(pids.len(), 3, "host, outer and inner namespace expected: {pids:?}");
+    let out = nested.memtrace_inside(&["mmapsnoop", "-p", &pids[1].to_string()]).output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert_eq!(stderr.lines().count(), 1, "{stderr}");
+    assert!(
+        stderr
+            .starts_with(&format!("memtrace: error: process {} runs in a pid namespace nested in memtrace's", pids[1])),
+        "{stderr}"
+    );
+    assert_detached("mmapsnoop");
+}

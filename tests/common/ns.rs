@@ -16,6 +16,7 @@ pub struct Contained {
     pub global: u32,
     /// Its pid in its own pid namespace (the same as `global` without --pid).
     pub inside: u32,
+    /// The shell: memtrace enters its namespaces.
     keeper: u32,
 }
 
@@ -27,25 +28,31 @@ fn children(pid: u32) -> Vec<u32> {
         .collect()
 }
 
-/// The last pid of the NSpid line: the process's pid in its own namespace.
-fn pid_inside(global: u32) -> u32 {
+/// A process's pid in each pid namespace from the host's down to its own (the NSpid line).
+pub fn nspids(global: u32) -> Vec<u32> {
     let status = std::fs::read_to_string(format!("/proc/{global}/status")).unwrap();
     let line = status.lines().find(|l| l.starts_with("NSpid:")).expect("NSpid in status");
-    line.split_whitespace().last().unwrap().parse().unwrap()
+    line.split_whitespace().skip(1).map(|p| p.parse().unwrap()).collect()
 }
 
 impl Contained {
     /// Runs `setup` (shell commands) then `program args` in a shell under `unshare flags`,
     /// and waits for the program's "ready".
     pub fn start(flags: &[&str], setup: &str, program: &Path, args: &[&str]) -> Contained {
+        let mut argv = vec![program.to_str().unwrap()];
+        argv.extend(args);
+        Contained::start_as(flags, setup, &argv, program)
+    }
+
+    /// As `start`, for a command `argv` that runs `program` (a wrapper such as another unshare).
+    pub fn start_as(flags: &[&str], setup: &str, argv: &[&str], program: &Path) -> Contained {
         // The shell outlives the program so that a pid namespace (whose init it is) stays up
         // while a tracer inside it reports the program's exit.
         let script = format!("{setup}\n\"$0\" \"$@\"\nsleep 120");
         let mut unshare = Command::new("unshare")
             .args(flags)
             .args(["sh", "-c", &script])
-            .arg(program)
-            .args(args)
+            .args(argv)
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .spawn()
@@ -53,17 +60,19 @@ impl Contained {
         let mut stdout = BufReader::new(unshare.stdout.take().unwrap()).lines();
         let first = stdout.next().map(|l| l.unwrap());
         assert_eq!(first.as_deref(), Some("ready"), "{program:?} under unshare {flags:?} did not start");
-        // unshare execs the shell, or forks it with --fork; the program is the shell's child.
+        // unshare execs the shell, or forks it with --fork; memtrace enters the shell's
+        // namespaces (a wrapper between it and the program may have made others).
+        let comm = |p: u32| std::fs::read_to_string(format!("/proc/{p}/comm")).unwrap_or_default();
+        let keeper = if comm(unshare.id()).trim_end() == "sh" { unshare.id() } else { children(unshare.id())[0] };
         let name = program.file_name().unwrap().to_str().unwrap();
         let deadline = Instant::now() + Duration::from_secs(5);
-        let (keeper, global) = loop {
+        let global = loop {
             let mut found = None;
-            let mut todo = vec![unshare.id()];
+            let mut todo = vec![keeper];
             while let Some(p) = todo.pop() {
                 for c in children(p) {
-                    let comm = std::fs::read_to_string(format!("/proc/{c}/comm")).unwrap_or_default();
-                    if comm.trim_end() == &name[..name.len().min(15)] {
-                        found = Some((p, c));
+                    if comm(c).trim_end() == &name[..name.len().min(15)] {
+                        found = Some(c);
                     }
                     todo.push(c);
                 }
@@ -74,7 +83,14 @@ impl Contained {
             assert!(Instant::now() < deadline, "{name} not found under unshare");
             std::thread::sleep(Duration::from_millis(20));
         };
-        Contained { stdin: unshare.stdin.take(), unshare, stdout, global, inside: pid_inside(global), keeper }
+        Contained {
+            stdin: unshare.stdin.take(),
+            unshare,
+            stdout,
+            global,
+            inside: *nspids(global).last().unwrap(),
+            keeper,
+        }
     }
 
     /// A command that runs memtrace with `args` inside the program's pid and mount namespaces.
