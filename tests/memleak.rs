@@ -316,3 +316,47 @@ fn memleak_inside_a_pid_namespace_names_every_frame() {
     }
     assert_detached("memleak");
 }
+
+/// A library replaced on disk after the target loaded it (an upgrade): the path now names
+/// another file, and memleak must probe the one mapped, through /proc/PID/map_files.
+#[test]
+fn memleak_probes_a_replaced_libc_through_map_files() {
+    if !bpf_available("memleak_probes_a_replaced_libc_through_map_files") {
+        return;
+    }
+    let dir = repo().join("target/test-progs/replaced-libc");
+    std::fs::create_dir_all(&dir).unwrap();
+    let libc = dir.join("libc.so.6");
+    std::fs::copy(std::fs::canonicalize("/lib/x86_64-linux-gnu/libc.so.6").unwrap(), &libc).unwrap();
+    let mut target = Command::new(prog("leaky"))
+        .arg("wait")
+        .env("LD_LIBRARY_PATH", &dir)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(target.stdout.take().unwrap()).lines();
+    assert_eq!(lines.next().unwrap().unwrap(), "ready");
+    let pid = target.id().to_string();
+    // Replace it as a package manager does: a new file renamed over the old one.
+    let new = dir.join("libc.so.6.new");
+    std::fs::copy(&libc, &new).unwrap();
+    std::fs::rename(&new, &libc).unwrap();
+    let maps = std::fs::read_to_string(format!("/proc/{pid}/maps")).unwrap();
+    assert!(maps.contains(&format!("{} (deleted)", libc.display())), "the target does not map the old file: {maps}");
+
+    let mut mt = Running::start(&["memleak", "--json", "-T", "100", "-o", "0", "-p", &pid, "1"]);
+    mt.wait_ready();
+    let mut stdin = target.stdin.take().unwrap();
+    writeln!(stdin).unwrap();
+    assert_eq!(lines.next().unwrap().unwrap(), "leaked");
+    std::thread::sleep(Duration::from_millis(1500));
+    drop(stdin);
+    target.wait().unwrap();
+    let (status, stdout, stderr) = mt.finish(Duration::from_secs(20));
+    assert!(status.success(), "{status}: {stderr}");
+    assert!(stderr.contains(&format!("through /proc/{pid}/map_files/")), "{stderr}");
+    let report = final_report(&stdout);
+    assert_leaks(&report, "leaky.c", LEAKY_C, "no_leak");
+    assert_detached("memleak");
+}

@@ -96,6 +96,8 @@ pub struct UserSymbolizer {
     files: HashMap<FileKey, File>,
     /// Frames per (file, file offset) with `addr` left 0; the same offset has different addrs per pid.
     cache: HashMap<(FileKey, u64), Vec<Frame>>,
+    /// Mapped files that could not be opened, per (pid, path): warned about once each.
+    unreachable: std::collections::HashSet<(u32, Rc<str>)>,
 }
 
 impl Default for UserSymbolizer {
@@ -113,7 +115,13 @@ impl UserSymbolizer {
             // Files are addressed via fds we hold open, so they cannot change underneath.
             .enable_auto_reload(false)
             .build();
-        UserSymbolizer { symbolizer, maps: HashMap::new(), files: HashMap::new(), cache: HashMap::new() }
+        UserSymbolizer {
+            symbolizer,
+            maps: HashMap::new(),
+            files: HashMap::new(),
+            cache: HashMap::new(),
+            unreachable: Default::default(),
+        }
     }
 
     /// Re-read /proc/PID/maps. Keeps the previous snapshot when the process is gone (returns Ok(false) then), Ok(true) when refreshed.
@@ -196,9 +204,11 @@ impl UserSymbolizer {
             self.files.entry(key).or_insert(file);
             return Some(key);
         }
-        eprintln!(
-            "memtrace: warning: cannot open the {path} that process {pid} maps (replaced or gone): its frames show no function names"
-        );
+        if self.unreachable.insert((pid, path.into())) {
+            eprintln!(
+                "memtrace: warning: cannot open the {path} that process {pid} maps (replaced or gone): its frames show no function names"
+            );
+        }
         None
     }
 
@@ -224,6 +234,15 @@ impl UserSymbolizer {
             }
         }
         frames
+    }
+
+    /// How many mapped files could not be opened: a blind spot for reports to state.
+    #[cfg_attr(
+        not(test),
+        allow(dead_code, reason = "for the reports' blind spots; memleak's report is being rewritten")
+    )]
+    pub fn unreachable_files(&self) -> usize {
+        self.unreachable.len()
     }
 
     /// Forget a pid's snapshot (process gone and reported).
@@ -346,6 +365,18 @@ impl KernelSymbolizer {
 mod tests {
     use super::*;
     use std::hint::black_box;
+
+    #[test]
+    fn a_mapped_file_is_never_replaced_by_another_of_its_name() {
+        let mut sym = UserSymbolizer::new();
+        let me = std::process::id();
+        let libc = crate::procfs::mapped_files(me).unwrap().into_iter().find(|m| m.path.contains("libc.so")).unwrap();
+        assert!(sym.open_elf(me, &libc.path, libc.inode, (libc.start, libc.end)).is_some());
+        // Same path, another inode, and a range that maps nothing: no file is the mapped one.
+        assert_eq!(sym.open_elf(me, &libc.path, libc.inode + 1, (0, 0x1000)), None);
+        assert_eq!(sym.open_elf(me, &libc.path, libc.inode + 1, (0, 0x1000)), None);
+        assert_eq!(sym.unreachable_files(), 1);
+    }
 
     #[inline(never)]
     fn probe_target(x: u64) -> u64 {
