@@ -234,7 +234,7 @@ fn mmapsnoop_inside_a_pid_namespace_skips_the_host_and_says_so() {
     }
     assert!(
         stderr.lines().last().is_some_and(|l| l.starts_with("memtrace: note: ")
-            && l.contains("events from processes outside memtrace's pid namespace were skipped")),
+            && l.contains("probe hits from processes outside memtrace's pid namespace were skipped")),
         "{stderr}"
     );
 }
@@ -261,6 +261,26 @@ fn mmapsnoop_refuses_a_process_in_a_nested_pid_namespace() {
     assert!(
         stderr
             .starts_with(&format!("memtrace: error: process {} runs in a pid namespace nested in memtrace's", pids[1])),
+        "{stderr}"
+    );
+    assert_detached("mmapsnoop");
+}
+
+/// memtrace in a new pid namespace whose /proc is still the host's: the pids it reports
+/// would not name the processes /proc shows, and it says so.
+#[test]
+fn mmapsnoop_warns_when_proc_is_not_its_pid_namespace() {
+    if !bpf_available("mmapsnoop_warns_when_proc_is_not_its_pid_namespace") {
+        return;
+    }
+    let out = std::process::Command::new("unshare")
+        .args(["--pid", "--fork", env!("CARGO_BIN_EXE_memtrace"), "mmapsnoop", "--json", "-d", "1"])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert!(
+        stderr.lines().any(|l| l == "memtrace: warning: /proc belongs to another pid namespace than memtrace: pids will not match; mount a /proc for this namespace (e.g. unshare --mount-proc)"),
         "{stderr}"
     );
     assert_detached("mmapsnoop");

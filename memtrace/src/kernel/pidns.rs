@@ -103,7 +103,7 @@ pub fn report_outside() {
         counters.iter().filter_map(|c| c.get(&0, 0).ok()).map(|per_cpu| per_cpu.iter().sum::<u64>()).sum();
     if skipped > 0 {
         eprintln!(
-            "memtrace: note: {skipped} events from processes outside memtrace's pid namespace were skipped (they have no pid here; run memtrace in the host's namespace to see them)"
+            "memtrace: note: {skipped} probe hits from processes outside memtrace's pid namespace were skipped (they have no pid here; run memtrace in the host's namespace to see them)"
         );
     }
 }
