@@ -14,9 +14,9 @@ use std::{
 };
 
 use anyhow::{Context as _, Result, bail};
+use tokio::sync::{mpsc, oneshot};
 
 use crate::procfs;
-use tokio::sync::{mpsc, oneshot};
 
 /// Fails with a one-line message unless `pid` is a live process.
 pub fn check_pid(pid: u32) -> Result<()> {
