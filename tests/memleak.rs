@@ -3,6 +3,8 @@
 
 #[path = "common/mod.rs"]
 mod common;
+#[path = "common/ns.rs"]
+mod ns;
 #[path = "common/uprobes.rs"]
 mod uprobes;
 
@@ -502,4 +504,113 @@ fn memleak_a_target_stopped_inside_malloc_keeps_the_kernel_probe_until_it_resume
     let _ = target.wait();
     assert_eq!(refused.map_err(|e| e.raw_os_error()), Err(Some(libc::EINVAL)), "while the target was stopped");
     assert!(after.is_ok(), "still refused after the target resumed: {after:?}");
+}
+
+/// A container whose libc differs from the host's: the target maps its own file at the usual
+/// path, and memleak must probe that file (through /proc/PID/root), not the host's.
+#[test]
+fn memleak_probes_the_libc_of_a_target_in_another_mount_namespace() {
+    if !bpf_available("memleak_probes_the_libc_of_a_target_in_another_mount_namespace") {
+        return;
+    }
+    let host_libc = std::fs::canonicalize("/lib/x86_64-linux-gnu/libc.so.6").unwrap();
+    // Same content, another inode: a probe on the host's file never fires in the container.
+    let copy = repo().join("target/test-progs/container-libc.so.6");
+    std::fs::copy(&host_libc, &copy).unwrap();
+    let setup = format!("mount --bind '{}' '{}' || exit 99", copy.display(), host_libc.display());
+    let mut target = ns::Contained::start(&["--mount", "--propagation", "private"], &setup, &prog("leaky"), &["wait"]);
+    let pid = target.global.to_string();
+    let host_inode = std::os::unix::fs::MetadataExt::ino(&std::fs::metadata(&host_libc).unwrap());
+    let maps = std::fs::read_to_string(format!("/proc/{pid}/maps")).unwrap();
+    let mapped = maps.lines().find(|l| l.ends_with(host_libc.to_str().unwrap())).expect("the target maps libc");
+    let mapped_inode: u64 = mapped.split_whitespace().nth(4).unwrap().parse().unwrap();
+    assert_ne!(mapped_inode, host_inode, "the bind mount did not give the target another libc: {mapped}");
+
+    let mut mt = Running::start(&["memleak", "--json", "-T", "100", "-o", "0", "-p", &pid, "1"]);
+    mt.wait_ready();
+    assert_eq!(target.act(), "leaked");
+    std::thread::sleep(Duration::from_millis(1500));
+    target.end();
+    let (status, stdout, stderr) = mt.finish(Duration::from_secs(20));
+    assert!(status.success(), "{status}: {stderr}");
+    let through = format!("through /proc/{pid}/root{}", host_libc.display());
+    assert!(stderr.contains(&through), "expected {through:?}: {stderr}");
+    let report = final_report(&stdout);
+    assert_eq!(report["pid"], target.global);
+    assert_leaks(&report, "leaky.c", LEAKY_C, "no_leak");
+    assert_detached("memleak");
+}
+
+/// memtrace itself in a pid namespace (as in a container) tracing a process there: the pids
+/// the kernel side reports are the namespace's, so /proc is read for the right process and
+/// every leak is named.
+#[test]
+fn memleak_inside_a_pid_namespace_names_every_frame() {
+    if !bpf_available("memleak_inside_a_pid_namespace_names_every_frame") {
+        return;
+    }
+    let mut target = ns::Contained::start(&["--pid", "--fork", "--mount-proc"], "", &prog("leaky"), &["wait"]);
+    assert_ne!(target.inside, target.global, "unshare --pid gave no new pid namespace");
+    let pid = target.inside.to_string();
+    let mut mt =
+        Running::spawn(target.memtrace_inside(&["memleak", "--json", "-T", "100", "-o", "0", "-p", &pid, "1"]));
+    mt.wait_ready();
+    assert_eq!(target.act(), "leaked");
+    std::thread::sleep(Duration::from_millis(1500));
+    target.end();
+    let (status, stdout, stderr) = mt.finish(Duration::from_secs(20));
+    assert!(status.success(), "{status}: {stderr}");
+    assert!(stderr.contains(&format!("process {pid} exited")), "{stderr}");
+    let report = final_report(&stdout);
+    assert_eq!(report["pid"], target.inside);
+    assert_leaks(&report, "leaky.c", LEAKY_C, "no_leak");
+    for (func, _, _) in LEAKY_C {
+        let stack = stacks_with(&report, func)[0];
+        assert!(frame_of(stack, "main").is_some(), "{func}: no main frame: {stack:#}");
+    }
+    assert_detached("memleak");
+}
+
+/// A library replaced on disk after the target loaded it (an upgrade): the path now names
+/// another file, and memleak must probe the one mapped, through /proc/PID/map_files.
+#[test]
+fn memleak_probes_a_replaced_libc_through_map_files() {
+    if !bpf_available("memleak_probes_a_replaced_libc_through_map_files") {
+        return;
+    }
+    let dir = repo().join("target/test-progs/replaced-libc");
+    std::fs::create_dir_all(&dir).unwrap();
+    let libc = dir.join("libc.so.6");
+    std::fs::copy(std::fs::canonicalize("/lib/x86_64-linux-gnu/libc.so.6").unwrap(), &libc).unwrap();
+    let mut target = Command::new(prog("leaky"))
+        .arg("wait")
+        .env("LD_LIBRARY_PATH", &dir)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(target.stdout.take().unwrap()).lines();
+    assert_eq!(lines.next().unwrap().unwrap(), "ready");
+    let pid = target.id().to_string();
+    // Replace it as a package manager does: a new file renamed over the old one.
+    let new = dir.join("libc.so.6.new");
+    std::fs::copy(&libc, &new).unwrap();
+    std::fs::rename(&new, &libc).unwrap();
+    let maps = std::fs::read_to_string(format!("/proc/{pid}/maps")).unwrap();
+    assert!(maps.contains(&format!("{} (deleted)", libc.display())), "the target does not map the old file: {maps}");
+
+    let mut mt = Running::start(&["memleak", "--json", "-T", "100", "-o", "0", "-p", &pid, "1"]);
+    mt.wait_ready();
+    let mut stdin = target.stdin.take().unwrap();
+    writeln!(stdin).unwrap();
+    assert_eq!(lines.next().unwrap().unwrap(), "leaked");
+    std::thread::sleep(Duration::from_millis(1500));
+    drop(stdin);
+    target.wait().unwrap();
+    let (status, stdout, stderr) = mt.finish(Duration::from_secs(20));
+    assert!(status.success(), "{status}: {stderr}");
+    assert!(stderr.contains(&format!("through /proc/{pid}/map_files/")), "{stderr}");
+    let report = final_report(&stdout);
+    assert_leaks(&report, "leaky.c", LEAKY_C, "no_leak");
+    assert_detached("memleak");
 }

@@ -165,6 +165,47 @@ fn memleak_command_follows_forks_and_inheritance_exactly() {
     }
     let family = prog("family");
     let (report, _) = run_command(family.to_str().unwrap());
+    assert_family(&report);
+}
+
+/// The same tree with memtrace itself in a pid namespace of its own (as in a container): the
+/// kernel's fork tracepoint names children by pids memtrace cannot see, so ptrace tells it.
+#[test]
+fn memleak_command_inside_a_pid_namespace_follows_forks() {
+    if !bpf_available("memleak_command_inside_a_pid_namespace_follows_forks") {
+        return;
+    }
+    let family = prog("family");
+    let out = Command::new("unshare")
+        .args(["--pid", "--fork", "--mount-proc", env!("CARGO_BIN_EXE_memtrace")])
+        .args(["memleak", "--json", "-T", "200", "-c", family.to_str().unwrap()])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let out = wait_output(out, Duration::from_secs(60));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    let report = final_report(&String::from_utf8_lossy(&out.stdout));
+    // Numbered by the new namespace (memtrace is its pid 1), not by the host's thousands.
+    assert!(report["pid"].as_u64().unwrap() < 50, "a host pid: {report:#}");
+    assert_family(&report);
+    // -p --children cannot work there: said in one line, before anything is attached.
+    let out = Command::new("unshare")
+        .args(["--pid", "--fork", "--mount-proc", env!("CARGO_BIN_EXE_memtrace")])
+        .args(["memleak", "-p", "1", "--children"])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(stderr.starts_with("memtrace: error: --children needs memtrace in the host's pid namespace"), "{stderr}");
+    assert_eq!(stderr.lines().count(), 1, "{stderr}");
+}
+
+/// Parent, child and grandchild of tests/progs/family.c, each with exactly its own leaks and
+/// its copy of what it inherited.
+fn assert_family(report: &Value) {
+    let report = report.clone();
     let root = report["pid"].as_u64().unwrap();
     let procs = processes(&report);
     assert_eq!(procs.len(), 3, "parent, child and grandchild: {:#}", report["processes"]);

@@ -6,6 +6,8 @@
 mod common;
 #[path = "common/live.rs"]
 mod live;
+#[path = "common/ns.rs"]
+mod ns;
 
 use std::time::Duration;
 
@@ -166,5 +168,120 @@ fn mmapsnoop_detaches_cleanly() {
     let (events, last) = events_and_final(&stdout);
     assert!(events.is_empty(), "{events:?}");
     assert_eq!(last, json!({ "final": true, "events": 0, "events_lost": 0 }));
+    assert_detached("mmapsnoop");
+}
+
+/// memtrace in a pid namespace (a container): `-p` takes the pid the namespace shows, and
+/// events carry it, so the filter keeps exactly the program's calls.
+#[test]
+fn mmapsnoop_pid_filter_inside_a_pid_namespace() {
+    if !bpf_available("mmapsnoop_pid_filter_inside_a_pid_namespace") {
+        return;
+    }
+    let mut maps = ns::Contained::start(&["--pid", "--fork", "--mount-proc"], "", &prog("mmapsnoop_maps"), &[]);
+    assert_ne!(maps.inside, maps.global, "unshare --pid gave no new pid namespace");
+    let pid = maps.inside;
+    let mut mt = Live::spawn(maps.memtrace_inside(&["mmapsnoop", "--json", "-p", &pid.to_string()]));
+    mt.wait_ready();
+    let got = maps.act();
+    assert!(got.contains("anon="), "{got}");
+    mt.wait_lines("{", 7);
+    maps.end();
+    let (status, stdout, stderr) = mt.finish(Duration::from_secs(20));
+    assert!(status.success(), "{status}: {stderr}");
+    assert!(stderr.contains(&format!("process {pid} exited")), "{stderr}");
+    let (events, _) = events_and_final(&stdout);
+    let calls: Vec<&str> = events.iter().map(|e| e["call"].as_str().unwrap()).collect();
+    assert_eq!(calls, ["mmap", "mmap", "mmap", "munmap", "mmap", "mremap", "mmap"], "{stdout}");
+    for e in &events {
+        assert_fields(e, &json!({ "pid": pid, "tid": pid, "comm": "mmapsnoop_maps" }));
+    }
+    assert_detached("mmapsnoop");
+}
+
+/// Run system-wide inside a pid namespace, memtrace sees that namespace's processes only: the
+/// host's (this test's own mappings) have no pid there, and are skipped and counted.
+#[test]
+fn mmapsnoop_inside_a_pid_namespace_skips_the_host_and_says_so() {
+    if !bpf_available("mmapsnoop_inside_a_pid_namespace_skips_the_host_and_says_so") {
+        return;
+    }
+    let mut maps = ns::Contained::start(&["--pid", "--fork", "--mount-proc"], "", &prog("mmapsnoop_maps"), &[]);
+    let mut mt = Live::spawn(maps.memtrace_inside(&["mmapsnoop", "--json", "-d", "3"]));
+    mt.wait_ready();
+    for _ in 0..5 {
+        // SAFETY: an anonymous mapping unmapped at once.
+        unsafe {
+            let p =
+                libc::mmap(std::ptr::null_mut(), 4096, libc::PROT_READ, libc::MAP_PRIVATE | libc::MAP_ANONYMOUS, -1, 0);
+            assert_ne!(p, libc::MAP_FAILED);
+            libc::munmap(p, 4096);
+        }
+    }
+    maps.act();
+    mt.wait_lines("{", 7);
+    maps.end();
+    let (status, stdout, stderr) = mt.finish(Duration::from_secs(20));
+    assert!(status.success(), "{status}: {stderr}");
+    let (events, _) = events_and_final(&stdout);
+    // Inside: the program, then its shell's `sleep` (pids 2 and 3); nothing from the host.
+    let inside: Vec<&str> =
+        events.iter().filter(|e| e["pid"] == maps.inside).map(|e| e["call"].as_str().unwrap()).collect();
+    assert_eq!(inside, ["mmap", "mmap", "mmap", "munmap", "mmap", "mremap", "mmap"], "{stdout}");
+    for e in &events {
+        let comm = e["comm"].as_str().unwrap();
+        assert!(["mmapsnoop_maps", "sh", "sleep"].contains(&comm), "a process outside the namespace: {e:#}");
+    }
+    assert!(
+        stderr.lines().last().is_some_and(|l| l.starts_with("memtrace: note: ")
+            && l.contains("probe hits from processes outside memtrace's pid namespace were skipped")),
+        "{stderr}"
+    );
+}
+
+/// A process in a pid namespace nested in memtrace's own has pids memtrace cannot follow:
+/// -p says so instead of reporting nothing.
+#[test]
+fn mmapsnoop_refuses_a_process_in_a_nested_pid_namespace() {
+    if !bpf_available("mmapsnoop_refuses_a_process_in_a_nested_pid_namespace") {
+        return;
+    }
+    let maps = prog("mmapsnoop_maps");
+    let flags = ["--pid", "--fork", "--mount-proc"];
+    let mut argv = vec!["unshare"];
+    argv.extend(flags);
+    argv.push(maps.to_str().unwrap());
+    let nested = ns::Contained::start_as(&flags, "", &argv, &maps);
+    let pids = ns::nspids(nested.global);
+    assert_eq!(pids.len(), 3, "host, outer and inner namespace expected: {pids:?}");
+    let out = nested.memtrace_inside(&["mmapsnoop", "-p", &pids[1].to_string()]).output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert_eq!(stderr.lines().count(), 1, "{stderr}");
+    assert!(
+        stderr
+            .starts_with(&format!("memtrace: error: process {} runs in a pid namespace nested in memtrace's", pids[1])),
+        "{stderr}"
+    );
+    assert_detached("mmapsnoop");
+}
+
+/// memtrace in a new pid namespace whose /proc is still the host's: the pids it reports
+/// would not name the processes /proc shows, and it says so.
+#[test]
+fn mmapsnoop_warns_when_proc_is_not_its_pid_namespace() {
+    if !bpf_available("mmapsnoop_warns_when_proc_is_not_its_pid_namespace") {
+        return;
+    }
+    let out = std::process::Command::new("unshare")
+        .args(["--pid", "--fork", env!("CARGO_BIN_EXE_memtrace"), "mmapsnoop", "--json", "-d", "1"])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert!(
+        stderr.lines().any(|l| l == "memtrace: warning: /proc belongs to another pid namespace than memtrace: pids will not match; mount a /proc for this namespace (e.g. unshare --mount-proc)"),
+        "{stderr}"
+    );
     assert_detached("mmapsnoop");
 }

@@ -29,6 +29,23 @@ pub struct Filter {
 
 user_pod!(Filter);
 
+/// memtrace's own pid namespace, set by user space before load so that programs report
+/// pids as memtrace (and its /proc) sees them. `dev` 0: memtrace runs in the initial
+/// namespace, where the kernel's global ids are already the right ones.
+#[repr(C)]
+#[derive(Copy, Clone, Debug, Default, PartialEq, Eq)]
+pub struct PidNs {
+    /// Device of the nsfs inode, in the kernel's internal `dev_t` encoding (major << 20 | minor).
+    pub dev: u64,
+    pub ino: u64,
+}
+
+user_pod!(PidNs);
+
+/// Set in both halves of the id of a task outside memtrace's pid namespace, which has no pid
+/// there: the rest is its global id, so per-thread keys stay unique, and no real pid has it.
+pub const FOREIGN_PID: u32 = 1 << 31;
+
 /// `pid` value meaning "no process": kernel allocations, or no filter.
 pub const NO_PID: u32 = 0;
 
@@ -59,6 +76,7 @@ mod tests {
     #[test]
     fn shared_structs_have_no_implicit_padding() {
         assert_eq!(size_of::<Filter>(), 4 + 4 + 16);
+        assert_eq!(size_of::<crate::PidNs>(), 8 + 8);
         assert_eq!(size_of::<AllocKey>(), 4 + 4 + 8);
         assert_eq!(size_of::<AllocInfo>(), 8 + 8 + 8 + 4 + 4);
         assert_eq!(size_of::<StackKey>(), 4 + 4 + 8);

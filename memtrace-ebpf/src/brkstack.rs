@@ -7,10 +7,7 @@ use aya_ebpf::{
     Global,
     bindings::{pt_regs, task_struct},
     btf_maps::{HashMap, PerCpuArray, RingBuf},
-    helpers::{
-        bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_get_current_task_btf, bpf_probe_read_kernel,
-        bpf_probe_read_user,
-    },
+    helpers::{bpf_get_current_comm, bpf_get_current_task_btf, bpf_probe_read_kernel, bpf_probe_read_user},
     macros::{btf_map, tracepoint},
     programs::TracePointContext,
 };
@@ -22,7 +19,7 @@ use memtrace_common::{
     },
     stack::MAX_FRAMES,
 };
-use memtrace_ebpf::{BPF_NOEXIST, EEXIST, atomic_add, bump, stack::Lost, submit, tp_u64, wanted};
+use memtrace_ebpf::{BPF_NOEXIST, EEXIST, atomic_add, bump, current_pid_tgid, stack::Lost, submit, tp_u64, wanted};
 
 memtrace_ebpf::license!();
 
@@ -67,17 +64,17 @@ static LOST: PerCpuArray<u64, 1> = PerCpuArray::new();
 
 #[tracepoint]
 pub fn brkstack_enter(ctx: TracePointContext) -> u32 {
-    if !wanted(&FILTER.load()) || (bpf_get_current_pid_tgid() >> 32) as u32 == CONFIG.load().self_pid {
+    if !wanted(&FILTER.load()) || (current_pid_tgid() >> 32) as u32 == CONFIG.load().self_pid {
         return 0;
     }
-    let tid = bpf_get_current_pid_tgid() as u32;
+    let tid = current_pid_tgid() as u32;
     let _ = PENDING.insert(tid, tp_u64(&ctx, OFFSETS.load().enter_brk), 0);
     0
 }
 
 #[tracepoint]
 pub fn brkstack_exit(ctx: TracePointContext) -> u32 {
-    let id = bpf_get_current_pid_tgid();
+    let id = current_pid_tgid();
     let (pid, tid) = ((id >> 32) as u32, id as u32);
     // SAFETY: value copied out of the map at once.
     let Some(requested) = (unsafe { PENDING.get(tid) }).copied() else {
@@ -251,14 +248,14 @@ fn add(key: &BrkKey, growth: u64) -> bool {
 /// A new program image has a new break: the next call (ld.so's brk(0)) sets the baseline.
 #[tracepoint]
 pub fn brkstack_exec(_ctx: TracePointContext) -> u32 {
-    let _ = LAST_BRK.remove((bpf_get_current_pid_tgid() >> 32) as u32);
+    let _ = LAST_BRK.remove((current_pid_tgid() >> 32) as u32);
     0
 }
 
 /// Keeps LAST_BRK from filling with the dead: forget a process when its leader exits.
 #[tracepoint]
 pub fn brkstack_gone(_ctx: TracePointContext) -> u32 {
-    let id = bpf_get_current_pid_tgid();
+    let id = current_pid_tgid();
     if (id >> 32) as u32 == id as u32 {
         let _ = LAST_BRK.remove((id >> 32) as u32);
     }

@@ -6,7 +6,7 @@
 use aya_ebpf::{
     Global,
     btf_maps::{HashMap, PerCpuArray, RingBuf},
-    helpers::{bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_ktime_get_ns},
+    helpers::{bpf_get_current_comm, bpf_ktime_get_ns},
     macros::{btf_map, tracepoint},
     programs::TracePointContext,
 };
@@ -14,7 +14,7 @@ use memtrace_common::{
     Filter,
     drsnoop::{Config, Event, KIND_DIRECT, KIND_MEMCG},
 };
-use memtrace_ebpf::{submit, tp_u64, wanted};
+use memtrace_ebpf::{current_pid_tgid, submit, tp_u64, wanted};
 
 memtrace_ebpf::license!();
 
@@ -38,7 +38,7 @@ fn begin() -> u32 {
     if !wanted(&FILTER.load()) {
         return 0;
     }
-    let tid = bpf_get_current_pid_tgid() as u32;
+    let tid = current_pid_tgid() as u32;
     let config = CONFIG.load();
     if config.tid != 0 && tid != config.tid {
         return 0;
@@ -79,7 +79,7 @@ fn comm_contains(name: &[u8; 16], len: usize) -> bool {
 
 #[inline(always)]
 fn end(ctx: &TracePointContext, kind: u32, reclaimed_offset: u32) -> u32 {
-    let id = bpf_get_current_pid_tgid();
+    let id = current_pid_tgid();
     let tid = id as u32;
     // SAFETY: value copied out of the map at once.
     let Some(start) = (unsafe { STARTS.get(&tid) }).copied() else { return 0 };

@@ -6,7 +6,7 @@
 use aya_ebpf::{
     Global,
     btf_maps::{HashMap, PerCpuArray, RingBuf},
-    helpers::{bpf_get_current_comm, bpf_get_current_pid_tgid},
+    helpers::bpf_get_current_comm,
     macros::{btf_map, tracepoint},
     programs::TracePointContext,
 };
@@ -17,7 +17,7 @@ use memtrace_common::{
         STAT_COUNTS_FULL, STAT_KSTACK_LOST, STAT_PROCS_FULL, STAT_USTACK_LOST,
     },
 };
-use memtrace_ebpf::{BPF_NOEXIST, EEXIST, atomic_add, bump, submit, tp_u64, wanted};
+use memtrace_ebpf::{BPF_NOEXIST, EEXIST, atomic_add, bump, current_pid_tgid, submit, tp_u64, wanted};
 
 memtrace_ebpf::license!();
 
@@ -59,7 +59,7 @@ fn fault(ctx: &TracePointContext, mode: u32) -> u32 {
     if !wanted(&FILTER.load()) {
         return 0;
     }
-    let id = bpf_get_current_pid_tgid();
+    let id = current_pid_tgid();
     let (pid, tid) = ((id >> 32) as u32, id as u32);
     if pid == CONFIG.load().self_pid {
         return 0;

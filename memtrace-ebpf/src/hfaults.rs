@@ -11,7 +11,7 @@
 use aya_ebpf::{
     Global,
     btf_maps::{HashMap, LruHashMap, PerCpuArray, RingBuf},
-    helpers::{bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_probe_read_kernel, bpf_probe_read_kernel_str_bytes},
+    helpers::{bpf_get_current_comm, bpf_probe_read_kernel, bpf_probe_read_kernel_str_bytes},
     macros::{btf_map, kprobe, tracepoint},
     programs::{ProbeContext, TracePointContext},
 };
@@ -22,7 +22,7 @@ use memtrace_common::{
         MAP_HUGE_MASK, MAP_HUGE_SHIFT, MAP_HUGETLB, MAX_RANGES, MREMAP_DONTUNMAP, Ranges, SRC_KPROBE, SRC_TRACEPOINT,
     },
 };
-use memtrace_ebpf::{BPF_NOEXIST, bump, submit, tp_u32, tp_u64, wanted};
+use memtrace_ebpf::{BPF_NOEXIST, bump, current_pid_tgid, submit, tp_u32, tp_u64, wanted};
 
 memtrace_ebpf::license!();
 
@@ -77,7 +77,7 @@ fn page_align(len: u64) -> u64 {
 
 #[inline(always)]
 fn current() -> (u32, u32) {
-    let id = bpf_get_current_pid_tgid();
+    let id = current_pid_tgid();
     ((id >> 32) as u32, id as u32)
 }
 
@@ -164,7 +164,7 @@ fn has_ranges(pid: u32) -> bool {
 
 #[inline(always)]
 fn event(address: u64, vm_start: u64, source: u32) -> Event {
-    let id = bpf_get_current_pid_tgid();
+    let id = current_pid_tgid();
     Event {
         pid: (id >> 32) as u32,
         tid: id as u32,
@@ -211,7 +211,7 @@ pub fn hfaults_kprobe(ctx: ProbeContext) -> u32 {
 
 #[tracepoint]
 pub fn hfaults_user_fault(ctx: TracePointContext) -> u32 {
-    let pid = (bpf_get_current_pid_tgid() >> 32) as u32;
+    let pid = (current_pid_tgid() >> 32) as u32;
     // Cheap first: most faulting processes have no hugetlb mapping at all.
     // SAFETY: the value is read at once; a concurrent update can only change which range matches.
     let Some(ranges) = (unsafe { RANGES.get(&pid) }) else { return 0 };

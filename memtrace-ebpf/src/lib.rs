@@ -5,10 +5,13 @@
 #![feature(core_intrinsics)]
 
 use aya_ebpf::{
+    Global,
+    bindings::bpf_pidns_info,
     btf_maps::{PerCpuArray, RingBuf},
-    helpers::{bpf_get_current_comm, bpf_get_current_pid_tgid},
+    helpers::{bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_get_ns_current_pid_tgid},
+    macros::btf_map,
 };
-use memtrace_common::Filter;
+use memtrace_common::{FOREIGN_PID, Filter, PidNs};
 
 pub mod stack;
 
@@ -33,10 +36,50 @@ pub fn bump<const N: usize>(stats: &PerCpuArray<u64, N>, index: u32) {
     }
 }
 
-/// Whether the current task passes the `-p`/`--comm` filter.
+/// memtrace's pid namespace (see `PidNs`); one global shared by every program of an object.
+#[unsafe(no_mangle)]
+static PID_NS: Global<PidNs> = Global::new(PidNs { dev: 0, ino: 0 });
+
+/// Probe hits skipped because their task has no pid in memtrace's namespace.
+#[btf_map]
+static OUTSIDE_PID_NS: PerCpuArray<u64, 1> = PerCpuArray::new();
+
+/// The current task's `tgid << 32 | tid` as memtrace's pid namespace numbers them: use it
+/// wherever a program reads the current pid, so reported pids match memtrace's /proc and `-p`.
+/// A task outside that namespace gets its global ids with `FOREIGN_PID` set in both halves.
+#[inline(always)]
+pub fn current_pid_tgid() -> u64 {
+    let ns = PID_NS.load();
+    if ns.dev == 0 {
+        return bpf_get_current_pid_tgid();
+    }
+    let mut ids = bpf_pidns_info { pid: 0, tgid: 0 };
+    // SAFETY: `ids` is a writable local of the size passed.
+    let ret = unsafe { bpf_get_ns_current_pid_tgid(ns.dev, ns.ino, &mut ids, size_of::<bpf_pidns_info>() as u32) };
+    if ret == 0 {
+        return (ids.tgid as u64) << 32 | ids.pid as u64;
+    }
+    // The helper only answers for tasks whose own namespace is memtrace's.
+    let global = bpf_get_current_pid_tgid();
+    global | ((FOREIGN_PID as u64) << 32 | FOREIGN_PID as u64)
+}
+
+/// The current process id (tgid) as memtrace sees it; see `current_pid_tgid`.
+#[inline(always)]
+pub fn current_pid() -> u32 {
+    (current_pid_tgid() >> 32) as u32
+}
+
+/// Whether the current task passes the `-p`/`--comm` filter. Tasks outside memtrace's pid
+/// namespace never do: they are counted in `OUTSIDE_PID_NS` instead.
 #[inline(always)]
 pub fn wanted(filter: &Filter) -> bool {
-    if filter.pid != 0 && (bpf_get_current_pid_tgid() >> 32) as u32 != filter.pid {
+    let pid = current_pid();
+    if pid & FOREIGN_PID != 0 {
+        bump(&OUTSIDE_PID_NS, 0);
+        return false;
+    }
+    if filter.pid != 0 && pid != filter.pid {
         return false;
     }
     if filter.has_comm != 0 {

@@ -7,7 +7,7 @@ use aya_ebpf::{
     EbpfContext, Global,
     bindings::BPF_F_USER_STACK,
     btf_maps::{Array, HashMap, PerCpuArray, RingBuf},
-    helpers::{bpf_get_current_pid_tgid, bpf_get_prandom_u32, bpf_ktime_get_ns, bpf_probe_read_user},
+    helpers::{bpf_get_prandom_u32, bpf_ktime_get_ns, bpf_probe_read_user},
     macros::{btf_map, tracepoint, uprobe, uretprobe},
     programs::{ProbeContext, RetProbeContext, TracePointContext},
 };
@@ -22,7 +22,7 @@ use memtrace_common::{
         STAT_STACKS_FULL, STAT_TRACKED, STAT_UNKNOWN_FREE, STAT_UNTRACKED_CHILDREN, StackKey, Tracked,
     },
 };
-use memtrace_ebpf::{BPF_NOEXIST, EEXIST, bump, tp_u32, tp_u64};
+use memtrace_ebpf::{BPF_NOEXIST, EEXIST, bump, current_pid_tgid, tp_u32, tp_u64};
 
 memtrace_ebpf::license!();
 
@@ -195,7 +195,7 @@ fn tracked() -> Option<(u32, u32)> {
 
 #[inline(always)]
 fn ids() -> (u32, u32) {
-    let id = bpf_get_current_pid_tgid();
+    let id = current_pid_tgid();
     ((id >> 32) as u32, id as u32)
 }
 

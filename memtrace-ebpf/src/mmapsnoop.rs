@@ -6,7 +6,7 @@
 use aya_ebpf::{
     Global,
     btf_maps::{LruHashMap, PerCpuArray, RingBuf},
-    helpers::{bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_ktime_get_ns},
+    helpers::{bpf_get_current_comm, bpf_ktime_get_ns},
     macros::{btf_map, tracepoint},
     programs::TracePointContext,
 };
@@ -14,7 +14,7 @@ use memtrace_common::{
     Filter,
     mmapsnoop::{CALL_MMAP, CALL_MREMAP, CALL_MUNMAP, Config, Event, Offsets},
 };
-use memtrace_ebpf::{submit, tp_u64, wanted};
+use memtrace_ebpf::{current_pid_tgid, submit, tp_u64, wanted};
 
 memtrace_ebpf::license!();
 
@@ -60,7 +60,7 @@ static LOST: PerCpuArray<u64, 1> = PerCpuArray::new();
 /// Remembers the call's arguments, read at `offsets`, until it returns.
 #[inline(always)]
 fn enter<const N: usize>(ctx: &TracePointContext, call: u32, offsets: &[u32; N]) -> u32 {
-    let id = bpf_get_current_pid_tgid();
+    let id = current_pid_tgid();
     let (pid, tid) = ((id >> 32) as u32, id as u32);
     if pid == CONFIG.load().self_pid || !wanted(&FILTER.load()) {
         return 0;
@@ -88,7 +88,7 @@ fn enter<const N: usize>(ctx: &TracePointContext, call: u32, offsets: &[u32; N])
 /// Completes the thread's pending call with its return value and sends it.
 #[inline(always)]
 fn exit(ctx: &TracePointContext, call: u32, ret_offset: u32) -> u32 {
-    let tid = bpf_get_current_pid_tgid() as u32;
+    let tid = current_pid_tgid() as u32;
     let Some(pending) = PENDING.get_ptr(tid) else {
         return 0;
     };

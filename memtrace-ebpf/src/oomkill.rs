@@ -10,7 +10,7 @@ use aya_ebpf::{
     EbpfContext as _, Global,
     btf_maps::{PerCpuArray, RingBuf},
     helpers::{
-        bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_get_current_task, bpf_ktime_get_ns, bpf_probe_read_kernel,
+        bpf_get_current_comm, bpf_get_current_task, bpf_ktime_get_ns, bpf_probe_read_kernel,
         bpf_probe_read_kernel_str_bytes, generated::bpf_get_stack,
     },
     macros::{btf_map, kprobe, tracepoint},
@@ -23,7 +23,7 @@ use memtrace_common::{
         VictimOffsets,
     },
 };
-use memtrace_ebpf::{submit, tp_u32, tp_u64, wanted};
+use memtrace_ebpf::{current_pid_tgid, submit, tp_u32, tp_u64, wanted};
 
 memtrace_ebpf::license!();
 
@@ -74,7 +74,7 @@ memtrace_ebpf::stack_store!();
 fn trigger_event(kind: u32) -> Option<&'static mut Event> {
     // SAFETY: this CPU's slot; programs do not preempt each other on one CPU.
     let event = unsafe { &mut *SCRATCH.get_ptr_mut(0)? };
-    let id = bpf_get_current_pid_tgid();
+    let id = current_pid_tgid();
     *event = Event::default();
     event.kind = kind;
     event.trigger_pid = (id >> 32) as u32;

@@ -7,7 +7,7 @@
 use aya_ebpf::{
     Global,
     btf_maps::{HashMap, PerCpuArray, RingBuf},
-    helpers::{bpf_get_current_comm, bpf_get_current_pid_tgid},
+    helpers::bpf_get_current_comm,
     macros::{btf_map, kprobe},
     programs::ProbeContext,
 };
@@ -15,7 +15,7 @@ use memtrace_common::{
     Filter, STACK_LOST,
     swapin::{Config, NewStack, STAT_COUNT, STAT_COUNTS_FULL, STAT_STACK_LOST, SwapKey},
 };
-use memtrace_ebpf::{BPF_NOEXIST, EEXIST, atomic_add, bump, submit, wanted};
+use memtrace_ebpf::{BPF_NOEXIST, EEXIST, atomic_add, bump, current_pid_tgid, submit, wanted};
 
 memtrace_ebpf::license!();
 
@@ -40,7 +40,7 @@ pub fn swapin_read(ctx: ProbeContext) -> u32 {
     if !wanted(&FILTER.load()) {
         return 0;
     }
-    let pid = (bpf_get_current_pid_tgid() >> 32) as u32;
+    let pid = (current_pid_tgid() >> 32) as u32;
     let stack_id = if CONFIG.load().stacks != 0 {
         match stacks().user(&ctx) {
             Ok(id) => id,

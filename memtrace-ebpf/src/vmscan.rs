@@ -6,7 +6,7 @@
 use aya_ebpf::{
     Global,
     btf_maps::{HashMap, PerCpuArray, RingBuf},
-    helpers::{bpf_get_current_pid_tgid, bpf_ktime_get_ns},
+    helpers::bpf_ktime_get_ns,
     macros::{btf_map, tracepoint},
     programs::TracePointContext,
 };
@@ -17,7 +17,7 @@ use memtrace_common::{
         STAT_NS, STAT_PAGES_WRITTEN, STAT_RECLAIMED,
     },
 };
-use memtrace_ebpf::{bump, tp_u64, wanted};
+use memtrace_ebpf::{bump, current_pid_tgid, tp_u64, wanted};
 
 memtrace_ebpf::license!();
 
@@ -42,7 +42,7 @@ static LOST: PerCpuArray<u64, 1> = PerCpuArray::new();
 
 #[inline(always)]
 fn start_key(kind: u32) -> u64 {
-    (bpf_get_current_pid_tgid() << 2) | kind as u64
+    (current_pid_tgid() << 2) | kind as u64
 }
 
 #[inline(always)]

@@ -2,6 +2,7 @@
 
 mod kernel;
 mod output;
+mod procfs;
 mod symbolize;
 mod target;
 mod tools;
@@ -121,6 +122,7 @@ fn main() -> ExitCode {
     });
     // After the tool's last report, on success or error: one grace period, not one per probe.
     kernel::detach_all_fast();
+    kernel::pidns::report_outside();
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => fail(&e),

@@ -99,6 +99,8 @@ pub struct UserSymbolizer {
     cache: HashMap<(FileKey, u64), Vec<Frame>>,
     /// Each process's name at its last snapshot, for reports made after it exited.
     comms: HashMap<u32, String>,
+    /// Mapped files that could not be opened, per (pid, path): warned about once each.
+    unreachable: std::collections::HashSet<(u32, Rc<str>)>,
 }
 
 impl Default for UserSymbolizer {
@@ -122,6 +124,7 @@ impl UserSymbolizer {
             files: HashMap::new(),
             cache: HashMap::new(),
             comms: HashMap::new(),
+            unreachable: Default::default(),
         }
     }
 
@@ -193,32 +196,36 @@ impl UserSymbolizer {
         Ok(true)
     }
 
-    /// Opens `path` via the process's root (containers), plainly, or via map_files (deleted files), preferring the mapped inode.
+    /// Opens the file that `pid` maps at `path`: via the process's root (containers) or plainly
+    /// when the inode matches, else via map_files (the mapping's own file, even deleted).
+    /// Never another file of the same name: its symbols would name the wrong functions.
     fn open_elf(&mut self, pid: u32, path: &str, inode: u64, range: (u64, u64)) -> Option<FileKey> {
-        let mut fallback = None;
         let candidates = [
-            format!("/proc/{pid}/root{path}"),
-            path.to_string(),
-            format!("/proc/{pid}/map_files/{:x}-{:x}", range.0, range.1),
+            (format!("/proc/{pid}/root{path}"), true),
+            (path.to_string(), true),
+            // Not compared: overlayfs on older kernels shows another inode in maps than stat.
+            (format!("/proc/{pid}/map_files/{:x}-{:x}", range.0, range.1), false),
         ];
-        for candidate in candidates {
+        for (candidate, check_inode) in candidates {
             let Ok(file) = File::open(&candidate) else {
                 continue;
             };
             let Ok(meta) = file.metadata() else {
                 continue;
             };
-            let key = (meta.dev(), meta.ino());
-            if meta.ino() == inode {
-                self.files.entry(key).or_insert(file);
-                return Some(key);
+            if check_inode && meta.ino() != inode {
+                continue;
             }
-            fallback.get_or_insert((key, file));
+            let key = (meta.dev(), meta.ino());
+            self.files.entry(key).or_insert(file);
+            return Some(key);
         }
-        // Overlayfs reports different inodes in maps and stat; the first readable candidate is still right.
-        let (key, file) = fallback?;
-        self.files.entry(key).or_insert(file);
-        Some(key)
+        if self.unreachable.insert((pid, path.into())) {
+            eprintln!(
+                "memtrace: warning: cannot open the {path} that process {pid} maps (replaced or gone): its frames show no function names"
+            );
+        }
+        None
     }
 
     /// Symbolize one stack (innermost first). Each address expands into one or more frames: for an address inside inlined code, the innermost inlined function first, then its callers down to the real function. Addresses not covered by the snapshot trigger one refresh (if the process is alive), then fall back to Frame::unknown. Never fails.
@@ -245,6 +252,15 @@ impl UserSymbolizer {
         frames
     }
 
+    /// How many mapped files could not be opened: a blind spot for reports to state.
+    #[cfg_attr(
+        not(test),
+        allow(dead_code, reason = "for the reports' blind spots; memleak's report is being rewritten")
+    )]
+    pub fn unreachable_files(&self) -> usize {
+        self.unreachable.len()
+    }
+
     /// Forget a pid's snapshot (process gone and reported).
     #[cfg_attr(not(test), allow(dead_code, reason = "for long system-wide runs; no tool drops dead pids yet"))]
     pub fn forget(&mut self, pid: u32) {
@@ -264,8 +280,17 @@ impl UserSymbolizer {
                 return vec![Frame::in_module(0, module)];
             };
             // blazesym needs a path; the fd path stays valid for as long as we hold the file.
-            let src = Source::Elf(Elf::new(format!("/proc/self/fd/{}", file.as_raw_fd())));
-            match self.symbolizer.symbolize_single(&src, Input::FileOffset(file_off)) {
+            let path = format!("/proc/self/fd/{}", file.as_raw_fd());
+            // Debug files are found by build id or by a debug link whose checksum blazesym
+            // verifies; a host debug file that fails it (a container's library of the same
+            // name) is an error, and the library's own symbols are still right.
+            let with_debug = Source::Elf(Elf::new(&path));
+            let result = self.symbolizer.symbolize_single(&with_debug, Input::FileOffset(file_off)).or_else(|_| {
+                let mut own = Elf::new(&path);
+                own.debug_syms = false;
+                self.symbolizer.symbolize_single(&Source::Elf(own), Input::FileOffset(file_off))
+            });
+            match result {
                 Ok(Symbolized::Sym(sym)) => sym_frames(&sym, module),
                 Ok(Symbolized::Unknown(_)) | Err(_) => vec![Frame::in_module(0, module)],
             }
@@ -416,6 +441,18 @@ mod tests {
         assert!(plain_label.is_none(), "no relabelling when the names agree");
     }
     use std::hint::black_box;
+
+    #[test]
+    fn a_mapped_file_is_never_replaced_by_another_of_its_name() {
+        let mut sym = UserSymbolizer::new();
+        let me = std::process::id();
+        let libc = crate::procfs::mapped_files(me).unwrap().into_iter().find(|m| m.path.contains("libc.so")).unwrap();
+        assert!(sym.open_elf(me, &libc.path, libc.inode, (libc.start, libc.end)).is_some());
+        // Same path, another inode, and a range that maps nothing: no file is the mapped one.
+        assert_eq!(sym.open_elf(me, &libc.path, libc.inode + 1, (0, 0x1000)), None);
+        assert_eq!(sym.open_elf(me, &libc.path, libc.inode + 1, (0, 0x1000)), None);
+        assert_eq!(sym.unreachable_files(), 1);
+    }
 
     #[inline(never)]
     fn probe_target(x: u64) -> u64 {

@@ -9,13 +9,15 @@ use std::{
 
 use anyhow::{Context as _, Result, bail};
 
+use crate::procfs;
+
 /// Fails with a one-line message unless `pid` is a live process.
 pub fn check_pid(pid: u32) -> Result<()> {
     if pid == 0 {
         bail!("PID must be positive");
     }
     match fs::read_to_string(format!("/proc/{pid}/stat")) {
-        Ok(stat) if !is_zombie(&stat) => Ok(()),
+        Ok(stat) if !is_zombie(&stat) => crate::kernel::pidns::check_traceable(pid),
         Ok(_) => bail!("process {pid} has exited (zombie): nothing to trace"),
         Err(_) => bail!("no such process: {pid} (check the PID with `ps -p {pid}`)"),
     }
@@ -116,20 +118,27 @@ pub struct Allocator {
     pub libc: Option<PathBuf>,
 }
 
-/// The allocator of a running process, from its memory map.
+/// The allocator of a running process, from its memory map. The paths returned open the
+/// files the process mapped, also when it lives in another mount namespace (a container).
 pub fn allocator_of_pid(pid: u32) -> Result<Allocator> {
-    let maps =
-        fs::read_to_string(format!("/proc/{pid}/maps")).with_context(|| format!("cannot read /proc/{pid}/maps"))?;
-    let paths: Vec<&str> = maps.lines().filter_map(|l| l.split_whitespace().nth(5)).collect();
-    let libc = paths.iter().find(|p| is_libc(p)).map(PathBuf::from);
-    let primary = match (paths.iter().find(|p| is_allocator(p)), &libc) {
-        (Some(alloc), _) => PathBuf::from(alloc),
-        (None, Some(libc)) => libc.clone(),
-        (None, None) => {
-            fs::read_link(format!("/proc/{pid}/exe")).with_context(|| format!("cannot read /proc/{pid}/exe"))?
-        }
+    let maps = procfs::mapped_files(pid)?;
+    let libc = maps.iter().find(|m| is_libc(&m.path));
+    let primary = match (maps.iter().find(|m| is_allocator(&m.path)), libc) {
+        (Some(alloc), _) => reach(pid, alloc)?,
+        (None, Some(libc)) => reach(pid, libc)?,
+        (None, None) => procfs::exe(pid)?,
     };
+    let libc = libc.map(|l| reach(pid, l)).transpose()?;
     Ok(Allocator { libc: libc.filter(|l| *l != primary), primary })
+}
+
+fn reach(pid: u32, m: &procfs::MappedFile) -> Result<PathBuf> {
+    procfs::reach(pid, m).with_context(|| {
+        format!(
+            "cannot open the {} that process {pid} maps (deleted or replaced, and /proc/{pid}/map_files is unreadable): give the library with -O",
+            m.path
+        )
+    })
 }
 
 /// The allocator of a process stopped right after an exec, before its libraries are mapped:

@@ -24,7 +24,8 @@ pub enum CommandEvent {
     /// `pid` has just exec'd: its new executable and loader are mapped, nothing has run.
     Exec { pid: u32, ack: oneshot::Sender<()> },
     /// `parent` forked the process `child` (not a thread): neither runs until the ack.
-    Fork { parent: u32, child: u32, ack: oneshot::Sender<()> },
+    /// `shared`: the child shares its parent's memory until it execs (vfork, posix_spawn).
+    Fork { parent: u32, child: u32, shared: bool, ack: oneshot::Sender<()> },
     /// `pid` is about to exit; its memory map is intact until the ack.
     Exiting { pid: u32, ack: oneshot::Sender<()> },
     /// `pid` is gone; `code` is what a shell would show as `$?`.
@@ -165,7 +166,8 @@ impl Tree {
                         if event != libc::PTRACE_EVENT_CLONE || is_process(child) {
                             self.processes.insert(child);
                             let parent = tgid(tid);
-                            self.ask(|ack| CommandEvent::Fork { parent, child, ack });
+                            let shared = event == libc::PTRACE_EVENT_VFORK;
+                            self.ask(|ack| CommandEvent::Fork { parent, child, shared, ack });
                         }
                         self.released.insert(child);
                         if self.waiting.remove(&child) {

@@ -29,7 +29,14 @@ fn lines(pipe: impl Read + Send + 'static) -> mpsc::Receiver<String> {
 
 impl Live {
     pub fn start(args: &[&str]) -> Live {
-        let mut child = super::memtrace().args(args).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap();
+        let mut cmd = super::memtrace();
+        cmd.args(args);
+        Live::spawn(cmd)
+    }
+
+    /// Starts `cmd`, a memtrace run some other way (inside a namespace, say).
+    pub fn spawn(mut cmd: std::process::Command) -> Live {
+        let mut child = cmd.stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap();
         let out = lines(child.stdout.take().unwrap());
         let err = lines(child.stderr.take().unwrap());
         Live { child, out, err, stdout: Vec::new(), stderr: Vec::new() }

@@ -133,7 +133,14 @@ pub struct Running {
 
 impl Running {
     pub fn start(args: &[&str]) -> Running {
-        let mut child = memtrace().args(args).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap();
+        let mut cmd = memtrace();
+        cmd.args(args);
+        Running::spawn(cmd)
+    }
+
+    /// Starts `cmd`, a memtrace run some other way (inside a namespace, say).
+    pub fn spawn(mut cmd: Command) -> Running {
+        let mut child = cmd.stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap();
         let (tx, stderr_lines) = mpsc::channel();
         let stderr = child.stderr.take().unwrap();
         std::thread::spawn(move || {

@@ -5,6 +5,7 @@
 pub mod btf;
 pub mod kallsyms;
 pub mod maps;
+pub mod pidns;
 pub mod placement;
 pub mod tracefs;
 mod uprobes;
@@ -33,6 +34,7 @@ pub fn load<'a>(object: &'static [u8], configure: impl FnOnce(&mut EbpfLoader<'a
         bail!("this memtrace was built without its eBPF objects (AYA_BUILD_SKIP): rebuild it");
     }
     let mut loader = EbpfLoader::new();
+    pidns::configure(&mut loader);
     configure(&mut loader);
     let bpf = loader.load(object).map_err(|e| {
         let hint = match std::io::Error::last_os_error().raw_os_error() {
@@ -43,6 +45,7 @@ pub fn load<'a>(object: &'static [u8], configure: impl FnOnce(&mut EbpfLoader<'a
         anyhow!(e).context(format!("loading eBPF maps failed{hint}"))
     })?;
     uprobes::prepare(&bpf, object);
+    pidns::watch(&bpf);
     Ok(bpf)
 }
 

@@ -176,6 +176,12 @@ pub async fn run(args: Args) -> Result<()> {
         (None, None) => Mode::Kernel,
     };
     let user = !matches!(mode, Mode::Kernel);
+    let own_pid_ns = kernel::pidns::in_own_namespace();
+    if args.children && own_pid_ns {
+        bail!(
+            "--children needs memtrace in the host's pid namespace (in its own, the kernel names new children by pids it cannot see): start the command with -c instead"
+        );
+    }
 
     let config = Config {
         min_size: args.min_size.unwrap_or(0),
@@ -183,7 +189,9 @@ pub async fn run(args: Args) -> Result<()> {
         sample_rate: args.sample_rate,
         trace: args.trace as u32,
         duty: args.duty_cycle.is_some() as u32,
-        children: (args.children || args.command.is_some()) as u32,
+        // In a pid namespace of its own, memtrace learns of a command's children through
+        // ptrace only (the fork tracepoint names them by pids it cannot see).
+        children: (args.children || (args.command.is_some() && !own_pid_ns)) as u32,
     };
     let kmem = if user { None } else { Some(attach::kmem_offsets()?) };
     let fork = if user { Some(attach::fork_offsets()?) } else { None };
@@ -304,8 +312,12 @@ pub async fn run(args: Args) -> Result<()> {
                     session.user_sym.forget(pid);
                     let _ = ack.send(());
                 }
-                Some(CommandEvent::Fork { parent, child, ack }) => {
+                Some(CommandEvent::Fork { parent, child, shared, ack }) => {
                     drain(&mut ring, &mut bpf, &mut procs, &mut session, held, &mut exits)?;
+                    if own_pid_ns {
+                        // The kernel side cannot name the child here: track it from user space.
+                        procs.track_child(child, parent, shared)?;
+                    }
                     procs.fork(&mut bpf, session.allocs_mut(), parent, child, crate::tools::monotonic_ns(), true);
                     let _ = session.user_sym.refresh(child);
                     let _ = ack.send(());

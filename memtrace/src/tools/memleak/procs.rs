@@ -81,6 +81,16 @@ impl Procs {
         Ok(())
     }
 
+    /// Starts following a child that only ptrace told of (memtrace in its own pid namespace),
+    /// as the kernel side would have at the fork; the child waits at its fork meanwhile.
+    pub(super) fn track_child(&mut self, child: u32, parent: u32, shared: bool) -> Result<()> {
+        self.tracked.insert(child, Tracked { image: 0, parent }, 0).context("cannot track a child")?;
+        if !shared {
+            self.copying.insert(child, 0, 0).context("cannot track a child")?;
+        }
+        Ok(())
+    }
+
     /// `parent` forked `child` at `fork_ns`. `held`: the child has not run yet (`-c`).
     pub(super) fn fork(
         &mut self,

@@ -1,0 +1,135 @@
+//! Files as a process sees them. A process in a container maps files of its own mount
+//! namespace: the path in /proc/PID/maps names a file of that namespace, and the same path
+//! opened by memtrace may be another file (the host's libc) or none. Everything memtrace
+//! probes or reads for a process goes through here to reach the very file it mapped.
+
+use std::{
+    fs,
+    os::unix::fs::MetadataExt as _,
+    path::{Path, PathBuf},
+};
+
+use anyhow::{Context as _, Result};
+
+/// One file-backed line of /proc/PID/maps.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MappedFile {
+    pub start: u64,
+    pub end: u64,
+    /// (major, minor) of the device, as maps prints it.
+    pub dev: (u32, u32),
+    pub inode: u64,
+    /// The path in the process's own mount namespace, without " (deleted)".
+    pub path: String,
+    pub deleted: bool,
+}
+
+/// The file-backed mappings of `pid`.
+pub fn mapped_files(pid: u32) -> Result<Vec<MappedFile>> {
+    let maps =
+        fs::read_to_string(format!("/proc/{pid}/maps")).with_context(|| format!("cannot read /proc/{pid}/maps"))?;
+    Ok(maps.lines().filter_map(parse_maps_line).collect())
+}
+
+fn parse_maps_line(line: &str) -> Option<MappedFile> {
+    let mut fields = line.splitn(6, ' ');
+    let (start, end) = fields.next()?.split_once('-')?;
+    let _perms = fields.next()?;
+    let _offset = fields.next()?;
+    let (major, minor) = fields.next()?.split_once(':')?;
+    let inode = fields.next()?.parse().ok()?;
+    let path = fields.next().unwrap_or("").trim_start();
+    if !path.starts_with('/') {
+        return None;
+    }
+    let (path, deleted) = match path.strip_suffix(" (deleted)") {
+        Some(p) => (p, true),
+        None => (path, false),
+    };
+    let hex64 = |s: &str| u64::from_str_radix(s, 16).ok();
+    let hex32 = |s: &str| u32::from_str_radix(s, 16).ok();
+    Some(MappedFile {
+        start: hex64(start)?,
+        end: hex64(end)?,
+        dev: (hex32(major)?, hex32(minor)?),
+        inode,
+        path: path.to_string(),
+        deleted,
+    })
+}
+
+/// Whether `path` opens the file that `m` maps.
+fn is_same_file(path: &Path, m: &MappedFile) -> bool {
+    fs::metadata(path).is_ok_and(|meta| {
+        meta.ino() == m.inode && (libc::major(meta.dev()), libc::minor(meta.dev())) == (m.dev.0, m.dev.1)
+    })
+}
+
+/// A path from which memtrace opens exactly the file `m` of process `pid`: the plain path
+/// when memtrace sees that file there (no container), else the path through the process's
+/// root, else its map_files link (which reaches even a deleted or replaced file). None when
+/// none does, as when map_files is unreadable and the file was replaced.
+pub fn reach(pid: u32, m: &MappedFile) -> Option<PathBuf> {
+    let plain = PathBuf::from(&m.path);
+    if !m.deleted && is_same_file(&plain, m) {
+        return Some(plain);
+    }
+    let rooted = PathBuf::from(format!("/proc/{pid}/root{}", m.path));
+    if !m.deleted && is_same_file(&rooted, m) {
+        return Some(rooted);
+    }
+    // The mapping's own file by construction; not compared, since overlayfs on older kernels
+    // shows another dev/inode in maps than stat does.
+    let link = PathBuf::from(format!("/proc/{pid}/map_files/{:x}-{:x}", m.start, m.end));
+    fs::File::open(&link).is_ok().then_some(link)
+}
+
+/// The executable of `pid`, reachable from memtrace's mount namespace.
+pub fn exe(pid: u32) -> Result<PathBuf> {
+    let link = PathBuf::from(format!("/proc/{pid}/exe"));
+    let target = fs::read_link(&link).with_context(|| format!("cannot read {}", link.display()))?;
+    let same = |p: &Path| {
+        let (a, b) = (fs::metadata(p), fs::metadata(&link));
+        a.is_ok_and(|a| b.is_ok_and(|b| (a.dev(), a.ino()) == (b.dev(), b.ino())))
+    };
+    let rooted = PathBuf::from(format!("/proc/{pid}/root{}", target.display()));
+    Ok(if same(&target) {
+        target
+    } else if same(&rooted) {
+        rooted
+    } else {
+        // The link itself opens the running image, deleted or not.
+        link
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_file_mappings_only() {
+        let m = parse_maps_line(
+            "7f1c2a400000-7f1c2a428000 r--p 00000000 fd:01 1835057                    /usr/lib/x86_64-linux-gnu/libc.so.6",
+        )
+        .unwrap();
+        assert_eq!((m.start, m.end, m.dev, m.inode), (0x7f1c2a400000, 0x7f1c2a428000, (0xfd, 1), 1835057));
+        assert_eq!((m.path.as_str(), m.deleted), ("/usr/lib/x86_64-linux-gnu/libc.so.6", false));
+        let gone = parse_maps_line("7f00-7f10 r-xp 00001000 08:02 42 /tmp/lib x.so (deleted)").unwrap();
+        assert_eq!((gone.path.as_str(), gone.deleted), ("/tmp/lib x.so", true));
+        assert!(parse_maps_line("7ffd-7ffe rw-p 00000000 00:00 0                          [stack]").is_none());
+        assert!(parse_maps_line("7ffd-7ffe rw-p 00000000 00:00 0").is_none());
+    }
+
+    #[test]
+    fn our_own_libc_is_reached_by_its_plain_path() {
+        let me = std::process::id();
+        let libc = mapped_files(me).unwrap().into_iter().find(|m| m.path.contains("libc.so")).unwrap();
+        assert_eq!(reach(me, &libc), Some(PathBuf::from(&libc.path)));
+        // A mapping whose file is not at its path is reached through map_files.
+        let moved = MappedFile { inode: libc.inode + 1, ..libc.clone() };
+        let link = reach(me, &moved).unwrap();
+        assert!(link.starts_with(format!("/proc/{me}/map_files/")), "{}", link.display());
+        assert!(exe(me).unwrap().is_file());
+    }
+}
