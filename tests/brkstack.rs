@@ -47,12 +47,6 @@ impl Grower {
     }
 }
 
-fn final_report(stdout: &str) -> Value {
-    let last = json_lines(stdout).pop().unwrap_or_else(|| panic!("no JSON in:\n{stdout}"));
-    assert_eq!(last["final"], true, "last line is not the final report: {last}");
-    last
-}
-
 #[test]
 fn brkstack_counts_grow_heap_exactly() {
     if !bpf_available("brkstack_counts_grow_heap_exactly") {

@@ -64,12 +64,6 @@ impl Toucher {
     }
 }
 
-fn final_report(stdout: &str) -> Value {
-    let last = json_lines(stdout).pop().unwrap_or_else(|| panic!("no JSON in:\n{stdout}"));
-    assert_eq!(last["final"], true, "last line is not the final report: {last}");
-    last
-}
-
 #[test]
 fn faults_counts_touch_pages_per_process_and_stack() {
     if !bpf_available("faults_counts_touch_pages_per_process_and_stack") {

@@ -32,13 +32,6 @@ const LEAKY_C: &[(&str, u64, u64)] = &[
     ("leak_mmap", 12288, 1),
 ];
 
-fn final_report(stdout: &str) -> Value {
-    let reports = json_lines(stdout);
-    let last = reports.last().unwrap_or_else(|| panic!("no JSON report in:\n{stdout}")).clone();
-    assert_eq!(last["final"], true, "the last report is not marked final: {last}");
-    last
-}
-
 /// Each leaking function appears in exactly one stack with its exact bytes, count and the
 /// file:line of its allocation call; freed memory appears nowhere.
 fn assert_leaks(report: &Value, file: &str, leaks: &[(&str, u64, u64)], not_leaking: &str) {

@@ -30,12 +30,6 @@ fn assert_stack(report: &Value, pid: u64, func: &str, bytes: u64, allocs: u64) {
     assert_eq!(stacks[0]["allocs"], allocs, "pid {pid} {func}: {:#}", stacks[0]);
 }
 
-fn final_report(stdout: &str) -> Value {
-    let last = json_lines(stdout).pop().unwrap_or_else(|| panic!("no JSON report in:\n{stdout}"));
-    assert_eq!(last["final"], true, "{last}");
-    last
-}
-
 /// The pids of the processes in a report, with their parents, ordered by pid.
 fn processes(report: &Value) -> Vec<(u64, Option<u64>)> {
     let mut list: Vec<(u64, Option<u64>)> = report["processes"]

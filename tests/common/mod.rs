@@ -316,6 +316,13 @@ pub fn assert_fields(event: &Value, expected: &Value) {
     }
 }
 
+/// The last JSON report, which must be marked final.
+pub fn final_report(stdout: &str) -> Value {
+    let last = json_lines(stdout).pop().unwrap_or_else(|| panic!("no JSON report in:\n{stdout}"));
+    assert_eq!(last["final"], true, "the last report is not marked final: {last}");
+    last
+}
+
 /// Splits a tracer's JSON output into its events and its final object.
 pub fn events_and_final(stdout: &str) -> (Vec<Value>, Value) {
     let mut lines = json_lines(stdout);

@@ -292,17 +292,13 @@ pub async fn run(args: Args) -> Result<()> {
             }
             guard = ring.readable_mut() => {
                 let mut guard = guard?;
-                let events: Vec<Event> = std::iter::from_fn(|| guard.get_inner_mut().next().and_then(|i| crate::tools::read_event::<Event>(&i))).collect();
+                drain(guard.get_inner_mut(), &mut bpf, &mut procs, &mut session, held, &mut exits)?;
                 guard.clear_ready();
-                for event in &events {
-                    lifecycle(event, &mut bpf, &mut procs, &mut session, held, &mut exits)?;
-                    session.on_event(event)?;
-                }
             }
             event = recv_command(&mut command) => match event {
                 Some(CommandEvent::Exec { pid, ack }) => {
                     // The kernel side saw the exec first; take its generation from the ring.
-                    drain(&mut ring, &mut bpf, &mut procs, &mut session, held, &mut exits)?;
+                    drain(ring.get_mut(), &mut bpf, &mut procs, &mut session, held, &mut exits)?;
                     let image = procs.images().get(&pid).copied().unwrap_or(0);
                     if let Some((obj, probes)) = procs.exec(&mut bpf, pid, image, true)? {
                         let line = format!("pid {pid} ({}) probed through {} with {probes} probes", target::comm(pid), obj.display());
@@ -313,7 +309,7 @@ pub async fn run(args: Args) -> Result<()> {
                     let _ = ack.send(());
                 }
                 Some(CommandEvent::Fork { parent, child, shared, ack }) => {
-                    drain(&mut ring, &mut bpf, &mut procs, &mut session, held, &mut exits)?;
+                    drain(ring.get_mut(), &mut bpf, &mut procs, &mut session, held, &mut exits)?;
                     if own_pid_ns {
                         // The kernel side cannot name the child here: track it from user space.
                         procs.track_child(child, parent, shared)?;
@@ -352,7 +348,7 @@ pub async fn run(args: Args) -> Result<()> {
         }
     }
     // Events already in the ring belong to the run.
-    drain(&mut ring, &mut bpf, &mut procs, &mut session, held, &mut exits)?;
+    drain(ring.get_mut(), &mut bpf, &mut procs, &mut session, held, &mut exits)?;
     session.report(&procs, true, user && procs.all_exited())?;
     Ok(())
 }
@@ -387,8 +383,9 @@ fn lifecycle(
     Ok(())
 }
 
+/// Handles every event waiting in the ring buffer.
 fn drain(
-    ring: &mut tokio::io::unix::AsyncFd<aya::maps::RingBuf<aya::maps::MapData>>,
+    ring: &mut aya::maps::RingBuf<aya::maps::MapData>,
     bpf: &mut Ebpf,
     procs: &mut Procs,
     session: &mut Session,
@@ -396,7 +393,7 @@ fn drain(
     exits: &mut tokio::task::JoinSet<(u32, Result<()>)>,
 ) -> Result<()> {
     let events: Vec<Event> =
-        std::iter::from_fn(|| ring.get_mut().next().and_then(|i| crate::tools::read_event::<Event>(&i))).collect();
+        std::iter::from_fn(|| ring.next().and_then(|i| crate::tools::read_event::<Event>(&i))).collect();
     for event in &events {
         lifecycle(event, bpf, procs, session, held, exits)?;
         session.on_event(event)?;
