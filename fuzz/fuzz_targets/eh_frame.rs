@@ -11,26 +11,10 @@ libfuzzer_sys::fuzz_target!(|input: &[u8]| {
     let Some((&mode, data)) = input.split_first() else {
         return;
     };
-    let limits = Limits {
-        max_rows: 1 << 16,
-        max_section_bytes: 1 << 20,
-        max_cfi_bytes: 1 << 22,
-    };
+    let limits = Limits { max_rows: 1 << 16, max_section_bytes: 1 << 20, max_cfi_bytes: 1 << 22 };
     let result = match mode % 3 {
-        0 => build(
-            &Sections {
-                eh_frame: Some((0x1000, data)),
-                ..Sections::default()
-            },
-            &limits,
-        ),
-        1 => build(
-            &Sections {
-                debug_frame: Some((0, data)),
-                ..Sections::default()
-            },
-            &limits,
-        ),
+        0 => build(&Sections { eh_frame: Some((0x1000, data)), ..Sections::default() }, &limits),
+        1 => build(&Sections { debug_frame: Some((0, data)), ..Sections::default() }, &limits),
         _ => UnwindTable::from_elf(data, &limits),
     };
     if let Ok(table) = result {

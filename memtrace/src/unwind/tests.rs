@@ -177,6 +177,8 @@ fn check_coverage(path: &Path, table: &UnwindTable) {
     assert_eq!(stats.rows, rows.len());
     assert_eq!(stats.bytes, rows.len() * 16);
     assert_eq!(stats.malformed, 0, "{}: {stats:?}", path.display());
+    let nonempty = fdes.iter().filter(|f| f.start < f.end).count();
+    assert_eq!(stats.fdes, nonempty, "{}: FDEs", path.display());
     eprintln!("{}: {stats:?}", path.display());
 }
 
