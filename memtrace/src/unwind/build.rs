@@ -183,6 +183,11 @@ impl Builder<'_> {
         let mut rows: Vec<PackedRow> = Vec::with_capacity(self.raw.len() + self.spans.len());
         let mut covered: Option<u64> = None;
         for span in &self.spans {
+            // gimli's first row always starts at the FDE's start; anything else is not trusted.
+            if self.raw.get(span.first).is_none_or(|r| span.len == 0 || r.pc != span.start) {
+                self.stats.malformed += 1;
+                continue;
+            }
             if let Some(covered) = covered {
                 if span.start < covered {
                     self.stats.fdes_overlapping += 1;

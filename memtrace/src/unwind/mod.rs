@@ -44,8 +44,8 @@ pub struct Limits {
 
 impl Default for Limits {
     fn default() -> Self {
-        // libc.so.6 needs ~35k rows from 150 KiB of .eh_frame; these leave room for binaries
-        // 100x larger while keeping a hostile file to ~64 MiB of rows.
+        // Debian's libc.so.6 needs 28k rows from 150 KiB of .eh_frame; these leave room for
+        // binaries 100x larger while holding a hostile file to 64 MiB of rows.
         Limits { max_rows: 4 << 20, max_section_bytes: 64 << 20, max_cfi_bytes: 256 << 20 }
     }
 }
