@@ -7,6 +7,8 @@ mod symbolize;
 mod target;
 mod tools;
 mod tracee;
+#[allow(dead_code, unused_imports, reason = "the eBPF unwinder that uses these tables comes next (issue 9)")]
+mod unwind;
 
 #[cfg(test)]
 mod cli_tests;
