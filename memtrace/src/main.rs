@@ -53,7 +53,8 @@ enum Tool {
     Hfaults(tools::hfaults::Args),
     /// What this kernel supports, and how each tool would attach.
     Probe(tools::probe::Args),
-    /// The floor tracer of `cargo xtask bench` (not a tool).
+    /// The floor tracer of `cargo xtask bench` (not a tool; built with `--features bench`).
+    #[cfg(feature = "bench")]
     #[command(hide = true)]
     Benchfloor(tools::benchfloor::Args),
 }
@@ -74,6 +75,7 @@ impl Tool {
             Tool::Swapin(args) => args.validate(),
             Tool::Hfaults(args) => args.validate(),
             Tool::Probe(_) => Ok(()),
+            #[cfg(feature = "bench")]
             Tool::Benchfloor(args) => target::check_pid(args.pid),
         }
     }
@@ -117,6 +119,7 @@ fn main() -> ExitCode {
             Tool::Swapin(args) => tools::swapin::run(args).await,
             Tool::Hfaults(args) => tools::hfaults::run(args).await,
             Tool::Probe(args) => tools::probe::run(args).await,
+            #[cfg(feature = "bench")]
             Tool::Benchfloor(args) => tools::benchfloor::run(args).await,
         }
     });

@@ -35,7 +35,8 @@ struct Opts {
 }
 
 pub fn run(runs: usize, iterations: u64) -> Result<u8> {
-    tasks::build()?;
+    // The floor tracer (`memtrace benchfloor`) is in the binary only with this feature.
+    tasks::build_with(&["--features", "bench"])?;
     let opts = Opts { runs: runs.max(1), iterations };
     let workload = build_workload()?;
     let memtrace = cmd::root().join("target/release/memtrace");

@@ -9,8 +9,13 @@ use anyhow::{Context, Result};
 use crate::{cmd, setup};
 
 pub fn build() -> Result<()> {
+    build_with(&[])
+}
+
+/// `build` with extra cargo arguments, e.g. `--features bench`.
+pub fn build_with(extra: &[&str]) -> Result<()> {
     setup::run()?;
-    cmd::run(cmd::cargo().args(["build", "--release", "-p", "memtrace"]))
+    cmd::run(cmd::cargo().args(["build", "--release", "-p", "memtrace"]).args(extra))
 }
 
 /// Builds memtrace and the demo, runs `memleak` on it and returns memtrace's exit code.
