@@ -11,6 +11,15 @@ mod tracee;
 #[cfg(test)]
 mod cli_tests;
 
+// x86-64 only, by design for now: entry probes are placed by decoding x86 instructions, page
+// faults come from the x86-only `exceptions` tracepoints and their x86 error code, stacks are
+// walked by the x86-64 ABI, and syscall and errno numbers are x86-64's.
+#[cfg(not(target_arch = "x86_64"))]
+compile_error!(
+    "memtrace supports x86-64 Linux only (x86 instruction decoding, the x86 `exceptions` tracepoints, \
+     the x86-64 ABI); build it for an x86_64 target"
+);
+
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
