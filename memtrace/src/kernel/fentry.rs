@@ -35,18 +35,21 @@ fn explain(e: &io::Error) -> String {
         }
         // ENOTSUPP, kernel-internal: no BPF trampoline on this architecture or configuration.
         Some(524) => "ENOTSUPP: this kernel has no BPF trampolines".to_string(),
-        Some(libc::EINVAL) => "EINVAL: this kernel is too old for fentry (5.5+)".to_string(),
+        Some(libc::EINVAL) => "EINVAL: this kernel rejects fentry programs (they need 5.5+)".to_string(),
         _ => e.to_string(),
     }
 }
 
-/// " (integrity)" when securityfs shows a lockdown mode, else nothing (it is often unmounted).
+/// " (mode integrity)" when securityfs shows the lockdown mode, else nothing (it is often
+/// unmounted).
 fn lockdown() -> String {
     let state = std::fs::read_to_string("/sys/kernel/security/lockdown").unwrap_or_default();
-    match state.split_once('[').and_then(|(_, rest)| rest.split_once(']')) {
-        Some((mode, _)) => format!(" (lockdown is {mode})"),
-        None => String::new(),
-    }
+    lockdown_mode(&state).map(|mode| format!(" (mode {mode})")).unwrap_or_default()
+}
+
+/// The bracketed entry of securityfs' "none [integrity] confidentiality".
+fn lockdown_mode(state: &str) -> Option<&str> {
+    Some(state.split_once('[')?.1.split_once(']')?.0)
 }
 
 /// `r0 = 0; exit`, the smallest program the verifier accepts.
@@ -98,4 +101,24 @@ fn bpf<T>(cmd: i64, attr: &T) -> io::Result<std::os::fd::OwnedFd> {
     }
     // SAFETY: the kernel returned a new fd that nothing else owns.
     Ok(unsafe { std::os::fd::OwnedFd::from_raw_fd(fd as i32) })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reads_the_lockdown_mode() {
+        assert_eq!(lockdown_mode("none [integrity] confidentiality\n"), Some("integrity"));
+        assert_eq!(lockdown_mode("[none] integrity confidentiality\n"), Some("none"));
+        assert_eq!(lockdown_mode(""), None);
+    }
+
+    #[test]
+    fn names_the_errno_and_its_meaning() {
+        let eperm = explain(&io::Error::from_raw_os_error(libc::EPERM));
+        assert!(eperm.starts_with("EPERM although root: kernel lockdown"), "{eperm}");
+        assert!(eperm.ends_with(" or a security module forbids it"), "{eperm}");
+        assert_eq!(explain(&io::Error::from_raw_os_error(524)), "ENOTSUPP: this kernel has no BPF trampolines");
+    }
 }
