@@ -230,3 +230,32 @@ fn brkstack_comm_filter_seeds_running_processes() {
     assert_eq!(report["growth_unknown"], 0, "{report:#}");
     assert_detached("brkstack");
 }
+
+/// A long system-wide run forgets the maps of processes that exited once a report has shown
+/// them, and later reports still name their stacks (symbolized at first sighting).
+#[test]
+fn brkstack_forgets_exited_processes_but_keeps_their_stacks() {
+    if !bpf_available("brkstack_forgets_exited_processes_but_keeps_their_stacks") {
+        return;
+    }
+    let mut grower = Grower::start();
+    let pid = grower.child.id();
+    let mut mt = Running::start(&["-vv", "brkstack", "--json", "--comm", "brkstack_grow", "1"]);
+    mt.wait_ready();
+    writeln!(grower.stdin).unwrap();
+    assert_eq!(grower.lines.next().unwrap().unwrap(), "grown");
+    // Alive a moment longer: without -p its maps are read when its new stack's event arrives.
+    std::thread::sleep(Duration::from_millis(300));
+    drop(grower.stdin);
+    grower.child.wait().unwrap();
+    // Two ticks: the first report after the exit, then the forgetting after it.
+    std::thread::sleep(Duration::from_millis(2500));
+    mt.signal(libc::SIGINT);
+    let (status, stdout, stderr) = mt.finish(Duration::from_secs(20));
+    assert!(status.success(), "{status}: {stderr}");
+    assert_eq!(stderr.matches("forgot the maps of 1 exited processes").count(), 1, "{stderr}");
+    let report = final_report(&stdout);
+    let grow = stacks_with(&report, "grow_heap");
+    assert_eq!(grow.len(), 1, "{report:#}");
+    assert_eq!((grow[0]["pid"].as_u64(), grow[0]["calls"].as_u64()), (Some(u64::from(pid)), Some(GROWS)));
+}

@@ -63,10 +63,30 @@ fn memleak_command_reports_every_entry_point_exactly() {
     let report = final_report(&stdout);
     assert_leaks(&report, "leaky.c", LEAKY_C, "no_leak");
     let dropped = &report["dropped"];
-    for field in ["map_full", "stacks_lost", "stacks_full", "events_lost"] {
+    for field in ["map_full", "stacks_lost", "stacks_full", "events_lost", "replaced"] {
         assert_eq!(dropped[field], 0, "blind spot {field}: {dropped}");
     }
+    assert_eq!(report["failed"], 0, "{report}");
     assert_detached("memleak");
+}
+
+/// Allocations that return NULL are counted (JSON `failed`, a line in the text report), and
+/// are not a blind spot.
+#[test]
+fn memleak_counts_failed_allocations() {
+    if !bpf_available("memleak_counts_failed_allocations") {
+        return;
+    }
+    let target = prog("malloc_null");
+    let out = run(&["memleak", "--json", "-c", target.to_str().unwrap()], Duration::from_secs(60));
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let report = final_report(&String::from_utf8_lossy(&out.stdout));
+    assert_eq!(report["failed"], 3, "{report}");
+    assert_eq!(report["total_bytes"], 100, "{report}");
+    assert_eq!(report["dropped"]["replaced"], 0, "{report}");
+    let out = run(&["memleak", "-c", target.to_str().unwrap()], Duration::from_secs(60));
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("\n  3 allocation calls failed (returned NULL)\n  blind spots: none"), "{text}");
 }
 
 #[test]

@@ -185,3 +185,13 @@ fn huge_intervals_are_refused_in_every_tool() {
         );
     }
 }
+
+/// The bench's floor tracer is built only with `--features bench` (`cargo xtask bench`).
+#[cfg(not(feature = "bench"))]
+#[test]
+fn benchfloor_is_not_in_the_product() {
+    let Err(err) = Cli::try_parse_from(["memtrace", "benchfloor", "-p", "1"]) else {
+        panic!("benchfloor parsed in a build without the bench feature");
+    };
+    assert_eq!(err.kind(), clap::error::ErrorKind::InvalidSubcommand);
+}

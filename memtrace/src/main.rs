@@ -13,6 +13,15 @@ mod unwind;
 #[cfg(test)]
 mod cli_tests;
 
+// x86-64 only, by design for now: entry probes are placed by decoding x86 instructions, page
+// faults come from the x86-only `exceptions` tracepoints and their x86 error code, stacks are
+// walked by the x86-64 ABI, and syscall and errno numbers are x86-64's.
+#[cfg(not(target_arch = "x86_64"))]
+compile_error!(
+    "memtrace supports x86-64 Linux only (x86 instruction decoding, the x86 `exceptions` tracepoints, \
+     the x86-64 ABI); build it for an x86_64 target"
+);
+
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
@@ -55,7 +64,8 @@ enum Tool {
     Hfaults(tools::hfaults::Args),
     /// What this kernel supports, and how each tool would attach.
     Probe(tools::probe::Args),
-    /// The floor tracer of `cargo xtask bench` (not a tool).
+    /// The floor tracer of `cargo xtask bench` (not a tool; built with `--features bench`).
+    #[cfg(feature = "bench")]
     #[command(hide = true)]
     Benchfloor(tools::benchfloor::Args),
 }
@@ -76,6 +86,7 @@ impl Tool {
             Tool::Swapin(args) => args.validate(),
             Tool::Hfaults(args) => args.validate(),
             Tool::Probe(_) => Ok(()),
+            #[cfg(feature = "bench")]
             Tool::Benchfloor(args) => target::check_pid(args.pid),
         }
     }
@@ -119,6 +130,7 @@ fn main() -> ExitCode {
             Tool::Swapin(args) => tools::swapin::run(args).await,
             Tool::Hfaults(args) => tools::hfaults::run(args).await,
             Tool::Probe(args) => tools::probe::run(args).await,
+            #[cfg(feature = "bench")]
             Tool::Benchfloor(args) => tools::benchfloor::run(args).await,
         }
     });

@@ -1,10 +1,11 @@
 //! Stack symbolization; user addresses go through a maps snapshot to (ELF, file offset) so it works after exit.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::fmt;
 use std::fs::File;
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::MetadataExt;
+use std::path::Path;
 use std::rc::Rc;
 
 use anyhow::Context;
@@ -100,7 +101,7 @@ pub struct UserSymbolizer {
     /// Each process's name at its last snapshot, for reports made after it exited.
     comms: HashMap<u32, String>,
     /// Mapped files that could not be opened, per (pid, path): warned about once each.
-    unreachable: std::collections::HashSet<(u32, Rc<str>)>,
+    unreachable: HashSet<(u32, Rc<str>)>,
 }
 
 impl Default for UserSymbolizer {
@@ -261,10 +262,42 @@ impl UserSymbolizer {
         self.unreachable.len()
     }
 
-    /// Forget a pid's snapshot (process gone and reported).
-    #[cfg_attr(not(test), allow(dead_code, reason = "for long system-wide runs; no tool drops dead pids yet"))]
+    /// Forget a pid's snapshot (process gone and reported, or exec'd into a new image), and
+    /// close the files no remaining snapshot maps. Its name stays, for reports made later.
     pub fn forget(&mut self, pid: u32) {
         self.maps.remove(&pid);
+        self.unreachable.retain(|(p, _)| *p != pid);
+        self.close_unmapped();
+    }
+
+    /// Forgets every process that no longer exists (reaped), so a long system-wide run does
+    /// not keep each dead process's maps and files, and a reused pid gets a fresh snapshot.
+    /// Call after a report: stacks symbolized before stay wherever the caller cached them.
+    /// Returns how many were forgotten.
+    pub fn forget_exited(&mut self) -> usize {
+        let gone: HashSet<u32> =
+            self.maps.keys().copied().filter(|pid| !Path::new(&format!("/proc/{pid}")).exists()).collect();
+        if gone.is_empty() {
+            return 0;
+        }
+        self.maps.retain(|pid, _| !gone.contains(pid));
+        self.unreachable.retain(|(p, _)| !gone.contains(p));
+        self.close_unmapped();
+        gone.len()
+    }
+
+    /// Open files held for a deleted library keep its disk space and an fd: close the unused.
+    fn close_unmapped(&mut self) {
+        let used: HashSet<FileKey> = self
+            .maps
+            .values()
+            .flatten()
+            .filter_map(|m| match m.kind {
+                Kind::File { file: Some(key), .. } => Some(key),
+                _ => None,
+            })
+            .collect();
+        self.files.retain(|key, _| used.contains(key));
     }
 
     /// The mapping covering `addr` and the address's offset in the mapped file.
@@ -612,6 +645,27 @@ mod tests {
 
         sym.forget(pid);
         assert_eq!(sym.symbolize_stack(pid, &[child_addr]), vec![Frame::unknown(child_addr)]);
+    }
+
+    #[test]
+    fn forgets_reaped_processes_and_their_files() {
+        let mut child = std::process::Command::new("sleep").arg("30").spawn().unwrap();
+        let pid = child.id();
+        let me = std::process::id();
+        let mut sym = UserSymbolizer::new();
+        wait_mapped(&mut sym, pid, "libc.so.6");
+        assert!(sym.refresh(me).unwrap());
+        let files = sym.files.len();
+        assert_eq!(sym.forget_exited(), 0, "both alive");
+        child.kill().unwrap();
+        child.wait().unwrap();
+        assert_eq!(sym.forget_exited(), 1);
+        assert!(!sym.maps.contains_key(&pid) && sym.maps.contains_key(&me));
+        // The sleep executable was mapped by the child only: its file is closed; libc stays.
+        assert_eq!(sym.files.len(), files - 1);
+        assert_eq!(sym.forget_exited(), 0);
+        let malloc = libc::malloc as *const () as u64;
+        assert!(is_malloc(sym.symbolize_stack(me, &[malloc]).last().unwrap()));
     }
 
     /// Only sleeps when run as the child of `deleted_binary_is_still_symbolized`.

@@ -35,7 +35,8 @@ struct Opts {
 }
 
 pub fn run(runs: usize, iterations: u64) -> Result<u8> {
-    tasks::build()?;
+    // The floor tracer (`memtrace benchfloor`) is in the binary only with this feature.
+    tasks::build_with(&["--features", "bench"])?;
     let opts = Opts { runs: runs.max(1), iterations };
     let workload = build_workload()?;
     let memtrace = cmd::root().join("target/release/memtrace");
@@ -690,7 +691,7 @@ mod tests {
         let peer =
             Tracer { argv: vec!["sh".into(), "-c".into(), script.into()], check: Check::None, ready: "Top 10 stacks" };
         let t0 = Instant::now();
-        let err = start_tracer(&peer, std::process::id()).err().expect("the peer cannot be ready");
+        let Err(err) = start_tracer(&peer, std::process::id()) else { panic!("the peer cannot be ready") };
         assert!(t0.elapsed() < Duration::from_secs(5), "took {:?}", t0.elapsed());
         let msg = format!("{err:#}");
         assert!(msg.starts_with("sh exited (exit status: 1) before it was ready: "), "{msg}");

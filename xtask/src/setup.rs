@@ -21,7 +21,8 @@ const APT_PACKAGES: &[&str] =
 /// The static target memtrace is built for inside the VM.
 const MUSL_TARGET: &str = "x86_64-unknown-linux-musl";
 
-/// The bpf-linker release known to build against rustc's own libLLVM (see NOTES.md).
+/// The bpf-linker release seen to build against rustc's own libLLVM (its `llvm-<major>`
+/// feature matching rustc's LLVM: 22 for rustc 1.95), so that no system LLVM is needed.
 const BPF_LINKER: &str = "bpf-linker@0.13.0";
 
 const TRACEFS: &str = "/sys/kernel/tracing";

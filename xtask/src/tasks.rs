@@ -2,15 +2,20 @@
 
 use std::fs;
 use std::io;
-use std::process::{Child, ExitStatus};
+use std::process::{Child, Command, ExitStatus};
 
 use anyhow::{Context, Result};
 
 use crate::{cmd, setup};
 
 pub fn build() -> Result<()> {
+    build_with(&[])
+}
+
+/// `build` with extra cargo arguments, e.g. `--features bench`.
+pub fn build_with(extra: &[&str]) -> Result<()> {
     setup::run()?;
-    cmd::run(cmd::cargo().args(["build", "--release", "-p", "memtrace"]))
+    cmd::run(cmd::cargo().args(["build", "--release", "-p", "memtrace"]).args(extra))
 }
 
 /// Builds memtrace and the demo, runs `memleak` on it and returns memtrace's exit code.
@@ -50,14 +55,9 @@ fn wait_ignoring_sigint(child: &mut Child) -> io::Result<ExitStatus> {
 /// Runs the host test suite; `args` go to the test harness (e.g. a name filter).
 pub fn test(args: &[String]) -> Result<u8> {
     setup::run()?;
-    let status = cmd::status(
-        cmd::cargo()
-            .args(["test", "--release", "--workspace"])
-            .args(["--exclude", "memtrace-ebpf", "--exclude", "xtask"])
-            // Tests attach to the one shared kernel, so they run one at a time.
-            .args(["--", "--test-threads=1"])
-            .args(args),
-    )?;
+    let [mut own, mut host] = host_suites(args);
+    let own = cmd::status(&mut own)?;
+    let status = cmd::status(&mut host)?;
     // The kprobe/reclaim/swap/OOM suite the host kernel cannot run, in a QEMU VM. It runs even
     // after a host failure: the two suites cover different kernels and say different things.
     // A filter means one test is wanted, not three minutes of VM.
@@ -67,9 +67,37 @@ pub fn test(args: &[String]) -> Result<u8> {
         println!("xtask: VM suite not run with a test filter (cargo xtask vm-test runs it)");
         0
     };
-    if !status.success() {
-        eprintln!("xtask: host tests failed ({status})");
-        return Ok(cmd::exit_code(status).max(1));
+    for (suite, status) in [("xtask's own tests", own), ("host tests", status)] {
+        if !status.success() {
+            eprintln!("xtask: {suite} failed ({status})");
+            return Ok(cmd::exit_code(status).max(1));
+        }
     }
     Ok(vm)
+}
+
+/// xtask's own unit tests (quick, no BPF), then memtrace's, with the same harness arguments.
+fn host_suites(args: &[String]) -> [Command; 2] {
+    let mut own = cmd::cargo();
+    own.args(["test", "-p", "xtask", "--"]).args(args);
+    let mut host = cmd::cargo();
+    host.args(["test", "--release", "--workspace"])
+        .args(["--exclude", "memtrace-ebpf", "--exclude", "xtask"])
+        // Tests attach to the one shared kernel, so they run one at a time.
+        .args(["--", "--test-threads=1"])
+        .args(args);
+    [own, host]
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn the_test_task_runs_xtasks_own_tests() {
+        let [own, host] = super::host_suites(&["filter".into()]);
+        let args =
+            |c: &std::process::Command| c.get_args().map(|a| a.to_str().unwrap().to_string()).collect::<Vec<_>>();
+        assert_eq!(args(&own), ["test", "-p", "xtask", "--", "filter"]);
+        assert_eq!(args(&host).last().map(String::as_str), Some("filter"));
+        assert!(args(&host).contains(&"--workspace".to_string()));
+    }
 }

@@ -21,6 +21,7 @@ const KIND_TYPEDEF: u32 = 8;
 const KIND_VOLATILE: u32 = 9;
 const KIND_CONST: u32 = 10;
 const KIND_RESTRICT: u32 = 11;
+const KIND_FUNC: u32 = 12;
 const KIND_FUNC_PROTO: u32 = 13;
 const KIND_VAR: u32 = 14;
 const KIND_DATASEC: u32 = 15;
@@ -180,6 +181,13 @@ impl Btf {
     }
 }
 
+impl Btf {
+    /// The type id of kernel function `name`, what a fentry program's `attach_btf_id` names.
+    pub fn func_id(&self, name: &str) -> Option<u32> {
+        self.types.iter().position(|t| t.kind == KIND_FUNC && t.name == name).map(|id| id as u32)
+    }
+}
+
 /// Byte offset of `member` (dotted paths allowed) in kernel `struct struct_name`, from the
 /// running kernel's BTF.
 pub fn member_offset(struct_name: &str, member: &str) -> Result<u32> {
@@ -230,6 +238,17 @@ mod tests {
         assert_eq!(member_offset("file", "f_path.dentry").unwrap(), path + dentry);
         assert!(member_offset("task_struct", "no_such_member").is_err());
         assert!(member_offset("no_such_struct_xyz", "pid").is_err());
+    }
+
+    #[test]
+    fn finds_kernel_functions() {
+        if !have_btf() {
+            return;
+        }
+        let btf = Btf::vmlinux().unwrap();
+        let id = btf.func_id("do_exit").expect("every kernel has do_exit");
+        assert_eq!(btf.types[id as usize].name, "do_exit");
+        assert_eq!(btf.func_id("task_struct"), None, "a struct is not a function");
     }
 
     #[test]

@@ -3,6 +3,7 @@
 //! Tools ask this module; none of them probes the kernel by itself.
 
 pub mod btf;
+pub mod fentry;
 pub mod kallsyms;
 pub mod maps;
 pub mod pidns;

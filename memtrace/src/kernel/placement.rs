@@ -54,26 +54,21 @@ fn is_push(code: &[u8]) -> bool {
 }
 
 fn choose(code: &[u8], skip_null_check: bool) -> u64 {
-    if is_push(code) {
-        return 0;
+    let mut at = 0;
+    // endbr64 has no effect on registers or the stack: what follows it sees the same state.
+    if code.starts_with(&[0xf3, 0x0f, 0x1e, 0xfa]) {
+        at = 4;
     }
-    // endbr64 has no effect on registers or the stack: the push after it sees the same state.
-    if code.starts_with(&[0xf3, 0x0f, 0x1e, 0xfa]) && is_push(&code[4..]) {
-        return 4;
-    }
-    if skip_null_check && code.starts_with(&[0x48, 0x85, 0xff]) {
+    if skip_null_check && code[at..].starts_with(&[0x48, 0x85, 0xff]) {
         // test %rdi,%rdi then je rel32 (0f 84) or je rel8 (74): the fall-through is the
         // non-NULL path, with %rdi untouched.
-        let after = match code[3..] {
+        at += match code[at + 3..] {
             [0x0f, 0x84, ..] => 9,
             [0x74, ..] => 5,
             _ => return 0,
         };
-        if is_push(&code[after..]) {
-            return after as u64;
-        }
     }
-    0
+    if code.get(at..).is_some_and(is_push) { at as u64 } else { 0 }
 }
 
 #[cfg(test)]
@@ -105,11 +100,74 @@ mod tests {
     }
 
     #[test]
-    fn finds_glibc_free_in_the_real_library() {
+    fn steps_over_endbr64_and_a_null_check() {
+        let free = [0xf3, 0x0f, 0x1e, 0xfa, 0x48, 0x85, 0xff, 0x74, 0x10, 0x55, 0x48, 0x89, 0xe5, 0, 0, 0];
+        assert_eq!(choose(&free, true), 9);
+        assert_eq!(choose(&free, false), 0);
+    }
+
+    /// The placement's promise, checked against objdump's decoding of the real libc rather than
+    /// against `choose`'s byte patterns: the offset is that of the first `push`, reached from
+    /// the entry only through instructions that leave the argument registers and the stack
+    /// alone (endbr64; `test %rdi,%rdi` + `je` when NULL calls may be skipped), else 0.
+    fn objdump_expectation(lib: &Path, symbol: &str, skip_null_check: bool) -> (u64, String) {
+        let tool = |cmd: &mut std::process::Command| {
+            let out = cmd.output().expect("objdump and nm (binutils, a dependency of gcc) are needed");
+            assert!(out.status.success(), "{cmd:?}: {}", String::from_utf8_lossy(&out.stderr));
+            String::from_utf8(out.stdout).unwrap()
+        };
+        let syms = tool(std::process::Command::new("nm").args(["-D", "--defined-only"]).arg(lib));
+        let start = syms
+            .lines()
+            .find_map(|line| {
+                let mut fields = line.split_whitespace();
+                let (addr, _, name) = (fields.next()?, fields.next()?, fields.next()?);
+                (name.split('@').next() == Some(symbol)).then(|| u64::from_str_radix(addr, 16).unwrap())
+            })
+            .unwrap_or_else(|| panic!("{} has no dynamic symbol {symbol}", lib.display()));
+        let listing = tool(
+            std::process::Command::new("objdump")
+                .args(["-d", "--no-show-raw-insn"])
+                .arg(format!("--start-address={start:#x}"))
+                .arg(format!("--stop-address={:#x}", start + 16))
+                .arg(lib),
+        );
+        // Lines like "   98ef0:\ttest   %rdi,%rdi": (address, mnemonic, operands).
+        let insns: Vec<(u64, String, String)> = listing
+            .lines()
+            .filter_map(|line| {
+                let (addr, text) = line.trim_start().split_once(":\t")?;
+                let addr = u64::from_str_radix(addr, 16).ok()?;
+                let mut parts = text.split_whitespace();
+                Some((addr, parts.next()?.to_string(), parts.collect::<Vec<_>>().join(" ")))
+            })
+            .collect();
+        let mut i = 0;
+        if insns.get(i).is_some_and(|(_, m, _)| m == "endbr64") {
+            i += 1;
+        }
+        if skip_null_check && insns.get(i).is_some_and(|(_, m, o)| m == "test" && o == "%rdi,%rdi") {
+            if insns.get(i + 1).is_none_or(|(_, m, _)| m != "je") {
+                return (0, listing);
+            }
+            i += 2;
+        }
+        let expected = match insns.get(i) {
+            Some((addr, m, _)) if m == "push" => addr - start,
+            _ => 0,
+        };
+        (expected, listing)
+    }
+
+    #[test]
+    fn places_libc_probes_where_objdump_says() {
         let libc = Path::new("/lib/x86_64-linux-gnu/libc.so.6");
-        let code = code_at(&Inspector::new(), libc, "free").expect("libc has free");
-        // Whatever this libc's free starts with, the choice is one of the known safe ones.
-        assert!([0, 4, 5, 9].contains(&choose(&code, true)), "{code:02x?}");
-        assert_eq!(Placement::new(libc).entry_offset("no_such_symbol_here", true), 0);
+        let placement = Placement::new(libc);
+        let cases = [("free", true), ("free", false), ("malloc", false), ("calloc", false), ("realloc", false)];
+        for (symbol, skip) in cases {
+            let (expected, listing) = objdump_expectation(libc, symbol, skip);
+            assert_eq!(placement.entry_offset(symbol, skip), expected, "{symbol} (skip NULL: {skip}):\n{listing}");
+        }
+        assert_eq!(placement.entry_offset("no_such_symbol_here", true), 0);
     }
 }

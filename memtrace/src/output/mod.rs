@@ -117,6 +117,9 @@ pub struct Dropped {
     pub stacks_lost: u64,
     /// Frees of addresses never seen allocated (made before attach, or sampled out).
     pub unknown_frees: u64,
+    /// Allocations at an address already tracked: its free was not seen, so the older
+    /// block's record was replaced (its bytes no longer count).
+    pub replaced: u64,
     /// Allocations not counted because the per-stack map was full.
     pub stacks_full: u64,
     /// Events that did not reach user space.
@@ -145,6 +148,7 @@ impl std::fmt::Display for Dropped {
             (self.stacks_lost, "allocations without a stack"),
             (self.stack_store_full, &store_full),
             (self.unknown_frees, "frees of addresses not seen allocated"),
+            (self.replaced, "frees missed (an address allocated again without one)"),
             (self.stacks_full, "allocations uncounted (stack-totals map full: raise --max-stacks)"),
             (self.events_lost, "events lost (ring buffer full)"),
             (self.late_processes, "processes traced from a few ms after they started (allocations before not seen)"),
@@ -212,6 +216,8 @@ mod tests {
         let s = d.to_string();
         assert!(s.starts_with("blind spots: 2 allocations untracked"), "{s}");
         assert!(s.contains("3 frees of addresses not seen allocated"), "{s}");
+        let d = Dropped { replaced: 2, ..Default::default() };
+        assert_eq!(d.to_string(), "blind spots: 2 frees missed (an address allocated again without one)");
         let d = Dropped { stacks_lost: 5, stack_store_full: 4, stack_store_capacity: 64, ..Default::default() };
         assert_eq!(
             d.to_string(),

@@ -347,7 +347,9 @@ impl tools::Stream for State<'_> {
     }
 
     fn tick(&mut self) -> Result<()> {
-        self.report(false)
+        self.report(false)?;
+        self.stacks.forget_exited();
+        Ok(())
     }
 
     fn finish(&mut self, lost: u64) -> Result<()> {

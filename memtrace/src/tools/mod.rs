@@ -2,6 +2,7 @@
 //! memtrace-common under the same name. What tracers share lives here: common options,
 //! signals, and the loop that streams ring-buffer events until the run ends.
 
+#[cfg(feature = "bench")]
 pub mod benchfloor;
 pub mod brkstack;
 pub mod check;

@@ -176,12 +176,17 @@ fn features() -> Vec<Feature> {
             detail: "/sys/bus/event_source/devices/uprobe (CONFIG_UPROBES)".into(),
         },
         Feature { name: "ring buffer", state: ring_state, detail: ring_detail },
-        Feature {
-            name: "fentry",
-            state: "unknown",
-            detail: "not probed (no memtrace tool uses it; kernel lockdown can forbid it)".into(),
-        },
+        fentry(),
     ]
+}
+
+/// Tried for real (load and attach), since lockdown or a security module can forbid it.
+fn fentry() -> Feature {
+    let (state, detail) = match kernel::fentry::check() {
+        Ok(()) => ("yes", "a fentry program loaded and attached (no tool uses it yet)".to_string()),
+        Err(why) => why,
+    };
+    Feature { name: "fentry", state, detail }
 }
 
 const BPF_MAP_TYPE_ARRAY: u32 = 2;

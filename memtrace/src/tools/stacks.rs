@@ -146,6 +146,15 @@ impl Stacks {
         let _ = self.user.refresh(pid);
     }
 
+    /// Drops the maps of processes that have exited; call after a report. Stacks already
+    /// symbolized (at their first sighting, or in a report) keep their frames here.
+    pub fn forget_exited(&mut self) {
+        let gone = self.user.forget_exited();
+        if gone > 0 {
+            tracing::debug!("forgot the maps of {gone} exited processes");
+        }
+    }
+
     /// A user stack of process `pid`, innermost first (see `user_frames`).
     pub fn user(&mut self, pid: u32, stack_id: u64, first_exact: bool) -> Vec<Frame> {
         if stack_id == STACK_LOST {

@@ -157,7 +157,9 @@ impl tools::Stream for State<'_> {
 
     fn tick(&mut self) -> Result<()> {
         let rows = self.drain();
-        self.report(rows)
+        self.report(rows)?;
+        self.stacks.forget_exited();
+        Ok(())
     }
 
     fn finish(&mut self, lost: u64) -> Result<()> {

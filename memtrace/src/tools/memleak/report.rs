@@ -15,8 +15,8 @@ use memtrace_common::{
     NO_PID, STACK_LOST,
     memleak::{
         AllocInfo, AllocKey, EV_ALLOC, EV_FREE, EV_NEW_STACK, Event, FN_NAMES, STAT_EARLY_FULL, STAT_EVENTS_LOST,
-        STAT_FREE_CALLS, STAT_FREE_CALLS_IN_WINDOW, STAT_FREED, STAT_MAP_FULL, STAT_STACK_LOST, STAT_TRACKED,
-        STAT_UNKNOWN_FREE, STAT_UNTRACKED_CHILDREN, StackKey,
+        STAT_FAILED, STAT_FREE_CALLS, STAT_FREE_CALLS_IN_WINDOW, STAT_FREED, STAT_MAP_FULL, STAT_REPLACED,
+        STAT_STACK_LOST, STAT_TRACKED, STAT_UNKNOWN_FREE, STAT_UNTRACKED_CHILDREN, StackKey,
     },
 };
 use serde::Serialize;
@@ -56,6 +56,7 @@ impl Maps {
             map_full: self.stat(STAT_MAP_FULL),
             stacks_lost: self.stat(STAT_STACK_LOST),
             unknown_frees: self.stat(STAT_UNKNOWN_FREE),
+            replaced: self.stat(STAT_REPLACED),
             events_lost: self.stat(STAT_EVENTS_LOST),
             late_processes: procs.late,
             unprobed_images: procs.unprobed,
@@ -139,6 +140,9 @@ struct Report {
     /// Allocations recorded and frees matched since the start.
     tracked: u64,
     freed: u64,
+    /// Allocation calls that returned NULL (MAP_FAILED for mmap): nothing to track, not a
+    /// blind spot, but a sign of memory pressure or of absurd sizes.
+    failed: u64,
     stacks: Vec<StackReport>,
     /// Each process followed (user mode): with `-c` or `--children`, the whole tree.
     #[serde(skip_serializing_if = "Vec::is_empty")]
@@ -357,6 +361,7 @@ impl<'a> Session<'a> {
             total_bytes,
             tracked: self.maps.stat(STAT_TRACKED),
             freed: self.maps.stat(STAT_FREED),
+            failed: self.maps.stat(STAT_FAILED),
             stacks,
             processes,
             dropped: self.maps.dropped(procs),
@@ -427,6 +432,9 @@ fn render(report: &Report, sample_rate: u32) -> String {
                 let _ = writeln!(out, "      addr {:#x} size {} age {} ms", a.addr, a.size, a.age_ms);
             }
         }
+    }
+    if report.failed > 0 {
+        let _ = writeln!(out, "  {} allocation calls failed (returned NULL)", report.failed);
     }
     let _ = write!(out, "  {}", report.dropped);
     out
