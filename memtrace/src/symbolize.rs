@@ -262,12 +262,12 @@ impl UserSymbolizer {
         self.unreachable.len()
     }
 
-    /// Forget a pid's snapshot (process gone and reported, or exec'd into a new image), and
-    /// close the files no remaining snapshot maps. Its name stays, for reports made later.
+    /// Forget a pid's snapshot (process gone and reported, or exec'd into a new image). Its
+    /// name stays, for reports made later. Files stay open: blazesym caches each file by its
+    /// /proc/self/fd path, so a closed fd reused by another file would be read as the old one.
     pub fn forget(&mut self, pid: u32) {
         self.maps.remove(&pid);
         self.unreachable.retain(|(p, _)| *p != pid);
-        self.close_unmapped();
     }
 
     /// Forgets every process that no longer exists (reaped), so a long system-wide run does
@@ -282,22 +282,7 @@ impl UserSymbolizer {
         }
         self.maps.retain(|pid, _| !gone.contains(pid));
         self.unreachable.retain(|(p, _)| !gone.contains(p));
-        self.close_unmapped();
         gone.len()
-    }
-
-    /// Open files held for a deleted library keep its disk space and an fd: close the unused.
-    fn close_unmapped(&mut self) {
-        let used: HashSet<FileKey> = self
-            .maps
-            .values()
-            .flatten()
-            .filter_map(|m| match m.kind {
-                Kind::File { file: Some(key), .. } => Some(key),
-                _ => None,
-            })
-            .collect();
-        self.files.retain(|key, _| used.contains(key));
     }
 
     /// The mapping covering `addr` and the address's offset in the mapped file.
@@ -655,14 +640,11 @@ mod tests {
         let mut sym = UserSymbolizer::new();
         wait_mapped(&mut sym, pid, "libc.so.6");
         assert!(sym.refresh(me).unwrap());
-        let files = sym.files.len();
         assert_eq!(sym.forget_exited(), 0, "both alive");
         child.kill().unwrap();
         child.wait().unwrap();
         assert_eq!(sym.forget_exited(), 1);
         assert!(!sym.maps.contains_key(&pid) && sym.maps.contains_key(&me));
-        // The sleep executable was mapped by the child only: its file is closed; libc stays.
-        assert_eq!(sym.files.len(), files - 1);
         assert_eq!(sym.forget_exited(), 0);
         let malloc = libc::malloc as *const () as u64;
         assert!(is_malloc(sym.symbolize_stack(me, &[malloc]).last().unwrap()));
