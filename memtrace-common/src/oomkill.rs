@@ -73,22 +73,27 @@ pub struct MemcgOffsets {
     pub task_active_memcg: u32,
 }
 
+impl MemcgOffsets {
+    /// Nothing resolved yet: the kernel side reads no cgroup until user space fills this in.
+    pub const UNSET: MemcgOffsets = MemcgOffsets {
+        valid: 0,
+        task_cgroups: 0,
+        css_set_memory: 0,
+        css_cgroup: 0,
+        css_parent: 0,
+        cgroup_kn: 0,
+        kn_id: 0,
+        memory_usage: 0,
+        memory_max: 0,
+        memsw_usage: FIELD_ABSENT,
+        memsw_max: FIELD_ABSENT,
+        task_active_memcg: FIELD_ABSENT,
+    };
+}
+
 impl Default for MemcgOffsets {
     fn default() -> Self {
-        MemcgOffsets {
-            valid: 0,
-            task_cgroups: 0,
-            css_set_memory: 0,
-            css_cgroup: 0,
-            css_parent: 0,
-            cgroup_kn: 0,
-            kn_id: 0,
-            memory_usage: 0,
-            memory_max: 0,
-            memsw_usage: FIELD_ABSENT,
-            memsw_max: FIELD_ABSENT,
-            task_active_memcg: FIELD_ABSENT,
-        }
+        Self::UNSET
     }
 }
 

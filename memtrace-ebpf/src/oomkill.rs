@@ -45,20 +45,7 @@ static VICTIM: Global<VictimOffsets> = Global::new(VictimOffsets {
 });
 
 #[unsafe(no_mangle)]
-static MEMCG: Global<MemcgOffsets> = Global::new(MemcgOffsets {
-    valid: 0,
-    task_cgroups: 0,
-    css_set_memory: 0,
-    css_cgroup: 0,
-    css_parent: 0,
-    cgroup_kn: 0,
-    kn_id: 0,
-    memory_usage: 0,
-    memory_max: 0,
-    memsw_usage: FIELD_ABSENT,
-    memsw_max: FIELD_ABSENT,
-    task_active_memcg: FIELD_ABSENT,
-});
+static MEMCG: Global<MemcgOffsets> = Global::new(MemcgOffsets::UNSET);
 
 /// The event is built here: it is too large for the 512-byte BPF stack.
 #[btf_map]

@@ -85,6 +85,23 @@ impl CommonArgs {
     }
 }
 
+/// The options of a tool that reports stacks per interval (brkstack, faults): `-T`, the
+/// interval, `--max-stacks` and `--folded`, checked the same way.
+pub fn stack_report(
+    top: &str,
+    interval: Option<&str>,
+    max_stacks: u32,
+    folded: Option<&std::path::Path>,
+) -> Result<()> {
+    parse_top(top)?;
+    parse_interval(interval)?;
+    in_range("--max-stacks", max_stacks.into(), MAP_ENTRIES)?;
+    if let Some(path) = folded {
+        crate::output::check_writable("--folded", path)?;
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

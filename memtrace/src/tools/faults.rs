@@ -64,12 +64,7 @@ pub const ATTACH: &[AttachPoint] = &[USER];
 impl Args {
     /// Everything that can be checked before loading anything (and without root).
     pub fn validate(&self) -> Result<()> {
-        tools::check::parse_top(&self.top)?;
-        tools::check::parse_interval(self.interval.as_deref())?;
-        tools::check::in_range("--max-stacks", self.max_stacks.into(), tools::check::MAP_ENTRIES)?;
-        if let Some(path) = &self.folded {
-            output::check_writable("--folded", path)?;
-        }
+        tools::check::stack_report(&self.top, self.interval.as_deref(), self.max_stacks, self.folded.as_deref())?;
         // A kernel thread takes no user faults; with --kernel its kernel-mode faults count.
         if self.kernel { self.common.validate() } else { self.common.validate_user_target() }
     }
