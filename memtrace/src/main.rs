@@ -150,8 +150,13 @@ fn usage_error(e: clap::Error) -> ExitCode {
         e.exit();
     }
     let text = e.render().to_string();
-    let first = text.lines().next().unwrap_or_default();
-    eprintln!("memtrace: error: {} (see --help)", first.strip_prefix("error: ").unwrap_or(first));
+    // The message and its indented details (e.g. the missing argument), without the usage lines.
+    let mut lines = text.lines().take_while(|l| !l.is_empty() && !l.starts_with("Usage:"));
+    let first = lines.next().unwrap_or_default();
+    let details: Vec<&str> = lines.map(str::trim).collect();
+    let message = first.strip_prefix("error: ").unwrap_or(first);
+    let message = if details.is_empty() { message.to_string() } else { format!("{message} {}", details.join(", ")) };
+    eprintln!("memtrace: error: {message} (see --help)");
     ExitCode::FAILURE
 }
 
