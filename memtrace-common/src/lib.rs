@@ -14,6 +14,7 @@ pub mod oomkill;
 pub mod shmsnoop;
 pub mod stack;
 pub mod swapin;
+pub mod unwind;
 pub mod vmscan;
 
 /// Which tasks a tracer reports, set by user space before load (`-p`, `--comm`).

@@ -5,7 +5,6 @@
 
 use aya_ebpf::{
     EbpfContext, Global,
-    bindings::BPF_F_USER_STACK,
     btf_maps::{Array, HashMap, PerCpuArray, RingBuf},
     helpers::{bpf_get_prandom_u32, bpf_ktime_get_ns, bpf_probe_read_user},
     macros::{btf_map, tracepoint, uprobe, uretprobe},
@@ -22,7 +21,7 @@ use memtrace_common::{
         STAT_STACKS_FULL, STAT_TRACKED, STAT_UNKNOWN_FREE, STAT_UNTRACKED_CHILDREN, StackKey, Tracked,
     },
 };
-use memtrace_ebpf::{BPF_NOEXIST, EEXIST, bump, current_pid_tgid, tp_u32, tp_u64};
+use memtrace_ebpf::{BPF_NOEXIST, EEXIST, bump, current_pid_tgid, tp_u32, tp_u64, unwind::UserRegs};
 
 memtrace_ebpf::license!();
 
@@ -111,8 +110,14 @@ fn emit(kind: u32, pid: u32, image: u32, tid: u32, stack_id: u64, addr: u64, siz
 /// Records one allocation in the per-address map, and tells user space about a stack the
 /// first time a process image uses it.
 #[inline(always)]
-fn record<C: EbpfContext>(ctx: &C, key: AllocKey, tid: u32, size: u64, func: u32, stack_flags: u64) {
-    let stack_id = match stacks().capture(ctx, stack_flags) {
+fn record<C: EbpfContext>(ctx: &C, key: AllocKey, tid: u32, size: u64, func: u32, user: bool) {
+    let stack = if user {
+        // A uretprobe's context is the user registers at the return.
+        stacks().user_walked(ctx, UserRegs::from_probe(ctx.as_ptr().cast()), key.pid)
+    } else {
+        stacks().kernel(ctx)
+    };
+    let stack_id = match stack {
         Ok(id) => id,
         Err(_) => {
             bump(&STATS, STAT_STACK_LOST);
@@ -334,7 +339,7 @@ pub fn memleak_alloc_ret(ctx: RetProbeContext) -> u32 {
     }
     // An exec between entry and return would have ended the call; the image is the current one.
     let Some((pid, image)) = tracked() else { return 0 };
-    record(&ctx, AllocKey { pid, image, addr }, tid, call.size, call.func, BPF_F_USER_STACK as u64);
+    record(&ctx, AllocKey { pid, image, addr }, tid, call.size, call.func, true);
     0
 }
 
@@ -418,7 +423,7 @@ fn kernel_alloc(ctx: &TracePointContext, ptr_off: u32, bytes_off: u32, func: u32
         return 0;
     }
     let (_, tid) = ids();
-    record(ctx, AllocKey { pid: NO_PID, image: 0, addr }, tid, size, func, 0);
+    record(ctx, AllocKey { pid: NO_PID, image: 0, addr }, tid, size, func, false);
     0
 }
 
@@ -481,7 +486,7 @@ pub fn memleak_page_alloc(ctx: TracePointContext) -> u32 {
         return 0;
     }
     let (_, tid) = ids();
-    record(&ctx, AllocKey { pid: NO_PID, image: 0, addr: pfn }, tid, size, FN_PAGE_ALLOC, 0);
+    record(&ctx, AllocKey { pid: NO_PID, image: 0, addr: pfn }, tid, size, FN_PAGE_ALLOC, false);
     0
 }
 

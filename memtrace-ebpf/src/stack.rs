@@ -14,7 +14,10 @@ use memtrace_common::stack::{
     hash_finish, hash_step,
 };
 
-use crate::{BPF_NOEXIST, EEXIST, bump};
+use crate::{
+    BPF_NOEXIST, EEXIST, bump,
+    unwind::{self, UserRegs},
+};
 
 /// Map flags of the store: entries are allocated when inserted.
 pub const STORE_FLAGS: usize = BPF_F_NO_PREALLOC as usize;
@@ -45,6 +48,22 @@ impl<const N: usize> Store<N> {
     #[inline(always)]
     pub fn user<C: EbpfContext>(&self, ctx: &C) -> Result<u64, Lost> {
         self.capture(ctx, BPF_F_USER_STACK as u64)
+    }
+
+    /// The user stack of the current task, in process `pid`: walked with the unwind tables
+    /// when user space enabled them (see `unwind`), else by `bpf_get_stack` (frame pointers).
+    /// `regs`: the user registers when the program has them (a uprobe), else None to take
+    /// those the task saved on entering the kernel.
+    #[inline(always)]
+    pub fn user_walked<C: EbpfContext>(&self, ctx: &C, regs: Option<UserRegs>, pid: u32) -> Result<u64, Lost> {
+        if !unwind::tables_enabled() {
+            return self.user(ctx);
+        }
+        let Some(regs) = regs.or_else(UserRegs::current) else { return Err(self.lost(Lost::Unreadable)) };
+        match unwind::walk(regs, pid) {
+            Some(stack) => self.store(stack),
+            None => Err(self.lost(Lost::Unreadable)),
+        }
     }
 
     /// The kernel stack at this point.

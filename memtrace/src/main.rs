@@ -7,7 +7,6 @@ mod symbolize;
 mod target;
 mod tools;
 mod tracee;
-#[allow(dead_code, unused_imports, reason = "the eBPF unwinder that uses these tables comes next (issue 9)")]
 mod unwind;
 
 #[cfg(test)]

@@ -19,6 +19,10 @@ pub struct MappedFile {
     /// (major, minor) of the device, as maps prints it.
     pub dev: (u32, u32),
     pub inode: u64,
+    /// Offset in the file of the mapping's first byte.
+    pub offset: u64,
+    /// Mapped with execute permission: code, which the unwinder needs tables for.
+    pub exec: bool,
     /// The path in the process's own mount namespace, without " (deleted)".
     pub path: String,
     pub deleted: bool,
@@ -34,8 +38,8 @@ pub fn mapped_files(pid: u32) -> Result<Vec<MappedFile>> {
 fn parse_maps_line(line: &str) -> Option<MappedFile> {
     let mut fields = line.splitn(6, ' ');
     let (start, end) = fields.next()?.split_once('-')?;
-    let _perms = fields.next()?;
-    let _offset = fields.next()?;
+    let perms = fields.next()?;
+    let offset = fields.next()?;
     let (major, minor) = fields.next()?.split_once(':')?;
     let inode = fields.next()?.parse().ok()?;
     let path = fields.next().unwrap_or("").trim_start();
@@ -53,6 +57,8 @@ fn parse_maps_line(line: &str) -> Option<MappedFile> {
         end: hex64(end)?,
         dev: (hex32(major)?, hex32(minor)?),
         inode,
+        offset: hex64(offset)?,
+        exec: perms.as_bytes().get(2) == Some(&b'x'),
         path: path.to_string(),
         deleted,
     })

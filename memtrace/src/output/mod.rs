@@ -138,15 +138,17 @@ pub struct Dropped {
     /// the store's capacity (`--max-stacks`).
     pub stack_store_full: u64,
     pub stack_store_capacity: u32,
+    /// How the user stacks' walks ended (all zero with `--unwind fp`).
+    pub cut_stacks: crate::unwind::CutStacks,
 }
 
 impl std::fmt::Display for Dropped {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         let store_full = stack_store_full(self.stack_store_capacity);
-        f.write_str(&blind_spots(&[
+        let mut spots = vec![
             (self.map_full, "allocations untracked (allocation map full: raise --max-allocs)"),
             (self.stacks_lost, "allocations without a stack"),
-            (self.stack_store_full, &store_full),
+            (self.stack_store_full, store_full.as_str()),
             (self.unknown_frees, "frees of addresses not seen allocated"),
             (self.replaced, "frees missed (an address allocated again without one)"),
             (self.stacks_full, "allocations uncounted (stack-totals map full: raise --max-stacks)"),
@@ -155,7 +157,9 @@ impl std::fmt::Display for Dropped {
             (self.unprobed_images, "exec'd images whose allocator could not be probed (-v says why)"),
             (self.untracked_children, "child processes not followed (process table full)"),
             (self.early_frees_lost, "frees during a child's inheritance copy not noted (counts may be high)"),
-        ]))
+        ];
+        spots.extend(self.cut_stacks.blind_spots());
+        f.write_str(&blind_spots(&spots))
     }
 }
 

@@ -15,10 +15,14 @@ use crate::{
     kernel,
     target::{self, Allocator},
     tracee::{Command, CommandEvent},
+    unwind::{UnwindArgs, UnwindMode, Unwinder},
 };
 use attach::DutyCycle;
 use procs::Procs;
 use report::{Maps, Session};
+
+/// How often the walker's requests for tables (new processes, libraries) are served.
+const UNWIND_POLL: Duration = Duration::from_millis(25);
 
 const OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/memleak"));
 
@@ -97,6 +101,8 @@ pub struct Args {
     /// when used (about 1 KiB each); a warning comes when the store passes 80%.
     #[arg(long, default_value_t = 65_536, value_name = "N")]
     pub max_stacks: u32,
+    #[command(flatten)]
+    pub unwind: UnwindArgs,
 }
 
 impl Args {
@@ -143,6 +149,7 @@ impl Args {
         }
         in_range("--max-allocs", self.max_allocs.into(), MAP_ENTRIES)?;
         in_range("--max-stacks", self.max_stacks.into(), MAP_ENTRIES)?;
+        self.unwind.validate()?;
         if let Some(path) = &self.folded {
             crate::output::check_writable("--folded", path)?;
         }
@@ -201,6 +208,7 @@ pub async fn run(args: Args) -> Result<()> {
             .map_max_entries("ALLOCS", args.max_allocs)
             .map_max_entries("SEEN", args.max_stacks)
             .map_max_entries("STACKS", args.max_stacks);
+        args.unwind.configure(loader);
         if let Some(k) = &kmem {
             loader.override_global("KMEM", k, true);
         }
@@ -211,12 +219,14 @@ pub async fn run(args: Args) -> Result<()> {
     let skip = if args.duty_cycle.is_some() { DutyCycle::HOT } else { &[] };
     let mut procs = Procs::new(&mut bpf, &args.symbols_prefix, args.obj.clone(), skip)?;
     let (maps, ring) = Maps::take(&mut bpf)?;
+    let mut unwinder = Unwinder::take(&mut bpf, if user { args.unwind.unwind } else { UnwindMode::Fp })?;
     let mut duty = None;
     let mut command = None;
     let root = match mode {
         Mode::Pid(pid, alloc) => {
             let obj = alloc.primary.clone();
             attach::lifecycle(&mut bpf)?;
+            unwinder.load(pid);
             let probes = procs.start(&mut bpf, pid, alloc)?;
             if let Some(pct) = args.duty_cycle {
                 let period = Duration::from_millis(args.duty_period_ms.max(10));
@@ -257,7 +267,7 @@ pub async fn run(args: Args) -> Result<()> {
     let duty_timer = tokio::time::sleep(duty.as_ref().map_or(Duration::from_secs(u64::MAX / 4), |d| d.open_for));
     tokio::pin!(duty_timer);
     let held = command.is_some();
-    let mut session = Session::new(&args, root, maps)?;
+    let mut session = Session::new(&args, root, maps, unwinder)?;
     if let (Some(pid), None) = (root, &command) {
         // Keep a map of the process while it surely lives; symbolization uses it after exit.
         let _ = session.user_sym.refresh(pid);
@@ -274,9 +284,13 @@ pub async fn run(args: Args) -> Result<()> {
         exits.spawn(async move { (pid, target::exited(pid).await) });
     }
     let mut reports = 0u64;
+    let mut unwind_poll = tokio::time::interval(UNWIND_POLL);
 
     loop {
         tokio::select! {
+            _ = unwind_poll.tick(), if session.unwinder.mode() != UnwindMode::Fp => {
+                session.unwinder.poll(|pid| procs.list.contains_key(&pid));
+            }
             _ = &mut duty_timer, if duty.is_some() => {
                 let cycle = duty.as_mut().expect("guarded by the branch condition");
                 let next = if cycle.is_open() { cycle.close(&mut bpf)? } else { cycle.open(&mut bpf)? };
@@ -306,6 +320,7 @@ pub async fn run(args: Args) -> Result<()> {
                         if Some(pid) == root { eprintln!("memtrace: memleak: {line}") } else { tracing::info!("{line}") }
                     }
                     session.user_sym.forget(pid);
+                    session.unwinder.load(pid);
                     let _ = ack.send(());
                 }
                 Some(CommandEvent::Fork { parent, child, shared, ack }) => {
@@ -316,6 +331,7 @@ pub async fn run(args: Args) -> Result<()> {
                     }
                     procs.fork(&mut bpf, session.allocs_mut(), parent, child, crate::tools::monotonic_ns(), true);
                     let _ = session.user_sym.refresh(child);
+                    session.unwinder.load(child);
                     let _ = ack.send(());
                 }
                 Some(CommandEvent::Exiting { pid, ack }) => {
@@ -328,6 +344,7 @@ pub async fn run(args: Args) -> Result<()> {
                         eprintln!("memtrace: memleak: command exited with status {code}");
                     }
                     procs.exited(pid, Some(code));
+                    session.unwinder.forget(pid);
                 }
                 Some(CommandEvent::Done) | None => break,
             },
@@ -368,6 +385,9 @@ fn lifecycle(
             // Under -c the child waits at its fork until the command's event is handled.
             procs.fork(bpf, session.allocs_mut(), parent, child, event.timestamp_ns, held);
             let _ = session.user_sym.refresh(child);
+            if !held {
+                session.unwinder.load(child);
+            }
             if !held && procs.list.contains_key(&child) {
                 exits.spawn(async move { (child, target::exited(child).await) });
             }
@@ -377,6 +397,7 @@ fn lifecycle(
                 tracing::info!("pid {} probed through {} with {probes} probes", event.pid, obj.display());
             }
             session.user_sym.forget(event.pid);
+            session.unwinder.load(event.pid);
         }
         _ => {}
     }

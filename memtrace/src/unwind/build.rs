@@ -10,9 +10,11 @@ use gimli::{
     },
 };
 
+use memtrace_common::unwind::{KIND_NO_TABLE, KIND_UNSUPPORTED};
+
 use super::{
     Error, Limits, Stats, UnwindTable,
-    row::{CfaRule, KIND_NO_TABLE, KIND_UNSUPPORTED, PackedRow, RbpRule, Rule, Unsupported},
+    row::{CfaRule, PackedRow, RbpRule, RowRule as _, Rule, Unsupported},
 };
 
 type R<'a> = EndianSlice<'a, LittleEndian>;

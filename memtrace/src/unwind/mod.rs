@@ -14,6 +14,8 @@
 //! This module uses only std, gimli and object so the fuzz target can compile it alone.
 
 mod build;
+#[cfg(not(fuzzing))]
+mod load;
 mod row;
 #[cfg(test)]
 mod tests;
@@ -24,12 +26,16 @@ use std::{fmt, fs::File, path::Path};
 
 use object::{
     Endianness, ReadCache, ReadRef,
-    elf::{EM_X86_64, FileHeader64, SHF_COMPRESSED, SHT_NOBITS},
-    read::elf::{FileHeader, SectionHeader},
+    elf::{EM_X86_64, FileHeader64, PT_LOAD, SHF_COMPRESSED, SHT_NOBITS},
+    read::elf::{FileHeader, ProgramHeader as _, SectionHeader},
 };
 
 pub use build::{Sections, build};
-pub use row::{CfaRule, PackedRow, RbpRule, Rule, Unsupported};
+#[cfg(not(fuzzing))]
+pub use load::{CutStacks, UnwindArgs, UnwindMode, Unwinder};
+pub use row::{PackedRow, RowRule, Rule};
+#[cfg(test)]
+pub use row::{CfaRule, RbpRule, Unsupported};
 
 /// Bounds on what one module may cost.
 #[derive(Clone, Copy, Debug)]
@@ -95,6 +101,36 @@ pub struct Stats {
     pub unsupported_rows: usize,
     /// `.debug_frame` was present but compressed, so not used.
     pub debug_frame_compressed: bool,
+}
+
+/// A loadable segment: where file offsets land in the file's virtual addresses.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Segment {
+    pub offset: u64,
+    pub vaddr: u64,
+    pub filesz: u64,
+}
+
+/// The PT_LOAD segments of an x86-64 ELF file, from its headers only (at most 256).
+pub fn load_segments<'a, D: ReadRef<'a>>(data: D) -> Result<Vec<Segment>, Error> {
+    let header = FileHeader64::<Endianness>::parse(data).map_err(|e| Error::NotElf(e.to_string()))?;
+    let endian = header.endian().map_err(|e| Error::NotElf(e.to_string()))?;
+    let headers = header.program_headers(endian, data).map_err(|e| Error::NotElf(e.to_string()))?;
+    Ok(headers
+        .iter()
+        .filter(|p| p.p_type(endian) == PT_LOAD)
+        .take(256)
+        .map(|p| Segment { offset: p.p_offset(endian), vaddr: p.p_vaddr(endian), filesz: p.p_filesz(endian) })
+        .collect())
+}
+
+/// What to subtract from an address in a mapping of `segments`' file (mapped at `start` from
+/// file offset `offset`) to get the file's virtual address; None if no segment holds it.
+pub fn mapping_bias(segments: &[Segment], start: u64, offset: u64) -> Option<u64> {
+    let page = |v: u64| v & !0xfff;
+    let s = segments.iter().find(|s| page(s.offset) <= offset && offset < s.offset.saturating_add(s.filesz.max(1)))?;
+    // vaddr = addr - start + offset + (s.vaddr - s.offset)
+    Some(start.wrapping_sub(offset).wrapping_add(s.offset).wrapping_sub(s.vaddr))
 }
 
 #[derive(Debug)]

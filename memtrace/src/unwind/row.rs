@@ -67,40 +67,23 @@ impl Unsupported {
     ];
 }
 
-/// `PackedRow::kind` values. The meaning of the offset fields depends on the kind.
-pub const KIND_NO_TABLE: u8 = 0;
-/// CFA = RSP + cfa_offset.
-pub const KIND_CFA_RSP: u8 = 1;
-/// CFA = RBP + cfa_offset.
-pub const KIND_CFA_RBP: u8 = 2;
-/// CFA = RSP + cfa_offset (+8 when `pc & 15 >= rbp_offset`); RBP unchanged.
-pub const KIND_PLT: u8 = 3;
-pub const KIND_OUTERMOST: u8 = 4;
-/// cfa_offset holds the `Unsupported` reason.
-pub const KIND_UNSUPPORTED: u8 = 5;
-
-/// `PackedRow::rbp_kind` values for the CFA kinds.
-pub const RBP_UNCHANGED: u8 = 0;
-/// The caller's RBP is at CFA + rbp_offset.
-pub const RBP_AT_CFA: u8 = 1;
-
-/// One row as the BPF maps will hold it: 16 bytes, 8-aligned, no implicit padding, so an
-/// array of them can be binary-searched by `pc` from eBPF within a bounded loop.
-/// `pc` is the file's virtual address (ELF vaddr); the walker subtracts the mapping's bias.
-#[repr(C)]
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct PackedRow {
-    pub pc: u64,
-    pub cfa_offset: i32,
-    pub rbp_offset: i16,
-    pub kind: u8,
-    pub rbp_kind: u8,
-}
+pub use memtrace_common::unwind::PackedRow;
+use memtrace_common::unwind::{
+    KIND_CFA_RBP, KIND_CFA_RSP, KIND_NO_TABLE, KIND_OUTERMOST, KIND_PLT, KIND_UNSUPPORTED, RBP_AT_CFA, RBP_UNCHANGED,
+};
 
 const _: () = assert!(std::mem::size_of::<PackedRow>() == 16);
 
-impl PackedRow {
-    pub fn new(pc: u64, rule: Rule) -> Self {
+/// The typed view of a packed row (the row type lives in memtrace-common, shared with eBPF).
+pub trait RowRule: Sized {
+    fn new(pc: u64, rule: Rule) -> Self;
+    fn rule(&self) -> Rule;
+    /// Same unwinding rule, whatever the PC: consecutive such rows are merged.
+    fn same_rule(&self, other: &Self) -> bool;
+}
+
+impl RowRule for PackedRow {
+    fn new(pc: u64, rule: Rule) -> Self {
         let (kind, cfa_offset, rbp_kind, rbp_offset) = match rule {
             Rule::NoTable => (KIND_NO_TABLE, 0, RBP_UNCHANGED, 0),
             Rule::Outermost => (KIND_OUTERMOST, 0, RBP_UNCHANGED, 0),
@@ -122,7 +105,7 @@ impl PackedRow {
         PackedRow { pc, cfa_offset, rbp_offset, kind, rbp_kind }
     }
 
-    pub fn rule(&self) -> Rule {
+    fn rule(&self) -> Rule {
         let rbp = match self.rbp_kind {
             RBP_AT_CFA => RbpRule::AtCfaOffset(self.rbp_offset),
             _ => RbpRule::Unchanged,
@@ -145,8 +128,7 @@ impl PackedRow {
         }
     }
 
-    /// Same unwinding rule, whatever the PC: consecutive such rows are merged.
-    pub fn same_rule(&self, other: &PackedRow) -> bool {
+    fn same_rule(&self, other: &PackedRow) -> bool {
         (self.kind, self.cfa_offset, self.rbp_kind, self.rbp_offset)
             == (other.kind, other.cfa_offset, other.rbp_kind, other.rbp_offset)
     }

@@ -30,6 +30,7 @@ use crate::{
         monotonic_ns,
         stacks::{self, StackStore},
     },
+    unwind::Unwinder,
 };
 
 pub(super) struct Maps {
@@ -230,6 +231,7 @@ pub(super) struct Session<'a> {
     kernel_sym: Option<KernelSymbolizer>,
     stack_cache: StdHashMap<StackKey, Vec<Frame>>,
     trends: Trends,
+    pub(super) unwinder: Unwinder,
 }
 
 impl<'a> Session<'a> {
@@ -238,7 +240,7 @@ impl<'a> Session<'a> {
         &mut self.maps.allocs
     }
 
-    pub(super) fn new(args: &'a Args, pid: Option<u32>, maps: Maps) -> Result<Self> {
+    pub(super) fn new(args: &'a Args, pid: Option<u32>, maps: Maps, unwinder: Unwinder) -> Result<Self> {
         let kernel_sym = if pid.is_none() { Some(KernelSymbolizer::new()?) } else { None };
         Ok(Session {
             args,
@@ -248,6 +250,7 @@ impl<'a> Session<'a> {
             kernel_sym,
             stack_cache: StdHashMap::new(),
             trends: Trends::default(),
+            unwinder,
         })
     }
 
@@ -364,7 +367,7 @@ impl<'a> Session<'a> {
             failed: self.maps.stat(STAT_FAILED),
             stacks,
             processes,
-            dropped: self.maps.dropped(procs),
+            dropped: Dropped { cut_stacks: self.unwinder.cut(), ..self.maps.dropped(procs) },
         };
         if self.args.json {
             output::json_line(&report)?;

@@ -1,0 +1,282 @@
+//! The user-stack unwinder, kernel side: walks a task's user stack with the rows user space
+//! compiled from each module's `.eh_frame` (see memtrace-common's `unwind`), using frame
+//! pointers only for code that has no table. One frame per `bpf_loop` iteration, so the
+//! verifier checks a frame's step once whatever the depth (bpf_loop: 5.17+).
+//!
+//! Everything read here comes from the traced process (its stack) or from tables built from
+//! its files: every read is a checked helper, every loop is bounded, and a frame must move
+//! up the stack or the walk stops.
+
+use core::ffi::c_void;
+
+use aya_ebpf::{
+    Global,
+    bindings::{BPF_F_MMAPABLE, BPF_F_NO_PREALLOC, pt_regs},
+    btf_maps::{Array, HashMap, LpmTrie, PerCpuArray, lpm_trie::Key},
+    helpers::{bpf_probe_read_kernel, bpf_probe_read_user, generated::bpf_loop},
+    macros::btf_map,
+};
+use memtrace_common::{
+    stack::{MAX_FRAMES, Stack},
+    unwind::{
+        BINARY_STEPS, CUT_BAD_FRAME, CUT_DEPTH, CUT_NO_TABLE, CUT_NOT_LOADED, CUT_TABLE_FULL, CUT_UNREADABLE,
+        CUT_UNSUPPORTED, ENDED_COMPLETE, FP_FRAMES, KEY_BITS, KIND_CFA_RBP, KIND_CFA_RSP, KIND_OUTERMOST, KIND_PLT,
+        MAPPING_NO_TABLE, MAPPING_TABLE, MAPPING_TABLE_FULL, MODE_DWARF, MODE_FP, Mapping, MappingKey, PackedRow, RBP_AT_CFA,
+        STAT_COUNT, WALKS, mapping_key,
+    },
+};
+
+use crate::{BPF_NOEXIST, bump};
+
+/// How tools record user stacks: `MODE_FP` or `MODE_DWARF`, set by user space before load.
+#[unsafe(no_mangle)]
+static UNWIND_MODE: Global<u32> = Global::new(MODE_FP);
+
+/// Every module's rows, back to back; user space sizes it before load (`--unwind-rows`) and
+/// writes it through a shared mapping (BPF_F_MMAPABLE, 5.5+).
+#[btf_map]
+static UNWIND_ROWS: Array<PackedRow, 1, { BPF_F_MMAPABLE as usize }> = Array::new();
+/// (pid, address block) to the mapping's rows and bias; a bare pid marks a loaded process.
+#[btf_map]
+static UNWIND_MAPPINGS: LpmTrie<MappingKey, Mapping, 262_144, { BPF_F_NO_PREALLOC as usize }> = LpmTrie::new();
+/// Processes whose tables user space should (re)load: unknown ones, or a PC in none of their
+/// loaded mappings. User space drains it.
+#[btf_map]
+static UNWIND_WANTED: HashMap<u32, u32, 4096> = HashMap::new();
+#[btf_map]
+static UNWIND_STATS: PerCpuArray<u64, { STAT_COUNT as usize }> = PerCpuArray::new();
+/// The stack being built, per CPU (the store wants map memory to hash and copy from).
+#[btf_map]
+static UNWIND_STACK: PerCpuArray<Stack, 1> = PerCpuArray::new();
+
+/// The registers a walk needs, as the task had them in user mode.
+#[derive(Clone, Copy)]
+pub struct UserRegs {
+    pub ip: u64,
+    pub sp: u64,
+    pub bp: u64,
+}
+
+impl UserRegs {
+    /// From a uprobe's context, which is the user registers at the probe.
+    #[inline(always)]
+    pub fn from_probe(regs: *const pt_regs) -> Option<UserRegs> {
+        Self::read(regs)
+    }
+
+    /// The current task's user registers, saved at its entry to the kernel (syscall, fault).
+    #[inline(always)]
+    pub fn current() -> Option<UserRegs> {
+        // SAFETY: helper without preconditions.
+        let task = unsafe { aya_ebpf::helpers::generated::bpf_get_current_task_btf() };
+        Self::read(task_pt_regs(task.cast()))
+    }
+
+    #[inline(always)]
+    fn read(regs: *const pt_regs) -> Option<UserRegs> {
+        // SAFETY: reads kernel memory through the checked helper.
+        unsafe {
+            Some(UserRegs {
+                ip: bpf_probe_read_kernel(&raw const (*regs).rip).ok()?,
+                sp: bpf_probe_read_kernel(&raw const (*regs).rsp).ok()?,
+                bp: bpf_probe_read_kernel(&raw const (*regs).rbp).ok()?,
+            })
+        }
+    }
+}
+
+/// `bpf_task_pt_regs` (helper 175, kernel 5.15+): a task's saved user registers.
+#[inline(always)]
+pub fn task_pt_regs(task: *mut c_void) -> *const pt_regs {
+    // SAFETY: helper 175 takes a BTF task pointer and returns its saved user registers.
+    unsafe {
+        let helper: unsafe extern "C" fn(*mut c_void) -> *const pt_regs = core::mem::transmute(175usize);
+        helper(task)
+    }
+}
+
+/// Whether tools should walk with the tables rather than `bpf_get_stack`.
+#[inline(always)]
+pub fn tables_enabled() -> bool {
+    UNWIND_MODE.load() != MODE_FP
+}
+
+/// The walk's state, on the caller's stack and handed to each `bpf_loop` iteration.
+#[repr(C)]
+struct Walk {
+    pc: u64,
+    sp: u64,
+    bp: u64,
+    pid: u32,
+    /// Frames in `UNWIND_STACK` so far.
+    len: u32,
+    /// The `UNWIND_STATS` index the walk ended with; 0 while it goes on.
+    end: u32,
+    _pad: u32,
+}
+
+/// Walks the user stack of process `pid` from `regs` into this CPU's `UNWIND_STACK`, whose
+/// first frame is `regs.ip`. None only when there is no scratch slot.
+#[inline(always)]
+pub fn walk(regs: UserRegs, pid: u32) -> Option<&'static Stack> {
+    let stack = UNWIND_STACK.get_ptr_mut(0)?;
+    bump(&UNWIND_STATS, WALKS);
+    // SAFETY: this CPU's slot; programs do not preempt each other on one CPU.
+    unsafe {
+        (*stack).ips[0] = regs.ip;
+        (*stack).len = 1;
+    }
+    let mut state = Walk { pc: regs.ip, sp: regs.sp, bp: regs.bp, pid, len: 1, end: 0, _pad: 0 };
+    // SAFETY: `step` has the callback signature bpf_loop wants, and `state` outlives the call.
+    unsafe {
+        bpf_loop((MAX_FRAMES - 1) as u32, step as *mut c_void, (&raw mut state).cast(), 0);
+    }
+    let end = if state.end == 0 { CUT_DEPTH } else { state.end };
+    bump(&UNWIND_STATS, end);
+    // SAFETY: as above.
+    unsafe {
+        (*stack).len = state.len;
+        Some(&*stack)
+    }
+}
+
+/// One frame: from `state.pc/sp/bp` to the caller's, pushing the caller's PC. Returns 1 to
+/// stop the loop.
+extern "C" fn step(index: u64, ctx: *mut c_void) -> i64 {
+    // SAFETY: bpf_loop passes back the pointer `walk` gave, to its live `Walk`.
+    let state = unsafe { &mut *ctx.cast::<Walk>() };
+    match unwind_one(state, index == 0) {
+        Ok(()) => 0,
+        Err(end) => {
+            state.end = end;
+            1
+        }
+    }
+}
+
+#[inline(always)]
+fn unwind_one(state: &mut Walk, first: bool) -> Result<(), u32> {
+    // The first PC is where the task is; the others are return addresses, so the call is
+    // the byte before (a call may be a function's last instruction).
+    let pc = if first { state.pc } else { state.pc - 1 };
+    let key = Key::new(KEY_BITS, mapping_key(state.pid, pc));
+    // Code not loaded yet may well have a table: rather than guess through frame pointers,
+    // end the stack and have the tables loaded for the next one.
+    let Some(mapping) = UNWIND_MAPPINGS.get(&key) else {
+        want(state.pid);
+        return Err(CUT_NOT_LOADED);
+    };
+    let (cfa, bp) = match mapping.kind {
+        MAPPING_TABLE => {
+            let Some(row) = find_row(mapping, pc.wrapping_sub(mapping.bias())) else {
+                return frame_pointer_step(state, CUT_NO_TABLE);
+            };
+            let cfa = match row.kind {
+                KIND_CFA_RSP => state.sp.wrapping_add(row.cfa_offset as i64 as u64),
+                KIND_CFA_RBP => state.bp.wrapping_add(row.cfa_offset as i64 as u64),
+                KIND_PLT => {
+                    let pushed = if (state.pc & 15) >= row.rbp_offset as u64 { 8 } else { 0 };
+                    state.sp.wrapping_add(row.cfa_offset as i64 as u64).wrapping_add(pushed)
+                }
+                KIND_OUTERMOST => return Err(ENDED_COMPLETE),
+                0 => return frame_pointer_step(state, CUT_NO_TABLE),
+                _ => return Err(CUT_UNSUPPORTED),
+            };
+            let bp = if row.rbp_kind == RBP_AT_CFA {
+                read(cfa.wrapping_add(row.rbp_offset as i64 as u64))?
+            } else {
+                state.bp
+            };
+            (cfa, bp)
+        }
+        MAPPING_NO_TABLE => return frame_pointer_step(state, CUT_NO_TABLE),
+        MAPPING_TABLE_FULL => return frame_pointer_step(state, CUT_TABLE_FULL),
+        _ => {
+            // A PC in none of a loaded process's mappings: new since the load (dlopen).
+            want(state.pid);
+            return Err(CUT_NOT_LOADED);
+        }
+    };
+    let ra = read(cfa.wrapping_sub(8))?;
+    advance(state, cfa, bp, ra)
+}
+
+/// The frame-pointer step for code without a table: [rbp] is the caller's rbp, [rbp+8] the
+/// return address. When it fails, the walk ends with `cause`.
+#[inline(always)]
+fn frame_pointer_step(state: &mut Walk, cause: u32) -> Result<(), u32> {
+    if UNWIND_MODE.load() == MODE_DWARF {
+        return Err(cause);
+    }
+    let fp = state.bp;
+    if fp <= state.sp || fp & 7 != 0 {
+        return Err(cause);
+    }
+    let (Ok(bp), Ok(ra)) = (read(fp), read(fp + 8)) else { return Err(cause) };
+    if ra == 0 {
+        return Err(cause);
+    }
+    bump(&UNWIND_STATS, FP_FRAMES);
+    advance(state, fp + 16, bp, ra)
+}
+
+/// Moves to the caller and pushes its PC; a zero return address ends the stack.
+#[inline(always)]
+fn advance(state: &mut Walk, cfa: u64, bp: u64, ra: u64) -> Result<(), u32> {
+    if ra == 0 {
+        return Err(ENDED_COMPLETE);
+    }
+    // The caller's frame is above this one: anything else is a wrong rule or a corrupt stack,
+    // and following it could walk in circles.
+    if cfa <= state.sp {
+        return Err(CUT_BAD_FRAME);
+    }
+    let Some(stack) = UNWIND_STACK.get_ptr_mut(0) else { return Err(CUT_UNREADABLE) };
+    let n = state.len as usize;
+    if n >= MAX_FRAMES {
+        return Err(CUT_DEPTH);
+    }
+    // SAFETY: this CPU's slot; `n` is checked against the array's length above.
+    unsafe { (*stack).ips[n] = ra };
+    state.len += 1;
+    state.pc = ra;
+    state.sp = cfa;
+    state.bp = bp;
+    Ok(())
+}
+
+#[inline(always)]
+fn read(addr: u64) -> Result<u64, u32> {
+    // SAFETY: a checked read of user memory.
+    unsafe { bpf_probe_read_user(addr as *const u64) }.map_err(|_| CUT_UNREADABLE)
+}
+
+/// The last row of the mapping's table at or before `vaddr`, by binary search.
+#[inline(always)]
+fn find_row(mapping: &Mapping, vaddr: u64) -> Option<PackedRow> {
+    if mapping.rows_len == 0 {
+        return None;
+    }
+    let mut lo = mapping.rows_start;
+    let mut hi = mapping.rows_start.wrapping_add(mapping.rows_len);
+    for _ in 0..BINARY_STEPS {
+        if hi.wrapping_sub(lo) <= 1 {
+            break;
+        }
+        let mid = lo + (hi - lo) / 2;
+        let row = UNWIND_ROWS.get(mid)?;
+        if row.pc <= vaddr {
+            lo = mid;
+        } else {
+            hi = mid;
+        }
+    }
+    let row = *UNWIND_ROWS.get(lo)?;
+    (row.pc <= vaddr).then_some(row)
+}
+
+/// Asks user space to (re)load `pid`'s tables; cheap when already asked.
+#[inline(always)]
+fn want(pid: u32) {
+    let _ = UNWIND_WANTED.insert(pid, 1, BPF_NOEXIST);
+}

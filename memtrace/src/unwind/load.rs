@@ -1,0 +1,441 @@
+//! The unwinder, user side: builds each module's table once, copies it into the row map,
+//! and tells the eBPF walker which rows and bias cover each executable mapping of each
+//! process (see memtrace-ebpf's `unwind`). Processes are loaded when a tool starts tracing
+//! them, and again whenever the walker meets one it does not know or a PC outside every
+//! loaded mapping (a `dlopen`, an exec), which it asks for through `UNWIND_WANTED`.
+
+use std::{
+    collections::{HashMap as StdHashMap, HashSet},
+    fs::File,
+    os::fd::AsRawFd as _,
+};
+
+use anyhow::{Context as _, Result, bail};
+use aya::{
+    Ebpf, EbpfLoader,
+    maps::{HashMap, LpmTrie, MapData, PerCpuArray, lpm_trie::Key},
+};
+use memtrace_common::unwind::{
+    CUT_BAD_FRAME, CUT_DEPTH, CUT_NO_TABLE, CUT_NOT_LOADED, CUT_TABLE_FULL, CUT_UNREADABLE, CUT_UNSUPPORTED,
+    ENDED_COMPLETE, FP_FRAMES, MAPPING_NO_TABLE, MAPPING_TABLE, MAPPING_TABLE_FULL, MAPPING_UNKNOWN,
+    BINARY_STEPS, MODE_AUTO, MODE_DWARF, MODE_FP, Mapping, MappingKey, PID_BITS, PackedRow, WALKS, mapping_key,
+};
+use object::ReadCache;
+use serde::Serialize;
+
+use super::{Limits, UnwindTable, load_segments, mapping_bias};
+use crate::procfs::{self, MappedFile};
+
+/// `--unwind`: how tools walk user stacks.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum UnwindMode {
+    /// Unwind tables (.eh_frame) wherever a module has them, frame pointers elsewhere.
+    #[default]
+    Auto,
+    /// Unwind tables only: a stack ends at code without one.
+    Dwarf,
+    /// Frame pointers only: cheapest, complete for code built with them.
+    Fp,
+}
+
+/// The options of every tool that shows user stacks.
+#[derive(clap::Args, Debug, Clone)]
+pub struct UnwindArgs {
+    /// How user stacks are walked.
+    #[arg(long, value_enum, default_value_t = UnwindMode::Auto, value_name = "HOW")]
+    pub unwind: UnwindMode,
+    /// Rows of unwind tables that may be loaded (16 bytes of kernel memory each, reserved at
+    /// start); -v shows what each module takes.
+    #[arg(long, default_value_t = DEFAULT_ROWS, value_name = "N")]
+    pub unwind_rows: u32,
+}
+
+impl UnwindArgs {
+    pub fn validate(&self) -> Result<()> {
+        crate::tools::check::in_range("--unwind-rows", self.unwind_rows.into(), 1024..=1 << BINARY_STEPS)
+    }
+
+    /// Sets the unwinder's globals and map sizes on a loader, before the object is loaded.
+    pub fn configure(&self, loader: &mut EbpfLoader<'_>) {
+        let mode: &'static u32 = match self.unwind {
+            UnwindMode::Auto => &MODE_AUTO,
+            UnwindMode::Dwarf => &MODE_DWARF,
+            UnwindMode::Fp => &MODE_FP,
+        };
+        loader.override_global("UNWIND_MODE", mode, false);
+        loader.map_max_entries("UNWIND_ROWS", if self.unwind == UnwindMode::Fp { 1 } else { self.unwind_rows });
+    }
+}
+
+/// Rows the row map holds unless told otherwise: 16 MiB of kernel memory, enough for libc,
+/// libstdc++ and a large program several times over.
+pub const DEFAULT_ROWS: u32 = 1 << 20;
+
+/// One file's table in the row map.
+#[derive(Clone, Debug, Serialize)]
+pub struct Module {
+    pub path: String,
+    pub rows: u32,
+    pub bytes: u64,
+    #[serde(skip)]
+    start: u32,
+    #[serde(skip)]
+    kind: u32,
+    #[serde(skip)]
+    segments: Vec<super::Segment>,
+    /// Why the module has no table, when it has none.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub missing: Option<String>,
+}
+
+/// How stack walks ended, from the walker's counters: the blind spots of the stacks shown.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct CutStacks {
+    pub walks: u64,
+    pub complete: u64,
+    pub no_table: u64,
+    pub not_loaded: u64,
+    pub table_full: u64,
+    pub depth: u64,
+    pub unreadable: u64,
+    pub unsupported: u64,
+    pub bad_frame: u64,
+    /// Frames found through frame pointers in code without a table.
+    pub fp_frames: u64,
+}
+
+impl CutStacks {
+    /// The blind-spot entries: stacks cut short, by cause.
+    pub fn blind_spots(&self) -> Vec<(u64, &'static str)> {
+        vec![
+            (self.no_table, "stacks cut at code without unwind tables"),
+            (self.not_loaded, "stacks cut in code whose unwind tables were not loaded yet (a new process or library)"),
+            (self.table_full, "stacks cut at a module whose table did not fit (raise --unwind-rows)"),
+            (self.depth, "stacks cut at the depth limit (127 frames)"),
+            (self.unreadable, "stacks cut at unreadable stack memory"),
+            (self.unsupported, "stacks cut at an unwind rule memtrace cannot follow"),
+            (self.bad_frame, "stacks cut at a frame that did not move up the stack"),
+        ]
+    }
+}
+
+struct Loaded {
+    keys: HashSet<(u32, MappingKey)>,
+    /// The executable mappings loaded: a request with the same ones needs no reload.
+    exec_maps: Vec<MappedFile>,
+}
+
+pub struct Unwinder {
+    mode: UnwindMode,
+    rows_map: Option<RowMap>,
+    mappings: LpmTrie<MapData, MappingKey, Mapping>,
+    wanted: HashMap<MapData, u32, u32>,
+    stats: PerCpuArray<MapData, u64>,
+    modules: StdHashMap<(u32, u32, u64), Module>,
+    pids: StdHashMap<u32, Loaded>,
+    limits: Limits,
+}
+
+impl Unwinder {
+    /// Takes the unwinder's maps from an object configured with `configure`.
+    pub fn take(bpf: &mut Ebpf, mode: UnwindMode) -> Result<Unwinder> {
+        let mut take = |name: &str| bpf.take_map(name).with_context(|| format!("internal: no map {name}"));
+        let rows = take("UNWIND_ROWS")?;
+        let mappings = LpmTrie::try_from(take("UNWIND_MAPPINGS")?)?;
+        let wanted = HashMap::try_from(take("UNWIND_WANTED")?)?;
+        let stats = PerCpuArray::try_from(take("UNWIND_STATS")?)?;
+        let rows_map = if mode == UnwindMode::Fp { None } else { Some(RowMap::new(rows)?) };
+        Ok(Unwinder {
+            mode,
+            rows_map,
+            mappings,
+            wanted,
+            stats,
+            modules: StdHashMap::new(),
+            pids: StdHashMap::new(),
+            limits: Limits::default(),
+        })
+    }
+
+    pub fn mode(&self) -> UnwindMode {
+        self.mode
+    }
+
+    /// Loads (or reloads) the tables of every executable mapping of `pid`. A process that has
+    /// gone is not an error: there is nothing left to walk.
+    pub fn load(&mut self, pid: u32) {
+        if self.rows_map.is_none() {
+            return;
+        }
+        let Ok(maps) = procfs::mapped_files(pid) else {
+            self.forget(pid);
+            return;
+        };
+        let maps: Vec<MappedFile> = maps.into_iter().filter(|m| m.exec).collect();
+        let mut keys = HashSet::new();
+        for m in &maps {
+            let mapping = self.mapping_of(pid, m);
+            for (addr, bits) in prefixes(m.start, m.end) {
+                let key = Key::new(PID_BITS + bits, mapping_key(pid, addr));
+                match self.mappings.insert(&key, mapping, 0) {
+                    Ok(()) => {
+                        keys.insert((key.prefix_len(), key.data()));
+                    }
+                    Err(e) => tracing::debug!("unwind: pid {pid}: cannot add {:#x}/{}: {e}", addr, bits),
+                }
+            }
+        }
+        // The bare pid: the process is loaded, and a PC in none of its mappings is new code.
+        let marker = Key::new(PID_BITS, mapping_key(pid, 0));
+        if self.mappings.insert(&marker, Mapping::new(MAPPING_UNKNOWN, 0, 0, 0), 0).is_ok() {
+            keys.insert((marker.prefix_len(), marker.data()));
+        }
+        tracing::debug!("unwind: pid {pid}: {} mappings, {} entries", maps.len(), keys.len());
+        if let Some(old) = self.pids.insert(pid, Loaded { keys: keys.clone(), exec_maps: maps }) {
+            for stale in old.keys.difference(&keys) {
+                let _ = self.mappings.remove(&Key::new(stale.0, stale.1));
+            }
+        }
+    }
+
+    /// Removes a process's entries (it exited, or is no longer traced).
+    pub fn forget(&mut self, pid: u32) {
+        if let Some(old) = self.pids.remove(&pid) {
+            for key in &old.keys {
+                let _ = self.mappings.remove(&Key::new(key.0, key.1));
+            }
+        }
+    }
+
+    /// Loads what the walker asked for since the last call; `accept` says whether a pid is
+    /// one this tool traces (others are ignored, and asked about again later).
+    pub fn poll(&mut self, accept: impl Fn(u32) -> bool) {
+        if self.rows_map.is_none() {
+            return;
+        }
+        let asked: Vec<u32> = self.wanted.keys().filter_map(Result::ok).collect();
+        for pid in asked {
+            let _ = self.wanted.remove(&pid);
+            if !accept(pid) {
+                continue;
+            }
+            // A PC outside every loaded mapping is new code, or junk: reload only for the first.
+            let unchanged = self.pids.get(&pid).is_some_and(|l| {
+                procfs::mapped_files(pid).is_ok_and(|m| m.into_iter().filter(|m| m.exec).eq(l.exec_maps.iter().cloned()))
+            });
+            if !unchanged {
+                self.load(pid);
+            }
+        }
+        // Processes that have gone: their entries would only take room.
+        let gone: Vec<u32> =
+            self.pids.keys().copied().filter(|pid| !std::path::Path::new(&format!("/proc/{pid}")).exists()).collect();
+        for pid in gone {
+            self.forget(pid);
+        }
+    }
+
+    /// The walker's counters, summed over CPUs.
+    pub fn cut(&self) -> CutStacks {
+        let stat = |i: u32| self.stats.get(&i, 0).map(|v| v.iter().sum()).unwrap_or(0);
+        CutStacks {
+            walks: stat(WALKS),
+            complete: stat(ENDED_COMPLETE),
+            no_table: stat(CUT_NO_TABLE),
+            not_loaded: stat(CUT_NOT_LOADED),
+            table_full: stat(CUT_TABLE_FULL),
+            depth: stat(CUT_DEPTH),
+            unreadable: stat(CUT_UNREADABLE),
+            unsupported: stat(CUT_UNSUPPORTED),
+            bad_frame: stat(CUT_BAD_FRAME),
+            fp_frames: stat(FP_FRAMES),
+        }
+    }
+
+    /// Every module loaded, by path: rows and bytes each, for `-v`.
+    pub fn modules(&self) -> Vec<&Module> {
+        let mut all: Vec<&Module> = self.modules.values().collect();
+        all.sort_by(|a, b| a.path.cmp(&b.path));
+        all
+    }
+
+    /// `-v` lines: the row map's use, then each module's rows and bytes.
+    pub fn describe(&self) -> Vec<String> {
+        let Some(rows) = &self.rows_map else { return vec!["unwind: frame pointers only (--unwind fp)".into()] };
+        let mut lines = vec![format!(
+            "unwind: tables of {} modules, {} of {} rows ({} of {} reserved)",
+            self.modules.len(),
+            rows.used,
+            rows.capacity,
+            crate::output::bytes(rows.used as u64 * 16),
+            crate::output::bytes(rows.capacity as u64 * 16),
+        )];
+        for m in self.modules() {
+            let what = match &m.missing {
+                Some(why) => format!("no table: {why}"),
+                None => format!("{} rows, {}", m.rows, crate::output::bytes(m.bytes)),
+            };
+            lines.push(format!("unwind:   {}: {what}", m.path));
+        }
+        lines
+    }
+
+    /// The entry for mapping `m` of `pid`, building its file's table the first time.
+    fn mapping_of(&mut self, pid: u32, m: &MappedFile) -> Mapping {
+        let id = (m.dev.0, m.dev.1, m.inode);
+        if !self.modules.contains_key(&id) {
+            let module = self.build(pid, m);
+            self.modules.insert(id, module);
+        }
+        let module = &self.modules[&id];
+        let Some(bias) = mapping_bias(&module.segments, m.start, m.offset) else {
+            return Mapping::new(MAPPING_NO_TABLE, 0, 0, 0);
+        };
+        Mapping::new(module.kind, bias, module.start, module.rows)
+    }
+
+    fn build(&mut self, pid: u32, m: &MappedFile) -> Module {
+        let mut module = Module {
+            path: m.path.clone(),
+            rows: 0,
+            bytes: 0,
+            start: 0,
+            kind: MAPPING_NO_TABLE,
+            segments: Vec::new(),
+            missing: None,
+        };
+        let built = (|| -> Result<(UnwindTable, Vec<super::Segment>)> {
+            let path = procfs::reach(pid, m).context("the file cannot be reached from memtrace")?;
+            let file = File::open(&path).with_context(|| format!("cannot open {}", path.display()))?;
+            let cache = ReadCache::new(file);
+            let segments = load_segments(&cache).map_err(|e| anyhow::anyhow!("{e}"))?;
+            let table = UnwindTable::from_elf(&cache, &self.limits).map_err(|e| anyhow::anyhow!("{e}"))?;
+            Ok((table, segments))
+        })();
+        let (table, segments) = match built {
+            Ok(v) => v,
+            Err(e) => {
+                module.missing = Some(format!("{e:#}"));
+                return module;
+            }
+        };
+        module.segments = segments;
+        let rows = table.rows();
+        if rows.iter().all(|r| r.kind == memtrace_common::unwind::KIND_NO_TABLE) {
+            module.missing = Some("no .eh_frame or .debug_frame".into());
+            return module;
+        }
+        let Some(map) = self.rows_map.as_mut() else { return module };
+        match map.append(rows) {
+            Some(start) => {
+                module.start = start;
+                module.rows = rows.len() as u32;
+                module.bytes = rows.len() as u64 * 16;
+                module.kind = MAPPING_TABLE;
+            }
+            None => {
+                module.kind = MAPPING_TABLE_FULL;
+                module.missing = Some(format!("{} rows did not fit the row map (raise --unwind-rows)", rows.len()));
+            }
+        }
+        module
+    }
+}
+
+/// The row map, written through a shared mapping of its memory (BPF_F_MMAPABLE): a table of
+/// 100k rows is one copy, not 100k syscalls. Rows are only appended while tracing.
+struct RowMap {
+    _map: MapData,
+    base: *mut PackedRow,
+    capacity: u32,
+    used: u32,
+}
+
+impl RowMap {
+    fn new(map: aya::maps::Map) -> Result<RowMap> {
+        let aya::maps::Map::Array(data) = map else { bail!("internal: UNWIND_ROWS is not an array") };
+        let capacity = data.info()?.max_entries();
+        let len = capacity as usize * size_of::<PackedRow>();
+        let fd = data.fd().as_fd_raw();
+        // SAFETY: maps the array's own memory, as long as the map; the kernel checks the size.
+        let base = unsafe {
+            libc::mmap(std::ptr::null_mut(), len, libc::PROT_READ | libc::PROT_WRITE, libc::MAP_SHARED, fd, 0)
+        };
+        if base == libc::MAP_FAILED {
+            bail!("cannot map the unwind row map: {}", std::io::Error::last_os_error());
+        }
+        Ok(RowMap { _map: data, base: base.cast(), capacity, used: 0 })
+    }
+
+    /// Copies `rows` after the rows already there; None when they do not fit.
+    fn append(&mut self, rows: &[PackedRow]) -> Option<u32> {
+        let start = self.used;
+        let end = start.checked_add(u32::try_from(rows.len()).ok()?)?;
+        if end > self.capacity {
+            return None;
+        }
+        // SAFETY: `start..end` lies inside the mapping (checked above), which nothing else
+        // in this process writes; the walker only reads rows that entries point at, and
+        // entries for these rows are inserted after the copy.
+        unsafe { std::ptr::copy_nonoverlapping(rows.as_ptr(), self.base.add(start as usize), rows.len()) };
+        self.used = end;
+        Some(start)
+    }
+}
+
+impl Drop for RowMap {
+    fn drop(&mut self) {
+        // SAFETY: the mapping made in `new`, of this size.
+        unsafe { libc::munmap(self.base.cast(), self.capacity as usize * size_of::<PackedRow>()) };
+    }
+}
+
+trait RawFd {
+    fn as_fd_raw(&self) -> i32;
+}
+
+impl RawFd for aya::maps::MapFd {
+    fn as_fd_raw(&self) -> i32 {
+        use std::os::fd::AsFd as _;
+        self.as_fd().as_raw_fd()
+    }
+}
+
+/// The aligned blocks `(address, prefix bits)` that exactly cover `[start, end)`.
+fn prefixes(start: u64, end: u64) -> Vec<(u64, u32)> {
+    let mut out = Vec::new();
+    let mut at = start;
+    while at < end && out.len() < 128 {
+        // The largest block aligned at `at` that does not pass `end`.
+        let mut size_bits = if at == 0 { 63 } else { at.trailing_zeros().min(63) };
+        while size_bits > 0 && at.checked_add(1 << size_bits).is_none_or(|e| e > end) {
+            size_bits -= 1;
+        }
+        out.push((at, 64 - size_bits));
+        at += 1 << size_bits;
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn unwind_prefixes_cover_the_range_exactly() {
+        for (start, end) in [(0x1000, 0x2000), (0x7f00_1234_5000, 0x7f00_1239_a000), (0x55_0000_1000, 0x55_0020_0000)] {
+            let blocks = prefixes(start, end);
+            let mut at = start;
+            for (addr, bits) in blocks {
+                assert_eq!(addr, at);
+                assert!(bits >= 1 && bits <= 64);
+                let size = 1u64 << (64 - bits);
+                assert_eq!(addr % size, 0, "aligned");
+                at += size;
+            }
+            assert_eq!(at, end);
+        }
+        assert_eq!(memtrace_common::unwind::KEY_BITS, PID_BITS + 64);
+    }
+}
