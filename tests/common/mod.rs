@@ -136,24 +136,41 @@ pub fn run(args: &[&str], limit: Duration) -> Output {
     wait_output(child, limit)
 }
 
-/// Waits for a child with a time limit; a hang kills it and fails the test.
+/// Waits for a child with a time limit; a hang kills it and fails the test. Its output is read
+/// meanwhile: a child that fills a pipe nobody reads never exits.
 pub fn wait_output(mut child: Child, limit: Duration) -> Output {
+    let (stdout, stderr) = (read_all(child.stdout.take()), read_all(child.stderr.take()));
+    // A grandchild that outlives the child may hold the pipe open: wait a little, not forever.
+    let collect = |rx: mpsc::Receiver<Vec<u8>>| rx.recv_timeout(Duration::from_secs(5)).unwrap_or_default();
     let deadline = Instant::now() + limit;
     loop {
-        if child.try_wait().unwrap().is_some() {
-            return child.wait_with_output().unwrap();
+        if let Some(status) = child.try_wait().unwrap() {
+            return Output { status, stdout: collect(stdout), stderr: collect(stderr) };
         }
         if Instant::now() > deadline {
             let _ = child.kill();
-            let out = child.wait_with_output().unwrap();
+            let _ = child.wait();
             panic!(
                 "memtrace did not finish within {limit:?}\nstdout:\n{}\nstderr:\n{}",
-                String::from_utf8_lossy(&out.stdout),
-                String::from_utf8_lossy(&out.stderr)
+                String::from_utf8_lossy(&collect(stdout)),
+                String::from_utf8_lossy(&collect(stderr))
             );
         }
         std::thread::sleep(Duration::from_millis(20));
     }
+}
+
+/// Everything `pipe` yields until it closes, read on a thread of its own.
+fn read_all<R: Read + Send + 'static>(pipe: Option<R>) -> mpsc::Receiver<Vec<u8>> {
+    let (tx, rx) = mpsc::channel();
+    if let Some(mut pipe) = pipe {
+        std::thread::spawn(move || {
+            let mut bytes = Vec::new();
+            let _ = pipe.read_to_end(&mut bytes);
+            let _ = tx.send(bytes);
+        });
+    }
+    rx
 }
 
 /// A memtrace started in the background whose stderr is watched for its ready line.
