@@ -124,7 +124,17 @@ fn brief(stack: &Value) -> String {
             }
         })
         .collect();
-    format!("{} bytes in {} allocations: {}", stack["bytes"], stack["allocs"], names.join(" <- "))
+    // A run of the same frame (unknown addresses past a lost frame pointer, say) shown once.
+    let mut runs: Vec<(String, usize)> = Vec::new();
+    for name in names {
+        match runs.last_mut() {
+            Some((last, n)) if *last == name => *n += 1,
+            _ => runs.push((name, 1)),
+        }
+    }
+    let shown: Vec<String> =
+        runs.into_iter().map(|(name, n)| if n > 1 { format!("{name} x{n}") } else { name }).collect();
+    format!("{} bytes in {} allocations: {}", stack["bytes"], stack["allocs"], shown.join(" <- "))
 }
 
 fn brief_all(report: &Value) -> String {
