@@ -15,7 +15,7 @@
 /* noclone: an -O2 clone would be named leak_x.constprop.0 */
 #define NOINLINE __attribute__((noinline, noclone))
 
-static void *volatile sink;	     /* keeps the compiler from dropping allocations */
+static void *volatile sink; /* keeps the compiler from dropping allocations */
 static volatile unsigned after_call; /* a store after a call: no tail call, the caller stays on the stack */
 
 #define TEXT "a string of forty-one characters, no more"

@@ -20,9 +20,9 @@
 /* noclone: an -O2 clone would be named leak_x.constprop.0 */
 #define NOINLINE __attribute__((noinline, noclone))
 
-static void *volatile sink;	  /* keeps the compiler from dropping allocations */
+static void *volatile sink; /* keeps the compiler from dropping allocations */
 static volatile unsigned after_call; /* a store after a call: no tail call, the caller stays on the stack */
-static FILE *leaked_file;	  /* opened by leak_fopen, read by leak_getline */
+static FILE *leaked_file; /* opened by leak_fopen, read by leak_getline */
 static char file_buf[64];
 
 /* 100 characters: past std::string's 15-byte inline buffer, so it goes to the heap. */
