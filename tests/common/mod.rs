@@ -61,28 +61,60 @@ fn bpf_problem() -> Option<String> {
 
 static BUILD_LOCK: Mutex<()> = Mutex::new(());
 
-/// Builds `tests/progs/<name>` (a .c or .rs file) once per test run, with frame pointers and
-/// debug info, unoptimised so that each source call stays one call site.
+/// How a test program is compiled.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub enum Flavour {
+    /// Unoptimised, so that each source call stays one call site, with frame pointers.
+    Debug,
+    /// Optimised without frame pointers, as distributions build: only DWARF call-frame
+    /// information leads back through its calls.
+    NoFramePointers,
+}
+
+/// Builds `tests/progs/<name>` (a .c, .cpp or .rs file) once per test run, with frame pointers
+/// and debug info, unoptimised so that each source call stays one call site.
 pub fn prog(name: &str) -> PathBuf {
+    build_prog(name, Flavour::Debug)
+}
+
+/// Builds `tests/progs/<name>` optimised and without frame pointers, with debug info.
+pub fn prog_nofp(name: &str) -> PathBuf {
+    build_prog(name, Flavour::NoFramePointers)
+}
+
+/// Builds `tests/progs/<name>` into target/test-progs/<name>, unless the program there is newer
+/// than its source and was built the same way.
+pub fn build_prog(name: &str, flavour: Flavour) -> PathBuf {
+    use Flavour::*;
     let _guard = BUILD_LOCK.lock().unwrap();
     let dir = repo().join("target/test-progs");
     std::fs::create_dir_all(&dir).unwrap();
     let out = dir.join(name);
-    let c = repo().join(format!("tests/progs/{name}.c"));
-    let rs = repo().join(format!("tests/progs/{name}.rs"));
-    let (src, mut cmd) = if c.exists() {
-        let mut cmd = Command::new("cc");
-        cmd.args(["-g", "-O0", "-fno-omit-frame-pointer", "-o"]).arg(&out).arg(&c);
-        (c, cmd)
-    } else {
-        let mut cmd = Command::new("rustc");
-        cmd.args(["-g", "-C", "opt-level=0", "-C", "force-frame-pointers=yes", "-o"]).arg(&out).arg(&rs);
-        (rs, cmd)
+    let src = |ext: &str| repo().join(format!("tests/progs/{name}.{ext}"));
+    let ext = ["c", "cpp", "rs"]
+        .into_iter()
+        .find(|ext| src(ext).exists())
+        .unwrap_or_else(|| panic!("no tests/progs/{name}.c, .cpp or .rs"));
+    let (compiler, flags): (&str, &[&str]) = match (ext, flavour) {
+        ("c", Debug) => ("cc", &["-g", "-O0", "-fno-omit-frame-pointer"]),
+        ("c", NoFramePointers) => ("cc", &["-g", "-O2", "-fomit-frame-pointer"]),
+        ("cpp", Debug) => ("g++", &["-g", "-O0", "-fno-omit-frame-pointer"]),
+        ("cpp", NoFramePointers) => ("g++", &["-g", "-O2", "-fomit-frame-pointer"]),
+        (_, Debug) => ("rustc", &["-g", "-C", "opt-level=0", "-C", "force-frame-pointers=yes"]),
+        (_, NoFramePointers) => ("rustc", &["-g", "-C", "opt-level=3", "-C", "force-frame-pointers=no"]),
     };
+    let src = src(ext);
+    let mut cmd = Command::new(compiler);
+    cmd.args(flags).arg("-o").arg(&out).arg(&src);
+    // The command beside the program: a program built the other way is rebuilt.
+    let stamp = dir.join(format!("{name}.cmd"));
+    let how = format!("{cmd:?}");
     let fresh = |p: &Path| p.metadata().and_then(|m| m.modified()).ok();
-    if fresh(&out).is_none() || fresh(&out) < fresh(&src) {
-        let status = cmd.status().unwrap_or_else(|e| panic!("cannot run the compiler for {name}: {e}"));
+    let same_build = std::fs::read_to_string(&stamp).is_ok_and(|s| s == how);
+    if !same_build || fresh(&out).is_none() || fresh(&out) < fresh(&src) {
+        let status = cmd.status().unwrap_or_else(|e| panic!("cannot run {compiler} for {name}: {e}"));
         assert!(status.success(), "building {} failed", src.display());
+        std::fs::write(&stamp, how).unwrap();
     }
     out
 }
@@ -104,24 +136,41 @@ pub fn run(args: &[&str], limit: Duration) -> Output {
     wait_output(child, limit)
 }
 
-/// Waits for a child with a time limit; a hang kills it and fails the test.
+/// Waits for a child with a time limit; a hang kills it and fails the test. Its output is read
+/// meanwhile: a child that fills a pipe nobody reads never exits.
 pub fn wait_output(mut child: Child, limit: Duration) -> Output {
+    let (stdout, stderr) = (read_all(child.stdout.take()), read_all(child.stderr.take()));
+    // A grandchild that outlives the child may hold the pipe open: wait a little, not forever.
+    let collect = |rx: mpsc::Receiver<Vec<u8>>| rx.recv_timeout(Duration::from_secs(5)).unwrap_or_default();
     let deadline = Instant::now() + limit;
     loop {
-        if child.try_wait().unwrap().is_some() {
-            return child.wait_with_output().unwrap();
+        if let Some(status) = child.try_wait().unwrap() {
+            return Output { status, stdout: collect(stdout), stderr: collect(stderr) };
         }
         if Instant::now() > deadline {
             let _ = child.kill();
-            let out = child.wait_with_output().unwrap();
+            let _ = child.wait();
             panic!(
                 "memtrace did not finish within {limit:?}\nstdout:\n{}\nstderr:\n{}",
-                String::from_utf8_lossy(&out.stdout),
-                String::from_utf8_lossy(&out.stderr)
+                String::from_utf8_lossy(&collect(stdout)),
+                String::from_utf8_lossy(&collect(stderr))
             );
         }
         std::thread::sleep(Duration::from_millis(20));
     }
+}
+
+/// Everything `pipe` yields until it closes, read on a thread of its own.
+fn read_all<R: Read + Send + 'static>(pipe: Option<R>) -> mpsc::Receiver<Vec<u8>> {
+    let (tx, rx) = mpsc::channel();
+    if let Some(mut pipe) = pipe {
+        std::thread::spawn(move || {
+            let mut bytes = Vec::new();
+            let _ = pipe.read_to_end(&mut bytes);
+            let _ = tx.send(bytes);
+        });
+    }
+    rx
 }
 
 /// A memtrace started in the background whose stderr is watched for its ready line.
@@ -221,10 +270,12 @@ pub fn stacks_with<'a>(report: &'a Value, func: &str) -> Vec<&'a Value> {
 }
 
 pub fn frame_of<'a>(stack: &'a Value, func: &str) -> Option<&'a Value> {
-    stack["frames"]
-        .as_array()?
-        .iter()
-        .find(|f| f["func"].as_str().is_some_and(|n| n == func || n.ends_with(&format!("::{func}"))))
+    stack["frames"].as_array()?.iter().find(|f| is_named(f, func))
+}
+
+/// True when the frame's function is `func`, or `func` in some module (`crate::func`).
+pub fn is_named(frame: &Value, func: &str) -> bool {
+    frame["func"].as_str().is_some_and(|n| n == func || n.ends_with(&format!("::{func}")))
 }
 
 /// Names of the BPF programs loaded in the kernel right now.

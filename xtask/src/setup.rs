@@ -11,12 +11,25 @@ use anyhow::{Context, Result, bail};
 
 use crate::cmd;
 
-/// Debian packages the build and the tests need (cc for the test programs, make for their
+/// Debian packages the build and the tests need (cc and g++ for the test programs, make for their
 /// builds; qemu, cpio and xz for the VM suite's image, busybox comes from `apt-get download`).
 /// libjemalloc2: memleak's test of a preloaded replacement allocator.
 /// stress-ng: workloads the tests trace (faults under `--vm`).
-const APT_PACKAGES: &[&str] =
-    &["gcc", "libc6-dev", "make", "qemu-system-x86", "cpio", "xz-utils", "libjemalloc2", "stress-ng"];
+/// libc6-dbg: names libc's local functions (`__libc_start_call_main`), which the unwind tests
+/// look for at the root of each stack. python3.11: the unwind tests' interpreter.
+const APT_PACKAGES: &[&str] = &[
+    "gcc",
+    "g++",
+    "libc6-dev",
+    "libc6-dbg",
+    "make",
+    "qemu-system-x86",
+    "cpio",
+    "xz-utils",
+    "libjemalloc2",
+    "stress-ng",
+    "python3.11",
+];
 
 /// The static target memtrace is built for inside the VM.
 const MUSL_TARGET: &str = "x86_64-unknown-linux-musl";
