@@ -18,6 +18,8 @@ use tokio::sync::{mpsc, oneshot};
 
 use crate::target;
 
+mod code_watch;
+
 /// What the command's processes tell the tool. Each event with an `ack` holds its process
 /// (and, for a fork, the child) stopped until the ack is sent or dropped.
 pub enum CommandEvent {
@@ -26,6 +28,9 @@ pub enum CommandEvent {
     /// `parent` forked the process `child` (not a thread): neither runs until the ack.
     /// `shared`: the child shares its parent's memory until it execs (vfork, posix_spawn).
     Fork { parent: u32, child: u32, shared: bool, ack: oneshot::Sender<()> },
+    /// `pid` has just mapped new code (a library, by the loader or `dlopen`); none of it
+    /// has run.
+    Mapped { pid: u32, ack: oneshot::Sender<()> },
     /// `pid` is about to exit; its memory map is intact until the ack.
     Exiting { pid: u32, ack: oneshot::Sender<()> },
     /// `pid` is gone; `code` is what a shell would show as `$?`.
@@ -62,6 +67,8 @@ const OPTIONS: libc::c_int = libc::PTRACE_O_TRACEFORK
     | libc::PTRACE_O_TRACECLONE
     | libc::PTRACE_O_TRACEEXEC
     | libc::PTRACE_O_TRACEEXIT
+    | libc::PTRACE_O_TRACESECCOMP
+    | libc::PTRACE_O_TRACESYSGOOD
     // The command must not outlive a memtrace that dies: its probes would be gone.
     | libc::PTRACE_O_EXITKILL;
 
@@ -73,13 +80,15 @@ fn supervise(
 ) {
     let mut argv: Vec<*const libc::c_char> = args.iter().map(|a| a.as_ptr()).collect();
     argv.push(std::ptr::null());
-    // SAFETY: the child only makes async-signal-safe calls (ptrace, raise, execv, _exit).
+    let mut filter = code_watch::filter();
+    // SAFETY: the child only makes async-signal-safe calls (ptrace, raise, seccomp, execv, _exit).
     let pid = unsafe { libc::fork() };
     if pid == 0 {
         unsafe {
             libc::ptrace(libc::PTRACE_TRACEME, 0, 0, 0);
             // Stop so the tracer can ask for exec, fork and exit stops before anything runs.
             libc::raise(libc::SIGSTOP);
+            code_watch::install(&mut filter);
             libc::execv(path.as_ptr(), argv.as_ptr());
             libc::_exit(127);
         }
@@ -115,6 +124,8 @@ struct Tree {
     waiting: HashSet<u32>,
     /// Tasks seen stopping at least once.
     seen: HashSet<u32>,
+    /// Tasks let on from a code-mapping seccomp stop to that call's exit stop.
+    mapping: HashSet<u32>,
 }
 
 impl Tree {
@@ -125,6 +136,7 @@ impl Tree {
             released: HashSet::new(),
             waiting: HashSet::new(),
             seen: HashSet::from([root]),
+            mapping: HashSet::new(),
         }
     }
 
@@ -184,7 +196,23 @@ impl Tree {
                 libc::PTRACE_EVENT_EXIT if self.processes.contains(&tid) => {
                     self.ask(|ack| CommandEvent::Exiting { pid: tid, ack });
                 }
+                libc::PTRACE_EVENT_SECCOMP => {
+                    // Entering a call that maps code: stop again once it has done so.
+                    self.mapping.insert(tid);
+                    // SAFETY: resuming a stopped tracee of this thread up to its syscall exit.
+                    unsafe { libc::ptrace(libc::PTRACE_SYSCALL, tid as libc::pid_t, 0, 0) };
+                    return;
+                }
                 _ => {}
+            }
+            resume(tid, 0);
+            return;
+        }
+        if sig == libc::SIGTRAP | 0x80 {
+            // A syscall stop (TRACESYSGOOD): only the exits asked for above come here.
+            if self.mapping.remove(&tid) {
+                let pid = tgid(tid);
+                self.ask(|ack| CommandEvent::Mapped { pid, ack });
             }
             resume(tid, 0);
             return;

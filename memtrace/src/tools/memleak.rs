@@ -334,6 +334,10 @@ pub async fn run(args: Args) -> Result<()> {
                     session.unwinder.load(child);
                     let _ = ack.send(());
                 }
+                Some(CommandEvent::Mapped { pid, ack }) => {
+                    session.unwinder.load(pid);
+                    let _ = ack.send(());
+                }
                 Some(CommandEvent::Exiting { pid, ack }) => {
                     // Stopped at exit with its memory map intact: snapshot it for symbolization.
                     let _ = session.user_sym.refresh(pid);

@@ -128,7 +128,11 @@ pub fn load_segments<'a, D: ReadRef<'a>>(data: D) -> Result<Vec<Segment>, Error>
 /// file offset `offset`) to get the file's virtual address; None if no segment holds it.
 pub fn mapping_bias(segments: &[Segment], start: u64, offset: u64) -> Option<u64> {
     let page = |v: u64| v & !0xfff;
-    let s = segments.iter().find(|s| page(s.offset) <= offset && offset < s.offset.saturating_add(s.filesz.max(1)))?;
+    // The loader maps each segment from its page-rounded offset; two segments may share a
+    // page (a read-only one ending where text begins), so an exact start wins.
+    let s = segments.iter().find(|s| page(s.offset) == offset).or_else(|| {
+        segments.iter().find(|s| page(s.offset) <= offset && offset < s.offset.saturating_add(s.filesz.max(1)))
+    })?;
     // vaddr = addr - start + offset + (s.vaddr - s.offset)
     Some(start.wrapping_sub(offset).wrapping_add(s.offset).wrapping_sub(s.vaddr))
 }

@@ -328,3 +328,17 @@ fn unwind_not_x86_64_elf_is_an_error() {
         "unwind information needs more than 100 rows"
     );
 }
+
+#[test]
+fn unwind_mapping_bias_picks_the_segment_mapped_at_that_offset() {
+    // A Rust release binary's layout: read-only data up to 0x12a44, text from file offset
+    // 0x12a50 at vaddr 0x13a50; the text mapping starts at offset 0x12000, which both hold.
+    let segments = [
+        Segment { offset: 0, vaddr: 0, filesz: 0x12a44 },
+        Segment { offset: 0x12a50, vaddr: 0x13a50, filesz: 0x3d080 },
+    ];
+    let base = 0x5555_0000_0000;
+    assert_eq!(mapping_bias(&segments, base + 0x13000, 0x12000), Some(base));
+    assert_eq!(mapping_bias(&segments, base, 0), Some(base));
+    assert_eq!(mapping_bias(&segments, base, 0x90000), None);
+}
