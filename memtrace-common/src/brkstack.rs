@@ -21,16 +21,8 @@ pub struct BrkTotal {
     pub comm: [u8; 16],
 }
 
-/// Words of user stack scanned for return addresses (1 KiB above the stack pointer).
-pub const SCAN_WORDS: usize = 128;
-/// Frames followed through the frame-pointer chain once the scan finds its first link.
-pub const CHAIN_FRAMES: usize = 32;
-
-// A user stack is found by scanning, not by the kernel's frame-pointer walk: glibc's sbrk uses
-// rbp as a general register, so that walk stops in libc. The stack is the instruction pointer,
-// the words of the top of the stack that look like return addresses, up to the first frame
-// record (saved rbp, return address), then the frame-pointer chain from there; it is kept in
-// the shared stack store (`stack`), at most `stack::MAX_FRAMES` deep.
+// A user stack is walked by the shared unwinder (`unwind`): glibc's sbrk uses rbp as a
+// general register, so a frame-pointer walk stops in libc, while the unwind tables go on.
 
 /// Settings written into the object before it is loaded.
 #[repr(C)]

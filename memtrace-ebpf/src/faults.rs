@@ -66,7 +66,7 @@ fn fault(ctx: &TracePointContext, mode: u32) -> u32 {
     }
     // A stack this fault should have and does not: counted for the process too.
     let mut missing = false;
-    let user_stack = match stacks().user(ctx) {
+    let user_stack = match stacks().user_walked(ctx, None, pid) {
         Ok(id) => id,
         Err(_) => {
             // Kernel threads have no user stack to lose.

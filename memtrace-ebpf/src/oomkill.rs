@@ -193,7 +193,7 @@ pub fn oomkill_kprobe(ctx: ProbeContext) -> u32 {
         return 0;
     }
     let Some(event) = trigger_event(EV_TRIGGER) else { return 0 };
-    if let Ok(id) = stacks().user(&ctx) {
+    if let Ok(id) = stacks().user_walked(&ctx, None, event.trigger_pid) {
         event.stack_id = id;
     }
     submit(&EVENTS, event, &LOST);

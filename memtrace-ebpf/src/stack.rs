@@ -19,6 +19,9 @@ use crate::{
     unwind::{self, UserRegs},
 };
 
+/// End of the x86-64 user address space (47-bit, and 56-bit with 5-level paging).
+const USER_END: u64 = 1 << 56;
+
 /// Map flags of the store: entries are allocated when inserted.
 pub const STORE_FLAGS: usize = BPF_F_NO_PREALLOC as usize;
 /// Default capacity; user space sets the real one (`--max-stacks`) before load.
@@ -60,6 +63,10 @@ impl<const N: usize> Store<N> {
             return self.user(ctx);
         }
         let Some(regs) = regs.or_else(UserRegs::current) else { return Err(self.lost(Lost::Unreadable)) };
+        // Kernel threads have no user registers (all zero).
+        if regs.ip == 0 || regs.ip >= USER_END {
+            return Err(self.lost(Lost::Unreadable));
+        }
         match unwind::walk(regs, pid) {
             Some(stack) => self.store(stack),
             None => Err(self.lost(Lost::Unreadable)),

@@ -42,7 +42,7 @@ pub fn swapin_read(ctx: ProbeContext) -> u32 {
     }
     let pid = (current_pid_tgid() >> 32) as u32;
     let stack_id = if CONFIG.load().stacks != 0 {
-        match stacks().user(&ctx) {
+        match stacks().user_walked(&ctx, None, pid) {
             Ok(id) => id,
             Err(_) => {
                 bump(&STATS, STAT_STACK_LOST);

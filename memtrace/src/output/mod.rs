@@ -145,10 +145,10 @@ pub struct Dropped {
 impl std::fmt::Display for Dropped {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         let store_full = stack_store_full(self.stack_store_capacity);
-        let mut spots = vec![
+        let spots = [
             (self.map_full, "allocations untracked (allocation map full: raise --max-allocs)"),
             (self.stacks_lost, "allocations without a stack"),
-            (self.stack_store_full, store_full.as_str()),
+            (self.stack_store_full, &store_full),
             (self.unknown_frees, "frees of addresses not seen allocated"),
             (self.replaced, "frees missed (an address allocated again without one)"),
             (self.stacks_full, "allocations uncounted (stack-totals map full: raise --max-stacks)"),
@@ -158,8 +158,7 @@ impl std::fmt::Display for Dropped {
             (self.untracked_children, "child processes not followed (process table full)"),
             (self.early_frees_lost, "frees during a child's inheritance copy not noted (counts may be high)"),
         ];
-        spots.extend(self.cut_stacks.blind_spots());
-        f.write_str(&blind_spots(&spots))
+        f.write_str(&stack_blind_spots(&spots, &self.cut_stacks))
     }
 }
 
@@ -173,6 +172,12 @@ pub fn stack_store_full(capacity: u32) -> String {
 pub fn blind_spots(counts: &[(u64, &str)]) -> String {
     let parts: Vec<String> = counts.iter().filter(|(n, _)| *n > 0).map(|(n, what)| format!("{n} {what}")).collect();
     if parts.is_empty() { "blind spots: none".into() } else { format!("blind spots: {}", parts.join(", ")) }
+}
+
+/// `blind_spots` of a tool that shows user stacks: its own counts, then its stacks cut short.
+pub fn stack_blind_spots(counts: &[(u64, &str)], cut: &crate::unwind::CutStacks) -> String {
+    let all: Vec<(u64, &str)> = counts.iter().copied().chain(cut.blind_spots()).collect();
+    blind_spots(&all)
 }
 
 /// "1.5 KiB"-style sizes for tables.

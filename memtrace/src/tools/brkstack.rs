@@ -19,6 +19,7 @@ use crate::{
         self, CommonArgs, c_str, read_event,
         stacks::{self, StackStore, Stacks},
     },
+    unwind::{CutStacks, UnwindArgs, Unwinder},
 };
 
 const OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/brkstack"));
@@ -45,6 +46,8 @@ pub struct Args {
     /// Capacity of the stack map and the per-stack counts (a full map is reported as a blind spot).
     #[arg(long, default_value_t = 4096, value_name = "N")]
     pub max_stacks: u32,
+    #[command(flatten)]
+    pub unwind: UnwindArgs,
 }
 
 pub const ATTACH: &[AttachPoint] = &[AttachPoint {
@@ -61,6 +64,7 @@ impl Args {
     /// Everything that can be checked before loading anything (and without root).
     pub fn validate(&self) -> Result<()> {
         tools::check::stack_report(&self.top, self.interval.as_deref(), self.max_stacks, self.folded.as_deref())?;
+        self.unwind.validate()?;
         // Kernel threads never call brk.
         self.common.validate_user_target()
     }
@@ -84,6 +88,7 @@ pub async fn run(args: Args) -> Result<()> {
             .override_global("OFFSETS", &offsets, true)
             .map_max_entries("STACKS", args.max_stacks)
             .map_max_entries("TOTALS", args.max_stacks);
+        args.unwind.configure(loader);
     })?;
     kernel::attach_preferred(&mut bpf, "brkstack", ATTACH)?;
     let mut take = |name: &str| bpf.take_map(name).with_context(|| format!("internal: no map {name}"));
@@ -91,6 +96,7 @@ pub async fn run(args: Args) -> Result<()> {
     let mut last_brk: HashMap<MapData, u32, u64> = HashMap::try_from(take("LAST_BRK")?)?;
     let stats = PerCpuArray::try_from(take("STATS")?)?;
     let mut stacks = Stacks::new(StackStore::take(&mut bpf, Some("--max-stacks"))?, false)?;
+    stacks.unwinder = Some(Unwinder::start(&mut bpf, &args.unwind, args.common.pid)?);
     // After attach, and only where the kernel has not seen a call yet: it knows better.
     for (pid, brk) in current_breaks(args.common.pid, args.common.comm.as_deref()) {
         let _ = last_brk.insert(pid, brk, BPF_NOEXIST);
@@ -176,6 +182,8 @@ struct Report {
     #[serde(skip_serializing_if = "Option::is_none")]
     events_lost: Option<u64>,
     stacks_lost: u64,
+    /// How the user stacks' walks ended.
+    cut_stacks: CutStacks,
     stacks_full: u64,
     growth_unknown: u64,
     exits_without_entry: u64,
@@ -269,6 +277,7 @@ impl State<'_> {
             stacks,
             events_lost: self.lost,
             stacks_lost: self.stat(STAT_STACK_LOST) + self.stat(STAT_STACK_COLLISION),
+            cut_stacks: self.stacks.cut(),
             stacks_full: self.stat(STAT_TOTALS_FULL),
             growth_unknown: self.stat(STAT_UNKNOWN_PREV),
             exits_without_entry: self.stat(STAT_NO_ENTRY),
@@ -281,6 +290,10 @@ impl State<'_> {
 }
 
 impl tools::Stream for State<'_> {
+    fn unwinder(&mut self) -> Option<&mut Unwinder> {
+        self.stacks.unwinder.as_mut()
+    }
+
     fn event(&mut self, data: &[u8]) -> Result<()> {
         let Some(e) = read_event::<Event>(data) else { return Ok(()) };
         match e.kind {
@@ -324,14 +337,17 @@ fn render(r: &Report, rows: usize) -> String {
     let _ = write!(
         out,
         "  {}",
-        output::blind_spots(&[
-            (r.events_lost.unwrap_or(0), "events lost (ring buffer full)"),
-            (r.stacks_lost, "calls without a stack"),
-            (r.stack_store_full, &output::stack_store_full(r.stack_store_capacity)),
-            (r.stacks_full, "calls uncounted (per-stack map full)"),
-            (r.growth_unknown, "calls with unknown growth (previous break not seen)"),
-            (r.exits_without_entry, "calls seen leaving but not entering"),
-        ])
+        output::stack_blind_spots(
+            &[
+                (r.events_lost.unwrap_or(0), "events lost (ring buffer full)"),
+                (r.stacks_lost, "calls without a stack"),
+                (r.stack_store_full, &output::stack_store_full(r.stack_store_capacity)),
+                (r.stacks_full, "calls uncounted (per-stack map full)"),
+                (r.growth_unknown, "calls with unknown growth (previous break not seen)"),
+                (r.exits_without_entry, "calls seen leaving but not entering"),
+            ],
+            &r.cut_stacks
+        )
     );
     out
 }

@@ -19,6 +19,7 @@ use crate::{
         self, CommonArgs, c_str, read_event,
         stacks::{self, StackStore, Stacks},
     },
+    unwind::{CutStacks, UnwindArgs, Unwinder},
 };
 
 const OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/faults"));
@@ -48,6 +49,8 @@ pub struct Args {
     /// spot, per process). Stacks take memory only when stored, about 1 KiB each.
     #[arg(long, default_value_t = 65_536, value_name = "N")]
     pub max_stacks: u32,
+    #[command(flatten)]
+    pub unwind: UnwindArgs,
 }
 
 const USER: AttachPoint = AttachPoint {
@@ -65,6 +68,7 @@ impl Args {
     /// Everything that can be checked before loading anything (and without root).
     pub fn validate(&self) -> Result<()> {
         tools::check::stack_report(&self.top, self.interval.as_deref(), self.max_stacks, self.folded.as_deref())?;
+        self.unwind.validate()?;
         // A kernel thread takes no user faults; with --kernel its kernel-mode faults count.
         if self.kernel { self.common.validate() } else { self.common.validate_user_target() }
     }
@@ -91,6 +95,7 @@ pub async fn run(args: Args) -> Result<()> {
             .override_global("OFFSETS", &offsets, true)
             .map_max_entries("STACKS", args.max_stacks)
             .map_max_entries("COUNTS", args.max_stacks);
+        args.unwind.configure(loader);
     })?;
     let mut how = vec![kernel::attach_preferred(&mut bpf, "faults", &[USER])?];
     if args.kernel {
@@ -101,6 +106,7 @@ pub async fn run(args: Args) -> Result<()> {
     let procs = HashMap::try_from(take("PROCS")?)?;
     let stats = PerCpuArray::try_from(take("STATS")?)?;
     let mut stacks = Stacks::new(StackStore::take(&mut bpf, Some("--max-stacks"))?, args.kernel)?;
+    stacks.unwinder = Some(Unwinder::start(&mut bpf, &args.unwind, args.common.pid)?);
     if let Some(pid) = args.common.pid {
         stacks.watch(pid);
     }
@@ -177,6 +183,8 @@ struct Report {
     #[serde(skip_serializing_if = "Option::is_none")]
     events_lost: Option<u64>,
     stacks_lost: u64,
+    /// How the user stacks' walks ended.
+    cut_stacks: CutStacks,
     kernel_stacks_lost: u64,
     stacks_full: u64,
     processes_full: u64,
@@ -313,6 +321,7 @@ impl State<'_> {
             stacks,
             events_lost: self.lost,
             stacks_lost: self.stat(STAT_USTACK_LOST),
+            cut_stacks: self.stacks.cut(),
             kernel_stacks_lost: self.stat(STAT_KSTACK_LOST),
             stacks_full: self.stat(STAT_COUNTS_FULL),
             processes_full: self.stat(STAT_PROCS_FULL),
@@ -328,6 +337,10 @@ impl State<'_> {
 }
 
 impl tools::Stream for State<'_> {
+    fn unwinder(&mut self) -> Option<&mut Unwinder> {
+        self.stacks.unwinder.as_mut()
+    }
+
     fn event(&mut self, data: &[u8]) -> Result<()> {
         let Some(e) = read_event::<Event>(data) else { return Ok(()) };
         match e.kind {
@@ -395,7 +408,7 @@ fn render(r: &Report, procs: usize, rows: usize, no_stack: u64) -> String {
     let _ = write!(
         out,
         "  {}",
-        output::blind_spots(&[
+        output::stack_blind_spots(&[
             (r.events_lost.unwrap_or(0), "events lost (ring buffer full)"),
             (r.stacks_lost, "faults without a user stack"),
             (r.kernel_stacks_lost, "kernel faults without a kernel stack"),
@@ -403,7 +416,7 @@ fn render(r: &Report, procs: usize, rows: usize, no_stack: u64) -> String {
             (r.processes_full, "faults not counted per process (map full)"),
             (r.stack_store_full, &output::stack_store_full(r.stack_store_capacity)),
             (no_stack, "faults without their stack in all (per process: NO STACK column)"),
-        ])
+        ], &r.cut_stacks)
     );
     out
 }

@@ -21,9 +21,6 @@ use attach::DutyCycle;
 use procs::Procs;
 use report::{Maps, Session};
 
-/// How often the walker's requests for tables (new processes, libraries) are served.
-const UNWIND_POLL: Duration = Duration::from_millis(25);
-
 const OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/memleak"));
 
 /// Trace outstanding allocations and report them per stack.
@@ -284,7 +281,7 @@ pub async fn run(args: Args) -> Result<()> {
         exits.spawn(async move { (pid, target::exited(pid).await) });
     }
     let mut reports = 0u64;
-    let mut unwind_poll = tokio::time::interval(UNWIND_POLL);
+    let mut unwind_poll = tokio::time::interval(crate::unwind::POLL);
 
     loop {
         tokio::select! {

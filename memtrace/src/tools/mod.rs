@@ -93,6 +93,10 @@ pub trait Stream {
     fn tick(&mut self) -> Result<()> {
         Ok(())
     }
+    /// The tool's user-stack unwinder, served while the run goes on.
+    fn unwinder(&mut self) -> Option<&mut crate::unwind::Unwinder> {
+        None
+    }
     /// Called once at the end, with the number of events lost on the way.
     fn finish(&mut self, _lost: u64) -> Result<()> {
         Ok(())
@@ -145,8 +149,15 @@ pub async fn stream(
     tokio::pin!(output_closed);
     eprintln!("memtrace: {name}: {ready}; Ctrl-C to stop");
     let mut ticks = 0u64;
+    let mut unwind_poll = tokio::time::interval(crate::unwind::POLL);
+    let unwinding = tool.unwinder().is_some_and(|u| u.mode() != crate::unwind::UnwindMode::Fp);
     let end = loop {
         tokio::select! {
+            _ = unwind_poll.tick(), if unwinding => {
+                if let Some(unwinder) = tool.unwinder() {
+                    unwinder.poll(|pid| watch.is_none_or(|w| w == pid));
+                }
+            }
             guard = ring.readable_mut() => {
                 let mut guard = guard?;
                 while let Some(item) = guard.get_inner_mut().next() {

@@ -23,6 +23,7 @@ use crate::{
         self, CommonArgs, c_str,
         stacks::{self, StackStore},
     },
+    unwind::{UnwindArgs, Unwinder},
 };
 
 mod memcg;
@@ -49,11 +50,14 @@ pub const ATTACH: &[AttachPoint] = ATTACH_POINTS;
 pub struct Args {
     #[command(flatten)]
     pub common: CommonArgs,
+    #[command(flatten)]
+    pub unwind: UnwindArgs,
 }
 
 impl Args {
     /// Everything that can be checked before loading anything (and without root).
     pub fn validate(&self) -> Result<()> {
+        self.unwind.validate()?;
         self.common.validate()
     }
 }
@@ -75,14 +79,17 @@ pub async fn run(args: Args) -> Result<()> {
             .override_global("FILTER", &filter, true)
             .override_global("VICTIM", &offsets, true)
             .override_global("MEMCG", &chain, true);
+        args.unwind.configure(loader);
     })?;
     let how = kernel::attach_preferred(&mut bpf, "oomkill", ATTACH_POINTS)?;
     let stacks = StackStore::take(&mut bpf, None)?;
+    let unwinder = Unwinder::start(&mut bpf, &args.unwind, args.common.pid)?;
     let mut state = State {
         json: args.common.json,
         present,
         memcgs,
         stacks,
+        unwinder,
         symbolizer: UserSymbolizer::new(),
         kallsyms: None,
         triggers: HashMap::new(),
@@ -179,6 +186,7 @@ struct State {
     present: Present,
     memcgs: memcg::Counters,
     stacks: StackStore,
+    unwinder: Unwinder,
     symbolizer: UserSymbolizer,
     /// Kernel symbols, loaded at the first kill; None inside until then.
     kallsyms: Option<Option<Kallsyms>>,
@@ -281,6 +289,10 @@ impl State {
 }
 
 impl tools::Stream for State {
+    fn unwinder(&mut self) -> Option<&mut Unwinder> {
+        Some(&mut self.unwinder)
+    }
+
     fn event(&mut self, data: &[u8]) -> Result<()> {
         let Some(event) = tools::read_event::<Event>(data) else { return Ok(()) };
         match event.kind {
@@ -307,8 +319,13 @@ impl tools::Stream for State {
     }
 
     fn finish(&mut self, lost: u64) -> Result<()> {
+        let cut = self.unwinder.cut();
         if self.json {
-            output::json_line(&serde_json::json!({"final": true, "events_lost": lost, "kills": self.kills}))?;
+            let end = serde_json::json!({"final": true, "events_lost": lost, "kills": self.kills, "cut_stacks": cut});
+            output::json_line(&end)?;
+        } else if cut.walks > cut.complete {
+            // Trigger stacks are walked once each, so a cut one is worth a line.
+            eprintln!("memtrace: oomkill: {}", output::stack_blind_spots(&[], &cut));
         }
         Ok(())
     }

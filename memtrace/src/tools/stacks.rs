@@ -14,7 +14,10 @@ use memtrace_common::{
     stack::{STORE_FULL, STORE_STORED, Stack},
 };
 
-use crate::symbolize::{Frame, KernelSymbolizer, UserSymbolizer};
+use crate::{
+    symbolize::{Frame, KernelSymbolizer, UserSymbolizer},
+    unwind::{CutStacks, Unwinder},
+};
 
 /// Share of the store's capacity past which the user is told, once, what to raise.
 const WARN_FILL: f64 = 0.8;
@@ -122,6 +125,8 @@ pub fn id_json(id: u64) -> Option<String> {
 
 pub struct Stacks {
     pub store: StackStore,
+    /// Loads the unwind tables the kernel side walks user stacks with.
+    pub unwinder: Option<Unwinder>,
     user: UserSymbolizer,
     kernel: Option<KernelSymbolizer>,
     user_cache: StdHashMap<(u32, u64), Vec<Frame>>,
@@ -134,11 +139,17 @@ impl Stacks {
         let kernel = if kernel { Some(KernelSymbolizer::new().context("cannot read /proc/kallsyms")?) } else { None };
         Ok(Stacks {
             store,
+            unwinder: None,
             user: UserSymbolizer::new(),
             kernel,
             user_cache: StdHashMap::new(),
             kernel_cache: StdHashMap::new(),
         })
+    }
+
+    /// The walker's counters: how user stacks ended (zero without an unwinder).
+    pub fn cut(&self) -> CutStacks {
+        self.unwinder.as_ref().map(Unwinder::cut).unwrap_or_default()
     }
 
     /// Snapshots a process's mappings now, so its stacks symbolize even after it exits.

@@ -17,6 +17,7 @@ use crate::{
         self, CommonArgs, c_str, read_event,
         stacks::{StackStore, Stacks},
     },
+    unwind::{UnwindArgs, Unwinder},
 };
 
 const OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/swapin"));
@@ -43,6 +44,8 @@ pub struct Args {
     #[arg(long)]
     pub stack: bool,
     #[command(flatten)]
+    pub unwind: UnwindArgs,
+    #[command(flatten)]
     pub common: CommonArgs,
 }
 
@@ -51,6 +54,7 @@ impl Args {
     pub fn validate(&self) -> Result<()> {
         tools::check::interval(self.interval)?;
         tools::check::count(self.count)?;
+        self.unwind.validate()?;
         // A kernel thread has no user stack to show.
         if self.stack { self.common.validate_user_target() } else { self.common.validate() }
     }
@@ -66,12 +70,14 @@ pub async fn run(args: Args) -> Result<()> {
     let config = Config { stacks: args.stack.into(), _pad: 0 };
     let mut bpf = kernel::load(OBJECT, |loader| {
         loader.override_global("FILTER", &filter, true).override_global("CONFIG", &config, true);
+        args.unwind.configure(loader);
     })?;
     let how = kernel::attach_preferred(&mut bpf, "swapin", ATTACH)?;
     let mut take = |name: &str| bpf.take_map(name).with_context(|| format!("internal: no map {name}"));
     let counts = HashMap::try_from(take("COUNTS")?)?;
     let stats = PerCpuArray::try_from(take("STATS")?)?;
     let mut stacks = Stacks::new(StackStore::take(&mut bpf, None)?, false)?;
+    stacks.unwinder = Some(Unwinder::start(&mut bpf, &args.unwind, args.common.pid)?);
     if let Some(pid) = args.common.pid {
         stacks.watch(pid);
     }
@@ -147,6 +153,10 @@ impl State<'_> {
 }
 
 impl tools::Stream for State<'_> {
+    fn unwinder(&mut self) -> Option<&mut Unwinder> {
+        self.stacks.unwinder.as_mut()
+    }
+
     fn event(&mut self, data: &[u8]) -> Result<()> {
         // Symbolize a new stack while its process lives; the result is cached.
         if let Some(new) = read_event::<NewStack>(data) {
@@ -169,16 +179,21 @@ impl tools::Stream for State<'_> {
             self.report(rows)?;
         }
         let (full, stacks_lost) = (self.stat(STAT_COUNTS_FULL), self.stat(STAT_STACK_LOST));
+        let cut = self.stacks.cut();
         if self.args.common.json {
             let value = serde_json::json!({
                 "final": true, "events_lost": lost, "total": self.total,
-                "counts_full": full, "stacks_lost": stacks_lost,
+                "counts_full": full, "stacks_lost": stacks_lost, "cut_stacks": cut,
             });
             return output::json_line(&value);
         }
-        if full > 0 || stacks_lost > 0 {
-            eprintln!("memtrace: swapin: {full} swap-ins not counted (map full), {stacks_lost} stacks lost");
-        }
+        eprintln!(
+            "memtrace: swapin: {}",
+            output::stack_blind_spots(
+                &[(full, "swap-ins not counted (map full)"), (stacks_lost, "swap-ins without a stack")],
+                &cut
+            )
+        );
         Ok(())
     }
 }

@@ -68,6 +68,9 @@ impl UnwindArgs {
     }
 }
 
+/// How often the walker's requests for tables (new processes, libraries) are served.
+pub const POLL: std::time::Duration = std::time::Duration::from_millis(25);
+
 /// Rows the row map holds unless told otherwise: 16 MiB of kernel memory, enough for libc,
 /// libstdc++ and a large program several times over.
 pub const DEFAULT_ROWS: u32 = 1 << 20;
@@ -156,6 +159,15 @@ impl Unwinder {
             pids: StdHashMap::new(),
             limits: Limits::default(),
         })
+    }
+
+    /// Takes the maps and loads `pid`'s tables now (`-p`): its stacks are whole from the start.
+    pub fn start(bpf: &mut Ebpf, args: &UnwindArgs, pid: Option<u32>) -> Result<Unwinder> {
+        let mut unwinder = Unwinder::take(bpf, args.unwind)?;
+        if let Some(pid) = pid {
+            unwinder.load(pid);
+        }
+        Ok(unwinder)
     }
 
     pub fn mode(&self) -> UnwindMode {
@@ -253,13 +265,6 @@ impl Unwinder {
         }
     }
 
-    /// Every module loaded, by path: rows and bytes each, for `-v`.
-    pub fn modules(&self) -> Vec<&Module> {
-        let mut all: Vec<&Module> = self.modules.values().collect();
-        all.sort_by(|a, b| a.path.cmp(&b.path));
-        all
-    }
-
     /// `-v` lines: the row map's use, then each module's rows and bytes.
     pub fn describe(&self) -> Vec<String> {
         let Some(rows) = &self.rows_map else { return vec!["unwind: frame pointers only (--unwind fp)".into()] };
@@ -271,7 +276,9 @@ impl Unwinder {
             crate::output::bytes(rows.used as u64 * 16),
             crate::output::bytes(rows.capacity as u64 * 16),
         )];
-        for m in self.modules() {
+        let mut modules: Vec<&Module> = self.modules.values().collect();
+        modules.sort_by(|a, b| a.path.cmp(&b.path));
+        for m in modules {
             let what = match &m.missing {
                 Some(why) => format!("no table: {why}"),
                 None => format!("{} rows, {}", m.rows, crate::output::bytes(m.bytes)),
@@ -326,6 +333,15 @@ impl Unwinder {
             module.missing = Some("no .eh_frame or .debug_frame".into());
             return module;
         }
+        let stats = table.stats();
+        tracing::info!(
+            "unwind: {}: {} rows ({}) from {} FDEs, {} rows memtrace cannot follow",
+            m.path,
+            rows.len(),
+            crate::output::bytes(rows.len() as u64 * 16),
+            stats.fdes,
+            stats.unsupported_rows
+        );
         let Some(map) = self.rows_map.as_mut() else { return module };
         match map.append(rows) {
             Some(start) => {
@@ -340,6 +356,15 @@ impl Unwinder {
             }
         }
         module
+    }
+}
+
+impl Drop for Unwinder {
+    /// `-v`: what the tables took, once the run is over.
+    fn drop(&mut self) {
+        for line in self.describe() {
+            tracing::info!("{line}");
+        }
     }
 }
 

@@ -32,7 +32,7 @@ use object::{
 
 pub use build::{Sections, build};
 #[cfg(not(fuzzing))]
-pub use load::{CutStacks, UnwindArgs, UnwindMode, Unwinder};
+pub use load::{CutStacks, POLL, UnwindArgs, UnwindMode, Unwinder};
 pub use row::{PackedRow, RowRule, Rule};
 #[cfg(test)]
 pub use row::{CfaRule, RbpRule, Unsupported};
@@ -58,6 +58,7 @@ impl Default for Limits {
 
 #[derive(Debug)]
 pub enum Error {
+    #[cfg_attr(not(test), allow(dead_code, reason = "for the tests and the fuzz target"))]
     Io(std::io::Error),
     NotElf(String),
     NotX86_64,
@@ -145,6 +146,7 @@ pub struct UnwindTable {
 
 impl UnwindTable {
     /// Reads only the ELF headers and unwind sections of `path`, never the whole file.
+    #[cfg_attr(not(test), allow(dead_code, reason = "for the tests and the fuzz target"))]
     pub fn from_elf_path(path: &Path, limits: &Limits) -> Result<UnwindTable, Error> {
         let file = File::open(path).map_err(Error::Io)?;
         let cache = ReadCache::new(file);
@@ -198,6 +200,7 @@ impl UnwindTable {
     }
 
     /// The rule for a file-relative virtual address.
+    #[cfg_attr(not(test), allow(dead_code, reason = "for the tests and the fuzz target"))]
     pub fn lookup(&self, pc: u64) -> Rule {
         match self.rows.partition_point(|r| r.pc <= pc) {
             0 => Rule::NoTable,

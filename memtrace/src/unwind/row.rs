@@ -56,6 +56,7 @@ pub enum Unsupported {
 }
 
 impl Unsupported {
+    #[cfg_attr(not(test), allow(dead_code, reason = "for the tests and the fuzz target"))]
     const ALL: [Unsupported; 7] = [
         Unsupported::CfaRegister,
         Unsupported::CfaExpression,
@@ -77,6 +78,7 @@ const _: () = assert!(std::mem::size_of::<PackedRow>() == 16);
 /// The typed view of a packed row (the row type lives in memtrace-common, shared with eBPF).
 pub trait RowRule: Sized {
     fn new(pc: u64, rule: Rule) -> Self;
+    #[cfg_attr(not(test), allow(dead_code, reason = "for the tests and the fuzz target"))]
     fn rule(&self) -> Rule;
     /// Same unwinding rule, whatever the PC: consecutive such rows are merged.
     fn same_rule(&self, other: &Self) -> bool;
