@@ -95,6 +95,8 @@ struct Multi {
     /// Duplicates of aya's map fds, which the relocated instructions name: they stay valid
     /// even after a tool takes a map out of `Ebpf` and drops it.
     _maps: Vec<OwnedFd>,
+    /// The object's BTF, loaded: programs that pass callbacks (bpf_loop) need its func_info.
+    btf: Option<OwnedFd>,
     loaded: HashMap<String, OwnedFd>,
     /// Cleared by the first failure to load or link: the kernel lacks or refuses the feature.
     usable: bool,
@@ -151,8 +153,15 @@ fn relocate(bpf: &Ebpf, object: &[u8]) -> anyhow::Result<Option<Multi>> {
     obj.relocate_maps(maps.iter().map(|(n, fd, def)| (n.as_str(), fd.as_raw_fd(), def)), &text_sections)?;
     obj.relocate_calls(&text_sections)?;
     obj.sanitize_functions(aya::features());
+    let btf = match aya::features().btf() {
+        Some(features) => match obj.fixup_and_sanitize_btf(features)? {
+            Some(btf) => Some(load_btf(&btf.to_bytes())?),
+            None => None,
+        },
+        None => None,
+    };
     let fds = maps.into_iter().map(|(_, fd, _)| fd).collect();
-    Ok(Some(Multi { obj, _maps: fds, loaded: HashMap::new(), usable: true }))
+    Ok(Some(Multi { obj, _maps: fds, btf, loaded: HashMap::new(), usable: true }))
 }
 
 fn map_data(map: &Map) -> &aya::maps::MapData {
@@ -224,7 +233,7 @@ fn link_multi(multi: &mut Multi, prog: &str, target: &Path, offset: u64, pid: Op
     let (ret, prog_fd) = match multi.loaded.get(prog) {
         Some(fd) => (is_return(&multi.obj, prog), fd.as_raw_fd()),
         None => {
-            let fd = load(&multi.obj, prog)?;
+            let fd = load(&multi.obj, multi.btf.as_ref(), prog)?;
             let raw = fd.as_raw_fd();
             multi.loaded.insert(prog.to_string(), fd);
             (is_return(&multi.obj, prog), raw)
@@ -249,12 +258,13 @@ fn is_return(obj: &Object, prog: &str) -> bool {
 }
 
 /// Loads `prog` with the expected attach type uprobe_multi links need.
-fn load(obj: &Object, prog: &str) -> std::io::Result<OwnedFd> {
+fn load(obj: &Object, btf: Option<&OwnedFd>, prog: &str) -> std::io::Result<OwnedFd> {
     let not_found = || std::io::Error::new(std::io::ErrorKind::NotFound, format!("no program {prog}"));
     let p = obj.programs.get(prog).ok_or_else(not_found)?;
     let sleepable =
         matches!(p.section, ProgramSection::UProbe { sleepable: true } | ProgramSection::URetProbe { sleepable: true });
-    let insns: &[bpf_insn] = &obj.functions.get(&p.function_key()).ok_or_else(not_found)?.instructions;
+    let function = obj.functions.get(&p.function_key()).ok_or_else(not_found)?;
+    let insns: &[bpf_insn] = &function.instructions;
     let mut attr = [0u64; 16];
     // union bpf_attr, prog load: prog_type, insn_cnt, insns, license, log fields,
     // kern_version, prog_flags, prog_name[16], prog_ifindex, expected_attach_type.
@@ -269,7 +279,23 @@ fn load(obj: &Object, prog: &str) -> std::io::Result<OwnedFd> {
     attr[6] = u64::from_ne_bytes(name[..8].try_into().expect("8 bytes"));
     attr[7] = u64::from_ne_bytes(name[8..].try_into().expect("8 bytes"));
     attr[8] = (bpf_attach_type::BPF_TRACE_UPROBE_MULTI as u64) << 32;
+    // prog_btf_fd, func_info_rec_size; func_info; func_info_cnt: what the relocation linked in.
+    let func_info = &function.func_info.func_info;
+    if let Some(btf) = btf.filter(|_| !func_info.is_empty()) {
+        attr[9] = btf.as_raw_fd() as u64 | (size_of::<aya_obj::generated::bpf_func_info>() as u64) << 32;
+        attr[10] = func_info.as_ptr() as u64;
+        attr[11] = func_info.len() as u64;
+    }
     bpf(bpf_cmd::BPF_PROG_LOAD, &attr)
+}
+
+/// BPF_BTF_LOAD of a raw BTF blob.
+fn load_btf(raw: &[u8]) -> std::io::Result<OwnedFd> {
+    let mut attr = [0u64; 16];
+    // union bpf_attr, btf load: btf (pointer), btf_log_buf, btf_size, btf_log_size, level.
+    attr[0] = raw.as_ptr() as u64;
+    attr[2] = raw.len() as u64;
+    bpf(bpf_cmd::BPF_BTF_LOAD, &attr)
 }
 
 fn bpf(cmd: bpf_cmd, attr: &[u64; 16]) -> std::io::Result<OwnedFd> {
