@@ -85,6 +85,29 @@ pub fn run(runs: usize, iterations: u64) -> Result<u8> {
         &mut failures,
     )?;
     rows.push(duty.row("memtrace memleak --duty-cycle 10 -p PID (estimate)", base));
+    // The same workload built the way distributions build (no frame pointers), with
+    // libstdc++ mapped too: full stacks need the unwind tables, whose building start-up counts.
+    let nofp = build_workload_nofp()?;
+    let untraced_nofp = measure(&opts, n, &nofp, None, &mut failures)?;
+    let base_nofp = untraced_nofp.median_ns_per_call();
+    rows.push(untraced_nofp.row("untraced, built without frame pointers (+libstdc++)", base_nofp));
+    let auto = measure(
+        &opts,
+        n,
+        &nofp,
+        Some(Tracer::new(&memtrace, &["memleak", "--json", "--unwind", "auto"], Check::Exact)),
+        &mut failures,
+    )?;
+    rows.push(auto.row("memleak --unwind auto -p PID, no frame pointers (full stacks)", base_nofp));
+    let fp = measure(
+        &opts,
+        n,
+        &nofp,
+        Some(Tracer::new(&memtrace, &["memleak", "--json", "--unwind", "fp"], Check::Exact)),
+        &mut failures,
+    )?;
+    rows.push(fp.row("memleak --unwind fp -p PID, no frame pointers (cut stacks)", base_nofp));
+    let auto_added = auto.median_ns_per_call() - base_nofp;
     let mut bcc_added = None;
     if let Some(bcc) = which("memleak-bpfcc") {
         let mode = "bcc memleak-bpfcc -o 0 1 -p PID (start-up: to its first report)";
@@ -115,6 +138,9 @@ pub fn run(runs: usize, iterations: u64) -> Result<u8> {
         "duty_added_over_floor_added": ratio(duty.median_ns_per_call() - base, floor.median_ns_per_call() - base),
         "memleak_added_over_bcc_added": bcc_added.map(|b| ratio(memleak.median_ns_per_call() - base, b)),
         "duty_added_over_bcc_added": bcc_added.map(|b| ratio(duty.median_ns_per_call() - base, b)),
+        "unwind_auto_added_over_bcc_added": bcc_added.map(|b| ratio(auto_added, b)),
+        "unwind_auto_added_over_naive_floor_added": ratio(auto_added, naive.median_ns_per_call() - base),
+        "unwind_auto_added_over_fp_added": ratio(auto_added, fp.median_ns_per_call() - base_nofp),
         "exit_after_sigint": exit_ms,
         "kernel_memleak": kernel,
         "mmapsnoop": snoop,
@@ -137,6 +163,20 @@ fn build_workload() -> Result<PathBuf> {
     let out = dir.join("bench_malloc");
     cmd::run(
         cmd::new("cc").args(["-O2", "-g", "-fno-omit-frame-pointer", "-o"]).arg(&out).arg("tests/progs/bench_malloc.c"),
+    )?;
+    Ok(out)
+}
+
+/// The workload without frame pointers, linked against libstdc++ (kept though unused) so the
+/// process maps libc and libstdc++ as a C++ program does.
+fn build_workload_nofp() -> Result<PathBuf> {
+    let out = cmd::root().join("target/progs/bench_malloc_nofp");
+    cmd::run(
+        cmd::new("cc")
+            .args(["-O2", "-g", "-fomit-frame-pointer", "-o"])
+            .arg(&out)
+            .arg("tests/progs/bench_malloc.c")
+            .args(["-Wl,--no-as-needed", "-lstdc++"]),
     )?;
     Ok(out)
 }
@@ -627,9 +667,12 @@ fn print_table(r: &Value) {
     println!("\nmemleak's added cost / the placed floor's: {:.3}", num("memleak_added_over_floor_added"));
     println!("memleak's added cost / the naive (+0) floor's: {:.3}", num("memleak_added_over_naive_floor_added"));
     println!("--duty-cycle 10 added cost / the placed floor's: {:.3}", num("duty_added_over_floor_added"));
+    println!("--unwind auto added cost / the naive (+0) floor's: {:.3}", num("unwind_auto_added_over_naive_floor_added"));
+    println!("--unwind auto added cost / --unwind fp's: {:.3}", num("unwind_auto_added_over_fp_added"));
     if r["memleak_added_over_bcc_added"].is_number() {
         println!("memleak's added cost / bcc memleak's: {:.3}", num("memleak_added_over_bcc_added"));
         println!("--duty-cycle 10 added cost / bcc memleak's: {:.3}", num("duty_added_over_bcc_added"));
+        println!("--unwind auto (no frame pointers) added cost / bcc memleak's: {:.3}", num("unwind_auto_added_over_bcc_added"));
     } else if r["modes"].as_array().into_iter().flatten().any(|m| m["failed"].is_string()) {
         println!("bcc memleak-bpfcc: could not run here (see its row), not compared");
     } else {
