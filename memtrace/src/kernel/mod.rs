@@ -21,6 +21,19 @@ use aya::{
 pub use uprobes::{UProbeLinkId, detach_all_fast};
 
 /// eBPF needs CAP_BPF and CAP_PERFMON; say so before anything else fails less clearly.
+/// The running kernel's (major, minor) version.
+pub fn release() -> Option<(u32, u32)> {
+    let release = std::fs::read_to_string("/proc/sys/kernel/osrelease").ok()?;
+    let mut parts = release.trim().split(|c: char| !c.is_ascii_digit());
+    Some((parts.next()?.parse().ok()?, parts.next()?.parse().ok()?))
+}
+
+/// Whether the verifier knows `bpf_loop` (Linux 5.17, "bpf: Add bpf_loop helper"), which the
+/// user-stack unwinder walks frames with.
+pub fn has_bpf_loop() -> bool {
+    release().is_some_and(|v| v >= (5, 17))
+}
+
 pub fn require_root() -> Result<()> {
     // SAFETY: geteuid has no preconditions.
     if unsafe { libc::geteuid() } != 0 {

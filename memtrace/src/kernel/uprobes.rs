@@ -111,14 +111,9 @@ fn multi_wanted() -> bool {
     if std::env::var_os("MEMTRACE_UPROBE_MULTI").is_some_and(|v| v == "0") {
         return false;
     }
-    kernel_release().is_some_and(|v| v >= (6, 10))
+    super::release().is_some_and(|v| v >= (6, 10))
 }
 
-fn kernel_release() -> Option<(u32, u32)> {
-    let release = std::fs::read_to_string("/proc/sys/kernel/osrelease").ok()?;
-    let mut parts = release.trim().split(|c: char| !c.is_ascii_digit());
-    Some((parts.next()?.parse().ok()?, parts.next()?.parse().ok()?))
-}
 
 /// Prepares `object`'s uprobe programs for uprobe_multi links, right after aya loaded it (all
 /// its maps are still in `bpf`). Without the feature, or on any surprise, aya's path stays.

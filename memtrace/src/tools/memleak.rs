@@ -216,7 +216,7 @@ pub async fn run(args: Args) -> Result<()> {
     let skip = if args.duty_cycle.is_some() { DutyCycle::HOT } else { &[] };
     let mut procs = Procs::new(&mut bpf, &args.symbols_prefix, args.obj.clone(), skip)?;
     let (maps, ring) = Maps::take(&mut bpf)?;
-    let mut unwinder = Unwinder::take(&mut bpf, if user { args.unwind.unwind } else { UnwindMode::Fp })?;
+    let mut unwinder = Unwinder::take(&mut bpf, if user { args.unwind.mode() } else { UnwindMode::Fp })?;
     let mut duty = None;
     let mut command = None;
     let root = match mode {

@@ -52,19 +52,34 @@ pub struct UnwindArgs {
 }
 
 impl UnwindArgs {
+    /// The mode this kernel can do: without `bpf_loop` (before 5.17) the walker cannot load,
+    /// so stacks come from frame pointers, as a one-line warning says (once).
+    pub fn mode(&self) -> UnwindMode {
+        static WARNED: std::sync::Once = std::sync::Once::new();
+        if self.unwind == UnwindMode::Fp || crate::kernel::has_bpf_loop() {
+            return self.unwind;
+        }
+        WARNED.call_once(|| {
+            eprintln!(
+                "memtrace: warning: unwind tables need the bpf_loop helper (Linux 5.17+); user stacks use frame pointers only"
+            )
+        });
+        UnwindMode::Fp
+    }
+
     pub fn validate(&self) -> Result<()> {
         crate::tools::check::in_range("--unwind-rows", self.unwind_rows.into(), 1024..=1 << BINARY_STEPS)
     }
 
     /// Sets the unwinder's globals and map sizes on a loader, before the object is loaded.
     pub fn configure(&self, loader: &mut EbpfLoader<'_>) {
-        let mode: &'static u32 = match self.unwind {
+        let mode: &'static u32 = match self.mode() {
             UnwindMode::Auto => &MODE_AUTO,
             UnwindMode::Dwarf => &MODE_DWARF,
             UnwindMode::Fp => &MODE_FP,
         };
         loader.override_global("UNWIND_MODE", mode, false);
-        loader.map_max_entries("UNWIND_ROWS", if self.unwind == UnwindMode::Fp { 1 } else { self.unwind_rows });
+        loader.map_max_entries("UNWIND_ROWS", if self.mode() == UnwindMode::Fp { 1 } else { self.unwind_rows });
     }
 }
 
@@ -163,7 +178,7 @@ impl Unwinder {
 
     /// Takes the maps and loads `pid`'s tables now (`-p`): its stacks are whole from the start.
     pub fn start(bpf: &mut Ebpf, args: &UnwindArgs, pid: Option<u32>) -> Result<Unwinder> {
-        let mut unwinder = Unwinder::take(bpf, args.unwind)?;
+        let mut unwinder = Unwinder::take(bpf, args.mode())?;
         if let Some(pid) = pid {
             unwinder.load(pid);
         }
@@ -454,7 +469,7 @@ mod tests {
             let mut at = start;
             for (addr, bits) in blocks {
                 assert_eq!(addr, at);
-                assert!(bits >= 1 && bits <= 64);
+                assert!((1..=64).contains(&bits));
                 let size = 1u64 << (64 - bits);
                 assert_eq!(addr % size, 0, "aligned");
                 at += size;
