@@ -13,8 +13,8 @@ use aya_ebpf::{
 use memtrace_common::{
     Filter, STACK_LOST,
     brkstack::{
-        BrkKey, BrkTotal, Config, EV_CALL, EV_NEW_STACK, Event, FLAG_UNKNOWN_PREV, Offsets,
-        STAT_COUNT, STAT_NO_ENTRY, STAT_STACK_COLLISION, STAT_STACK_LOST, STAT_TOTALS_FULL, STAT_UNKNOWN_PREV,
+        BrkKey, BrkTotal, Config, EV_CALL, EV_NEW_STACK, Event, FLAG_UNKNOWN_PREV, Offsets, STAT_COUNT, STAT_NO_ENTRY,
+        STAT_STACK_COLLISION, STAT_STACK_LOST, STAT_TOTALS_FULL, STAT_UNKNOWN_PREV,
     },
 };
 use memtrace_ebpf::{BPF_NOEXIST, EEXIST, atomic_add, bump, current_pid_tgid, stack::Lost, submit, tp_u64, wanted};

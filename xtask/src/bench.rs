@@ -667,12 +667,18 @@ fn print_table(r: &Value) {
     println!("\nmemleak's added cost / the placed floor's: {:.3}", num("memleak_added_over_floor_added"));
     println!("memleak's added cost / the naive (+0) floor's: {:.3}", num("memleak_added_over_naive_floor_added"));
     println!("--duty-cycle 10 added cost / the placed floor's: {:.3}", num("duty_added_over_floor_added"));
-    println!("--unwind auto added cost / the naive (+0) floor's: {:.3}", num("unwind_auto_added_over_naive_floor_added"));
+    println!(
+        "--unwind auto added cost / the naive (+0) floor's: {:.3}",
+        num("unwind_auto_added_over_naive_floor_added")
+    );
     println!("--unwind auto added cost / --unwind fp's: {:.3}", num("unwind_auto_added_over_fp_added"));
     if r["memleak_added_over_bcc_added"].is_number() {
         println!("memleak's added cost / bcc memleak's: {:.3}", num("memleak_added_over_bcc_added"));
         println!("--duty-cycle 10 added cost / bcc memleak's: {:.3}", num("duty_added_over_bcc_added"));
-        println!("--unwind auto (no frame pointers) added cost / bcc memleak's: {:.3}", num("unwind_auto_added_over_bcc_added"));
+        println!(
+            "--unwind auto (no frame pointers) added cost / bcc memleak's: {:.3}",
+            num("unwind_auto_added_over_bcc_added")
+        );
     } else if r["modes"].as_array().into_iter().flatten().any(|m| m["failed"].is_string()) {
         println!("bcc memleak-bpfcc: could not run here (see its row), not compared");
     } else {

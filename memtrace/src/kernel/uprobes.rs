@@ -114,7 +114,6 @@ fn multi_wanted() -> bool {
     super::release().is_some_and(|v| v >= (6, 10))
 }
 
-
 /// Prepares `object`'s uprobe programs for uprobe_multi links, right after aya loaded it (all
 /// its maps are still in `bpf`). Without the feature, or on any surprise, aya's path stays.
 pub(super) fn prepare(bpf: &Ebpf, object: &[u8]) {

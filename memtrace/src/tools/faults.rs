@@ -408,15 +408,18 @@ fn render(r: &Report, procs: usize, rows: usize, no_stack: u64) -> String {
     let _ = write!(
         out,
         "  {}",
-        output::stack_blind_spots(&[
-            (r.events_lost.unwrap_or(0), "events lost (ring buffer full)"),
-            (r.stacks_lost, "faults without a user stack"),
-            (r.kernel_stacks_lost, "kernel faults without a kernel stack"),
-            (r.stacks_full, "faults not counted per stack (counts map full: raise --max-stacks)"),
-            (r.processes_full, "faults not counted per process (map full)"),
-            (r.stack_store_full, &output::stack_store_full(r.stack_store_capacity)),
-            (no_stack, "faults without their stack in all (per process: NO STACK column)"),
-        ], &r.cut_stacks)
+        output::stack_blind_spots(
+            &[
+                (r.events_lost.unwrap_or(0), "events lost (ring buffer full)"),
+                (r.stacks_lost, "faults without a user stack"),
+                (r.kernel_stacks_lost, "kernel faults without a kernel stack"),
+                (r.stacks_full, "faults not counted per stack (counts map full: raise --max-stacks)"),
+                (r.processes_full, "faults not counted per process (map full)"),
+                (r.stack_store_full, &output::stack_store_full(r.stack_store_capacity)),
+                (no_stack, "faults without their stack in all (per process: NO STACK column)"),
+            ],
+            &r.cut_stacks
+        )
     );
     out
 }

@@ -16,9 +16,9 @@ use aya::{
     maps::{HashMap, LpmTrie, MapData, PerCpuArray, lpm_trie::Key},
 };
 use memtrace_common::unwind::{
-    CUT_BAD_FRAME, CUT_DEPTH, CUT_NO_TABLE, CUT_NOT_LOADED, CUT_TABLE_FULL, CUT_UNREADABLE, CUT_UNSUPPORTED,
-    ENDED_COMPLETE, FP_FRAMES, MAPPING_NO_TABLE, MAPPING_TABLE, MAPPING_TABLE_FULL, MAPPING_UNKNOWN,
-    BINARY_STEPS, MODE_AUTO, MODE_DWARF, MODE_FP, Mapping, MappingKey, PID_BITS, PackedRow, WALKS, mapping_key,
+    BINARY_STEPS, CUT_BAD_FRAME, CUT_DEPTH, CUT_NO_TABLE, CUT_NOT_LOADED, CUT_TABLE_FULL, CUT_UNREADABLE,
+    CUT_UNSUPPORTED, ENDED_COMPLETE, FP_FRAMES, MAPPING_NO_TABLE, MAPPING_TABLE, MAPPING_TABLE_FULL, MAPPING_UNKNOWN,
+    MODE_AUTO, MODE_DWARF, MODE_FP, Mapping, MappingKey, PID_BITS, PackedRow, WALKS, mapping_key,
 };
 use object::ReadCache;
 use serde::Serialize;
@@ -249,7 +249,8 @@ impl Unwinder {
             }
             // A PC outside every loaded mapping is new code, or junk: reload only for the first.
             let unchanged = self.pids.get(&pid).is_some_and(|l| {
-                procfs::mapped_files(pid).is_ok_and(|m| m.into_iter().filter(|m| m.exec).eq(l.exec_maps.iter().cloned()))
+                procfs::mapped_files(pid)
+                    .is_ok_and(|m| m.into_iter().filter(|m| m.exec).eq(l.exec_maps.iter().cloned()))
             });
             if !unchanged {
                 self.load(pid);

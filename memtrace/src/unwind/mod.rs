@@ -33,9 +33,9 @@ use object::{
 pub use build::{Sections, build};
 #[cfg(not(fuzzing))]
 pub use load::{CutStacks, POLL, UnwindArgs, UnwindMode, Unwinder};
-pub use row::{PackedRow, RowRule, Rule};
 #[cfg(test)]
 pub use row::{CfaRule, RbpRule, Unsupported};
+pub use row::{PackedRow, RowRule, Rule};
 
 /// Bounds on what one module may cost.
 #[derive(Clone, Copy, Debug)]
@@ -62,9 +62,17 @@ pub enum Error {
     Io(std::io::Error),
     NotElf(String),
     NotX86_64,
-    SectionTooLarge { name: &'static str, size: u64, limit: u64 },
-    TooManyRows { limit: usize },
-    TooMuchCfi { limit: u64 },
+    SectionTooLarge {
+        name: &'static str,
+        size: u64,
+        limit: u64,
+    },
+    TooManyRows {
+        limit: usize,
+    },
+    TooMuchCfi {
+        limit: u64,
+    },
 }
 
 impl fmt::Display for Error {
