@@ -35,6 +35,10 @@ fn probe_reports_features_as_the_kernel_has_them() {
     assert_eq!(state("btf"), if Path::new("/sys/kernel/btf/vmlinux").exists() { "yes" } else { "no" });
     assert_eq!(state("uprobes"), "yes");
     assert_eq!(state("ring buffer"), "yes");
+    // bpf_loop came in 5.17; the release read here, apart from memtrace's own reading.
+    let release = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap();
+    let nums: Vec<u32> = release.split(['.', '-']).take(2).map(|n| n.trim().parse().unwrap()).collect();
+    assert_eq!(state("unwind tables"), if (nums[0], nums[1]) >= (5, 17) { "yes" } else { "no" });
     let fentry = &r["features"]["fentry"];
     match fentry_attempt() {
         Ok(()) => assert_eq!(fentry["state"], "yes", "{fentry}"),

@@ -176,6 +176,15 @@ fn features() -> Vec<Feature> {
             detail: "/sys/bus/event_source/devices/uprobe (CONFIG_UPROBES)".into(),
         },
         Feature { name: "ring buffer", state: ring_state, detail: ring_detail },
+        Feature {
+            name: "unwind tables",
+            state: yes_no(kernel::has_bpf_loop()),
+            detail: if kernel::has_bpf_loop() {
+                "user stacks walked with .eh_frame tables (--unwind auto, bpf_loop)".into()
+            } else {
+                "no bpf_loop before Linux 5.17: user stacks use frame pointers only".into()
+            },
+        },
         fentry(),
     ]
 }
