@@ -5,7 +5,7 @@
 #[path = "../../memtrace/src/unwind/mod.rs"]
 mod unwind;
 
-use unwind::{Limits, Rule, Sections, UnwindTable, build};
+use unwind::{Limits, RowRule as _, Rule, Sections, UnwindTable, build};
 
 libfuzzer_sys::fuzz_target!(|input: &[u8]| {
     let Some((&mode, data)) = input.split_first() else {
