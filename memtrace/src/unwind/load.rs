@@ -86,6 +86,9 @@ impl UnwindArgs {
 /// How often the walker's requests for tables (new processes, libraries) are served.
 pub const POLL: std::time::Duration = std::time::Duration::from_millis(25);
 
+/// How often entries of exited processes are looked for.
+const SWEEP_EVERY: std::time::Duration = std::time::Duration::from_secs(1);
+
 /// Rows the row map holds unless told otherwise: 16 MiB of kernel memory, enough for libc,
 /// libstdc++ and a large program several times over.
 pub const DEFAULT_ROWS: u32 = 1 << 20;
@@ -153,6 +156,7 @@ pub struct Unwinder {
     modules: StdHashMap<(u32, u32, u64), Module>,
     pids: StdHashMap<u32, Loaded>,
     limits: Limits,
+    swept: std::time::Instant,
 }
 
 impl Unwinder {
@@ -173,6 +177,7 @@ impl Unwinder {
             modules: StdHashMap::new(),
             pids: StdHashMap::new(),
             limits: Limits::default(),
+            swept: std::time::Instant::now(),
         })
     }
 
@@ -256,7 +261,11 @@ impl Unwinder {
                 self.load(pid);
             }
         }
-        // Processes that have gone: their entries would only take room.
+        // Processes that have gone: their entries would only take room. Once a second is enough.
+        if self.swept.elapsed() < SWEEP_EVERY {
+            return;
+        }
+        self.swept = std::time::Instant::now();
         let gone: Vec<u32> =
             self.pids.keys().copied().filter(|pid| !std::path::Path::new(&format!("/proc/{pid}")).exists()).collect();
         for pid in gone {
