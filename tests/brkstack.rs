@@ -227,6 +227,9 @@ fn brkstack_comm_filter_seeds_running_processes() {
     assert_eq!(report["pid"], Value::Null);
     let stacks = report["stacks"].as_array().unwrap();
     assert!(stacks.iter().all(|s| s["comm"] == "brkstack_grow"), "other processes reported: {report:#}");
+    // Its unwind tables too are loaded at start, like its break: its first calls' stacks are
+    // whole, not cut at libc's brk wrapper for want of tables.
+    assert_eq!(report["cut_stacks"]["not_loaded"], 0, "stacks of a process running before attach: {report:#}");
     let grow = stacks_with(&report, "grow_heap");
     assert_eq!(grow.len(), 1, "{report:#}");
     assert_eq!(grow[0]["pid"], pid);
@@ -260,6 +263,7 @@ fn brkstack_forgets_exited_processes_but_keeps_their_stacks() {
     assert!(status.success(), "{status}: {stderr}");
     assert_eq!(stderr.matches("forgot the maps of 1 exited processes").count(), 1, "{stderr}");
     let report = final_report(&stdout);
+    assert_eq!(report["cut_stacks"]["not_loaded"], 0, "stacks of a process running before attach: {report:#}");
     let grow = stacks_with(&report, "grow_heap");
     assert_eq!(grow.len(), 1, "{report:#}");
     assert_eq!((grow[0]["pid"].as_u64(), grow[0]["calls"].as_u64()), (Some(u64::from(pid)), Some(GROWS)));

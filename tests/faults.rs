@@ -238,6 +238,9 @@ fn faults_comm_filter_keeps_only_that_command() {
     assert_eq!(procs.len(), 1, "{report:#}");
     assert_eq!(procs[0]["pid"], pid);
     assert_eq!(procs[0]["comm"], "faults_touch");
+    // Its unwind tables are loaded at start: no stack is cut short for want of them (nor split
+    // into several stacks cut at different depths while they load).
+    assert_eq!(report["cut_stacks"]["not_loaded"], 0, "stacks of a process running before attach: {report:#}");
     let stacks = stacks_with(&report, "touch_pages");
     assert_eq!(stacks.len(), 1, "{report:#}");
     assert!(stacks[0]["faults"].as_u64().unwrap() >= PAGES);
