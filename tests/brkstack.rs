@@ -1,5 +1,7 @@
 //! brkstack against the real kernel: the exact calls and growth of a known function's sbrk
-//! loop, each call with --events, bad input, and clean detach.
+//! loop, each call with --events, bad input, and clean detach; and a heap grown by malloc in a
+//! program built without frame pointers, whose stacks the unwind tables walk from the brk
+//! call through libc to the program's entry.
 
 #[path = "common/mod.rs"]
 mod common;
@@ -38,12 +40,15 @@ impl Grower {
         Grower { child, stdin, lines }
     }
 
-    /// Grows the heap, then lets the program exit.
-    fn grow_and_exit(mut self) {
+    /// Grows the heap, then lets the program exit; returns what follows "grown" (the growth
+    /// brkstack_malloc measured).
+    fn grow_and_exit(mut self) -> String {
         writeln!(self.stdin).unwrap();
-        assert_eq!(self.lines.next().unwrap().unwrap(), "grown");
+        let line = self.lines.next().unwrap().unwrap();
+        let rest = line.strip_prefix("grown").unwrap_or_else(|| panic!("not grown: {line}"));
         drop(self.stdin);
-        self.child.wait().unwrap();
+        assert!(self.child.wait().unwrap().success());
+        rest.trim().to_string()
     }
 }
 
@@ -222,6 +227,9 @@ fn brkstack_comm_filter_seeds_running_processes() {
     assert_eq!(report["pid"], Value::Null);
     let stacks = report["stacks"].as_array().unwrap();
     assert!(stacks.iter().all(|s| s["comm"] == "brkstack_grow"), "other processes reported: {report:#}");
+    // Its unwind tables too are loaded at start, like its break: its first calls' stacks are
+    // whole, not cut at libc's brk wrapper for want of tables.
+    assert_eq!(report["cut_stacks"]["not_loaded"], 0, "stacks of a process running before attach: {report:#}");
     let grow = stacks_with(&report, "grow_heap");
     assert_eq!(grow.len(), 1, "{report:#}");
     assert_eq!(grow[0]["pid"], pid);
@@ -255,7 +263,107 @@ fn brkstack_forgets_exited_processes_but_keeps_their_stacks() {
     assert!(status.success(), "{status}: {stderr}");
     assert_eq!(stderr.matches("forgot the maps of 1 exited processes").count(), 1, "{stderr}");
     let report = final_report(&stdout);
+    assert_eq!(report["cut_stacks"]["not_loaded"], 0, "stacks of a process running before attach: {report:#}");
     let grow = stacks_with(&report, "grow_heap");
     assert_eq!(grow.len(), 1, "{report:#}");
     assert_eq!((grow[0]["pid"].as_u64(), grow[0]["calls"].as_u64()), (Some(u64::from(pid)), Some(GROWS)));
+}
+
+/// tests/progs/brkstack_malloc.c: mallocs of this many 64 KiB chunks from grow_by_malloc, each
+/// growing the break by its chunk (the program turns off malloc's top padding).
+const MALLOC_GROWS: u64 = 5;
+const MALLOC_CHUNK: u64 = 64 << 10;
+
+/// Runs brkstack with `args` on brkstack_malloc, built without frame pointers and started
+/// before brkstack attaches by -p; returns stdout after checking the program's own measure
+/// of its growth.
+fn brkstack_nofp(args: &[&str]) -> String {
+    let grower = Grower::start_as(&prog_nofp("brkstack_malloc"));
+    let pid = grower.child.id().to_string();
+    let mut all = vec!["brkstack"];
+    all.extend(args);
+    all.extend(["-p", &pid]);
+    let mut mt = Running::start(&all);
+    mt.wait_ready();
+    let grown = grower.grow_and_exit();
+    let (status, stdout, stderr) = mt.finish(Duration::from_secs(20));
+    assert!(status.success(), "{status}: {stderr}");
+    assert!(stderr.contains(&format!("process {pid} exited")), "{stderr}");
+    assert_eq!(grown, (MALLOC_GROWS * MALLOC_CHUNK).to_string(), "the program's own sbrk(0) before and after");
+    assert_detached("brkstack");
+    stdout
+}
+
+/// The frames' names, innermost first ("?" for an unnamed one).
+fn names(stack: &Value) -> Vec<&str> {
+    stack["frames"].as_array().unwrap().iter().map(|f| f["func"].as_str().unwrap_or("?")).collect()
+}
+
+/// Built without frame pointers (grow_by_malloc keeps a pointer in rbp), every call's stack
+/// still goes from libc's brk wrapper through sbrk and malloc into grow_by_malloc, at its
+/// line, and on to main and libc's `__libc_start_call_main`: each walk complete.
+#[test]
+fn brkstack_nofp_malloc_growth_reaches_main_through_libc() {
+    if !bpf_available("brkstack_nofp_malloc_growth_reaches_main_through_libc") {
+        return;
+    }
+    let report = final_report(&brkstack_nofp(&["--unwind", "dwarf", "--json"]));
+    // Nothing else in the program moved the break after attach.
+    assert_eq!(report["calls"], MALLOC_GROWS, "{report:#}");
+    assert_eq!(report["bytes"], MALLOC_GROWS * MALLOC_CHUNK, "{report:#}");
+    let stacks = stacks_with(&report, "grow_by_malloc");
+    assert_eq!(stacks.len(), 1, "one stack through grow_by_malloc expected: {report:#}");
+    let stack = stacks[0];
+    assert_eq!(stack["calls"], MALLOC_GROWS, "{stack:#}");
+    assert_eq!(stack["bytes"], MALLOC_GROWS * MALLOC_CHUNK, "{stack:#}");
+    let frames = stack["frames"].as_array().unwrap();
+    let names = names(stack);
+    let at =
+        |name: &str| names.iter().position(|n| n.ends_with(name)).unwrap_or_else(|| panic!("no {name}: {names:?}"));
+    let grow = at("grow_by_malloc");
+    assert_eq!(frames[grow]["line"], marker_line("brkstack_malloc.c", "grow_by_malloc"), "{names:?}");
+    let libc = |i: usize| frames[i]["module"] == "libc.so.6";
+    // The brk syscall's wrapper, then sbrk, in libc; malloc is what grow_by_malloc called
+    // (libc's own names with libc6-dbg: __GI___sbrk, __GI___libc_malloc).
+    assert!(libc(0) && names[0].contains("brk"), "{names:?}");
+    let sbrk = at("sbrk");
+    assert!(libc(sbrk) && sbrk < grow, "{names:?}");
+    assert!(names[grow - 1].ends_with("malloc") && libc(grow - 1), "malloc calls sbrk for grow_by_malloc: {names:?}");
+    assert!(names[sbrk + 1..grow].iter().all(|n| *n != "?"), "an unnamed frame between sbrk and malloc: {names:?}");
+    assert_eq!(names[grow + 1], "main", "{names:?}");
+    assert_eq!(names[grow + 2], "__libc_start_call_main", "{names:?}");
+    assert!(libc(grow + 2), "{names:?}");
+    // One walk per call, each to the process's first frame: the tables were loaded at attach.
+    let cut: Value = serde_json::json!({
+        "walks": MALLOC_GROWS, "complete": MALLOC_GROWS, "no_table": 0, "not_loaded": 0, "table_full": 0,
+        "depth": 0, "unreadable": 0, "unsupported": 0, "bad_frame": 0, "fp_frames": 0,
+    });
+    assert_eq!(report["cut_stacks"], cut, "{report:#}");
+    for field in ["events_lost", "stacks_lost", "stacks_full", "growth_unknown"] {
+        assert_eq!(report[field], 0, "blind spot {field}: {report:#}");
+    }
+}
+
+/// The same without --unwind (tables where a module has them), in the text and folded
+/// outputs: the stack reaches main, and no stack was cut.
+#[test]
+fn brkstack_nofp_default_unwind_shows_whole_stacks() {
+    if !bpf_available("brkstack_nofp_default_unwind_shows_whole_stacks") {
+        return;
+    }
+    let folded = std::env::temp_dir().join(format!("brkstack-nofp-folded-{}", std::process::id()));
+    let stdout = brkstack_nofp(&["--folded", folded.to_str().unwrap()]);
+    let text = std::fs::read_to_string(&folded).unwrap();
+    std::fs::remove_file(&folded).unwrap();
+    assert!(
+        stdout.contains(&format!("{MALLOC_GROWS} calls, +{} bytes: pid ", MALLOC_GROWS * MALLOC_CHUNK)),
+        "{stdout}"
+    );
+    assert!(stdout.contains("blind spots: none"), "{stdout}");
+    let lines: Vec<&str> = text.lines().filter(|l| l.contains(";grow_by_malloc;")).collect();
+    assert_eq!(lines.len(), 1, "{text}");
+    let line = lines[0];
+    assert!(line.ends_with(&format!(" {MALLOC_GROWS}")), "{line}");
+    assert!(line.contains(";__libc_start_call_main;main;grow_by_malloc;"), "root first, whole: {line}");
+    assert!(line.starts_with("brkstack_malloc ("), "{line}");
 }

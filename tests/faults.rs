@@ -1,6 +1,7 @@
 //! faults against the real kernel: a known number of write faults from a known function, per
 //! process, per stack and one by one; kernel-mode faults with kernel stacks; bad input;
-//! clean detach.
+//! clean detach; and the same faults in a program built without frame pointers, whose stacks
+//! the unwind tables walk to the program's entry.
 
 #[path = "common/mod.rs"]
 mod common;
@@ -37,8 +38,12 @@ fn hex(s: &str) -> u64 {
 
 impl Toucher {
     fn start() -> Toucher {
-        let mut child =
-            Command::new(prog("faults_touch")).stdin(Stdio::piped()).stdout(Stdio::piped()).spawn().unwrap();
+        Toucher::start_as(&prog("faults_touch"))
+    }
+
+    /// Started from this build of the program.
+    fn start_as(path: &std::path::Path) -> Toucher {
+        let mut child = Command::new(path).stdin(Stdio::piped()).stdout(Stdio::piped()).spawn().unwrap();
         let stdin = child.stdin.take().unwrap();
         let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
         assert_eq!(lines.next().unwrap().unwrap(), "ready");
@@ -233,9 +238,73 @@ fn faults_comm_filter_keeps_only_that_command() {
     assert_eq!(procs.len(), 1, "{report:#}");
     assert_eq!(procs[0]["pid"], pid);
     assert_eq!(procs[0]["comm"], "faults_touch");
+    // Its unwind tables are loaded at start: no stack is cut short for want of them (nor split
+    // into several stacks cut at different depths while they load).
+    assert_eq!(report["cut_stacks"]["not_loaded"], 0, "stacks of a process running before attach: {report:#}");
     let stacks = stacks_with(&report, "touch_pages");
     assert_eq!(stacks.len(), 1, "{report:#}");
     assert!(stacks[0]["faults"].as_u64().unwrap() >= PAGES);
     assert!(report["stacks"].as_array().unwrap().iter().all(|s| s["pid"] == pid), "{report:#}");
     assert_detached("faults");
+}
+
+/// faults_touch built without frame pointers, started before faults attaches by -p with
+/// `unwind` (None: without --unwind): one stack of exactly PAGES faults, in touch_pages at
+/// its write, then main, then libc's `__libc_start_call_main`; every walk complete but where
+/// code has no table.
+fn faults_nofp_reach_main(unwind: Option<&str>) {
+    let toucher = Toucher::start_as(&prog_nofp("faults_touch"));
+    let pid = toucher.child.id().to_string();
+    let mut args = vec!["faults", "--json", "-T", "100"];
+    if let Some(how) = unwind {
+        args.extend(["--unwind", how]);
+    }
+    args.extend(["-p", &pid]);
+    let mut mt = Running::start(&args);
+    mt.wait_ready();
+    toucher.touch_and_exit();
+    let (status, stdout, stderr) = mt.finish(Duration::from_secs(20));
+    assert!(status.success(), "{status}: {stderr}");
+    let report = final_report(&stdout);
+    let stacks = stacks_with(&report, "touch_pages");
+    assert_eq!(stacks.len(), 1, "one stack through touch_pages: {report:#}");
+    let stack = stacks[0];
+    assert_eq!(stack["faults"], PAGES, "one fault per page, nothing else in touch_pages: {stack:#}");
+    assert_eq!(stack["mode"], "user");
+    let frames = stack["frames"].as_array().unwrap();
+    let names: Vec<&str> = frames.iter().map(|f| f["func"].as_str().unwrap_or("?")).collect();
+    assert_eq!(names.get(..3), Some(&["touch_pages", "main", "__libc_start_call_main"][..]), "{stack:#}");
+    assert_eq!(frames[0]["line"], marker_line("faults_touch.c", "touch_pages"), "{stack:#}");
+    assert_eq!(frames[2]["module"], "libc.so.6", "{stack:#}");
+    // Every fault walked a stack; the process's tables were loaded at attach, so none was
+    // cut for want of them, and only code without a table (crt's __do_global_dtors_aux, at
+    // exit) may end one short of the entry.
+    let cut = &report["cut_stacks"];
+    assert_eq!(cut["walks"], report["faults"], "{report:#}");
+    for field in ["not_loaded", "table_full", "depth", "unreadable", "unsupported", "bad_frame"] {
+        assert_eq!(cut[field], 0, "stacks cut ({field}): {report:#}");
+    }
+    let complete = cut["complete"].as_u64().unwrap();
+    assert!(complete >= PAGES, "touch_pages' walks complete: {report:#}");
+    assert_eq!(complete + cut["no_table"].as_u64().unwrap(), cut["walks"].as_u64().unwrap(), "{report:#}");
+    for field in ["events_lost", "stacks_lost", "stacks_full", "processes_full"] {
+        assert_eq!(report[field], 0, "blind spot {field}: {report:#}");
+    }
+    assert_detached("faults");
+}
+
+#[test]
+fn faults_nofp_dwarf_stack_reaches_main() {
+    if !bpf_available("faults_nofp_dwarf_stack_reaches_main") {
+        return;
+    }
+    faults_nofp_reach_main(Some("dwarf"));
+}
+
+#[test]
+fn faults_nofp_default_unwind_stack_reaches_main() {
+    if !bpf_available("faults_nofp_default_unwind_stack_reaches_main") {
+        return;
+    }
+    faults_nofp_reach_main(None);
 }

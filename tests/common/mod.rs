@@ -82,12 +82,17 @@ pub fn prog_nofp(name: &str) -> PathBuf {
     build_prog(name, Flavour::NoFramePointers)
 }
 
-/// Builds `tests/progs/<name>` into target/test-progs/<name>, unless the program there is newer
-/// than its source and was built the same way.
+/// Builds `tests/progs/<name>` into target/test-progs/<name> (target/test-progs/nofp/<name>
+/// without frame pointers), unless the program there is newer than its source and was built
+/// the same way. Each flavour has its own file, under the same name (a test's comm stays the
+/// program's name): a test switching flavour neither rebuilds nor replaces the other's program.
 pub fn build_prog(name: &str, flavour: Flavour) -> PathBuf {
     use Flavour::*;
     let _guard = BUILD_LOCK.lock().unwrap();
-    let dir = repo().join("target/test-progs");
+    let dir = match flavour {
+        Debug => repo().join("target/test-progs"),
+        NoFramePointers => repo().join("target/test-progs/nofp"),
+    };
     std::fs::create_dir_all(&dir).unwrap();
     let out = dir.join(name);
     let src = |ext: &str| repo().join(format!("tests/progs/{name}.{ext}"));

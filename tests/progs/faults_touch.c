@@ -11,7 +11,7 @@
 
 __attribute__((noinline)) static void touch_pages(volatile char *p, long page) {
     for (int i = 0; i < PAGES; i++) {
-        p[(long)i * page] = 1;
+        p[(long)i * page] = 1; // LEAK:touch_pages (the faulting write)
     }
 }
 

@@ -25,6 +25,7 @@ pub const KERNELS: &[&str] = &["linux-image-6.1.0-*-cloud-amd64", "linux-image-6
 const TESTS: &[&str] = &[
     "probe",
     "memleak",
+    "memleak-nofp",
     "memleak-kernel",
     "oomkill",
     "mmapsnoop",

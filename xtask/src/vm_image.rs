@@ -13,6 +13,9 @@ pub const BUSYBOX: &str = "busybox-static";
 const MUSL: &str = "x86_64-unknown-linux-musl";
 /// tests/progs built static into the image, as /progs/<name>.
 const PROGS: &[&str] = &["leaky", "vm_mem", "hfaults_touch"];
+/// tests/progs built static without frame pointers, as distributions build: only their unwind
+/// tables lead from the allocator back to main.
+const NOFP_PROGS: &[&str] = &["unwind_c"];
 /// Kernel modules /init loads for zram swap (their dependencies come along): lzo-rle is
 /// zram's default compressor on 6.1, which asks for it by name rather than by symbol.
 const MODULES: &[&str] = &["lzo-rle", "zram"];
@@ -199,17 +202,22 @@ fn has_interpreter(path: &Path) -> Result<bool> {
     }))
 }
 
-/// Test programs, static, with frame pointers and debug info like the host tests build them.
+/// Test programs, static, with debug info, built like the host tests build them: PROGS with
+/// frame pointers, NOFP_PROGS optimised without.
 pub fn build_progs() -> Result<Vec<PathBuf>> {
     let dir = vm_dir().join("progs");
     fs::create_dir_all(&dir)?;
-    PROGS
-        .iter()
-        .map(|name| {
+    let with_fp = PROGS.iter().map(|name| (name, ["-O0", "-fno-omit-frame-pointer"]));
+    let without = NOFP_PROGS.iter().map(|name| (name, ["-O2", "-fomit-frame-pointer"]));
+    with_fp
+        .chain(without)
+        .map(|(name, flags)| {
             let out = dir.join(name);
             cmd::run(
                 cmd::new("cc")
-                    .args(["-static", "-g", "-O0", "-fno-omit-frame-pointer", "-o"])
+                    .args(["-static", "-g"])
+                    .args(flags)
+                    .arg("-o")
                     .arg(&out)
                     .arg(format!("tests/progs/{name}.c")),
             )?;

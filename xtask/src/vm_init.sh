@@ -119,6 +119,26 @@ t_memleak_user() {
 	verdict memleak memleak grep -q leak_malloc /tmp/memleak.out
 }
 
+# unwind_c, built -O2 without frame pointers: leak_malloc's 5 x 1111 bytes in one stack that
+# the unwind tables walk, frame by frame, to the program's entry; every walk complete.
+nofp_ok() {
+	o=/tmp/memleak-nofp.out
+	f=$(tail -n 1 $o | sed -n 's/.*"bytes":5555,"allocs":5,[^[]*"frames":\[\([^]]*\)\].*/\1/p' \
+		| grep -o '"func":"[^"]*"' | sed 's/"func":"\(.*\)"/\1/' | tr '\n' ' ')
+	c=$(tail -n 1 $o | sed -n 's/.*"cut_stacks":{"walks":\([0-9]*\),"complete":\([0-9]*\),.*/\1 \2/p')
+	echo "vm:   memleak-nofp: leak_malloc's stack: ${f:-none}; walks, complete: ${c:-none}"
+	[ "$f" = "leak_malloc run_leaks main __libc_start_call_main __libc_start_main_impl _start " ] \
+		&& [ "${c% *}" -gt 0 ] && [ "${c% *}" = "${c#* }" ]
+}
+
+t_memleak_nofp() {
+	$M -v memleak --json -c "$P/unwind_c" > /tmp/memleak-nofp.out 2> /tmp/memleak-nofp.err &
+	TOOL=$!
+	finish
+	DETAIL="leak_malloc's 5555 bytes in a stack through run_leaks and main to _start, every walk complete"
+	verdict memleak-nofp memleak nofp_ok
+}
+
 t_memleak_kernel() {
 	start memleak-kernel memleak --json -d 6 || { RC=1; verdict memleak-kernel memleak-kernel false; return; }
 	mkdir -p /tmp/leak && for i in $(seq 200); do mkdir /tmp/leak/d$i; done
@@ -209,6 +229,7 @@ t_hfaults() {
 
 t_probe
 t_memleak_user
+t_memleak_nofp
 t_memleak_kernel
 t_oomkill
 simple mmapsnoop 4 $P/vm_mem mmap
