@@ -209,7 +209,7 @@ fn frame_pointer_step(state: &mut Walk, cause: u32) -> Result<(), u32> {
         return Err(cause);
     }
     let fp = state.bp;
-    if fp <= state.sp || fp & 7 != 0 {
+    if fp < state.sp || fp & 7 != 0 {
         return Err(cause);
     }
     let (Ok(bp), Ok(ra)) = (read(fp), read(fp + 8)) else { return Err(cause) };

@@ -46,6 +46,18 @@ fn is_zombie(stat: &str) -> bool {
 }
 
 /// The process name, as `ps` shows it.
+/// The processes a `-p`/`--comm` filter selects right now: the one pid, or every process
+/// (whose name is `comm`, when given).
+pub fn matching(pid: Option<u32>, comm: Option<&str>) -> Vec<u32> {
+    let pids: Vec<u32> = match pid {
+        Some(pid) => vec![pid],
+        None => std::fs::read_dir("/proc")
+            .map(|d| d.filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok()).collect())
+            .unwrap_or_default(),
+    };
+    pids.into_iter().filter(|&pid| comm.is_none_or(|c| self::comm(pid) == c)).collect()
+}
+
 pub fn comm(pid: u32) -> String {
     fs::read_to_string(format!("/proc/{pid}/comm")).map(|c| c.trim_end().to_string()).unwrap_or_default()
 }

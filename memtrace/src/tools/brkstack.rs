@@ -90,13 +90,15 @@ pub async fn run(args: Args) -> Result<()> {
             .map_max_entries("TOTALS", args.max_stacks);
         args.unwind.configure(loader);
     })?;
+    // Tables before the probes: the selected processes' first calls get whole stacks.
+    let unwinder = Unwinder::start(&mut bpf, &args.unwind, &args.common)?;
     kernel::attach_preferred(&mut bpf, "brkstack", ATTACH)?;
     let mut take = |name: &str| bpf.take_map(name).with_context(|| format!("internal: no map {name}"));
     let totals = HashMap::try_from(take("TOTALS")?)?;
     let mut last_brk: HashMap<MapData, u32, u64> = HashMap::try_from(take("LAST_BRK")?)?;
     let stats = PerCpuArray::try_from(take("STATS")?)?;
     let mut stacks = Stacks::new(StackStore::take(&mut bpf, Some("--max-stacks"))?, false)?;
-    stacks.unwinder = Some(Unwinder::start(&mut bpf, &args.unwind, args.common.pid)?);
+    stacks.unwinder = Some(unwinder);
     // After attach, and only where the kernel has not seen a call yet: it knows better.
     for (pid, brk) in current_breaks(args.common.pid, args.common.comm.as_deref()) {
         let _ = last_brk.insert(pid, brk, BPF_NOEXIST);
@@ -119,16 +121,7 @@ const BPF_NOEXIST: u64 = 1;
 /// Each process's current break, from /proc: the end of its [heap] mapping, or its heap's
 /// start when the heap has not grown yet. Page-rounded: exact for page-sized growth.
 fn current_breaks(only: Option<u32>, comm: Option<&str>) -> Vec<(u32, u64)> {
-    let pids: Vec<u32> = match only {
-        Some(pid) => vec![pid],
-        None => std::fs::read_dir("/proc")
-            .map(|d| d.filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok()).collect())
-            .unwrap_or_default(),
-    };
-    pids.into_iter()
-        .filter(|&pid| comm.is_none_or(|c| crate::target::comm(pid) == c))
-        .filter_map(|pid| Some((pid, current_break(pid)?)))
-        .collect()
+    crate::target::matching(only, comm).into_iter().filter_map(|pid| Some((pid, current_break(pid)?))).collect()
 }
 
 fn current_break(pid: u32) -> Option<u64> {

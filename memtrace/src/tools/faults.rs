@@ -97,6 +97,8 @@ pub async fn run(args: Args) -> Result<()> {
             .map_max_entries("COUNTS", args.max_stacks);
         args.unwind.configure(loader);
     })?;
+    // Tables before the probes: the selected processes' first faults get whole stacks.
+    let unwinder = Unwinder::start(&mut bpf, &args.unwind, &args.common)?;
     let mut how = vec![kernel::attach_preferred(&mut bpf, "faults", &[USER])?];
     if args.kernel {
         how.push(kernel::attach_preferred(&mut bpf, "faults", &[KERNEL])?);
@@ -106,7 +108,7 @@ pub async fn run(args: Args) -> Result<()> {
     let procs = HashMap::try_from(take("PROCS")?)?;
     let stats = PerCpuArray::try_from(take("STATS")?)?;
     let mut stacks = Stacks::new(StackStore::take(&mut bpf, Some("--max-stacks"))?, args.kernel)?;
-    stacks.unwinder = Some(Unwinder::start(&mut bpf, &args.unwind, args.common.pid)?);
+    stacks.unwinder = Some(unwinder);
     if let Some(pid) = args.common.pid {
         stacks.watch(pid);
     }

@@ -81,9 +81,9 @@ pub async fn run(args: Args) -> Result<()> {
             .override_global("MEMCG", &chain, true);
         args.unwind.configure(loader);
     })?;
+    let unwinder = Unwinder::start(&mut bpf, &args.unwind, &args.common)?;
     let how = kernel::attach_preferred(&mut bpf, "oomkill", ATTACH_POINTS)?;
     let stacks = StackStore::take(&mut bpf, None)?;
-    let unwinder = Unwinder::start(&mut bpf, &args.unwind, args.common.pid)?;
     let mut state = State {
         json: args.common.json,
         present,

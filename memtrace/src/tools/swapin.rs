@@ -72,12 +72,13 @@ pub async fn run(args: Args) -> Result<()> {
         loader.override_global("FILTER", &filter, true).override_global("CONFIG", &config, true);
         args.unwind.configure(loader);
     })?;
+    let unwinder = Unwinder::start(&mut bpf, &args.unwind, &args.common)?;
     let how = kernel::attach_preferred(&mut bpf, "swapin", ATTACH)?;
     let mut take = |name: &str| bpf.take_map(name).with_context(|| format!("internal: no map {name}"));
     let counts = HashMap::try_from(take("COUNTS")?)?;
     let stats = PerCpuArray::try_from(take("STATS")?)?;
     let mut stacks = Stacks::new(StackStore::take(&mut bpf, None)?, false)?;
-    stacks.unwinder = Some(Unwinder::start(&mut bpf, &args.unwind, args.common.pid)?);
+    stacks.unwinder = Some(unwinder);
     if let Some(pid) = args.common.pid {
         stacks.watch(pid);
     }

@@ -181,11 +181,15 @@ impl Unwinder {
         })
     }
 
-    /// Takes the maps and loads `pid`'s tables now (`-p`): its stacks are whole from the start.
-    pub fn start(bpf: &mut Ebpf, args: &UnwindArgs, pid: Option<u32>) -> Result<Unwinder> {
+    /// Takes the maps and loads the tables of the processes a `-p` or `--comm` filter selects
+    /// now, so their stacks are whole from the start. Without a filter, processes are loaded
+    /// as the walker meets them.
+    pub fn start(bpf: &mut Ebpf, args: &UnwindArgs, common: &crate::tools::CommonArgs) -> Result<Unwinder> {
         let mut unwinder = Unwinder::take(bpf, args.mode())?;
-        if let Some(pid) = pid {
-            unwinder.load(pid);
+        if common.pid.is_some() || common.comm.is_some() {
+            for pid in crate::target::matching(common.pid, common.comm.as_deref()) {
+                unwinder.load(pid);
+            }
         }
         Ok(unwinder)
     }
