@@ -198,6 +198,8 @@ pub async fn run(args: Args) -> Result<()> {
         children: (args.children || (args.command.is_some() && !own_pid_ns)) as u32,
     };
     let kmem = if user { None } else { Some(attach::kmem_offsets()?) };
+    // Kernel mode walks no user stack.
+    let unwind = if user { args.unwind.mode() } else { UnwindMode::Fp };
     let fork = if user { Some(attach::fork_offsets()?) } else { None };
     let mut bpf = kernel::load(OBJECT, |loader| {
         loader
@@ -205,7 +207,7 @@ pub async fn run(args: Args) -> Result<()> {
             .map_max_entries("ALLOCS", args.max_allocs)
             .map_max_entries("SEEN", args.max_stacks)
             .map_max_entries("STACKS", args.max_stacks);
-        args.unwind.configure(loader);
+        args.unwind.configure_as(loader, unwind);
         if let Some(k) = &kmem {
             loader.override_global("KMEM", k, true);
         }
@@ -216,7 +218,7 @@ pub async fn run(args: Args) -> Result<()> {
     let skip = if args.duty_cycle.is_some() { DutyCycle::HOT } else { &[] };
     let mut procs = Procs::new(&mut bpf, &args.symbols_prefix, args.obj.clone(), skip)?;
     let (maps, ring) = Maps::take(&mut bpf)?;
-    let mut unwinder = Unwinder::take(&mut bpf, if user { args.unwind.mode() } else { UnwindMode::Fp })?;
+    let mut unwinder = Unwinder::take(&mut bpf, unwind)?;
     let mut duty = None;
     let mut command = None;
     let root = match mode {

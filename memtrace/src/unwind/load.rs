@@ -73,13 +73,19 @@ impl UnwindArgs {
 
     /// Sets the unwinder's globals and map sizes on a loader, before the object is loaded.
     pub fn configure(&self, loader: &mut EbpfLoader<'_>) {
-        let mode: &'static u32 = match self.mode() {
+        self.configure_as(loader, self.mode());
+    }
+
+    /// `configure` with another mode (memleak's kernel mode walks no user stack: `Fp` saves
+    /// the row map's memory).
+    pub fn configure_as(&self, loader: &mut EbpfLoader<'_>, mode: UnwindMode) {
+        let mode_value: &'static u32 = match mode {
             UnwindMode::Auto => &MODE_AUTO,
             UnwindMode::Dwarf => &MODE_DWARF,
             UnwindMode::Fp => &MODE_FP,
         };
-        loader.override_global("UNWIND_MODE", mode, false);
-        loader.map_max_entries("UNWIND_ROWS", if self.mode() == UnwindMode::Fp { 1 } else { self.unwind_rows });
+        loader.override_global("UNWIND_MODE", mode_value, false);
+        loader.map_max_entries("UNWIND_ROWS", if mode == UnwindMode::Fp { 1 } else { self.unwind_rows });
     }
 }
 
@@ -341,6 +347,7 @@ impl Unwinder {
             segments: Vec::new(),
             missing: None,
         };
+        let began = std::time::Instant::now();
         let built = (|| -> Result<(UnwindTable, Vec<super::Segment>)> {
             let path = procfs::reach(pid, m).context("the file cannot be reached from memtrace")?;
             let file = File::open(&path).with_context(|| format!("cannot open {}", path.display()))?;
@@ -364,11 +371,12 @@ impl Unwinder {
         }
         let stats = table.stats();
         tracing::info!(
-            "unwind: {}: {} rows ({}) from {} FDEs, {} rows memtrace cannot follow",
+            "unwind: {}: {} rows ({}) from {} FDEs in {:.1} ms, {} rows memtrace cannot follow",
             m.path,
             rows.len(),
             crate::output::bytes(rows.len() as u64 * 16),
             stats.fdes,
+            began.elapsed().as_secs_f64() * 1e3,
             stats.unsupported_rows
         );
         let Some(map) = self.rows_map.as_mut() else { return module };
@@ -398,61 +406,61 @@ impl Drop for Unwinder {
 }
 
 /// The row map, written through a shared mapping of its memory (BPF_F_MMAPABLE): a table of
-/// 100k rows is one copy, not 100k syscalls. Rows are only appended while tracing.
+/// 100k rows is one copy, not 100k syscalls. Rows are only appended while tracing. Only the
+/// pages being written are mapped, and only while written: the kernel maps every page of a
+/// mapping at once, which would count the whole reservation in memtrace's RSS.
 struct RowMap {
-    _map: MapData,
-    base: *mut PackedRow,
+    map: MapData,
     capacity: u32,
     used: u32,
 }
 
 impl RowMap {
     fn new(map: aya::maps::Map) -> Result<RowMap> {
-        let aya::maps::Map::Array(data) = map else { bail!("internal: UNWIND_ROWS is not an array") };
-        let capacity = data.info()?.max_entries();
-        let len = capacity as usize * size_of::<PackedRow>();
-        let fd = data.fd().as_fd_raw();
-        // SAFETY: maps the array's own memory, as long as the map; the kernel checks the size.
-        let base = unsafe {
-            libc::mmap(std::ptr::null_mut(), len, libc::PROT_READ | libc::PROT_WRITE, libc::MAP_SHARED, fd, 0)
-        };
-        if base == libc::MAP_FAILED {
-            bail!("cannot map the unwind row map: {}", std::io::Error::last_os_error());
-        }
-        Ok(RowMap { _map: data, base: base.cast(), capacity, used: 0 })
+        let aya::maps::Map::Array(map) = map else { bail!("internal: UNWIND_ROWS is not an array") };
+        let capacity = map.info()?.max_entries();
+        Ok(RowMap { map, capacity, used: 0 })
     }
 
-    /// Copies `rows` after the rows already there; None when they do not fit.
+    /// Copies `rows` after the rows already there; None when they do not fit or the map's
+    /// memory cannot be mapped.
     fn append(&mut self, rows: &[PackedRow]) -> Option<u32> {
+        const ROW: usize = size_of::<PackedRow>();
         let start = self.used;
         let end = start.checked_add(u32::try_from(rows.len()).ok()?)?;
         if end > self.capacity {
             return None;
         }
-        // SAFETY: `start..end` lies inside the mapping (checked above), which nothing else
-        // in this process writes; the walker only reads rows that entries point at, and
-        // entries for these rows are inserted after the copy.
-        unsafe { std::ptr::copy_nonoverlapping(rows.as_ptr(), self.base.add(start as usize), rows.len()) };
+        let page = 4096;
+        let first = start as usize * ROW / page * page;
+        let len = (end as usize * ROW).div_ceil(page) * page - first;
+        use std::os::fd::AsFd as _;
+        let fd = self.map.fd().as_fd().as_raw_fd();
+        // SAFETY: maps pages of the array's own memory; the kernel checks the range.
+        let window = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_SHARED,
+                fd,
+                first as i64,
+            )
+        };
+        if window == libc::MAP_FAILED {
+            tracing::info!("unwind: cannot map the row map: {}", std::io::Error::last_os_error());
+            return None;
+        }
+        // SAFETY: rows `start..end` lie inside the window (its bounds computed above), which
+        // nothing else in this process writes; the walker only reads rows that entries point
+        // at, and entries for these rows are inserted after the copy. Then the window goes.
+        unsafe {
+            let at = window.cast::<u8>().add(start as usize * ROW - first).cast::<PackedRow>();
+            std::ptr::copy_nonoverlapping(rows.as_ptr(), at, rows.len());
+            libc::munmap(window, len);
+        }
         self.used = end;
         Some(start)
-    }
-}
-
-impl Drop for RowMap {
-    fn drop(&mut self) {
-        // SAFETY: the mapping made in `new`, of this size.
-        unsafe { libc::munmap(self.base.cast(), self.capacity as usize * size_of::<PackedRow>()) };
-    }
-}
-
-trait RawFd {
-    fn as_fd_raw(&self) -> i32;
-}
-
-impl RawFd for aya::maps::MapFd {
-    fn as_fd_raw(&self) -> i32 {
-        use std::os::fd::AsFd as _;
-        self.as_fd().as_raw_fd()
     }
 }
 
