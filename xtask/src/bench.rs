@@ -629,18 +629,18 @@ fn print_table(r: &Value) {
         r["cores"], r["runs"], r["iterations"]
     );
     println!(
-        "{:<56} {:>24} {:>9} {:>12} {:>16} {:>9}",
+        "{:<66} {:>24} {:>9} {:>12} {:>16} {:>9}",
         "mode", "ns/call", "x untr.", "added ns", "start-up ms", "RSS MiB"
     );
     for m in r["modes"].as_array().into_iter().flatten() {
         if let Some(why) = m["failed"].as_str() {
-            println!("{:<56} failed: {why}", m["mode"].as_str().unwrap_or(""));
+            println!("{:<66} failed: {why}", m["mode"].as_str().unwrap_or(""));
             continue;
         }
         let ns = &m["ns_per_call"];
         let su = &m["startup_ms"];
         println!(
-            "{:<56} {:>24} {:>9.2} {:>12.0} {:>16} {:>9}",
+            "{:<66} {:>24} {:>9.2} {:>12.0} {:>16} {:>9}",
             m["mode"].as_str().unwrap_or(""),
             format!(
                 "{:.0} [{:.0}-{:.0}]",
