@@ -35,6 +35,11 @@ struct BatchAttr {
     flags: u64,
 }
 
+/// A per-CPU counter summed over CPUs; 0 when it cannot be read.
+pub fn sum(map: &aya::maps::PerCpuArray<MapData, u64>, index: u32) -> u64 {
+    map.get(&index, 0).map(|v| v.iter().sum()).unwrap_or(0)
+}
+
 /// Every (key, value) of a hash map whose keys and values are plain `K`/`V` (not per-CPU).
 pub fn dump<K: Pod + Eq + Hash, V: Pod>(map: &HashMap<MapData, K, V>) -> Vec<(K, V)> {
     match dump_batched::<K, V>(map.map()) {

@@ -101,7 +101,7 @@ pub async fn run(args: Args) -> Result<()> {
     stacks.unwinder = Some(unwinder);
     // After attach, and only where the kernel has not seen a call yet: it knows better.
     for (pid, brk) in current_breaks(args.common.pid, args.common.comm.as_deref()) {
-        let _ = last_brk.insert(pid, brk, BPF_NOEXIST);
+        let _ = last_brk.insert(pid, brk, crate::kernel::maps::BPF_NOEXIST);
     }
     if let Some(pid) = args.common.pid {
         stacks.watch(pid);
@@ -114,9 +114,6 @@ pub async fn run(args: Args) -> Result<()> {
     tools::stream(&mut bpf, "brkstack", &args.common, &mut signals, tick, None, &ready, &mut state).await?;
     Ok(())
 }
-
-/// Map update flag: only where the key is absent.
-const BPF_NOEXIST: u64 = 1;
 
 /// Each process's current break, from /proc: the end of its [heap] mapping, or its heap's
 /// start when the heap has not grown yet. Page-rounded: exact for page-sized growth.
@@ -197,7 +194,7 @@ struct StackRow {
 
 impl State<'_> {
     fn stat(&self, index: u32) -> u64 {
-        self.stats.get(&index, 0).map(|v| v.iter().sum()).unwrap_or(0)
+        crate::kernel::maps::sum(&self.stats, index)
     }
 
     /// A scanned stack, symbolized. Words that symbolize to no function were data that looked

@@ -225,7 +225,7 @@ fn mode_name(mode: u32) -> &'static str {
 
 impl State<'_> {
     fn stat(&self, index: u32) -> u64 {
-        self.stats.get(&index, 0).map(|v| v.iter().sum()).unwrap_or(0)
+        crate::kernel::maps::sum(&self.stats, index)
     }
 
     /// Symbolizes a stack key; user frames start at the faulting instruction for user faults,

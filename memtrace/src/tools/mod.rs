@@ -190,7 +190,7 @@ pub async fn stream(
     while let Some(item) = ring.get_mut().next() {
         tool.event(&item)?;
     }
-    let lost: u64 = lost.get(&0, 0).map(|v| v.iter().sum()).unwrap_or(0);
+    let lost = crate::kernel::maps::sum(&lost, 0);
     if lost > 0 {
         eprintln!("memtrace: {name}: {lost} events lost (ring buffer full)");
     }

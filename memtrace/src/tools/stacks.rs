@@ -64,7 +64,7 @@ impl StackStore {
     }
 
     fn stat(&self, index: u32) -> u64 {
-        self.stats.get(&index, 0).map(|v| v.iter().sum()).unwrap_or(0)
+        crate::kernel::maps::sum(&self.stats, index)
     }
 
     /// Stacks stored so far (entries are never removed while tracing).

@@ -129,7 +129,7 @@ impl State<'_> {
     }
 
     fn stat(&self, index: u32) -> u64 {
-        self.stats.get(&index, 0).map(|v| v.iter().sum()).unwrap_or(0)
+        crate::kernel::maps::sum(&self.stats, index)
     }
 
     fn report(&mut self, rows: Vec<Row>) -> Result<()> {

@@ -145,16 +145,12 @@ impl Activity {
 }
 
 impl State {
-    fn sum(map: &PerCpuArray<MapData, u64>, index: u32) -> u64 {
-        map.get(&index, 0).map(|v| v.iter().sum()).unwrap_or(0)
-    }
-
     fn totals(&self) -> [u64; STAT_COUNT as usize] {
-        std::array::from_fn(|i| Self::sum(&self.stats, i as u32))
+        std::array::from_fn(|i| crate::kernel::maps::sum(&self.stats, i as u32))
     }
 
     fn histogram(&self, kind: u32) -> Vec<u64> {
-        (0..HIST_SLOTS).map(|slot| Self::sum(&self.hist, kind * HIST_SLOTS + slot)).collect()
+        (0..HIST_SLOTS).map(|slot| crate::kernel::maps::sum(&self.hist, kind * HIST_SLOTS + slot)).collect()
     }
 }
 

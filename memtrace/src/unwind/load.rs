@@ -285,7 +285,7 @@ impl Unwinder {
 
     /// The walker's counters, summed over CPUs.
     pub fn cut(&self) -> CutStacks {
-        let stat = |i: u32| self.stats.get(&i, 0).map(|v| v.iter().sum()).unwrap_or(0);
+        let stat = |i: u32| crate::kernel::maps::sum(&self.stats, i);
         CutStacks {
             walks: stat(WALKS),
             complete: stat(ENDED_COMPLETE),

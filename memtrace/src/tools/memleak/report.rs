@@ -49,7 +49,7 @@ impl Maps {
     }
 
     fn stat(&self, index: u32) -> u64 {
-        self.stats.get(&index, 0).map(|v| v.iter().sum()).unwrap_or(0)
+        crate::kernel::maps::sum(&self.stats, index)
     }
 
     fn dropped(&self, procs: &Procs) -> Dropped {
