@@ -50,20 +50,41 @@ const TOOLS: &[(&str, Options, bool)] = &[
             ("--duty-period-ms", Number),
             ("--max-allocs", Number),
             ("--max-stacks", Number),
+            ("--unwind", Text),
+            ("--unwind-rows", Number),
         ],
         true,
     ),
-    ("brkstack", &[("-T", Text), ("--events", Flag), ("--folded", Path), ("--max-stacks", Number)], true),
+    (
+        "brkstack",
+        &[
+            ("-T", Text),
+            ("--events", Flag),
+            ("--folded", Path),
+            ("--max-stacks", Number),
+            ("--unwind", Text),
+            ("--unwind-rows", Number),
+        ],
+        true,
+    ),
     (
         "faults",
-        &[("-T", Text), ("--events", Flag), ("--kernel", Flag), ("--folded", Path), ("--max-stacks", Number)],
+        &[
+            ("-T", Text),
+            ("--events", Flag),
+            ("--kernel", Flag),
+            ("--folded", Path),
+            ("--max-stacks", Number),
+            ("--unwind", Text),
+            ("--unwind-rows", Number),
+        ],
         true,
     ),
     ("vmscan", &[], true),
-    ("swapin", &[("-T", Flag), ("--stack", Flag)], true),
+    ("swapin", &[("-T", Flag), ("--stack", Flag), ("--unwind", Text), ("--unwind-rows", Number)], true),
     ("hfaults", &[], true),
     ("drsnoop", &[("-t", Number), ("-n", Text), ("-T", Flag), ("--memcg", Flag)], false),
-    ("oomkill", &[], false),
+    ("oomkill", &[("--unwind", Text), ("--unwind-rows", Number)], false),
     ("mmapsnoop", &[("--failed", Flag), ("-T", Flag)], false),
     ("shmsnoop", &[("--failed", Flag), ("-T", Flag)], false),
     ("probe", &[("--json", Flag)], false),
@@ -183,6 +204,21 @@ fn huge_intervals_are_refused_in_every_tool() {
             err, "the interval must be at least 1 second and at most 31536000 (a year), not 18446744073709551615",
             "{tool}"
         );
+    }
+}
+
+#[test]
+fn unwind_options_are_checked_in_every_tool_that_walks_user_stacks() {
+    for tool in ["memleak", "brkstack", "faults", "swapin", "oomkill"] {
+        let cli = Cli::try_parse_from(["memtrace", tool, "--unwind-rows", "1000"]).expect("parses");
+        let err = cli.tool.validate().expect_err(tool).to_string();
+        assert_eq!(err, "--unwind-rows takes 1024 to 16777216, not 1000", "{tool}");
+        for mode in ["auto", "dwarf", "fp"] {
+            let cli = Cli::try_parse_from(["memtrace", tool, "--unwind", mode]).expect("parses");
+            cli.tool.validate().unwrap_or_else(|e| panic!("{tool} --unwind {mode}: {e}"));
+        }
+        let err = Cli::try_parse_from(["memtrace", tool, "--unwind", "frame"]).expect_err(tool);
+        assert_eq!(err.kind(), clap::error::ErrorKind::InvalidValue, "{tool}");
     }
 }
 
