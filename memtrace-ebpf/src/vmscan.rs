@@ -5,7 +5,7 @@
 
 use aya_ebpf::{
     Global,
-    btf_maps::{HashMap, PerCpuArray, RingBuf},
+    btf_maps::{HashMap, PerCpuArray},
     helpers::bpf_ktime_get_ns,
     macros::{btf_map, tracepoint},
     programs::TracePointContext,
@@ -34,11 +34,6 @@ static STARTS: HashMap<u64, u64, 16_384> = HashMap::new();
 static STATS: PerCpuArray<u64, { STAT_COUNT as usize }> = PerCpuArray::new();
 #[btf_map]
 static HIST: PerCpuArray<u64, { (KINDS * HIST_SLOTS) as usize }> = PerCpuArray::new();
-// vmscan reports from its maps; the ring buffer only keeps the shared streaming loop's shape.
-#[btf_map]
-static EVENTS: RingBuf<u64, 4096> = RingBuf::new();
-#[btf_map]
-static LOST: PerCpuArray<u64, 1> = PerCpuArray::new();
 
 #[inline(always)]
 fn start_key(kind: u32) -> u64 {

@@ -20,7 +20,7 @@ pub mod vmscan;
 
 use std::time::Duration;
 
-use anyhow::{Context as _, Result, bail};
+use anyhow::{Result, bail};
 use aya::{
     Ebpf,
     maps::{MapData, PerCpuArray, RingBuf},
@@ -114,7 +114,7 @@ pub enum End {
     OutputClosed,
 }
 
-/// Streams `EVENTS` into `tool` until a signal, `--duration`, the `-p` process exits, or
+/// Streams `EVENTS` (when the object has one) into `tool` until a signal, `--duration`, the `-p` process exits, or
 /// `max_ticks` ticks. Prints `ready` (the line tests and scripts wait for) once live, and the
 /// lost-event count (from the `LOST` per-CPU counter) at the end.
 #[expect(clippy::too_many_arguments, reason = "each is a distinct part of a run; a struct would only rename them")]
@@ -128,9 +128,15 @@ pub async fn stream(
     ready: &str,
     tool: &mut impl Stream,
 ) -> Result<End> {
-    let ring = RingBuf::try_from(bpf.take_map("EVENTS").context("internal: no EVENTS map")?)?;
-    let lost = PerCpuArray::<MapData, u64>::try_from(bpf.take_map("LOST").context("internal: no LOST map")?)?;
-    let mut ring = async_readable(ring)?;
+    // A tool that reports from its maps alone (vmscan) has no ring buffer.
+    let mut ring = match bpf.take_map("EVENTS") {
+        Some(map) => Some(async_readable(RingBuf::try_from(map)?)?),
+        None => None,
+    };
+    let lost = match bpf.take_map("LOST") {
+        Some(map) => Some(PerCpuArray::<MapData, u64>::try_from(map)?),
+        None => None,
+    };
     let forever = Duration::from_secs(u64::MAX / 4);
     let every = tick.unwrap_or(forever);
     let mut ticker = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
@@ -158,7 +164,7 @@ pub async fn stream(
                     unwinder.poll(|pid| watch.is_none_or(|w| w == pid));
                 }
             }
-            guard = ring.readable_mut() => {
+            guard = ring_ready(&mut ring), if ring.is_some() => {
                 let mut guard = guard?;
                 while let Some(item) = guard.get_inner_mut().next() {
                     tool.event(&item)?;
@@ -187,10 +193,12 @@ pub async fn stream(
         return Ok(end);
     }
     // Events already in the ring belong to the run.
-    while let Some(item) = ring.get_mut().next() {
-        tool.event(&item)?;
+    if let Some(ring) = ring.as_mut() {
+        while let Some(item) = ring.get_mut().next() {
+            tool.event(&item)?;
+        }
     }
-    let lost = crate::kernel::maps::sum(&lost, 0);
+    let lost = lost.as_ref().map_or(0, |lost| crate::kernel::maps::sum(lost, 0));
     if lost > 0 {
         eprintln!("memtrace: {name}: {lost} events lost (ring buffer full)");
     }
@@ -248,6 +256,16 @@ pub fn monotonic_ns() -> u64 {
 }
 
 /// Registers an fd-owning value (ring buffer, pidfd) with tokio for readiness.
+/// The ring buffer's next readiness (only polled when there is a ring).
+async fn ring_ready(
+    ring: &mut Option<tokio::io::unix::AsyncFd<RingBuf<MapData>>>,
+) -> std::io::Result<tokio::io::unix::AsyncFdReadyMutGuard<'_, RingBuf<MapData>>> {
+    match ring {
+        Some(ring) => ring.readable_mut().await,
+        None => std::future::pending().await,
+    }
+}
+
 pub fn async_readable<T: std::os::fd::AsRawFd>(inner: T) -> Result<tokio::io::unix::AsyncFd<T>> {
     // SAFETY: `inner` owns its fd, and the AsyncFd owns `inner`, so the fd outlives the registration.
     unsafe { tokio::io::unix::AsyncFd::register_with_interest(inner, tokio::io::Interest::READABLE) }
