@@ -35,6 +35,10 @@ struct Cli {
     /// More detail on stderr: which probes and tracepoints were attached (-vv for debug).
     #[arg(short, long, action = clap::ArgAction::Count, global = true)]
     verbose: u8,
+    /// When live (probes attached), write `{"ready": true, "tool": ..., "pid": ...}` to this
+    /// open file descriptor and close it: what scripts and tests wait for.
+    #[arg(long, global = true, value_name = "FD")]
+    ready_fd: Option<i32>,
     #[command(subcommand)]
     tool: Tool,
 }
@@ -110,6 +114,11 @@ fn main() -> ExitCode {
         .with_env_filter(tracing_subscriber::EnvFilter::try_from_env("MEMTRACE_LOG").unwrap_or_else(|_| level.into()))
         .init();
     if let Err(e) = cli.tool.validate() {
+        return fail(&e);
+    }
+    if let Some(fd) = cli.ready_fd
+        && let Err(e) = output::ready::set_fd(fd)
+    {
         return fail(&e);
     }
     let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {

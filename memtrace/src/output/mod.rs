@@ -17,6 +17,7 @@ use crate::symbolize::Frame;
 pub mod decode;
 pub mod hex;
 pub mod histogram;
+pub mod ready;
 
 /// Writes one line to stdout. A closed pipe surfaces as an io::Error that `main` turns
 /// into a quiet exit.

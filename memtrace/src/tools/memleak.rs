@@ -237,29 +237,35 @@ pub async fn run(args: Args) -> Result<()> {
             let sampled =
                 args.duty_cycle.map(|p| format!(", malloc/calloc/realloc {p}% of the time")).unwrap_or_default();
             let children = if args.children { " and the processes it forks" } else { "" };
-            eprintln!(
-                "memtrace: memleak: tracing pid {pid} ({}){children} through {} with {probes} probes{sampled}; Ctrl-C to stop",
+            let line = format!(
+                "tracing pid {pid} ({}){children} through {} with {probes} probes{sampled}",
                 target::comm(pid),
                 obj.display()
             );
+            crate::output::ready::ready("memleak", Some(pid), &line);
             Some(pid)
         }
         Mode::Command(cmd) => {
             // Probes go in at the command's first exec, when its program is known.
             attach::lifecycle(&mut bpf)?;
             procs.begin_command(cmd.pid)?;
-            eprintln!(
-                "memtrace: memleak: running {} (pid {}) and following its processes; Ctrl-C to stop",
+            let line = format!(
+                "running {} (pid {}) and following its processes",
                 args.command.as_deref().unwrap_or_default(),
                 cmd.pid
             );
+            crate::output::ready::ready("memleak", Some(cmd.pid), &line);
             let pid = cmd.pid;
             command = Some(cmd);
             Some(pid)
         }
         Mode::Kernel => {
             let attached = attach::kernel(&mut bpf, args.percpu)?;
-            eprintln!("memtrace: memleak: tracing kernel allocations ({}); Ctrl-C to stop", attached.join(", "));
+            crate::output::ready::ready(
+                "memleak",
+                None,
+                &format!("tracing kernel allocations ({})", attached.join(", ")),
+            );
             None
         }
     };

@@ -153,7 +153,7 @@ pub async fn stream(
     let stdout = watch_stdout();
     let output_closed = stdout_closed(stdout.as_ref());
     tokio::pin!(output_closed);
-    eprintln!("memtrace: {name}: {ready}; Ctrl-C to stop");
+    crate::output::ready::ready(name, common.pid, ready);
     let mut ticks = 0u64;
     let mut unwind_poll = tokio::time::interval(crate::unwind::POLL);
     let unwinding = tool.unwinder().is_some_and(|u| u.mode() != crate::unwind::UnwindMode::Fp);
