@@ -554,6 +554,38 @@ fn memleak_probes_the_libc_of_a_target_in_another_mount_namespace() {
     assert_detached("memleak");
 }
 
+/// `-c` through an exec into a mount namespace of its own (`unshare --mount`, same root
+/// directory) whose libc is another file at the same path: the exec'd image's allocator is
+/// found through /proc/PID/root, so its allocations count, with whole stacks.
+#[test]
+fn memleak_command_execs_into_a_mount_namespace_with_its_own_libc() {
+    if !bpf_available("memleak_command_execs_into_a_mount_namespace_with_its_own_libc") {
+        return;
+    }
+    let host_libc = std::fs::canonicalize("/lib/x86_64-linux-gnu/libc.so.6").unwrap();
+    let copy = repo().join("target/test-progs/unshared-libc.so.6");
+    std::fs::copy(&host_libc, &copy).unwrap();
+    let leaky = prog("leaky");
+    let cmd = format!(
+        "unshare --mount --propagation private sh -c 'mount --bind {} {} && exec {}'",
+        copy.display(),
+        host_libc.display(),
+        leaky.display()
+    );
+    let out = run(&["memleak", "--json", "-T", "100", "-c", &cmd], Duration::from_secs(60));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    let root_pid = final_report(&String::from_utf8_lossy(&out.stdout))["pid"].as_u64().unwrap();
+    let through = format!("(leaky) probed through /proc/{root_pid}/root/");
+    assert!(
+        stderr.lines().any(|l| l.contains(&through) && l.contains("/libc.so.6 with")),
+        "expected {through:?}: {stderr}"
+    );
+    let report = final_report(&String::from_utf8_lossy(&out.stdout));
+    assert_leaks(&report, "leaky.c", LEAKY_C, "no_leak");
+    assert_detached("memleak");
+}
+
 /// memtrace itself in a pid namespace (as in a container) tracing a process there: the pids
 /// the kernel side reports are the namespace's, so /proc is read for the right process and
 /// every leak is named.

@@ -166,7 +166,10 @@ pub fn allocator_after_exec(pid: u32) -> Result<Allocator> {
     allocator_in(&exe, &preload, &process_root(pid))
 }
 
-/// The root a process sees its files under: `/` when it shares ours, else /proc/PID/root.
+/// The root a process sees its files under: `/` when it shares our root and our mount
+/// namespace, else /proc/PID/root. The same root directory in another mount namespace (as
+/// `unshare --mount` leaves it) can still show other files at the same paths (a bind mount
+/// over libc), and only a lookup through /proc/PID/root follows that namespace's mounts.
 fn process_root(pid: u32) -> PathBuf {
     use std::os::unix::fs::MetadataExt;
     let theirs = PathBuf::from(format!("/proc/{pid}/root"));
@@ -174,7 +177,9 @@ fn process_root(pid: u32) -> PathBuf {
         (Ok(a), Ok(b)) => a.dev() == b.dev() && a.ino() == b.ino(),
         _ => false,
     };
-    if same(&theirs, Path::new("/")) { PathBuf::from("/") } else { theirs }
+    let ours = same(&theirs, Path::new("/"))
+        && same(Path::new(&format!("/proc/{pid}/ns/mnt")), Path::new("/proc/self/ns/mnt"));
+    if ours { PathBuf::from("/") } else { theirs }
 }
 
 /// The allocator `exe` will use, before it runs: a replacement allocator it is linked with or
