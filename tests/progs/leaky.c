@@ -12,6 +12,8 @@
 #include <string.h>
 #include <sys/mman.h>
 
+#include "gate.h"
+
 #define NOINLINE __attribute__((noinline))
 
 static void *volatile sink; /* keeps the compiler from dropping allocations */
@@ -93,21 +95,4 @@ static void leak_all(void) {
 	no_leak();
 }
 
-int main(int argc, char **argv) {
-	char line[64];
-	int wait = argc > 1 && strcmp(argv[1], "wait") == 0;
-	if (wait) {
-		printf("ready\n");
-		fflush(stdout);
-		if (!fgets(line, sizeof line, stdin))
-			return 1;
-	}
-	leak_all();
-	if (wait) {
-		printf("leaked\n");
-		fflush(stdout);
-		if (!fgets(line, sizeof line, stdin))
-			return 0;
-	}
-	return 0;
-}
+GATED_MAIN(leak_all)

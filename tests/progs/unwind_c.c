@@ -12,6 +12,8 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "gate.h"
+
 /* noclone: an -O2 clone would be named leak_x.constprop.0 */
 #define NOINLINE __attribute__((noinline, noclone))
 
@@ -94,21 +96,4 @@ NOINLINE void run_leaks(void) {
 	after_call++;
 }
 
-int main(int argc, char **argv) {
-	char line[64];
-	int wait = argc > 1 && strcmp(argv[1], "wait") == 0;
-	if (wait) {
-		printf("ready\n");
-		fflush(stdout);
-		if (!fgets(line, sizeof line, stdin))
-			return 1;
-	}
-	run_leaks();
-	if (wait) {
-		printf("leaked\n");
-		fflush(stdout);
-		if (!fgets(line, sizeof line, stdin))
-			return 0;
-	}
-	return 0;
-}
+GATED_MAIN(run_leaks)

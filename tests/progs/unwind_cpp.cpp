@@ -17,6 +17,8 @@
 #include <map>
 #include <string>
 
+#include "gate.h"
+
 /* noclone: an -O2 clone would be named leak_x.constprop.0 */
 #define NOINLINE __attribute__((noinline, noclone))
 
@@ -114,21 +116,4 @@ NOINLINE void run_leaks(void) {
 
 } /* extern "C" */
 
-int main(int argc, char **argv) {
-	char line[64];
-	bool wait = argc > 1 && strcmp(argv[1], "wait") == 0;
-	if (wait) {
-		printf("ready\n");
-		fflush(stdout);
-		if (!fgets(line, sizeof line, stdin))
-			return 1;
-	}
-	run_leaks();
-	if (wait) {
-		printf("leaked\n");
-		fflush(stdout);
-		if (!fgets(line, sizeof line, stdin))
-			return 0;
-	}
-	return 0;
-}
+GATED_MAIN(run_leaks)
