@@ -47,66 +47,59 @@ pub fn run(runs: usize, iterations: u64) -> Result<u8> {
     let untraced = measure(&opts, n, &workload, None, &mut failures)?;
     let base = untraced.median_ns_per_call();
     rows.push(untraced.row("untraced", base));
-    // The floor as naive tracers place probes (at each function's first instruction, as bcc
-    // does), and the same floor placed like memleak's probes: the second is the fair floor.
-    let naive = measure(
-        &opts,
-        n,
-        &workload,
-        Some(Tracer::new(&memtrace, &["benchfloor", "--naive"], Check::None)),
-        &mut failures,
-    )?;
-    rows.push(naive.row("floor, probes at +0 (empty uprobe + uretprobe insert + free delete)", base));
-    let floor =
-        measure(&opts, n, &workload, Some(Tracer::new(&memtrace, &["benchfloor"], Check::None)), &mut failures)?;
-    rows.push(floor.row("floor, probes placed as memleak's", base));
-    let memleak = measure(
-        &opts,
-        n,
-        &workload,
-        Some(Tracer::new(&memtrace, &["memleak", "--json"], Check::Exact)),
-        &mut failures,
-    )?;
-    rows.push(memleak.row("memtrace memleak -p PID", base));
-    let sampled = measure(
-        &opts,
-        n,
-        &workload,
-        Some(Tracer::new(&memtrace, &["memleak", "--json", "-s", "10"], Check::None)),
-        &mut failures,
-    )?;
-    rows.push(sampled.row("memtrace memleak -s 10 -p PID", base));
-    // Most calls run untraced here, so a longer run spans several recording windows.
-    let duty = measure(
-        &opts,
-        n * 10,
-        &workload,
-        Some(Tracer::new(&memtrace, &["memleak", "--json", "--duty-cycle", "10"], Check::Within(0.2))),
-        &mut failures,
-    )?;
-    rows.push(duty.row("memtrace memleak --duty-cycle 10 -p PID (estimate)", base));
     // The same workload built the way distributions build (no frame pointers), with
     // libstdc++ mapped too: full stacks need the unwind tables, whose building start-up counts.
     let nofp = build_workload_nofp()?;
     let untraced_nofp = measure(&opts, n, &nofp, None, &mut failures)?;
     let base_nofp = untraced_nofp.median_ns_per_call();
-    rows.push(untraced_nofp.row("untraced, built without frame pointers (+libstdc++)", base_nofp));
-    let auto = measure(
-        &opts,
+    let untraced_nofp_row = untraced_nofp.row("untraced, built without frame pointers (+libstdc++)", base_nofp);
+    // A traced run of `args` on `workload`, measured and added as a row.
+    let mut traced = |iterations: u64, workload: &Path, args: &[&str], check: Check, mode: &str, base: f64| {
+        let samples = measure(&opts, iterations, workload, Some(Tracer::new(&memtrace, args, check)), &mut failures)?;
+        rows.push(samples.row(mode, base));
+        anyhow::Ok(samples)
+    };
+    // The floor as naive tracers place probes (at each function's first instruction, as bcc
+    // does), and the same floor placed like memleak's probes: the second is the fair floor.
+    let naive = traced(
+        n,
+        &workload,
+        &["benchfloor", "--naive"],
+        Check::None,
+        "floor, probes at +0 (empty uprobe + uretprobe insert + free delete)",
+        base,
+    )?;
+    let floor = traced(n, &workload, &["benchfloor"], Check::None, "floor, probes placed as memleak's", base)?;
+    let memleak = traced(n, &workload, &["memleak", "--json"], Check::Exact, "memtrace memleak -p PID", base)?;
+    traced(n, &workload, &["memleak", "--json", "-s", "10"], Check::None, "memtrace memleak -s 10 -p PID", base)?;
+    // Most calls run untraced here, so a longer run spans several recording windows.
+    let duty = traced(
+        n * 10,
+        &workload,
+        &["memleak", "--json", "--duty-cycle", "10"],
+        Check::Within(0.2),
+        "memtrace memleak --duty-cycle 10 -p PID (estimate)",
+        base,
+    )?;
+    let auto = traced(
         n,
         &nofp,
-        Some(Tracer::new(&memtrace, &["memleak", "--json", "--unwind", "auto"], Check::Exact)),
-        &mut failures,
+        &["memleak", "--json", "--unwind", "auto"],
+        Check::Exact,
+        "memleak --unwind auto -p PID, no frame pointers (full stacks)",
+        base_nofp,
     )?;
-    rows.push(auto.row("memleak --unwind auto -p PID, no frame pointers (full stacks)", base_nofp));
-    let fp = measure(
-        &opts,
+    let fp = traced(
         n,
         &nofp,
-        Some(Tracer::new(&memtrace, &["memleak", "--json", "--unwind", "fp"], Check::Exact)),
-        &mut failures,
+        &["memleak", "--json", "--unwind", "fp"],
+        Check::Exact,
+        "memleak --unwind fp -p PID, no frame pointers (cut stacks)",
+        base_nofp,
     )?;
-    rows.push(fp.row("memleak --unwind fp -p PID, no frame pointers (cut stacks)", base_nofp));
+    // The rows in the table's order: the no-frame-pointer baseline above its traced runs.
+    let at = rows.len() - 2;
+    rows.insert(at, untraced_nofp_row);
     let auto_added = auto.median_ns_per_call() - base_nofp;
     let mut bcc_added = None;
     if let Some(bcc) = which("memleak-bpfcc") {
