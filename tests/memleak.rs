@@ -664,7 +664,6 @@ fn memleak_probes_a_replaced_libc_through_map_files() {
 /// with nothing parsed from the human text; and the allocations made right after it counted.
 #[test]
 fn memleak_ready_fd_says_when_probes_are_in() {
-    use std::os::{fd::FromRawFd as _, unix::process::CommandExt as _};
     if !bpf_available("memleak_ready_fd_says_when_probes_are_in") {
         return;
     }
@@ -673,33 +672,14 @@ fn memleak_ready_fd_says_when_probes_are_in() {
     let mut lines = BufReader::new(target.stdout.take().unwrap()).lines();
     assert_eq!(lines.next().unwrap().unwrap(), "ready");
     let pid = target.id();
-    let mut fds = [0; 2];
-    // SAFETY: a pipe for this test; the child gets the write end as its descriptor 3.
-    assert_eq!(unsafe { libc::pipe(fds.as_mut_ptr()) }, 0);
-    let (read_end, write_end) = (fds[0], fds[1]);
     let mut cmd = memtrace();
     cmd.args(["memleak", "--json", "-T", "100", "--ready-fd", "3", "-p", &pid.to_string()]);
-    cmd.stdout(Stdio::piped()).stderr(Stdio::piped());
-    // SAFETY: dup2 and close are async-signal-safe.
-    unsafe {
-        cmd.pre_exec(move || {
-            if libc::dup2(write_end, 3) < 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            // Only descriptor 3 may hold the write end, or the reader never sees end-of-file.
-            libc::close(read_end);
-            if write_end != 3 {
-                libc::close(write_end);
-            }
-            Ok(())
-        });
-    }
-    let child = cmd.spawn().unwrap();
-    // SAFETY: closing the parent's copy of the write end, so EOF comes when memtrace closes its.
-    unsafe { libc::close(write_end) };
-    // SAFETY: the read end belongs to this test from here.
+    let (read_end, write_end) = ready_pipe(&mut cmd);
+    let child = cmd.stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap();
+    // End-of-file must come when memtrace closes its copy.
+    drop(write_end);
     let mut ready = String::new();
-    std::io::Read::read_to_string(&mut unsafe { std::fs::File::from_raw_fd(read_end) }, &mut ready).unwrap();
+    std::io::Read::read_to_string(&mut std::fs::File::from(read_end), &mut ready).unwrap();
     assert_eq!(ready.lines().count(), 1, "{ready:?}");
     let ready: Value = serde_json::from_str(&ready).unwrap_or_else(|e| panic!("{e}: {ready:?}"));
     assert_eq!(ready, serde_json::json!({"ready": true, "tool": "memleak", "pid": pid}));

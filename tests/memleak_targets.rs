@@ -3,9 +3,6 @@
 
 #[path = "common/mod.rs"]
 mod common;
-#[path = "common/live.rs"]
-#[allow(dead_code, reason = "each test file uses a different part of this module")]
-mod live;
 
 use std::{
     io::{BufRead, BufReader, Write},
@@ -53,7 +50,7 @@ fn memleak_live_reports_are_exact_under_churn() {
     let mut lines = BufReader::new(target.stdout.take().unwrap()).lines();
     assert_eq!(lines.next().unwrap().unwrap(), "ready");
     let pid = target.id();
-    let mut mt = live::Live::start(&["memleak", "--json", "-T", "1000", "-p", &pid.to_string(), "1"]);
+    let mut mt = Running::start(&["memleak", "--json", "-T", "1000", "-p", &pid.to_string(), "1"]);
     mt.wait_ready();
     let mut stdin = target.stdin.take().unwrap();
     writeln!(stdin).unwrap();

@@ -4,15 +4,12 @@
 
 #[path = "common/mod.rs"]
 mod common;
-#[path = "common/live.rs"]
-mod live;
 #[path = "common/ns.rs"]
 mod ns;
 
 use std::time::Duration;
 
 use common::*;
-use live::Live;
 use serde_json::json;
 
 const PAGE: u64 = 4096;
@@ -28,7 +25,7 @@ fn mmapsnoop_reports_each_call_exactly() {
     }
     let mut maps = Gated::start("mmapsnoop_maps");
     let pid = maps.pid();
-    let mut mt = Live::start(&["mmapsnoop", "--json", "-p", &pid.to_string()]);
+    let mut mt = Running::start(&["mmapsnoop", "--json", "-p", &pid.to_string()]);
     mt.wait_ready();
     let got = maps.act();
     // The file paths are read from /proc while the program lives: keep it until they are out.
@@ -109,7 +106,7 @@ fn mmapsnoop_failed_only_in_a_table() {
     }
     let mut maps = Gated::start("mmapsnoop_maps");
     let pid = maps.pid();
-    let mut mt = Live::start(&["mmapsnoop", "--failed", "-T", "--comm", "mmapsnoop_maps"]);
+    let mut mt = Running::start(&["mmapsnoop", "--failed", "-T", "--comm", "mmapsnoop_maps"]);
     mt.wait_ready();
     maps.act();
     mt.wait_lines("", 2);
@@ -181,7 +178,7 @@ fn mmapsnoop_pid_filter_inside_a_pid_namespace() {
     let mut maps = ns::Contained::start(&["--pid", "--fork", "--mount-proc"], "", &prog("mmapsnoop_maps"), &[]);
     assert_ne!(maps.inside, maps.global, "unshare --pid gave no new pid namespace");
     let pid = maps.inside;
-    let mut mt = Live::spawn(maps.memtrace_inside(&["mmapsnoop", "--json", "-p", &pid.to_string()]));
+    let mut mt = Running::spawn(maps.memtrace_inside(&["mmapsnoop", "--json", "-p", &pid.to_string()]));
     mt.wait_ready();
     let got = maps.act();
     assert!(got.contains("anon="), "{got}");
@@ -207,7 +204,7 @@ fn mmapsnoop_inside_a_pid_namespace_skips_the_host_and_says_so() {
         return;
     }
     let mut maps = ns::Contained::start(&["--pid", "--fork", "--mount-proc"], "", &prog("mmapsnoop_maps"), &[]);
-    let mut mt = Live::spawn(maps.memtrace_inside(&["mmapsnoop", "--json", "-d", "3"]));
+    let mut mt = Running::spawn(maps.memtrace_inside(&["mmapsnoop", "--json", "-d", "3"]));
     mt.wait_ready();
     for _ in 0..5 {
         // SAFETY: an anonymous mapping unmapped at once.
@@ -254,7 +251,9 @@ fn mmapsnoop_refuses_a_process_in_a_nested_pid_namespace() {
     let nested = ns::Contained::start_as(&flags, "", &argv, &maps);
     let pids = ns::nspids(nested.global);
     assert_eq!(pids.len(), 3, "host, outer and inner namespace expected: {pids:?}");
-    let out = nested.memtrace_inside(&["mmapsnoop", "-p", &pids[1].to_string()]).output().unwrap();
+    let mut cmd = nested.memtrace_inside(&["mmapsnoop", "-p", &pids[1].to_string()]);
+    let _ready = ready_pipe(&mut cmd);
+    let out = cmd.output().unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(1), "{stderr}");
     assert_eq!(stderr.lines().count(), 1, "{stderr}");

@@ -4,13 +4,10 @@
 
 #[path = "common/mod.rs"]
 mod common;
-#[path = "common/live.rs"]
-mod live;
 
 use std::time::Duration;
 
 use common::*;
-use live::Live;
 use serde_json::json;
 
 fn hex(v: &str) -> u64 {
@@ -24,7 +21,7 @@ fn shmsnoop_reports_each_call_exactly() {
     }
     let mut shm = Gated::start("shmsnoop_shm");
     let pid = shm.pid();
-    let mut mt = Live::start(&["shmsnoop", "--json", "-p", &pid.to_string()]);
+    let mut mt = Running::start(&["shmsnoop", "--json", "-p", &pid.to_string()]);
     mt.wait_ready();
     let got = shm.act();
     mt.wait_lines("{", 5);
@@ -82,7 +79,7 @@ fn shmsnoop_failed_only_in_a_table() {
     }
     let mut shm = Gated::start("shmsnoop_shm");
     let pid = shm.pid();
-    let mut mt = Live::start(&["shmsnoop", "--failed", "-T", "--comm", "shmsnoop_shm"]);
+    let mut mt = Running::start(&["shmsnoop", "--failed", "-T", "--comm", "shmsnoop_shm"]);
     mt.wait_ready();
     let got = shm.act();
     mt.wait_lines("", 2);
@@ -154,9 +151,9 @@ fn shmsnoop_exits_when_the_reader_of_stdout_is_gone() {
     }
     let mut shm = Gated::start("shmsnoop_shm");
     let pid = shm.pid().to_string();
-    let mut mt = Running::start(&["shmsnoop", "--json", "-p", &pid]);
+    let (mut mt, stdout) = Running::start_unread(&["shmsnoop", "--json", "-p", &pid]);
     mt.wait_ready();
-    let mut stdout = std::io::BufReader::new(mt.child.stdout.take().unwrap());
+    let mut stdout = std::io::BufReader::new(stdout);
     shm.act();
     let mut first = String::new();
     std::io::BufRead::read_line(&mut stdout, &mut first).unwrap();

@@ -12,6 +12,10 @@ use std::{
 
 use serde_json::Value;
 
+mod running;
+#[allow(unused_imports, reason = "each test file uses a different part")]
+pub use running::{READY_FD, Running, ready_pipe};
+
 pub fn repo() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_path_buf()
 }
@@ -176,83 +180,6 @@ fn read_all<R: Read + Send + 'static>(pipe: Option<R>) -> mpsc::Receiver<Vec<u8>
         });
     }
     rx
-}
-
-/// A memtrace started in the background whose stderr is watched for its ready line.
-pub struct Running {
-    pub child: Child,
-    stderr_lines: mpsc::Receiver<String>,
-    pub stderr: Vec<String>,
-}
-
-impl Running {
-    pub fn start(args: &[&str]) -> Running {
-        let mut cmd = memtrace();
-        cmd.args(args);
-        Running::spawn(cmd)
-    }
-
-    /// Starts `cmd`, a memtrace run some other way (inside a namespace, say).
-    pub fn spawn(mut cmd: Command) -> Running {
-        let mut child = cmd.stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap();
-        let (tx, stderr_lines) = mpsc::channel();
-        let stderr = child.stderr.take().unwrap();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                let _ = tx.send(line);
-            }
-        });
-        Running { child, stderr_lines, stderr: Vec::new() }
-    }
-
-    /// Waits until memtrace says its probes are live.
-    pub fn wait_ready(&mut self) {
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while Instant::now() < deadline {
-            if let Ok(line) = self.stderr_lines.recv_timeout(Duration::from_millis(100)) {
-                let ready = line.contains("Ctrl-C to stop");
-                self.stderr.push(line);
-                if ready {
-                    return;
-                }
-            }
-            if let Some(status) = self.child.try_wait().unwrap() {
-                panic!("memtrace exited before it was ready ({status}): {:?}", self.stderr);
-            }
-        }
-        panic!("memtrace was not ready within 30 s: {:?}", self.stderr);
-    }
-
-    pub fn signal(&self, sig: i32) {
-        // SAFETY: signalling our own child.
-        unsafe { libc::kill(self.child.id() as i32, sig) };
-    }
-
-    /// Waits for exit; returns (exit status, stdout, all of stderr).
-    pub fn finish(mut self, limit: Duration) -> (std::process::ExitStatus, String, String) {
-        let mut stdout = self.child.stdout.take().unwrap();
-        let reader = std::thread::spawn(move || {
-            let mut s = String::new();
-            let _ = stdout.read_to_string(&mut s);
-            s
-        });
-        let deadline = Instant::now() + limit;
-        let status = loop {
-            if let Some(status) = self.child.try_wait().unwrap() {
-                break status;
-            }
-            if Instant::now() > deadline {
-                let _ = self.child.kill();
-                panic!("memtrace did not exit within {limit:?}: {:?}", self.stderr);
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        };
-        let stdout = reader.join().unwrap();
-        self.stderr.extend(self.stderr_lines.try_iter());
-        std::thread::sleep(Duration::from_millis(50));
-        self.stderr.extend(self.stderr_lines.try_iter());
-        (status, stdout, self.stderr.join("\n"))
-    }
 }
 
 /// An address, hint or flags value as memtrace's JSON writes it: a hex string.

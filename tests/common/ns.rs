@@ -94,10 +94,11 @@ impl Contained {
     }
 
     /// A command that runs memtrace with `args` inside the program's pid and mount namespaces.
+    /// `memtrace --ready-fd 3 ARGS...` inside the namespaces, for `Running::spawn`.
     pub fn memtrace_inside(&self, args: &[&str]) -> Command {
         let mut cmd = Command::new("nsenter");
         cmd.args(["-t", &self.keeper.to_string(), "--pid", "--mount", "--"]);
-        cmd.arg(env!("CARGO_BIN_EXE_memtrace")).args(args);
+        cmd.arg(env!("CARGO_BIN_EXE_memtrace")).args(["--ready-fd", "3"]).args(args);
         cmd
     }
 

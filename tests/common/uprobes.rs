@@ -3,17 +3,15 @@
 use std::{
     ffi::CString,
     fs::File,
-    io::{BufRead, BufReader},
     os::{
         fd::{FromRawFd as _, OwnedFd},
         unix::fs::FileExt as _,
     },
-    process::{Command, Stdio},
-    sync::mpsc,
+    process::Command,
     time::{Duration, Instant},
 };
 
-use super::memtrace;
+use super::{Running, memtrace};
 
 /// `pid`'s libc code mapping: (start, end, file offset, path).
 fn libc_code(pid: u32) -> (u64, u64, u64, String) {
@@ -117,57 +115,20 @@ pub struct CtrlC {
 /// Starts `memtrace memleak --json -p PID` with `env`, waits until it is attached and its
 /// breakpoints are in the target's libc, then sends SIGINT and times what follows.
 pub fn ctrl_c_memleak(pid: u32, env: &[(&str, &str)]) -> CtrlC {
-    let mut child = memtrace()
-        .args(["memleak", "--json", "-p", &pid.to_string()])
-        .envs(env.iter().copied())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let (err_tx, err_rx) = mpsc::channel();
-    let stderr = child.stderr.take().unwrap();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-            let _ = err_tx.send(line);
-        }
-    });
-    let (out_tx, out_rx) = mpsc::channel();
-    let stdout = child.stdout.take().unwrap();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-            let _ = out_tx.send((Instant::now(), line));
-        }
-    });
-    let mut err_lines = Vec::new();
-    let ready_by = Instant::now() + Duration::from_secs(30);
-    while !err_lines.iter().any(|l: &String| l.contains("Ctrl-C to stop")) {
-        assert!(Instant::now() < ready_by, "memtrace was not ready within 30 s: {err_lines:?}");
-        assert!(child.try_wait().unwrap().is_none(), "memtrace exited before it was ready: {err_lines:?}");
-        err_lines.extend(err_rx.recv_timeout(Duration::from_millis(50)).ok());
-    }
+    let mut cmd = memtrace();
+    cmd.args(["--ready-fd", "3", "memleak", "--json", "-p", &pid.to_string()]).envs(env.iter().copied());
+    let mut mt = Running::spawn(cmd);
+    mt.wait_ready();
     assert!(breakpoints_in_libc(pid) > 0, "attached, yet no breakpoint in the target's libc");
     let t0 = Instant::now();
-    // SAFETY: signalling our own child.
-    unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
-    let status = loop {
-        if let Some(status) = child.try_wait().unwrap() {
-            break status;
-        }
-        if t0.elapsed() > Duration::from_secs(30) {
-            let _ = child.kill();
-            panic!("memtrace did not exit within 30 s of SIGINT: {err_lines:?}");
-        }
-        std::thread::sleep(Duration::from_millis(1));
-    };
-    let exit_ms = t0.elapsed().as_secs_f64() * 1e3;
-    let out: Vec<(Instant, String)> = std::iter::from_fn(|| out_rx.recv_timeout(Duration::from_secs(2)).ok()).collect();
+    mt.signal(libc::SIGINT);
+    let (status, exited, out, stderr) = mt.finish_timed(Duration::from_secs(30));
     let report_ms = out.first().map_or(f64::INFINITY, |(t, _)| t.duration_since(t0).as_secs_f64() * 1e3);
-    err_lines.extend(std::iter::from_fn(|| err_rx.recv_timeout(Duration::from_millis(200)).ok()));
     CtrlC {
         report_ms,
-        exit_ms,
+        exit_ms: exited.duration_since(t0).as_secs_f64() * 1e3,
         stdout: out.into_iter().map(|(_, l)| l + "\n").collect(),
-        stderr: err_lines.join("\n"),
+        stderr,
         success: status.success(),
     }
 }
