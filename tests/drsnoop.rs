@@ -92,7 +92,7 @@ fn drsnoop_table_with_timestamps_and_name() {
     }
     let group = Memcg::new("drsnoop-table", 32);
     let mut hog = group.spawn(&prog("oomkill_hog"), &["512"]);
-    let mut mt = Running::start(&["drsnoop", "--memcg", "-T", "-n", "kill_ho"]);
+    let mut mt = Running::start(&["drsnoop", "--memcg", "--timestamp", "-n", "kill_ho"]);
     mt.wait_ready();
     hog.go();
     let status = hog.wait(Duration::from_secs(60));

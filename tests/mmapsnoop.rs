@@ -106,7 +106,7 @@ fn mmapsnoop_failed_only_in_a_table() {
     }
     let mut maps = Gated::start("mmapsnoop_maps");
     let pid = maps.pid();
-    let mut mt = Running::start(&["mmapsnoop", "--failed", "-T", "--comm", "mmapsnoop_maps"]);
+    let mut mt = Running::start(&["mmapsnoop", "--failed", "--timestamp", "--comm", "mmapsnoop_maps"]);
     mt.wait_ready();
     maps.act();
     mt.wait_lines("", 2);

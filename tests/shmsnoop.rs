@@ -79,7 +79,7 @@ fn shmsnoop_failed_only_in_a_table() {
     }
     let mut shm = Gated::start("shmsnoop_shm");
     let pid = shm.pid();
-    let mut mt = Running::start(&["shmsnoop", "--failed", "-T", "--comm", "shmsnoop_shm"]);
+    let mut mt = Running::start(&["shmsnoop", "--failed", "--timestamp", "--comm", "shmsnoop_shm"]);
     mt.wait_ready();
     let got = shm.act();
     mt.wait_lines("", 2);

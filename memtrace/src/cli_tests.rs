@@ -6,7 +6,7 @@
 use clap::Parser as _;
 use proptest::prelude::*;
 
-use crate::{Cli, tools::check::MAX_SECONDS};
+use crate::{Cli, tools::args::MAX_SECONDS};
 
 /// How an option takes its value.
 #[derive(Clone, Copy, Debug)]
@@ -81,12 +81,16 @@ const TOOLS: &[(&str, Options, bool)] = &[
         true,
     ),
     ("vmscan", &[], true),
-    ("swapin", &[("-T", Flag), ("--stack", Flag), ("--unwind", Text), ("--unwind-rows", Number)], true),
+    (
+        "swapin",
+        &[("--timestamp", Flag), ("-T", Flag), ("--stack", Flag), ("--unwind", Text), ("--unwind-rows", Number)],
+        true,
+    ),
     ("hfaults", &[], true),
-    ("drsnoop", &[("-t", Number), ("-n", Text), ("-T", Flag), ("--memcg", Flag)], false),
+    ("drsnoop", &[("-t", Number), ("-n", Text), ("--timestamp", Flag), ("-T", Flag), ("--memcg", Flag)], false),
     ("oomkill", &[("--unwind", Text), ("--unwind-rows", Number)], false),
-    ("mmapsnoop", &[("--failed", Flag), ("-T", Flag)], false),
-    ("shmsnoop", &[("--failed", Flag), ("-T", Flag)], false),
+    ("mmapsnoop", &[("--failed", Flag), ("--timestamp", Flag), ("-T", Flag)], false),
+    ("shmsnoop", &[("--failed", Flag), ("--timestamp", Flag), ("-T", Flag)], false),
     ("probe", &[("--json", Flag)], false),
     ("benchfloor", &[("-p", Number), ("--naive", Flag)], false),
 ];
@@ -191,19 +195,50 @@ fn the_longest_interval_fits_a_timer() {
     assert!(start.checked_add(every * 2).is_some());
 }
 
+/// `[interval] [count]` is one option group: every tool that reports per interval refuses the
+/// same values with the same words.
 #[test]
-fn huge_intervals_are_refused_in_every_tool() {
+fn intervals_and_counts_are_checked_the_same_in_every_tool() {
+    let cases = [
+        (
+            ["18446744073709551615", "1"],
+            "the interval must be at least 1 second and at most 31536000 (a year), not 18446744073709551615",
+        ),
+        (["0", "1"], "the interval must be at least 1 second and at most 31536000 (a year), not 0"),
+        (
+            ["18446744073709551616", "1"],
+            "the interval is a number of seconds from 1 to 31536000 (a year), not \"18446744073709551616\"",
+        ),
+        (["x", "1"], "the interval is a number of seconds from 1 to 31536000 (a year), not \"x\""),
+        (["1", "0"], "the count must be at least 1"),
+        (["1", "many"], "the count is a number of reports of at least 1, not \"many\""),
+    ];
     for tool in ["memleak", "brkstack", "faults", "vmscan", "swapin", "hfaults"] {
-        let mut args = vec!["memtrace", tool, "18446744073709551615"];
-        if !matches!(tool, "brkstack" | "faults") {
-            args.push("1");
+        for (positionals, message) in &cases {
+            let cli = Cli::try_parse_from(["memtrace", tool, positionals[0], positionals[1]]).expect("parses");
+            let err = cli.tool.validate().expect_err(tool).to_string();
+            assert_eq!(&err, message, "{tool} {positionals:?}");
         }
-        let cli = Cli::try_parse_from(args).expect("parses");
+    }
+}
+
+/// `-T` means `--top` wherever it is taken; where bcc spells timestamps `-T`, memtrace says so
+/// in one line rather than giving the letter a second meaning.
+#[test]
+fn capital_t_is_top_everywhere_and_timestamps_are_spelled_out() {
+    for tool in ["memleak", "brkstack", "faults"] {
+        let cli = Cli::try_parse_from(["memtrace", tool, "-T", "0"]).expect("parses");
         let err = cli.tool.validate().expect_err(tool).to_string();
-        assert_eq!(
-            err, "the interval must be at least 1 second and at most 31536000 (a year), not 18446744073709551615",
-            "{tool}"
-        );
+        assert_eq!(err, "-T/--top takes a number of rows of at least 1, not \"0\"", "{tool}");
+        let cli = Cli::try_parse_from(["memtrace", tool, "--top", "3"]).expect("parses");
+        cli.tool.validate().unwrap_or_else(|e| panic!("{tool} --top 3: {e}"));
+    }
+    for tool in ["drsnoop", "mmapsnoop", "shmsnoop", "swapin"] {
+        let cli = Cli::try_parse_from(["memtrace", tool, "-T"]).expect("parses");
+        let err = cli.tool.validate().expect_err(tool).to_string();
+        assert_eq!(err, "-T is --top in memtrace (rows per table); for timestamps use --timestamp", "{tool}");
+        let cli = Cli::try_parse_from(["memtrace", tool, "--timestamp"]).expect("parses");
+        cli.tool.validate().unwrap_or_else(|e| panic!("{tool} --timestamp: {e}"));
     }
 }
 

@@ -16,7 +16,9 @@ use crate::{
     output,
     symbolize::Frame,
     tools::{
-        self, CommonArgs, c_str, read_event,
+        self, CommonArgs,
+        args::{Reports, Top},
+        c_str, read_event,
         stacks::{self, StackStore, Stacks},
     },
     unwind::{CutStacks, UnwindArgs, Unwinder},
@@ -32,11 +34,10 @@ const OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/brk
 pub struct Args {
     #[command(flatten)]
     pub common: CommonArgs,
-    /// Seconds between reports (default: one report at the end).
-    pub interval: Option<String>,
-    /// Show the N stacks with the most calls.
-    #[arg(short = 'T', long = "top", default_value = "10", value_name = "N")]
-    pub top: String,
+    #[command(flatten)]
+    pub reports: Reports,
+    #[command(flatten)]
+    pub top: Top,
     /// Print every brk call (time, pid, comm, requested break, result, growth).
     #[arg(long)]
     pub events: bool,
@@ -63,7 +64,7 @@ pub const ATTACH: &[AttachPoint] = &[AttachPoint {
 impl Args {
     /// Everything that can be checked before loading anything (and without root).
     pub fn validate(&self) -> Result<()> {
-        tools::check::stack_report(&self.top, self.interval.as_deref(), self.max_stacks, self.folded.as_deref())?;
+        tools::args::stack_report(&self.top, &self.reports, self.max_stacks, self.folded.as_deref())?;
         self.unwind.validate()?;
         // Kernel threads never call brk.
         self.common.validate_user_target()
@@ -73,8 +74,8 @@ impl Args {
 pub async fn run(args: Args) -> Result<()> {
     kernel::require_root()?;
     let mut signals = tools::Signals::catch()?;
-    let top = tools::check::parse_top(&args.top)?;
-    let tick = tools::check::parse_interval(args.interval.as_deref())?;
+    let top = args.top.get();
+    let tick = args.reports.every();
     let filter = args.common.filter()?;
     let offsets = Offsets {
         enter_brk: Format::read("syscalls", "sys_enter_brk")?.offset("brk")?,
@@ -111,7 +112,8 @@ pub async fn run(args: Args) -> Result<()> {
         None => "tracing brk calls".to_string(),
     };
     let mut state = State { args: &args, top, totals, stats, stacks, lost: None, headed: false };
-    tools::stream(&mut bpf, "brkstack", &args.common, &mut signals, tick, None, &ready, &mut state).await?;
+    tools::stream(&mut bpf, "brkstack", &args.common, &mut signals, tick, args.reports.count(), &ready, &mut state)
+        .await?;
     Ok(())
 }
 

@@ -8,7 +8,7 @@ use serde::Serialize;
 use crate::{
     kernel::{self, AttachPoint, Probe, tracefs::Format},
     output,
-    tools::{self, CommonArgs, c_str, monotonic_ns},
+    tools::{self, CommonArgs, args::Timestamp, c_str, monotonic_ns},
 };
 
 const OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/drsnoop"));
@@ -49,9 +49,8 @@ pub struct Args {
     /// the whole name).
     #[arg(short = 'n', long = "name", value_name = "NAME", conflicts_with = "comm")]
     pub name: Option<String>,
-    /// Add a TIME(s) column: seconds since tracing started.
-    #[arg(short = 'T', long = "timestamp")]
-    pub timestamp: bool,
+    #[command(flatten)]
+    pub timestamp: Timestamp,
     /// Also trace memory-cgroup reclaim (a group at its limit), in the KIND column as "memcg".
     #[arg(long)]
     pub memcg: bool,
@@ -63,6 +62,7 @@ impl Args {
     /// Everything that can be checked before loading anything (and without root).
     pub fn validate(&self) -> Result<()> {
         self.common.validate()?;
+        self.timestamp.validate()?;
         if let Some(name) = &self.name {
             set_name(&mut Config::default(), name)?;
         }
@@ -96,8 +96,13 @@ pub async fn run(args: Args) -> Result<()> {
     if args.memcg {
         kernel::attach_preferred(&mut bpf, "drsnoop", MEMCG)?;
     }
-    let mut state =
-        State { json: args.common.json, timestamp: args.timestamp, start_ns: monotonic_ns(), header: false, seen: 0 };
+    let mut state = State {
+        json: args.common.json,
+        timestamp: args.timestamp.timestamp,
+        start_ns: monotonic_ns(),
+        header: false,
+        seen: 0,
+    };
     let ready = if args.memcg { "tracing direct and memcg reclaim" } else { "tracing direct reclaim" };
     tools::stream(&mut bpf, "drsnoop", &args.common, &mut signals, None, None, ready, &mut state).await?;
     Ok(())

@@ -16,7 +16,9 @@ use crate::{
     output,
     symbolize::Frame,
     tools::{
-        self, CommonArgs, c_str, read_event,
+        self, CommonArgs,
+        args::{Reports, Top},
+        c_str, read_event,
         stacks::{self, StackStore, Stacks},
     },
     unwind::{CutStacks, UnwindArgs, Unwinder},
@@ -31,11 +33,10 @@ const OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/fau
 pub struct Args {
     #[command(flatten)]
     pub common: CommonArgs,
-    /// Seconds between reports (default: one report at the end).
-    pub interval: Option<String>,
-    /// Show the N processes and the N stacks with the most faults.
-    #[arg(short = 'T', long = "top", default_value = "10", value_name = "N")]
-    pub top: String,
+    #[command(flatten)]
+    pub reports: Reports,
+    #[command(flatten)]
+    pub top: Top,
     /// Print every fault (address, ip, decoded error code).
     #[arg(long)]
     pub events: bool,
@@ -67,7 +68,7 @@ pub const ATTACH: &[AttachPoint] = &[USER];
 impl Args {
     /// Everything that can be checked before loading anything (and without root).
     pub fn validate(&self) -> Result<()> {
-        tools::check::stack_report(&self.top, self.interval.as_deref(), self.max_stacks, self.folded.as_deref())?;
+        tools::args::stack_report(&self.top, &self.reports, self.max_stacks, self.folded.as_deref())?;
         self.unwind.validate()?;
         // A kernel thread takes no user faults; with --kernel its kernel-mode faults count.
         if self.kernel { self.common.validate() } else { self.common.validate_user_target() }
@@ -77,8 +78,8 @@ impl Args {
 pub async fn run(args: Args) -> Result<()> {
     kernel::require_root()?;
     let mut signals = tools::Signals::catch()?;
-    let top = tools::check::parse_top(&args.top)?;
-    let tick = tools::check::parse_interval(args.interval.as_deref())?;
+    let top = args.top.get();
+    let tick = args.reports.every();
     let filter = args.common.filter()?;
     let format = Format::read("exceptions", "page_fault_user")?;
     let offsets = Offsets {
@@ -118,7 +119,8 @@ pub async fn run(args: Args) -> Result<()> {
     };
     let ready = format!("tracing page faults{whose} ({})", how.join(", "));
     let mut state = State { args: &args, top, counts, procs, stats, stacks, lost: None, headed: false };
-    tools::stream(&mut bpf, "faults", &args.common, &mut signals, tick, None, &ready, &mut state).await?;
+    tools::stream(&mut bpf, "faults", &args.common, &mut signals, tick, args.reports.count(), &ready, &mut state)
+        .await?;
     Ok(())
 }
 

@@ -18,7 +18,7 @@ use serde::Serialize;
 use crate::{
     kernel::{self, AttachPoint, Probe, btf, tracefs::Format},
     output,
-    tools::{self, CommonArgs, c_str, read_event},
+    tools::{self, CommonArgs, args::Reports, c_str, read_event},
 };
 
 const OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/hfaults"));
@@ -53,10 +53,8 @@ pub const ATTACH: &[AttachPoint] = &[
                         found by rescanning /proc/PID/smaps every second, so their faults in the first second can \
                         be missed.")]
 pub struct Args {
-    /// Seconds between reports (default: one report at the end).
-    pub interval: Option<u64>,
-    /// Number of reports, then exit.
-    pub count: Option<u64>,
+    #[command(flatten)]
+    pub reports: Reports,
     #[command(flatten)]
     pub common: CommonArgs,
 }
@@ -64,10 +62,7 @@ pub struct Args {
 impl Args {
     /// Everything that can be checked before loading anything (and without root).
     pub fn validate(&self) -> Result<()> {
-        if let Some(secs) = self.interval {
-            tools::check::interval(secs)?;
-        }
-        tools::check::count(self.count)?;
+        self.reports.validate()?;
         self.common.validate()
     }
 }
@@ -102,7 +97,7 @@ pub async fn run(args: Args) -> Result<()> {
     };
     state.rescan()?;
     // The tick rescans mappings (fallback) every second; reports come every `interval` ticks.
-    let max_ticks = args.count.zip(args.interval).map(|(c, i)| c * i);
+    let max_ticks = args.reports.count().zip(args.reports.every()).map(|(c, i)| c * i.as_secs());
     let ready = format!("tracing hugetlb page faults ({how})");
     tools::stream(
         &mut bpf,
@@ -376,14 +371,14 @@ impl tools::Stream for State<'_> {
     fn tick(&mut self) -> Result<()> {
         self.ticks += 1;
         self.rescan()?;
-        if self.args.interval.is_some_and(|i| self.ticks.is_multiple_of(i)) {
+        if self.args.reports.every().is_some_and(|i| self.ticks.is_multiple_of(i.as_secs())) {
             self.report()?;
         }
         Ok(())
     }
 
     fn finish(&mut self, lost: u64) -> Result<()> {
-        if self.args.interval.is_none() || !self.procs.is_empty() {
+        if self.args.reports.every().is_none() || !self.procs.is_empty() {
             self.report()?;
         }
         let untracked = self.untracked();

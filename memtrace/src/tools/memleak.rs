@@ -14,6 +14,7 @@ use memtrace_common::memleak::{Config, EV_EXEC, EV_FORK, Event};
 use crate::{
     kernel,
     target::{self, Allocator},
+    tools::args::{Reports, Top},
     tracee::{Command, CommandEvent},
     unwind::{UnwindArgs, UnwindMode, Unwinder},
 };
@@ -39,13 +40,10 @@ pub struct Args {
     /// instruction, through every exec, with every process it forks.
     #[arg(short = 'c', long = "command", value_name = "CMD")]
     pub command: Option<String>,
-    /// Seconds between reports (default 5).
-    pub interval: Option<u64>,
-    /// Number of reports, then exit (default: until Ctrl-C or the target exits).
-    pub count: Option<u64>,
-    /// Show the N stacks with the most outstanding bytes.
-    #[arg(short = 'T', long = "top", default_value_t = 10, value_name = "N")]
-    pub top: usize,
+    #[command(flatten)]
+    pub reports: Reports,
+    #[command(flatten)]
+    pub top: Top,
     /// Only count allocations older than this many milliseconds (ignored in the final report
     /// after the target exits: everything left then was never freed).
     #[arg(short, long, default_value_t = 500, value_name = "MS")]
@@ -105,7 +103,7 @@ pub struct Args {
 impl Args {
     /// Everything that can be checked before loading anything (and without root).
     pub fn validate(&self) -> Result<()> {
-        use crate::tools::check::{self, MAP_ENTRIES, MAX_SECONDS, in_range};
+        use crate::tools::args::{MAP_ENTRIES, MAX_SECONDS, in_range};
         if let Some(pid) = self.pid {
             target::check_pid(pid)?;
             target::check_user_pid(pid)?;
@@ -117,13 +115,8 @@ impl Args {
         if let Some(obj) = &self.obj {
             target::check_elf(obj)?;
         }
-        if let Some(secs) = self.interval {
-            check::interval(secs)?;
-        }
-        check::count(self.count)?;
-        if self.top == 0 {
-            bail!("-T/--top takes a number of rows of at least 1, not 0");
-        }
+        self.reports.validate()?;
+        self.top.validate()?;
         in_range("-o/--older", self.older, 0..=MAX_SECONDS * 1000)?;
         if let (Some(min), Some(max)) = (self.min_size, self.max_size)
             && min > max
@@ -279,7 +272,7 @@ pub async fn run(args: Args) -> Result<()> {
     }
     let mut ring = crate::tools::async_readable(ring)?;
 
-    let every = Duration::from_secs(args.interval.unwrap_or(5));
+    let every = args.reports.every_or(5);
     let mut ticker = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
     let deadline = tokio::time::sleep(args.duration.map_or(Duration::from_secs(u64::MAX / 4), Duration::from_secs));
     tokio::pin!(deadline);
@@ -303,7 +296,7 @@ pub async fn run(args: Args) -> Result<()> {
             }
             _ = ticker.tick() => {
                 reports += 1;
-                let last = args.count.is_some_and(|c| reports >= c);
+                let last = args.reports.count().is_some_and(|c| reports >= c);
                 session.report(&procs, last, false)?;
                 if last {
                     return Ok(());

@@ -14,7 +14,7 @@ use crate::{
         decode::{errno_name, errno_of, flag_names},
         hex::hex,
     },
-    tools::{self, CommonArgs},
+    tools::{self, CommonArgs, args::Timestamp},
 };
 
 const OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/mmapsnoop"));
@@ -27,9 +27,8 @@ pub struct Args {
     /// Only calls that failed.
     #[arg(long)]
     pub failed: bool,
-    /// Add a TIME(s) column: seconds since the trace started, from the kernel's clock.
-    #[arg(short = 'T', long)]
-    pub timestamp: bool,
+    #[command(flatten)]
+    pub timestamp: Timestamp,
 }
 
 /// How mmapsnoop attaches, in order of preference (also listed by `memtrace probe`).
@@ -48,6 +47,7 @@ pub const ATTACH: &[AttachPoint] = &[AttachPoint {
 impl Args {
     /// Everything that can be checked before loading anything (and without root).
     pub fn validate(&self) -> Result<()> {
+        self.timestamp.validate()?;
         self.common.validate()
     }
 }
@@ -64,8 +64,12 @@ pub async fn run(args: Args) -> Result<()> {
         loader.override_global("CONFIG", &config, true);
     })?;
     kernel::attach_preferred(&mut bpf, "mmapsnoop", ATTACH)?;
-    let mut snoop =
-        Snoop { json: args.common.json, timestamp: args.timestamp, start_ns: tools::monotonic_ns(), events: 0 };
+    let mut snoop = Snoop {
+        json: args.common.json,
+        timestamp: args.timestamp.timestamp,
+        start_ns: tools::monotonic_ns(),
+        events: 0,
+    };
     if !snoop.json {
         output::line(&snoop.header())?;
     }

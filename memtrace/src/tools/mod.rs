@@ -2,10 +2,10 @@
 //! memtrace-common under the same name. What tracers share lives here: common options,
 //! signals, and the loop that streams ring-buffer events until the run ends.
 
+pub mod args;
 #[cfg(feature = "bench")]
 pub mod benchfloor;
 pub mod brkstack;
-pub mod check;
 pub mod drsnoop;
 pub mod faults;
 pub mod hfaults;
@@ -20,51 +20,15 @@ pub mod vmscan;
 
 use std::time::Duration;
 
-use anyhow::{Result, bail};
+use anyhow::Result;
 use aya::{
     Ebpf,
     maps::{MapData, PerCpuArray, RingBuf},
 };
-use memtrace_common::Filter;
 use tokio::signal::unix::{Signal, SignalKind, signal};
 
+pub use self::args::CommonArgs;
 use crate::target;
-
-/// Options every tracer takes, the same way.
-#[derive(clap::Args, Debug, Clone, Default)]
-pub struct CommonArgs {
-    /// Only this process (and the run ends when it exits).
-    #[arg(short, long)]
-    pub pid: Option<u32>,
-    /// Only tasks with this command name (as in /proc/PID/comm, at most 15 characters).
-    #[arg(long, value_name = "NAME")]
-    pub comm: Option<String>,
-    /// Stop after this many seconds.
-    #[arg(short, long, value_name = "SECONDS")]
-    pub duration: Option<u64>,
-    /// One JSON object per line on stdout.
-    #[arg(long)]
-    pub json: bool,
-}
-
-impl CommonArgs {
-    /// The eBPF-side filter; checks the PID and the name first.
-    pub fn filter(&self) -> Result<Filter> {
-        let mut filter = Filter::default();
-        if let Some(pid) = self.pid {
-            target::check_pid(pid)?;
-            filter.pid = pid;
-        }
-        if let Some(comm) = &self.comm {
-            if comm.is_empty() || comm.len() > 15 {
-                bail!("--comm takes 1 to 15 bytes (the kernel keeps 15 of a task's name): {comm:?}");
-            }
-            filter.has_comm = 1;
-            filter.comm[..comm.len()].copy_from_slice(comm.as_bytes());
-        }
-        Ok(filter)
-    }
-}
 
 /// SIGINT and SIGTERM, caught from the start of a run so that any later one ends it cleanly.
 pub struct Signals {

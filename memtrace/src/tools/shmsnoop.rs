@@ -12,7 +12,7 @@ use crate::{
         decode::{errno_name, errno_of, flag_names},
         hex::hex,
     },
-    tools::{self, CommonArgs},
+    tools::{self, CommonArgs, args::Timestamp},
 };
 
 const OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/shmsnoop"));
@@ -25,9 +25,8 @@ pub struct Args {
     /// Only calls that failed.
     #[arg(long)]
     pub failed: bool,
-    /// Add a TIME(s) column: seconds since the trace started, from the kernel's clock.
-    #[arg(short = 'T', long)]
-    pub timestamp: bool,
+    #[command(flatten)]
+    pub timestamp: Timestamp,
 }
 
 const fn tp(prog: &'static str, names: &'static [&'static str]) -> Probe {
@@ -52,6 +51,7 @@ pub const ATTACH: &[AttachPoint] = &[AttachPoint {
 impl Args {
     /// Everything that can be checked before loading anything (and without root).
     pub fn validate(&self) -> Result<()> {
+        self.timestamp.validate()?;
         self.common.validate()
     }
 }
@@ -68,8 +68,12 @@ pub async fn run(args: Args) -> Result<()> {
         loader.override_global("CONFIG", &config, true);
     })?;
     kernel::attach_preferred(&mut bpf, "shmsnoop", ATTACH)?;
-    let mut snoop =
-        Snoop { json: args.common.json, timestamp: args.timestamp, start_ns: tools::monotonic_ns(), events: 0 };
+    let mut snoop = Snoop {
+        json: args.common.json,
+        timestamp: args.timestamp.timestamp,
+        start_ns: tools::monotonic_ns(),
+        events: 0,
+    };
     if !snoop.json {
         let secs = if snoop.timestamp { format!("{:<12} ", "TIME(s)") } else { String::new() };
         output::line(&format!("{:<8} {secs}{:<7} {:<16} {:<7} {:>14} ARGS", "TIME", "PID", "COMM", "SYSCALL", "RET"))?;

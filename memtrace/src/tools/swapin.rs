@@ -2,8 +2,6 @@
 //! A kprobe on the function that reads from swap; the counts live in the kernel and are read
 //! and cleared each interval.
 
-use std::time::Duration;
-
 use anyhow::{Context as _, Result, bail};
 use aya::maps::{HashMap, MapData, PerCpuArray};
 use memtrace_common::swapin::{Config, NewStack, STAT_COUNTS_FULL, STAT_STACK_LOST, SwapKey};
@@ -14,7 +12,9 @@ use crate::{
     output,
     symbolize::Frame,
     tools::{
-        self, CommonArgs, c_str, read_event,
+        self, CommonArgs,
+        args::{Reports, Timestamp},
+        c_str, read_event,
         stacks::{StackStore, Stacks},
     },
     unwind::{UnwindArgs, Unwinder},
@@ -32,14 +32,10 @@ pub const ATTACH: &[AttachPoint] = &[AttachPoint {
 /// Count swap-ins per process (and per user stack with --stack).
 #[derive(clap::Args, Debug)]
 pub struct Args {
-    /// Seconds between reports.
-    #[arg(default_value_t = 1)]
-    pub interval: u64,
-    /// Number of reports, then exit (default: until Ctrl-C, --duration or the -p process exits).
-    pub count: Option<u64>,
-    /// Print a timestamp line before each report.
-    #[arg(short = 'T', long)]
-    pub timestamp: bool,
+    #[command(flatten)]
+    pub reports: Reports,
+    #[command(flatten)]
+    pub timestamp: Timestamp,
     /// Also count per user stack of the task that swapped in.
     #[arg(long)]
     pub stack: bool,
@@ -52,8 +48,8 @@ pub struct Args {
 impl Args {
     /// Everything that can be checked before loading anything (and without root).
     pub fn validate(&self) -> Result<()> {
-        tools::check::interval(self.interval)?;
-        tools::check::count(self.count)?;
+        self.reports.validate()?;
+        self.timestamp.validate()?;
         self.unwind.validate()?;
         // A kernel thread has no user stack to show.
         if self.stack { self.common.validate_user_target() } else { self.common.validate() }
@@ -84,8 +80,9 @@ pub async fn run(args: Args) -> Result<()> {
     }
     let mut state = State { args: &args, counts, stats, stacks, total: 0, seen: Default::default() };
     let ready = format!("counting swap-ins ({how})");
-    let tick = Some(Duration::from_secs(args.interval));
-    tools::stream(&mut bpf, "swapin", &args.common, &mut signals, tick, args.count, &ready, &mut state).await?;
+    let tick = Some(args.reports.every_or(1));
+    tools::stream(&mut bpf, "swapin", &args.common, &mut signals, tick, args.reports.count(), &ready, &mut state)
+        .await?;
     Ok(())
 }
 
@@ -137,7 +134,7 @@ impl State<'_> {
             let value = serde_json::json!({ "time": output::now_ms(), "swapins": rows });
             return output::json_line(&value);
         }
-        if self.args.timestamp {
+        if self.args.timestamp.timestamp {
             output::line(&output::hms())?;
         }
         output::line(&format!("{:<16} {:>7} {:>8}", "COMM", "PID", "COUNT"))?;

@@ -1,8 +1,6 @@
 //! vmscan: reclaim activity per interval (time in slab shrinking, direct and memcg reclaim,
 //! kswapd wake-ups, pages written by reclaim), then latency histograms at exit.
 
-use std::time::Duration;
-
 use anyhow::{Context as _, Result, bail};
 use aya::maps::{MapData, PerCpuArray};
 use memtrace_common::vmscan::{
@@ -14,7 +12,7 @@ use serde::Serialize;
 use crate::{
     kernel::{self, tracefs::Format},
     output::{self, histogram},
-    tools::{self, CommonArgs},
+    tools::{self, CommonArgs, args::Reports},
 };
 
 const OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/vmscan"));
@@ -35,11 +33,8 @@ pub const TRACEPOINTS: &[(&str, &[&str])] = &[
 #[derive(clap::Args, Debug)]
 #[command(after_help = "Times are summed over CPUs; a reclaim is counted in the interval where it ends.")]
 pub struct Args {
-    /// Seconds between rows.
-    #[arg(default_value_t = 1)]
-    pub interval: u64,
-    /// Number of rows, then exit (default: until Ctrl-C, --duration or the -p process exits).
-    pub count: Option<u64>,
+    #[command(flatten)]
+    pub reports: Reports,
     #[command(flatten)]
     pub common: CommonArgs,
 }
@@ -47,8 +42,7 @@ pub struct Args {
 impl Args {
     /// Everything that can be checked before loading anything (and without root).
     pub fn validate(&self) -> Result<()> {
-        tools::check::interval(self.interval)?;
-        tools::check::count(self.count)?;
+        self.reports.validate()?;
         self.common.validate()
     }
 }
@@ -78,17 +72,18 @@ pub async fn run(args: Args) -> Result<()> {
         bail!("this kernel has none of the vmscan tracepoints (CONFIG_TRACEPOINTS off?)");
     }
     let mut take = |name: &str| bpf.take_map(name).with_context(|| format!("internal: no map {name}"));
+    let every = args.reports.every_or(1);
     let mut state = State {
         json: args.common.json,
-        interval: args.interval,
+        interval: every.as_secs(),
         stats: PerCpuArray::try_from(take("STATS")?)?,
         hist: PerCpuArray::try_from(take("HIST")?)?,
         last: [0; STAT_COUNT as usize],
         rows: 0,
     };
-    let ready = format!("tracing reclaim ({} tracepoints), one row every {} s", attached.len(), args.interval);
-    let tick = Some(Duration::from_secs(args.interval));
-    tools::stream(&mut bpf, "vmscan", &args.common, &mut signals, tick, args.count, &ready, &mut state).await?;
+    let ready = format!("tracing reclaim ({} tracepoints), one row every {} s", attached.len(), every.as_secs());
+    let count = args.reports.count();
+    tools::stream(&mut bpf, "vmscan", &args.common, &mut signals, Some(every), count, &ready, &mut state).await?;
     Ok(())
 }
 

@@ -68,7 +68,7 @@ impl UnwindArgs {
     }
 
     pub fn validate(&self) -> Result<()> {
-        crate::tools::check::in_range("--unwind-rows", self.unwind_rows.into(), 1024..=1 << BINARY_STEPS)
+        crate::tools::args::in_range("--unwind-rows", self.unwind_rows.into(), 1024..=1 << BINARY_STEPS)
     }
 
     /// Sets the unwinder's globals and map sizes on a loader, before the object is loaded.

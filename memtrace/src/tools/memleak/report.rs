@@ -340,7 +340,7 @@ impl<'a> Session<'a> {
         let mut stacks = Vec::new();
         for row in rows.iter() {
             let (trend, rate) = self.trends.observe(row.key, row.bytes, now);
-            if stacks.len() < self.args.top {
+            if stacks.len() < self.args.top.get() {
                 stacks.push(StackReport {
                     pid: row.key.pid,
                     stack_id: stacks::id_json(row.key.stack_id),
