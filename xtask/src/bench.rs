@@ -193,22 +193,22 @@ enum Check {
 struct Tracer {
     argv: Vec<String>,
     check: Check,
-    /// The ready line on stderr (memtrace) or stdout (bcc).
-    ready: &'static str,
+    /// bcc's ready line on stdout; None for memtrace, which says so on `--ready-fd`.
+    ready: Option<&'static str>,
 }
 
 impl Tracer {
     fn new(memtrace: &Path, args: &[&str], check: Check) -> Tracer {
         let mut argv = vec![memtrace.display().to_string()];
         argv.extend(args.iter().map(|a| a.to_string()));
-        Tracer { argv, check, ready: "Ctrl-C to stop" }
+        Tracer { argv, check, ready: None }
     }
 
     /// bcc's memleak prints "Attaching to pid" before its probes are attached, so its first
     /// report (after a 1 s interval, `-o 0` so nothing is hidden by age) is the ready signal.
     fn bcc(path: &Path) -> Tracer {
         let argv = [path.display().to_string(), "-o".into(), "0".into(), "1".into()].to_vec();
-        Tracer { argv, check: Check::Exact, ready: "Top 10 stacks with outstanding allocations" }
+        Tracer { argv, check: Check::Exact, ready: Some("Top 10 stacks with outstanding allocations") }
     }
 }
 
@@ -341,27 +341,34 @@ type Started = (Child, Duration, mpsc::Receiver<String>);
 fn start_tracer(t: &Tracer, pid: u32) -> Result<Started> {
     let log_mark = kernel_log_clock();
     let t0 = Instant::now();
-    let mut child = Command::new(&t.argv[0])
-        .args(&t.argv[1..])
+    let mut cmd = Command::new(&t.argv[0]);
+    cmd.args(&t.argv[1..])
         .args(["-p", &pid.to_string()])
         // bcc is Python: without this its report lines sit in a buffer.
         .env("PYTHONUNBUFFERED", "1")
         .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .with_context(|| format!("cannot start {}", t.argv[0]))?;
+        .stderr(Stdio::piped());
     let (ready_tx, ready_rx) = mpsc::channel();
-    // bcc prints its ready line on stdout, memtrace on stderr: watch both, keep stdout.
+    let mut child = match t.ready {
+        Some(_) => cmd.spawn().with_context(|| format!("cannot start {}", t.argv[0]))?,
+        None => {
+            let (child, said) = crate::ready::spawn(&mut cmd).with_context(|| format!("cannot start {}", t.argv[0]))?;
+            let tx = ready_tx.clone();
+            std::thread::spawn(move || {
+                if said.recv().is_ok() {
+                    let _ = tx.send(());
+                }
+            });
+            child
+        }
+    };
+    // bcc prints its ready line on stdout; stderr keeps the last words of either.
     let stderr = child.stderr.take().context("stderr")?;
-    let tx = ready_tx.clone();
     let ready = t.ready;
     let last_err = std::sync::Arc::new(std::sync::Mutex::new(String::new()));
     let last = last_err.clone();
     std::thread::spawn(move || {
         for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-            if line.contains(ready) {
-                let _ = tx.send(());
-            }
             if !line.trim().is_empty() {
                 *last.lock().unwrap_or_else(|p| p.into_inner()) = line;
             }
@@ -372,7 +379,7 @@ fn start_tracer(t: &Tracer, pid: u32) -> Result<Started> {
     std::thread::spawn(move || {
         let mut all = String::new();
         for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-            if line.contains(ready) {
+            if ready.is_some_and(|r| line.contains(r)) {
                 let _ = ready_tx.send(());
             }
             all.push_str(&line);
@@ -485,18 +492,14 @@ fn exit_latency(opts: &Opts, workload: &Path, memtrace: &Path, multi: bool) -> R
         let mut w = Command::new(workload).stdin(Stdio::piped()).stdout(Stdio::piped()).spawn()?;
         let mut lines = BufReader::new(w.stdout.take().context("stdout")?).lines();
         expect_line(&mut lines, "ready")?;
-        let mut child = Command::new(memtrace)
-            .args(["memleak", "--json", "-p", &w.id().to_string()])
-            .env("MEMTRACE_UPROBE_MULTI", if multi { "1" } else { "0" })
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()?;
-        let mut stderr = BufReader::new(child.stderr.take().context("stderr")?);
-        let mut line = String::new();
-        while stderr.read_line(&mut line)? > 0 && !line.contains("Ctrl-C to stop") {
-            line.clear();
-        }
-        std::thread::spawn(move || std::io::copy(&mut stderr, &mut std::io::sink()));
+        let (mut child, ready) = crate::ready::spawn(
+            Command::new(memtrace)
+                .args(["memleak", "--json", "-p", &w.id().to_string()])
+                .env("MEMTRACE_UPROBE_MULTI", if multi { "1" } else { "0" })
+                .stdout(Stdio::piped())
+                .stderr(Stdio::null()),
+        )?;
+        crate::ready::wait(&ready, &mut child)?;
         // The only report is the final one (the first interval is 5 s away).
         let (tx, rx) = mpsc::channel();
         let mut stdout = BufReader::new(child.stdout.take().context("stdout")?);
@@ -526,16 +529,13 @@ fn exit_latency(opts: &Opts, workload: &Path, memtrace: &Path, multi: bool) -> R
 /// mmapsnoop following this process while it maps and unmaps at a steady SNOOP_RATE calls/s
 /// for 2 s: events delivered per second and events lost.
 fn snoop_events(memtrace: &Path) -> Result<Value> {
-    let mut child = Command::new(memtrace)
-        .args(["mmapsnoop", "--json", "-d", "3", "-p", &std::process::id().to_string()])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()?;
-    let mut stderr = BufReader::new(child.stderr.take().context("stderr")?);
-    let mut line = String::new();
-    while stderr.read_line(&mut line)? > 0 && !line.contains("Ctrl-C to stop") {
-        line.clear();
-    }
+    let (mut child, ready) = crate::ready::spawn(
+        Command::new(memtrace)
+            .args(["mmapsnoop", "--json", "-d", "3", "-p", &std::process::id().to_string()])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null()),
+    )?;
+    crate::ready::wait(&ready, &mut child)?;
     // Drain its output while the load runs: a full pipe would stall it and lose events.
     let mut out = child.stdout.take().context("stdout")?;
     let reader = std::thread::spawn(move || {
@@ -580,16 +580,13 @@ fn snoop_events(memtrace: &Path) -> Result<Value> {
 /// Kernel-mode memleak under a generated load (pipes: kmalloc and free in the kernel):
 /// allocations tracked per second and anything lost.
 fn kernel_events(memtrace: &Path) -> Result<Value> {
-    let mut child = Command::new(memtrace)
-        .args(["memleak", "--json", "-o", "0", "2", "1"])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()?;
-    let mut stderr = BufReader::new(child.stderr.take().context("stderr")?);
-    let mut line = String::new();
-    while stderr.read_line(&mut line)? > 0 && !line.contains("Ctrl-C to stop") {
-        line.clear();
-    }
+    let (mut child, ready) = crate::ready::spawn(
+        Command::new(memtrace)
+            .args(["memleak", "--json", "-o", "0", "2", "1"])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null()),
+    )?;
+    crate::ready::wait(&ready, &mut child)?;
     let t0 = Instant::now();
     let mut pipes = 0u64;
     while t0.elapsed() < Duration::from_millis(1800) {
@@ -731,7 +728,7 @@ mod tests {
         let script = "echo 'cannot attach uprobe, Invalid argument' >&2; \
                       echo 'Exception: Failed to attach BPF to uprobe' >&2; exit 1";
         let peer =
-            Tracer { argv: vec!["sh".into(), "-c".into(), script.into()], check: Check::None, ready: "Top 10 stacks" };
+            Tracer { argv: vec!["sh".into(), "-c".into(), script.into()], check: Check::None, ready: Some("Top 10 stacks") };
         let t0 = Instant::now();
         let Err(err) = start_tracer(&peer, std::process::id()) else { panic!("the peer cannot be ready") };
         assert!(t0.elapsed() < Duration::from_secs(5), "took {:?}", t0.elapsed());

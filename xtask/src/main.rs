@@ -2,6 +2,7 @@
 
 mod bench;
 mod cmd;
+mod ready;
 mod setup;
 mod tasks;
 mod vm;

@@ -47,14 +47,15 @@ why() {
 	echo "${w:-no output} (exit $RC)"
 }
 
-# start NAME ARGS...: memtrace ARGS in the background; waits (60 s at most) for its ready line.
+# start NAME ARGS...: memtrace ARGS in the background; waits (60 s at most) until it says on
+# --ready-fd that its probes are in.
 start() {
 	NAME=$1
 	shift
-	$M -v "$@" > /tmp/$NAME.out 2> /tmp/$NAME.err &
+	$M -v --ready-fd 3 "$@" > /tmp/$NAME.out 2> /tmp/$NAME.err 3> /tmp/$NAME.ready &
 	TOOL=$!
 	i=0
-	while ! grep -q "Ctrl-C to stop" /tmp/$NAME.err 2> /dev/null; do
+	while ! grep -q '"ready":true' /tmp/$NAME.ready 2> /dev/null; do
 		kill -0 $TOOL 2> /dev/null || return 1
 		i=$((i + 1))
 		[ $i -lt 600 ] || return 1
