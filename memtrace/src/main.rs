@@ -23,7 +23,7 @@ compile_error!(
 
 use std::process::ExitCode;
 
-use clap::{Parser, Subcommand};
+use clap::Parser;
 
 #[derive(Parser, Debug)]
 #[command(
@@ -40,59 +40,7 @@ struct Cli {
     #[arg(long, global = true, value_name = "FD")]
     ready_fd: Option<i32>,
     #[command(subcommand)]
-    tool: Tool,
-}
-
-#[derive(Subcommand, Debug)]
-enum Tool {
-    /// Memory allocated and not freed, per stack (user process or kernel).
-    Memleak(tools::memleak::Args),
-    /// OOM kills: victim, trigger, memory, cgroup.
-    Oomkill(tools::oomkill::Args),
-    /// Every mmap, munmap and mremap, decoded.
-    Mmapsnoop(tools::mmapsnoop::Args),
-    /// Heap growth (brk) per user stack.
-    Brkstack(tools::brkstack::Args),
-    /// System V shared memory calls, decoded.
-    Shmsnoop(tools::shmsnoop::Args),
-    /// Page faults per stack and process, or each fault.
-    Faults(tools::faults::Args),
-    /// Reclaim activity per interval, with latency histograms.
-    Vmscan(tools::vmscan::Args),
-    /// Each direct reclaim: who stalled and for how long.
-    Drsnoop(tools::drsnoop::Args),
-    /// Swap-ins per process per interval.
-    Swapin(tools::swapin::Args),
-    /// Hugetlb page faults per process and file.
-    Hfaults(tools::hfaults::Args),
-    /// What this kernel supports, and how each tool would attach.
-    Probe(tools::probe::Args),
-    /// The floor tracer of `cargo xtask bench` (not a tool; built with `--features bench`).
-    #[cfg(feature = "bench")]
-    #[command(hide = true)]
-    Benchfloor(tools::benchfloor::Args),
-}
-
-impl Tool {
-    /// Checks the arguments before anything is loaded: bad input is a one-line error here,
-    /// without root and before any probe exists.
-    fn validate(&self) -> anyhow::Result<()> {
-        match self {
-            Tool::Memleak(args) => args.validate(),
-            Tool::Oomkill(args) => args.validate(),
-            Tool::Mmapsnoop(args) => args.validate(),
-            Tool::Brkstack(args) => args.validate(),
-            Tool::Shmsnoop(args) => args.validate(),
-            Tool::Faults(args) => args.validate(),
-            Tool::Vmscan(args) => args.validate(),
-            Tool::Drsnoop(args) => args.validate(),
-            Tool::Swapin(args) => args.validate(),
-            Tool::Hfaults(args) => args.validate(),
-            Tool::Probe(_) => Ok(()),
-            #[cfg(feature = "bench")]
-            Tool::Benchfloor(args) => target::check_pid(args.pid),
-        }
-    }
+    tool: tools::registry::Tool,
 }
 
 fn main() -> ExitCode {
@@ -125,23 +73,7 @@ fn main() -> ExitCode {
         Ok(rt) => rt,
         Err(e) => return fail(&e.into()),
     };
-    let result = runtime.block_on(async {
-        match cli.tool {
-            Tool::Memleak(args) => tools::memleak::run(args).await,
-            Tool::Oomkill(args) => tools::oomkill::run(args).await,
-            Tool::Mmapsnoop(args) => tools::mmapsnoop::run(args).await,
-            Tool::Brkstack(args) => tools::brkstack::run(args).await,
-            Tool::Shmsnoop(args) => tools::shmsnoop::run(args).await,
-            Tool::Faults(args) => tools::faults::run(args).await,
-            Tool::Vmscan(args) => tools::vmscan::run(args).await,
-            Tool::Drsnoop(args) => tools::drsnoop::run(args).await,
-            Tool::Swapin(args) => tools::swapin::run(args).await,
-            Tool::Hfaults(args) => tools::hfaults::run(args).await,
-            Tool::Probe(args) => tools::probe::run(args).await,
-            #[cfg(feature = "bench")]
-            Tool::Benchfloor(args) => tools::benchfloor::run(args).await,
-        }
-    });
+    let result = runtime.block_on(cli.tool.run());
     // After the tool's last report, on success or error: one grace period, not one per probe.
     kernel::detach_all_fast();
     kernel::pidns::report_outside();

@@ -665,12 +665,23 @@ mod tests {
         let copy = std::env::temp_dir().join(format!("symbolize-copy-{}", std::process::id()));
         std::fs::copy(std::env::current_exe().unwrap(), &copy).unwrap();
         let test_name = module_path!().split_once("::").unwrap().1.to_string() + "::sleeper";
-        let mut child = std::process::Command::new(&copy)
-            .args(["--ignored", "--exact", &test_name])
-            .env("MEMTRACE_SYMBOLIZE_SLEEPER", "1")
-            .stdout(std::process::Stdio::null())
-            .spawn()
-            .unwrap();
+        // Another test's fork may briefly hold the copy's write descriptor: ETXTBSY, try again.
+        let spawn = || {
+            std::process::Command::new(&copy)
+                .args(["--ignored", "--exact", &test_name])
+                .env("MEMTRACE_SYMBOLIZE_SLEEPER", "1")
+                .stdout(std::process::Stdio::null())
+                .spawn()
+        };
+        let mut child = (0..100)
+            .find_map(|_| match spawn() {
+                Err(e) if e.raw_os_error() == Some(libc::ETXTBSY) => {
+                    std::thread::sleep(std::time::Duration::from_millis(10));
+                    None
+                }
+                other => Some(other.unwrap()),
+            })
+            .expect("the copy stayed busy for a second");
         let pid = child.id();
         let module = copy.file_name().unwrap().to_str().unwrap().to_string();
         let mut sym = UserSymbolizer::new();

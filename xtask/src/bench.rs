@@ -727,8 +727,11 @@ mod tests {
     fn a_peer_that_fails_to_start_says_why() {
         let script = "echo 'cannot attach uprobe, Invalid argument' >&2; \
                       echo 'Exception: Failed to attach BPF to uprobe' >&2; exit 1";
-        let peer =
-            Tracer { argv: vec!["sh".into(), "-c".into(), script.into()], check: Check::None, ready: Some("Top 10 stacks") };
+        let peer = Tracer {
+            argv: vec!["sh".into(), "-c".into(), script.into()],
+            check: Check::None,
+            ready: Some("Top 10 stacks"),
+        };
         let t0 = Instant::now();
         let Err(err) = start_tracer(&peer, std::process::id()) else { panic!("the peer cannot be ready") };
         assert!(t0.elapsed() < Duration::from_secs(5), "took {:?}", t0.elapsed());

@@ -3,7 +3,7 @@
 
 use std::{fmt::Write as _, path::PathBuf};
 
-use anyhow::{Context as _, Result};
+use anyhow::Result;
 use aya::maps::{HashMap, MapData, PerCpuArray};
 use memtrace_common::brkstack::{
     BrkKey, BrkTotal, Config, EV_CALL, EV_NEW_STACK, Event, FLAG_UNKNOWN_PREV, Offsets, STAT_NO_ENTRY,
@@ -15,6 +15,8 @@ use crate::{
     kernel::{self, AttachPoint, Probe, tracefs::Format},
     output,
     symbolize::Frame,
+    tools::registry::{Plan, ToolSpec},
+    tools::tracer::Tracer,
     tools::{
         self, CommonArgs,
         args::{Reports, Top},
@@ -25,6 +27,9 @@ use crate::{
 };
 
 const OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/brkstack"));
+
+pub const SPEC: ToolSpec =
+    ToolSpec { name: "brkstack", object: OBJECT, modes: &[("brkstack", Plan::Points(ATTACH))], optional: &[] };
 
 /// Count brk calls (heap growth) per user stack.
 #[derive(clap::Args, Debug)]
@@ -73,7 +78,6 @@ impl Args {
 
 pub async fn run(args: Args) -> Result<()> {
     kernel::require_root()?;
-    let mut signals = tools::Signals::catch()?;
     let top = args.top.get();
     let tick = args.reports.every();
     let filter = args.common.filter()?;
@@ -82,7 +86,7 @@ pub async fn run(args: Args) -> Result<()> {
         exit_ret: Format::read("syscalls", "sys_exit_brk")?.offset("ret")?,
     };
     let config = Config { events: args.events as u32, self_pid: std::process::id() };
-    let mut bpf = kernel::load(OBJECT, |loader| {
+    let mut tracer = Tracer::load(&SPEC, |loader| {
         loader
             .override_global("FILTER", &filter, true)
             .override_global("CONFIG", &config, true)
@@ -92,13 +96,12 @@ pub async fn run(args: Args) -> Result<()> {
         args.unwind.configure(loader);
     })?;
     // Tables before the probes: the selected processes' first calls get whole stacks.
-    let unwinder = Unwinder::start(&mut bpf, &args.unwind, &args.common)?;
-    kernel::attach_preferred(&mut bpf, "brkstack", ATTACH)?;
-    let mut take = |name: &str| bpf.take_map(name).with_context(|| format!("internal: no map {name}"));
-    let totals = HashMap::try_from(take("TOTALS")?)?;
-    let mut last_brk: HashMap<MapData, u32, u64> = HashMap::try_from(take("LAST_BRK")?)?;
-    let stats = PerCpuArray::try_from(take("STATS")?)?;
-    let mut stacks = Stacks::new(StackStore::take(&mut bpf, Some("--max-stacks"))?, false)?;
+    let unwinder = Unwinder::start(&mut tracer.bpf, &args.unwind, &args.common)?;
+    tracer.attach(ATTACH)?;
+    let totals = tracer.map("TOTALS")?;
+    let mut last_brk: HashMap<MapData, u32, u64> = tracer.map("LAST_BRK")?;
+    let stats = tracer.map("STATS")?;
+    let mut stacks = Stacks::new(StackStore::take(&mut tracer.bpf, Some("--max-stacks"))?, false)?;
     stacks.unwinder = Some(unwinder);
     // After attach, and only where the kernel has not seen a call yet: it knows better.
     for (pid, brk) in current_breaks(args.common.pid, args.common.comm.as_deref()) {
@@ -112,8 +115,7 @@ pub async fn run(args: Args) -> Result<()> {
         None => "tracing brk calls".to_string(),
     };
     let mut state = State { args: &args, top, totals, stats, stacks, lost: None, headed: false };
-    tools::stream(&mut bpf, "brkstack", &args.common, &mut signals, tick, args.reports.count(), &ready, &mut state)
-        .await?;
+    tracer.stream(&args.common, tick, args.reports.count(), &ready, &mut state).await?;
     Ok(())
 }
 

@@ -8,6 +8,8 @@ use serde::Serialize;
 use crate::{
     kernel::{self, AttachPoint, Probe, tracefs::Format},
     output,
+    tools::registry::{Plan, ToolSpec},
+    tools::tracer::Tracer,
     tools::{self, CommonArgs, args::Timestamp, c_str, monotonic_ns},
 };
 
@@ -38,6 +40,13 @@ const MEMCG: &[AttachPoint] = &[AttachPoint {
         Probe::Tracepoint { prog: "drsnoop_memcg_end", category: "vmscan", names: &["mm_vmscan_memcg_reclaim_end"] },
     ],
 }];
+
+pub const SPEC: ToolSpec = ToolSpec {
+    name: "drsnoop",
+    object: OBJECT,
+    modes: &[("drsnoop", Plan::Points(ATTACH))],
+    optional: MEMCG[0].probes,
+};
 
 /// Trace direct reclaim: latency and pages reclaimed, one line each.
 #[derive(clap::Args, Debug)]
@@ -75,7 +84,6 @@ impl Args {
 
 pub async fn run(args: Args) -> Result<()> {
     kernel::require_root()?;
-    let mut signals = tools::Signals::catch()?;
     let filter = args.common.filter()?;
     let mut config = Config::default();
     if let Some(name) = &args.name {
@@ -89,12 +97,12 @@ pub async fn run(args: Args) -> Result<()> {
     if args.memcg {
         config.memcg_end_reclaimed = Format::read("vmscan", "mm_vmscan_memcg_reclaim_end")?.offset("nr_reclaimed")?;
     }
-    let mut bpf = kernel::load(OBJECT, |loader| {
+    let mut tracer = Tracer::load(&SPEC, |loader| {
         loader.override_global("FILTER", &filter, true).override_global("CONFIG", &config, true);
     })?;
-    kernel::attach_preferred(&mut bpf, "drsnoop", DIRECT)?;
+    tracer.attach(DIRECT)?;
     if args.memcg {
-        kernel::attach_preferred(&mut bpf, "drsnoop", MEMCG)?;
+        tracer.attach(MEMCG)?;
     }
     let mut state = State {
         json: args.common.json,
@@ -104,7 +112,7 @@ pub async fn run(args: Args) -> Result<()> {
         seen: 0,
     };
     let ready = if args.memcg { "tracing direct and memcg reclaim" } else { "tracing direct reclaim" };
-    tools::stream(&mut bpf, "drsnoop", &args.common, &mut signals, None, None, ready, &mut state).await?;
+    tracer.stream(&args.common, None, None, ready, &mut state).await?;
     Ok(())
 }
 

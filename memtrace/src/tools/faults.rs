@@ -3,7 +3,7 @@
 
 use std::{fmt::Write as _, path::PathBuf};
 
-use anyhow::{Context as _, Result};
+use anyhow::Result;
 use aya::maps::{HashMap, MapData, PerCpuArray};
 use memtrace_common::faults::{
     Config, EV_FAULT, EV_NEW_STACK, Event, FaultKey, KIND_KERNEL, Offsets, ProcFaults, STAT_COUNTS_FULL,
@@ -15,6 +15,8 @@ use crate::{
     kernel::{self, AttachPoint, Probe, tracefs::Format},
     output,
     symbolize::Frame,
+    tools::registry::{Plan, ToolSpec},
+    tools::tracer::Tracer,
     tools::{
         self, CommonArgs,
         args::{Reports, Top},
@@ -65,6 +67,9 @@ const KERNEL: AttachPoint = AttachPoint {
 /// How faults attaches by default (--kernel adds KERNEL), as `memtrace probe` reports it.
 pub const ATTACH: &[AttachPoint] = &[USER];
 
+pub const SPEC: ToolSpec =
+    ToolSpec { name: "faults", object: OBJECT, modes: &[("faults", Plan::Points(ATTACH))], optional: KERNEL.probes };
+
 impl Args {
     /// Everything that can be checked before loading anything (and without root).
     pub fn validate(&self) -> Result<()> {
@@ -77,7 +82,6 @@ impl Args {
 
 pub async fn run(args: Args) -> Result<()> {
     kernel::require_root()?;
-    let mut signals = tools::Signals::catch()?;
     let top = args.top.get();
     let tick = args.reports.every();
     let filter = args.common.filter()?;
@@ -89,7 +93,7 @@ pub async fn run(args: Args) -> Result<()> {
         _pad: 0,
     };
     let config = Config { events: args.events as u32, self_pid: std::process::id() };
-    let mut bpf = kernel::load(OBJECT, |loader| {
+    let mut tracer = Tracer::load(&SPEC, |loader| {
         loader
             .override_global("FILTER", &filter, true)
             .override_global("CONFIG", &config, true)
@@ -99,16 +103,15 @@ pub async fn run(args: Args) -> Result<()> {
         args.unwind.configure(loader);
     })?;
     // Tables before the probes: the selected processes' first faults get whole stacks.
-    let unwinder = Unwinder::start(&mut bpf, &args.unwind, &args.common)?;
-    let mut how = vec![kernel::attach_preferred(&mut bpf, "faults", &[USER])?];
+    let unwinder = Unwinder::start(&mut tracer.bpf, &args.unwind, &args.common)?;
+    let mut how = vec![tracer.attach(&[USER])?];
     if args.kernel {
-        how.push(kernel::attach_preferred(&mut bpf, "faults", &[KERNEL])?);
+        how.push(tracer.attach(&[KERNEL])?);
     }
-    let mut take = |name: &str| bpf.take_map(name).with_context(|| format!("internal: no map {name}"));
-    let counts = HashMap::try_from(take("COUNTS")?)?;
-    let procs = HashMap::try_from(take("PROCS")?)?;
-    let stats = PerCpuArray::try_from(take("STATS")?)?;
-    let mut stacks = Stacks::new(StackStore::take(&mut bpf, Some("--max-stacks"))?, args.kernel)?;
+    let counts = tracer.map("COUNTS")?;
+    let procs = tracer.map("PROCS")?;
+    let stats = tracer.map("STATS")?;
+    let mut stacks = Stacks::new(StackStore::take(&mut tracer.bpf, Some("--max-stacks"))?, args.kernel)?;
     stacks.unwinder = Some(unwinder);
     if let Some(pid) = args.common.pid {
         stacks.watch(pid);
@@ -119,8 +122,7 @@ pub async fn run(args: Args) -> Result<()> {
     };
     let ready = format!("tracing page faults{whose} ({})", how.join(", "));
     let mut state = State { args: &args, top, counts, procs, stats, stacks, lost: None, headed: false };
-    tools::stream(&mut bpf, "faults", &args.common, &mut signals, tick, args.reports.count(), &ready, &mut state)
-        .await?;
+    tracer.stream(&args.common, tick, args.reports.count(), &ready, &mut state).await?;
     Ok(())
 }
 

@@ -10,7 +10,7 @@ use std::{
     time::Duration,
 };
 
-use anyhow::{Context as _, Result};
+use anyhow::Result;
 use aya::maps::{HashMap, MapData, PerCpuArray};
 use memtrace_common::hfaults::{DROPPED_RANGES, Event, FIELD_ABSENT, KernelOffsets, MAX_RANGES, Ranges, SRC_KPROBE};
 use serde::Serialize;
@@ -18,10 +18,15 @@ use serde::Serialize;
 use crate::{
     kernel::{self, AttachPoint, Probe, btf, tracefs::Format},
     output,
+    tools::registry::{Plan, ToolSpec},
+    tools::tracer::Tracer,
     tools::{self, CommonArgs, args::Reports, c_str, read_event},
 };
 
 const OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/hfaults"));
+
+pub const SPEC: ToolSpec =
+    ToolSpec { name: "hfaults", object: OBJECT, modes: &[("hfaults", Plan::Points(ATTACH))], optional: &[] };
 
 const KPROBE: &str = "kprobe hugetlb_fault";
 pub const ATTACH: &[AttachPoint] = &[
@@ -69,21 +74,14 @@ impl Args {
 
 pub async fn run(args: Args) -> Result<()> {
     kernel::require_root()?;
-    let mut signals = tools::Signals::catch()?;
     let filter = args.common.filter()?;
     let offsets = offsets();
-    let mut bpf = kernel::load(OBJECT, |loader| {
+    let mut tracer = Tracer::load(&SPEC, |loader| {
         loader.override_global("FILTER", &filter, true).override_global("OFFSETS", &offsets, true);
     })?;
-    let how = kernel::attach_preferred(&mut bpf, "hfaults", ATTACH)?;
-    let (ranges, dropped) = if how == KPROBE {
-        (None, None)
-    } else {
-        (
-            Some(HashMap::try_from(bpf.take_map("RANGES").context("internal: no map RANGES")?)?),
-            Some(PerCpuArray::try_from(bpf.take_map("DROPPED").context("internal: no map DROPPED")?)?),
-        )
-    };
+    let how = tracer.attach(ATTACH)?;
+    let (ranges, dropped) =
+        if how == KPROBE { (None, None) } else { (Some(tracer.map("RANGES")?), Some(tracer.map("DROPPED")?)) };
     let mut state = State {
         args: &args,
         ranges,
@@ -99,17 +97,7 @@ pub async fn run(args: Args) -> Result<()> {
     // The tick rescans mappings (fallback) every second; reports come every `interval` ticks.
     let max_ticks = args.reports.count().zip(args.reports.every()).map(|(c, i)| c * i.as_secs());
     let ready = format!("tracing hugetlb page faults ({how})");
-    tools::stream(
-        &mut bpf,
-        "hfaults",
-        &args.common,
-        &mut signals,
-        Some(Duration::from_secs(1)),
-        max_ticks,
-        &ready,
-        &mut state,
-    )
-    .await?;
+    tracer.stream(&args.common, Some(Duration::from_secs(1)), max_ticks, &ready, &mut state).await?;
     Ok(())
 }
 

@@ -15,6 +15,8 @@ use crate::{
     kernel,
     target::{self, Allocator},
     tools::args::{Reports, Top},
+    tools::registry::{Plan, ToolSpec},
+    tools::tracer::Tracer,
     tracee::{Command, CommandEvent},
     unwind::{UnwindArgs, UnwindMode, Unwinder},
 };
@@ -23,6 +25,23 @@ use procs::Procs;
 use report::{Maps, Session};
 
 const OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/memleak"));
+
+pub const SPEC: ToolSpec = ToolSpec {
+    name: "memleak",
+    object: OBJECT,
+    modes: &[
+        ("memleak", Plan::Uprobes("uprobes on the allocator (malloc, free, ...)")),
+        ("memleak-kernel", Plan::Points(&[attach::KERNEL])),
+    ],
+    optional: &[
+        attach::KERNEL_NODE[0],
+        attach::KERNEL_NODE[1],
+        attach::PERCPU[0],
+        attach::PERCPU[1],
+        attach::LIFECYCLE[0],
+        attach::LIFECYCLE[1],
+    ],
+};
 
 /// Trace outstanding allocations and report them per stack.
 #[derive(clap::Args, Debug)]
@@ -159,7 +178,7 @@ enum Mode {
 pub async fn run(args: Args) -> Result<()> {
     kernel::require_root()?;
     // Before anything is attached: a Ctrl-C from here on ends with a final report.
-    let mut signals = crate::tools::Signals::catch()?;
+    let signals = crate::tools::Signals::catch()?;
     let mode = match (&args.command, args.pid) {
         (Some(cmd), _) => {
             let argv =
@@ -194,7 +213,7 @@ pub async fn run(args: Args) -> Result<()> {
     // Kernel mode walks no user stack.
     let unwind = if user { args.unwind.mode() } else { UnwindMode::Fp };
     let fork = if user { Some(attach::fork_offsets()?) } else { None };
-    let mut bpf = kernel::load(OBJECT, |loader| {
+    let mut tracer = Tracer::load_caught(&SPEC, signals, |loader| {
         loader
             .override_global("CONFIG", &config, true)
             .map_max_entries("ALLOCS", args.max_allocs)
@@ -209,22 +228,22 @@ pub async fn run(args: Args) -> Result<()> {
         }
     })?;
     let skip = if args.duty_cycle.is_some() { DutyCycle::HOT } else { &[] };
-    let mut procs = Procs::new(&mut bpf, &args.symbols_prefix, args.obj.clone(), skip)?;
-    let (maps, ring) = Maps::take(&mut bpf)?;
-    let mut unwinder = Unwinder::take(&mut bpf, unwind)?;
+    let mut procs = Procs::new(&mut tracer, &args.symbols_prefix, args.obj.clone(), skip)?;
+    let (maps, ring) = Maps::take(&mut tracer)?;
+    let mut unwinder = Unwinder::take(&mut tracer.bpf, unwind)?;
     let mut duty = None;
     let mut command = None;
     let root = match mode {
         Mode::Pid(pid, alloc) => {
             let obj = alloc.primary.clone();
-            attach::lifecycle(&mut bpf)?;
+            attach::lifecycle(&mut tracer.bpf)?;
             unwinder.load(pid);
-            let probes = procs.start(&mut bpf, pid, alloc)?;
+            let probes = procs.start(&mut tracer.bpf, pid, alloc)?;
             if let Some(pct) = args.duty_cycle {
                 let period = Duration::from_millis(args.duty_period_ms.max(10));
-                let window = aya::maps::Array::try_from(bpf.take_map("WINDOW").context("internal: no WINDOW map")?)?;
+                let window = tracer.map("WINDOW")?;
                 let mut cycle = DutyCycle::new(obj.clone(), &args.symbols_prefix, pid, window, pct, period);
-                cycle.open(&mut bpf)?;
+                cycle.open(&mut tracer.bpf)?;
                 duty = Some(cycle);
             }
             let sampled =
@@ -240,7 +259,7 @@ pub async fn run(args: Args) -> Result<()> {
         }
         Mode::Command(cmd) => {
             // Probes go in at the command's first exec, when its program is known.
-            attach::lifecycle(&mut bpf)?;
+            attach::lifecycle(&mut tracer.bpf)?;
             procs.begin_command(cmd.pid)?;
             let line = format!(
                 "running {} (pid {}) and following its processes",
@@ -253,7 +272,7 @@ pub async fn run(args: Args) -> Result<()> {
             Some(pid)
         }
         Mode::Kernel => {
-            let attached = attach::kernel(&mut bpf, args.percpu)?;
+            let attached = attach::kernel(&mut tracer.bpf, args.percpu)?;
             crate::output::ready::ready(
                 "memleak",
                 None,
@@ -291,7 +310,7 @@ pub async fn run(args: Args) -> Result<()> {
             }
             _ = &mut duty_timer, if duty.is_some() => {
                 let cycle = duty.as_mut().expect("guarded by the branch condition");
-                let next = if cycle.is_open() { cycle.close(&mut bpf)? } else { cycle.open(&mut bpf)? };
+                let next = if cycle.is_open() { cycle.close(&mut tracer.bpf)? } else { cycle.open(&mut tracer.bpf)? };
                 duty_timer.as_mut().reset(tokio::time::Instant::now() + next);
             }
             _ = ticker.tick() => {
@@ -304,15 +323,15 @@ pub async fn run(args: Args) -> Result<()> {
             }
             guard = ring.readable_mut() => {
                 let mut guard = guard?;
-                drain(guard.get_inner_mut(), &mut bpf, &mut procs, &mut session, held, &mut exits)?;
+                drain(guard.get_inner_mut(), &mut tracer.bpf, &mut procs, &mut session, held, &mut exits)?;
                 guard.clear_ready();
             }
             event = recv_command(&mut command) => match event {
                 Some(CommandEvent::Exec { pid, ack }) => {
                     // The kernel side saw the exec first; take its generation from the ring.
-                    drain(ring.get_mut(), &mut bpf, &mut procs, &mut session, held, &mut exits)?;
+                    drain(ring.get_mut(), &mut tracer.bpf, &mut procs, &mut session, held, &mut exits)?;
                     let image = procs.images().get(&pid).copied().unwrap_or(0);
-                    if let Some((obj, probes)) = procs.exec(&mut bpf, pid, image, true)? {
+                    if let Some((obj, probes)) = procs.exec(&mut tracer.bpf, pid, image, true)? {
                         let line = format!("pid {pid} ({}) probed through {} with {probes} probes", target::comm(pid), obj.display());
                         // The command's own images are news; its children's are detail (-v).
                         if Some(pid) == root { eprintln!("memtrace: memleak: {line}") } else { tracing::info!("{line}") }
@@ -322,12 +341,12 @@ pub async fn run(args: Args) -> Result<()> {
                     let _ = ack.send(());
                 }
                 Some(CommandEvent::Fork { parent, child, shared, ack }) => {
-                    drain(ring.get_mut(), &mut bpf, &mut procs, &mut session, held, &mut exits)?;
+                    drain(ring.get_mut(), &mut tracer.bpf, &mut procs, &mut session, held, &mut exits)?;
                     if own_pid_ns {
                         // The kernel side cannot name the child here: track it from user space.
                         procs.track_child(child, parent, shared)?;
                     }
-                    procs.fork(&mut bpf, session.allocs_mut(), parent, child, crate::tools::monotonic_ns(), true);
+                    procs.fork(&mut tracer.bpf, session.allocs_mut(), parent, child, crate::tools::monotonic_ns(), true);
                     let _ = session.user_sym.refresh(child);
                     session.unwinder.load(child);
                     let _ = ack.send(());
@@ -362,12 +381,12 @@ pub async fn run(args: Args) -> Result<()> {
                     }
                 }
             }
-            _ = signals.recv() => break,
+            _ = tracer.signals.recv() => break,
             _ = &mut deadline => break,
         }
     }
     // Events already in the ring belong to the run.
-    drain(ring.get_mut(), &mut bpf, &mut procs, &mut session, held, &mut exits)?;
+    drain(ring.get_mut(), &mut tracer.bpf, &mut procs, &mut session, held, &mut exits)?;
     session.report(&procs, true, user && procs.all_exited())?;
     Ok(())
 }

@@ -14,10 +14,15 @@ use crate::{
         decode::{errno_name, errno_of, flag_names},
         hex::hex,
     },
+    tools::registry::{Plan, ToolSpec},
+    tools::tracer::Tracer,
     tools::{self, CommonArgs, args::Timestamp},
 };
 
 const OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/mmapsnoop"));
+
+pub const SPEC: ToolSpec =
+    ToolSpec { name: "mmapsnoop", object: OBJECT, modes: &[("mmapsnoop", Plan::Points(ATTACH))], optional: &[] };
 
 /// Trace mmap, munmap and mremap calls.
 #[derive(clap::Args, Debug)]
@@ -57,13 +62,12 @@ pub async fn run(args: Args) -> Result<()> {
     let filter = args.common.filter()?;
     let offsets = offsets()?;
     let config = Config { failed_only: args.failed.into(), self_pid: std::process::id() };
-    let mut signals = tools::Signals::catch()?;
-    let mut bpf = kernel::load(OBJECT, |loader| {
+    let mut tracer = Tracer::load(&SPEC, |loader| {
         loader.override_global("FILTER", &filter, true);
         loader.override_global("OFFSETS", &offsets, true);
         loader.override_global("CONFIG", &config, true);
     })?;
-    kernel::attach_preferred(&mut bpf, "mmapsnoop", ATTACH)?;
+    tracer.attach(ATTACH)?;
     let mut snoop = Snoop {
         json: args.common.json,
         timestamp: args.timestamp.timestamp,
@@ -75,7 +79,7 @@ pub async fn run(args: Args) -> Result<()> {
     }
     let what =
         if args.failed { "tracing failed mmap, munmap and mremap calls" } else { "tracing mmap, munmap and mremap" };
-    tools::stream(&mut bpf, "mmapsnoop", &args.common, &mut signals, None, None, what, &mut snoop).await?;
+    tracer.stream(&args.common, None, None, what, &mut snoop).await?;
     Ok(())
 }
 

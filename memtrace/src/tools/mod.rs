@@ -13,9 +13,11 @@ pub mod memleak;
 pub mod mmapsnoop;
 pub mod oomkill;
 pub mod probe;
+pub mod registry;
 pub mod shmsnoop;
 pub mod stacks;
 pub mod swapin;
+pub mod tracer;
 pub mod vmscan;
 
 use std::time::Duration;

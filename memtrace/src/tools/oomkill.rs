@@ -19,6 +19,8 @@ use crate::{
     kernel::{self, AttachPoint, Probe, btf, kallsyms::Kallsyms, tracefs::Format},
     output,
     symbolize::{Frame, UserSymbolizer},
+    tools::registry::{Plan, ToolSpec},
+    tools::tracer::Tracer,
     tools::{
         self, CommonArgs, c_str,
         stacks::{self, StackStore},
@@ -29,6 +31,9 @@ use crate::{
 mod memcg;
 
 const OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/oomkill"));
+
+pub const SPEC: ToolSpec =
+    ToolSpec { name: "oomkill", object: OBJECT, modes: &[("oomkill", Plan::Points(ATTACH))], optional: &[] };
 
 const VICTIM_TP: Probe = Probe::Tracepoint { prog: "oomkill_victim", category: "oom", names: &["mark_victim"] };
 
@@ -64,7 +69,6 @@ impl Args {
 
 pub async fn run(args: Args) -> Result<()> {
     kernel::require_root()?;
-    let mut signals = tools::Signals::catch()?;
     let filter = args.common.filter()?;
     // A kernel without the tracepoint fails below, in attach_preferred, with its name.
     let (offsets, present) = victim_offsets().unwrap_or_default();
@@ -74,16 +78,16 @@ pub async fn run(args: Args) -> Result<()> {
         tracing::info!("oomkill: memory cgroups read from their counters only: {e:#}");
         MemcgOffsets::default()
     });
-    let mut bpf = kernel::load(OBJECT, |loader| {
+    let mut tracer = Tracer::load(&SPEC, |loader| {
         loader
             .override_global("FILTER", &filter, true)
             .override_global("VICTIM", &offsets, true)
             .override_global("MEMCG", &chain, true);
         args.unwind.configure(loader);
     })?;
-    let unwinder = Unwinder::start(&mut bpf, &args.unwind, &args.common)?;
-    let how = kernel::attach_preferred(&mut bpf, "oomkill", ATTACH_POINTS)?;
-    let stacks = StackStore::take(&mut bpf, None)?;
+    let unwinder = Unwinder::start(&mut tracer.bpf, &args.unwind, &args.common)?;
+    let how = tracer.attach(ATTACH_POINTS)?;
+    let stacks = StackStore::take(&mut tracer.bpf, None)?;
     let mut state = State {
         json: args.common.json,
         present,
@@ -97,7 +101,7 @@ pub async fn run(args: Args) -> Result<()> {
         header: false,
     };
     let ready = format!("tracing OOM kills ({how})");
-    tools::stream(&mut bpf, "oomkill", &args.common, &mut signals, None, None, &ready, &mut state).await?;
+    tracer.stream(&args.common, None, None, &ready, &mut state).await?;
     Ok(())
 }
 

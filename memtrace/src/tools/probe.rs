@@ -10,7 +10,7 @@ use serde::Serialize;
 use crate::{
     kernel::{self, AttachPoint, Probe},
     output,
-    tools::{brkstack, drsnoop, faults, hfaults, mmapsnoop, oomkill, shmsnoop, swapin, vmscan},
+    tools::registry::{Plan, SPECS},
 };
 
 #[derive(clap::Args, Debug)]
@@ -19,55 +19,6 @@ pub struct Args {
     #[arg(long)]
     pub json: bool,
 }
-
-const fn tp(category: &'static str, names: &'static [&'static str]) -> Probe {
-    Probe::Tracepoint { prog: "", category, names }
-}
-
-/// How a subcommand attaches.
-enum Plan {
-    /// Attach points in order of preference: the first that resolves is used.
-    Points(&'static [AttachPoint]),
-    /// vmscan: each tracepoint is optional (a missing one leaves its column at 0); at least one.
-    AnyOf(&'static str, &'static str, &'static [(&'static str, &'static [&'static str])]),
-}
-
-/// Every subcommand but memleak's user mode (uprobes, found per allocator at run time).
-const PLANS: &[(&str, Plan)] = &[
-    ("memleak-kernel", Plan::Points(MEMLEAK_KERNEL)),
-    ("oomkill", Plan::Points(oomkill::ATTACH)),
-    ("mmapsnoop", Plan::Points(mmapsnoop::ATTACH)),
-    ("brkstack", Plan::Points(brkstack::ATTACH)),
-    ("shmsnoop", Plan::Points(shmsnoop::ATTACH)),
-    ("faults", Plan::Points(faults::ATTACH)),
-    ("vmscan", Plan::AnyOf("tracepoints vmscan:*", "vmscan", vmscan::TRACEPOINTS)),
-    ("drsnoop", Plan::Points(drsnoop::ATTACH)),
-    ("swapin", Plan::Points(swapin::ATTACH)),
-    ("hfaults", Plan::Points(hfaults::ATTACH)),
-];
-
-/// memleak's kernel mode attaches tracepoints one by one (the `_node` variants when present);
-/// these are the ones it cannot do without. TODO: fold into memleak.rs as `pub const`.
-const MEMLEAK_KERNEL: &[AttachPoint] = &[AttachPoint {
-    label: "tracepoints kmem:{kmalloc,kfree,kmem_cache_alloc,kmem_cache_free,mm_page_alloc,mm_page_free}",
-    probes: &[
-        tp("kmem", &["kmalloc"]),
-        tp("kmem", &["kfree"]),
-        tp("kmem", &["kmem_cache_alloc"]),
-        tp("kmem", &["kmem_cache_free"]),
-        tp("kmem", &["mm_page_alloc"]),
-        tp("kmem", &["mm_page_free"]),
-    ],
-}];
-
-/// Tracepoints used by some tool but not in PLANS' probe lists (optional columns, memcg mode).
-const MORE_TRACEPOINTS: &[(&str, &str)] = &[
-    ("kmem", "kmalloc_node"),
-    ("kmem", "kmem_cache_alloc_node"),
-    ("percpu", "percpu_alloc_percpu"),
-    ("percpu", "percpu_free_percpu"),
-    ("exceptions", "page_fault_kernel"),
-];
 
 #[derive(Serialize)]
 struct Feature {
@@ -222,20 +173,29 @@ fn map_create(map_type: u32, key_size: u32, value_size: u32, max_entries: u32) -
     Ok(())
 }
 
-/// Every tracepoint any tool may use (first name of each alternative list), sorted.
+/// Every tracepoint any tool may use (every name of each alternative list), sorted.
 fn tracepoints() -> Vec<(String, bool)> {
-    let mut all: Vec<(&str, &str)> = MORE_TRACEPOINTS.to_vec();
-    for (_, plan) in PLANS {
-        match plan {
-            Plan::Points(points) => {
-                for p in points.iter().flat_map(|p| p.probes) {
-                    if let Probe::Tracepoint { category, names, .. } = *p {
-                        all.extend(names.iter().map(|n| (category, *n)));
-                    }
-                }
+    let mut all: Vec<(&str, &str)> = Vec::new();
+    let mut add = |p: &Probe| {
+        if let Probe::Tracepoint { category, names, .. } = *p {
+            all.extend(names.iter().map(|n| (category, *n)));
+        }
+    };
+    for spec in SPECS {
+        spec.optional.iter().for_each(&mut add);
+        for (_, plan) in spec.modes {
+            if let Plan::Points(points) = plan {
+                points.iter().flat_map(|p| p.probes).for_each(&mut add);
             }
-            Plan::AnyOf(_, category, list) => {
-                all.extend(list.iter().flat_map(|(_, names)| names.iter().map(|n| (*category, *n))));
+        }
+    }
+    for spec in SPECS {
+        for (_, plan) in spec.modes {
+            match plan {
+                Plan::AnyOf(_, category, list) => {
+                    all.extend(list.iter().flat_map(|(_, names)| names.iter().map(|n| (*category, *n))));
+                }
+                Plan::Points(_) | Plan::Uprobes(_) => {}
             }
         }
     }
@@ -245,22 +205,29 @@ fn tracepoints() -> Vec<(String, bool)> {
 }
 
 fn plans() -> Vec<ToolPlan> {
+    SPECS
+        .iter()
+        .flat_map(|spec| spec.modes)
+        .map(|(tool, p)| match p {
+            Plan::Uprobes(label) => uprobes(tool, label),
+            Plan::Points(points) => plan(tool, points),
+            Plan::AnyOf(label, category, list) => any_of(tool, label, category, list),
+        })
+        .collect()
+}
+
+fn uprobes(tool: &'static str, label: &str) -> ToolPlan {
     let uprobes = Path::new("/sys/bus/event_source/devices/uprobe").exists();
-    let mut out = vec![ToolPlan {
-        tool: "memleak",
-        method: uprobes.then(|| "uprobes on the allocator (malloc, free, ...)".to_string()),
+    ToolPlan {
+        tool,
+        method: uprobes.then(|| label.to_string()),
         targets: Vec::new(),
         unusable: if uprobes {
             Vec::new()
         } else {
             vec!["uprobes: this kernel has no uprobes (CONFIG_UPROBES)".into()]
         },
-    }];
-    out.extend(PLANS.iter().map(|(tool, p)| match p {
-        Plan::Points(points) => plan(tool, points),
-        Plan::AnyOf(label, category, list) => any_of(tool, label, category, list),
-    }));
-    out
+    }
 }
 
 fn any_of(tool: &'static str, label: &str, category: &str, list: &[(&str, &'static [&'static str])]) -> ToolPlan {

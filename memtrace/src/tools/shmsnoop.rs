@@ -12,10 +12,15 @@ use crate::{
         decode::{errno_name, errno_of, flag_names},
         hex::hex,
     },
+    tools::registry::{Plan, ToolSpec},
+    tools::tracer::Tracer,
     tools::{self, CommonArgs, args::Timestamp},
 };
 
 const OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/shmsnoop"));
+
+pub const SPEC: ToolSpec =
+    ToolSpec { name: "shmsnoop", object: OBJECT, modes: &[("shmsnoop", Plan::Points(ATTACH))], optional: &[] };
 
 /// Trace shmget, shmat, shmdt and shmctl calls.
 #[derive(clap::Args, Debug)]
@@ -61,13 +66,12 @@ pub async fn run(args: Args) -> Result<()> {
     let filter = args.common.filter()?;
     let offsets = offsets()?;
     let config = Config { failed_only: args.failed.into(), _pad: 0 };
-    let mut signals = tools::Signals::catch()?;
-    let mut bpf = kernel::load(OBJECT, |loader| {
+    let mut tracer = Tracer::load(&SPEC, |loader| {
         loader.override_global("FILTER", &filter, true);
         loader.override_global("OFFSETS", &offsets, true);
         loader.override_global("CONFIG", &config, true);
     })?;
-    kernel::attach_preferred(&mut bpf, "shmsnoop", ATTACH)?;
+    tracer.attach(ATTACH)?;
     let mut snoop = Snoop {
         json: args.common.json,
         timestamp: args.timestamp.timestamp,
@@ -79,7 +83,7 @@ pub async fn run(args: Args) -> Result<()> {
         output::line(&format!("{:<8} {secs}{:<7} {:<16} {:<7} {:>14} ARGS", "TIME", "PID", "COMM", "SYSCALL", "RET"))?;
     }
     let what = if args.failed { "tracing failed shm* calls" } else { "tracing shmget, shmat, shmdt and shmctl" };
-    tools::stream(&mut bpf, "shmsnoop", &args.common, &mut signals, None, None, what, &mut snoop).await?;
+    tracer.stream(&args.common, None, None, what, &mut snoop).await?;
     Ok(())
 }
 

@@ -2,7 +2,7 @@
 //! A kprobe on the function that reads from swap; the counts live in the kernel and are read
 //! and cleared each interval.
 
-use anyhow::{Context as _, Result, bail};
+use anyhow::{Result, bail};
 use aya::maps::{HashMap, MapData, PerCpuArray};
 use memtrace_common::swapin::{Config, NewStack, STAT_COUNTS_FULL, STAT_STACK_LOST, SwapKey};
 use serde::Serialize;
@@ -11,6 +11,8 @@ use crate::{
     kernel::{self, AttachPoint, Probe},
     output,
     symbolize::Frame,
+    tools::registry::{Plan, ToolSpec},
+    tools::tracer::Tracer,
     tools::{
         self, CommonArgs,
         args::{Reports, Timestamp},
@@ -21,6 +23,9 @@ use crate::{
 };
 
 const OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/swapin"));
+
+pub const SPEC: ToolSpec =
+    ToolSpec { name: "swapin", object: OBJECT, modes: &[("swapin", Plan::Points(ATTACH))], optional: &[] };
 
 /// No tracepoint fires on swap-in (6.1 to 6.18), so a kernel without kprobes cannot run this.
 pub const ATTACH: &[AttachPoint] = &[AttachPoint {
@@ -58,22 +63,20 @@ impl Args {
 
 pub async fn run(args: Args) -> Result<()> {
     kernel::require_root()?;
-    let mut signals = tools::Signals::catch()?;
     let filter = args.common.filter()?;
     if let Err(why) = kernel::resolve(&ATTACH[0]) {
         bail!("swapin needs a kprobe on swap_read_folio/swap_readpage and {why}; no tracepoint reports swap-ins");
     }
     let config = Config { stacks: args.stack.into(), _pad: 0 };
-    let mut bpf = kernel::load(OBJECT, |loader| {
+    let mut tracer = Tracer::load(&SPEC, |loader| {
         loader.override_global("FILTER", &filter, true).override_global("CONFIG", &config, true);
         args.unwind.configure(loader);
     })?;
-    let unwinder = Unwinder::start(&mut bpf, &args.unwind, &args.common)?;
-    let how = kernel::attach_preferred(&mut bpf, "swapin", ATTACH)?;
-    let mut take = |name: &str| bpf.take_map(name).with_context(|| format!("internal: no map {name}"));
-    let counts = HashMap::try_from(take("COUNTS")?)?;
-    let stats = PerCpuArray::try_from(take("STATS")?)?;
-    let mut stacks = Stacks::new(StackStore::take(&mut bpf, None)?, false)?;
+    let unwinder = Unwinder::start(&mut tracer.bpf, &args.unwind, &args.common)?;
+    let how = tracer.attach(ATTACH)?;
+    let counts = tracer.map("COUNTS")?;
+    let stats = tracer.map("STATS")?;
+    let mut stacks = Stacks::new(StackStore::take(&mut tracer.bpf, None)?, false)?;
     stacks.unwinder = Some(unwinder);
     if let Some(pid) = args.common.pid {
         stacks.watch(pid);
@@ -81,8 +84,7 @@ pub async fn run(args: Args) -> Result<()> {
     let mut state = State { args: &args, counts, stats, stacks, total: 0, seen: Default::default() };
     let ready = format!("counting swap-ins ({how})");
     let tick = Some(args.reports.every_or(1));
-    tools::stream(&mut bpf, "swapin", &args.common, &mut signals, tick, args.reports.count(), &ready, &mut state)
-        .await?;
+    tracer.stream(&args.common, tick, args.reports.count(), &ready, &mut state).await?;
     Ok(())
 }
 

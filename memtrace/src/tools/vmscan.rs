@@ -1,7 +1,7 @@
 //! vmscan: reclaim activity per interval (time in slab shrinking, direct and memcg reclaim,
 //! kswapd wake-ups, pages written by reclaim), then latency histograms at exit.
 
-use anyhow::{Context as _, Result, bail};
+use anyhow::{Result, bail};
 use aya::maps::{MapData, PerCpuArray};
 use memtrace_common::vmscan::{
     HIST_SLOTS, KIND_DIRECT, KIND_MEMCG, KIND_NAMES, KIND_SLAB, KINDS, Offsets, STAT_CALLS, STAT_COUNT,
@@ -12,10 +12,19 @@ use serde::Serialize;
 use crate::{
     kernel::{self, tracefs::Format},
     output::{self, histogram},
+    tools::registry::{Plan, ToolSpec},
+    tools::tracer::Tracer,
     tools::{self, CommonArgs, args::Reports},
 };
 
 const OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/vmscan"));
+
+pub const SPEC: ToolSpec = ToolSpec {
+    name: "vmscan",
+    object: OBJECT,
+    modes: &[("vmscan", Plan::AnyOf("tracepoints vmscan:*", "vmscan", TRACEPOINTS))],
+    optional: &[],
+};
 
 /// (program, tracepoint names, newest first): kernels rename some of them.
 pub const TRACEPOINTS: &[(&str, &[&str])] = &[
@@ -49,20 +58,19 @@ impl Args {
 
 pub async fn run(args: Args) -> Result<()> {
     kernel::require_root()?;
-    let mut signals = tools::Signals::catch()?;
     let filter = args.common.filter()?;
     let offsets = Offsets {
         direct_end_reclaimed: reclaimed_offset("mm_vmscan_direct_reclaim_end")?,
         memcg_end_reclaimed: reclaimed_offset("mm_vmscan_memcg_reclaim_end")?,
     };
-    let mut bpf = kernel::load(OBJECT, |loader| {
+    let mut tracer = Tracer::load(&SPEC, |loader| {
         loader.override_global("FILTER", &filter, true).override_global("OFFSETS", &offsets, true);
     })?;
     let mut attached = Vec::new();
     for &(prog, names) in TRACEPOINTS {
         match kernel::tracepoint_name("vmscan", names) {
             Ok(name) => {
-                kernel::attach_tracepoint(&mut bpf, prog, "vmscan", name)?;
+                kernel::attach_tracepoint(&mut tracer.bpf, prog, "vmscan", name)?;
                 attached.push(name);
             }
             Err(why) => tracing::warn!("vmscan: {why}: its column stays 0"),
@@ -71,19 +79,18 @@ pub async fn run(args: Args) -> Result<()> {
     if attached.is_empty() {
         bail!("this kernel has none of the vmscan tracepoints (CONFIG_TRACEPOINTS off?)");
     }
-    let mut take = |name: &str| bpf.take_map(name).with_context(|| format!("internal: no map {name}"));
     let every = args.reports.every_or(1);
     let mut state = State {
         json: args.common.json,
         interval: every.as_secs(),
-        stats: PerCpuArray::try_from(take("STATS")?)?,
-        hist: PerCpuArray::try_from(take("HIST")?)?,
+        stats: tracer.map("STATS")?,
+        hist: tracer.map("HIST")?,
         last: [0; STAT_COUNT as usize],
         rows: 0,
     };
     let ready = format!("tracing reclaim ({} tracepoints), one row every {} s", attached.len(), every.as_secs());
     let count = args.reports.count();
-    tools::stream(&mut bpf, "vmscan", &args.common, &mut signals, Some(every), count, &ready, &mut state).await?;
+    tracer.stream(&args.common, Some(every), count, &ready, &mut state).await?;
     Ok(())
 }
 

@@ -11,7 +11,7 @@ use aya::{
 use memtrace_common::memleak::{ForkOffsets, KmemOffsets};
 
 use crate::{
-    kernel::{self, UProbeLinkId, UprobeError, placement::Placement, tracefs::Format},
+    kernel::{self, AttachPoint, Probe, UProbeLinkId, UprobeError, placement::Placement, tracefs::Format},
     target::Allocator,
 };
 
@@ -199,29 +199,59 @@ pub(super) fn kmem_offsets() -> Result<KmemOffsets> {
     Ok(k)
 }
 
+const fn tp(prog: &'static str, category: &'static str, names: &'static [&'static str]) -> Probe {
+    Probe::Tracepoint { prog, category, names }
+}
+
+/// Kernel mode's tracepoints, all needed.
+pub(super) const KERNEL: AttachPoint = AttachPoint {
+    label: "tracepoints kmem:{kmalloc,kfree,kmem_cache_alloc,kmem_cache_free,mm_page_alloc,mm_page_free}",
+    probes: &[
+        tp("memleak_kmalloc", "kmem", &["kmalloc"]),
+        tp("memleak_kfree", "kmem", &["kfree"]),
+        tp("memleak_cache_alloc", "kmem", &["kmem_cache_alloc"]),
+        tp("memleak_cache_free", "kmem", &["kmem_cache_free"]),
+        tp("memleak_page_alloc", "kmem", &["mm_page_alloc"]),
+        tp("memleak_page_free", "kmem", &["mm_page_free"]),
+    ],
+};
+
+/// The `_node` variants, which newer kernels merged into the plain ones.
+pub(super) const KERNEL_NODE: &[Probe] = &[
+    tp("memleak_kmalloc_node", "kmem", &["kmalloc_node"]),
+    tp("memleak_cache_alloc_node", "kmem", &["kmem_cache_alloc_node"]),
+];
+
+/// `--percpu`.
+pub(super) const PERCPU: &[Probe] = &[
+    tp("memleak_percpu_alloc", "percpu", &["percpu_alloc_percpu"]),
+    tp("memleak_percpu_free", "percpu", &["percpu_free_percpu"]),
+];
+
+/// Forks (for `-c` and `--children`) and execs.
+pub(super) const LIFECYCLE: &[Probe] =
+    &[tp("memleak_newtask", "task", &["task_newtask"]), tp("memleak_exec", "sched", &["sched_process_exec"])];
+
+fn attach(bpf: &mut Ebpf, probe: &Probe) -> Result<&'static str> {
+    let Probe::Tracepoint { prog, category, names: &[name] } = *probe else {
+        unreachable!("memleak's kernel probes are single tracepoints")
+    };
+    kernel::attach_tracepoint(bpf, prog, category, name)?;
+    Ok(name)
+}
+
 pub(super) fn kernel(bpf: &mut Ebpf, percpu: bool) -> Result<Vec<String>> {
-    let mut points = vec![
-        ("memleak_kmalloc", "kmem", "kmalloc", true),
-        ("memleak_kmalloc_node", "kmem", "kmalloc_node", false),
-        ("memleak_kfree", "kmem", "kfree", true),
-        ("memleak_cache_alloc", "kmem", "kmem_cache_alloc", true),
-        ("memleak_cache_alloc_node", "kmem", "kmem_cache_alloc_node", false),
-        ("memleak_cache_free", "kmem", "kmem_cache_free", true),
-        ("memleak_page_alloc", "kmem", "mm_page_alloc", true),
-        ("memleak_page_free", "kmem", "mm_page_free", true),
-    ];
-    if percpu {
-        points.push(("memleak_percpu_alloc", "percpu", "percpu_alloc_percpu", true));
-        points.push(("memleak_percpu_free", "percpu", "percpu_free_percpu", true));
-    }
     let mut attached = Vec::new();
-    for (prog, category, name, required) in points {
-        if !required && !crate::kernel::tracefs::exists(category, name) {
+    for probe in KERNEL.probes.iter().chain(if percpu { PERCPU } else { &[] }) {
+        attached.push(attach(bpf, probe)?.to_string());
+    }
+    for probe in KERNEL_NODE {
+        let Probe::Tracepoint { category, names: &[name], .. } = *probe else { continue };
+        if !crate::kernel::tracefs::exists(category, name) {
             tracing::info!("tracepoint {category}:{name} absent on this kernel (merged into its plain variant)");
             continue;
         }
-        kernel::attach_tracepoint(bpf, prog, category, name)?;
-        attached.push(name.to_string());
+        attached.push(attach(bpf, probe)?.to_string());
     }
     Ok(attached)
 }
@@ -234,6 +264,8 @@ pub(super) fn fork_offsets() -> Result<ForkOffsets> {
 
 /// The tracepoints that follow processes: forks (for `-c` and `--children`) and execs.
 pub(super) fn lifecycle(bpf: &mut Ebpf) -> Result<()> {
-    kernel::attach_tracepoint(bpf, "memleak_newtask", "task", "task_newtask")?;
-    kernel::attach_tracepoint(bpf, "memleak_exec", "sched", "sched_process_exec")
+    for probe in LIFECYCLE {
+        attach(bpf, probe)?;
+    }
+    Ok(())
 }

@@ -16,7 +16,7 @@ use aya::{
 use memtrace_common::memleak::{AllocInfo, AllocKey, Tracked};
 
 use super::attach;
-use crate::{kernel, target, target::Allocator};
+use crate::{kernel, target, target::Allocator, tools::tracer::Tracer};
 
 pub(super) struct Proc {
     pub alloc: Allocator,
@@ -46,16 +46,15 @@ pub(super) struct Procs {
 
 impl Procs {
     pub(super) fn new(
-        bpf: &mut Ebpf,
+        tracer: &mut Tracer,
         prefix: &str,
         obj: Option<PathBuf>,
         skip: &'static [&'static str],
     ) -> Result<Procs> {
-        let mut take = |name: &str| bpf.take_map(name).with_context(|| format!("internal: no map {name}"));
         Ok(Procs {
-            tracked: HashMap::try_from(take("TRACKED")?)?,
-            copying: HashMap::try_from(take("COPYING")?)?,
-            early: HashMap::try_from(take("EARLY_FREES")?)?,
+            tracked: tracer.map("TRACKED")?,
+            copying: tracer.map("COPYING")?,
+            early: tracer.map("EARLY_FREES")?,
             list: BTreeMap::new(),
             prefix: prefix.to_string(),
             obj,

@@ -6,11 +6,8 @@ use std::{
     time::Instant,
 };
 
-use anyhow::{Context as _, Result};
-use aya::{
-    Ebpf,
-    maps::{HashMap, MapData, PerCpuArray, RingBuf},
-};
+use anyhow::Result;
+use aya::maps::{HashMap, MapData, PerCpuArray, RingBuf};
 use memtrace_common::{
     NO_PID, STACK_LOST,
     memleak::{
@@ -26,6 +23,7 @@ use crate::{
     kernel,
     output::{self, Dropped},
     symbolize::{Frame, KernelSymbolizer, UserSymbolizer},
+    tools::tracer::Tracer,
     tools::{
         monotonic_ns,
         stacks::{self, StackStore},
@@ -40,11 +38,9 @@ pub(super) struct Maps {
 }
 
 impl Maps {
-    pub(super) fn take(bpf: &mut Ebpf) -> Result<(Maps, RingBuf<MapData>)> {
-        let mut take = |name: &str| bpf.take_map(name).with_context(|| format!("internal: no map {name}"));
-        let allocs = HashMap::try_from(take("ALLOCS")?)?;
-        let (stats, ring) = (PerCpuArray::try_from(take("STATS")?)?, RingBuf::try_from(take("EVENTS")?)?);
-        let stacks = StackStore::take(bpf, Some("--max-stacks"))?;
+    pub(super) fn take(tracer: &mut Tracer) -> Result<(Maps, RingBuf<MapData>)> {
+        let (allocs, stats, ring) = (tracer.map("ALLOCS")?, tracer.map("STATS")?, tracer.map("EVENTS")?);
+        let stacks = StackStore::take(&mut tracer.bpf, Some("--max-stacks"))?;
         Ok((Maps { allocs, stacks, stats }, ring))
     }
 

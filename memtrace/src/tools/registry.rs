@@ -1,0 +1,149 @@
+//! The one list of tracers. Each tool module exports `Args` (with `validate`), `run` and a
+//! `SPEC`; one line in `registry!` below makes it a subcommand, a row in `memtrace probe`, and
+//! a checked entry in the tests that hold program names to the eBPF objects.
+
+use anyhow::Result;
+
+use super::{brkstack, drsnoop, faults, hfaults, memleak, mmapsnoop, oomkill, probe, shmsnoop, swapin, vmscan};
+use crate::kernel::{AttachPoint, Probe};
+
+/// How a tracer (or one mode of it) attaches, as `memtrace probe` checks it.
+pub enum Plan {
+    /// Uprobes found per target at run time (memleak's allocator): only the feature is checked.
+    Uprobes(&'static str),
+    /// Attach points in order of preference: the first that resolves is used.
+    Points(&'static [AttachPoint]),
+    /// Each tracepoint optional (a missing one leaves its column at 0), at least one needed:
+    /// (label, category, [(program, names newest first)]).
+    AnyOf(&'static str, &'static str, &'static [(&'static str, &'static [&'static str])]),
+}
+
+/// What a tracer is, beyond its options: the eBPF object it loads and how it attaches.
+pub struct ToolSpec {
+    /// The subcommand; also the eBPF object's name and the memtrace-common module's.
+    pub name: &'static str,
+    pub object: &'static [u8],
+    /// (row name in `memtrace probe`, plan): one per mode that attaches differently.
+    pub modes: &'static [(&'static str, Plan)],
+    /// Probes used when present or asked for (optional columns, `--memcg`, `--kernel`).
+    pub optional: &'static [Probe],
+}
+
+impl ToolSpec {
+    /// Every program the spec names, for checking against the object.
+    #[cfg(test)]
+    pub fn programs(&self) -> Vec<&'static str> {
+        let prog = |p: &Probe| match *p {
+            Probe::Kprobe { prog, .. } | Probe::Tracepoint { prog, .. } => prog,
+        };
+        let mut all: Vec<&str> = self.optional.iter().map(prog).collect();
+        for (_, plan) in self.modes {
+            match plan {
+                Plan::Uprobes(_) => {}
+                Plan::Points(points) => all.extend(points.iter().flat_map(|p| p.probes).map(prog)),
+                Plan::AnyOf(_, _, list) => all.extend(list.iter().map(|(prog, _)| *prog)),
+            }
+        }
+        all
+    }
+}
+
+/// Declares the subcommands: `Variant => module` per tracer, with the variant's doc comment
+/// as its one-line help.
+macro_rules! registry {
+    ($($(#[$doc:meta])* $variant:ident => $module:ident,)*) => {
+        #[derive(clap::Subcommand, Debug)]
+        pub enum Tool {
+            $($(#[$doc])* $variant($module::Args),)*
+            /// What this kernel supports, and how each tool would attach.
+            Probe(probe::Args),
+            /// The floor tracer of `cargo xtask bench` (not a tool; built with `--features bench`).
+            #[cfg(feature = "bench")]
+            #[command(hide = true)]
+            Benchfloor(super::benchfloor::Args),
+        }
+
+        /// Every tracer, in `--help` order.
+        pub const SPECS: &[&ToolSpec] = &[$(&$module::SPEC,)*];
+
+        impl Tool {
+            /// Checks the arguments before anything is loaded: bad input is a one-line error
+            /// here, without root and before any probe exists.
+            pub fn validate(&self) -> Result<()> {
+                match self {
+                    $(Tool::$variant(args) => args.validate(),)*
+                    Tool::Probe(_) => Ok(()),
+                    #[cfg(feature = "bench")]
+                    Tool::Benchfloor(args) => crate::target::check_pid(args.pid),
+                }
+            }
+
+            pub async fn run(self) -> Result<()> {
+                match self {
+                    $(Tool::$variant(args) => $module::run(args).await,)*
+                    Tool::Probe(args) => probe::run(args).await,
+                    #[cfg(feature = "bench")]
+                    Tool::Benchfloor(args) => super::benchfloor::run(args).await,
+                }
+            }
+        }
+    };
+}
+
+registry! {
+    /// Memory allocated and not freed, per stack (user process or kernel).
+    Memleak => memleak,
+    /// OOM kills: victim, trigger, memory, cgroup.
+    Oomkill => oomkill,
+    /// Every mmap, munmap and mremap, decoded.
+    Mmapsnoop => mmapsnoop,
+    /// Heap growth (brk) per user stack.
+    Brkstack => brkstack,
+    /// System V shared memory calls, decoded.
+    Shmsnoop => shmsnoop,
+    /// Page faults per stack and process, or each fault.
+    Faults => faults,
+    /// Reclaim activity per interval, with latency histograms.
+    Vmscan => vmscan,
+    /// Each direct reclaim: who stalled and for how long.
+    Drsnoop => drsnoop,
+    /// Swap-ins per process per interval.
+    Swapin => swapin,
+    /// Hugetlb page faults per process and file.
+    Hfaults => hfaults,
+}
+
+#[cfg(test)]
+mod tests {
+    use object::{Object as _, ObjectSymbol as _};
+
+    use super::*;
+
+    /// Program names are strings on the user side and function names on the eBPF side: every
+    /// one a spec names must be in that tool's object, and every spec must be a subcommand.
+    #[test]
+    fn every_program_a_spec_names_is_in_its_object() {
+        use clap::CommandFactory as _;
+        #[derive(clap::Parser)]
+        struct Cli {
+            #[command(subcommand)]
+            tool: Tool,
+        }
+        let cmd = Cli::command();
+        for spec in SPECS {
+            assert!(cmd.find_subcommand(spec.name).is_some(), "{} is not a subcommand", spec.name);
+            let file = object::File::parse(spec.object).unwrap_or_else(|e| panic!("{}: {e}", spec.name));
+            let symbols: Vec<&str> = file.symbols().filter_map(|s| s.name().ok()).collect();
+            let programs = spec.programs();
+            assert!(!programs.is_empty() || spec.name == "memleak", "{}: no programs", spec.name);
+            for prog in programs {
+                assert!(prog.starts_with(spec.name), "{}: program {prog} not named after its tool", spec.name);
+                assert!(symbols.contains(&prog), "{}: no program {prog} in its object", spec.name);
+            }
+        }
+        let names: Vec<&str> = SPECS.iter().map(|s| s.name).collect();
+        for sub in cmd.get_subcommands().map(|s| s.get_name()) {
+            assert!(names.contains(&sub) || sub == "probe" || sub == "benchfloor", "subcommand {sub} has no spec");
+        }
+    }
+}
