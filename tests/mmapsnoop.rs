@@ -117,8 +117,9 @@ fn mmapsnoop_failed_only_in_a_table() {
     let lines: Vec<&str> = stdout.lines().collect();
     assert_eq!(lines.len(), 2, "a header and one failed call expected:\n{stdout}");
     let header: Vec<&str> = lines[0].split_whitespace().collect();
-    assert_eq!(header, ["TIME", "TIME(s)", "PID", "COMM", "CALL", "RET", "ADDR", "LEN", "PROT", "FLAGS", "FD", "PATH"]);
+    assert_eq!(header, ["TIME(s)", "TIME", "PID", "COMM", "CALL", "RET", "ADDR", "LEN", "PROT", "FLAGS", "FD", "PATH"]);
     let row: Vec<&str> = lines[1].split_whitespace().collect();
+    assert!(row[0].parse::<f64>().is_ok_and(|s| s > 0.0) && row[1].len() == 8, "{}", lines[1]);
     assert_eq!(
         row[2..],
         [

@@ -15,6 +15,7 @@ use serde::Serialize;
 use crate::symbolize::Frame;
 
 pub mod decode;
+pub mod events;
 pub mod hex;
 pub mod histogram;
 pub mod ready;

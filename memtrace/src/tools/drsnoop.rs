@@ -7,10 +7,10 @@ use serde::Serialize;
 
 use crate::{
     kernel::{self, AttachPoint, Probe, tracefs::Format},
-    output,
+    output::{self, events::Events},
     tools::registry::{Plan, ToolSpec},
     tools::tracer::Tracer,
-    tools::{self, CommonArgs, args::Timestamp, c_str, monotonic_ns},
+    tools::{self, CommonArgs, args::Timestamp, c_str},
 };
 
 const OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/drsnoop"));
@@ -104,13 +104,8 @@ pub async fn run(args: Args) -> Result<()> {
     if args.memcg {
         tracer.attach(MEMCG)?;
     }
-    let mut state = State {
-        json: args.common.json,
-        timestamp: args.timestamp.timestamp,
-        start_ns: monotonic_ns(),
-        header: false,
-        seen: 0,
-    };
+    let header = format!("{:<16} {:>7} {:>7} {:<6} {:>10} {:>7}", "COMM", "PID", "TID", "KIND", "LAT(ms)", "PAGES");
+    let mut state = State { out: Events::new(args.common.json, args.timestamp.timestamp, header) };
     let ready = if args.memcg { "tracing direct and memcg reclaim" } else { "tracing direct reclaim" };
     tracer.stream(&args.common, None, None, ready, &mut state).await?;
     Ok(())
@@ -138,11 +133,7 @@ fn check_tid(tid: u32) -> Result<()> {
 }
 
 struct State {
-    json: bool,
-    timestamp: bool,
-    start_ns: u64,
-    header: bool,
-    seen: u64,
+    out: Events,
 }
 
 #[derive(Serialize)]
@@ -162,10 +153,9 @@ struct Reclaim {
 impl tools::Stream for State {
     fn event(&mut self, data: &[u8]) -> Result<()> {
         let Some(e) = tools::read_event::<Event>(data) else { return Ok(()) };
-        self.seen += 1;
         let r = Reclaim {
-            time: if self.json { output::now_ms() } else { output::hms() },
-            ts_s: e.start_ns.saturating_sub(self.start_ns) as f64 / 1e9,
+            time: output::now_ms(),
+            ts_s: self.out.secs(e.start_ns),
             pid: e.pid,
             tid: e.tid,
             comm: c_str(&e.comm),
@@ -174,41 +164,15 @@ impl tools::Stream for State {
             latency_ns: e.latency_ns,
             pages: e.nr_reclaimed,
         };
-        if self.json {
-            return output::json_line(&r);
-        }
-        let stamp = |s: &str| if self.timestamp { format!("{s:<11} ") } else { String::new() };
-        if !self.header {
-            self.header = true;
-            output::line(&format!(
-                "{}{:<8} {:<16} {:>7} {:>7} {:<6} {:>10} {:>7}",
-                stamp("TIME(s)"),
-                "TIME",
-                "COMM",
-                "PID",
-                "TID",
-                "KIND",
-                "LAT(ms)",
-                "PAGES"
-            ))?;
-        }
-        output::line(&format!(
-            "{}{:<8} {:<16} {:>7} {:>7} {:<6} {:>10.3} {:>7}",
-            stamp(&format!("{:.6}", r.ts_s)),
-            r.time,
-            r.comm,
-            r.pid,
-            r.tid,
-            r.kind,
-            r.latency_ms,
-            r.pages
-        ))
+        self.out.record(
+            e.start_ns,
+            || &r,
+            || format!("{:<16} {:>7} {:>7} {:<6} {:>10.3} {:>7}", r.comm, r.pid, r.tid, r.kind, r.latency_ms, r.pages),
+        )
     }
 
     fn finish(&mut self, lost: u64) -> Result<()> {
-        if self.json {
-            output::json_line(&serde_json::json!({"final": true, "events_lost": lost, "reclaims": self.seen}))?;
-        }
-        Ok(())
+        let reclaims = self.out.count;
+        self.out.finish(lost, serde_json::json!({ "reclaims": reclaims }))
     }
 }

@@ -12,6 +12,7 @@ use crate::{
     output::{
         self,
         decode::{errno_name, errno_of, flag_names},
+        events::Events,
         hex::hex,
     },
     tools::registry::{Plan, ToolSpec},
@@ -68,15 +69,7 @@ pub async fn run(args: Args) -> Result<()> {
         loader.override_global("CONFIG", &config, true);
     })?;
     tracer.attach(ATTACH)?;
-    let mut snoop = Snoop {
-        json: args.common.json,
-        timestamp: args.timestamp.timestamp,
-        start_ns: tools::monotonic_ns(),
-        events: 0,
-    };
-    if !snoop.json {
-        output::line(&snoop.header())?;
-    }
+    let mut snoop = Snoop { out: Events::new(args.common.json, args.timestamp.timestamp, header()) };
     let what =
         if args.failed { "tracing failed mmap, munmap and mremap calls" } else { "tracing mmap, munmap and mremap" };
     tracer.stream(&args.common, None, None, what, &mut snoop).await?;
@@ -100,77 +93,63 @@ fn offsets() -> Result<Offsets> {
 }
 
 struct Snoop {
-    json: bool,
-    timestamp: bool,
-    start_ns: u64,
-    events: u64,
-}
-
-impl Snoop {
-    fn header(&self) -> String {
-        let secs = if self.timestamp { format!("{:<12} ", "TIME(s)") } else { String::new() };
-        format!(
-            "{:<8} {secs}{:<7} {:<16} {:<6} {:>14} {:>14} {:>10} {:<20} {:<40} {:>4} PATH",
-            "TIME", "PID", "COMM", "CALL", "RET", "ADDR", "LEN", "PROT", "FLAGS", "FD"
-        )
-    }
+    out: Events,
 }
 
 impl tools::Stream for Snoop {
     fn event(&mut self, data: &[u8]) -> Result<()> {
         let Some(e) = tools::read_event::<Event>(data) else { return Ok(()) };
-        self.events += 1;
         let call = Call::of(&e);
         let path = call.file_path(e.pid, e.ret);
-        if self.json {
-            return output::json_line(&to_json(&e, &call, &path));
-        }
-        let secs = if self.timestamp {
-            format!("{:<12.6} ", e.ts_ns.saturating_sub(self.start_ns) as f64 / 1e9)
-        } else {
-            String::new()
-        };
-        let ret = match errno_of(e.ret) {
-            Some(n) => errno_name(n),
-            None if e.call == CALL_MUNMAP => e.ret.to_string(),
-            None => format!("{:#x}", e.ret),
-        };
-        let (len, prot, flags, fd) = match call {
-            Call::Mmap { len, prot, flags, fd, .. } => {
-                let fd = if is_file(flags, fd) { fd.to_string() } else { "-".into() };
-                (len.to_string(), prot_str(prot), map_flags_str(flags), fd)
-            }
-            Call::Munmap { len, .. } => (len.to_string(), "-".into(), "-".into(), "-".into()),
-            Call::Mremap { old_len, new_len, flags, .. } => {
-                (format!("{old_len}->{new_len}"), "-".into(), mremap_flags_str(flags), "-".into())
-            }
-        };
-        let path = match &path {
-            FilePath::NotFile => "-".into(),
-            FilePath::Known { path, .. } => path.clone(),
-            FilePath::Unknown => "[unknown]".into(),
-        };
-        output::line(&format!(
-            "{:<8} {secs}{:<7} {:<16} {:<6} {:>14} {:>14} {:>10} {:<20} {:<40} {:>4} {path}",
-            output::hms(),
-            e.pid,
-            tools::c_str(&e.comm),
-            call.name(),
-            ret,
-            format!("{:#x}", call.addr()),
-            len,
-            prot,
-            flags,
-            fd
-        ))
+        self.out.record(e.ts_ns, || to_json(&e, &call, &path), || row(&e, &call, &path))
     }
 
     fn finish(&mut self, lost: u64) -> Result<()> {
-        if self.json {
-            output::json_line(&json!({"final": true, "events": self.events, "events_lost": lost}))?;
-        }
-        Ok(())
+        self.out.finish(lost, Value::Null)
     }
+}
+
+fn header() -> String {
+    format!(
+        "{:<7} {:<16} {:<6} {:>14} {:>14} {:>10} {:<20} {:<40} {:>4} PATH",
+        "PID", "COMM", "CALL", "RET", "ADDR", "LEN", "PROT", "FLAGS", "FD"
+    )
+}
+
+/// The table's columns after TIME.
+fn row(e: &Event, call: &Call, path: &FilePath) -> String {
+    let ret = match errno_of(e.ret) {
+        Some(n) => errno_name(n),
+        None if e.call == CALL_MUNMAP => e.ret.to_string(),
+        None => format!("{:#x}", e.ret),
+    };
+    let (len, prot, flags, fd) = match *call {
+        Call::Mmap { len, prot, flags, fd, .. } => {
+            let fd = if is_file(flags, fd) { fd.to_string() } else { "-".into() };
+            (len.to_string(), prot_str(prot), map_flags_str(flags), fd)
+        }
+        Call::Munmap { len, .. } => (len.to_string(), "-".into(), "-".into(), "-".into()),
+        Call::Mremap { old_len, new_len, flags, .. } => {
+            (format!("{old_len}->{new_len}"), "-".into(), mremap_flags_str(flags), "-".into())
+        }
+    };
+    let path = match path {
+        FilePath::NotFile => "-".into(),
+        FilePath::Known { path, .. } => path.clone(),
+        FilePath::Unknown => "[unknown]".into(),
+    };
+    format!(
+        "{:<7} {:<16} {:<6} {:>14} {:>14} {:>10} {:<20} {:<40} {:>4} {path}",
+        e.pid,
+        tools::c_str(&e.comm),
+        call.name(),
+        ret,
+        format!("{:#x}", call.addr()),
+        len,
+        prot,
+        flags,
+        fd
+    )
 }
 
 /// One event's arguments, by call.

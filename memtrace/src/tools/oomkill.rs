@@ -17,7 +17,7 @@ use serde::Serialize;
 
 use crate::{
     kernel::{self, AttachPoint, Probe, btf, kallsyms::Kallsyms, tracefs::Format},
-    output,
+    output::{self, events::Events},
     symbolize::{Frame, UserSymbolizer},
     tools::registry::{Plan, ToolSpec},
     tools::tracer::Tracer,
@@ -97,8 +97,7 @@ pub async fn run(args: Args) -> Result<()> {
         symbolizer: UserSymbolizer::new(),
         kallsyms: None,
         triggers: HashMap::new(),
-        kills: 0,
-        header: false,
+        out: Events::new(args.common.json, false, "TRIGGER                    VICTIM, MEMORY, MEMCG, LOADAVG"),
     };
     let ready = format!("tracing OOM kills ({how})");
     tracer.stream(&args.common, None, None, &ready, &mut state).await?;
@@ -196,8 +195,7 @@ struct State {
     kallsyms: Option<Option<Kallsyms>>,
     /// Trigger stacks from the kprobe, by thread, waiting for their mark_victim.
     triggers: HashMap<u32, Vec<Frame>>,
-    kills: u64,
-    header: bool,
+    out: Events,
 }
 
 /// One OOM kill, as printed. Memory in kB; fields the kernel does not record are null.
@@ -270,7 +268,7 @@ impl State {
             None => (if found.limited.is_some() { "memcg" } else { "global" }, found.limited),
         };
         Kill {
-            time: if self.json { output::now_ms() } else { output::hms() },
+            time: output::now_ms(),
             trigger_pid: e.trigger_pid,
             trigger_tid: e.trigger_tid,
             trigger_comm: c_str(&e.trigger_comm),
@@ -306,16 +304,8 @@ impl tools::Stream for State {
             }
             EV_VICTIM => {
                 let kill = self.kill(&event);
-                self.kills += 1;
-                if self.json {
-                    output::json_line(&kill)?;
-                } else {
-                    if !self.header {
-                        self.header = true;
-                        output::line("TIME     TRIGGER                    VICTIM, MEMORY, MEMCG, LOADAVG")?;
-                    }
-                    output::line(&render(&kill))?;
-                }
+                // No --timestamp here: the kernel-clock time is never shown.
+                self.out.record(0, || &kill, || render(&kill))?;
             }
             _ => {}
         }
@@ -324,10 +314,9 @@ impl tools::Stream for State {
 
     fn finish(&mut self, lost: u64) -> Result<()> {
         let cut = self.unwinder.cut();
-        if self.json {
-            let end = serde_json::json!({"final": true, "events_lost": lost, "kills": self.kills, "cut_stacks": cut});
-            output::json_line(&end)?;
-        } else if cut.walks > cut.complete {
+        let kills = self.out.count;
+        self.out.finish(lost, serde_json::json!({"kills": kills, "cut_stacks": cut}))?;
+        if !self.json && cut.walks > cut.complete {
             // Trigger stacks are walked once each, so a cut one is worth a line.
             eprintln!("memtrace: oomkill: {}", output::stack_blind_spots(&[], &cut));
         }
@@ -338,7 +327,7 @@ impl tools::Stream for State {
 fn render(k: &Kill) -> String {
     use std::fmt::Write as _;
     let trigger = format!("{} ({})", k.trigger_pid, k.trigger_comm);
-    let mut s = format!("{} {trigger:<26} killed {} ({})", k.time, k.victim_pid, k.victim_comm);
+    let mut s = format!("{trigger:<26} killed {} ({})", k.victim_pid, k.victim_comm);
     let kb = [
         ("total-vm", k.total_vm_kb),
         ("anon-rss", k.anon_rss_kb),

@@ -10,6 +10,7 @@ use crate::{
     output::{
         self,
         decode::{errno_name, errno_of, flag_names},
+        events::Events,
         hex::hex,
     },
     tools::registry::{Plan, ToolSpec},
@@ -72,16 +73,8 @@ pub async fn run(args: Args) -> Result<()> {
         loader.override_global("CONFIG", &config, true);
     })?;
     tracer.attach(ATTACH)?;
-    let mut snoop = Snoop {
-        json: args.common.json,
-        timestamp: args.timestamp.timestamp,
-        start_ns: tools::monotonic_ns(),
-        events: 0,
-    };
-    if !snoop.json {
-        let secs = if snoop.timestamp { format!("{:<12} ", "TIME(s)") } else { String::new() };
-        output::line(&format!("{:<8} {secs}{:<7} {:<16} {:<7} {:>14} ARGS", "TIME", "PID", "COMM", "SYSCALL", "RET"))?;
-    }
+    let header = format!("{:<7} {:<16} {:<7} {:>14} ARGS", "PID", "COMM", "SYSCALL", "RET");
+    let mut snoop = Snoop { out: Events::new(args.common.json, args.timestamp.timestamp, header) };
     let what = if args.failed { "tracing failed shm* calls" } else { "tracing shmget, shmat, shmdt and shmctl" };
     tracer.stream(&args.common, None, None, what, &mut snoop).await?;
     Ok(())
@@ -106,45 +99,29 @@ fn offsets() -> Result<Offsets> {
 }
 
 struct Snoop {
-    json: bool,
-    timestamp: bool,
-    start_ns: u64,
-    events: u64,
+    out: Events,
 }
 
 impl tools::Stream for Snoop {
     fn event(&mut self, data: &[u8]) -> Result<()> {
         let Some(e) = tools::read_event::<Event>(data) else { return Ok(()) };
-        self.events += 1;
         let call = Call::of(&e);
-        if self.json {
-            return output::json_line(&to_json(&e, &call));
-        }
-        let secs = if self.timestamp {
-            format!("{:<12.6} ", e.ts_ns.saturating_sub(self.start_ns) as f64 / 1e9)
-        } else {
-            String::new()
-        };
-        let ret = match errno_of(e.ret) {
-            Some(n) => errno_name(n),
-            None if matches!(call, Call::Shmat { .. }) => format!("{:#x}", e.ret),
-            None => e.ret.to_string(),
-        };
-        output::line(&format!(
-            "{:<8} {secs}{:<7} {:<16} {:<7} {ret:>14} {}",
-            output::hms(),
-            e.pid,
-            tools::c_str(&e.comm),
-            call.name(),
-            call.args()
-        ))
+        self.out.record(
+            e.ts_ns,
+            || to_json(&e, &call),
+            || {
+                let ret = match errno_of(e.ret) {
+                    Some(n) => errno_name(n),
+                    None if matches!(call, Call::Shmat { .. }) => format!("{:#x}", e.ret),
+                    None => e.ret.to_string(),
+                };
+                format!("{:<7} {:<16} {:<7} {ret:>14} {}", e.pid, tools::c_str(&e.comm), call.name(), call.args())
+            },
+        )
     }
 
     fn finish(&mut self, lost: u64) -> Result<()> {
-        if self.json {
-            output::json_line(&json!({"final": true, "events": self.events, "events_lost": lost}))?;
-        }
-        Ok(())
+        self.out.finish(lost, serde_json::Value::Null)
     }
 }
 
