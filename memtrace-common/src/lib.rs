@@ -17,6 +17,17 @@ pub mod swapin;
 pub mod unwind;
 pub mod vmscan;
 
+/// Names by which user space finds what every tracer's object declares the same way (the
+/// eBPF side declares them through `memtrace_ebpf::filter!` and `memtrace_ebpf::events!`).
+pub mod names {
+    /// The `Filter` global.
+    pub const FILTER: &str = "FILTER";
+    /// The tool's ring buffer of events.
+    pub const EVENTS: &str = "EVENTS";
+    /// Per-CPU count of events the ring buffer could not take.
+    pub const LOST: &str = "LOST";
+}
+
 /// Which tasks a tracer reports, set by user space before load (`-p`, `--comm`).
 #[repr(C)]
 #[derive(Copy, Clone, Debug, Default)]
@@ -26,6 +37,11 @@ pub struct Filter {
     /// Non-zero: keep only tasks whose comm equals `comm`.
     pub has_comm: u32,
     pub comm: [u8; 16],
+}
+
+impl Filter {
+    /// Every task.
+    pub const ALL: Filter = Filter { pid: 0, has_comm: 0, comm: [0; 16] };
 }
 
 user_pod!(Filter);

@@ -5,13 +5,13 @@
 
 use aya_ebpf::{
     Global,
-    btf_maps::{HashMap, PerCpuArray, RingBuf},
+    btf_maps::{HashMap, PerCpuArray},
     helpers::bpf_get_current_comm,
     macros::{btf_map, tracepoint},
     programs::TracePointContext,
 };
 use memtrace_common::{
-    Filter, STACK_LOST,
+    STACK_LOST,
     brkstack::{
         BrkKey, BrkTotal, Config, EV_CALL, EV_NEW_STACK, Event, FLAG_UNKNOWN_PREV, Offsets, STAT_COUNT, STAT_NO_ENTRY,
         STAT_STACK_COLLISION, STAT_STACK_LOST, STAT_TOTALS_FULL, STAT_UNKNOWN_PREV,
@@ -21,8 +21,7 @@ use memtrace_ebpf::{BPF_NOEXIST, EEXIST, atomic_add, bump, current_pid_tgid, sta
 
 memtrace_ebpf::license!();
 
-#[unsafe(no_mangle)]
-static FILTER: Global<Filter> = Global::new(Filter { pid: 0, has_comm: 0, comm: [0; 16] });
+memtrace_ebpf::filter!();
 #[unsafe(no_mangle)]
 static CONFIG: Global<Config> = Global::new(Config { events: 0, self_pid: 0 });
 // name: sys_enter_brk
@@ -45,10 +44,7 @@ static PENDING: HashMap<u32, u64, 16_384> = HashMap::new();
 memtrace_ebpf::stack_store!();
 #[btf_map]
 static STATS: PerCpuArray<u64, { STAT_COUNT as usize }> = PerCpuArray::new();
-#[btf_map]
-static EVENTS: RingBuf<Event, { 256 * 1024 }> = RingBuf::new();
-#[btf_map]
-static LOST: PerCpuArray<u64, 1> = PerCpuArray::new();
+memtrace_ebpf::events!(Event);
 
 #[tracepoint]
 pub fn brkstack_enter(ctx: TracePointContext) -> u32 {

@@ -5,21 +5,17 @@
 
 use aya_ebpf::{
     Global,
-    btf_maps::{HashMap, PerCpuArray, RingBuf},
+    btf_maps::HashMap,
     helpers::{bpf_get_current_comm, bpf_ktime_get_ns},
     macros::{btf_map, tracepoint},
     programs::TracePointContext,
 };
-use memtrace_common::{
-    Filter,
-    drsnoop::{Config, Event, KIND_DIRECT, KIND_MEMCG},
-};
+use memtrace_common::drsnoop::{Config, Event, KIND_DIRECT, KIND_MEMCG};
 use memtrace_ebpf::{current_pid_tgid, submit, tp_u64, wanted};
 
 memtrace_ebpf::license!();
 
-#[unsafe(no_mangle)]
-static FILTER: Global<Filter> = Global::new(Filter { pid: 0, has_comm: 0, comm: [0; 16] });
+memtrace_ebpf::filter!();
 
 #[unsafe(no_mangle)]
 static CONFIG: Global<Config> =
@@ -28,10 +24,7 @@ static CONFIG: Global<Config> =
 /// Start time per thread: a thread is in at most one direct or memcg reclaim at a time.
 #[btf_map]
 static STARTS: HashMap<u32, u64, 16_384> = HashMap::new();
-#[btf_map]
-static EVENTS: RingBuf<Event, { 256 * 1024 }> = RingBuf::new();
-#[btf_map]
-static LOST: PerCpuArray<u64, 1> = PerCpuArray::new();
+memtrace_ebpf::events!(Event);
 
 #[inline(always)]
 fn begin() -> u32 {

@@ -5,13 +5,13 @@
 
 use aya_ebpf::{
     Global,
-    btf_maps::{HashMap, PerCpuArray, RingBuf},
+    btf_maps::{HashMap, PerCpuArray},
     helpers::bpf_get_current_comm,
     macros::{btf_map, tracepoint},
     programs::TracePointContext,
 };
 use memtrace_common::{
-    Filter, STACK_LOST,
+    STACK_LOST,
     faults::{
         Config, EV_FAULT, EV_NEW_STACK, Event, FaultKey, KIND_KERNEL, KIND_USER, Offsets, ProcFaults, STAT_COUNT,
         STAT_COUNTS_FULL, STAT_KSTACK_LOST, STAT_PROCS_FULL, STAT_USTACK_LOST,
@@ -21,8 +21,7 @@ use memtrace_ebpf::{BPF_NOEXIST, EEXIST, atomic_add, bump, current_pid_tgid, sub
 
 memtrace_ebpf::license!();
 
-#[unsafe(no_mangle)]
-static FILTER: Global<Filter> = Global::new(Filter { pid: 0, has_comm: 0, comm: [0; 16] });
+memtrace_ebpf::filter!();
 #[unsafe(no_mangle)]
 static CONFIG: Global<Config> = Global::new(Config { events: 0, self_pid: 0 });
 // name: page_fault_user (page_fault_kernel has the same layout)
@@ -39,10 +38,7 @@ static PROCS: HashMap<u32, ProcFaults, 16_384> = HashMap::new();
 memtrace_ebpf::stack_store!();
 #[btf_map]
 static STATS: PerCpuArray<u64, { STAT_COUNT as usize }> = PerCpuArray::new();
-#[btf_map]
-static EVENTS: RingBuf<Event, { 256 * 1024 }> = RingBuf::new();
-#[btf_map]
-static LOST: PerCpuArray<u64, 1> = PerCpuArray::new();
+memtrace_ebpf::events!(Event);
 
 #[tracepoint]
 pub fn faults_user(ctx: TracePointContext) -> u32 {

@@ -10,24 +10,20 @@
 
 use aya_ebpf::{
     Global,
-    btf_maps::{HashMap, LruHashMap, PerCpuArray, RingBuf},
+    btf_maps::{HashMap, LruHashMap, PerCpuArray},
     helpers::{bpf_get_current_comm, bpf_probe_read_kernel, bpf_probe_read_kernel_str_bytes},
     macros::{btf_map, kprobe, tracepoint},
     programs::{ProbeContext, TracePointContext},
 };
-use memtrace_common::{
-    Filter,
-    hfaults::{
-        CALL_MMAP, CALL_MREMAP, CALL_MUNMAP, CALL_SHMDT, Call, DROPPED_RANGES, Event, FIELD_ABSENT, KernelOffsets,
-        MAP_HUGE_MASK, MAP_HUGE_SHIFT, MAP_HUGETLB, MAX_RANGES, MREMAP_DONTUNMAP, Ranges, SRC_KPROBE, SRC_TRACEPOINT,
-    },
+use memtrace_common::hfaults::{
+    CALL_MMAP, CALL_MREMAP, CALL_MUNMAP, CALL_SHMDT, Call, DROPPED_RANGES, Event, FIELD_ABSENT, KernelOffsets,
+    MAP_HUGE_MASK, MAP_HUGE_SHIFT, MAP_HUGETLB, MAX_RANGES, MREMAP_DONTUNMAP, Ranges, SRC_KPROBE, SRC_TRACEPOINT,
 };
 use memtrace_ebpf::{BPF_NOEXIST, bump, current_pid_tgid, submit, tp_u32, tp_u64, wanted};
 
 memtrace_ebpf::license!();
 
-#[unsafe(no_mangle)]
-static FILTER: Global<Filter> = Global::new(Filter { pid: 0, has_comm: 0, comm: [0; 16] });
+memtrace_ebpf::filter!();
 #[unsafe(no_mangle)]
 static OFFSETS: Global<KernelOffsets> = Global::new(KernelOffsets {
     vm_start: 0,
@@ -60,10 +56,7 @@ static RANGES: HashMap<u32, Ranges, 4096> = HashMap::new();
 /// Syscalls in flight, by thread (LRU: a thread that dies inside one leaves no slot taken).
 #[btf_map]
 static CALLS: LruHashMap<u32, Call, 4096> = LruHashMap::new();
-#[btf_map]
-static EVENTS: RingBuf<Event, { 256 * 1024 }> = RingBuf::new();
-#[btf_map]
-static LOST: PerCpuArray<u64, 1> = PerCpuArray::new();
+memtrace_ebpf::events!(Event);
 /// What the fallback could not keep (`DROPPED_RANGES`).
 #[btf_map]
 static DROPPED: PerCpuArray<u64, 1> = PerCpuArray::new();

@@ -112,6 +112,31 @@ pub fn tp_u32(ctx: &aya_ebpf::programs::TracePointContext, offset: u32) -> u32 {
     unsafe { ctx.read_at::<u32>(offset as usize) }.unwrap_or(0)
 }
 
+/// Declares `FILTER` (`memtrace_common::names::FILTER`), the `-p`/`--comm` filter user space
+/// sets before load; `wanted(&FILTER.load())` applies it.
+#[macro_export]
+macro_rules! filter {
+    () => {
+        #[unsafe(no_mangle)]
+        static FILTER: aya_ebpf::Global<memtrace_common::Filter> = aya_ebpf::Global::new(memtrace_common::Filter::ALL);
+    };
+}
+
+/// Declares `EVENTS`, the ring buffer of `$event`s to user space (256 KiB unless `$bytes`),
+/// and `LOST`, the per-CPU count of events it could not take (`memtrace_common::names`).
+#[macro_export]
+macro_rules! events {
+    ($event:ty) => {
+        $crate::events!($event, 256 * 1024);
+    };
+    ($event:ty, $bytes:expr) => {
+        #[aya_ebpf::macros::btf_map]
+        static EVENTS: aya_ebpf::btf_maps::RingBuf<$event, { $bytes }> = aya_ebpf::btf_maps::RingBuf::new();
+        #[aya_ebpf::macros::btf_map]
+        static LOST: aya_ebpf::btf_maps::PerCpuArray<u64, 1> = aya_ebpf::btf_maps::PerCpuArray::new();
+    };
+}
+
 /// The license section every object needs: the tracing helpers used are GPL-only.
 #[macro_export]
 macro_rules! license {

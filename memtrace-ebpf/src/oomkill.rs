@@ -8,7 +8,7 @@
 
 use aya_ebpf::{
     EbpfContext as _, Global,
-    btf_maps::{PerCpuArray, RingBuf},
+    btf_maps::PerCpuArray,
     helpers::{
         bpf_get_current_comm, bpf_get_current_task, bpf_ktime_get_ns, bpf_probe_read_kernel,
         bpf_probe_read_kernel_str_bytes, generated::bpf_get_stack,
@@ -17,7 +17,7 @@ use aya_ebpf::{
     programs::{ProbeContext, TracePointContext},
 };
 use memtrace_common::{
-    Filter, STACK_LOST,
+    STACK_LOST,
     oomkill::{
         EV_TRIGGER, EV_VICTIM, Event, FIELD_ABSENT, KSTACK_DEPTH, MARGIN_UNKNOWN, MEMCG_LEVELS, MemcgOffsets,
         VictimOffsets,
@@ -27,8 +27,7 @@ use memtrace_ebpf::{current_pid_tgid, submit, tp_u32, tp_u64, wanted};
 
 memtrace_ebpf::license!();
 
-#[unsafe(no_mangle)]
-static FILTER: Global<Filter> = Global::new(Filter { pid: 0, has_comm: 0, comm: [0; 16] });
+memtrace_ebpf::filter!();
 
 #[unsafe(no_mangle)]
 static VICTIM: Global<VictimOffsets> = Global::new(VictimOffsets {
@@ -50,10 +49,7 @@ static MEMCG: Global<MemcgOffsets> = Global::new(MemcgOffsets::UNSET);
 /// The event is built here: it is too large for the 512-byte BPF stack.
 #[btf_map]
 static SCRATCH: PerCpuArray<Event, 1> = PerCpuArray::new();
-#[btf_map]
-static EVENTS: RingBuf<Event, { 256 * 1024 }> = RingBuf::new();
-#[btf_map]
-static LOST: PerCpuArray<u64, 1> = PerCpuArray::new();
+memtrace_ebpf::events!(Event);
 memtrace_ebpf::stack_store!();
 
 /// The per-CPU event buffer, reset to an event about the current task (the trigger).

@@ -5,21 +5,17 @@
 
 use aya_ebpf::{
     Global,
-    btf_maps::{LruHashMap, PerCpuArray, RingBuf},
+    btf_maps::LruHashMap,
     helpers::{bpf_get_current_comm, bpf_ktime_get_ns},
     macros::{btf_map, tracepoint},
     programs::TracePointContext,
 };
-use memtrace_common::{
-    Filter,
-    shmsnoop::{CALL_SHMAT, CALL_SHMCTL, CALL_SHMDT, CALL_SHMGET, Config, Event, Offsets},
-};
+use memtrace_common::shmsnoop::{CALL_SHMAT, CALL_SHMCTL, CALL_SHMDT, CALL_SHMGET, Config, Event, Offsets};
 use memtrace_ebpf::{current_pid_tgid, submit, tp_u64, wanted};
 
 memtrace_ebpf::license!();
 
-#[unsafe(no_mangle)]
-static FILTER: Global<Filter> = Global::new(Filter { pid: 0, has_comm: 0, comm: [0; 16] });
+memtrace_ebpf::filter!();
 
 #[unsafe(no_mangle)]
 static CONFIG: Global<Config> = Global::new(Config { failed_only: 0, _pad: 0 });
@@ -49,10 +45,7 @@ static OFFSETS: Global<Offsets> =
 // LRU: a thread killed inside the call never reaches the exit tracepoint; its entry ages out.
 #[btf_map]
 static PENDING: LruHashMap<u32, Event, 4096> = LruHashMap::new();
-#[btf_map]
-static EVENTS: RingBuf<Event, { 256 * 1024 }> = RingBuf::new();
-#[btf_map]
-static LOST: PerCpuArray<u64, 1> = PerCpuArray::new();
+memtrace_ebpf::events!(Event);
 
 /// Remembers the call's arguments, read at `offsets`, until it returns.
 #[inline(always)]

@@ -6,21 +6,20 @@
 
 use aya_ebpf::{
     Global,
-    btf_maps::{HashMap, PerCpuArray, RingBuf},
+    btf_maps::{HashMap, PerCpuArray},
     helpers::bpf_get_current_comm,
     macros::{btf_map, kprobe},
     programs::ProbeContext,
 };
 use memtrace_common::{
-    Filter, STACK_LOST,
+    STACK_LOST,
     swapin::{Config, NewStack, STAT_COUNT, STAT_COUNTS_FULL, STAT_STACK_LOST, SwapKey},
 };
 use memtrace_ebpf::{BPF_NOEXIST, EEXIST, atomic_add, bump, current_pid_tgid, submit, wanted};
 
 memtrace_ebpf::license!();
 
-#[unsafe(no_mangle)]
-static FILTER: Global<Filter> = Global::new(Filter { pid: 0, has_comm: 0, comm: [0; 16] });
+memtrace_ebpf::filter!();
 #[unsafe(no_mangle)]
 static CONFIG: Global<Config> = Global::new(Config { stacks: 0, _pad: 0 });
 
@@ -29,10 +28,7 @@ static COUNTS: HashMap<SwapKey, u64, 16_384> = HashMap::new();
 memtrace_ebpf::stack_store!();
 #[btf_map]
 static STATS: PerCpuArray<u64, { STAT_COUNT as usize }> = PerCpuArray::new();
-#[btf_map]
-static EVENTS: RingBuf<NewStack, { 64 * 1024 }> = RingBuf::new();
-#[btf_map]
-static LOST: PerCpuArray<u64, 1> = PerCpuArray::new();
+memtrace_ebpf::events!(NewStack, 64 * 1024);
 
 /// swap_read_folio (6.10+) or swap_readpage: one call per page or folio read from swap.
 #[kprobe]

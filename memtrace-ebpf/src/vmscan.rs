@@ -10,19 +10,15 @@ use aya_ebpf::{
     macros::{btf_map, tracepoint},
     programs::TracePointContext,
 };
-use memtrace_common::{
-    Filter,
-    vmscan::{
-        HIST_SLOTS, KIND_DIRECT, KIND_MEMCG, KIND_SLAB, KINDS, Offsets, STAT_CALLS, STAT_COUNT, STAT_KSWAPD_WAKEUPS,
-        STAT_NS, STAT_PAGES_WRITTEN, STAT_RECLAIMED,
-    },
+use memtrace_common::vmscan::{
+    HIST_SLOTS, KIND_DIRECT, KIND_MEMCG, KIND_SLAB, KINDS, Offsets, STAT_CALLS, STAT_COUNT, STAT_KSWAPD_WAKEUPS,
+    STAT_NS, STAT_PAGES_WRITTEN, STAT_RECLAIMED,
 };
 use memtrace_ebpf::{bump, current_pid_tgid, tp_u64, wanted};
 
 memtrace_ebpf::license!();
 
-#[unsafe(no_mangle)]
-static FILTER: Global<Filter> = Global::new(Filter { pid: 0, has_comm: 0, comm: [0; 16] });
+memtrace_ebpf::filter!();
 
 #[unsafe(no_mangle)]
 static OFFSETS: Global<Offsets> = Global::new(Offsets { direct_end_reclaimed: 0, memcg_end_reclaimed: 0 });

@@ -9,6 +9,7 @@ use memtrace_common::brkstack::{
     BrkKey, BrkTotal, Config, EV_CALL, EV_NEW_STACK, Event, FLAG_UNKNOWN_PREV, Offsets, STAT_NO_ENTRY,
     STAT_STACK_COLLISION, STAT_STACK_LOST, STAT_TOTALS_FULL, STAT_UNKNOWN_PREV,
 };
+use memtrace_common::names;
 use serde::Serialize;
 
 use crate::{
@@ -88,7 +89,7 @@ pub async fn run(args: Args) -> Result<()> {
     let config = Config { events: args.events as u32, self_pid: std::process::id() };
     let mut tracer = Tracer::load(&SPEC, |loader| {
         loader
-            .override_global("FILTER", &filter, true)
+            .override_global(names::FILTER, &filter, true)
             .override_global("CONFIG", &config, true)
             .override_global("OFFSETS", &offsets, true)
             .map_max_entries("STACKS", args.max_stacks)

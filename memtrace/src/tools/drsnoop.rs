@@ -3,6 +3,7 @@
 
 use anyhow::{Result, bail};
 use memtrace_common::drsnoop::{Config, Event, KIND_NAMES};
+use memtrace_common::names;
 use serde::Serialize;
 
 use crate::{
@@ -98,7 +99,7 @@ pub async fn run(args: Args) -> Result<()> {
         config.memcg_end_reclaimed = Format::read("vmscan", "mm_vmscan_memcg_reclaim_end")?.offset("nr_reclaimed")?;
     }
     let mut tracer = Tracer::load(&SPEC, |loader| {
-        loader.override_global("FILTER", &filter, true).override_global("CONFIG", &config, true);
+        loader.override_global(names::FILTER, &filter, true).override_global("CONFIG", &config, true);
     })?;
     tracer.attach(DIRECT)?;
     if args.memcg {

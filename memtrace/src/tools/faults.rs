@@ -9,6 +9,7 @@ use memtrace_common::faults::{
     Config, EV_FAULT, EV_NEW_STACK, Event, FaultKey, KIND_KERNEL, Offsets, ProcFaults, STAT_COUNTS_FULL,
     STAT_KSTACK_LOST, STAT_PROCS_FULL, STAT_USTACK_LOST,
 };
+use memtrace_common::names;
 use serde::Serialize;
 
 use crate::{
@@ -95,7 +96,7 @@ pub async fn run(args: Args) -> Result<()> {
     let config = Config { events: args.events as u32, self_pid: std::process::id() };
     let mut tracer = Tracer::load(&SPEC, |loader| {
         loader
-            .override_global("FILTER", &filter, true)
+            .override_global(names::FILTER, &filter, true)
             .override_global("CONFIG", &config, true)
             .override_global("OFFSETS", &offsets, true)
             .map_max_entries("STACKS", args.max_stacks)

@@ -13,6 +13,7 @@ use std::{
 use anyhow::Result;
 use aya::maps::{HashMap, MapData, PerCpuArray};
 use memtrace_common::hfaults::{DROPPED_RANGES, Event, FIELD_ABSENT, KernelOffsets, MAX_RANGES, Ranges, SRC_KPROBE};
+use memtrace_common::names;
 use serde::Serialize;
 
 use crate::{
@@ -77,7 +78,7 @@ pub async fn run(args: Args) -> Result<()> {
     let filter = args.common.filter()?;
     let offsets = offsets();
     let mut tracer = Tracer::load(&SPEC, |loader| {
-        loader.override_global("FILTER", &filter, true).override_global("OFFSETS", &offsets, true);
+        loader.override_global(names::FILTER, &filter, true).override_global("OFFSETS", &offsets, true);
     })?;
     let how = tracer.attach(ATTACH)?;
     let (ranges, dropped) =

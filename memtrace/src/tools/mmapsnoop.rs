@@ -5,6 +5,7 @@ use std::fs;
 
 use anyhow::Result;
 use memtrace_common::mmapsnoop::{CALL_MREMAP, CALL_MUNMAP, Config, Event, Offsets};
+use memtrace_common::names;
 use serde_json::{Value, json};
 
 use crate::{
@@ -64,7 +65,7 @@ pub async fn run(args: Args) -> Result<()> {
     let offsets = offsets()?;
     let config = Config { failed_only: args.failed.into(), self_pid: std::process::id() };
     let mut tracer = Tracer::load(&SPEC, |loader| {
-        loader.override_global("FILTER", &filter, true);
+        loader.override_global(names::FILTER, &filter, true);
         loader.override_global("OFFSETS", &offsets, true);
         loader.override_global("CONFIG", &config, true);
     })?;

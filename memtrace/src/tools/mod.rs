@@ -27,6 +27,7 @@ use aya::{
     Ebpf,
     maps::{MapData, PerCpuArray, RingBuf},
 };
+use memtrace_common::names;
 use tokio::signal::unix::{Signal, SignalKind, signal};
 
 pub use self::args::CommonArgs;
@@ -95,11 +96,11 @@ pub async fn stream(
     tool: &mut impl Stream,
 ) -> Result<End> {
     // A tool that reports from its maps alone (vmscan) has no ring buffer.
-    let mut ring = match bpf.take_map("EVENTS") {
+    let mut ring = match bpf.take_map(names::EVENTS) {
         Some(map) => Some(async_readable(RingBuf::try_from(map)?)?),
         None => None,
     };
-    let lost = match bpf.take_map("LOST") {
+    let lost = match bpf.take_map(names::LOST) {
         Some(map) => Some(PerCpuArray::<MapData, u64>::try_from(map)?),
         None => None,
     };

@@ -10,6 +10,7 @@
 use std::collections::HashMap;
 
 use anyhow::{Context as _, Result};
+use memtrace_common::names;
 use memtrace_common::oomkill::{
     EV_TRIGGER, EV_VICTIM, Event, FIELD_ABSENT, KSTACK_DEPTH, MEMCG_LEVELS, MemcgOffsets, VictimOffsets,
 };
@@ -80,7 +81,7 @@ pub async fn run(args: Args) -> Result<()> {
     });
     let mut tracer = Tracer::load(&SPEC, |loader| {
         loader
-            .override_global("FILTER", &filter, true)
+            .override_global(names::FILTER, &filter, true)
             .override_global("VICTIM", &offsets, true)
             .override_global("MEMCG", &chain, true);
         args.unwind.configure(loader);

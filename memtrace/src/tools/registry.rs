@@ -140,6 +140,22 @@ mod tests {
                 assert!(prog.starts_with(spec.name), "{}: program {prog} not named after its tool", spec.name);
                 assert!(symbols.contains(&prog), "{}: no program {prog} in its object", spec.name);
             }
+            // What user space finds by name in every tracer but memleak (which has no -p/--comm
+            // filter in the kernel and counts lost events in its STATS).
+            if spec.name != "memleak" {
+                use memtrace_common::names;
+                assert!(symbols.contains(&names::FILTER), "{}: no {}", spec.name, names::FILTER);
+                let events = symbols.contains(&names::EVENTS);
+                assert_eq!(
+                    events,
+                    symbols.contains(&names::LOST),
+                    "{}: {} without {}",
+                    spec.name,
+                    names::EVENTS,
+                    names::LOST
+                );
+                assert!(events || spec.name == "vmscan", "{}: no {}", spec.name, names::EVENTS);
+            }
         }
         let names: Vec<&str> = SPECS.iter().map(|s| s.name).collect();
         for sub in cmd.get_subcommands().map(|s| s.get_name()) {

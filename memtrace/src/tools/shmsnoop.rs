@@ -2,6 +2,7 @@
 //! and arguments decoded.
 
 use anyhow::Result;
+use memtrace_common::names;
 use memtrace_common::shmsnoop::{CALL_SHMAT, CALL_SHMCTL, CALL_SHMDT, Config, Event, Offsets};
 use serde_json::{Value, json};
 
@@ -68,7 +69,7 @@ pub async fn run(args: Args) -> Result<()> {
     let offsets = offsets()?;
     let config = Config { failed_only: args.failed.into(), _pad: 0 };
     let mut tracer = Tracer::load(&SPEC, |loader| {
-        loader.override_global("FILTER", &filter, true);
+        loader.override_global(names::FILTER, &filter, true);
         loader.override_global("OFFSETS", &offsets, true);
         loader.override_global("CONFIG", &config, true);
     })?;

@@ -4,6 +4,7 @@
 
 use anyhow::{Result, bail};
 use aya::maps::{HashMap, MapData, PerCpuArray};
+use memtrace_common::names;
 use memtrace_common::swapin::{Config, NewStack, STAT_COUNTS_FULL, STAT_STACK_LOST, SwapKey};
 use serde::Serialize;
 
@@ -69,7 +70,7 @@ pub async fn run(args: Args) -> Result<()> {
     }
     let config = Config { stacks: args.stack.into(), _pad: 0 };
     let mut tracer = Tracer::load(&SPEC, |loader| {
-        loader.override_global("FILTER", &filter, true).override_global("CONFIG", &config, true);
+        loader.override_global(names::FILTER, &filter, true).override_global("CONFIG", &config, true);
         args.unwind.configure(loader);
     })?;
     let unwinder = Unwinder::start(&mut tracer.bpf, &args.unwind, &args.common)?;

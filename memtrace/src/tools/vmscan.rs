@@ -3,6 +3,7 @@
 
 use anyhow::{Result, bail};
 use aya::maps::{MapData, PerCpuArray};
+use memtrace_common::names;
 use memtrace_common::vmscan::{
     HIST_SLOTS, KIND_DIRECT, KIND_MEMCG, KIND_NAMES, KIND_SLAB, KINDS, Offsets, STAT_CALLS, STAT_COUNT,
     STAT_KSWAPD_WAKEUPS, STAT_NS, STAT_PAGES_WRITTEN, STAT_RECLAIMED,
@@ -64,7 +65,7 @@ pub async fn run(args: Args) -> Result<()> {
         memcg_end_reclaimed: reclaimed_offset("mm_vmscan_memcg_reclaim_end")?,
     };
     let mut tracer = Tracer::load(&SPEC, |loader| {
-        loader.override_global("FILTER", &filter, true).override_global("OFFSETS", &offsets, true);
+        loader.override_global(names::FILTER, &filter, true).override_global("OFFSETS", &offsets, true);
     })?;
     let mut attached = Vec::new();
     for &(prog, names) in TRACEPOINTS {
