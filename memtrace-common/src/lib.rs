@@ -14,6 +14,7 @@ pub mod oomkill;
 pub mod shmsnoop;
 pub mod stack;
 pub mod swapin;
+pub mod syscalls;
 pub mod unwind;
 pub mod vmscan;
 

@@ -14,6 +14,7 @@ use aya_ebpf::{
 use memtrace_common::{FOREIGN_PID, Filter, PidNs};
 
 pub mod stack;
+pub mod syscalls;
 pub mod unwind;
 
 /// `bpf_map_update_elem` flag: fail if the key exists.

@@ -4,21 +4,21 @@
 use std::fs;
 
 use anyhow::Result;
-use memtrace_common::mmapsnoop::{CALL_MREMAP, CALL_MUNMAP, Config, Event, Offsets};
-use memtrace_common::names;
+use memtrace_common::mmapsnoop::{CALL_MMAP, CALL_MREMAP, CALL_MUNMAP, Event};
 use serde_json::{Value, json};
 
 use crate::{
-    kernel::{self, AttachPoint, Probe, tracefs::Format},
+    kernel::{AttachPoint, Probe},
     output::{
         self,
         decode::{errno_name, errno_of, flag_names},
-        events::Events,
         hex::hex,
     },
-    tools::registry::{Plan, ToolSpec},
-    tools::tracer::Tracer,
-    tools::{self, CommonArgs, args::Timestamp},
+    tools::{
+        self,
+        registry::{Plan, ToolSpec},
+        syscalls::{self, SnoopArgs, Syscall},
+    },
 };
 
 const OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/mmapsnoop"));
@@ -26,17 +26,7 @@ const OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/mma
 pub const SPEC: ToolSpec =
     ToolSpec { name: "mmapsnoop", object: OBJECT, modes: &[("mmapsnoop", Plan::Points(ATTACH))], optional: &[] };
 
-/// Trace mmap, munmap and mremap calls.
-#[derive(clap::Args, Debug)]
-pub struct Args {
-    #[command(flatten)]
-    pub common: CommonArgs,
-    /// Only calls that failed.
-    #[arg(long)]
-    pub failed: bool,
-    #[command(flatten)]
-    pub timestamp: Timestamp,
-}
+pub type Args = SnoopArgs;
 
 /// How mmapsnoop attaches, in order of preference (also listed by `memtrace probe`).
 pub const ATTACH: &[AttachPoint] = &[AttachPoint {
@@ -51,63 +41,21 @@ pub const ATTACH: &[AttachPoint] = &[AttachPoint {
     ],
 }];
 
-impl Args {
-    /// Everything that can be checked before loading anything (and without root).
-    pub fn validate(&self) -> Result<()> {
-        self.timestamp.validate()?;
-        self.common.validate()
-    }
-}
+const CALLS: &[Syscall] = &[
+    Syscall { call: CALL_MMAP, name: "mmap", args: &["addr", "len", "prot", "flags", "fd", "off"] },
+    Syscall { call: CALL_MUNMAP, name: "munmap", args: &["addr", "len"] },
+    Syscall { call: CALL_MREMAP, name: "mremap", args: &["addr", "old_len", "new_len", "flags", "new_addr"] },
+];
 
 pub async fn run(args: Args) -> Result<()> {
-    kernel::require_root()?;
-    let filter = args.common.filter()?;
-    let offsets = offsets()?;
-    let config = Config { failed_only: args.failed.into(), self_pid: std::process::id() };
-    let mut tracer = Tracer::load(&SPEC, |loader| {
-        loader.override_global(names::FILTER, &filter, true);
-        loader.override_global("OFFSETS", &offsets, true);
-        loader.override_global("CONFIG", &config, true);
-    })?;
-    tracer.attach(ATTACH)?;
-    let mut snoop = Snoop { out: Events::new(args.common.json, args.timestamp.timestamp, header()) };
     let what =
         if args.failed { "tracing failed mmap, munmap and mremap calls" } else { "tracing mmap, munmap and mremap" };
-    tracer.stream(&args.common, None, None, what, &mut snoop).await?;
-    Ok(())
-}
-
-/// Field offsets of the six tracepoints, from the running kernel.
-fn offsets() -> Result<Offsets> {
-    let read = |name: &str, fields: &[&str]| -> Result<Vec<u32>> {
-        let format = Format::read("syscalls", name)?;
-        fields.iter().map(|f| format.offset(f)).collect()
-    };
-    let mut o = Offsets::default();
-    o.mmap.copy_from_slice(&read("sys_enter_mmap", &["addr", "len", "prot", "flags", "fd", "off"])?);
-    o.munmap.copy_from_slice(&read("sys_enter_munmap", &["addr", "len"])?);
-    o.mremap.copy_from_slice(&read("sys_enter_mremap", &["addr", "old_len", "new_len", "flags", "new_addr"])?);
-    o.mmap_ret = read("sys_exit_mmap", &["ret"])?[0];
-    o.munmap_ret = read("sys_exit_munmap", &["ret"])?[0];
-    o.mremap_ret = read("sys_exit_mremap", &["ret"])?[0];
-    Ok(o)
-}
-
-struct Snoop {
-    out: Events,
-}
-
-impl tools::Stream for Snoop {
-    fn event(&mut self, data: &[u8]) -> Result<()> {
-        let Some(e) = tools::read_event::<Event>(data) else { return Ok(()) };
-        let call = Call::of(&e);
+    syscalls::run(&SPEC, ATTACH, CALLS, &args, header(), what, |out, e| {
+        let call = Call::of(e);
         let path = call.file_path(e.pid, e.ret);
-        self.out.record(e.ts_ns, || to_json(&e, &call, &path), || row(&e, &call, &path))
-    }
-
-    fn finish(&mut self, lost: u64) -> Result<()> {
-        self.out.finish(lost, Value::Null)
-    }
+        out.record(e.ts_ns, || to_json(e, &call, &path), || row(e, &call, &path))
+    })
+    .await
 }
 
 fn header() -> String {

@@ -17,6 +17,7 @@ pub mod registry;
 pub mod shmsnoop;
 pub mod stacks;
 pub mod swapin;
+pub mod syscalls;
 pub mod tracer;
 pub mod vmscan;
 

@@ -2,21 +2,21 @@
 //! and arguments decoded.
 
 use anyhow::Result;
-use memtrace_common::names;
-use memtrace_common::shmsnoop::{CALL_SHMAT, CALL_SHMCTL, CALL_SHMDT, Config, Event, Offsets};
+use memtrace_common::shmsnoop::{CALL_SHMAT, CALL_SHMCTL, CALL_SHMDT, CALL_SHMGET, Event};
 use serde_json::{Value, json};
 
 use crate::{
-    kernel::{self, AttachPoint, Probe, tracefs::Format},
+    kernel::{AttachPoint, Probe},
     output::{
         self,
         decode::{errno_name, errno_of, flag_names},
-        events::Events,
         hex::hex,
     },
-    tools::registry::{Plan, ToolSpec},
-    tools::tracer::Tracer,
-    tools::{self, CommonArgs, args::Timestamp},
+    tools::{
+        self,
+        registry::{Plan, ToolSpec},
+        syscalls::{self, SnoopArgs, Syscall},
+    },
 };
 
 const OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/shmsnoop"));
@@ -24,17 +24,7 @@ const OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/shm
 pub const SPEC: ToolSpec =
     ToolSpec { name: "shmsnoop", object: OBJECT, modes: &[("shmsnoop", Plan::Points(ATTACH))], optional: &[] };
 
-/// Trace shmget, shmat, shmdt and shmctl calls.
-#[derive(clap::Args, Debug)]
-pub struct Args {
-    #[command(flatten)]
-    pub common: CommonArgs,
-    /// Only calls that failed.
-    #[arg(long)]
-    pub failed: bool,
-    #[command(flatten)]
-    pub timestamp: Timestamp,
-}
+pub type Args = SnoopArgs;
 
 const fn tp(prog: &'static str, names: &'static [&'static str]) -> Probe {
     Probe::Tracepoint { prog, category: "syscalls", names }
@@ -55,61 +45,21 @@ pub const ATTACH: &[AttachPoint] = &[AttachPoint {
     ],
 }];
 
-impl Args {
-    /// Everything that can be checked before loading anything (and without root).
-    pub fn validate(&self) -> Result<()> {
-        self.timestamp.validate()?;
-        self.common.validate()
-    }
-}
+const CALLS: &[Syscall] = &[
+    Syscall { call: CALL_SHMGET, name: "shmget", args: &["key", "size", "shmflg"] },
+    Syscall { call: CALL_SHMAT, name: "shmat", args: &["shmid", "shmaddr", "shmflg"] },
+    Syscall { call: CALL_SHMDT, name: "shmdt", args: &["shmaddr"] },
+    Syscall { call: CALL_SHMCTL, name: "shmctl", args: &["shmid", "cmd", "buf"] },
+];
 
 pub async fn run(args: Args) -> Result<()> {
-    kernel::require_root()?;
-    let filter = args.common.filter()?;
-    let offsets = offsets()?;
-    let config = Config { failed_only: args.failed.into(), _pad: 0 };
-    let mut tracer = Tracer::load(&SPEC, |loader| {
-        loader.override_global(names::FILTER, &filter, true);
-        loader.override_global("OFFSETS", &offsets, true);
-        loader.override_global("CONFIG", &config, true);
-    })?;
-    tracer.attach(ATTACH)?;
     let header = format!("{:<7} {:<16} {:<7} {:>14} ARGS", "PID", "COMM", "SYSCALL", "RET");
-    let mut snoop = Snoop { out: Events::new(args.common.json, args.timestamp.timestamp, header) };
     let what = if args.failed { "tracing failed shm* calls" } else { "tracing shmget, shmat, shmdt and shmctl" };
-    tracer.stream(&args.common, None, None, what, &mut snoop).await?;
-    Ok(())
-}
-
-/// Field offsets of the eight tracepoints, from the running kernel.
-fn offsets() -> Result<Offsets> {
-    let read = |name: &str, fields: &[&str]| -> Result<Vec<u32>> {
-        let format = Format::read("syscalls", name)?;
-        fields.iter().map(|f| format.offset(f)).collect()
-    };
-    let mut o = Offsets::default();
-    o.shmget.copy_from_slice(&read("sys_enter_shmget", &["key", "size", "shmflg"])?);
-    o.shmat.copy_from_slice(&read("sys_enter_shmat", &["shmid", "shmaddr", "shmflg"])?);
-    o.shmdt = read("sys_enter_shmdt", &["shmaddr"])?[0];
-    o.shmctl.copy_from_slice(&read("sys_enter_shmctl", &["shmid", "cmd", "buf"])?);
-    // Indexed by CALL_*.
-    for (i, name) in ["sys_exit_shmget", "sys_exit_shmat", "sys_exit_shmdt", "sys_exit_shmctl"].iter().enumerate() {
-        o.ret[i] = read(name, &["ret"])?[0];
-    }
-    Ok(o)
-}
-
-struct Snoop {
-    out: Events,
-}
-
-impl tools::Stream for Snoop {
-    fn event(&mut self, data: &[u8]) -> Result<()> {
-        let Some(e) = tools::read_event::<Event>(data) else { return Ok(()) };
-        let call = Call::of(&e);
-        self.out.record(
+    syscalls::run(&SPEC, ATTACH, CALLS, &args, header, what, |out, e| {
+        let call = Call::of(e);
+        out.record(
             e.ts_ns,
-            || to_json(&e, &call),
+            || to_json(e, &call),
             || {
                 let ret = match errno_of(e.ret) {
                     Some(n) => errno_name(n),
@@ -119,11 +69,8 @@ impl tools::Stream for Snoop {
                 format!("{:<7} {:<16} {:<7} {ret:>14} {}", e.pid, tools::c_str(&e.comm), call.name(), call.args())
             },
         )
-    }
-
-    fn finish(&mut self, lost: u64) -> Result<()> {
-        self.out.finish(lost, serde_json::Value::Null)
-    }
+    })
+    .await
 }
 
 /// One event's arguments, by call. Int arguments arrive in 64-bit registers: only their
@@ -296,11 +243,11 @@ mod tests {
 
     #[test]
     fn int_arguments_use_their_low_half() {
-        let e = Event { call: CALL_SHMGET, args: [0xffff_ffff_8000_0001, 4096, 0o1600], ..Default::default() };
+        let e = Event { call: CALL_SHMGET, args: [0xffff_ffff_8000_0001, 4096, 0o1600, 0, 0, 0], ..Default::default() };
         assert_eq!(Call::of(&e), Call::Shmget { key: 0x8000_0001, size: 4096, shmflg: 0o1600 });
-        let e = Event { call: CALL_SHMCTL, args: [7, 0, 0], ..Default::default() };
+        let e = Event { call: CALL_SHMCTL, args: [7, 0, 0, 0, 0, 0], ..Default::default() };
         assert_eq!(Call::of(&e).args(), "shmid: 7, cmd: IPC_RMID, buf: 0x0");
-        let e = Event { call: CALL_SHMGET, args: [0x4d54_0001, 12288, 0o1600], ..Default::default() };
+        let e = Event { call: CALL_SHMGET, args: [0x4d54_0001, 12288, 0o1600, 0, 0, 0], ..Default::default() };
         assert_eq!(Call::of(&e).args(), "key: 0x4d540001, size: 12288, shmflg: IPC_CREAT|0600");
     }
 }
