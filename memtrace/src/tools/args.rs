@@ -203,16 +203,38 @@ impl CommonArgs {
     }
 }
 
-/// The options of a tool that reports stacks per interval (brkstack, faults): `-T`, the
-/// interval, `--max-stacks` and `--folded`, checked the same way.
-pub fn stack_report(top: &Top, reports: &Reports, max_stacks: u32, folded: Option<&std::path::Path>) -> Result<()> {
-    top.validate()?;
-    reports.validate()?;
-    in_range("--max-stacks", max_stacks.into(), MAP_ENTRIES)?;
-    if let Some(path) = folded {
-        crate::output::check_writable("--folded", path)?;
+/// The options of a tool that counts per stack in the kernel and reports per interval
+/// (brkstack, faults), taken and checked the same way.
+#[derive(clap::Args, Debug)]
+pub struct StackReportArgs {
+    #[command(flatten)]
+    pub common: CommonArgs,
+    #[command(flatten)]
+    pub reports: Reports,
+    #[command(flatten)]
+    pub top: Top,
+    /// Also write the final report's stacks as folded stacks to this file, for flame graphs.
+    #[arg(long, value_name = "FILE")]
+    pub folded: Option<std::path::PathBuf>,
+    /// Capacity of the stack store and the per-stack counts (a full map is reported as a blind
+    /// spot). Stacks take memory only when stored, about 1 KiB each.
+    #[arg(long, default_value_t = 65_536, value_name = "N")]
+    pub max_stacks: u32,
+    #[command(flatten)]
+    pub unwind: crate::unwind::UnwindArgs,
+}
+
+impl StackReportArgs {
+    /// Checks everything but the target (whose rules are the tool's).
+    pub fn validate(&self) -> Result<()> {
+        self.top.validate()?;
+        self.reports.validate()?;
+        in_range("--max-stacks", self.max_stacks.into(), MAP_ENTRIES)?;
+        if let Some(path) = &self.folded {
+            crate::output::check_writable("--folded", path)?;
+        }
+        self.unwind.validate()
     }
-    Ok(())
 }
 
 #[cfg(test)]

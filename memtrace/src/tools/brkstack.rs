@@ -1,7 +1,7 @@
 //! brkstack: brk calls with the user stack that moved the heap's break, counted per stack
 //! in the kernel (calls and bytes of growth), or each call as it happens (`--events`).
 
-use std::{fmt::Write as _, path::PathBuf};
+use std::fmt::Write as _;
 
 use anyhow::Result;
 use aya::maps::{HashMap, MapData, PerCpuArray};
@@ -15,16 +15,17 @@ use serde::Serialize;
 use crate::{
     kernel::{self, AttachPoint, Probe, tracefs::Format},
     output,
+    output::events::Events,
     symbolize::Frame,
     tools::registry::{Plan, ToolSpec},
     tools::tracer::Tracer,
     tools::{
-        self, CommonArgs,
-        args::{Reports, Top},
+        self,
+        args::StackReportArgs,
         c_str, read_event,
         stacks::{self, StackStore, Stacks},
     },
-    unwind::{CutStacks, UnwindArgs, Unwinder},
+    unwind::{CutStacks, Unwinder},
 };
 
 const OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/brkstack"));
@@ -39,22 +40,10 @@ pub const SPEC: ToolSpec =
                         read from /proc/PID/maps at start.")]
 pub struct Args {
     #[command(flatten)]
-    pub common: CommonArgs,
-    #[command(flatten)]
-    pub reports: Reports,
-    #[command(flatten)]
-    pub top: Top,
+    pub report: StackReportArgs,
     /// Print every brk call (time, pid, comm, requested break, result, growth).
     #[arg(long)]
     pub events: bool,
-    /// Also write the final report's stacks as folded stacks (weight: calls) to this file.
-    #[arg(long, value_name = "FILE")]
-    pub folded: Option<PathBuf>,
-    /// Capacity of the stack map and the per-stack counts (a full map is reported as a blind spot).
-    #[arg(long, default_value_t = 4096, value_name = "N")]
-    pub max_stacks: u32,
-    #[command(flatten)]
-    pub unwind: UnwindArgs,
 }
 
 pub const ATTACH: &[AttachPoint] = &[AttachPoint {
@@ -70,18 +59,17 @@ pub const ATTACH: &[AttachPoint] = &[AttachPoint {
 impl Args {
     /// Everything that can be checked before loading anything (and without root).
     pub fn validate(&self) -> Result<()> {
-        tools::args::stack_report(&self.top, &self.reports, self.max_stacks, self.folded.as_deref())?;
-        self.unwind.validate()?;
+        self.report.validate()?;
         // Kernel threads never call brk.
-        self.common.validate_user_target()
+        self.report.common.validate_user_target()
     }
 }
 
 pub async fn run(args: Args) -> Result<()> {
     kernel::require_root()?;
-    let top = args.top.get();
-    let tick = args.reports.every();
-    let filter = args.common.filter()?;
+    let top = args.report.top.get();
+    let tick = args.report.reports.every();
+    let filter = args.report.common.filter()?;
     let offsets = Offsets {
         enter_brk: Format::read("syscalls", "sys_enter_brk")?.offset("brk")?,
         exit_ret: Format::read("syscalls", "sys_exit_brk")?.offset("ret")?,
@@ -92,12 +80,12 @@ pub async fn run(args: Args) -> Result<()> {
             .override_global(names::FILTER, &filter, true)
             .override_global("CONFIG", &config, true)
             .override_global("OFFSETS", &offsets, true)
-            .map_max_entries("STACKS", args.max_stacks)
-            .map_max_entries("TOTALS", args.max_stacks);
-        args.unwind.configure(loader);
+            .map_max_entries("STACKS", args.report.max_stacks)
+            .map_max_entries("TOTALS", args.report.max_stacks);
+        args.report.unwind.configure(loader);
     })?;
     // Tables before the probes: the selected processes' first calls get whole stacks.
-    let unwinder = Unwinder::start(&mut tracer.bpf, &args.unwind, &args.common)?;
+    let unwinder = Unwinder::start(&mut tracer.bpf, &args.report.unwind, &args.report.common)?;
     tracer.attach(ATTACH)?;
     let totals = tracer.map("TOTALS")?;
     let mut last_brk: HashMap<MapData, u32, u64> = tracer.map("LAST_BRK")?;
@@ -105,18 +93,21 @@ pub async fn run(args: Args) -> Result<()> {
     let mut stacks = Stacks::new(StackStore::take(&mut tracer.bpf, Some("--max-stacks"))?, false)?;
     stacks.unwinder = Some(unwinder);
     // After attach, and only where the kernel has not seen a call yet: it knows better.
-    for (pid, brk) in current_breaks(args.common.pid, args.common.comm.as_deref()) {
+    for (pid, brk) in current_breaks(args.report.common.pid, args.report.common.comm.as_deref()) {
         let _ = last_brk.insert(pid, brk, crate::kernel::maps::BPF_NOEXIST);
     }
-    if let Some(pid) = args.common.pid {
+    if let Some(pid) = args.report.common.pid {
         stacks.watch(pid);
     }
-    let ready = match args.common.pid {
+    let ready = match args.report.common.pid {
         Some(pid) => format!("tracing brk calls of pid {pid} ({})", crate::target::comm(pid)),
         None => "tracing brk calls".to_string(),
     };
-    let mut state = State { args: &args, top, totals, stats, stacks, lost: None, headed: false };
-    tracer.stream(&args.common, tick, args.reports.count(), &ready, &mut state).await?;
+    let header =
+        format!("{:>7} {:>7} {:<16} {:>18} {:>18} {:>10}", "PID", "TID", "COMM", "REQUESTED", "RESULT", "GROWTH");
+    let events = Events::new(args.report.common.json, false, header);
+    let mut state = State { args: &args, top, totals, stats, stacks, lost: None, events };
+    tracer.stream(&args.report.common, tick, args.report.reports.count(), &ready, &mut state).await?;
     Ok(())
 }
 
@@ -146,7 +137,8 @@ struct State<'a> {
     stacks: Stacks,
     /// Events lost on the ring buffer: known only at the end.
     lost: Option<u64>,
-    headed: bool,
+    /// `--events`: each call.
+    events: Events,
 }
 
 #[derive(Serialize)]
@@ -202,46 +194,35 @@ impl State<'_> {
         crate::kernel::maps::sum(&self.stats, index)
     }
 
-    /// A scanned stack, symbolized. Words that symbolize to no function were data that looked
-    /// like a return address: dropped (the first frame, where the task was, always stays).
+    /// A walked stack, symbolized: the syscall's return address first, then its callers.
     fn frames(&mut self, pid: u32, stack_id: u64) -> Vec<Frame> {
-        let frames = self.stacks.user(pid, stack_id, false);
-        let Some(first) = frames.first().map(|f| f.addr) else { return Vec::new() };
-        frames.into_iter().filter(|f| f.func.is_some() || f.addr == first).collect()
+        self.stacks.user(pid, stack_id, false)
     }
 
     fn print_call(&mut self, e: &Event) -> Result<()> {
         let growth = (e.flags & FLAG_UNKNOWN_PREV == 0).then_some(e.growth as i64);
-        if self.args.common.json {
-            return output::json_line(&CallEvent {
-                time: output::now_ms(),
-                event: "brk",
-                pid: e.pid,
-                tid: e.tid,
-                comm: c_str(&e.comm),
-                requested: e.requested,
-                result: e.result,
-                growth,
-                stack_id: stacks::id_json(e.stack_id),
-            });
-        }
-        if !self.headed {
-            self.headed = true;
-            output::line(&format!(
-                "{:<8} {:>7} {:>7} {:<16} {:>18} {:>18} {:>10}",
-                "TIME", "PID", "TID", "COMM", "REQUESTED", "RESULT", "GROWTH"
-            ))?;
-        }
-        output::line(&format!(
-            "{:<8} {:>7} {:>7} {:<16} {:>#18x} {:>#18x} {:>10}",
-            output::hms(),
-            e.pid,
-            e.tid,
-            c_str(&e.comm),
-            e.requested,
-            e.result,
-            growth.map_or("?".to_string(), |g| format!("{g:+}"))
-        ))
+        let call = CallEvent {
+            time: output::now_ms(),
+            event: "brk",
+            pid: e.pid,
+            tid: e.tid,
+            comm: c_str(&e.comm),
+            requested: e.requested,
+            result: e.result,
+            growth,
+            stack_id: stacks::id_json(e.stack_id),
+        };
+        self.events.record(
+            0,
+            || &call,
+            || {
+                let growth = growth.map_or("?".to_string(), |g| format!("{g:+}"));
+                format!(
+                    "{:>7} {:>7} {:<16} {:>#18x} {:>#18x} {growth:>10}",
+                    e.pid, e.tid, call.comm, e.requested, e.result
+                )
+            },
+        )
     }
 
     fn report(&mut self, is_final: bool) -> Result<()> {
@@ -249,7 +230,7 @@ impl State<'_> {
         rows.sort_by(|a, b| b.1.calls.cmp(&a.1.calls).then((b.1.bytes as i64).cmp(&(a.1.bytes as i64))));
         let stacks: Vec<StackRow> = rows
             .iter()
-            .take(if is_final && self.args.folded.is_some() { usize::MAX } else { self.top })
+            .take(if is_final && self.args.report.folded.is_some() { usize::MAX } else { self.top })
             .map(|(k, t)| StackRow {
                 pid: k.pid,
                 comm: c_str(&t.comm),
@@ -259,14 +240,14 @@ impl State<'_> {
                 frames: self.frames(k.pid, k.stack_id),
             })
             .collect();
-        if is_final && let Some(path) = &self.args.folded {
+        if is_final && let Some(path) = &self.args.report.folded {
             let folded = stacks.iter().map(|s| (output::process_root(s.pid, &s.comm), s.frames.as_slice(), s.calls));
             tools::stacks::write_folded(path, folded)?;
         }
         let mut report = Report {
             time: output::now(),
             is_final,
-            pid: self.args.common.pid,
+            pid: self.args.report.common.pid,
             calls: rows.iter().map(|r| r.1.calls).sum(),
             bytes: rows.iter().map(|r| r.1.bytes as i64).sum(),
             stacks,
@@ -280,7 +261,11 @@ impl State<'_> {
             stack_store_capacity: self.stacks.store.capacity(),
         };
         report.stacks.truncate(self.top);
-        if self.args.common.json { output::json_line(&report) } else { output::line(&render(&report, rows.len())) }
+        if self.args.report.common.json {
+            output::json_line(&report)
+        } else {
+            output::line(&render(&report, rows.len()))
+        }
     }
 }
 

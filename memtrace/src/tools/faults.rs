@@ -1,7 +1,7 @@
 //! faults: page faults counted in the kernel per process and per stack (user stack, plus the
 //! kernel stack for faults taken in kernel mode with `--kernel`), or each fault (`--events`).
 
-use std::{fmt::Write as _, path::PathBuf};
+use std::fmt::Write as _;
 
 use anyhow::Result;
 use aya::maps::{HashMap, MapData, PerCpuArray};
@@ -15,16 +15,17 @@ use serde::Serialize;
 use crate::{
     kernel::{self, AttachPoint, Probe, tracefs::Format},
     output,
+    output::events::Events,
     symbolize::Frame,
     tools::registry::{Plan, ToolSpec},
     tools::tracer::Tracer,
     tools::{
-        self, CommonArgs,
-        args::{Reports, Top},
+        self,
+        args::StackReportArgs,
         c_str, read_event,
         stacks::{self, StackStore, Stacks},
     },
-    unwind::{CutStacks, UnwindArgs, Unwinder},
+    unwind::{CutStacks, Unwinder},
 };
 
 const OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/faults"));
@@ -35,26 +36,13 @@ const OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/fau
                         page-fault error-code bits.")]
 pub struct Args {
     #[command(flatten)]
-    pub common: CommonArgs,
-    #[command(flatten)]
-    pub reports: Reports,
-    #[command(flatten)]
-    pub top: Top,
+    pub report: StackReportArgs,
     /// Print every fault (address, ip, decoded error code).
     #[arg(long)]
     pub events: bool,
     /// Also count faults taken in kernel mode (copy_to_user and the like), with kernel stacks.
     #[arg(long)]
     pub kernel: bool,
-    /// Also write the final report's stacks as folded stacks (weight: faults) to this file.
-    #[arg(long, value_name = "FILE")]
-    pub folded: Option<PathBuf>,
-    /// Capacity of the stack store and the per-stack counts (a full map is reported as a blind
-    /// spot, per process). Stacks take memory only when stored, about 1 KiB each.
-    #[arg(long, default_value_t = 65_536, value_name = "N")]
-    pub max_stacks: u32,
-    #[command(flatten)]
-    pub unwind: UnwindArgs,
 }
 
 const USER: AttachPoint = AttachPoint {
@@ -74,18 +62,17 @@ pub const SPEC: ToolSpec =
 impl Args {
     /// Everything that can be checked before loading anything (and without root).
     pub fn validate(&self) -> Result<()> {
-        tools::args::stack_report(&self.top, &self.reports, self.max_stacks, self.folded.as_deref())?;
-        self.unwind.validate()?;
+        self.report.validate()?;
         // A kernel thread takes no user faults; with --kernel its kernel-mode faults count.
-        if self.kernel { self.common.validate() } else { self.common.validate_user_target() }
+        if self.kernel { self.report.common.validate() } else { self.report.common.validate_user_target() }
     }
 }
 
 pub async fn run(args: Args) -> Result<()> {
     kernel::require_root()?;
-    let top = args.top.get();
-    let tick = args.reports.every();
-    let filter = args.common.filter()?;
+    let top = args.report.top.get();
+    let tick = args.report.reports.every();
+    let filter = args.report.common.filter()?;
     let format = Format::read("exceptions", "page_fault_user")?;
     let offsets = Offsets {
         address: format.offset("address")?,
@@ -99,12 +86,12 @@ pub async fn run(args: Args) -> Result<()> {
             .override_global(names::FILTER, &filter, true)
             .override_global("CONFIG", &config, true)
             .override_global("OFFSETS", &offsets, true)
-            .map_max_entries("STACKS", args.max_stacks)
-            .map_max_entries("COUNTS", args.max_stacks);
-        args.unwind.configure(loader);
+            .map_max_entries("STACKS", args.report.max_stacks)
+            .map_max_entries("COUNTS", args.report.max_stacks);
+        args.report.unwind.configure(loader);
     })?;
     // Tables before the probes: the selected processes' first faults get whole stacks.
-    let unwinder = Unwinder::start(&mut tracer.bpf, &args.unwind, &args.common)?;
+    let unwinder = Unwinder::start(&mut tracer.bpf, &args.report.unwind, &args.report.common)?;
     let mut how = vec![tracer.attach(&[USER])?];
     if args.kernel {
         how.push(tracer.attach(&[KERNEL])?);
@@ -114,16 +101,21 @@ pub async fn run(args: Args) -> Result<()> {
     let stats = tracer.map("STATS")?;
     let mut stacks = Stacks::new(StackStore::take(&mut tracer.bpf, Some("--max-stacks"))?, args.kernel)?;
     stacks.unwinder = Some(unwinder);
-    if let Some(pid) = args.common.pid {
+    if let Some(pid) = args.report.common.pid {
         stacks.watch(pid);
     }
-    let whose = match args.common.pid {
+    let whose = match args.report.common.pid {
         Some(pid) => format!(" of pid {pid} ({})", crate::target::comm(pid)),
         None => String::new(),
     };
     let ready = format!("tracing page faults{whose} ({})", how.join(", "));
-    let mut state = State { args: &args, top, counts, procs, stats, stacks, lost: None, headed: false };
-    tracer.stream(&args.common, tick, args.reports.count(), &ready, &mut state).await?;
+    let header = format!(
+        "{:>7} {:>7} {:<16} {:<6} {:>18} {:>18} {:<6} FLAGS",
+        "PID", "TID", "COMM", "MODE", "ADDRESS", "IP", "ERROR"
+    );
+    let events = Events::new(args.report.common.json, false, header);
+    let mut state = State { args: &args, top, counts, procs, stats, stacks, lost: None, events };
+    tracer.stream(&args.report.common, tick, args.report.reports.count(), &ready, &mut state).await?;
     Ok(())
 }
 
@@ -158,7 +150,8 @@ struct State<'a> {
     stacks: Stacks,
     /// Events lost on the ring buffer: known only at the end.
     lost: Option<u64>,
-    headed: bool,
+    /// `--events`: each fault.
+    events: Events,
 }
 
 #[derive(Serialize)]
@@ -252,28 +245,16 @@ impl State<'_> {
             error_code: e.error_code,
             flags: decode_error(e.error_code),
         };
-        if self.args.common.json {
-            return output::json_line(&ev);
-        }
-        if !self.headed {
-            self.headed = true;
-            output::line(&format!(
-                "{:<8} {:>7} {:>7} {:<16} {:<6} {:>18} {:>18} {:<6} FLAGS",
-                "TIME", "PID", "TID", "COMM", "MODE", "ADDRESS", "IP", "ERROR"
-            ))?;
-        }
-        output::line(&format!(
-            "{:<8} {:>7} {:>7} {:<16} {:<6} {:>#18x} {:>#18x} {:<#6x} {}",
-            output::hms(),
-            ev.pid,
-            ev.tid,
-            ev.comm,
-            ev.mode,
-            ev.address,
-            ev.ip,
-            ev.error_code,
-            ev.flags
-        ))
+        self.events.record(
+            0,
+            || &ev,
+            || {
+                format!(
+                    "{:>7} {:>7} {:<16} {:<6} {:>#18x} {:>#18x} {:<#6x} {}",
+                    ev.pid, ev.tid, ev.comm, ev.mode, ev.address, ev.ip, ev.error_code, ev.flags
+                )
+            },
+        )
     }
 
     fn report(&mut self, is_final: bool) -> Result<()> {
@@ -296,7 +277,7 @@ impl State<'_> {
         procs.truncate(self.top);
         let mut rows: Vec<(FaultKey, u64)> = crate::kernel::maps::dump(&self.counts);
         rows.sort_by_key(|r| std::cmp::Reverse(r.1));
-        let shown = if is_final && self.args.folded.is_some() { rows.len() } else { self.top };
+        let shown = if is_final && self.args.report.folded.is_some() { rows.len() } else { self.top };
         let mut stacks = Vec::new();
         for &(k, n) in rows.iter().take(shown) {
             let (frames, kernel_frames) = self.frames(k.pid, k.user_stack, k.kernel_stack, k.kind);
@@ -310,7 +291,7 @@ impl State<'_> {
                 frames,
             });
         }
-        if is_final && let Some(path) = &self.args.folded {
+        if is_final && let Some(path) = &self.args.report.folded {
             let root = |pid: u32| output::process_root(pid, comms.get(&pid).map_or("", String::as_str));
             let folded: Vec<(String, Vec<Frame>, u64)> = stacks
                 .iter()
@@ -322,7 +303,7 @@ impl State<'_> {
         let report = Report {
             time: output::now(),
             is_final,
-            pid: self.args.common.pid,
+            pid: self.args.report.common.pid,
             faults,
             processes: procs,
             stacks,
@@ -335,7 +316,7 @@ impl State<'_> {
             stack_store_full: self.stacks.store.full(),
             stack_store_capacity: self.stacks.store.capacity(),
         };
-        if self.args.common.json {
+        if self.args.report.common.json {
             output::json_line(&report)
         } else {
             output::line(&render(&report, proc_count, rows.len(), no_stack))
