@@ -49,6 +49,25 @@ fn assert_leaks(report: &Value, file: &str, leaks: &[(&str, u64, u64)], not_leak
     assert!(stacks_with(report, not_leaking).is_empty(), "freed memory reported: {report:#}");
 }
 
+/// `leaky wait` started from `cmd`: ready, and leaking when told to (`leak`).
+fn leaky_waiting(mut cmd: Command) -> Gated {
+    cmd.arg("wait");
+    Gated::spawn(cmd)
+}
+
+/// Makes a waiting leaky leak.
+fn leak(target: &mut Gated) {
+    assert_eq!(target.act_line(), "leaked");
+}
+
+/// The final report of a run on leaky: exactly its leaks, and nothing left attached.
+fn assert_leaky_final(stdout: &str) -> Value {
+    let report = final_report(stdout);
+    assert_leaks(&report, "leaky.c", LEAKY_C, "no_leak");
+    assert_detached("memleak");
+    report
+}
+
 #[test]
 fn memleak_command_reports_every_entry_point_exactly() {
     if !bpf_available("memleak_command_reports_every_entry_point_exactly") {
@@ -111,29 +130,20 @@ fn memleak_pid_follows_a_process_until_it_exits() {
     if !bpf_available("memleak_pid_follows_a_process_until_it_exits") {
         return;
     }
-    let mut target =
-        Command::new(prog("leaky")).arg("wait").stdin(Stdio::piped()).stdout(Stdio::piped()).spawn().unwrap();
-    let mut lines = BufReader::new(target.stdout.take().unwrap()).lines();
-    assert_eq!(lines.next().unwrap().unwrap(), "ready");
-    let pid = target.id().to_string();
+    let mut target = leaky_waiting(Command::new(prog("leaky")));
+    let pid = target.pid().to_string();
     let mut mt = Running::start(&["memleak", "--json", "-T", "100", "-o", "0", "-p", &pid, "1"]);
     mt.wait_ready();
-    let mut stdin = target.stdin.take().unwrap();
-    writeln!(stdin).unwrap();
-    assert_eq!(lines.next().unwrap().unwrap(), "leaked");
+    leak(&mut target);
     // Let one periodic report pass while the process is alive, then let it exit.
     std::thread::sleep(Duration::from_millis(1500));
-    drop(stdin);
-    target.wait().unwrap();
+    target.end();
     let (status, stdout, stderr) = mt.finish(Duration::from_secs(20));
     assert!(status.success(), "{status}: {stderr}");
     assert!(stderr.contains(&format!("process {pid} exited")), "{stderr}");
     let reports = json_lines(&stdout);
     assert!(reports.len() >= 2, "expected a periodic and a final report: {stdout}");
-    let report = final_report(&stdout);
-    assert_eq!(report["pid"], target.id());
-    assert_leaks(&report, "leaky.c", LEAKY_C, "no_leak");
-    assert_detached("memleak");
+    assert_eq!(assert_leaky_final(&stdout)["pid"], pid.parse::<u32>().unwrap());
 }
 
 #[test]
@@ -356,25 +366,19 @@ fn memleak_signals_print_a_final_report_and_detach() {
         return;
     }
     for sig in [libc::SIGINT, libc::SIGTERM] {
-        let mut target =
-            Command::new(prog("leaky")).arg("wait").stdin(Stdio::piped()).stdout(Stdio::piped()).spawn().unwrap();
-        let mut lines = BufReader::new(target.stdout.take().unwrap()).lines();
-        assert_eq!(lines.next().unwrap().unwrap(), "ready");
-        let pid = target.id().to_string();
+        let mut target = leaky_waiting(Command::new(prog("leaky")));
+        let pid = target.pid().to_string();
         let mut mt = Running::start(&["memleak", "--json", "-T", "100", "-o", "0", "-p", &pid]);
         mt.wait_ready();
-        let mut stdin = target.stdin.take().unwrap();
-        writeln!(stdin).unwrap();
-        assert_eq!(lines.next().unwrap().unwrap(), "leaked");
+        leak(&mut target);
         mt.signal(sig);
         let (status, stdout, stderr) = mt.finish(Duration::from_secs(20));
         assert!(status.success(), "signal {sig}: {status}: {stderr}");
         let report = final_report(&stdout);
         assert_eq!(stacks_with(&report, "leak_malloc")[0]["bytes"], 3000, "signal {sig}: {report:#}");
         assert_detached("memleak");
-        assert!(target.try_wait().unwrap().is_none(), "the target died with memtrace");
-        drop(stdin);
-        assert!(target.wait().unwrap().success());
+        assert!(target.alive(), "the target died with memtrace");
+        target.end();
     }
 }
 
@@ -402,9 +406,7 @@ fn memleak_follows_a_preloaded_jemalloc() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "{stderr}");
     assert!(stderr.contains(&format!("through {jemalloc}")), "{stderr}");
-    let report = final_report(&String::from_utf8_lossy(&out.stdout));
-    assert_leaks(&report, "leaky.c", LEAKY_C, "no_leak");
-    assert_detached("memleak");
+    assert_leaky_final(&String::from_utf8_lossy(&out.stdout));
 }
 
 /// Ctrl-C on an idle target: the final report at once, memtrace gone within 1 s, and nothing
@@ -547,10 +549,7 @@ fn memleak_probes_the_libc_of_a_target_in_another_mount_namespace() {
     assert!(status.success(), "{status}: {stderr}");
     let through = format!("through /proc/{pid}/root{}", host_libc.display());
     assert!(stderr.contains(&through), "expected {through:?}: {stderr}");
-    let report = final_report(&stdout);
-    assert_eq!(report["pid"], target.global);
-    assert_leaks(&report, "leaky.c", LEAKY_C, "no_leak");
-    assert_detached("memleak");
+    assert_eq!(assert_leaky_final(&stdout)["pid"], target.global);
 }
 
 /// `-c` through an exec into a mount namespace of its own (`unshare --mount`, same root
@@ -580,9 +579,7 @@ fn memleak_command_execs_into_a_mount_namespace_with_its_own_libc() {
         stderr.lines().any(|l| l.contains(&through) && l.contains("/libc.so.6 with")),
         "expected {through:?}: {stderr}"
     );
-    let report = final_report(&String::from_utf8_lossy(&out.stdout));
-    assert_leaks(&report, "leaky.c", LEAKY_C, "no_leak");
-    assert_detached("memleak");
+    assert_leaky_final(&String::from_utf8_lossy(&out.stdout));
 }
 
 /// memtrace itself in a pid namespace (as in a container) tracing a process there: the pids
@@ -626,16 +623,10 @@ fn memleak_probes_a_replaced_libc_through_map_files() {
     std::fs::create_dir_all(&dir).unwrap();
     let libc = dir.join("libc.so.6");
     std::fs::copy(std::fs::canonicalize("/lib/x86_64-linux-gnu/libc.so.6").unwrap(), &libc).unwrap();
-    let mut target = Command::new(prog("leaky"))
-        .arg("wait")
-        .env("LD_LIBRARY_PATH", &dir)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut lines = BufReader::new(target.stdout.take().unwrap()).lines();
-    assert_eq!(lines.next().unwrap().unwrap(), "ready");
-    let pid = target.id().to_string();
+    let mut cmd = Command::new(prog("leaky"));
+    cmd.env("LD_LIBRARY_PATH", &dir);
+    let mut target = leaky_waiting(cmd);
+    let pid = target.pid().to_string();
     // Replace it as a package manager does: a new file renamed over the old one.
     let new = dir.join("libc.so.6.new");
     std::fs::copy(&libc, &new).unwrap();
@@ -645,18 +636,13 @@ fn memleak_probes_a_replaced_libc_through_map_files() {
 
     let mut mt = Running::start(&["memleak", "--json", "-T", "100", "-o", "0", "-p", &pid, "1"]);
     mt.wait_ready();
-    let mut stdin = target.stdin.take().unwrap();
-    writeln!(stdin).unwrap();
-    assert_eq!(lines.next().unwrap().unwrap(), "leaked");
+    leak(&mut target);
     std::thread::sleep(Duration::from_millis(1500));
-    drop(stdin);
-    target.wait().unwrap();
+    target.end();
     let (status, stdout, stderr) = mt.finish(Duration::from_secs(20));
     assert!(status.success(), "{status}: {stderr}");
     assert!(stderr.contains(&format!("through /proc/{pid}/map_files/")), "{stderr}");
-    let report = final_report(&stdout);
-    assert_leaks(&report, "leaky.c", LEAKY_C, "no_leak");
-    assert_detached("memleak");
+    assert_leaky_final(&stdout);
 }
 
 /// `--ready-fd 3`: one JSON line on descriptor 3 once the probes are in, then end-of-file,
@@ -666,11 +652,8 @@ fn memleak_ready_fd_says_when_probes_are_in() {
     if !bpf_available("memleak_ready_fd_says_when_probes_are_in") {
         return;
     }
-    let mut target =
-        Command::new(prog("leaky")).arg("wait").stdin(Stdio::piped()).stdout(Stdio::piped()).spawn().unwrap();
-    let mut lines = BufReader::new(target.stdout.take().unwrap()).lines();
-    assert_eq!(lines.next().unwrap().unwrap(), "ready");
-    let pid = target.id();
+    let mut target = leaky_waiting(Command::new(prog("leaky")));
+    let pid = target.pid();
     let mut cmd = memtrace();
     cmd.args(["memleak", "--json", "-T", "100", "--ready-fd", "3", "-p", &pid.to_string()]);
     let (read_end, write_end) = ready_pipe(&mut cmd);
@@ -683,16 +666,11 @@ fn memleak_ready_fd_says_when_probes_are_in() {
     let ready: Value = serde_json::from_str(&ready).unwrap_or_else(|e| panic!("{e}: {ready:?}"));
     assert_eq!(ready, serde_json::json!({"ready": true, "tool": "memleak", "pid": pid}));
     // Leak at once: the probes are in, so every allocation counts.
-    let mut stdin = target.stdin.take().unwrap();
-    writeln!(stdin).unwrap();
-    assert_eq!(lines.next().unwrap().unwrap(), "leaked");
-    drop(stdin);
-    target.wait().unwrap();
+    leak(&mut target);
+    target.end();
     let out = wait_output(child, Duration::from_secs(30));
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    let report = final_report(&String::from_utf8_lossy(&out.stdout));
-    assert_leaks(&report, "leaky.c", LEAKY_C, "no_leak");
-    assert_detached("memleak");
+    assert_leaky_final(&String::from_utf8_lossy(&out.stdout));
 }
 
 #[test]

@@ -14,32 +14,16 @@ use serde_json::json;
 
 const PAGE: u64 = 4096;
 
-fn hex(v: &str) -> u64 {
-    u64::from_str_radix(v.trim_start_matches("0x"), 16).unwrap_or_else(|e| panic!("{v}: {e}"))
-}
-
 #[test]
 fn mmapsnoop_reports_each_call_exactly() {
     if !bpf_available("mmapsnoop_reports_each_call_exactly") {
         return;
     }
-    let mut maps = Gated::start("mmapsnoop_maps");
-    let pid = maps.pid();
-    let mut mt = Running::start(&["mmapsnoop", "--json", "-p", &pid.to_string()]);
-    mt.wait_ready();
-    let got = maps.act();
-    // The file paths are read from /proc while the program lives: keep it until they are out.
-    mt.wait_lines("{", 7);
-    maps.end();
-    let (status, stdout, stderr) = mt.finish(Duration::from_secs(20));
-    assert!(status.success(), "{status}: {stderr}");
-    assert!(stderr.contains(&format!("process {pid} exited")), "{stderr}");
-    let (events, last) = events_and_final(&stdout);
-    assert_eq!(last["events_lost"], 0, "{last}");
-    assert_eq!(last["events"], events.len(), "{last}");
+    let SnoopRun { pid, got, events, last, stdout } = snoop_one_act("mmapsnoop", "mmapsnoop_maps", 7);
+    assert_eq!(last, json!({ "final": true, "events": 7, "events_lost": 0 }));
 
     let (anon, file, small, grown, closed) =
-        (hex(&got["anon"]), hex(&got["file"]), hex(&got["small"]), hex(&got["grown"]), hex(&got["closed"]));
+        (unhex(&got["anon"]), unhex(&got["file"]), unhex(&got["small"]), unhex(&got["grown"]), unhex(&got["closed"]));
     let fd: i64 = got["fd"].parse().unwrap();
     let path = &got["path"];
     let calls: Vec<&str> = events.iter().map(|e| e["call"].as_str().unwrap()).collect();

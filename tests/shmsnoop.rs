@@ -10,31 +10,17 @@ use std::time::Duration;
 use common::*;
 use serde_json::json;
 
-fn hex(v: &str) -> u64 {
-    u64::from_str_radix(v.trim_start_matches("0x"), 16).unwrap_or_else(|e| panic!("{v}: {e}"))
-}
-
 #[test]
 fn shmsnoop_reports_each_call_exactly() {
     if !bpf_available("shmsnoop_reports_each_call_exactly") {
         return;
     }
-    let mut shm = Gated::start("shmsnoop_shm");
-    let pid = shm.pid();
-    let mut mt = Running::start(&["shmsnoop", "--json", "-p", &pid.to_string()]);
-    mt.wait_ready();
-    let got = shm.act();
-    mt.wait_lines("{", 5);
-    shm.end();
-    let (status, stdout, stderr) = mt.finish(Duration::from_secs(20));
-    assert!(status.success(), "{status}: {stderr}");
-    assert!(stderr.contains(&format!("process {pid} exited")), "{stderr}");
-    let (events, last) = events_and_final(&stdout);
+    let SnoopRun { pid, got, events, last, stdout } = snoop_one_act("shmsnoop", "shmsnoop_shm", 5);
     assert_eq!(last, json!({ "final": true, "events": 5, "events_lost": 0 }));
 
     let key = &got["key"];
     let id: i64 = got["id"].parse().unwrap();
-    let addr = hex(&got["addr"]);
+    let addr = unhex(&got["addr"]);
     let calls: Vec<&str> = events.iter().map(|e| e["call"].as_str().unwrap()).collect();
     assert_eq!(calls, ["shmget", "shmget", "shmat", "shmdt", "shmctl"], "{stdout}");
     for e in &events {
@@ -43,7 +29,7 @@ fn shmsnoop_reports_each_call_exactly() {
     assert_fields(
         &events[0],
         &json!({
-            "key": hex(key), "key_str": key, "size": 3 * 4096,
+            "key": unhex(key), "key_str": key, "size": 3 * 4096,
             "shmflg": hx(0o1600), "shmflg_str": "IPC_CREAT|0600",
             "ret": id, "shmid": id, "error": null,
         }),

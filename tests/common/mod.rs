@@ -182,6 +182,39 @@ fn read_all<R: Read + Send + 'static>(pipe: Option<R>) -> mpsc::Receiver<Vec<u8>
     rx
 }
 
+/// A hex string (`0x...`, as the test programs print addresses) as a number.
+pub fn unhex(v: &str) -> u64 {
+    u64::from_str_radix(v.trim_start_matches("0x"), 16).unwrap_or_else(|e| panic!("{v}: {e}"))
+}
+
+/// What `snoop_one_act` saw.
+pub struct SnoopRun {
+    pub pid: u32,
+    /// The `key=value` pairs the program printed when it acted.
+    pub got: std::collections::HashMap<String, String>,
+    pub events: Vec<Value>,
+    pub last: Value,
+    pub stdout: String,
+}
+
+/// `memtrace TOOL --json -p PID` following tests/progs/<prog> while it acts once and exits,
+/// with the `n` events the tool sent waited for while the program still lives (tools read its
+/// /proc).
+pub fn snoop_one_act(tool: &str, prog: &str, n: usize) -> SnoopRun {
+    let mut target = Gated::start(prog);
+    let pid = target.pid();
+    let mut mt = Running::start(&[tool, "--json", "-p", &pid.to_string()]);
+    mt.wait_ready();
+    let got = target.act();
+    mt.wait_lines("{", n);
+    target.end();
+    let (status, stdout, stderr) = mt.finish(Duration::from_secs(20));
+    assert!(status.success(), "{status}: {stderr}");
+    assert!(stderr.contains(&format!("process {pid} exited")), "{stderr}");
+    let (events, last) = events_and_final(&stdout);
+    SnoopRun { pid, got, events, last, stdout }
+}
+
 /// An address, hint or flags value as memtrace's JSON writes it: a hex string.
 pub fn hx(v: u64) -> String {
     format!("{v:#x}")
@@ -267,10 +300,28 @@ pub struct Gated {
 impl Gated {
     /// Starts tests/progs/<name> and waits for its "ready".
     pub fn start(name: &str) -> Gated {
-        let mut child = Command::new(prog(name)).stdin(Stdio::piped()).stdout(Stdio::piped()).spawn().unwrap();
+        Gated::spawn(Command::new(prog(name)))
+    }
+
+    /// Starts `cmd`, a gated program run some other way (with arguments or environment), and
+    /// waits for its "ready".
+    pub fn spawn(mut cmd: Command) -> Gated {
+        let mut child = cmd.stdin(Stdio::piped()).stdout(Stdio::piped()).spawn().unwrap();
         let mut stdout = BufReader::new(child.stdout.take().unwrap()).lines();
-        assert_eq!(stdout.next().unwrap().unwrap(), "ready", "{name}");
+        assert_eq!(stdout.next().unwrap().unwrap(), "ready", "{cmd:?}");
         Gated { stdin: child.stdin.take(), child, stdout }
+    }
+
+    /// Whether the program is still running.
+    pub fn alive(&mut self) -> bool {
+        self.child.try_wait().unwrap().is_none()
+    }
+
+    /// Makes the program act; returns the line it printed.
+    pub fn act_line(&mut self) -> String {
+        use std::io::Write as _;
+        writeln!(self.stdin.as_mut().unwrap()).unwrap();
+        self.stdout.next().unwrap().unwrap()
     }
 
     pub fn pid(&self) -> u32 {
@@ -279,9 +330,7 @@ impl Gated {
 
     /// Makes the program act; returns the `key=value` pairs it printed.
     pub fn act(&mut self) -> std::collections::HashMap<String, String> {
-        use std::io::Write as _;
-        writeln!(self.stdin.as_mut().unwrap()).unwrap();
-        let line = self.stdout.next().unwrap().unwrap();
+        let line = self.act_line();
         line.split(' ').filter_map(|kv| kv.split_once('=')).map(|(k, v)| (k.to_string(), v.to_string())).collect()
     }
 
