@@ -2,6 +2,7 @@
 //! allocator) or for the kernel (kmem and percpu tracepoints).
 
 mod attach;
+mod dropped;
 mod procs;
 mod report;
 

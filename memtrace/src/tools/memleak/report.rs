@@ -18,10 +18,10 @@ use memtrace_common::{
 };
 use serde::Serialize;
 
+use super::dropped::Dropped;
 use super::{Args, procs::Procs};
 use crate::{
-    kernel,
-    output::{self, Dropped},
+    kernel, output,
     symbolize::{Frame, KernelSymbolizer, UserSymbolizer},
     tools::tracer::Tracer,
     tools::{
