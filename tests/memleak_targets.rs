@@ -23,8 +23,9 @@ fn stacks_of<'a>(report: &'a Value, pid: u64, func: &str) -> Vec<&'a Value> {
 fn assert_stack(report: &Value, pid: u64, func: &str, bytes: u64, allocs: u64) {
     let stacks = stacks_of(report, pid, func);
     assert_eq!(stacks.len(), 1, "pid {pid} {func}: expected one stack: {report:#}");
-    assert_eq!(stacks[0]["bytes"], bytes, "pid {pid} {func}: {:#}", stacks[0]);
-    assert_eq!(stacks[0]["allocs"], allocs, "pid {pid} {func}: {:#}", stacks[0]);
+    let (stack, dropped) = (stacks[0], &report["dropped"]);
+    assert_eq!(stack["bytes"], bytes, "pid {pid} {func}: {stack:#}, dropped: {dropped}");
+    assert_eq!(stack["allocs"], allocs, "pid {pid} {func}: {stack:#}, dropped: {dropped}");
 }
 
 /// The pids of the processes in a report, with their parents, ordered by pid.

@@ -7,6 +7,7 @@ mod setup;
 mod tasks;
 mod vm;
 mod vm_image;
+mod vm_tests;
 
 use std::process::ExitCode;
 

@@ -50,11 +50,14 @@ pub struct Options {
     /// Print every tool's output from inside the VM, not only for failures.
     #[arg(long)]
     show_output: bool,
+    /// Run the integration tests (tests/*.rs) in the VM instead of the smoke suite.
+    #[arg(long)]
+    rust_tests: bool,
 }
 
 impl Default for Options {
     fn default() -> Self {
-        Options { kernels: Vec::new(), timeout: 900, show_output: false }
+        Options { kernels: Vec::new(), timeout: 900, show_output: false, rust_tests: false }
     }
 }
 
@@ -70,6 +73,10 @@ pub fn run(opts: &Options) -> Result<u8> {
     let progs = build_progs()?;
     let patterns: Vec<String> =
         if opts.kernels.is_empty() { KERNELS.iter().map(|k| k.to_string()).collect() } else { opts.kernels.clone() };
+    if opts.rust_tests {
+        let (_, failed) = crate::vm_tests::run(&patterns, &busybox, Duration::from_secs(opts.timeout))?;
+        return Ok(if failed == 0 { 0 } else { 1 });
+    }
     let (mut passed, mut failed) = (0, 0);
     for pattern in &patterns {
         let pkg = package(pattern)?;
@@ -77,7 +84,7 @@ pub fn run(opts: &Options) -> Result<u8> {
         let initrd = initramfs(&pkg, &busybox, &memtrace, &progs)?;
         let name = pkg.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
         let started = Instant::now();
-        let serial = boot(&vmlinuz, &initrd, Duration::from_secs(opts.timeout), &name, opts.show_output)?;
+        let serial = boot(&vmlinuz, &initrd, Duration::from_secs(opts.timeout), &name, opts.show_output, 512)?;
         let secs = started.elapsed().as_secs();
         let (p, f) = report(&name, &serial, secs);
         (passed, failed) = (passed + p, failed + f);
@@ -94,10 +101,17 @@ pub fn run(opts: &Options) -> Result<u8> {
 
 /// Boots the VM and returns its serial output; kills it after `limit`. Progress lines are
 /// echoed; the whole log goes to target/vm/serial-<kernel>.log.
-fn boot(vmlinuz: &Path, initrd: &Path, limit: Duration, kernel: &str, show: bool) -> Result<Vec<String>> {
+pub fn boot(
+    vmlinuz: &Path,
+    initrd: &Path,
+    limit: Duration,
+    kernel: &str,
+    show: bool,
+    mem_mb: u32,
+) -> Result<Vec<String>> {
     println!("vm-test: booting {kernel} (TCG, up to {} s)", limit.as_secs());
     let mut child = cmd::new("qemu-system-x86_64")
-        .args(["-accel", "tcg", "-cpu", "max", "-smp", "1", "-m", "512"])
+        .args(["-accel", "tcg", "-cpu", "max", "-smp", "1", "-m", &mem_mb.to_string()])
         .args(["-nographic", "-no-reboot", "-net", "none", "-kernel"])
         .arg(vmlinuz)
         .arg("-initrd")
@@ -130,7 +144,11 @@ fn boot(vmlinuz: &Path, initrd: &Path, limit: Duration, kernel: &str, show: bool
         match rx.recv_timeout(left) {
             Ok(line) => {
                 writeln!(log, "{line}")?;
-                if line.starts_with("MEMTRACE-") || line.starts_with("vm:") || line.contains("Kernel panic") {
+                if line.starts_with("MEMTRACE-")
+                    || line.starts_with("vm:")
+                    || line.starts_with("vm-init:")
+                    || line.contains("Kernel panic")
+                {
                     println!("  {line}");
                 }
                 lines.push(line);

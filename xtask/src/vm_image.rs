@@ -10,7 +10,7 @@ use crate::cmd;
 use crate::vm::vm_dir;
 
 pub const BUSYBOX: &str = "busybox-static";
-const MUSL: &str = "x86_64-unknown-linux-musl";
+pub const MUSL: &str = "x86_64-unknown-linux-musl";
 /// tests/progs built static into the image, as /progs/<name>.
 const PROGS: &[&str] = &["leaky", "vm_mem", "hfaults_touch"];
 /// tests/progs built static without frame pointers, as distributions build: only their unwind
@@ -226,6 +226,18 @@ pub fn build_progs() -> Result<Vec<PathBuf>> {
         .collect()
 }
 
+/// Copies MODULES and their dependencies into `dir`, with `order`, the order /init loads them
+/// in (dependencies first).
+pub fn add_modules(kernel_pkg: &Path, dir: &Path) -> Result<()> {
+    fs::create_dir_all(dir)?;
+    let mut order = Vec::new();
+    for module in MODULES {
+        add_module(kernel_pkg, module, dir, &mut order)?;
+    }
+    fs::write(dir.join("order"), order.join("\n") + "\n")?;
+    Ok(())
+}
+
 /// Lays out the root file system and packs it as a gzip'd newc cpio archive.
 pub fn initramfs(kernel_pkg: &Path, busybox: &Path, memtrace: &Path, progs: &[PathBuf]) -> Result<PathBuf> {
     let stage = vm_dir().join("initramfs");
@@ -238,12 +250,7 @@ pub fn initramfs(kernel_pkg: &Path, busybox: &Path, memtrace: &Path, progs: &[Pa
     for prog in progs {
         fs::copy(prog, stage.join("progs").join(prog.file_name().context("program without a name")?))?;
     }
-    let mut order = Vec::new();
-    for module in MODULES {
-        add_module(kernel_pkg, module, &stage.join("lib/modules"), &mut order)?;
-    }
-    // /init loads them in this order: dependencies first.
-    fs::write(stage.join("lib/modules/order"), order.join("\n") + "\n")?;
+    add_modules(kernel_pkg, &stage.join("lib/modules"))?;
     let init = stage.join("init");
     fs::write(&init, crate::vm::INIT)?;
     cmd::run(cmd::new("chmod").args(["0755"]).arg(&init))?;

@@ -1,0 +1,237 @@
+//! memtrace's integration tests (tests/*.rs) inside the VM: cargo builds them static (musl),
+//! and a small Rust /init (xtask/vm-init) runs each binary on the booted kernel and prints one
+//! `MEMTRACE-TESTS` line per binary. The image holds what the tests reach by absolute path on
+//! the host: the static memtrace they were built against, tests/progs and the programs built
+//! from it in target/test-progs (with the host's C libraries they link to).
+
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+
+use crate::cmd;
+use crate::vm::{boot, vm_dir};
+use crate::vm_image::{MUSL, add_modules, find_file, package};
+
+/// The host's programs the tests run, copied to the same paths with the libraries `ldd` names
+/// for them: real workloads (python3.11, stress-ng), and util-linux and coreutils where the
+/// tests use options busybox lacks.
+const HOST_PROGRAMS: &[&str] = &[
+    "/usr/bin/sleep",
+    "/usr/bin/setpriv",
+    "/usr/bin/unshare",
+    "/usr/bin/nsenter",
+    "/usr/bin/mount",
+    "/usr/bin/umount",
+    "/usr/bin/bash",
+    "/usr/bin/nm",
+    "/usr/bin/stress-ng",
+    "/usr/bin/python3.11",
+];
+
+/// Libraries the test programs load (C and C++ runtimes, a preloaded allocator), data the
+/// tests read, and libc's debug information (its internal functions have no symbols without it).
+const HOST_FILES: &[&str] = &[
+    "/lib64/ld-linux-x86-64.so.2",
+    "/lib/x86_64-linux-gnu/libc.so.6",
+    "/lib/x86_64-linux-gnu/libm.so.6",
+    "/lib/x86_64-linux-gnu/libstdc++.so.6",
+    "/lib/x86_64-linux-gnu/libgcc_s.so.1",
+    "/usr/lib/x86_64-linux-gnu/libjemalloc.so.2",
+    "/etc/passwd",
+    "/etc/group",
+];
+
+/// Directories copied whole: python's standard library, separate debug information.
+const HOST_TREES: &[&str] = &["/usr/lib/python3.11", "/usr/lib/debug"];
+
+/// The libraries `ldd` lists for `program`.
+fn libraries(program: &str) -> Result<Vec<PathBuf>> {
+    let out = cmd::stdout(cmd::new("ldd").arg(program))?;
+    Ok(out
+        .lines()
+        .filter_map(|l| l.split("=>").nth(1)?.split_whitespace().next().map(PathBuf::from))
+        .filter(|p| p.is_absolute())
+        .collect())
+}
+
+/// The static test binaries, by the name of their tests/*.rs file.
+fn build_tests() -> Result<Vec<(String, PathBuf)>> {
+    let out = cmd::stdout(cmd::cargo().args([
+        "test",
+        "--release",
+        "-p",
+        "memtrace",
+        "--target",
+        MUSL,
+        "--no-run",
+        "--message-format=json",
+    ]))?;
+    let mut tests = Vec::new();
+    for line in out.lines() {
+        let Ok(msg) = serde_json::from_str::<serde_json::Value>(line) else { continue };
+        let is_test = msg["target"]["kind"].as_array().is_some_and(|k| k.iter().any(|k| k == "test"));
+        if let (true, Some(exe), Some(name)) = (is_test, msg["executable"].as_str(), msg["target"]["name"].as_str()) {
+            tests.push((name.to_string(), PathBuf::from(exe)));
+        }
+    }
+    if tests.is_empty() {
+        bail!("cargo built no integration test binaries");
+    }
+    cmd::run(cmd::cargo().args(["build", "--release", "-p", "vm-init", "--target", MUSL]))?;
+    Ok(tests)
+}
+
+/// Copies `from` to the same absolute path under `stage`, following symlinks.
+fn copy_same_path(stage: &Path, from: &Path) -> Result<()> {
+    let to = stage.join(from.strip_prefix("/").unwrap_or(from));
+    fs::create_dir_all(to.parent().context("a path without a parent")?)?;
+    fs::copy(from, &to).with_context(|| format!("copying {}", from.display()))?;
+    Ok(())
+}
+
+/// Copies a directory tree to the same absolute path under `stage`, keeping modification times
+/// (the tests rebuild a program only when its source is newer).
+fn copy_tree(stage: &Path, from: &Path) -> Result<()> {
+    let to = stage.join(from.strip_prefix("/").unwrap_or(from));
+    fs::create_dir_all(to.parent().context("a path without a parent")?)?;
+    cmd::run(cmd::new("cp").arg("-a").arg(from).arg(&to))
+}
+
+fn strip_into(from: &Path, to: &Path) -> Result<()> {
+    fs::create_dir_all(to.parent().context("a path without a parent")?)?;
+    cmd::run(cmd::new("objcopy").arg("--strip-debug").arg(from).arg(to))
+}
+
+fn initramfs(kernel_pkg: &Path, busybox: &Path, tests: &[(String, PathBuf)]) -> Result<PathBuf> {
+    let root = cmd::root();
+    let stage = vm_dir().join("tests-initramfs");
+    let _ = fs::remove_dir_all(&stage);
+    fs::create_dir_all(stage.join("bin"))?;
+    fs::copy(busybox, stage.join("bin/busybox"))?;
+    fs::copy(root.join(format!("target/{MUSL}/release/vm-init")), stage.join("init"))?;
+    for (name, exe) in tests {
+        strip_into(exe, &stage.join("tests").join(name))?;
+    }
+    // The tests run the memtrace they were built with, by its absolute path.
+    let memtrace = root.join(format!("target/{MUSL}/release/memtrace"));
+    strip_into(&memtrace, &stage.join(memtrace.strip_prefix("/").unwrap_or(&memtrace)))?;
+    copy_tree(&stage, &root.join("tests/progs"))?;
+    let progs = root.join("target/test-progs");
+    if progs.is_dir() {
+        copy_tree(&stage, &progs)?;
+    }
+    for file in HOST_FILES {
+        copy_same_path(&stage, Path::new(file))?;
+    }
+    for program in HOST_PROGRAMS.iter().filter(|p| Path::new(p).exists()) {
+        copy_same_path(&stage, Path::new(program))?;
+        for lib in libraries(program)? {
+            copy_same_path(&stage, &lib)?;
+        }
+    }
+    for tree in HOST_TREES.iter().filter(|t| Path::new(t).is_dir()) {
+        copy_tree(&stage, Path::new(tree))?;
+    }
+    add_modules(kernel_pkg, &stage.join("lib/modules"))?;
+    let initrd = vm_dir().join("tests-initrd.gz");
+    cmd::run(
+        cmd::new("sh")
+            .args(["-c", "find . | cpio -o -H newc --quiet | gzip -1 > ../tests-initrd.gz"])
+            .current_dir(&stage),
+    )?;
+    Ok(initrd)
+}
+
+/// One binary's counts, as /init printed them.
+#[derive(Debug, Default, PartialEq, Eq)]
+struct Counts {
+    passed: u32,
+    failed: u32,
+    not_run: u32,
+}
+
+fn parse(serial: &[String]) -> Vec<(String, Counts)> {
+    serial
+        .iter()
+        .filter_map(|line| {
+            let rest = line.strip_prefix("MEMTRACE-TESTS ")?;
+            let mut words = rest.split_whitespace();
+            let name = words.next()?.to_string();
+            let mut c = Counts::default();
+            for w in words {
+                let (k, v) = w.split_once('=')?;
+                let v = v.parse().ok()?;
+                match k {
+                    "passed" => c.passed = v,
+                    "failed" => c.failed = v,
+                    "not-run" => c.not_run = v,
+                    _ => {}
+                }
+            }
+            Some((name, c))
+        })
+        .collect()
+}
+
+/// Boots each kernel with the tests; prints one `N passed, N failed` line per kernel and
+/// returns the totals. A binary without a result line counts as one failure.
+pub fn run(patterns: &[String], busybox: &Path, limit: Duration) -> Result<(u32, u32)> {
+    let tests = build_tests()?;
+    let (mut passed, mut failed) = (0, 0);
+    let mut lines = Vec::new();
+    for pattern in patterns {
+        let pkg = package(pattern)?;
+        let vmlinuz = find_file(&pkg.join("boot"), |n| n.starts_with("vmlinuz-"))?;
+        let initrd = initramfs(&pkg, busybox, &tests)?;
+        let name = pkg.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+        let started = Instant::now();
+        let serial = boot(&vmlinuz, &initrd, limit, &format!("tests-{name}"), false, 1024)?;
+        let secs = started.elapsed().as_secs();
+        let got = parse(&serial);
+        let mut k = Counts::default();
+        for (test, _) in &tests {
+            match got.iter().find(|(n, _)| n == test) {
+                Some((_, c)) => {
+                    k.passed += c.passed;
+                    k.failed += c.failed;
+                    k.not_run += c.not_run;
+                }
+                None => {
+                    println!("vm-test: {name}: {test}: no result line (see target/vm/serial-tests-{name}.log)");
+                    k.failed += 1;
+                }
+            }
+        }
+        for line in serial.iter().filter(|l| l.starts_with("MEMTRACE-NOT-RUN ")) {
+            println!("vm-test: {name}: {}", &line["MEMTRACE-NOT-RUN ".len()..]);
+        }
+        lines.push(format!(
+            "vm-test: {name}: {} passed, {} failed, {} not run (tests/*.rs, {secs} s)",
+            k.passed, k.failed, k.not_run
+        ));
+        (passed, failed) = (passed + k.passed, failed + k.failed);
+    }
+    for line in lines {
+        println!("{line}");
+    }
+    Ok((passed, failed))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_test_lines() {
+        let serial = vec![
+            "vm-init: running probe".to_string(),
+            "MEMTRACE-TESTS probe passed=4 failed=0 not-run=0 secs=3".to_string(),
+            "MEMTRACE-TESTS oomkill passed=4 failed=1 not-run=1 secs=50".to_string(),
+        ];
+        let got = parse(&serial);
+        assert_eq!(got[0], ("probe".to_string(), Counts { passed: 4, failed: 0, not_run: 0 }));
+        assert_eq!(got[1], ("oomkill".to_string(), Counts { passed: 4, failed: 1, not_run: 1 }));
+    }
+}
