@@ -19,7 +19,8 @@ use crate::vm_image::{BUSYBOX, build_memtrace, build_progs, find_file, initramfs
 
 /// Kernel packages the suite boots by default; `*` stands for Debian's ABI number and the
 /// newest one apt knows (or the one already cached) is used. Add a line for another kernel.
-pub const KERNELS: &[&str] = &["linux-image-6.1.0-*-cloud-amd64", "linux-image-6.12.*+deb12-cloud-amd64"];
+pub const KERNELS: &[&str] =
+    &["linux-image-5.10.0-*-cloud-amd64", "linux-image-6.1.0-*-cloud-amd64", "linux-image-6.12.*+deb12-cloud-amd64"];
 
 /// Every result line /init must print; a missing one is a failure.
 const TESTS: &[&str] = &[
