@@ -1,5 +1,10 @@
-//! Builds the eBPF objects (one per tracer) and leaves them in OUT_DIR for `include_bytes_aligned!`.
-use std::{env, path::PathBuf};
+//! Builds the eBPF objects (one per tracer) and leaves them in OUT_DIR for `include_bytes_aligned!`:
+//! each twice, with the bpf_loop stack walker and, under OUT_DIR/no-bpf-loop, without it for
+//! kernels before 5.17 (`kernel::Object` picks one at run time).
+use std::{env, fs, path::PathBuf};
+
+/// Where the objects built without the `bpf-loop` feature go.
+const NO_BPF_LOOP: &str = "no-bpf-loop";
 
 fn main() -> anyhow::Result<()> {
     let manifest = PathBuf::from(env::var("CARGO_MANIFEST_DIR")?);
@@ -10,8 +15,23 @@ fn main() -> anyhow::Result<()> {
     println!("cargo:rerun-if-env-changed=MEMTRACE_EBPF_TOOLCHAIN");
     let toolchain = env::var("MEMTRACE_EBPF_TOOLCHAIN").unwrap_or_else(|_| "nightly".into());
     let root_dir = ebpf.to_str().ok_or_else(|| anyhow::anyhow!("non-UTF-8 path {}", ebpf.display()))?;
-    aya_build::build_ebpf(
-        [aya_build::Package { name: "memtrace-ebpf", root_dir, ..Default::default() }],
-        aya_build::Toolchain::Custom(&toolchain),
-    )
+    let build = |no_default_features| {
+        aya_build::build_ebpf(
+            [aya_build::Package { name: "memtrace-ebpf", root_dir, no_default_features, ..Default::default() }],
+            aya_build::Toolchain::Custom(&toolchain),
+        )
+    };
+    // aya-build copies every object to OUT_DIR/<tool>: build the reduced set first and move it
+    // aside, so the full one lands where it always did. Both share one cargo target directory.
+    build(true)?;
+    let out = PathBuf::from(env::var("OUT_DIR")?);
+    let aside = out.join(NO_BPF_LOOP);
+    fs::create_dir_all(&aside)?;
+    for entry in fs::read_dir(&out)? {
+        let entry = entry?;
+        if entry.file_type()?.is_file() {
+            fs::rename(entry.path(), aside.join(entry.file_name()))?;
+        }
+    }
+    build(false)
 }

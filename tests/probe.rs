@@ -101,6 +101,17 @@ fn probe_picks_the_attach_method_each_tool_would_use() {
     let kmem = tool(&r, "memleak-kernel");
     assert!(kmem["method"].as_str().unwrap().starts_with("tracepoints kmem"), "{kmem}");
     assert!(kmem["targets"].as_array().unwrap().contains(&"tracepoint:kmem:kmalloc".into()), "{kmem}");
+    // Before 5.17 (no bpf_loop) the tools that show user stacks run on frame pointers alone
+    // and say so; the others lose nothing.
+    let release = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap();
+    let mut version = release.split(|c: char| !c.is_ascii_digit()).map(|n| n.parse::<u32>().unwrap());
+    let old = (version.next().unwrap(), version.next().unwrap()) < (5, 17);
+    for t in r["tools"].as_array().unwrap() {
+        let user_stacks = ["memleak", "oomkill", "brkstack", "faults", "swapin"].contains(&t["tool"].as_str().unwrap());
+        let degraded = t.get("degraded").and_then(Value::as_str);
+        assert_eq!(degraded.is_some(), old && user_stacks, "{t}");
+        assert!(degraded.is_none_or(|d| d.contains("bpf_loop helper (Linux 5.17+)")), "{t}");
+    }
     if Path::new("/sys/bus/event_source/devices/kprobe/type").exists() {
         assert_eq!(tool(&r, "oomkill")["method"], "kprobe oom_kill_process");
         assert_eq!(tool(&r, "hfaults")["method"], "kprobe hugetlb_fault");

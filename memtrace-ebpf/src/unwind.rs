@@ -13,7 +13,7 @@ use aya_ebpf::{
     Global,
     bindings::{BPF_F_MMAPABLE, BPF_F_NO_PREALLOC, pt_regs},
     btf_maps::{Array, HashMap, LpmTrie, PerCpuArray, lpm_trie::Key},
-    helpers::{bpf_probe_read_kernel, bpf_probe_read_user, generated::bpf_loop},
+    helpers::{bpf_probe_read_kernel, bpf_probe_read_user},
     macros::btf_map,
 };
 use memtrace_common::{
@@ -95,10 +95,12 @@ pub fn task_pt_regs(task: *mut c_void) -> *const pt_regs {
     }
 }
 
-/// Whether tools should walk with the tables rather than `bpf_get_stack`.
+/// Whether tools should walk with the tables rather than `bpf_get_stack`. Never in objects
+/// built without `bpf-loop`: a kernel before 5.13 rejects any program that names a callback
+/// (the verifier counts no subprogram for it), even one on a path it would never run.
 #[inline(always)]
 pub fn tables_enabled() -> bool {
-    UNWIND_MODE.load() != MODE_FP
+    cfg!(feature = "bpf-loop") && UNWIND_MODE.load() != MODE_FP
 }
 
 /// The walk's state, per CPU. In map memory, not on the stack: the verifier does not follow
@@ -136,8 +138,9 @@ pub fn walk(regs: UserRegs, pid: u32) -> Option<&'static Stack> {
     // SAFETY: this CPU's slot, as for the stack.
     unsafe { state.write(Walk { pc: regs.ip, sp: regs.sp, bp: regs.bp, pid, len: 1, end: 0, _pad: 0 }) };
     // SAFETY: `step` has the callback signature bpf_loop wants; it takes no context.
+    #[cfg(feature = "bpf-loop")]
     unsafe {
-        bpf_loop((MAX_FRAMES - 1) as u32, step as *mut c_void, core::ptr::null_mut(), 0);
+        aya_ebpf::helpers::generated::bpf_loop((MAX_FRAMES - 1) as u32, step as *mut c_void, core::ptr::null_mut(), 0);
     }
     // SAFETY: as above.
     let (len, end) = unsafe { ((*state).len, (*state).end) };
@@ -151,6 +154,7 @@ pub fn walk(regs: UserRegs, pid: u32) -> Option<&'static Stack> {
 
 /// One frame: from `state.pc/sp/bp` to the caller's, pushing the caller's PC. Returns 1 to
 /// stop the loop.
+#[cfg_attr(not(feature = "bpf-loop"), allow(dead_code, reason = "only bpf_loop calls it"))]
 extern "C" fn step(index: u64, _ctx: *mut c_void) -> i64 {
     let Some(state) = UNWIND_WALK.get_ptr_mut(0) else { return 1 };
     // SAFETY: this CPU's slot, set up by `walk`.

@@ -3,6 +3,7 @@
 
 use std::fs;
 use std::path::{Path, PathBuf};
+use std::process::Command;
 
 use anyhow::{Context, Result, bail};
 
@@ -19,6 +20,9 @@ const NOFP_PROGS: &[&str] = &["unwind_c"];
 /// Kernel modules /init loads for zram swap (their dependencies come along): lzo-rle is
 /// zram's default compressor on 6.1, which asks for it by name rather than by symbol.
 const MODULES: &[&str] = &["lzo-rle", "zram"];
+/// Package-name prefixes of releases the host's apt sources need not list, with the suite they
+/// come from: bullseye's 5.10 is the oldest kernel the suite boots, and the host is newer.
+const OTHER_SUITES: &[(&str, &str)] = &[("linux-image-5.10.", "bullseye")];
 
 /// Unpacks a Debian package under target/vm/pkg/<name>, downloading it only when not cached.
 pub fn package(pattern: &str) -> Result<PathBuf> {
@@ -35,7 +39,7 @@ pub fn package(pattern: &str) -> Result<PathBuf> {
     let debs = vm_dir().join("deb");
     fs::create_dir_all(&debs)?;
     println!("vm-test: downloading {name}");
-    cmd::run(cmd::new("apt-get").args(["download", "-q"]).arg(&name).current_dir(&debs))?;
+    cmd::run(apt("apt-get", pattern)?.args(["download", "-q"]).arg(&name).current_dir(&debs))?;
     let deb = find_file(&debs, |n| n.starts_with(&format!("{name}_")) && n.ends_with(".deb"))?;
     let tmp = pkg_dir.join(format!("{name}.partial"));
     let _ = fs::remove_dir_all(&tmp);
@@ -78,17 +82,62 @@ fn newest_available(pattern: &str) -> Result<String> {
     }
     let prefix = pattern.split('*').next().unwrap_or("");
     for attempt in 0..2 {
-        let list = cmd::stdout(cmd::new("apt-cache").args(["pkgnames", prefix]))?;
+        let list = cmd::stdout(apt("apt-cache", pattern)?.args(["pkgnames", prefix]))?;
         let mut names: Vec<&str> = list.lines().filter(|n| matches(pattern, n)).collect();
         names.sort_by_key(|n| abi(pattern, n));
         if let Some(name) = names.pop() {
             return Ok(name.to_string());
         }
         if attempt == 0 {
-            cmd::run(cmd::new("apt-get").args(["update", "-q"]))?;
+            cmd::run(apt("apt-get", pattern)?.args(["update", "-q"]))?;
         }
     }
     bail!("apt knows no package matching {pattern}: is a Debian mirror with it in sources.list?")
+}
+
+/// `apt-get` or `apt-cache` set up to find `pattern`: the host's own configuration, or, for a
+/// suite in OTHER_SUITES, a private sources file and state under target/vm/apt/<suite>, so the
+/// host's sources and lists stay as they are.
+fn apt(program: &str, pattern: &str) -> Result<Command> {
+    let mut command = cmd::new(program);
+    let Some(&(_, suite)) = OTHER_SUITES.iter().find(|(prefix, _)| pattern.starts_with(prefix)) else {
+        return Ok(command);
+    };
+    let dir = vm_dir().join("apt").join(suite);
+    fs::create_dir_all(dir.join("lists/partial"))?;
+    fs::create_dir_all(dir.join("cache/archives/partial"))?;
+    let sources = dir.join("sources.list");
+    let keyring = "/usr/share/keyrings/debian-archive-keyring.gpg";
+    fs::write(&sources, format!("deb [signed-by={keyring}] {}/debian {suite} main\n", debian_mirror()?))?;
+    let opt = |key: &str, value: &Path| ["-o".to_string(), format!("{key}={}", value.display())];
+    command
+        .args(opt("Dir::Etc::sourcelist", &sources))
+        .args(opt("Dir::Etc::sourceparts", Path::new("/dev/null")))
+        .args(opt("Dir::State::Lists", &dir.join("lists")))
+        .args(opt("Dir::Cache", &dir.join("cache")));
+    Ok(command)
+}
+
+/// Scheme and host of the Debian mirror the host's apt uses, read at run time so that the
+/// repository names no mirror: the first `URIs:` of debian.sources, else the first `deb` line.
+fn debian_mirror() -> Result<String> {
+    let read = |path| fs::read_to_string(path).unwrap_or_default();
+    let deb822 = read("/etc/apt/sources.list.d/debian.sources");
+    let one_line = read("/etc/apt/sources.list");
+    mirror_of(&deb822, &one_line)
+        .context("no Debian mirror in /etc/apt/sources.list.d/debian.sources or /etc/apt/sources.list")
+}
+
+fn mirror_of(deb822: &str, one_line: &str) -> Option<String> {
+    let from_deb822 = deb822.lines().filter_map(|l| l.trim().strip_prefix("URIs:")).flat_map(str::split_whitespace);
+    let from_list = one_line
+        .lines()
+        .filter(|l| l.trim_start().starts_with("deb "))
+        .filter_map(|l| l.split_whitespace().find(|w| w.contains("://")));
+    let uri = from_deb822.chain(from_list).next()?;
+    let (scheme, rest) = uri.split_once("://")?;
+    let host = rest.split('/').next().filter(|h| !h.is_empty())?;
+    Some(format!("{scheme}://{host}"))
 }
 
 pub fn find_file(dir: &Path, want: impl Fn(&str) -> bool) -> Result<PathBuf> {
@@ -272,6 +321,15 @@ mod tests {
         assert!(!matches(p, "linux-image-6.1.0-56-cloud-amd64-dbg"));
         assert!(!matches(p, "linux-image-6.1.0--cloud-amd64"));
         assert_eq!(abi(p, "linux-image-6.1.0-56-cloud-amd64"), 56);
+    }
+
+    #[test]
+    fn mirror_from_apt_sources() {
+        let deb822 = "Types: deb\n# http://snapshot.example/archive\nURIs: http://mirror.example/debian\nSuites: x\n";
+        assert_eq!(mirror_of(deb822, "").as_deref(), Some("http://mirror.example"));
+        let list = "# deb http://old.example/debian x main\ndeb [arch=amd64] https://m.example/debian/ x main\n";
+        assert_eq!(mirror_of("", list).as_deref(), Some("https://m.example"));
+        assert_eq!(mirror_of("", ""), None);
     }
 
     #[test]

@@ -1,7 +1,7 @@
 #!/bin/busybox sh
 # /init of the memtrace test VM (built by `cargo xtask vm-test`): mounts what the tracers need,
 # sets up swap, cgroups and huge pages, runs one smoke test per memtrace subcommand and prints
-#   MEMTRACE-RESULT <test> | <attach method> | PASS|FAIL | <detail>
+#   MEMTRACE-RESULT <test> | <attach method> | PASS|FAIL|SKIP | <detail>
 # for each, then MEMTRACE-DONE, and powers off. The host parses these lines.
 
 /bin/busybox --install -s /bin
@@ -33,10 +33,11 @@ result() { echo "MEMTRACE-RESULT $1 | ${2:--} | $3 | $4"; }
 # `cargo xtask vm-test --show-output` boots with memtrace.show: print every tool's output.
 grep -q memtrace.show /proc/cmdline && SHOW=1
 
-# The attach method: the tool's own "-v" line, else what `memtrace probe` says for it.
+# The attach method: the tool's own "-v" line, else what `memtrace probe` says for it (up to
+# "; ", after which probe says what the tool loses on this kernel).
 method() {
 	m=$(sed -n "s/.* $2: using //p" /tmp/$1.err | head -n 1)
-	[ -n "$m" ] || m=$(sed -n "s/^  $2  *//p" /tmp/probe.out | head -n 1)
+	[ -n "$m" ] || m=$(sed -n "s/^  $2  *//p" /tmp/probe.out | head -n 1 | sed 's/; .*//')
 	echo "$m"
 }
 
@@ -132,7 +133,15 @@ nofp_ok() {
 		&& [ "${c% *}" -gt 0 ] && [ "${c% *}" = "${c#* }" ]
 }
 
+# Kernels before 5.17 have no bpf_loop, so no unwind tables: memtrace says so, and only there
+# the test is skipped; a newer kernel without them fails it.
 t_memleak_nofp() {
+	why=$(sed -n 's/^  unwind tables  *no  *//p' /tmp/probe.out)
+	v=$(uname -r | sed 's/^\([0-9]*\)\.\([0-9]*\).*/\1 \2/')
+	if [ -n "$why" ] && [ $((${v% *} * 1000 + ${v#* })) -lt 5017 ]; then
+		result memleak-nofp - SKIP "$why"
+		return
+	fi
 	$M -v memleak --json -c "$P/unwind_c" > /tmp/memleak-nofp.out 2> /tmp/memleak-nofp.err &
 	TOOL=$!
 	finish

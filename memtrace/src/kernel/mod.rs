@@ -34,6 +34,66 @@ pub fn has_bpf_loop() -> bool {
     release().is_some_and(|v| v >= (5, 17))
 }
 
+/// What tools that show user stacks lose on a kernel without `bpf_loop`, in one line; None
+/// where it has it.
+pub fn no_bpf_loop() -> Option<&'static str> {
+    (!has_bpf_loop())
+        .then_some("unwind tables need the bpf_loop helper (Linux 5.17+); user stacks use frame pointers only")
+}
+
+/// A tracer's eBPF object as build.rs left it. A tracer that walks user stacks has a second
+/// build without the bpf_loop walker: kernels before 5.13 reject a program that so much as
+/// names its callback, used or not.
+pub struct Object {
+    full: &'static [u8],
+    without_bpf_loop: Option<&'static [u8]>,
+}
+
+impl Object {
+    pub const fn new(full: &'static [u8]) -> Object {
+        Object { full, without_bpf_loop: None }
+    }
+
+    pub const fn walking_user_stacks(full: &'static [u8], without_bpf_loop: &'static [u8]) -> Object {
+        Object { full, without_bpf_loop: Some(without_bpf_loop) }
+    }
+
+    /// The build this kernel can load.
+    pub fn for_this_kernel(&self) -> &'static [u8] {
+        match self.without_bpf_loop {
+            Some(reduced) if !has_bpf_loop() => reduced,
+            _ => self.full,
+        }
+    }
+
+    /// Whether the tool shows user stacks walked by the unwinder (and so loses the unwind
+    /// tables without bpf_loop).
+    pub fn walks_user_stacks(&self) -> bool {
+        self.without_bpf_loop.is_some()
+    }
+
+    /// Every build, full first.
+    #[cfg(test)]
+    pub fn builds(&self) -> impl Iterator<Item = &'static [u8]> {
+        std::iter::once(self.full).chain(self.without_bpf_loop)
+    }
+}
+
+/// A tracer's `kernel::Object`, by its name in OUT_DIR; `walking_user_stacks` adds the build
+/// without bpf_loop.
+#[macro_export]
+macro_rules! ebpf_object {
+    ($name:literal) => {
+        $crate::kernel::Object::new(aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/", $name)))
+    };
+    ($name:literal, walking_user_stacks) => {
+        $crate::kernel::Object::walking_user_stacks(
+            aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/", $name)),
+            aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/no-bpf-loop/", $name)),
+        )
+    };
+}
+
 pub fn require_root() -> Result<()> {
     // SAFETY: geteuid has no preconditions.
     if unsafe { libc::geteuid() } != 0 {

@@ -28,7 +28,7 @@ use crate::{
     unwind::{CutStacks, Unwinder},
 };
 
-const OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/brkstack"));
+const OBJECT: crate::kernel::Object = crate::ebpf_object!("brkstack", walking_user_stacks);
 
 pub const SPEC: ToolSpec =
     ToolSpec { name: "brkstack", object: OBJECT, modes: &[("brkstack", Plan::Points(ATTACH))], optional: &[] };

@@ -14,7 +14,7 @@ use crate::{
     tools::{self, CommonArgs, args::Timestamp, c_str},
 };
 
-const OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/drsnoop"));
+const OBJECT: crate::kernel::Object = crate::ebpf_object!("drsnoop");
 
 const DIRECT: &[AttachPoint] = &[AttachPoint {
     label: "tracepoints vmscan:mm_vmscan_direct_reclaim_begin/end",

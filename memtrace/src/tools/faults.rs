@@ -28,7 +28,7 @@ use crate::{
     unwind::{CutStacks, Unwinder},
 };
 
-const OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/faults"));
+const OBJECT: crate::kernel::Object = crate::ebpf_object!("faults", walking_user_stacks);
 
 /// Count page faults per process and per stack.
 #[derive(clap::Args, Debug)]

@@ -24,7 +24,7 @@ use crate::{
     tools::{self, CommonArgs, args::Reports, c_str, read_event},
 };
 
-const OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/hfaults"));
+const OBJECT: crate::kernel::Object = crate::ebpf_object!("hfaults");
 
 pub const SPEC: ToolSpec =
     ToolSpec { name: "hfaults", object: OBJECT, modes: &[("hfaults", Plan::Points(ATTACH))], optional: &[] };

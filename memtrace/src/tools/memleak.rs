@@ -25,7 +25,7 @@ use attach::DutyCycle;
 use procs::Procs;
 use report::{Maps, Session};
 
-const OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/memleak"));
+const OBJECT: crate::kernel::Object = crate::ebpf_object!("memleak", walking_user_stacks);
 
 pub const SPEC: ToolSpec = ToolSpec {
     name: "memleak",

@@ -21,7 +21,7 @@ use crate::{
     },
 };
 
-const OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/mmapsnoop"));
+const OBJECT: crate::kernel::Object = crate::ebpf_object!("mmapsnoop");
 
 pub const SPEC: ToolSpec =
     ToolSpec { name: "mmapsnoop", object: OBJECT, modes: &[("mmapsnoop", Plan::Points(ATTACH))], optional: &[] };

@@ -31,7 +31,7 @@ use crate::{
 
 mod memcg;
 
-const OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/oomkill"));
+const OBJECT: crate::kernel::Object = crate::ebpf_object!("oomkill", walking_user_stacks);
 
 pub const SPEC: ToolSpec =
     ToolSpec { name: "oomkill", object: OBJECT, modes: &[("oomkill", Plan::Points(ATTACH))], optional: &[] };

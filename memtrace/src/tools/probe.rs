@@ -37,6 +37,9 @@ struct ToolPlan {
     targets: Vec<String>,
     /// Why each more-preferred method (or every method) is unusable.
     unusable: Vec<String>,
+    /// What the tool loses on this kernel though it runs, in one line.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    degraded: Option<&'static str>,
 }
 
 #[derive(Serialize)]
@@ -75,9 +78,10 @@ pub async fn run(args: Args) -> Result<()> {
     }
     output::line("tools:")?;
     for t in &report.tools {
-        let how = match &t.method {
-            Some(m) => m.clone(),
-            None => format!("cannot run: {}", t.unusable.join("; ")),
+        let how = match (&t.method, t.degraded) {
+            (Some(m), Some(lost)) => format!("{m}; {lost}"),
+            (Some(m), None) => m.clone(),
+            (None, _) => format!("cannot run: {}", t.unusable.join("; ")),
         };
         output::line(&format!("  {:<16} {how}", t.tool))?;
     }
@@ -130,11 +134,9 @@ fn features() -> Vec<Feature> {
         Feature {
             name: "unwind tables",
             state: yes_no(kernel::has_bpf_loop()),
-            detail: if kernel::has_bpf_loop() {
-                "user stacks walked with .eh_frame tables (--unwind auto, bpf_loop)".into()
-            } else {
-                "no bpf_loop before Linux 5.17: user stacks use frame pointers only".into()
-            },
+            detail: kernel::no_bpf_loop()
+                .unwrap_or("user stacks walked with .eh_frame tables (--unwind auto, bpf_loop)")
+                .into(),
         },
         fentry(),
     ]
@@ -207,11 +209,19 @@ fn tracepoints() -> Vec<(String, bool)> {
 fn plans() -> Vec<ToolPlan> {
     SPECS
         .iter()
-        .flat_map(|spec| spec.modes)
-        .map(|(tool, p)| match p {
-            Plan::Uprobes(label) => uprobes(tool, label),
-            Plan::Points(points) => plan(tool, points),
-            Plan::AnyOf(label, category, list) => any_of(tool, label, category, list),
+        .flat_map(|spec| spec.modes.iter().map(move |mode| (spec, mode)))
+        .map(|(spec, (tool, p))| {
+            let mut plan = match p {
+                Plan::Uprobes(label) => uprobes(tool, label),
+                Plan::Points(points) => plan(tool, points),
+                Plan::AnyOf(label, category, list) => any_of(tool, label, category, list),
+            };
+            // The warning a run prints, so probe and the tool say the same (memleak's kernel
+            // mode shows kernel stacks only).
+            if spec.object.walks_user_stacks() && *tool != "memleak-kernel" {
+                plan.degraded = kernel::no_bpf_loop();
+            }
+            plan
         })
         .collect()
 }
@@ -227,6 +237,7 @@ fn uprobes(tool: &'static str, label: &str) -> ToolPlan {
         } else {
             vec!["uprobes: this kernel has no uprobes (CONFIG_UPROBES)".into()]
         },
+        degraded: None,
     }
 }
 
@@ -236,7 +247,7 @@ fn any_of(tool: &'static str, label: &str, category: &str, list: &[(&str, &'stat
     let targets: Vec<String> = found.into_iter().flatten().map(|n| format!("tracepoint:{category}:{n}")).collect();
     let unusable: Vec<String> = missing.into_iter().filter_map(Result::err).collect();
     let method = (!targets.is_empty()).then(|| label.to_string());
-    ToolPlan { tool, method, targets, unusable }
+    ToolPlan { tool, method, targets, unusable, degraded: None }
 }
 
 fn plan(tool: &'static str, points: &[AttachPoint]) -> ToolPlan {
@@ -251,10 +262,10 @@ fn plan(tool: &'static str, points: &[AttachPoint]) -> ToolPlan {
                         Probe::Tracepoint { category, .. } => format!("tracepoint:{category}:{target}"),
                     })
                     .collect();
-                return ToolPlan { tool, method: Some(p.label.to_string()), targets, unusable };
+                return ToolPlan { tool, method: Some(p.label.to_string()), targets, unusable, degraded: None };
             }
             Err(why) => unusable.push(format!("{}: {why}", p.label)),
         }
     }
-    ToolPlan { tool, method: None, targets: Vec::new(), unusable }
+    ToolPlan { tool, method: None, targets: Vec::new(), unusable, degraded: None }
 }

@@ -5,7 +5,7 @@
 use anyhow::Result;
 
 use super::{brkstack, drsnoop, faults, hfaults, memleak, mmapsnoop, oomkill, probe, shmsnoop, swapin, vmscan};
-use crate::kernel::{AttachPoint, Probe};
+use crate::kernel::{AttachPoint, Object, Probe};
 
 /// How a tracer (or one mode of it) attaches, as `memtrace probe` checks it.
 pub enum Plan {
@@ -22,7 +22,7 @@ pub enum Plan {
 pub struct ToolSpec {
     /// The subcommand; also the eBPF object's name and the memtrace-common module's.
     pub name: &'static str,
-    pub object: &'static [u8],
+    pub object: Object,
     /// (row name in `memtrace probe`, plan): one per mode that attaches differently.
     pub modes: &'static [(&'static str, Plan)],
     /// Probes used when present or asked for (optional columns, `--memcg`, `--kernel`).
@@ -132,34 +132,49 @@ mod tests {
         let cmd = Cli::command();
         for spec in SPECS {
             assert!(cmd.find_subcommand(spec.name).is_some(), "{} is not a subcommand", spec.name);
-            let file = object::File::parse(spec.object).unwrap_or_else(|e| panic!("{}: {e}", spec.name));
-            let symbols: Vec<&str> = file.symbols().filter_map(|s| s.name().ok()).collect();
-            let programs = spec.programs();
-            assert!(!programs.is_empty() || spec.name == "memleak", "{}: no programs", spec.name);
-            for prog in programs {
-                assert!(prog.starts_with(spec.name), "{}: program {prog} not named after its tool", spec.name);
-                assert!(symbols.contains(&prog), "{}: no program {prog} in its object", spec.name);
+            for build in spec.object.builds() {
+                check_object(spec, build);
             }
-            // What user space finds by name in every tracer but memleak (which has no -p/--comm
-            // filter in the kernel and counts lost events in its STATS).
-            if spec.name != "memleak" {
-                use memtrace_common::names;
-                assert!(symbols.contains(&names::FILTER), "{}: no {}", spec.name, names::FILTER);
-                let events = symbols.contains(&names::EVENTS);
-                assert_eq!(
-                    events,
-                    symbols.contains(&names::LOST),
-                    "{}: {} without {}",
-                    spec.name,
-                    names::EVENTS,
-                    names::LOST
-                );
-                assert!(events || spec.name == "vmscan", "{}: no {}", spec.name, names::EVENTS);
-            }
+            // The walker's bpf_loop callback: in the full build of a tool that walks user
+            // stacks, and in no build a kernel without bpf_loop loads.
+            let has_callback = |build: &[u8]| {
+                let file = object::File::parse(build).unwrap_or_else(|e| panic!("{}: {e}", spec.name));
+                file.symbols().filter_map(|s| s.name().ok()).any(|n| n.ends_with("6unwind4step"))
+            };
+            let found: Vec<bool> = spec.object.builds().map(has_callback).collect();
+            let expected = if spec.object.walks_user_stacks() { vec![true, false] } else { vec![false] };
+            assert_eq!(found, expected, "{}: bpf_loop callback in its builds (full, without bpf_loop)", spec.name);
         }
         let names: Vec<&str> = SPECS.iter().map(|s| s.name).collect();
         for sub in cmd.get_subcommands().map(|s| s.get_name()) {
             assert!(names.contains(&sub) || sub == "probe" || sub == "benchfloor", "subcommand {sub} has no spec");
+        }
+    }
+
+    fn check_object(spec: &ToolSpec, build: &[u8]) {
+        let file = object::File::parse(build).unwrap_or_else(|e| panic!("{}: {e}", spec.name));
+        let symbols: Vec<&str> = file.symbols().filter_map(|s| s.name().ok()).collect();
+        let programs = spec.programs();
+        assert!(!programs.is_empty() || spec.name == "memleak", "{}: no programs", spec.name);
+        for prog in programs {
+            assert!(prog.starts_with(spec.name), "{}: program {prog} not named after its tool", spec.name);
+            assert!(symbols.contains(&prog), "{}: no program {prog} in its object", spec.name);
+        }
+        // What user space finds by name in every tracer but memleak (which has no -p/--comm
+        // filter in the kernel and counts lost events in its STATS).
+        if spec.name != "memleak" {
+            use memtrace_common::names;
+            assert!(symbols.contains(&names::FILTER), "{}: no {}", spec.name, names::FILTER);
+            let events = symbols.contains(&names::EVENTS);
+            assert_eq!(
+                events,
+                symbols.contains(&names::LOST),
+                "{}: {} without {}",
+                spec.name,
+                names::EVENTS,
+                names::LOST
+            );
+            assert!(events || spec.name == "vmscan", "{}: no {}", spec.name, names::EVENTS);
         }
     }
 }

@@ -19,7 +19,7 @@ use crate::{
     },
 };
 
-const OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/shmsnoop"));
+const OBJECT: crate::kernel::Object = crate::ebpf_object!("shmsnoop");
 
 pub const SPEC: ToolSpec =
     ToolSpec { name: "shmsnoop", object: OBJECT, modes: &[("shmsnoop", Plan::Points(ATTACH))], optional: &[] };

@@ -23,7 +23,7 @@ use crate::{
     unwind::{UnwindArgs, Unwinder},
 };
 
-const OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/swapin"));
+const OBJECT: crate::kernel::Object = crate::ebpf_object!("swapin", walking_user_stacks);
 
 pub const SPEC: ToolSpec =
     ToolSpec { name: "swapin", object: OBJECT, modes: &[("swapin", Plan::Points(ATTACH))], optional: &[] };

@@ -29,7 +29,7 @@ impl Tracer {
         signals: Signals,
         configure: impl FnOnce(&mut EbpfLoader<'a>),
     ) -> Result<Tracer> {
-        let bpf = kernel::load(spec.object, configure)?;
+        let bpf = kernel::load(spec.object.for_this_kernel(), configure)?;
         Ok(Tracer { bpf, spec, signals })
     }
 

@@ -18,7 +18,7 @@ use crate::{
     tools::{self, CommonArgs, args::Reports},
 };
 
-const OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/vmscan"));
+const OBJECT: crate::kernel::Object = crate::ebpf_object!("vmscan");
 
 pub const SPEC: ToolSpec = ToolSpec {
     name: "vmscan",

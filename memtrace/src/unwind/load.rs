@@ -56,14 +56,10 @@ impl UnwindArgs {
     /// so stacks come from frame pointers, as a one-line warning says (once).
     pub fn mode(&self) -> UnwindMode {
         static WARNED: std::sync::Once = std::sync::Once::new();
-        if self.unwind == UnwindMode::Fp || crate::kernel::has_bpf_loop() {
+        let Some(why) = crate::kernel::no_bpf_loop().filter(|_| self.unwind != UnwindMode::Fp) else {
             return self.unwind;
-        }
-        WARNED.call_once(|| {
-            eprintln!(
-                "memtrace: warning: unwind tables need the bpf_loop helper (Linux 5.17+); user stacks use frame pointers only"
-            )
-        });
+        };
+        WARNED.call_once(|| eprintln!("memtrace: warning: {why}"));
         UnwindMode::Fp
     }
 
