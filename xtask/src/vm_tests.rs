@@ -135,6 +135,14 @@ fn initramfs(kernel_pkg: &Path, busybox: &Path, tests: &[(String, PathBuf)]) -> 
         copy_tree(&stage, Path::new(tree))?;
     }
     add_modules(kernel_pkg, &stage.join("lib/modules"))?;
+    // For working on one failure: MEMTRACE_VM_TESTS=unwind,probe runs only those binaries, and
+    // MEMTRACE_VM_DEBUG=script.sh runs a shell script in the VM first.
+    if let Ok(only) = std::env::var("MEMTRACE_VM_TESTS") {
+        fs::write(stage.join("only"), only)?;
+    }
+    if let Ok(script) = std::env::var("MEMTRACE_VM_DEBUG") {
+        fs::copy(&script, stage.join("debug.sh")).with_context(|| format!("MEMTRACE_VM_DEBUG={script}"))?;
+    }
     let initrd = vm_dir().join("tests-initrd.gz");
     cmd::run(
         cmd::new("sh")

@@ -127,6 +127,17 @@ fn program<'a>(bpf: &'a mut Ebpf, name: &str) -> Result<&'a mut Program> {
     bpf.program_mut(name).ok_or_else(|| anyhow!("internal: no eBPF program {name} in the object"))
 }
 
+/// The kernel refused one of memtrace's own programs. Never a blind spot to count and go past:
+/// whatever it was to see would be missing from every report, so callers fail on it.
+#[derive(Debug)]
+pub struct ProgramRejected(pub String);
+
+impl std::fmt::Display for ProgramRejected {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "the kernel rejected eBPF program {}", self.0)
+    }
+}
+
 /// Loads a program into the kernel once, however many times it is attached.
 fn ensure_loaded<P>(
     prog: &mut P,
@@ -135,7 +146,7 @@ fn ensure_loaded<P>(
     load: impl Fn(&mut P) -> Result<(), ProgramError>,
 ) -> Result<()> {
     if !fd(prog) {
-        load(prog).with_context(|| format!("the kernel rejected eBPF program {name}"))?;
+        load(prog).map_err(|e| anyhow::Error::new(e).context(ProgramRejected(name.to_string())))?;
     }
     Ok(())
 }

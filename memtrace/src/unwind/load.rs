@@ -152,6 +152,8 @@ struct Loaded {
 pub struct Unwinder {
     mode: UnwindMode,
     rows_map: Option<RowMap>,
+    /// The row map, unwritten, with `--unwind fp` (kept open: see `take`).
+    _rows_unused: Option<aya::maps::Map>,
     mappings: LpmTrie<MapData, MappingKey, Mapping>,
     wanted: HashMap<MapData, u32, u32>,
     stats: PerCpuArray<MapData, u64>,
@@ -166,13 +168,18 @@ impl Unwinder {
     pub fn take(bpf: &mut Ebpf, mode: UnwindMode) -> Result<Unwinder> {
         let mut take = |name: &str| bpf.take_map(name).with_context(|| format!("internal: no map {name}"));
         let rows = take("UNWIND_ROWS")?;
+        // Programs loaded later (a new process's probes) name this map by its descriptor even
+        // when no walk reads it: it must stay open, or the descriptor is gone (the kernel
+        // refuses the program) or, worse, reused by another object.
         let mappings = LpmTrie::try_from(take("UNWIND_MAPPINGS")?)?;
         let wanted = HashMap::try_from(take("UNWIND_WANTED")?)?;
         let stats = PerCpuArray::try_from(take("UNWIND_STATS")?)?;
-        let rows_map = if mode == UnwindMode::Fp { None } else { Some(RowMap::new(rows)?) };
+        let (rows_map, rows_unused) =
+            if mode == UnwindMode::Fp { (None, Some(rows)) } else { (Some(RowMap::new(rows)?), None) };
         Ok(Unwinder {
             mode,
             rows_map,
+            _rows_unused: rows_unused,
             mappings,
             wanted,
             stats,

@@ -136,8 +136,25 @@ fn not_run_count(name: &str) -> u32 {
 
 fn main() {
     set_up();
-    let mut bins: Vec<_> =
-        fs::read_dir("/tests").map(|d| d.filter_map(|e| Some(e.ok()?.path())).collect()).unwrap_or_default();
+    // /only (MEMTRACE_VM_TESTS on the host) names the binaries to run; /debug.sh
+    // (MEMTRACE_VM_DEBUG) runs first: both for working on one failure.
+    let only: Vec<String> = fs::read_to_string("/only")
+        .unwrap_or_default()
+        .split(',')
+        .map(|s| s.trim().to_string())
+        .filter(|s| !s.is_empty())
+        .collect();
+    if Path::new("/debug.sh").exists() {
+        let _ = Command::new("/bin/sh").arg("/debug.sh").status();
+    }
+    let mut bins: Vec<_> = fs::read_dir("/tests")
+        .map(|d| d.filter_map(|e| Some(e.ok()?.path())).collect::<Vec<_>>())
+        .unwrap_or_default()
+        .into_iter()
+        .filter(|p: &std::path::PathBuf| {
+            only.is_empty() || p.file_name().is_some_and(|n| only.iter().any(|o| n == o.as_str()))
+        })
+        .collect();
     bins.sort();
     for bin in &bins {
         run_tests(bin);

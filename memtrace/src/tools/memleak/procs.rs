@@ -181,6 +181,7 @@ impl Procs {
         }
         match attach::user(bpf, &alloc, &self.prefix, pid, self.skip) {
             Ok(probes) => Ok(Some((alloc.primary, probes))),
+            Err(e) if e.downcast_ref::<kernel::ProgramRejected>().is_some() => Err(e),
             Err(e) => {
                 tracing::warn!("pid {pid}: cannot probe its new allocator {}: {e:#}", alloc.primary.display());
                 self.unprobed += 1;
