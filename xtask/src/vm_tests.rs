@@ -186,7 +186,10 @@ fn parse(serial: &[String]) -> Vec<(String, Counts)> {
 /// Boots each kernel with the tests; prints one `N passed, N failed` line per kernel and
 /// returns the totals. A binary without a result line counts as one failure.
 pub fn run(patterns: &[String], busybox: &Path, limit: Duration) -> Result<(u32, u32)> {
-    let tests = build_tests()?;
+    let mut tests = build_tests()?;
+    if let Ok(only) = std::env::var("MEMTRACE_VM_TESTS") {
+        tests.retain(|(name, _)| only.split(',').any(|o| o.trim() == name));
+    }
     let (mut passed, mut failed) = (0, 0);
     let mut lines = Vec::new();
     for pattern in patterns {
