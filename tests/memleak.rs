@@ -478,9 +478,10 @@ fn memleak_names_the_cause_when_malloc_is_probed_incompatibly() {
 
 /// Why bcc's memleak -p once failed "although no tracer was running" (issue 8, item 19):
 /// memtrace detaches everything, but while a thread of its target sits inside malloc with a
-/// return pending through memtrace's return probe (here: stopped there), this kernel (6.18)
-/// keeps that uprobe, reference-counter offset 0, at malloc+0 until the thread returns, and
-/// refuses any probe there with another offset (dmesg: ref_ctr_offset mismatch).
+/// return pending through memtrace's return probe (here: stopped there), newer kernels keep
+/// that uprobe, reference-counter offset 0, at malloc+0 until the thread returns, and refuse
+/// any probe there with another offset (dmesg: ref_ctr_offset mismatch). Measured: 6.12 and
+/// 6.18 refuse, 6.1 frees the uprobe at once (kernels in between are not tested here).
 #[test]
 fn memleak_a_target_stopped_inside_malloc_keeps_the_kernel_probe_until_it_resumes() {
     if !bpf_available("memleak_a_target_stopped_inside_malloc_keeps_the_kernel_probe_until_it_resumes") {
@@ -516,7 +517,11 @@ fn memleak_a_target_stopped_inside_malloc_keeps_the_kernel_probe_until_it_resume
     let after = uprobes::bcc_style_uprobe(pid, &libc, malloc).map(drop);
     let _ = target.kill();
     let _ = target.wait();
-    assert_eq!(refused.map_err(|e| e.raw_os_error()), Err(Some(libc::EINVAL)), "while the target was stopped");
+    if kernel_version() >= (6, 12) {
+        assert_eq!(refused.map_err(|e| e.raw_os_error()), Err(Some(libc::EINVAL)), "while the target was stopped");
+    } else {
+        assert!(refused.is_ok(), "this kernel frees the uprobe at detach, yet refused: {refused:?}");
+    }
     assert!(after.is_ok(), "still refused after the target resumed: {after:?}");
 }
 

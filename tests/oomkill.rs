@@ -43,7 +43,7 @@ fn oomkill_victim_names_the_memcg_hog() {
     if !bpf_available("oomkill_victim_names_the_memcg_hog") {
         return;
     }
-    let group = Memcg::new("oomkill", LIMIT_MIB);
+    let Some(group) = Memcg::new("oomkill", LIMIT_MIB) else { return };
     let mut mt = None;
     let hog = provoke(&group, |_| {
         let mut running = Running::start(&["-v", "oomkill", "--json"]);
@@ -96,7 +96,7 @@ fn oomkill_table_line() {
     if !bpf_available("oomkill_table_line") {
         return;
     }
-    let group = Memcg::new("oomkill-table", LIMIT_MIB);
+    let Some(group) = Memcg::new("oomkill-table", LIMIT_MIB) else { return };
     let mut mt = None;
     let hog = provoke(&group, |_| {
         let mut running = Running::start(&["oomkill", "--comm", "oomkill_hog", "-d", "60"]);
@@ -125,7 +125,7 @@ fn oomkill_pid_filter_skips_other_triggers() {
     if !bpf_available("oomkill_pid_filter_skips_other_triggers") {
         return;
     }
-    let group = Memcg::new("oomkill-filter", LIMIT_MIB);
+    let Some(group) = Memcg::new("oomkill-filter", LIMIT_MIB) else { return };
     let me = std::process::id().to_string();
     let mut mt = None;
     provoke(&group, |_| {
@@ -154,7 +154,7 @@ fn oomkill_labels_every_kill_of_a_burst() {
     }
     let stress = std::path::Path::new("/usr/bin/stress-ng");
     assert!(stress.exists(), "stress-ng is missing: run `cargo xtask setup`");
-    let group = Memcg::new("oomkill-burst", LIMIT_MIB);
+    let Some(group) = Memcg::new("oomkill-burst", LIMIT_MIB) else { return };
     let mut mt = Running::start(&["oomkill", "--json"]);
     mt.wait_ready();
     let mut stress = group

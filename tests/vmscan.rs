@@ -17,7 +17,7 @@ fn vmscan_counts_memcg_reclaim_of_the_hog() {
     if !bpf_available("vmscan_counts_memcg_reclaim_of_the_hog") {
         return;
     }
-    let group = Memcg::new("vmscan", 32);
+    let Some(group) = Memcg::new("vmscan", 32) else { return };
     let mut hog = group.spawn(&prog("oomkill_hog"), &["512"]);
     // Only the hog's reclaim, so that the numbers are its own.
     let mut mt = Running::start(&["vmscan", "--json", "--comm", "oomkill_hog", "1"]);
