@@ -247,6 +247,7 @@ fn report(kernel: &str, serial: &[String], secs: u64) -> (u32, u32, u32) {
         println!("vm-test: /init did not finish (see target/vm/serial-{kernel}.log)");
         failed_count += 1;
     }
+    println!("vm-test: {kernel}: {passed_count} passed, {failed_count} failed, {skipped_count} skipped");
     (passed_count, failed_count, skipped_count)
 }
 
