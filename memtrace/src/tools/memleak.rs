@@ -234,6 +234,7 @@ pub async fn run(args: Args) -> Result<()> {
     let mut unwinder = Unwinder::take(&mut tracer.bpf, unwind)?;
     let mut duty = None;
     let mut command = None;
+    let mut user_sym = crate::symbolize::UserSymbolizer::new();
     let root = match mode {
         Mode::Pid(pid, alloc) => {
             let obj = alloc.primary.clone();
@@ -255,6 +256,9 @@ pub async fn run(args: Args) -> Result<()> {
                 target::comm(pid),
                 obj.display()
             );
+            // A map of the process while it surely lives, before anyone is told to go on: a
+            // target that allocates and exits at once still gets named frames.
+            let _ = user_sym.refresh(pid);
             crate::output::ready::ready("memleak", Some(pid), &line);
             Some(pid)
         }
@@ -285,11 +289,7 @@ pub async fn run(args: Args) -> Result<()> {
     let duty_timer = tokio::time::sleep(duty.as_ref().map_or(Duration::from_secs(u64::MAX / 4), |d| d.open_for));
     tokio::pin!(duty_timer);
     let held = command.is_some();
-    let mut session = Session::new(&args, root, maps, unwinder)?;
-    if let (Some(pid), None) = (root, &command) {
-        // Keep a map of the process while it surely lives; symbolization uses it after exit.
-        let _ = session.user_sym.refresh(pid);
-    }
+    let mut session = Session::new(&args, root, maps, unwinder, user_sym)?;
     let mut ring = crate::tools::async_readable(ring)?;
 
     let every = args.reports.every_or(5);

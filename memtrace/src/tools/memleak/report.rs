@@ -236,13 +236,19 @@ impl<'a> Session<'a> {
         &mut self.maps.allocs
     }
 
-    pub(super) fn new(args: &'a Args, pid: Option<u32>, maps: Maps, unwinder: Unwinder) -> Result<Self> {
+    pub(super) fn new(
+        args: &'a Args,
+        pid: Option<u32>,
+        maps: Maps,
+        unwinder: Unwinder,
+        user_sym: UserSymbolizer,
+    ) -> Result<Self> {
         let kernel_sym = if pid.is_none() { Some(KernelSymbolizer::new()?) } else { None };
         Ok(Session {
             args,
             pid,
             maps,
-            user_sym: UserSymbolizer::new(),
+            user_sym,
             kernel_sym,
             stack_cache: StdHashMap::new(),
             trends: Trends::default(),
