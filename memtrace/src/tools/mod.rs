@@ -1,6 +1,6 @@
 //! One module per tracer; each has its eBPF half in memtrace-ebpf and its event types in
 //! memtrace-common under the same name. What tracers share lives here: common options,
-//! signals, and the loop that streams ring-buffer events until the run ends.
+//! signals, and what the run loop (`tracer::Tracer::stream`) needs.
 
 pub mod args;
 #[cfg(feature = "bench")]
@@ -21,18 +21,11 @@ pub mod syscalls;
 pub mod tracer;
 pub mod vmscan;
 
-use std::time::Duration;
-
 use anyhow::Result;
-use aya::{
-    Ebpf,
-    maps::{MapData, PerCpuArray, RingBuf},
-};
-use memtrace_common::names;
+use aya::maps::{MapData, RingBuf};
 use tokio::signal::unix::{Signal, SignalKind, signal};
 
 pub use self::args::CommonArgs;
-use crate::target;
 
 /// SIGINT and SIGTERM, caught from the start of a run so that any later one ends it cleanly.
 pub struct Signals {
@@ -80,98 +73,6 @@ pub enum End {
     Count,
     /// Whoever read stdout went away (`| head -1`): nothing more can be shown.
     OutputClosed,
-}
-
-/// Streams `EVENTS` (when the object has one) into `tool` until a signal, `--duration`, the `-p` process exits, or
-/// `max_ticks` ticks. Prints `ready` (the line tests and scripts wait for) once live, and the
-/// lost-event count (from the `LOST` per-CPU counter) at the end.
-#[expect(clippy::too_many_arguments, reason = "each is a distinct part of a run; a struct would only rename them")]
-pub async fn stream(
-    bpf: &mut Ebpf,
-    name: &str,
-    common: &CommonArgs,
-    signals: &mut Signals,
-    tick: Option<Duration>,
-    max_ticks: Option<u64>,
-    ready: &str,
-    tool: &mut impl Stream,
-) -> Result<End> {
-    // A tool that reports from its maps alone (vmscan) has no ring buffer.
-    let mut ring = match bpf.take_map(names::EVENTS) {
-        Some(map) => Some(async_readable(RingBuf::try_from(map)?)?),
-        None => None,
-    };
-    let lost = match bpf.take_map(names::LOST) {
-        Some(map) => Some(PerCpuArray::<MapData, u64>::try_from(map)?),
-        None => None,
-    };
-    let forever = Duration::from_secs(u64::MAX / 4);
-    let every = tick.unwrap_or(forever);
-    let mut ticker = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
-    let deadline = tokio::time::sleep(common.duration.map_or(forever, Duration::from_secs));
-    tokio::pin!(deadline);
-    let watch = common.pid;
-    let exited = async move {
-        match watch {
-            Some(pid) => target::exited(pid).await,
-            None => std::future::pending().await,
-        }
-    };
-    tokio::pin!(exited);
-    let stdout = watch_stdout();
-    let output_closed = stdout_closed(stdout.as_ref());
-    tokio::pin!(output_closed);
-    crate::output::ready::ready(name, common.pid, ready);
-    let mut ticks = 0u64;
-    let mut unwind_poll = tokio::time::interval(crate::unwind::POLL);
-    let unwinding = tool.unwinder().is_some_and(|u| u.mode() != crate::unwind::UnwindMode::Fp);
-    let end = loop {
-        tokio::select! {
-            _ = unwind_poll.tick(), if unwinding => {
-                if let Some(unwinder) = tool.unwinder() {
-                    unwinder.poll(|pid| watch.is_none_or(|w| w == pid));
-                }
-            }
-            guard = ring_ready(&mut ring), if ring.is_some() => {
-                let mut guard = guard?;
-                while let Some(item) = guard.get_inner_mut().next() {
-                    tool.event(&item)?;
-                }
-                guard.clear_ready();
-            }
-            _ = ticker.tick() => {
-                tool.tick()?;
-                ticks += 1;
-                if max_ticks.is_some_and(|m| ticks >= m) {
-                    break End::Count;
-                }
-            }
-            res = &mut exited => {
-                res?;
-                eprintln!("memtrace: {name}: process {} exited", watch.unwrap_or_default());
-                break End::TargetExited;
-            }
-            _ = signals.recv() => break End::Signal,
-            _ = &mut deadline => break End::Duration,
-            _ = &mut output_closed => break End::OutputClosed,
-        }
-    };
-    if end == End::OutputClosed {
-        // Not an error (as for `| head` in general), and there is no one left to report to.
-        return Ok(end);
-    }
-    // Events already in the ring belong to the run.
-    if let Some(ring) = ring.as_mut() {
-        while let Some(item) = ring.get_mut().next() {
-            tool.event(&item)?;
-        }
-    }
-    let lost = lost.as_ref().map_or(0, |lost| crate::kernel::maps::sum(lost, 0));
-    if lost > 0 {
-        eprintln!("memtrace: {name}: {lost} events lost (ring buffer full)");
-    }
-    tool.finish(lost)?;
-    Ok(end)
 }
 
 /// File descriptor 1, borrowed for readiness only (never closed here).

@@ -5,10 +5,19 @@
 use std::time::Duration;
 
 use anyhow::{Context as _, Result};
-use aya::{Ebpf, EbpfLoader, maps::Map};
+use aya::{
+    Ebpf, EbpfLoader,
+    maps::{Map, MapData, PerCpuArray, RingBuf},
+};
+use memtrace_common::names;
 
-use super::{CommonArgs, End, Signals, Stream, registry::ToolSpec};
-use crate::kernel::{self, AttachPoint};
+use super::{
+    CommonArgs, End, Signals, Stream, async_readable, registry::ToolSpec, ring_ready, stdout_closed, watch_stdout,
+};
+use crate::{
+    kernel::{self, AttachPoint},
+    target,
+};
 
 pub struct Tracer {
     pub bpf: Ebpf,
@@ -47,8 +56,9 @@ impl Tracer {
         Ok(M::try_from(map)?)
     }
 
-    /// Runs `tool` until a signal, `--duration`, the `-p` process's exit, or `max_ticks`
-    /// ticks of `tick`; see `super::stream`.
+    /// Streams `EVENTS` (when the object has one) into `tool` until a signal, `--duration`,
+    /// the `-p` process exits, or `max_ticks` ticks of `tick`. Says the tool is ready once live,
+    /// and the lost-event count (from the `LOST` per-CPU counter) at the end.
     pub async fn stream(
         &mut self,
         common: &CommonArgs,
@@ -57,6 +67,82 @@ impl Tracer {
         ready: &str,
         tool: &mut impl Stream,
     ) -> Result<End> {
-        super::stream(&mut self.bpf, self.spec.name, common, &mut self.signals, tick, max_ticks, ready, tool).await
+        let name = self.spec.name;
+        // A tool that reports from its maps alone (vmscan) has no ring buffer.
+        let mut ring = match self.bpf.take_map(names::EVENTS) {
+            Some(map) => Some(async_readable(RingBuf::try_from(map)?)?),
+            None => None,
+        };
+        let lost = match self.bpf.take_map(names::LOST) {
+            Some(map) => Some(PerCpuArray::<MapData, u64>::try_from(map)?),
+            None => None,
+        };
+        let forever = Duration::from_secs(u64::MAX / 4);
+        let every = tick.unwrap_or(forever);
+        let mut ticker = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
+        let deadline = tokio::time::sleep(common.duration.map_or(forever, Duration::from_secs));
+        tokio::pin!(deadline);
+        let watch = common.pid;
+        let exited = async move {
+            match watch {
+                Some(pid) => target::exited(pid).await,
+                None => std::future::pending().await,
+            }
+        };
+        tokio::pin!(exited);
+        let stdout = watch_stdout();
+        let output_closed = stdout_closed(stdout.as_ref());
+        tokio::pin!(output_closed);
+        crate::output::ready::ready(name, common.pid, ready);
+        let mut ticks = 0u64;
+        let mut unwind_poll = tokio::time::interval(crate::unwind::POLL);
+        let unwinding = tool.unwinder().is_some_and(|u| u.mode() != crate::unwind::UnwindMode::Fp);
+        let end = loop {
+            tokio::select! {
+                _ = unwind_poll.tick(), if unwinding => {
+                    if let Some(unwinder) = tool.unwinder() {
+                        unwinder.poll(|pid| watch.is_none_or(|w| w == pid));
+                    }
+                }
+                guard = ring_ready(&mut ring), if ring.is_some() => {
+                    let mut guard = guard?;
+                    while let Some(item) = guard.get_inner_mut().next() {
+                        tool.event(&item)?;
+                    }
+                    guard.clear_ready();
+                }
+                _ = ticker.tick() => {
+                    tool.tick()?;
+                    ticks += 1;
+                    if max_ticks.is_some_and(|m| ticks >= m) {
+                        break End::Count;
+                    }
+                }
+                res = &mut exited => {
+                    res?;
+                    eprintln!("memtrace: {name}: process {} exited", watch.unwrap_or_default());
+                    break End::TargetExited;
+                }
+                _ = self.signals.recv() => break End::Signal,
+                _ = &mut deadline => break End::Duration,
+                _ = &mut output_closed => break End::OutputClosed,
+            }
+        };
+        if end == End::OutputClosed {
+            // Not an error (as for `| head` in general), and there is no one left to report to.
+            return Ok(end);
+        }
+        // Events already in the ring belong to the run.
+        if let Some(ring) = ring.as_mut() {
+            while let Some(item) = ring.get_mut().next() {
+                tool.event(&item)?;
+            }
+        }
+        let lost = lost.as_ref().map_or(0, |lost| crate::kernel::maps::sum(lost, 0));
+        if lost > 0 {
+            eprintln!("memtrace: {name}: {lost} events lost (ring buffer full)");
+        }
+        tool.finish(lost)?;
+        Ok(end)
     }
 }

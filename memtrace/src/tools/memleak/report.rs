@@ -340,9 +340,10 @@ impl<'a> Session<'a> {
             .collect();
         processes.sort_by(|a, b| b.bytes.cmp(&a.bytes).then(a.pid.cmp(&b.pid)));
         let mut stacks = Vec::new();
+        let top = self.args.top.get();
         for row in rows.iter() {
             let (trend, rate) = self.trends.observe(row.key, row.bytes, now);
-            if stacks.len() < self.args.top.get() {
+            if stacks.len() < top {
                 stacks.push(StackReport {
                     pid: row.key.pid,
                     stack_id: stacks::id_json(row.key.stack_id),
