@@ -20,7 +20,6 @@ use aya::{
 };
 pub use uprobes::{UProbeLinkId, detach_all_fast};
 
-/// eBPF needs CAP_BPF and CAP_PERFMON; say so before anything else fails less clearly.
 /// The running kernel's (major, minor) version.
 pub fn release() -> Option<(u32, u32)> {
     let release = std::fs::read_to_string("/proc/sys/kernel/osrelease").ok()?;
@@ -94,6 +93,7 @@ macro_rules! ebpf_object {
     };
 }
 
+/// eBPF needs CAP_BPF and CAP_PERFMON; say so before anything else fails less clearly.
 pub fn require_root() -> Result<()> {
     // SAFETY: geteuid has no preconditions.
     if unsafe { libc::geteuid() } != 0 {
@@ -107,6 +107,7 @@ pub fn load<'a>(object: &'static [u8], configure: impl FnOnce(&mut EbpfLoader<'a
     if object.is_empty() {
         bail!("this memtrace was built without its eBPF objects (AYA_BUILD_SKIP): rebuild it");
     }
+    lift_memlock();
     let mut loader = EbpfLoader::new();
     pidns::configure(&mut loader);
     configure(&mut loader);
@@ -121,6 +122,15 @@ pub fn load<'a>(object: &'static [u8], configure: impl FnOnce(&mut EbpfLoader<'a
     uprobes::prepare(&bpf, object);
     pidns::watch(&bpf);
     Ok(bpf)
+}
+
+/// Before 5.11 the kernel charges BPF maps to RLIMIT_MEMLOCK, summed over every process of
+/// the user: 64 KiB by default, so maps still being freed from an earlier run fail the next
+/// one with EPERM. Root may lift its own limit; later kernels charge the memory cgroup instead.
+fn lift_memlock() {
+    let unlimited = libc::rlimit { rlim_cur: libc::RLIM_INFINITY, rlim_max: libc::RLIM_INFINITY };
+    // SAFETY: a valid rlimit read by the call; failure leaves the limit as it was.
+    let _ = unsafe { libc::setrlimit(libc::RLIMIT_MEMLOCK, &unlimited) };
 }
 
 fn program<'a>(bpf: &'a mut Ebpf, name: &str) -> Result<&'a mut Program> {

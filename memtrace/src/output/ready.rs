@@ -13,6 +13,18 @@ use anyhow::{Result, bail};
 
 static READY_FD: Mutex<Option<RawFd>> = Mutex::new(None);
 
+/// Warnings about what this run will lack, held until it is live: a run that ends in an
+/// error before that says only the error, in one line.
+static WARNINGS: Mutex<Vec<String>> = Mutex::new(Vec::new());
+
+/// Prints `text` as a warning when the tool is live (once, however often it is given).
+pub fn warn_when_live(text: &str) {
+    let mut held = WARNINGS.lock().unwrap_or_else(|e| e.into_inner());
+    if !held.iter().any(|w| w == text) {
+        held.push(text.to_string());
+    }
+}
+
 /// Checks that `fd` is open for writing, and keeps it for `ready`.
 pub fn set_fd(fd: RawFd) -> Result<()> {
     if fd <= 2 {
@@ -32,6 +44,9 @@ pub fn set_fd(fd: RawFd) -> Result<()> {
 
 /// Says that `tool` is live: `line` on stderr, and the JSON line to `--ready-fd` (once).
 pub fn ready(tool: &str, pid: Option<u32>, line: &str) {
+    for warning in WARNINGS.lock().unwrap_or_else(|e| e.into_inner()).drain(..) {
+        eprintln!("memtrace: warning: {warning}");
+    }
     eprintln!("memtrace: {tool}: {line}; Ctrl-C to stop");
     let Some(fd) = READY_FD.lock().unwrap_or_else(|e| e.into_inner()).take() else { return };
     // SAFETY: the descriptor was checked open in `set_fd`, and is taken (and closed) once.

@@ -53,13 +53,12 @@ pub struct UnwindArgs {
 
 impl UnwindArgs {
     /// The mode this kernel can do: without `bpf_loop` (before 5.17) the walker cannot load,
-    /// so stacks come from frame pointers, as a one-line warning says (once).
+    /// so stacks come from frame pointers, as a one-line warning says once the tool is live.
     pub fn mode(&self) -> UnwindMode {
-        static WARNED: std::sync::Once = std::sync::Once::new();
         let Some(why) = crate::kernel::no_bpf_loop().filter(|_| self.unwind != UnwindMode::Fp) else {
             return self.unwind;
         };
-        WARNED.call_once(|| eprintln!("memtrace: warning: {why}"));
+        crate::output::ready::warn_when_live(why);
         UnwindMode::Fp
     }
 
