@@ -130,6 +130,18 @@ pub struct Allocator {
     pub libc: Option<PathBuf>,
 }
 
+impl Allocator {
+    /// No allocator probed (yet): a command before its first exec, or an image memleak could
+    /// not probe (a static executable without symbols).
+    pub fn unprobed() -> Allocator {
+        Allocator { primary: PathBuf::new(), libc: None }
+    }
+
+    pub fn is_unprobed(&self) -> bool {
+        self.primary.as_os_str().is_empty()
+    }
+}
+
 /// The allocator of a running process, from its memory map. The paths returned open the
 /// files the process mapped, also when it lives in another mount namespace (a container).
 pub fn allocator_of_pid(pid: u32) -> Result<Allocator> {

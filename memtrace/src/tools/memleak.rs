@@ -411,6 +411,7 @@ fn lifecycle(
                 session.unwinder.load(child);
             }
             if !held && procs.list.contains_key(&child) {
+                tracing::info!("pid {child}: fork of pid {parent} followed");
                 exits.spawn(async move { (child, target::exited(child).await) });
             }
         }

@@ -75,8 +75,7 @@ impl Procs {
     /// Follows the command memtrace started; its probes go in at its first exec.
     pub(super) fn begin_command(&mut self, pid: u32) -> Result<()> {
         self.tracked.insert(pid, Tracked::default(), 0).context("cannot track the command")?;
-        let none = Allocator { primary: PathBuf::new(), libc: None };
-        self.list.insert(pid, Proc::new(none, None, pid));
+        self.list.insert(pid, Proc::new(Allocator::unprobed(), None, pid));
         Ok(())
     }
 
@@ -105,8 +104,10 @@ impl Procs {
         }
         let Some(from) = self.list.get(&parent) else { return };
         let (alloc, parent_image) = (from.alloc.clone(), from.image);
+        // A parent without a probed allocator (a static shell such as busybox) has nothing to
+        // probe in the child either, but the child is followed: its exec may be the program.
         // A child gone before its probes went in has nothing to report.
-        if attach::user(bpf, &alloc, &self.prefix, child, self.skip).is_err() {
+        if !alloc.is_unprobed() && attach::user(bpf, &alloc, &self.prefix, child, self.skip).is_err() {
             let _ = self.tracked.remove(&child);
             let _ = self.copying.remove(&child);
             return;
@@ -175,12 +176,17 @@ impl Procs {
         if same_files(&alloc, &proc.alloc) {
             return Ok(None);
         }
-        proc.alloc = alloc.clone();
+        // Until its probes are in, the image has no allocator of memleak's: its children
+        // are followed without probes of their own (see `fork`).
+        proc.alloc = Allocator::unprobed();
         if !held {
             self.late += 1;
         }
         match attach::user(bpf, &alloc, &self.prefix, pid, self.skip) {
-            Ok(probes) => Ok(Some((alloc.primary, probes))),
+            Ok(probes) => {
+                proc.alloc = alloc.clone();
+                Ok(Some((alloc.primary, probes)))
+            }
             Err(e) if e.downcast_ref::<kernel::ProgramRejected>().is_some() => Err(e),
             Err(e) => {
                 tracing::warn!("pid {pid}: cannot probe its new allocator {}: {e:#}", alloc.primary.display());
