@@ -73,6 +73,15 @@ fn oomkill_victim_names_the_memcg_hog() {
     assert_eq!(kill["constraint"], "memcg", "{kill:#}");
     assert_eq!(kill["memcg"], group.path.as_str(), "{kill:#}");
     assert_eq!(kill["victim_memcg"], group.path.as_str(), "{kill:#}");
+    if !mark_victim_has_memory() {
+        // An older kernel records only the victim's pid (Debian's 5.10): what it does not say
+        // is null, never a made-up 0.
+        for field in ["oom_score_adj", "uid", "total_vm_kb", "anon_rss_kb", "file_rss_kb", "shmem_rss_kb"] {
+            assert_eq!(kill[field], Value::Null, "{field}: {kill:#}");
+        }
+        assert_detached("oomkill");
+        return;
+    }
     assert_eq!(kill["oom_score_adj"], SCORE_ADJ, "{kill:#}");
     assert_eq!(kill["uid"], 0, "{kill:#}");
     // The whole malloc'd region is mapped; what is resident is bounded by the group's limit.
@@ -112,8 +121,13 @@ fn oomkill_table_line() {
     assert_eq!(lines.len(), 1, "{stdout}");
     let line = lines[0];
     let trigger = format!(" {} (oomkill_hog) ", hog.pid);
-    for part in [trigger.as_str(), " anon-rss=", " total-vm=", " oom_score_adj=321 ", " uid=0 ", " loadavg: "] {
+    let memory = [" anon-rss=", " total-vm=", " oom_score_adj=321 ", " uid=0 "];
+    for part in [trigger.as_str(), " loadavg: "] {
         assert!(line.contains(part), "{part:?} missing: {line}");
+    }
+    for part in memory {
+        // Only what the kernel recorded is shown.
+        assert_eq!(line.contains(part), mark_victim_has_memory(), "{part:?}: {line}");
     }
     assert!(line.contains(&format!(" memcg={} ", group.path)), "{line}");
     assert_detached("oomkill");
@@ -177,7 +191,8 @@ fn oomkill_labels_every_kill_of_a_burst() {
     let (events, _) = kills(&stdout);
     let ours: Vec<&Value> =
         events.iter().filter(|e| e["victim_comm"].as_str().is_some_and(|c| c.starts_with("stress-ng"))).collect();
-    assert!(kills_in_group >= 20, "only {kills_in_group} OOM kills: not a burst");
+    // 4 workers re-spawned for 6 s: hundreds of kills on the host, 15 under TCG on 5.10.
+    assert!(kills_in_group >= 10, "only {kills_in_group} OOM kills: not a burst");
     assert_eq!(ours.len() as u64, kills_in_group, "{stdout}");
     for kill in &ours {
         assert_eq!(kill["constraint"], "memcg", "{kill:#}");
@@ -207,7 +222,13 @@ fn oomkill_kprobe_program_passes_the_verifier() {
     if !bpf_available("oomkill_kprobe_program_passes_the_verifier") {
         return;
     }
-    let object = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/oomkill"));
+    // The build memtrace loads on this kernel: before bpf_loop (5.17), the one without the
+    // stack walker, which older verifiers refuse to see named.
+    let object: &[u8] = if kernel_version() >= (5, 17) {
+        aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/oomkill"))
+    } else {
+        aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/no-bpf-loop/oomkill"))
+    };
     let mut bpf = aya::Ebpf::load(object).expect("the oomkill object loads");
     for name in ["oomkill_kprobe", "oomkill_victim"] {
         let prog = bpf.program_mut(name).unwrap_or_else(|| panic!("no program {name}"));
@@ -219,6 +240,14 @@ fn oomkill_kprobe_program_passes_the_verifier() {
     }
     drop(bpf);
     assert_detached("oomkill");
+}
+
+/// Whether the kernel's oom:mark_victim record has the victim's memory, uid and score (it
+/// has only the pid before they were added; Debian's 5.10 has only the pid).
+fn mark_victim_has_memory() -> bool {
+    std::fs::read_to_string("/sys/kernel/tracing/events/oom/mark_victim/format")
+        .expect("tracefs at /sys/kernel/tracing")
+        .contains(" total_vm;")
 }
 
 /// Whether `path` is a file of a tmpfs or ramfs, whose mapped pages count as shared memory.

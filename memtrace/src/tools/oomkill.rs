@@ -259,6 +259,11 @@ impl State {
         if !p.comm {
             // Older kernels record only the pid; the victim may not be reaped yet.
             victim_comm = crate::target::comm(e.victim_pid);
+            // A reaped victim whose main thread was the trigger (a memcg OOM often kills the
+            // charging task) still has the name the trigger recorded.
+            if victim_comm.is_empty() && e.victim_pid == e.trigger_tid {
+                victim_comm = c_str(&e.trigger_comm);
+            }
         }
         // The kernel counts the kill in the victim's cgroups before it marks the victim.
         let found = self.memcgs.after_kill(e.victim_pid);
