@@ -54,7 +54,7 @@ impl Grower {
 
 #[test]
 fn brkstack_counts_grow_heap_exactly() {
-    if !bpf_available("brkstack_counts_grow_heap_exactly") {
+    if !unwind_tables("brkstack_counts_grow_heap_exactly") {
         return;
     }
     let grower = Grower::start();
@@ -125,7 +125,7 @@ fn brkstack_events_show_each_call() {
 
 #[test]
 fn brkstack_writes_folded_stacks() {
-    if !bpf_available("brkstack_writes_folded_stacks") {
+    if !unwind_tables("brkstack_writes_folded_stacks") {
         return;
     }
     let folded = std::env::temp_dir().join(format!("brkstack-folded-{}", std::process::id()));
@@ -150,7 +150,7 @@ fn brkstack_writes_folded_stacks() {
 /// started by (as `redis-server`, a symlink to redis-check-rdb), not the symlink's target.
 #[test]
 fn brkstack_labels_a_symlinked_program_by_its_name() {
-    if !bpf_available("brkstack_labels_a_symlinked_program_by_its_name") {
+    if !unwind_tables("brkstack_labels_a_symlinked_program_by_its_name") {
         return;
     }
     let alias = prog("brkstack_grow").with_file_name("grow-alias");
@@ -208,7 +208,7 @@ fn brkstack_bad_input_gets_one_line_errors() {
 /// /proc at start, and the growth of its very first traced call is still known.
 #[test]
 fn brkstack_comm_filter_seeds_running_processes() {
-    if !bpf_available("brkstack_comm_filter_seeds_running_processes") {
+    if !unwind_tables("brkstack_comm_filter_seeds_running_processes") {
         return;
     }
     let mut grower = Grower::start();
@@ -243,7 +243,7 @@ fn brkstack_comm_filter_seeds_running_processes() {
 /// them, and later reports still name their stacks (symbolized at first sighting).
 #[test]
 fn brkstack_forgets_exited_processes_but_keeps_their_stacks() {
-    if !bpf_available("brkstack_forgets_exited_processes_but_keeps_their_stacks") {
+    if !unwind_tables("brkstack_forgets_exited_processes_but_keeps_their_stacks") {
         return;
     }
     let mut grower = Grower::start();
@@ -304,7 +304,7 @@ fn names(stack: &Value) -> Vec<&str> {
 /// line, and on to main and libc's `__libc_start_call_main`: each walk complete.
 #[test]
 fn brkstack_nofp_malloc_growth_reaches_main_through_libc() {
-    if !bpf_available("brkstack_nofp_malloc_growth_reaches_main_through_libc") {
+    if !unwind_tables("brkstack_nofp_malloc_growth_reaches_main_through_libc") {
         return;
     }
     let report = final_report(&brkstack_nofp(&["--unwind", "dwarf", "--json"]));
@@ -348,7 +348,7 @@ fn brkstack_nofp_malloc_growth_reaches_main_through_libc() {
 /// outputs: the stack reaches main, and no stack was cut.
 #[test]
 fn brkstack_nofp_default_unwind_shows_whole_stacks() {
-    if !bpf_available("brkstack_nofp_default_unwind_shows_whole_stacks") {
+    if !unwind_tables("brkstack_nofp_default_unwind_shows_whole_stacks") {
         return;
     }
     let folded = std::env::temp_dir().join(format!("brkstack-nofp-folded-{}", std::process::id()));

@@ -295,7 +295,7 @@ fn faults_nofp_reach_main(unwind: Option<&str>) {
 
 #[test]
 fn faults_nofp_dwarf_stack_reaches_main() {
-    if !bpf_available("faults_nofp_dwarf_stack_reaches_main") {
+    if !unwind_tables("faults_nofp_dwarf_stack_reaches_main") {
         return;
     }
     faults_nofp_reach_main(Some("dwarf"));
@@ -303,7 +303,7 @@ fn faults_nofp_dwarf_stack_reaches_main() {
 
 #[test]
 fn faults_nofp_default_unwind_stack_reaches_main() {
-    if !bpf_available("faults_nofp_default_unwind_stack_reaches_main") {
+    if !unwind_tables("faults_nofp_default_unwind_stack_reaches_main") {
         return;
     }
     faults_nofp_reach_main(None);

@@ -91,7 +91,7 @@ fn leaky_leaks() -> Vec<(&'static str, u64, u64)> {
 
 /// Runs `memleak -c CMD` and returns (its final report, stderr); it must exit 0.
 fn run_command(cmd: &str) -> (Value, String) {
-    let out = run(&["memleak", "--json", "-T", "200", "-c", cmd], Duration::from_secs(60));
+    let out = run(&["-v", "memleak", "--json", "-T", "200", "-c", cmd], Duration::from_secs(60));
     let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
     assert!(out.status.success(), "{cmd}: exit {}: {stderr}", out.status);
     assert!(stderr.contains("command exited with status 0"), "{cmd}: {stderr}");
@@ -129,7 +129,8 @@ fn memleak_command_follows_exec_through_shells_env_and_scripts() {
         format!("env PATH={}:/usr/bin:/bin leaky-shim", dir.display()),
     ];
     for cmd in &cases {
-        let (report, _) = run_command(cmd);
+        let (report, stderr) = run_command(cmd);
+        assert!(!stacks_with(&report, "leak_malloc").is_empty(), "{cmd}: no leak_malloc: {stderr}\n{report:#}");
         let pid = pid_with(&report, "leak_malloc");
         for (func, bytes, allocs) in leaky_leaks() {
             assert_stack(&report, pid, func, bytes, allocs);
@@ -145,6 +146,17 @@ fn memleak_command_follows_exec_through_shells_env_and_scripts() {
         assert_stack(&report, pid, func, bytes, allocs);
     }
     assert!(processes(&report).contains(&(pid, report["pid"].as_u64())), "{:#}", report["processes"]);
+    // A launcher memleak cannot probe (static, without symbols, as busybox): its child is
+    // followed all the same, into the program it execs.
+    let launcher = build_prog("launcher", Flavour::Static);
+    let (report, stderr) = run_command(&format!("{} {leaky}", launcher.display()));
+    assert!(!stacks_with(&report, "leak_malloc").is_empty(), "no leak_malloc: {stderr}\n{report:#}");
+    let pid = pid_with(&report, "leak_malloc");
+    assert_ne!(pid, report["pid"].as_u64().unwrap(), "the leak is the child's");
+    for (func, bytes, allocs) in leaky_leaks() {
+        assert_stack(&report, pid, func, bytes, allocs);
+    }
+    assert_eq!(report["dropped"]["unprobed_images"], 1, "the launcher: {}", report["dropped"]);
     assert_detached("memleak");
 }
 
@@ -290,9 +302,20 @@ fn memleak_pid_children_follows_new_processes() {
     let mut lines = BufReader::new(target.stdout.take().unwrap()).lines();
     assert_eq!(lines.next().unwrap().unwrap(), "ready");
     let pid = target.id() as u64;
-    let mut mt = Running::start(&["memleak", "--json", "-T", "100", "-p", &pid.to_string(), "--children"]);
+    let mut mt = Running::start(&["-v", "memleak", "--json", "-T", "100", "-p", &pid.to_string(), "--children"]);
     mt.wait_ready();
-    writeln!(target.stdin.take().unwrap()).unwrap();
+    let mut stdin = target.stdin.take().unwrap();
+    writeln!(stdin).unwrap();
+    // Each child waits until memtrace has followed it: attaching after the fork takes a few
+    // ms here, and far longer in a VM under emulation.
+    for _ in ["child", "grandchild"] {
+        let line = lines.next().unwrap().unwrap();
+        let forked = line.strip_prefix("child ").unwrap_or_else(|| panic!("family said {line:?}")).to_string();
+        let followed = format!("pid {forked}: fork of pid ");
+        mt.wait_for("the child followed", |_, err| err.iter().any(|l| l.contains(&followed)));
+        writeln!(stdin).unwrap();
+    }
+    drop(stdin);
     assert!(target.wait().unwrap().success());
     let (status, stdout, stderr) = mt.finish(Duration::from_secs(20));
     assert!(status.success(), "{status}: {stderr}");

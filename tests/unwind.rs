@@ -179,7 +179,7 @@ fn assert_leaks(report: &Value, file: &str, leaks: &[Leak], root: &[&str]) {
 
 #[test]
 fn unwind_dwarf_c_reaches_main_through_libc() {
-    if !bpf_available("unwind_dwarf_c_reaches_main_through_libc") {
+    if !unwind_tables("unwind_dwarf_c_reaches_main_through_libc") {
         return;
     }
     let target = prog_nofp("unwind_c");
@@ -202,7 +202,7 @@ fn unwind_dwarf_c_reaches_main_through_libc() {
 
 #[test]
 fn unwind_dwarf_cpp_reaches_main_through_libstdcxx() {
-    if !bpf_available("unwind_dwarf_cpp_reaches_main_through_libstdcxx") {
+    if !unwind_tables("unwind_dwarf_cpp_reaches_main_through_libstdcxx") {
         return;
     }
     let target = prog_nofp("unwind_cpp");
@@ -216,7 +216,7 @@ fn unwind_dwarf_cpp_reaches_main_through_libstdcxx() {
 /// are found too.
 #[test]
 fn unwind_dwarf_cpp_attached_by_pid() {
-    if !bpf_available("unwind_dwarf_cpp_attached_by_pid") {
+    if !unwind_tables("unwind_dwarf_cpp_attached_by_pid") {
         return;
     }
     let mut target =
@@ -264,7 +264,7 @@ fn unwind_fp_cpp_stops_short_of_main() {
 /// Without `--unwind`, memleak uses the DWARF tables where a module has them.
 #[test]
 fn unwind_default_uses_dwarf_where_tables_exist() {
-    if !bpf_available("unwind_default_uses_dwarf_where_tables_exist") {
+    if !unwind_tables("unwind_default_uses_dwarf_where_tables_exist") {
         return;
     }
     let target = prog_nofp("unwind_c");
@@ -274,7 +274,7 @@ fn unwind_default_uses_dwarf_where_tables_exist() {
 
 #[test]
 fn unwind_dwarf_rust_reaches_main_through_lang_start() {
-    if !bpf_available("unwind_dwarf_rust_reaches_main_through_lang_start") {
+    if !unwind_tables("unwind_dwarf_rust_reaches_main_through_lang_start") {
         return;
     }
     let target = prog_nofp("unwind_rs");
@@ -288,7 +288,7 @@ fn unwind_dwarf_rust_reaches_main_through_lang_start() {
 /// at its exec, before it runs: the script needs no handshake.
 #[test]
 fn unwind_dwarf_python_reaches_py_bytes_main() {
-    if !bpf_available("unwind_dwarf_python_reaches_py_bytes_main") {
+    if !unwind_tables("unwind_dwarf_python_reaches_py_bytes_main") {
         return;
     }
     const PYTHON: &str = "/usr/bin/python3.11";

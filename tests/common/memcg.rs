@@ -1,6 +1,7 @@
-//! A memory cgroup (v1, /sys/fs/cgroup/memory) with a small limit, and a process started
-//! inside it: how the oomkill, vmscan and drsnoop tests provoke reclaim and OOM kills
-//! without harming the host. The group is removed when the value is dropped, even on panic.
+//! A memory cgroup with a small limit, and a process started inside it: how the oomkill,
+//! vmscan and drsnoop tests provoke reclaim and OOM kills without harming the host. The group
+//! is removed when the value is dropped, even on panic. cgroup v1 (/sys/fs/cgroup/memory)
+//! where the kernel has it, as this host does; else v2 (/sys/fs/cgroup), as Debian's 6.12.
 #![allow(dead_code, reason = "each test file uses a different part of this module")]
 
 use std::{
@@ -14,37 +15,59 @@ use std::{
 };
 
 pub const MEMORY_ROOT: &str = "/sys/fs/cgroup/memory";
+const UNIFIED_ROOT: &str = "/sys/fs/cgroup";
 
-/// A uniquely named child of the v1 memory hierarchy's root.
+/// A uniquely named child of the memory hierarchy's root.
 pub struct Memcg {
     pub dir: PathBuf,
     /// The group's path inside the hierarchy, as the kernel prints it: `/memtrace-test-...`.
     pub path: String,
+    /// cgroup v2: memory.max and memory.events instead of v1's files.
+    v2: bool,
 }
 
 impl Memcg {
-    /// Creates the group with `memory.limit_in_bytes` = `limit_mib` MiB. Without the v1 memory
-    /// controller the test fails, except in the VM suite (`MEMTRACE_NOT_RUN` names its file),
-    /// where a kernel built without it (Debian's 6.12) is a reason to list, and None comes back.
+    /// Creates the group with a limit of `limit_mib` MiB. Without a memory controller (v1,
+    /// or v2 at /sys/fs/cgroup) the test cannot run: see `not_run`.
     pub fn new(tag: &str, limit_mib: u64) -> Option<Memcg> {
         static SEQ: AtomicU32 = AtomicU32::new(0);
-        if !Path::new(MEMORY_ROOT).join("cgroup.procs").exists() {
-            let why = "no cgroup v1 memory controller (a kernel without CONFIG_MEMCG_V1)";
-            let Some(file) = std::env::var_os("MEMTRACE_NOT_RUN") else {
-                panic!("these tests need the cgroup v1 memory controller at {MEMORY_ROOT}");
-            };
-            let mut list = std::fs::read_to_string(&file).unwrap_or_default();
-            list.push_str(&format!("{tag}: {why}\n"));
-            std::fs::write(&file, list).unwrap();
+        let v1 = Path::new(MEMORY_ROOT).join("cgroup.procs").exists();
+        let controllers = std::fs::read_to_string(Path::new(UNIFIED_ROOT).join("cgroup.controllers"));
+        let v2 = !v1 && controllers.is_ok_and(|c| c.split_whitespace().any(|c| c == "memory"));
+        if !v1 && !v2 {
+            super::not_run(tag, "no memory cgroup controller (v1 at /sys/fs/cgroup/memory or v2 at /sys/fs/cgroup)");
             return None;
         }
+        let root = if v1 { MEMORY_ROOT } else { UNIFIED_ROOT };
+        if v2 {
+            // Children get the memory controller only when the parent hands it down.
+            let control = Path::new(root).join("cgroup.subtree_control");
+            std::fs::write(&control, "+memory").unwrap_or_else(|e| panic!("{}: {e}", control.display()));
+        }
         let name = format!("memtrace-test-{tag}-{}-{}", std::process::id(), SEQ.fetch_add(1, Ordering::Relaxed));
-        let dir = Path::new(MEMORY_ROOT).join(&name);
+        let dir = Path::new(root).join(&name);
         std::fs::create_dir(&dir).unwrap_or_else(|e| panic!("cannot create {}: {e}", dir.display()));
         // From here on Drop removes the group, whatever fails next.
-        let group = Memcg { dir, path: format!("/{name}") };
-        group.write("memory.limit_in_bytes", &(limit_mib << 20).to_string());
+        let group = Memcg { dir, path: format!("/{name}"), v2 };
+        let limit = (limit_mib << 20).to_string();
+        if v2 {
+            group.write("memory.max", &limit);
+            // v1 groups here run without swap limits on a host without swap; v2 groups keep
+            // the hog out of any swap so it is killed, not swapped out.
+            if group.dir.join("memory.swap.max").exists() {
+                group.write("memory.swap.max", "0");
+            }
+        } else {
+            group.write("memory.limit_in_bytes", &limit);
+        }
         Some(group)
+    }
+
+    /// Lets the group's pages go to swap (v2 groups are made without; v1 ones always may).
+    pub fn allow_swap(&self) {
+        if self.v2 {
+            self.write("memory.swap.max", "max");
+        }
     }
 
     fn write(&self, file: &str, value: &str) {
@@ -56,9 +79,9 @@ impl Memcg {
         std::fs::read_to_string(self.dir.join(file)).unwrap_or_default()
     }
 
-    /// The `oom_kill` counter of `memory.oom_control`.
+    /// The group's `oom_kill` counter (v1 `memory.oom_control`, v2 `memory.events`).
     pub fn oom_kills(&self) -> u64 {
-        self.read("memory.oom_control")
+        self.read(if self.v2 { "memory.events" } else { "memory.oom_control" })
             .lines()
             .find_map(|l| l.strip_prefix("oom_kill "))
             .and_then(|n| n.trim().parse().ok())
@@ -168,4 +191,84 @@ impl Drop for Hog {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// Swap on /dev/zram0 for one test, taken down again on drop.
+pub struct ZramSwap;
+
+impl ZramSwap {
+    pub fn on(test: &str) -> Option<ZramSwap> {
+        if !Path::new("/sys/block/zram0/disksize").exists() {
+            super::not_run(test, "no /dev/zram0 to swap to (modprobe zram)");
+            return None;
+        }
+        let swaps = std::fs::read_to_string("/proc/swaps").unwrap();
+        assert_eq!(swaps.lines().count(), 1, "swap is already on; this test needs its own: {swaps}");
+        std::fs::write("/sys/block/zram0/disksize", "512M").expect("zram0 is free");
+        let made = std::process::Command::new("mkswap").arg("/dev/zram0").stdout(Stdio::null()).status();
+        assert!(made.is_ok_and(|s| s.success()), "mkswap /dev/zram0");
+        let swap = ZramSwap;
+        let dev = std::ffi::CString::new("/dev/zram0").unwrap();
+        // SAFETY: a NUL-terminated path.
+        assert_eq!(unsafe { libc::swapon(dev.as_ptr(), 0) }, 0, "swapon: {}", std::io::Error::last_os_error());
+        Some(swap)
+    }
+}
+
+impl Drop for ZramSwap {
+    fn drop(&mut self) {
+        let dev = std::ffi::CString::new("/dev/zram0").unwrap();
+        // SAFETY: a NUL-terminated path.
+        unsafe { libc::swapoff(dev.as_ptr()) };
+        let _ = std::fs::write("/sys/block/zram0/reset", "1");
+    }
+}
+
+/// Whether the tests run on a machine of their own (the VM suite sets MEMTRACE_VM), where
+/// they may put the whole machine under memory pressure. Elsewhere that test says so and
+/// does nothing: global reclaim on a shared host would slow everything on it.
+pub fn machine_of_its_own(test: &str) -> bool {
+    let own = std::env::var_os("MEMTRACE_VM").is_some();
+    if !own {
+        eprintln!("{test}: not run: global memory pressure only on a machine of its own (cargo xtask vm-test)");
+    }
+    own
+}
+
+/// The kernel's count of direct reclaims outside memory cgroups (the allocstall_* lines of
+/// /proc/vmstat, one per zone type): one per mm_vmscan_direct_reclaim_begin.
+pub fn allocstalls() -> u64 {
+    let vmstat = std::fs::read_to_string("/proc/vmstat").unwrap();
+    vmstat
+        .lines()
+        .filter(|l| l.starts_with("allocstall_"))
+        .map(|l| l.split_whitespace().nth(1).unwrap().parse::<u64>().unwrap())
+        .sum()
+}
+
+/// Runs tests/progs/vm_mem writing more than the machine has available, with swap on zram
+/// to take it: global reclaim, kswapd and direct, without an OOM kill. Whether kswapd keeps
+/// up alone is the machine's call, so each round writes 64 MiB more until the kernel counts a
+/// direct reclaim (4 rounds at most). Returns the direct reclaims the kernel counted.
+pub fn global_pressure(vm_mem: &Path) -> u64 {
+    let before = allocstalls();
+    for round in 1..=4u64 {
+        let meminfo = std::fs::read_to_string("/proc/meminfo").unwrap();
+        let available_kib: u64 = meminfo
+            .lines()
+            .find_map(|l| l.strip_prefix("MemAvailable:"))
+            .and_then(|v| v.split_whitespace().next()?.parse().ok())
+            .unwrap();
+        let mib = (available_kib >> 10) + 64 * round;
+        let status =
+            Command::new(vm_mem).args(["hog", &mib.to_string(), "0"]).stdout(Stdio::null()).status().unwrap();
+        assert!(status.success(), "vm_mem hog {mib}: {status}");
+        if allocstalls() > before {
+            break;
+        }
+        eprintln!("global_pressure: {mib} MiB with {available_kib} KiB available: no direct reclaim yet");
+    }
+    let stalls = allocstalls() - before;
+    assert!(stalls > 0, "4 rounds of memory pressure caused no direct reclaim");
+    stalls
 }

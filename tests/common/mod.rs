@@ -12,6 +12,7 @@ use std::{
 
 use serde_json::Value;
 
+mod progs;
 mod running;
 #[allow(unused_imports, reason = "each test file uses a different part")]
 pub use running::{READY_FD, Running, ready_pipe};
@@ -38,11 +39,49 @@ pub fn bpf_available(test: &str) -> bool {
     }
 }
 
+/// A test that cannot run on this kernel, for `why`. In the VM suite (`MEMTRACE_NOT_RUN`
+/// names the file its /init reads) it is listed as not run and the test returns; anywhere
+/// else, where the machine is expected to have what the tests need, it fails.
+pub fn not_run(test: &str, why: &str) {
+    let Some(file) = std::env::var_os("MEMTRACE_NOT_RUN") else {
+        panic!("{test} cannot run here: {why}");
+    };
+    let mut list = std::fs::read_to_string(&file).unwrap_or_default();
+    list.push_str(&format!("{test}: {why}\n"));
+    std::fs::write(&file, list).unwrap();
+}
+
+/// For tests of stacks through code built without frame pointers: true where memtrace can
+/// use unwind tables. Without `bpf_loop` (before 5.17) it cannot, and says so in one warning
+/// (`tests/probe.rs` checks that); the test is listed as not run.
+pub fn unwind_tables(test: &str) -> bool {
+    if !bpf_available(test) {
+        return false;
+    }
+    if kernel_version() < (5, 17) {
+        not_run(test, "stacks through code without frame pointers need unwind tables, and so bpf_loop (5.17+)");
+        return false;
+    }
+    true
+}
+
+/// The warning lines of memtrace's stderr, less the one a kernel without `bpf_loop` always
+/// gets (see `unwind_tables`).
+pub fn warnings(stderr: &str) -> Vec<&str> {
+    let expected = kernel_version() < (5, 17);
+    stderr.lines().filter(|l| l.contains("warning") && !(expected && l.contains("bpf_loop helper"))).collect()
+}
+
 fn bpf_problem() -> Option<String> {
     // SAFETY: geteuid has no preconditions.
     if unsafe { libc::geteuid() } != 0 {
         return Some("not running as root".into());
     }
+    // Before 5.11 maps count against RLIMIT_MEMLOCK, summed over the user's processes; the
+    // tests load maps of their own, as memtrace does, so they lift it the same way.
+    let unlimited = libc::rlimit { rlim_cur: libc::RLIM_INFINITY, rlim_max: libc::RLIM_INFINITY };
+    // SAFETY: a valid rlimit read by the call.
+    unsafe { libc::setrlimit(libc::RLIMIT_MEMLOCK, &unlimited) };
     // BPF_MAP_CREATE of a one-element array: the cheapest proof that the bpf syscall works.
     #[repr(C)]
     struct MapCreate {
@@ -65,15 +104,7 @@ fn bpf_problem() -> Option<String> {
 
 static BUILD_LOCK: Mutex<()> = Mutex::new(());
 
-/// How a test program is compiled.
-#[derive(Clone, Copy, PartialEq, Eq, Debug)]
-pub enum Flavour {
-    /// Unoptimised, so that each source call stays one call site, with frame pointers.
-    Debug,
-    /// Optimised without frame pointers, as distributions build: only DWARF call-frame
-    /// information leads back through its calls.
-    NoFramePointers,
-}
+pub use progs::Flavour;
 
 /// Builds `tests/progs/<name>` (a .c, .cpp or .rs file) once per test run, with frame pointers
 /// and debug info, unoptimised so that each source call stays one call site.
@@ -86,46 +117,10 @@ pub fn prog_nofp(name: &str) -> PathBuf {
     build_prog(name, Flavour::NoFramePointers)
 }
 
-/// Builds `tests/progs/<name>` into target/test-progs/<name> (target/test-progs/nofp/<name>
-/// without frame pointers), unless the program there is newer than its source and was built
-/// the same way. Each flavour has its own file, under the same name (a test's comm stays the
-/// program's name): a test switching flavour neither rebuilds nor replaces the other's program.
+/// `progs::build`, one build at a time.
 pub fn build_prog(name: &str, flavour: Flavour) -> PathBuf {
-    use Flavour::*;
-    let _guard = BUILD_LOCK.lock().unwrap();
-    let dir = match flavour {
-        Debug => repo().join("target/test-progs"),
-        NoFramePointers => repo().join("target/test-progs/nofp"),
-    };
-    std::fs::create_dir_all(&dir).unwrap();
-    let out = dir.join(name);
-    let src = |ext: &str| repo().join(format!("tests/progs/{name}.{ext}"));
-    let ext = ["c", "cpp", "rs"]
-        .into_iter()
-        .find(|ext| src(ext).exists())
-        .unwrap_or_else(|| panic!("no tests/progs/{name}.c, .cpp or .rs"));
-    let (compiler, flags): (&str, &[&str]) = match (ext, flavour) {
-        ("c", Debug) => ("cc", &["-g", "-O0", "-fno-omit-frame-pointer"]),
-        ("c", NoFramePointers) => ("cc", &["-g", "-O2", "-fomit-frame-pointer"]),
-        ("cpp", Debug) => ("g++", &["-g", "-O0", "-fno-omit-frame-pointer"]),
-        ("cpp", NoFramePointers) => ("g++", &["-g", "-O2", "-fomit-frame-pointer"]),
-        (_, Debug) => ("rustc", &["-g", "-C", "opt-level=0", "-C", "force-frame-pointers=yes"]),
-        (_, NoFramePointers) => ("rustc", &["-g", "-C", "opt-level=3", "-C", "force-frame-pointers=no"]),
-    };
-    let src = src(ext);
-    let mut cmd = Command::new(compiler);
-    cmd.args(flags).arg("-o").arg(&out).arg(&src);
-    // The command beside the program: a program built the other way is rebuilt.
-    let stamp = dir.join(format!("{name}.cmd"));
-    let how = format!("{cmd:?}");
-    let fresh = |p: &Path| p.metadata().and_then(|m| m.modified()).ok();
-    let same_build = std::fs::read_to_string(&stamp).is_ok_and(|s| s == how);
-    if !same_build || fresh(&out).is_none() || fresh(&out) < fresh(&src) {
-        let status = cmd.status().unwrap_or_else(|e| panic!("cannot run {compiler} for {name}: {e}"));
-        assert!(status.success(), "building {} failed", src.display());
-        std::fs::write(&stamp, how).unwrap();
-    }
-    out
+    let _guard = BUILD_LOCK.lock().unwrap_or_else(|e| e.into_inner());
+    progs::build(&repo(), name, flavour)
 }
 
 /// The line of `tests/progs/<file>` that carries the marker `LEAK:<name>`.

@@ -25,6 +25,16 @@ pub struct Running {
     pub stderr: Vec<String>,
 }
 
+/// A test that fails while memtrace runs must not leave it attached for the next test.
+impl Drop for Running {
+    fn drop(&mut self) {
+        if self.child.try_wait().is_ok_and(|s| s.is_none()) {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
 /// Sends each line of `pipe`, with the time it arrived, until end-of-file.
 fn lines(pipe: impl Read + Send + 'static) -> mpsc::Receiver<(Instant, String)> {
     let (tx, rx) = mpsc::channel();
@@ -189,7 +199,7 @@ impl Running {
             self.stdout.extend(out.iter());
         }
         self.stderr.extend(self.err.iter());
-        (status, exited, self.stdout, self.stderr.join("\n"))
+        (status, exited, std::mem::take(&mut self.stdout), self.stderr.join("\n"))
     }
 
     /// Waits for exit (killing it after `limit`); returns (status, stdout, stderr).

@@ -6,8 +6,9 @@
  *   grandchild: its copies of leak_parent's and leak_child's, leak_grandchild() 30 x 100
  *
  * Usage: family         run the tree, exit when all are done
- *        family wait    print "ready" and wait for a line on stdin first; each child waits
- *                       0.5 s before it acts (a tracer attaching after the fork needs that)
+ *        family wait    print "ready" and wait for a line on stdin first; each child prints
+ *                       "child PID" and waits for a line too before it acts (a tracer that
+ *                       attaches after the fork, however slow the machine, needs that)
  *        family exec P  the grandchild execs P instead of leaking */
 #include <stdio.h>
 #include <stdlib.h>
@@ -36,6 +37,13 @@ NOINLINE void leak_grandchild(void) {
 		sink = malloc(100); /* LEAK:leak_grandchild */
 }
 
+/* A child says who it is and waits for its go. */
+static int go_on(char *line, int size) {
+	printf("child %d\n", (int)getpid());
+	fflush(stdout);
+	return fgets(line, size, stdin) != NULL;
+}
+
 int main(int argc, char **argv) {
 	char line[64];
 	int wait = argc > 1 && strcmp(argv[1], "wait") == 0;
@@ -50,15 +58,15 @@ int main(int argc, char **argv) {
 	leak_parent();
 	pid_t child = fork();
 	if (child == 0) {
-		/* Under -p --children memtrace attaches after the fork: give it time. */
-		if (wait)
-			usleep(500000);
+		/* Under -p --children memtrace attaches after the fork: the test says when. */
+		if (wait && !go_on(line, sizeof line))
+			_exit(1);
 		free(shared);
 		leak_child();
 		pid_t grandchild = fork();
 		if (grandchild == 0) {
-			if (wait)
-				usleep(500000);
+			if (wait && !go_on(line, sizeof line))
+				_exit(1);
 			if (exec_path) {
 				execl(exec_path, exec_path, (char *)NULL);
 				_exit(127);

@@ -18,7 +18,7 @@ use std::{
     time::Instant,
 };
 
-fn mount(source: &str, target: &str, fstype: &str, data: &str) {
+fn mount(source: &str, target: &str, fstype: &str, data: &str) -> bool {
     let _ = fs::create_dir_all(target);
     let c = |s: &str| CString::new(s).unwrap_or_default();
     let (src, dst, ty, opts) = (c(source), c(target), c(fstype), c(data));
@@ -27,6 +27,13 @@ fn mount(source: &str, target: &str, fstype: &str, data: &str) {
     if r != 0 {
         println!("vm-init: mount {fstype} on {target}: {}", std::io::Error::last_os_error());
     }
+    r == 0
+}
+
+fn umount(target: &str) {
+    let c = CString::new(target).unwrap_or_default();
+    // SAFETY: a NUL-terminated path that outlives the call.
+    unsafe { libc::umount(c.as_ptr()) };
 }
 
 /// Loads /lib/modules/<name>.ko in the order the image lists them (dependencies first).
@@ -49,14 +56,25 @@ fn load_modules() {
 /// The host file system the tests expect: procfs, sysfs, tracefs, memcg v1, a tmpfs /tmp, and
 /// busybox's applets where scripts look for them.
 fn set_up() {
-    mount("proc", "/proc", "proc", "");
-    mount("sysfs", "/sys", "sysfs", "");
-    mount("devtmpfs", "/dev", "devtmpfs", "");
-    mount("tmpfs", "/tmp", "tmpfs", "");
-    mount("tracefs", "/sys/kernel/tracing", "tracefs", "");
-    mount("debugfs", "/sys/kernel/debug", "debugfs", "");
+    for (source, target, fstype) in [
+        ("proc", "/proc", "proc"),
+        ("sysfs", "/sys", "sysfs"),
+        ("devtmpfs", "/dev", "devtmpfs"),
+        ("tmpfs", "/tmp", "tmpfs"),
+        ("tracefs", "/sys/kernel/tracing", "tracefs"),
+        ("debugfs", "/sys/kernel/debug", "debugfs"),
+    ] {
+        mount(source, target, fstype, "");
+    }
+    // cgroup v1's memory controller where the kernel has it, as the host does; else v2 at
+    // /sys/fs/cgroup, as a systemd host without v1 (Debian's 6.12 is built without it).
     mount("tmpfs", "/sys/fs/cgroup", "tmpfs", "");
-    mount("memory", "/sys/fs/cgroup/memory", "cgroup", "memory");
+    if !mount("memory", "/sys/fs/cgroup/memory", "cgroup", "memory") {
+        umount("/sys/fs/cgroup");
+        if mount("cgroup2", "/sys/fs/cgroup", "cgroup2", "") {
+            println!("vm-init: no cgroup v1 memory controller: cgroup v2 at /sys/fs/cgroup");
+        }
+    }
     load_modules();
     let _ = Command::new("/bin/busybox").args(["--install", "-s", "/bin"]).status();
     // The host's programs (util-linux, coreutils, bash) were copied to /usr/bin; busybox
@@ -70,6 +88,8 @@ fn set_up() {
         std::env::set_var("PATH", "/usr/sbin:/usr/bin:/sbin:/bin");
         // Where a test that cannot run on this kernel writes why (see `not_run_count`).
         std::env::set_var("MEMTRACE_NOT_RUN", "/tmp/memtrace-not-run");
+        // A machine of the tests' own: they may put all of it under memory pressure.
+        std::env::set_var("MEMTRACE_VM", "1");
     }
     // The kernel's own messages would interleave with the result lines.
     let _ = fs::write("/proc/sys/kernel/printk", "1");

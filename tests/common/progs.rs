@@ -1,0 +1,88 @@
+//! Building the test programs of tests/progs. The tests build what they run as they go;
+//! `cargo xtask vm-test` (which includes this file) builds them all on the host first, since
+//! the VM has no compiler.
+
+use std::{
+    path::{Path, PathBuf},
+    process::Command,
+};
+
+/// How a test program is compiled.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub enum Flavour {
+    /// Unoptimised, so that each source call stays one call site, with frame pointers.
+    Debug,
+    /// Optimised without frame pointers, as distributions build: only DWARF call-frame
+    /// information leads back through its calls.
+    NoFramePointers,
+    /// A static executable without symbols, as busybox is in many container images (C only).
+    Static,
+}
+
+/// The extensions of the sources that are compiled.
+const SOURCES: [&str; 3] = ["c", "cpp", "rs"];
+
+/// Builds `tests/progs/<name>` into target/test-progs/<name> (target/test-progs/nofp/<name>
+/// without frame pointers), unless the program there is newer than its source and was built
+/// the same way. Each flavour has its own file, under the same name (a test's comm stays the
+/// program's name): a test switching flavour neither rebuilds nor replaces the other's program.
+pub fn build(repo: &Path, name: &str, flavour: Flavour) -> PathBuf {
+    use Flavour::*;
+    let dir = match flavour {
+        Debug => repo.join("target/test-progs"),
+        NoFramePointers => repo.join("target/test-progs/nofp"),
+        Static => repo.join("target/test-progs/static"),
+    };
+    std::fs::create_dir_all(&dir).unwrap();
+    let out = dir.join(name);
+    let src = |ext: &str| repo.join(format!("tests/progs/{name}.{ext}"));
+    let ext = SOURCES
+        .into_iter()
+        .find(|ext| src(ext).exists())
+        .unwrap_or_else(|| panic!("no tests/progs/{name}.c, .cpp or .rs"));
+    let (compiler, flags): (&str, &[&str]) = match (ext, flavour) {
+        ("c", Debug) => ("cc", &["-g", "-O0", "-fno-omit-frame-pointer"]),
+        ("c", NoFramePointers) => ("cc", &["-g", "-O2", "-fomit-frame-pointer"]),
+        ("c", Static) => ("cc", &["-O2", "-static", "-s"]),
+        (_, Static) => panic!("tests/progs/{name}.{ext}: only C programs are built static"),
+        ("cpp", Debug) => ("g++", &["-g", "-O0", "-fno-omit-frame-pointer"]),
+        ("cpp", NoFramePointers) => ("g++", &["-g", "-O2", "-fomit-frame-pointer"]),
+        (_, Debug) => ("rustc", &["-g", "-C", "opt-level=0", "-C", "force-frame-pointers=yes"]),
+        (_, NoFramePointers) => ("rustc", &["-g", "-C", "opt-level=3", "-C", "force-frame-pointers=no"]),
+    };
+    let src = src(ext);
+    let mut cmd = Command::new(compiler);
+    cmd.args(flags).arg("-o").arg(&out).arg(&src);
+    // The command beside the program: a program built the other way is rebuilt.
+    let stamp = dir.join(format!("{name}.cmd"));
+    let how = format!("{cmd:?}");
+    let fresh = |p: &Path| p.metadata().and_then(|m| m.modified()).ok();
+    let same_build = std::fs::read_to_string(&stamp).is_ok_and(|s| s == how);
+    if !same_build || fresh(&out).is_none() || fresh(&out) < fresh(&src) {
+        let status = cmd.status().unwrap_or_else(|e| panic!("cannot run {compiler} for {name}: {e}"));
+        assert!(status.success(), "building {} failed", src.display());
+        std::fs::write(&stamp, how).unwrap();
+    }
+    out
+}
+
+/// Every program of tests/progs in every flavour.
+#[allow(dead_code, reason = "for xtask; the tests build one program at a time")]
+pub fn build_all(repo: &Path) {
+    let mut names: Vec<String> = std::fs::read_dir(repo.join("tests/progs"))
+        .unwrap()
+        .filter_map(|e| {
+            let path = e.ok()?.path();
+            SOURCES.contains(&path.extension()?.to_str()?).then(|| path.file_stem()?.to_str().map(String::from))?
+        })
+        .collect();
+    names.sort();
+    for name in &names {
+        for flavour in [Flavour::Debug, Flavour::NoFramePointers] {
+            build(repo, name, flavour);
+        }
+        if repo.join(format!("tests/progs/{name}.c")).exists() {
+            build(repo, name, Flavour::Static);
+        }
+    }
+}
