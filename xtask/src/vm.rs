@@ -139,6 +139,8 @@ pub fn boot(
             buf.clear();
         }
     });
+    // The kernel's version is enough to tell VMs booting side by side apart.
+    let label = kernel.trim_start_matches("tests-").trim_start_matches("linux-image-").trim_end_matches("-cloud-amd64");
     let deadline = Instant::now() + limit;
     let mut log = fs::File::create(vm_dir().join(format!("serial-{kernel}.log")))?;
     let mut lines = Vec::new();
@@ -152,7 +154,7 @@ pub fn boot(
                     || line.starts_with("vm-init:")
                     || line.contains("Kernel panic")
                 {
-                    println!("  {line}");
+                    println!("  {label}: {line}");
                 }
                 lines.push(line);
             }

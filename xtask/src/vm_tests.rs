@@ -12,6 +12,10 @@ use anyhow::{Context, Result, bail};
 
 use crate::cmd;
 use crate::vm::{boot, vm_dir};
+
+/// The tests' own program builder: the VM has no compiler, so every program is built first.
+#[path = "../../tests/common/progs.rs"]
+mod progs;
 use crate::vm_image::{MUSL, add_modules, find_file, package};
 
 /// The host's programs the tests run, copied to the same paths with the libraries `ldd` names
@@ -80,6 +84,7 @@ fn build_tests() -> Result<Vec<(String, PathBuf)>> {
         bail!("cargo built no integration test binaries");
     }
     cmd::run(cmd::cargo().args(["build", "--release", "-p", "vm-init", "--target", MUSL]))?;
+    progs::build_all(&cmd::root());
     Ok(tests)
 }
 
@@ -104,9 +109,10 @@ fn strip_into(from: &Path, to: &Path) -> Result<()> {
     cmd::run(cmd::new("objcopy").arg("--strip-debug").arg(from).arg(to))
 }
 
-fn initramfs(kernel_pkg: &Path, busybox: &Path, tests: &[(String, PathBuf)]) -> Result<PathBuf> {
+/// The image for one kernel (each its own, so kernels can boot side by side).
+fn initramfs(kernel_pkg: &Path, kernel: &str, busybox: &Path, tests: &[(String, PathBuf)]) -> Result<PathBuf> {
     let root = cmd::root();
-    let stage = vm_dir().join("tests-initramfs");
+    let stage = vm_dir().join(format!("tests-initramfs-{kernel}"));
     let _ = fs::remove_dir_all(&stage);
     fs::create_dir_all(stage.join("bin"))?;
     fs::copy(busybox, stage.join("bin/busybox"))?;
@@ -118,10 +124,7 @@ fn initramfs(kernel_pkg: &Path, busybox: &Path, tests: &[(String, PathBuf)]) -> 
     let memtrace = root.join(format!("target/{MUSL}/release/memtrace"));
     strip_into(&memtrace, &stage.join(memtrace.strip_prefix("/").unwrap_or(&memtrace)))?;
     copy_tree(&stage, &root.join("tests/progs"))?;
-    let progs = root.join("target/test-progs");
-    if progs.is_dir() {
-        copy_tree(&stage, &progs)?;
-    }
+    copy_tree(&stage, &root.join("target/test-progs"))?;
     for file in HOST_FILES {
         copy_same_path(&stage, Path::new(file))?;
     }
@@ -143,12 +146,15 @@ fn initramfs(kernel_pkg: &Path, busybox: &Path, tests: &[(String, PathBuf)]) -> 
     if let Ok(script) = std::env::var("MEMTRACE_VM_DEBUG") {
         fs::copy(&script, stage.join("debug.sh")).with_context(|| format!("MEMTRACE_VM_DEBUG={script}"))?;
     }
-    let initrd = vm_dir().join("tests-initrd.gz");
+    let initrd = vm_dir().join(format!("tests-initrd-{kernel}.gz"));
     cmd::run(
         cmd::new("sh")
-            .args(["-c", "find . | cpio -o -H newc --quiet | gzip -1 > ../tests-initrd.gz"])
+            .arg("-c")
+            .arg(format!("find . | cpio -o -H newc --quiet | gzip -1 > '{}'", initrd.display()))
             .current_dir(&stage),
     )?;
+    // The staged copy is large (python, debug information) and no longer needed.
+    let _ = fs::remove_dir_all(&stage);
     Ok(initrd)
 }
 
@@ -183,49 +189,104 @@ fn parse(serial: &[String]) -> Vec<(String, Counts)> {
         .collect()
 }
 
-/// Boots each kernel with the tests; prints one `N passed, N failed` line per kernel and
-/// returns the totals. A binary without a result line counts as one failure.
+/// How many VMs boot at once: TCG runs a VM on one host thread, so one per CPU
+/// (`MEMTRACE_VM_PARALLEL` overrides).
+fn parallel() -> usize {
+    std::env::var("MEMTRACE_VM_PARALLEL")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()))
+        .max(1)
+}
+
+/// One kernel's run: its name, counts and seconds.
+struct KernelRun {
+    name: String,
+    counts: Counts,
+    secs: u64,
+    notes: Vec<String>,
+}
+
+/// Counts one kernel's serial log against the binaries that should have run.
+fn tally(name: &str, serial: &[String], tests: &[(String, PathBuf)]) -> (Counts, Vec<String>) {
+    let got = parse(serial);
+    let mut k = Counts::default();
+    let mut notes = Vec::new();
+    for (test, _) in tests {
+        match got.iter().find(|(n, _)| n == test) {
+            Some((_, c)) => {
+                k.passed += c.passed;
+                k.failed += c.failed;
+                k.not_run += c.not_run;
+            }
+            None => {
+                notes.push(format!("{test}: no result line (see target/vm/serial-tests-{name}.log)"));
+                k.failed += 1;
+            }
+        }
+    }
+    for line in serial.iter().filter(|l| l.starts_with("MEMTRACE-NOT-RUN ")) {
+        notes.push(format!("not run: {}", &line["MEMTRACE-NOT-RUN ".len()..]));
+    }
+    for line in serial.iter().filter(|l| l.contains(": test ") && l.ends_with("... FAILED")) {
+        notes.push(format!("failed: {line}"));
+    }
+    (k, notes)
+}
+
+/// Boots each kernel with the tests, side by side up to `parallel()`; prints one
+/// `N passed, N failed` line per kernel and returns the totals. A binary without a result
+/// line counts as one failure.
 pub fn run(patterns: &[String], busybox: &Path, limit: Duration) -> Result<(u32, u32)> {
     let mut tests = build_tests()?;
     if let Ok(only) = std::env::var("MEMTRACE_VM_TESTS") {
         tests.retain(|(name, _)| only.split(',').any(|o| o.trim() == name));
     }
-    let (mut passed, mut failed) = (0, 0);
-    let mut lines = Vec::new();
+    let mut images = Vec::new();
     for pattern in patterns {
         let pkg = package(pattern)?;
         let vmlinuz = find_file(&pkg.join("boot"), |n| n.starts_with("vmlinuz-"))?;
-        let initrd = initramfs(&pkg, busybox, &tests)?;
         let name = pkg.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
-        let started = Instant::now();
-        let serial = boot(&vmlinuz, &initrd, limit, &format!("tests-{name}"), false, 1024)?;
-        let secs = started.elapsed().as_secs();
-        let got = parse(&serial);
-        let mut k = Counts::default();
-        for (test, _) in &tests {
-            match got.iter().find(|(n, _)| n == test) {
-                Some((_, c)) => {
-                    k.passed += c.passed;
-                    k.failed += c.failed;
-                    k.not_run += c.not_run;
-                }
-                None => {
-                    println!("vm-test: {name}: {test}: no result line (see target/vm/serial-tests-{name}.log)");
-                    k.failed += 1;
-                }
-            }
-        }
-        for line in serial.iter().filter(|l| l.starts_with("MEMTRACE-NOT-RUN ")) {
-            println!("vm-test: {name}: {}", &line["MEMTRACE-NOT-RUN ".len()..]);
-        }
-        lines.push(format!(
-            "vm-test: {name}: {} passed, {} failed, {} not run (tests/*.rs, {secs} s)",
-            k.passed, k.failed, k.not_run
-        ));
-        (passed, failed) = (passed + k.passed, failed + k.failed);
+        let initrd = initramfs(&pkg, &name, busybox, &tests)?;
+        images.push((name, vmlinuz, initrd));
     }
-    for line in lines {
-        println!("{line}");
+    let width = parallel();
+    println!("vm-test: {} kernel(s), {width} at a time", images.len());
+    let mut runs: Vec<KernelRun> = Vec::new();
+    for batch in images.chunks(width) {
+        let outcomes: Vec<Result<KernelRun>> = std::thread::scope(|scope| {
+            let handles: Vec<_> = batch
+                .iter()
+                .map(|(name, vmlinuz, initrd)| {
+                    let tests = &tests;
+                    scope.spawn(move || -> Result<KernelRun> {
+                        let started = Instant::now();
+                        let serial = boot(vmlinuz, initrd, limit, &format!("tests-{name}"), false, 1024)?;
+                        let (counts, notes) = tally(name, &serial, tests);
+                        Ok(KernelRun { name: name.clone(), counts, secs: started.elapsed().as_secs(), notes })
+                    })
+                })
+                .collect();
+            handles.into_iter().map(|h| h.join().unwrap_or_else(|_| Err(anyhow::anyhow!("a VM thread panicked")))).collect()
+        });
+        for outcome in outcomes {
+            runs.push(outcome?);
+        }
+    }
+    let (mut passed, mut failed) = (0, 0);
+    for run in &runs {
+        for note in &run.notes {
+            println!("vm-test: {}: {note}", run.name);
+        }
+    }
+    // The closing lines: one per kernel.
+    for run in &runs {
+        let k = &run.counts;
+        println!(
+            "vm-test: {}: {} passed, {} failed, {} not run (tests/*.rs, {} s)",
+            run.name, k.passed, k.failed, k.not_run, run.secs
+        );
+        (passed, failed) = (passed + k.passed, failed + k.failed);
     }
     Ok((passed, failed))
 }
