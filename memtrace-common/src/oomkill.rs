@@ -20,23 +20,35 @@ pub struct VictimOffsets {
     pub uid: u32,
     pub pgtables: u32,
     pub oom_score_adj: u32,
+    /// BTF offsets of `oom_control.chosen` and `task_struct.comm`: the kprobe on
+    /// oom_kill_process names the victim where mark_victim records only its pid (before 6.x),
+    /// and the victim may be reaped before user space could read its name. FIELD_ABSENT: not
+    /// read.
+    pub oc_chosen: u32,
+    pub task_comm: u32,
     pub _pad: u32,
+}
+
+impl VictimOffsets {
+    pub const UNSET: VictimOffsets = VictimOffsets {
+        pid: FIELD_ABSENT,
+        comm: FIELD_ABSENT,
+        total_vm: FIELD_ABSENT,
+        anon_rss: FIELD_ABSENT,
+        file_rss: FIELD_ABSENT,
+        shmem_rss: FIELD_ABSENT,
+        uid: FIELD_ABSENT,
+        pgtables: FIELD_ABSENT,
+        oom_score_adj: FIELD_ABSENT,
+        oc_chosen: FIELD_ABSENT,
+        task_comm: FIELD_ABSENT,
+        _pad: 0,
+    };
 }
 
 impl Default for VictimOffsets {
     fn default() -> Self {
-        VictimOffsets {
-            pid: FIELD_ABSENT,
-            comm: FIELD_ABSENT,
-            total_vm: FIELD_ABSENT,
-            anon_rss: FIELD_ABSENT,
-            file_rss: FIELD_ABSENT,
-            shmem_rss: FIELD_ABSENT,
-            uid: FIELD_ABSENT,
-            pgtables: FIELD_ABSENT,
-            oom_score_adj: FIELD_ABSENT,
-            _pad: 0,
-        }
+        VictimOffsets::UNSET
     }
 }
 

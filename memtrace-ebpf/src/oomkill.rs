@@ -30,18 +30,7 @@ memtrace_ebpf::license!();
 memtrace_ebpf::filter!();
 
 #[unsafe(no_mangle)]
-static VICTIM: Global<VictimOffsets> = Global::new(VictimOffsets {
-    pid: FIELD_ABSENT,
-    comm: FIELD_ABSENT,
-    total_vm: FIELD_ABSENT,
-    anon_rss: FIELD_ABSENT,
-    file_rss: FIELD_ABSENT,
-    shmem_rss: FIELD_ABSENT,
-    uid: FIELD_ABSENT,
-    pgtables: FIELD_ABSENT,
-    oom_score_adj: FIELD_ABSENT,
-    _pad: 0,
-});
+static VICTIM: Global<VictimOffsets> = Global::new(VictimOffsets::UNSET);
 
 #[unsafe(no_mangle)]
 static MEMCG: Global<MemcgOffsets> = Global::new(MemcgOffsets::UNSET);
@@ -181,14 +170,26 @@ pub fn oomkill_victim(ctx: TracePointContext) -> u32 {
 }
 
 /// `oom_kill_process(struct oom_control *oc, const char *message)` runs in the trigger just
-/// before the victim is marked; the victim (oc->chosen) needs BTF offsets, so it comes from
-/// mark_victim, and this adds what only the trigger has: its user stack.
+/// before the victim is marked. The victim comes from mark_victim; this adds what only the
+/// trigger has, its user stack, and the victim's name from oc->chosen for kernels whose
+/// mark_victim records only the pid.
 #[kprobe]
 pub fn oomkill_kprobe(ctx: ProbeContext) -> u32 {
     if !wanted(&FILTER.load()) {
         return 0;
     }
     let Some(event) = trigger_event(EV_TRIGGER) else { return 0 };
+    let off = VICTIM.load();
+    if off.oc_chosen != FIELD_ABSENT
+        && let Some(oc) = ctx.arg::<u64>(0)
+    {
+        let chosen = read_u64(oc, off.oc_chosen);
+        if chosen != 0 {
+            let src = (chosen + off.task_comm as u64) as *const u8;
+            // SAFETY: the helper checks the read; offsets come from the kernel's BTF.
+            let _ = unsafe { bpf_probe_read_kernel_str_bytes(src, &mut event.victim_comm) };
+        }
+    }
     if let Ok(id) = stacks().user_walked(&ctx, None, event.trigger_pid) {
         event.stack_id = id;
     }

@@ -127,6 +127,13 @@ fn victim_offsets() -> Result<(VictimOffsets, Present)> {
         uid: off("uid"),
         pgtables: off("pgtables"),
         oom_score_adj: off("oom_score_adj"),
+        // Only wanted where mark_victim lacks the name; without BTF the name comes from /proc.
+        oc_chosen: if off("comm") == FIELD_ABSENT {
+            btf::member_offset("oom_control", "chosen").unwrap_or(FIELD_ABSENT)
+        } else {
+            FIELD_ABSENT
+        },
+        task_comm: btf::member_offset("task_struct", "comm").unwrap_or(FIELD_ABSENT),
         _pad: 0,
     };
     let present = Present {
@@ -194,9 +201,15 @@ struct State {
     symbolizer: UserSymbolizer,
     /// Kernel symbols, loaded at the first kill; None inside until then.
     kallsyms: Option<Option<Kallsyms>>,
-    /// Trigger stacks from the kprobe, by thread, waiting for their mark_victim.
-    triggers: HashMap<u32, Vec<Frame>>,
+    /// What the kprobe saw, by trigger thread, waiting for its mark_victim.
+    triggers: HashMap<u32, Trigger>,
     out: Events,
+}
+
+struct Trigger {
+    frames: Vec<Frame>,
+    /// The chosen victim's name, where mark_victim does not record it ("" otherwise).
+    victim_comm: String,
 }
 
 /// One OOM kill, as printed. Memory in kB; fields the kernel does not record are null.
@@ -258,11 +271,11 @@ impl State {
         let mut victim_comm = c_str(&e.victim_comm);
         if !p.comm {
             // Older kernels record only the pid; the victim may not be reaped yet.
-            victim_comm = crate::target::comm(e.victim_pid);
-            // A reaped victim whose main thread was the trigger (a memcg OOM often kills the
-            // charging task) still has the name the trigger recorded.
-            if victim_comm.is_empty() && e.victim_pid == e.trigger_tid {
-                victim_comm = c_str(&e.trigger_comm);
+            // Older kernels record only the pid: the kprobe read the chosen task's name, else
+            // the victim may not be reaped yet.
+            victim_comm = self.triggers.get(&e.trigger_tid).map(|t| t.victim_comm.clone()).unwrap_or_default();
+            if victim_comm.is_empty() {
+                victim_comm = crate::target::comm(e.victim_pid);
             }
         }
         // The kernel counts the kill in the victim's cgroups before it marks the victim.
@@ -291,7 +304,7 @@ impl State {
             memcg,
             victim_memcg: found.victim,
             loadavg: std::fs::read_to_string("/proc/loadavg").map(|s| s.trim().to_string()).unwrap_or_default(),
-            trigger_stack: self.triggers.remove(&e.trigger_tid).unwrap_or_default(),
+            trigger_stack: self.triggers.remove(&e.trigger_tid).map(|t| t.frames).unwrap_or_default(),
         }
     }
 }
@@ -306,7 +319,7 @@ impl tools::Stream for State {
         match event.kind {
             EV_TRIGGER => {
                 let frames = self.trigger_stack(&event);
-                self.triggers.insert(event.trigger_tid, frames);
+                self.triggers.insert(event.trigger_tid, Trigger { frames, victim_comm: c_str(&event.victim_comm) });
             }
             EV_VICTIM => {
                 let kill = self.kill(&event);
