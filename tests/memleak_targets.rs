@@ -272,11 +272,15 @@ fn memleak_pid_drops_the_old_image_at_exec() {
     let mut lines = BufReader::new(target.stdout.take().unwrap()).lines();
     assert_eq!(lines.next().unwrap().unwrap(), "ready");
     let pid = target.id();
-    let mut mt = Running::start(&["memleak", "--json", "-T", "100", "-o", "0", "-p", &pid.to_string(), "1"]);
+    let mut mt = Running::start(&["-v", "memleak", "--json", "-T", "100", "-o", "0", "-p", &pid.to_string(), "1"]);
     mt.wait_ready();
     let mut stdin = target.stdin.take().unwrap();
     writeln!(stdin).unwrap();
     assert_eq!(lines.next().unwrap().unwrap(), "leaked");
+    // The new image is read while the process lives: a slow machine (a VM under emulation)
+    // may take longer than the reports below to get there.
+    let followed = format!("pid {pid}: exec into image ");
+    mt.wait_for("the exec followed", |_, err| err.iter().any(|l| l.contains(&followed)));
     std::thread::sleep(Duration::from_millis(1500));
     drop(stdin);
     target.wait().unwrap();

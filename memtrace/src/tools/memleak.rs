@@ -416,9 +416,11 @@ fn lifecycle(
             }
         }
         EV_EXEC if !held => {
-            if let Some((obj, probes)) = procs.exec(bpf, event.pid, event.size as u32, false)? {
+            let image = event.size as u32;
+            if let Some((obj, probes)) = procs.exec(bpf, event.pid, image, false)? {
                 tracing::info!("pid {} probed through {} with {probes} probes", event.pid, obj.display());
             }
+            tracing::info!("pid {}: exec into image {image} followed", event.pid);
             session.user_sym.forget(event.pid);
             session.unwinder.load(event.pid);
         }
