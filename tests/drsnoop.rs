@@ -9,7 +9,7 @@ mod memcg;
 use std::{os::unix::process::ExitStatusExt, time::Duration};
 
 use common::*;
-use memcg::{Hog, Memcg, ZramSwap};
+use memcg::{Hog, Memcg};
 use serde_json::Value;
 
 /// Runs drsnoop (started once the hog's pid is known) while the hog is OOM-killed in a 32 MiB
@@ -80,23 +80,13 @@ fn drsnoop_without_memcg_reports_no_memcg_reclaim() {
 #[test]
 fn drsnoop_shows_each_global_direct_reclaim() {
     let test = "drsnoop_shows_each_global_direct_reclaim";
-    if !bpf_available(test) || !memcg::machine_of_its_own(test) {
-        return;
-    }
-    let Some(_swap) = ZramSwap::on(test) else { return };
-    let mut mt = Running::start(&["drsnoop", "--json"]);
-    mt.wait_ready();
-    let stalls = memcg::global_pressure(&prog("vm_mem"));
-    mt.signal(libc::SIGINT);
-    let (status, stdout, stderr) = mt.finish(Duration::from_secs(30));
-    assert!(status.success(), "{status}: {stderr}");
+    let Some((stalls, stdout)) = memcg::trace_global_pressure(test, &["drsnoop", "--json"]) else { return };
     let mut lines = json_lines(&stdout);
     let last = lines.pop().expect("final line");
     assert_eq!(last["events_lost"], 0, "{last}");
     assert!(lines.iter().all(|l| l["kind"] == "direct"), "{stdout}");
     assert_eq!(lines.len() as u64, stalls, "against /proc/vmstat allocstall_*");
     assert!(lines.iter().any(|l| l["comm"] == "vm_mem"), "the hog reclaimed: {stdout}");
-    assert_detached("drsnoop");
 }
 
 /// -t keeps one thread: the hog's reclaim is not another thread's.

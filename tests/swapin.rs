@@ -72,9 +72,10 @@ fn swapin_counts_every_page_read_back_from_swap() {
     assert!(through_hog * 100 >= swapped_in * 99, "{through_hog} of {swapped_in} through hog(): {rows:?}");
     let whole = rows.iter().any(|r| {
         let names: Vec<&str> = r["stack"].as_array().unwrap().iter().filter_map(|f| f["func"].as_str()).collect();
-        names.starts_with(&["hog", "main"]) && names.contains(&"_start")
+        // Without unwind tables (before 5.17) frame pointers end in libc, which has none.
+        names.starts_with(&["hog", "main"]) && (names.contains(&"_start") || kernel_version() < (5, 17))
     });
-    assert!(whole, "a stack from hog() through main to _start: {rows:?}");
+    assert!(whole, "a stack from hog() through main (to _start where the kernel has bpf_loop): {rows:?}");
     assert_detached("swapin");
 }
 

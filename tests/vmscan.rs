@@ -10,7 +10,7 @@ mod memcg;
 use std::{os::unix::process::ExitStatusExt, time::Duration};
 
 use common::*;
-use memcg::{Memcg, ZramSwap};
+use memcg::Memcg;
 
 #[test]
 fn vmscan_counts_memcg_reclaim_of_the_hog() {
@@ -77,30 +77,20 @@ fn vmscan_counts_memcg_reclaim_of_the_hog() {
     assert_detached("vmscan");
 }
 
-/// `vmscan 1 2`: a header, two rows, the three histograms, exit 0.
 /// Pressure on the whole machine (the VM suite's): kswapd wakes, and every direct reclaim the
 /// kernel counts in /proc/vmstat is one of vmscan's.
 #[test]
 fn vmscan_counts_global_reclaim_as_the_kernel_does() {
     let test = "vmscan_counts_global_reclaim_as_the_kernel_does";
-    if !bpf_available(test) || !memcg::machine_of_its_own(test) {
-        return;
-    }
-    let Some(_swap) = ZramSwap::on(test) else { return };
-    let mut mt = Running::start(&["vmscan", "--json", "60"]);
-    mt.wait_ready();
-    let stalls = memcg::global_pressure(&prog("vm_mem"));
-    mt.signal(libc::SIGINT);
-    let (status, stdout, stderr) = mt.finish(Duration::from_secs(30));
-    assert!(status.success(), "{status}: {stderr}");
+    let Some((stalls, stdout)) = memcg::trace_global_pressure(test, &["vmscan", "--json", "60"]) else { return };
     let last = json_lines(&stdout).pop().expect("final summary");
     let totals = &last["totals"];
     assert_eq!(totals["direct_reclaim_calls"], stalls, "against /proc/vmstat allocstall_*: {last}");
     assert!(totals["kswapd_wakeups"].as_u64().unwrap() > 0, "{last}");
     assert_eq!(last["events_lost"], 0, "{last}");
-    assert_detached("vmscan");
 }
 
+/// `vmscan 1 2`: a header, two rows, the three histograms, exit 0.
 #[test]
 fn vmscan_table_stops_after_count_rows() {
     if !bpf_available("vmscan_table_stops_after_count_rows") {

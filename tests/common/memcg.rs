@@ -272,3 +272,20 @@ pub fn global_pressure(vm_mem: &Path) -> u64 {
     assert!(stalls > 0, "4 rounds of memory pressure caused no direct reclaim");
     stalls
 }
+
+/// Runs memtrace `args` while `global_pressure` runs, in the VM suite only (see
+/// `machine_of_its_own`); returns (the direct reclaims the kernel counted, memtrace's stdout).
+pub fn trace_global_pressure(test: &str, args: &[&str]) -> Option<(u64, String)> {
+    if !super::bpf_available(test) || !machine_of_its_own(test) {
+        return None;
+    }
+    let _swap = ZramSwap::on(test)?;
+    let mut mt = super::Running::start(args);
+    mt.wait_ready();
+    let stalls = global_pressure(&super::prog("vm_mem"));
+    mt.signal(libc::SIGINT);
+    let (status, stdout, stderr) = mt.finish(Duration::from_secs(30));
+    assert!(status.success(), "{status}: {stderr}");
+    super::assert_detached(args[0]);
+    Some((stalls, stdout))
+}
