@@ -58,9 +58,9 @@ pub fn test(args: &[String]) -> Result<u8> {
     let [mut own, mut host] = host_suites(args);
     let own = cmd::status(&mut own)?;
     let status = cmd::status(&mut host)?;
-    // The kprobe/reclaim/swap/OOM suite the host kernel cannot run, in a QEMU VM. It runs even
-    // after a host failure: the two suites cover different kernels and say different things.
-    // A filter means one test is wanted, not three minutes of VM.
+    // The same tests on the stock kernels users run (and with the kprobes, swap and global
+    // reclaim the host lacks or cannot risk), in QEMU VMs. They run even after a host failure:
+    // each kernel says different things. A filter means one test is wanted, not the VMs.
     let vm = if args.is_empty() {
         crate::vm::run(&crate::vm::Options::default())?
     } else {

@@ -1,5 +1,5 @@
-//! The VM image: Debian packages fetched once into target/vm/pkg, a static memtrace, static
-//! test programs, the zram modules with their dependencies, and /init, packed as a cpio.
+//! What the VM images are made of: Debian packages fetched once into target/vm/pkg (kernels,
+//! busybox), a static memtrace, and the zram modules with their dependencies.
 
 use std::fs;
 use std::path::{Path, PathBuf};
@@ -12,12 +12,7 @@ use crate::vm::vm_dir;
 
 pub const BUSYBOX: &str = "busybox-static";
 pub const MUSL: &str = "x86_64-unknown-linux-musl";
-/// tests/progs built static into the image, as /progs/<name>.
-const PROGS: &[&str] = &["leaky", "vm_mem", "hfaults_touch"];
-/// tests/progs built static without frame pointers, as distributions build: only their unwind
-/// tables lead from the allocator back to main.
-const NOFP_PROGS: &[&str] = &["unwind_c"];
-/// Kernel modules /init loads for zram swap (their dependencies come along): lzo-rle is
+/// Kernel modules /init loads for zram, the tests' swap (their dependencies come along): lzo-rle is
 /// zram's default compressor on 6.1, which asks for it by name rather than by symbol.
 const MODULES: &[&str] = &["lzo-rle", "zram"];
 /// Package-name prefixes of releases the host's apt sources need not list, with the suite they
@@ -251,30 +246,6 @@ fn has_interpreter(path: &Path) -> Result<bool> {
     }))
 }
 
-/// Test programs, static, with debug info, built like the host tests build them: PROGS with
-/// frame pointers, NOFP_PROGS optimised without.
-pub fn build_progs() -> Result<Vec<PathBuf>> {
-    let dir = vm_dir().join("progs");
-    fs::create_dir_all(&dir)?;
-    let with_fp = PROGS.iter().map(|name| (name, ["-O0", "-fno-omit-frame-pointer"]));
-    let without = NOFP_PROGS.iter().map(|name| (name, ["-O2", "-fomit-frame-pointer"]));
-    with_fp
-        .chain(without)
-        .map(|(name, flags)| {
-            let out = dir.join(name);
-            cmd::run(
-                cmd::new("cc")
-                    .args(["-static", "-g"])
-                    .args(flags)
-                    .arg("-o")
-                    .arg(&out)
-                    .arg(format!("tests/progs/{name}.c")),
-            )?;
-            Ok(out)
-        })
-        .collect()
-}
-
 /// Copies MODULES and their dependencies into `dir`, with `order`, the order /init loads them
 /// in (dependencies first).
 pub fn add_modules(kernel_pkg: &Path, dir: &Path) -> Result<()> {
@@ -285,29 +256,6 @@ pub fn add_modules(kernel_pkg: &Path, dir: &Path) -> Result<()> {
     }
     fs::write(dir.join("order"), order.join("\n") + "\n")?;
     Ok(())
-}
-
-/// Lays out the root file system and packs it as a gzip'd newc cpio archive.
-pub fn initramfs(kernel_pkg: &Path, busybox: &Path, memtrace: &Path, progs: &[PathBuf]) -> Result<PathBuf> {
-    let stage = vm_dir().join("initramfs");
-    let _ = fs::remove_dir_all(&stage);
-    for dir in ["bin", "progs", "lib/modules", "proc", "sys", "dev", "tmp", "mnt"] {
-        fs::create_dir_all(stage.join(dir))?;
-    }
-    fs::copy(busybox, stage.join("bin/busybox"))?;
-    fs::copy(memtrace, stage.join("bin/memtrace"))?;
-    for prog in progs {
-        fs::copy(prog, stage.join("progs").join(prog.file_name().context("program without a name")?))?;
-    }
-    add_modules(kernel_pkg, &stage.join("lib/modules"))?;
-    let init = stage.join("init");
-    fs::write(&init, crate::vm::INIT)?;
-    cmd::run(cmd::new("chmod").args(["0755"]).arg(&init))?;
-    let initrd = vm_dir().join("initrd.gz");
-    cmd::run(
-        cmd::new("sh").args(["-c", "find . | cpio -o -H newc --quiet | gzip -1 > ../initrd.gz"]).current_dir(&stage),
-    )?;
-    Ok(initrd)
 }
 
 #[cfg(test)]

@@ -84,7 +84,7 @@ fn build_tests() -> Result<Vec<(String, PathBuf)>> {
         bail!("cargo built no integration test binaries");
     }
     cmd::run(cmd::cargo().args(["build", "--release", "-p", "vm-init", "--target", MUSL]))?;
-    progs::build_all(&cmd::root());
+    progs::build_all(cmd::root());
     Ok(tests)
 }
 
@@ -261,7 +261,7 @@ pub fn run(patterns: &[String], busybox: &Path, limit: Duration) -> Result<(u32,
                     let tests = &tests;
                     scope.spawn(move || -> Result<KernelRun> {
                         let started = Instant::now();
-                        let serial = boot(vmlinuz, initrd, limit, &format!("tests-{name}"), false, 1024)?;
+                        let serial = boot(vmlinuz, initrd, limit, &format!("tests-{name}"), 1024)?;
                         let (counts, notes) = tally(name, &serial, tests);
                         Ok(KernelRun { name: name.clone(), counts, secs: started.elapsed().as_secs(), notes })
                     })
