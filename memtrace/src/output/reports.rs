@@ -3,8 +3,10 @@
 //! them: JSON or table, the report's time, the `--timestamp` line before a table, the final
 //! JSON line, and the blind-spots line on stderr.
 //!
-//! An *interval* report (swapin, hfaults, vmscan) holds one interval's counts; the run ends
-//! with a line of its own (`finish`).
+//! A *titled* report is whole by itself (memleak, brkstack, faults): its table opens with
+//! `[TIME]`, its JSON carries that time, its own `final` flag and its blind spots, and the final
+//! report is the run's last line. An *interval* report (swapin, hfaults, vmscan) holds one
+//! interval's counts; the run ends with a line of its own (`finish`).
 
 use anyhow::Result;
 use serde::Serialize;
@@ -24,6 +26,19 @@ impl ReportPrinter {
 
     pub fn with_timestamp(self, timestamp: bool) -> ReportPrinter {
         ReportPrinter { timestamp, ..self }
+    }
+
+    /// A titled report: `value(time)` (time to the second) as one JSON line, or `[TIME] ` and
+    /// `table(&value)`. The value comes back: the final one also feeds `--folded`.
+    pub fn titled<T: Serialize>(&self, value: impl FnOnce(String) -> T, table: impl FnOnce(&T) -> String) -> Result<T> {
+        let time = super::now();
+        let value = value(time.clone());
+        if self.json {
+            super::json_line(&value)?;
+        } else {
+            super::line(&format!("[{time}] {}", table(&value)))?;
+        }
+        Ok(value)
     }
 
     /// An interval report: `value(time)` (time to the millisecond) as one JSON line, or
