@@ -58,13 +58,11 @@ impl Events {
         if !self.json {
             return Ok(());
         }
-        let mut end = Map::new();
-        end.insert("final".into(), json!(true));
-        end.insert("events".into(), json!(self.count));
-        end.insert("events_lost".into(), json!(lost));
+        let mut fields = Map::new();
+        fields.insert("events".into(), json!(self.count));
         if let Value::Object(more) = extra {
-            end.extend(more);
+            fields.extend(more);
         }
-        super::json_line(&end)
+        super::final_line(lost, Value::Object(fields))
     }
 }

@@ -19,6 +19,7 @@ pub mod events;
 pub mod hex;
 pub mod histogram;
 pub mod ready;
+pub mod reports;
 
 /// Writes one line to stdout. A closed pipe surfaces as an io::Error that `main` turns
 /// into a quiet exit.
@@ -33,6 +34,17 @@ pub fn line(text: &str) -> Result<()> {
 /// Writes `value` as one JSON object on one line.
 pub fn json_line<T: Serialize>(value: &T) -> Result<()> {
     line(&serde_json::to_string(value)?)
+}
+
+/// The last JSON line of a run: `{"final": true, "events_lost": L}` plus `extra`'s fields.
+pub fn final_line(lost: u64, extra: serde_json::Value) -> Result<()> {
+    let mut end = serde_json::Map::new();
+    end.insert("final".into(), true.into());
+    end.insert("events_lost".into(), lost.into());
+    if let serde_json::Value::Object(more) = extra {
+        end.extend(more);
+    }
+    json_line(&end)
 }
 
 /// Wall-clock time as RFC 3339 in UTC, to the second.

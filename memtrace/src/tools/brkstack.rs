@@ -4,7 +4,7 @@
 use std::fmt::Write as _;
 
 use anyhow::Result;
-use aya::maps::{HashMap, MapData, PerCpuArray};
+use aya::maps::{HashMap, MapData};
 use memtrace_common::brkstack::{
     BrkKey, BrkTotal, Config, EV_CALL, EV_NEW_STACK, Event, FLAG_UNKNOWN_PREV, Offsets, STAT_NO_ENTRY,
     STAT_STACK_COLLISION, STAT_STACK_LOST, STAT_TOTALS_FULL, STAT_UNKNOWN_PREV,
@@ -15,17 +15,16 @@ use serde::Serialize;
 use crate::{
     kernel::{self, AttachPoint, Probe, tracefs::Format},
     output,
-    output::events::Events,
     symbolize::Frame,
     tools::registry::{Plan, ToolSpec},
     tools::tracer::Tracer,
     tools::{
-        self,
         args::StackReportArgs,
         c_str, read_event,
-        stacks::{self, StackStore, Stacks},
+        stack_report::{StackReport, StackRun, StackTool},
+        stacks,
     },
-    unwind::{CutStacks, Unwinder},
+    unwind::Unwinder,
 };
 
 const OBJECT: crate::kernel::Object = crate::ebpf_object!("brkstack", walking_user_stacks);
@@ -67,7 +66,6 @@ impl Args {
 
 pub async fn run(args: Args) -> Result<()> {
     kernel::require_root()?;
-    let top = args.report.top.get();
     let tick = args.report.reports.every();
     let filter = args.report.common.filter()?;
     let offsets = Offsets {
@@ -89,24 +87,18 @@ pub async fn run(args: Args) -> Result<()> {
     tracer.attach(ATTACH)?;
     let totals = tracer.map("TOTALS")?;
     let mut last_brk: HashMap<MapData, u32, u64> = tracer.map("LAST_BRK")?;
-    let stats = tracer.map("STATS")?;
-    let mut stacks = Stacks::new(StackStore::take(&mut tracer.bpf, Some("--max-stacks"))?, false)?;
-    stacks.unwinder = Some(unwinder);
+    let header =
+        format!("{:>7} {:>7} {:<16} {:>18} {:>18} {:>10}", "PID", "TID", "COMM", "REQUESTED", "RESULT", "GROWTH");
+    let run = StackRun::new(&mut tracer, &args.report, unwinder, false, header)?;
     // After attach, and only where the kernel has not seen a call yet: it knows better.
     for (pid, brk) in current_breaks(args.report.common.pid, args.report.common.comm.as_deref()) {
         let _ = last_brk.insert(pid, brk, crate::kernel::maps::BPF_NOEXIST);
-    }
-    if let Some(pid) = args.report.common.pid {
-        stacks.watch(pid);
     }
     let ready = match args.report.common.pid {
         Some(pid) => format!("tracing brk calls of pid {pid} ({})", crate::target::comm(pid)),
         None => "tracing brk calls".to_string(),
     };
-    let header =
-        format!("{:>7} {:>7} {:<16} {:>18} {:>18} {:>10}", "PID", "TID", "COMM", "REQUESTED", "RESULT", "GROWTH");
-    let events = Events::new(args.report.common.json, false, header);
-    let mut state = State { args: &args, top, totals, stats, stacks, lost: None, events };
+    let mut state = State { totals, run };
     tracer.stream(&args.report.common, tick, args.report.reports.count(), &ready, &mut state).await?;
     Ok(())
 }
@@ -129,16 +121,9 @@ fn current_break(pid: u32) -> Option<u64> {
     (start_brk != 0).then_some(start_brk)
 }
 
-struct State<'a> {
-    args: &'a Args,
-    top: usize,
+struct State {
     totals: HashMap<MapData, BrkKey, BrkTotal>,
-    stats: PerCpuArray<MapData, u64>,
-    stacks: Stacks,
-    /// Events lost on the ring buffer: known only at the end.
-    lost: Option<u64>,
-    /// `--events`: each call.
-    events: Events,
+    run: StackRun,
 }
 
 #[derive(Serialize)]
@@ -158,26 +143,19 @@ struct CallEvent {
 }
 
 #[derive(Serialize)]
-struct Report {
-    time: String,
-    #[serde(rename = "final")]
-    is_final: bool,
-    pid: Option<u32>,
+struct Totals {
     calls: u64,
     bytes: i64,
-    stacks: Vec<StackRow>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    events_lost: Option<u64>,
-    stacks_lost: u64,
-    /// How the user stacks' walks ended.
-    cut_stacks: CutStacks,
+}
+
+#[derive(Serialize)]
+struct Spots {
     stacks_full: u64,
     growth_unknown: u64,
     exits_without_entry: u64,
-    /// Stacks the stack store had no room for, and its capacity (`--max-stacks`).
-    stack_store_full: u64,
-    stack_store_capacity: u32,
 }
+
+type Report = StackReport<Totals, StackRow, Spots>;
 
 #[derive(Serialize)]
 struct StackRow {
@@ -189,14 +167,10 @@ struct StackRow {
     frames: Vec<Frame>,
 }
 
-impl State<'_> {
-    fn stat(&self, index: u32) -> u64 {
-        crate::kernel::maps::sum(&self.stats, index)
-    }
-
+impl State {
     /// A walked stack, symbolized: the syscall's return address first, then its callers.
     fn frames(&mut self, pid: u32, stack_id: u64) -> Vec<Frame> {
-        self.stacks.user(pid, stack_id, false)
+        self.run.stacks.user(pid, stack_id, false)
     }
 
     fn print_call(&mut self, e: &Event) -> Result<()> {
@@ -212,7 +186,7 @@ impl State<'_> {
             growth,
             stack_id: stacks::id_json(e.stack_id),
         };
-        self.events.record(
+        self.run.events.record(
             0,
             || &call,
             || {
@@ -224,57 +198,14 @@ impl State<'_> {
             },
         )
     }
-
-    fn report(&mut self, is_final: bool) -> Result<()> {
-        let mut rows: Vec<(BrkKey, BrkTotal)> = crate::kernel::maps::dump(&self.totals);
-        rows.sort_by(|a, b| b.1.calls.cmp(&a.1.calls).then((b.1.bytes as i64).cmp(&(a.1.bytes as i64))));
-        let stacks: Vec<StackRow> = rows
-            .iter()
-            .take(if is_final && self.args.report.folded.is_some() { usize::MAX } else { self.top })
-            .map(|(k, t)| StackRow {
-                pid: k.pid,
-                comm: c_str(&t.comm),
-                stack_id: stacks::id_json(k.stack_id),
-                calls: t.calls,
-                bytes: t.bytes as i64,
-                frames: self.frames(k.pid, k.stack_id),
-            })
-            .collect();
-        if is_final && let Some(path) = &self.args.report.folded {
-            let folded = stacks.iter().map(|s| (output::process_root(s.pid, &s.comm), s.frames.as_slice(), s.calls));
-            tools::stacks::write_folded(path, folded)?;
-        }
-        let mut report = Report {
-            time: output::now(),
-            is_final,
-            pid: self.args.report.common.pid,
-            calls: rows.iter().map(|r| r.1.calls).sum(),
-            bytes: rows.iter().map(|r| r.1.bytes as i64).sum(),
-            stacks,
-            events_lost: self.lost,
-            stacks_lost: self.stat(STAT_STACK_LOST) + self.stat(STAT_STACK_COLLISION),
-            cut_stacks: self.stacks.cut(),
-            stacks_full: self.stat(STAT_TOTALS_FULL),
-            growth_unknown: self.stat(STAT_UNKNOWN_PREV),
-            exits_without_entry: self.stat(STAT_NO_ENTRY),
-            stack_store_full: self.stacks.store.full(),
-            stack_store_capacity: self.stacks.store.capacity(),
-        };
-        report.stacks.truncate(self.top);
-        if self.args.report.common.json {
-            output::json_line(&report)
-        } else {
-            output::line(&render(&report, rows.len()))
-        }
-    }
 }
 
-impl tools::Stream for State<'_> {
-    fn unwinder(&mut self) -> Option<&mut Unwinder> {
-        self.stacks.unwinder.as_mut()
+impl StackTool for State {
+    fn run(&mut self) -> &mut StackRun {
+        &mut self.run
     }
 
-    fn event(&mut self, data: &[u8]) -> Result<()> {
+    fn on_event(&mut self, data: &[u8]) -> Result<()> {
         let Some(e) = read_event::<Event>(data) else { return Ok(()) };
         match e.kind {
             // Symbolize while the process lives; reports use the cached frames.
@@ -287,15 +218,35 @@ impl tools::Stream for State<'_> {
         Ok(())
     }
 
-    fn tick(&mut self) -> Result<()> {
-        self.report(false)?;
-        self.stacks.forget_exited();
-        Ok(())
-    }
-
-    fn finish(&mut self, lost: u64) -> Result<()> {
-        self.lost = Some(lost);
-        self.report(true)
+    fn report(&mut self, is_final: bool) -> Result<()> {
+        let mut rows: Vec<(BrkKey, BrkTotal)> = crate::kernel::maps::dump(&self.totals);
+        rows.sort_by(|a, b| b.1.calls.cmp(&a.1.calls).then((b.1.bytes as i64).cmp(&(a.1.bytes as i64))));
+        let stacks: Vec<StackRow> = rows
+            .iter()
+            .take(self.run.shown(is_final))
+            .map(|(k, t)| StackRow {
+                pid: k.pid,
+                comm: c_str(&t.comm),
+                stack_id: stacks::id_json(k.stack_id),
+                calls: t.calls,
+                bytes: t.bytes as i64,
+                frames: self.frames(k.pid, k.stack_id),
+            })
+            .collect();
+        if let Some(path) = self.run.folded(is_final) {
+            let folded = stacks.iter().map(|s| (output::process_root(s.pid, &s.comm), s.frames.as_slice(), s.calls));
+            stacks::write_folded(path, folded)?;
+        }
+        let totals =
+            Totals { calls: rows.iter().map(|r| r.1.calls).sum(), bytes: rows.iter().map(|r| r.1.bytes as i64).sum() };
+        let run = &self.run;
+        let stacks_lost = run.stat(STAT_STACK_LOST) + run.stat(STAT_STACK_COLLISION);
+        let spots = Spots {
+            stacks_full: run.stat(STAT_TOTALS_FULL),
+            growth_unknown: run.stat(STAT_UNKNOWN_PREV),
+            exits_without_entry: run.stat(STAT_NO_ENTRY),
+        };
+        run.report(is_final, totals, stacks, stacks_lost, spots, |r| render(r, rows.len()))
     }
 }
 
@@ -303,32 +254,24 @@ fn render(r: &Report, rows: usize) -> String {
     let mut out = String::new();
     let _ = writeln!(
         out,
-        "[{}] {}{} brk calls, break moved {:+} bytes, in {rows} stacks{}",
-        r.time,
-        if r.is_final { "final report: " } else { "" },
-        r.calls,
-        r.bytes,
+        "{}{} brk calls, break moved {:+} bytes, in {rows} stacks{}",
+        r.title(),
+        r.counts.calls,
+        r.counts.bytes,
         if rows > r.stacks.len() { format!(" (top {} shown)", r.stacks.len()) } else { String::new() }
     );
     for s in &r.stacks {
         let _ = writeln!(out, "  {} calls, {:+} bytes: pid {} ({})", s.calls, s.bytes, s.pid, s.comm);
         output::write_stack(&mut out, &s.frames, "      ");
     }
-    let _ = write!(
-        out,
-        "  {}",
-        output::stack_blind_spots(
-            &[
-                (r.events_lost.unwrap_or(0), "events lost (ring buffer full)"),
-                (r.stacks_lost, "calls without a stack"),
-                (r.stack_store_full, &output::stack_store_full(r.stack_store_capacity)),
-                (r.stacks_full, "calls uncounted (per-stack map full)"),
-                (r.growth_unknown, "calls with unknown growth (previous break not seen)"),
-                (r.exits_without_entry, "calls seen leaving but not entering"),
-            ],
-            &r.cut_stacks
-        )
-    );
+    let (store_full, store) = r.store_full();
+    out += &r.blind_spots(&[
+        (r.stacks_lost, "calls without a stack"),
+        (store_full, &store),
+        (r.spots.stacks_full, "calls uncounted (per-stack map full)"),
+        (r.spots.growth_unknown, "calls with unknown growth (previous break not seen)"),
+        (r.spots.exits_without_entry, "calls seen leaving but not entering"),
+    ]);
     out
 }
 

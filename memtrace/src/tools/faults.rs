@@ -4,7 +4,7 @@
 use std::fmt::Write as _;
 
 use anyhow::Result;
-use aya::maps::{HashMap, MapData, PerCpuArray};
+use aya::maps::{HashMap, MapData};
 use memtrace_common::faults::{
     Config, EV_FAULT, EV_NEW_STACK, Event, FaultKey, KIND_KERNEL, Offsets, ProcFaults, STAT_COUNTS_FULL,
     STAT_KSTACK_LOST, STAT_PROCS_FULL, STAT_USTACK_LOST,
@@ -15,17 +15,16 @@ use serde::Serialize;
 use crate::{
     kernel::{self, AttachPoint, Probe, tracefs::Format},
     output,
-    output::events::Events,
     symbolize::Frame,
     tools::registry::{Plan, ToolSpec},
     tools::tracer::Tracer,
     tools::{
-        self,
         args::StackReportArgs,
         c_str, read_event,
-        stacks::{self, StackStore, Stacks},
+        stack_report::{StackReport, StackRun, StackTool},
+        stacks,
     },
-    unwind::{CutStacks, Unwinder},
+    unwind::Unwinder,
 };
 
 const OBJECT: crate::kernel::Object = crate::ebpf_object!("faults", walking_user_stacks);
@@ -70,7 +69,6 @@ impl Args {
 
 pub async fn run(args: Args) -> Result<()> {
     kernel::require_root()?;
-    let top = args.report.top.get();
     let tick = args.report.reports.every();
     let filter = args.report.common.filter()?;
     let format = Format::read("exceptions", "page_fault_user")?;
@@ -98,23 +96,17 @@ pub async fn run(args: Args) -> Result<()> {
     }
     let counts = tracer.map("COUNTS")?;
     let procs = tracer.map("PROCS")?;
-    let stats = tracer.map("STATS")?;
-    let mut stacks = Stacks::new(StackStore::take(&mut tracer.bpf, Some("--max-stacks"))?, args.kernel)?;
-    stacks.unwinder = Some(unwinder);
-    if let Some(pid) = args.report.common.pid {
-        stacks.watch(pid);
-    }
+    let header = format!(
+        "{:>7} {:>7} {:<16} {:<6} {:>18} {:>18} {:<6} FLAGS",
+        "PID", "TID", "COMM", "MODE", "ADDRESS", "IP", "ERROR"
+    );
+    let run = StackRun::new(&mut tracer, &args.report, unwinder, args.kernel, header)?;
     let whose = match args.report.common.pid {
         Some(pid) => format!(" of pid {pid} ({})", crate::target::comm(pid)),
         None => String::new(),
     };
     let ready = format!("tracing page faults{whose} ({})", how.join(", "));
-    let header = format!(
-        "{:>7} {:>7} {:<16} {:<6} {:>18} {:>18} {:<6} FLAGS",
-        "PID", "TID", "COMM", "MODE", "ADDRESS", "IP", "ERROR"
-    );
-    let events = Events::new(args.report.common.json, false, header);
-    let mut state = State { args: &args, top, counts, procs, stats, stacks, lost: None, events };
+    let mut state = State { counts, procs, run };
     tracer.stream(&args.report.common, tick, args.report.reports.count(), &ready, &mut state).await?;
     Ok(())
 }
@@ -141,17 +133,10 @@ pub fn decode_error(code: u64) -> String {
     parts.join("|")
 }
 
-struct State<'a> {
-    args: &'a Args,
-    top: usize,
+struct State {
     counts: HashMap<MapData, FaultKey, u64>,
     procs: HashMap<MapData, u32, ProcFaults>,
-    stats: PerCpuArray<MapData, u64>,
-    stacks: Stacks,
-    /// Events lost on the ring buffer: known only at the end.
-    lost: Option<u64>,
-    /// `--events`: each fault.
-    events: Events,
+    run: StackRun,
 }
 
 #[derive(Serialize)]
@@ -172,26 +157,19 @@ struct FaultEvent {
 }
 
 #[derive(Serialize)]
-struct Report {
-    time: String,
-    #[serde(rename = "final")]
-    is_final: bool,
-    pid: Option<u32>,
+struct Totals {
     faults: u64,
     processes: Vec<ProcRow>,
-    stacks: Vec<StackRow>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    events_lost: Option<u64>,
-    stacks_lost: u64,
-    /// How the user stacks' walks ended.
-    cut_stacks: CutStacks,
+}
+
+#[derive(Serialize)]
+struct Spots {
     kernel_stacks_lost: u64,
     stacks_full: u64,
     processes_full: u64,
-    /// Stacks the stack store had no room for, and its capacity (`--max-stacks`).
-    stack_store_full: u64,
-    stack_store_capacity: u32,
 }
+
+type Report = StackReport<Totals, StackRow, Spots>;
 
 #[derive(Serialize)]
 struct ProcRow {
@@ -221,15 +199,11 @@ fn mode_name(mode: u32) -> &'static str {
     if mode == KIND_KERNEL { "kernel" } else { "user" }
 }
 
-impl State<'_> {
-    fn stat(&self, index: u32) -> u64 {
-        crate::kernel::maps::sum(&self.stats, index)
-    }
-
+impl State {
     /// Symbolizes a stack key; user frames start at the faulting instruction for user faults,
     /// at a syscall's return address for kernel ones.
     fn frames(&mut self, pid: u32, user: u64, kernel: u64, mode: u32) -> (Vec<Frame>, Vec<Frame>) {
-        (self.stacks.user(pid, user, mode != KIND_KERNEL), self.stacks.kernel(kernel))
+        (self.run.stacks.user(pid, user, mode != KIND_KERNEL), self.run.stacks.kernel(kernel))
     }
 
     fn print_fault(&mut self, e: &Event) -> Result<()> {
@@ -245,7 +219,7 @@ impl State<'_> {
             error_code: e.error_code,
             flags: decode_error(e.error_code),
         };
-        self.events.record(
+        self.run.events.record(
             0,
             || &ev,
             || {
@@ -255,6 +229,25 @@ impl State<'_> {
                 )
             },
         )
+    }
+}
+
+impl StackTool for State {
+    fn run(&mut self) -> &mut StackRun {
+        &mut self.run
+    }
+
+    fn on_event(&mut self, data: &[u8]) -> Result<()> {
+        let Some(e) = read_event::<Event>(data) else { return Ok(()) };
+        match e.kind {
+            // Symbolize while the process lives; reports use the cached frames.
+            EV_NEW_STACK => {
+                self.frames(e.pid, e.user_stack, e.kernel_stack, e.mode);
+            }
+            EV_FAULT => self.print_fault(&e)?,
+            _ => {}
+        }
+        Ok(())
     }
 
     fn report(&mut self, is_final: bool) -> Result<()> {
@@ -274,12 +267,11 @@ impl State<'_> {
         let faults = procs.iter().map(|p| p.faults).sum();
         let no_stack = procs.iter().map(|p| p.no_stack).sum();
         let proc_count = procs.len();
-        procs.truncate(self.top);
+        procs.truncate(self.run.top());
         let mut rows: Vec<(FaultKey, u64)> = crate::kernel::maps::dump(&self.counts);
         rows.sort_by_key(|r| std::cmp::Reverse(r.1));
-        let shown = if is_final && self.args.report.folded.is_some() { rows.len() } else { self.top };
         let mut stacks = Vec::new();
-        for &(k, n) in rows.iter().take(shown) {
+        for &(k, n) in rows.iter().take(self.run.shown(is_final)) {
             let (frames, kernel_frames) = self.frames(k.pid, k.user_stack, k.kernel_stack, k.kind);
             stacks.push(StackRow {
                 pid: k.pid,
@@ -291,66 +283,23 @@ impl State<'_> {
                 frames,
             });
         }
-        if is_final && let Some(path) = &self.args.report.folded {
+        if let Some(path) = self.run.folded(is_final) {
             let root = |pid: u32| output::process_root(pid, comms.get(&pid).map_or("", String::as_str));
             let folded: Vec<(String, Vec<Frame>, u64)> = stacks
                 .iter()
                 .map(|s| (root(s.pid), [s.kernel_frames.clone(), s.frames.clone()].concat(), s.faults))
                 .collect();
-            tools::stacks::write_folded(path, folded.iter().map(|(r, f, n)| (r.clone(), f.as_slice(), *n)))?;
+            stacks::write_folded(path, folded.iter().map(|(r, f, n)| (r.clone(), f.as_slice(), *n)))?;
         }
-        stacks.truncate(self.top);
-        let report = Report {
-            time: output::now(),
-            is_final,
-            pid: self.args.report.common.pid,
-            faults,
-            processes: procs,
-            stacks,
-            events_lost: self.lost,
-            stacks_lost: self.stat(STAT_USTACK_LOST),
-            cut_stacks: self.stacks.cut(),
-            kernel_stacks_lost: self.stat(STAT_KSTACK_LOST),
-            stacks_full: self.stat(STAT_COUNTS_FULL),
-            processes_full: self.stat(STAT_PROCS_FULL),
-            stack_store_full: self.stacks.store.full(),
-            stack_store_capacity: self.stacks.store.capacity(),
+        let run = &self.run;
+        let spots = Spots {
+            kernel_stacks_lost: run.stat(STAT_KSTACK_LOST),
+            stacks_full: run.stat(STAT_COUNTS_FULL),
+            processes_full: run.stat(STAT_PROCS_FULL),
         };
-        if self.args.report.common.json {
-            output::json_line(&report)
-        } else {
-            output::line(&render(&report, proc_count, rows.len(), no_stack))
-        }
-    }
-}
-
-impl tools::Stream for State<'_> {
-    fn unwinder(&mut self) -> Option<&mut Unwinder> {
-        self.stacks.unwinder.as_mut()
-    }
-
-    fn event(&mut self, data: &[u8]) -> Result<()> {
-        let Some(e) = read_event::<Event>(data) else { return Ok(()) };
-        match e.kind {
-            // Symbolize while the process lives; reports use the cached frames.
-            EV_NEW_STACK => {
-                self.frames(e.pid, e.user_stack, e.kernel_stack, e.mode);
-            }
-            EV_FAULT => self.print_fault(&e)?,
-            _ => {}
-        }
-        Ok(())
-    }
-
-    fn tick(&mut self) -> Result<()> {
-        self.report(false)?;
-        self.stacks.forget_exited();
-        Ok(())
-    }
-
-    fn finish(&mut self, lost: u64) -> Result<()> {
-        self.lost = Some(lost);
-        self.report(true)
+        let totals = Totals { faults, processes: procs };
+        let table = |r: &Report| render(r, proc_count, rows.len(), no_stack);
+        run.report(is_final, totals, stacks, run.stat(STAT_USTACK_LOST), spots, table)
     }
 }
 
@@ -359,12 +308,11 @@ fn render(r: &Report, procs: usize, rows: usize, no_stack: u64) -> String {
     let mut out = String::new();
     let _ = writeln!(
         out,
-        "[{}] {}{} page faults in {procs} processes, {rows} stacks{}",
-        r.time,
-        if r.is_final { "final report: " } else { "" },
-        r.faults,
-        if procs > r.processes.len() || rows > r.stacks.len() {
-            format!(" (top {} shown)", r.processes.len().max(r.stacks.len()))
+        "{}{} page faults in {procs} processes, {rows} stacks{}",
+        r.title(),
+        r.counts.faults,
+        if procs > r.counts.processes.len() || rows > r.stacks.len() {
+            format!(" (top {} shown)", r.counts.processes.len().max(r.stacks.len()))
         } else {
             String::new()
         }
@@ -373,7 +321,7 @@ fn render(r: &Report, procs: usize, rows: usize, no_stack: u64) -> String {
     let missing = |p: &ProcRow| if no_stack > 0 { format!(" {:>10}", p.no_stack) } else { String::new() };
     let head = if no_stack > 0 { format!(" {:>10}", "NO STACK") } else { String::new() };
     let _ = writeln!(out, "  {:>7} {:<16} {:>10} {:>10} {:>10}{head}", "PID", "COMM", "FAULTS", "USER", "KERNEL");
-    for p in &r.processes {
+    for p in &r.counts.processes {
         let _ = writeln!(
             out,
             "  {:>7} {:<16} {:>10} {:>10} {:>10}{}",
@@ -393,22 +341,15 @@ fn render(r: &Report, procs: usize, rows: usize, no_stack: u64) -> String {
         }
         output::write_stack(&mut out, &s.frames, "      ");
     }
-    let _ = write!(
-        out,
-        "  {}",
-        output::stack_blind_spots(
-            &[
-                (r.events_lost.unwrap_or(0), "events lost (ring buffer full)"),
-                (r.stacks_lost, "faults without a user stack"),
-                (r.kernel_stacks_lost, "kernel faults without a kernel stack"),
-                (r.stacks_full, "faults not counted per stack (counts map full: raise --max-stacks)"),
-                (r.processes_full, "faults not counted per process (map full)"),
-                (r.stack_store_full, &output::stack_store_full(r.stack_store_capacity)),
-                (no_stack, "faults without their stack in all (per process: NO STACK column)"),
-            ],
-            &r.cut_stacks
-        )
-    );
+    let (store_full, store) = r.store_full();
+    out += &r.blind_spots(&[
+        (r.stacks_lost, "faults without a user stack"),
+        (r.spots.kernel_stacks_lost, "kernel faults without a kernel stack"),
+        (r.spots.stacks_full, "faults not counted per stack (counts map full: raise --max-stacks)"),
+        (r.spots.processes_full, "faults not counted per process (map full)"),
+        (store_full, &store),
+        (no_stack, "faults without their stack in all (per process: NO STACK column)"),
+    ]);
     out
 }
 

@@ -18,7 +18,7 @@ use serde::Serialize;
 
 use crate::{
     kernel::{self, AttachPoint, Probe, btf, tracefs::Format},
-    output,
+    output::{self, reports::ReportPrinter},
     tools::registry::{Plan, ToolSpec},
     tools::tracer::Tracer,
     tools::{self, CommonArgs, args::Reports, c_str, read_event},
@@ -93,6 +93,7 @@ pub async fn run(args: Args) -> Result<()> {
         known: StdHashMap::new(),
         ticks: 0,
         total: 0,
+        out: ReportPrinter::new("hfaults", args.common.json),
     };
     state.rescan()?;
     // The tick rescans mappings (fallback) every second; reports come every `interval` ticks.
@@ -222,6 +223,7 @@ struct State<'a> {
     known: StdHashMap<u32, Vec<Mapping>>,
     ticks: u64,
     total: u64,
+    out: ReportPrinter,
 }
 
 #[derive(Serialize)]
@@ -325,21 +327,25 @@ impl State<'_> {
         procs.sort_by(|a, b| b.1.1.cmp(&a.1.1).then(a.0.cmp(&b.0)));
         let mut files: Vec<(&String, &u64)> = self.files.iter().collect();
         files.sort_by(|a, b| b.1.cmp(a.1));
-        if self.args.common.json {
-            let procs: Vec<ProcRow> =
-                procs.iter().map(|(pid, (comm, n))| ProcRow { pid: *pid, comm, faults: *n }).collect();
-            let files: Vec<FileRow> = files.iter().map(|(f, n)| FileRow { file: f, faults: **n }).collect();
-            output::json_line(&serde_json::json!({ "time": output::now_ms(), "processes": procs, "files": files }))?;
-        } else {
-            output::line(&format!("{:>7} {:<16} {:>8}", "PID", "COMM", "HFAULTS"))?;
-            for (pid, (comm, n)) in &procs {
-                output::line(&format!("{pid:>7} {comm:<16} {n:>8}"))?;
-            }
-            output::line(&format!("\n{:<40} {:>8}", "FILE", "HFAULTS"))?;
-            for (file, n) in &files {
-                output::line(&format!("{file:<40} {n:>8}"))?;
-            }
-        }
+        self.out.interval(
+            |time| {
+                let procs: Vec<ProcRow> =
+                    procs.iter().map(|(pid, (comm, n))| ProcRow { pid: *pid, comm, faults: *n }).collect();
+                let files: Vec<FileRow> = files.iter().map(|(f, n)| FileRow { file: f, faults: **n }).collect();
+                serde_json::json!({ "time": time, "processes": procs, "files": files })
+            },
+            || {
+                let mut text = format!("{:>7} {:<16} {:>8}\n", "PID", "COMM", "HFAULTS");
+                for (pid, (comm, n)) in &procs {
+                    text += &format!("{pid:>7} {comm:<16} {n:>8}\n");
+                }
+                text += &format!("\n{:<40} {:>8}", "FILE", "HFAULTS");
+                for (file, n) in &files {
+                    text += &format!("\n{file:<40} {n:>8}");
+                }
+                text
+            },
+        )?;
         self.procs.clear();
         self.files.clear();
         Ok(())
@@ -371,18 +377,17 @@ impl tools::Stream for State<'_> {
             self.report()?;
         }
         let untracked = self.untracked();
-        if untracked > 0 {
-            eprintln!(
-                "memtrace: hfaults: blind spots: {untracked} hugetlb ranges untracked (more than {MAX_RANGES} in one \
-                 process): their faults are not counted"
-            );
-        }
-        if self.args.common.json {
-            output::json_line(&serde_json::json!({
-                "final": true, "events_lost": lost, "ranges_untracked": untracked, "total": self.total
-            }))?;
-        }
-        Ok(())
+        self.out.finish(
+            lost,
+            || serde_json::json!({ "ranges_untracked": untracked, "total": self.total }),
+            || None,
+            || {
+                let what = format!(
+                    "hugetlb ranges untracked (more than {MAX_RANGES} in one process): their faults are not counted"
+                );
+                Some(output::blind_spots(&[(untracked, &what)]))
+            },
+        )
     }
 }
 

@@ -15,6 +15,7 @@ pub mod oomkill;
 pub mod probe;
 pub mod registry;
 pub mod shmsnoop;
+pub mod stack_report;
 pub mod stacks;
 pub mod swapin;
 pub mod syscalls;

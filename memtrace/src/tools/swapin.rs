@@ -10,7 +10,7 @@ use serde::Serialize;
 
 use crate::{
     kernel::{self, AttachPoint, Probe},
-    output,
+    output::{self, reports::ReportPrinter},
     symbolize::Frame,
     tools::registry::{Plan, ToolSpec},
     tools::tracer::Tracer,
@@ -82,7 +82,8 @@ pub async fn run(args: Args) -> Result<()> {
     if let Some(pid) = args.common.pid {
         stacks.watch(pid);
     }
-    let mut state = State { args: &args, counts, stats, stacks, total: 0, seen: Default::default() };
+    let out = ReportPrinter::new("swapin", args.common.json).with_timestamp(args.timestamp.timestamp);
+    let mut state = State { args: &args, counts, stats, stacks, total: 0, seen: Default::default(), out };
     let ready = format!("counting swap-ins ({how})");
     let tick = Some(args.reports.every_or(1));
     tracer.stream(&args.common, tick, args.reports.count(), &ready, &mut state).await?;
@@ -97,6 +98,7 @@ struct State<'a> {
     total: u64,
     /// The cumulative counts at the last report: each report shows the increase.
     seen: std::collections::HashMap<SwapKey, u64>,
+    out: ReportPrinter,
 }
 
 #[derive(Serialize)]
@@ -133,23 +135,19 @@ impl State<'_> {
     }
 
     fn report(&mut self, rows: Vec<Row>) -> Result<()> {
-        if self.args.common.json {
-            let value = serde_json::json!({ "time": output::now_ms(), "swapins": rows });
-            return output::json_line(&value);
-        }
-        if self.args.timestamp.timestamp {
-            output::line(&output::hms())?;
-        }
-        output::line(&format!("{:<16} {:>7} {:>8}", "COMM", "PID", "COUNT"))?;
-        for row in &rows {
-            output::line(&format!("{:<16} {:>7} {:>8}", row.comm, row.pid, row.count))?;
-            if let Some(frames) = &row.stack {
-                let mut text = String::new();
-                output::write_stack(&mut text, frames, "    ");
-                output::line(text.trim_end())?;
-            }
-        }
-        output::line("")
+        self.out.interval(
+            |time| serde_json::json!({ "time": time, "swapins": rows }),
+            || {
+                let mut text = format!("{:<16} {:>7} {:>8}\n", "COMM", "PID", "COUNT");
+                for row in &rows {
+                    text += &format!("{:<16} {:>7} {:>8}\n", row.comm, row.pid, row.count);
+                    if let Some(frames) = &row.stack {
+                        output::write_stack(&mut text, frames, "    ");
+                    }
+                }
+                text
+            },
+        )
     }
 }
 
@@ -181,20 +179,14 @@ impl tools::Stream for State<'_> {
         }
         let (full, stacks_lost) = (self.stat(STAT_COUNTS_FULL), self.stat(STAT_STACK_LOST));
         let cut = self.stacks.cut();
-        if self.args.common.json {
-            let value = serde_json::json!({
-                "final": true, "events_lost": lost, "total": self.total,
-                "counts_full": full, "stacks_lost": stacks_lost, "cut_stacks": cut,
-            });
-            return output::json_line(&value);
-        }
-        eprintln!(
-            "memtrace: swapin: {}",
-            output::stack_blind_spots(
-                &[(full, "swap-ins not counted (map full)"), (stacks_lost, "swap-ins without a stack")],
-                &cut
-            )
-        );
-        Ok(())
+        self.out.finish(
+            lost,
+            || serde_json::json!({ "total": self.total, "counts_full": full, "stacks_lost": stacks_lost, "cut_stacks": cut }),
+            || None,
+            || {
+                let spots = [(full, "swap-ins not counted (map full)"), (stacks_lost, "swap-ins without a stack")];
+                Some(output::stack_blind_spots(&spots, &cut))
+            },
+        )
     }
 }

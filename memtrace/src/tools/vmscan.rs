@@ -12,7 +12,7 @@ use serde::Serialize;
 
 use crate::{
     kernel::{self, tracefs::Format},
-    output::{self, histogram},
+    output::{self, histogram, reports::ReportPrinter},
     tools::registry::{Plan, ToolSpec},
     tools::tracer::Tracer,
     tools::{self, CommonArgs, args::Reports},
@@ -82,12 +82,12 @@ pub async fn run(args: Args) -> Result<()> {
     }
     let every = args.reports.every_or(1);
     let mut state = State {
-        json: args.common.json,
         interval: every.as_secs(),
         stats: tracer.map("STATS")?,
         hist: tracer.map("HIST")?,
         last: [0; STAT_COUNT as usize],
         rows: 0,
+        out: ReportPrinter::new("vmscan", args.common.json),
     };
     let ready = format!("tracing reclaim ({} tracepoints), one row every {} s", attached.len(), every.as_secs());
     let count = args.reports.count();
@@ -104,14 +104,18 @@ fn reclaimed_offset(name: &str) -> Result<u32> {
 }
 
 struct State {
-    json: bool,
     interval: u64,
     stats: PerCpuArray<MapData, u64>,
     hist: PerCpuArray<MapData, u64>,
     /// Totals at the previous row.
     last: [u64; STAT_COUNT as usize],
+    /// Rows so far: a table's header comes again every 20.
     rows: u64,
+    out: ReportPrinter,
 }
+
+/// The table's header, repeated every 20 rows.
+const HEADER: &str = "TIME       S-SLABms  D-RECLAIMms  M-RECLAIMms  M-RECLAIMS  KSWAPD  WRITEPAGE\n";
 
 /// Activity over a span of time: one interval, or the whole run.
 #[derive(Serialize)]
@@ -167,49 +171,56 @@ impl tools::Stream for State {
         let delta: [u64; STAT_COUNT as usize] = std::array::from_fn(|i| now[i].wrapping_sub(self.last[i]));
         self.last = now;
         let a = Activity::from(&delta);
-        if self.json {
-            #[derive(Serialize)]
-            struct Row<'a> {
-                time: String,
-                interval_s: u64,
-                #[serde(flatten)]
-                activity: &'a Activity,
-            }
-            return output::json_line(&Row { time: output::now_ms(), interval_s: self.interval, activity: &a });
-        }
-        if self.rows.is_multiple_of(20) {
-            output::line("TIME       S-SLABms  D-RECLAIMms  M-RECLAIMms  M-RECLAIMS  KSWAPD  WRITEPAGE")?;
-        }
+        let header = self.rows.is_multiple_of(20);
         self.rows += 1;
-        output::line(&format!(
-            "{:<8} {:>10.2} {:>12.2} {:>12.2} {:>11} {:>7} {:>10}",
-            output::hms(),
-            a.slab_ms,
-            a.direct_reclaim_ms,
-            a.memcg_reclaim_ms,
-            a.memcg_reclaim_calls,
-            a.kswapd_wakeups,
-            a.pages_written
-        ))
+        self.out.interval(
+            |time| {
+                #[derive(Serialize)]
+                struct Row<'a> {
+                    time: String,
+                    interval_s: u64,
+                    #[serde(flatten)]
+                    activity: &'a Activity,
+                }
+                Row { time, interval_s: self.interval, activity: &a }
+            },
+            || {
+                let head = if header { HEADER } else { "" };
+                format!(
+                    "{head}{:<8} {:>10.2} {:>12.2} {:>12.2} {:>11} {:>7} {:>10}",
+                    output::hms(),
+                    a.slab_ms,
+                    a.direct_reclaim_ms,
+                    a.memcg_reclaim_ms,
+                    a.memcg_reclaim_calls,
+                    a.kswapd_wakeups,
+                    a.pages_written
+                )
+            },
+        )
     }
 
     fn finish(&mut self, lost: u64) -> Result<()> {
-        let totals = Activity::from(&self.totals());
-        if self.json {
-            let histograms: serde_json::Map<String, serde_json::Value> = (0..KINDS)
-                .map(|k| {
-                    let buckets = histogram::log2_buckets(&self.histogram(k));
-                    (KIND_NAMES[k as usize].to_string(), serde_json::to_value(buckets).unwrap_or_default())
-                })
-                .collect();
-            return output::json_line(&serde_json::json!({
-                "final": true, "events_lost": lost, "totals": totals, "histogram_unit": "usecs", "histograms": histograms,
-            }));
-        }
-        for kind in 0..KINDS {
-            output::line(&format!("\n{} latency:", KIND_NAMES[kind as usize]))?;
-            output::line(&histogram::render_log2(&self.histogram(kind), "usecs"))?;
-        }
-        Ok(())
+        self.out.finish(
+            lost,
+            || {
+                let totals = Activity::from(&self.totals());
+                let histograms: serde_json::Map<String, serde_json::Value> = (0..KINDS)
+                    .map(|k| {
+                        let buckets = histogram::log2_buckets(&self.histogram(k));
+                        (KIND_NAMES[k as usize].to_string(), serde_json::to_value(buckets).unwrap_or_default())
+                    })
+                    .collect();
+                serde_json::json!({ "totals": totals, "histogram_unit": "usecs", "histograms": histograms })
+            },
+            || {
+                let latencies = (0..KINDS).map(|kind| {
+                    let hist = histogram::render_log2(&self.histogram(kind), "usecs");
+                    format!("\n{} latency:\n{hist}", KIND_NAMES[kind as usize])
+                });
+                Some(latencies.collect::<Vec<_>>().join("\n"))
+            },
+            || None,
+        )
     }
 }

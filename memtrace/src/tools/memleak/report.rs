@@ -21,7 +21,8 @@ use serde::Serialize;
 use super::dropped::Dropped;
 use super::{Args, procs::Procs};
 use crate::{
-    kernel, output,
+    kernel,
+    output::{self, reports::ReportPrinter},
     symbolize::{Frame, KernelSymbolizer, UserSymbolizer},
     tools::tracer::Tracer,
     tools::{
@@ -228,6 +229,7 @@ pub(super) struct Session<'a> {
     stack_cache: StdHashMap<StackKey, Vec<Frame>>,
     trends: Trends,
     pub(super) unwinder: Unwinder,
+    out: ReportPrinter,
 }
 
 impl<'a> Session<'a> {
@@ -253,6 +255,7 @@ impl<'a> Session<'a> {
             stack_cache: StdHashMap::new(),
             trends: Trends::default(),
             unwinder,
+            out: ReportPrinter::new("memleak", args.json),
         })
     }
 
@@ -356,8 +359,8 @@ impl<'a> Session<'a> {
                 });
             }
         }
-        let report = Report {
-            time: output::now(),
+        let report = |time| Report {
+            time,
             pid: self.pid,
             mode: if self.pid.is_some() { "user" } else { "kernel" },
             is_final,
@@ -372,11 +375,7 @@ impl<'a> Session<'a> {
             processes,
             dropped: Dropped { cut_stacks: self.unwinder.cut(), ..self.maps.dropped(procs) },
         };
-        if self.args.json {
-            output::json_line(&report)?;
-        } else {
-            output::line(&render(&report, self.args.sample_rate))?;
-        }
+        let report = self.out.titled(report, |r| render(r, self.args.sample_rate))?;
         if is_final && let Some(path) = &self.args.folded {
             let root = |pid: u32| match pid {
                 NO_PID => "[kernel]".to_string(),
@@ -402,8 +401,7 @@ fn render(report: &Report, sample_rate: u32) -> String {
     }
     let _ = writeln!(
         out,
-        "[{}] {}{whose}: {} outstanding in {} stacks{sampled}",
-        report.time,
+        "{}{whose}: {} outstanding in {} stacks{sampled}",
         if report.is_final { "final report, " } else { "" },
         output::bytes(report.total_bytes),
         report.stacks.len()
