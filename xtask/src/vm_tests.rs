@@ -250,28 +250,32 @@ pub fn run(patterns: &[String], busybox: &Path, limit: Duration) -> Result<(u32,
         let initrd = initramfs(&pkg, &name, busybox, &tests)?;
         images.push((name, vmlinuz, initrd));
     }
-    let width = parallel();
+    let width = parallel().min(images.len().max(1));
     println!("vm-test: {} kernel(s), {width} at a time", images.len());
-    let mut runs: Vec<KernelRun> = Vec::new();
-    for batch in images.chunks(width) {
-        let outcomes: Vec<Result<KernelRun>> = std::thread::scope(|scope| {
-            let handles: Vec<_> = batch
-                .iter()
-                .map(|(name, vmlinuz, initrd)| {
-                    let tests = &tests;
-                    scope.spawn(move || -> Result<KernelRun> {
-                        let started = Instant::now();
-                        let serial = boot(vmlinuz, initrd, limit, &format!("tests-{name}"), 1024)?;
-                        let (counts, notes) = tally(name, &serial, tests);
-                        Ok(KernelRun { name: name.clone(), counts, secs: started.elapsed().as_secs(), notes })
-                    })
-                })
-                .collect();
-            handles.into_iter().map(|h| h.join().unwrap_or_else(|_| Err(anyhow::anyhow!("a VM thread panicked")))).collect()
-        });
-        for outcome in outcomes {
-            runs.push(outcome?);
+    // A VM starts as soon as one before it ends: the kernels take very different times.
+    let next = std::sync::atomic::AtomicUsize::new(0);
+    let done = std::sync::Mutex::new(Vec::new());
+    std::thread::scope(|scope| {
+        for _ in 0..width {
+            scope.spawn(|| {
+                loop {
+                    let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    let Some((name, vmlinuz, initrd)) = images.get(i) else { break };
+                    let started = Instant::now();
+                    let outcome = boot(vmlinuz, initrd, limit, &format!("tests-{name}"), 1024).map(|serial| {
+                        let (counts, notes) = tally(name, &serial, &tests);
+                        KernelRun { name: name.clone(), counts, secs: started.elapsed().as_secs(), notes }
+                    });
+                    done.lock().unwrap_or_else(|e| e.into_inner()).push((i, outcome));
+                }
+            });
         }
+    });
+    let mut done = done.into_inner().unwrap_or_else(|e| e.into_inner());
+    done.sort_by_key(|(i, _)| *i);
+    let mut runs: Vec<KernelRun> = Vec::new();
+    for (_, outcome) in done {
+        runs.push(outcome?);
     }
     let (mut passed, mut failed) = (0, 0);
     for run in &runs {
