@@ -166,6 +166,9 @@ impl Procs {
         proc.comm = target::comm(pid);
         let detected = match target::allocator_after_exec(pid) {
             Ok(alloc) => alloc,
+            // Gone before its new image was read (-p on a slow machine): its blocks are still
+            // counted where its allocator stayed the same; only the frames lack names.
+            Err(_) if !std::path::Path::new(&format!("/proc/{pid}")).exists() => return Ok(None),
             Err(e) => {
                 tracing::warn!("pid {pid} exec'd into an image memleak cannot probe: {e:#}");
                 self.unprobed += 1;
