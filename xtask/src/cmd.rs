@@ -57,6 +57,22 @@ pub fn status(cmd: &mut Command) -> Result<ExitStatus> {
     cmd.status().with_context(|| format!("cannot start `{}`", describe(cmd)))
 }
 
+/// Runs with inherited stderr, passing each stdout line on and to `line`; returns the exit
+/// status, failing only if it cannot start.
+pub fn status_lines(cmd: &mut Command, mut line: impl FnMut(&str)) -> Result<ExitStatus> {
+    let mut child = cmd
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .with_context(|| format!("cannot start `{}`", describe(cmd)))?;
+    if let Some(out) = child.stdout.take() {
+        for text in std::io::BufRead::lines(std::io::BufReader::new(out)).map_while(Result::ok) {
+            println!("{text}");
+            line(&text);
+        }
+    }
+    Ok(child.wait()?)
+}
+
 /// Runs with inherited stdio; a non-zero exit is an error.
 pub fn run(cmd: &mut Command) -> Result<()> {
     let st = status(cmd)?;

@@ -4,6 +4,7 @@ mod bench;
 mod cmd;
 mod ready;
 mod setup;
+mod summary;
 mod tasks;
 mod vm;
 mod vm_image;

@@ -57,7 +57,20 @@ pub fn test(args: &[String]) -> Result<u8> {
     setup::run()?;
     let [mut own, mut host] = host_suites(args);
     let own = cmd::status(&mut own)?;
-    let status = cmd::status(&mut host)?;
+    let (mut passed, mut failed) = (0, 0);
+    let status = cmd::status_lines(&mut host, |line| {
+        if let Some((p, f)) = crate::summary::counts(line) {
+            (passed, failed) = (passed + p, failed + f);
+        }
+    })?;
+    // A suite that died before its summary still failed.
+    if !status.success() && failed == 0 {
+        failed = 1;
+    }
+    let host_line = format!(
+        "test: host {}: {passed} passed, {failed} failed (unit and integration tests)",
+        std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default().trim()
+    );
     // The same tests on the stock kernels users run (and with the kprobes, swap and global
     // reclaim the host lacks or cannot risk), in QEMU VMs. They run even after a host failure:
     // each kernel says different things. A filter means one test is wanted, not the VMs.
@@ -67,6 +80,8 @@ pub fn test(args: &[String]) -> Result<u8> {
         println!("xtask: VM suite not run with a test filter (cargo xtask vm-test runs it)");
         0
     };
+    // The host's line last, below the VMs' lines: one per kernel.
+    println!("{host_line}");
     for (suite, status) in [("xtask's own tests", own), ("host tests", status)] {
         if !status.success() {
             eprintln!("xtask: {suite} failed ({status})");

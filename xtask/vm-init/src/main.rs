@@ -18,6 +18,10 @@ use std::{
     time::Instant,
 };
 
+/// Shared with xtask: reading libtest's summary line.
+#[path = "../../src/summary.rs"]
+mod summary;
+
 fn mount(source: &str, target: &str, fstype: &str, data: &str) -> bool {
     let _ = fs::create_dir_all(target);
     let c = |s: &str| CString::new(s).unwrap_or_default();
@@ -117,19 +121,8 @@ fn run_tests(path: &Path) -> (u32, u32, u32) {
     if let Some(out) = child.stdout.take() {
         for line in BufReader::new(out).lines().map_while(Result::ok) {
             println!("{name}: {line}");
-            // "test result: ok. 5 passed; 1 failed; ..."
-            if let Some(rest) = line.strip_prefix("test result: ") {
-                let count = |what: &str| {
-                    rest.split(';').find_map(|part| {
-                        part.trim()
-                            .trim_start_matches("ok. ")
-                            .trim_start_matches("FAILED. ")
-                            .strip_suffix(what)
-                            .map(|n| n.trim().parse::<u32>().unwrap_or(0))
-                    })
-                };
-                passed = count(" passed").unwrap_or(0);
-                failed = count(" failed").unwrap_or(0);
+            if let Some((p, f)) = summary::counts(&line) {
+                (passed, failed) = (p, f);
             }
         }
     }
