@@ -54,7 +54,7 @@ fn oomkill_victim_names_the_memcg_hog() {
     mt.signal(libc::SIGINT);
     let (status, stdout, stderr) = mt.finish(Duration::from_secs(20));
     assert!(status.success(), "{status}: {stderr}");
-    let expected = if std::path::Path::new("/sys/bus/event_source/devices/kprobe/type").exists() {
+    let expected = if kprobes() {
         "oomkill: using kprobe oom_kill_process"
     } else {
         "oomkill: using tracepoint oom:mark_victim"
@@ -224,7 +224,7 @@ fn oomkill_kprobe_program_passes_the_verifier() {
     }
     // The build memtrace loads on this kernel: before bpf_loop (5.17), the one without the
     // stack walker, which older verifiers refuse to see named.
-    let object: &[u8] = if kernel_version() >= (5, 17) {
+    let object: &[u8] = if bpf_loop() {
         aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/oomkill"))
     } else {
         aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/no-bpf-loop/oomkill"))

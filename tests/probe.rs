@@ -29,7 +29,7 @@ fn probe_reports_features_as_the_kernel_has_them() {
     let r = probe_json();
     let state =
         |f: &str| r["features"][f]["state"].as_str().unwrap_or_else(|| panic!("no feature {f}: {r}")).to_string();
-    let kprobes = Path::new("/sys/bus/event_source/devices/kprobe/type").exists();
+    let kprobes = kprobes();
     assert_eq!(state("kprobes"), if kprobes { "yes" } else { "no" });
     assert_eq!(state("bpf syscall"), "yes");
     assert_eq!(state("btf"), if Path::new("/sys/kernel/btf/vmlinux").exists() { "yes" } else { "no" });
@@ -112,7 +112,7 @@ fn probe_picks_the_attach_method_each_tool_would_use() {
         assert_eq!(degraded.is_some(), old && user_stacks, "{t}");
         assert!(degraded.is_none_or(|d| d.contains("bpf_loop helper (Linux 5.17+)")), "{t}");
     }
-    if Path::new("/sys/bus/event_source/devices/kprobe/type").exists() {
+    if kprobes() {
         assert_eq!(tool(&r, "oomkill")["method"], "kprobe oom_kill_process");
         assert_eq!(tool(&r, "hfaults")["method"], "kprobe hugetlb_fault");
         return;

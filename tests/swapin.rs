@@ -7,15 +7,11 @@ mod common;
 #[path = "common/memcg.rs"]
 mod memcg;
 
-use std::{path::Path, process::Stdio, time::Duration};
+use std::{process::Stdio, time::Duration};
 
 use common::*;
 use memcg::{Memcg, ZramSwap};
 use serde_json::Value;
-
-fn kprobes() -> bool {
-    Path::new("/sys/bus/event_source/devices/kprobe/type").exists()
-}
 
 /// The kernel's own count of pages read from swap devices.
 fn pswpin() -> u64 {
@@ -73,7 +69,7 @@ fn swapin_counts_every_page_read_back_from_swap() {
     let whole = rows.iter().any(|r| {
         let names: Vec<&str> = r["stack"].as_array().unwrap().iter().filter_map(|f| f["func"].as_str()).collect();
         // Without unwind tables (before 5.17) frame pointers end in libc, which has none.
-        names.starts_with(&["hog", "main"]) && (names.contains(&"_start") || kernel_version() < (5, 17))
+        names.starts_with(&["hog", "main"]) && (names.contains(&"_start") || !bpf_loop())
     });
     assert!(whole, "a stack from hog() through main (to _start where the kernel has bpf_loop): {rows:?}");
     assert_detached("swapin");

@@ -39,6 +39,16 @@ pub fn bpf_available(test: &str) -> bool {
     }
 }
 
+/// Whether the kernel has kprobes (the host has none; the VM suite's kernels do).
+pub fn kprobes() -> bool {
+    Path::new("/sys/bus/event_source/devices/kprobe/type").exists()
+}
+
+/// Whether the kernel has `bpf_loop` (5.17+), which memtrace's unwind tables need.
+pub fn bpf_loop() -> bool {
+    kernel_version() >= (5, 17)
+}
+
 /// A test that cannot run on this kernel, for `why`. In the VM suite (`MEMTRACE_NOT_RUN`
 /// names the file its /init reads) it is listed as not run and the test returns; anywhere
 /// else, where the machine is expected to have what the tests need, it fails.
@@ -58,7 +68,7 @@ pub fn unwind_tables(test: &str) -> bool {
     if !bpf_available(test) {
         return false;
     }
-    if kernel_version() < (5, 17) {
+    if !bpf_loop() {
         not_run(test, "stacks through code without frame pointers need unwind tables, and so bpf_loop (5.17+)");
         return false;
     }
@@ -68,7 +78,7 @@ pub fn unwind_tables(test: &str) -> bool {
 /// The warning lines of memtrace's stderr, less the one a kernel without `bpf_loop` always
 /// gets (see `unwind_tables`).
 pub fn warnings(stderr: &str) -> Vec<&str> {
-    let expected = kernel_version() < (5, 17);
+    let expected = !bpf_loop();
     stderr.lines().filter(|l| l.contains("warning") && !(expected && l.contains("bpf_loop helper"))).collect()
 }
 
