@@ -108,6 +108,31 @@ fn memleak_counts_failed_allocations() {
     assert!(text.contains("\n  3 allocation calls failed (returned NULL)\n  blind spots: none"), "{text}");
 }
 
+/// A file kept mapped (a git packfile, locale-archive) is the file's memory, not a leak: it
+/// stays out of the total and the stacks, and is reported apart.
+#[test]
+fn memleak_keeps_file_mappings_out_of_the_leak_total() {
+    if !bpf_available("memleak_keeps_file_mappings_out_of_the_leak_total") {
+        return;
+    }
+    let target = prog("file_mapped");
+    let out = run(&["memleak", "--json", "-T", "100", "-c", target.to_str().unwrap()], Duration::from_secs(60));
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let report = final_report(&String::from_utf8_lossy(&out.stdout));
+    assert_eq!(report["total_bytes"], 4321, "{report:#}");
+    assert_eq!(report["file_mappings"], serde_json::json!({"bytes": 100000, "mappings": 1}), "{report:#}");
+    assert_eq!(stacks_with(&report, "leak_heap").len(), 1, "{report:#}");
+    assert!(stacks_with(&report, "map_file").is_empty(), "a file mapping among the leaks: {report:#}");
+    let out = run(&["memleak", "-c", target.to_str().unwrap()], Duration::from_secs(60));
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("final report, pid "), "{text}");
+    assert!(text.contains(": 4.2 KiB outstanding in 1 stacks\n"), "{text}");
+    assert!(
+        text.contains("\n  not counted above: 97.7 KiB of files still mapped with mmap in 1 mappings (the file's pages, not allocations)\n"),
+        "{text}"
+    );
+}
+
 #[test]
 fn memleak_rust_program_through_the_global_allocator() {
     if !bpf_available("memleak_rust_program_through_the_global_allocator") {

@@ -54,11 +54,8 @@ fn oomkill_victim_names_the_memcg_hog() {
     mt.signal(libc::SIGINT);
     let (status, stdout, stderr) = mt.finish(Duration::from_secs(20));
     assert!(status.success(), "{status}: {stderr}");
-    let expected = if kprobes() {
-        "oomkill: using kprobe oom_kill_process"
-    } else {
-        "oomkill: using tracepoint oom:mark_victim"
-    };
+    let expected =
+        if kprobes() { "oomkill: using kprobe oom_kill_process" } else { "oomkill: using tracepoint oom:mark_victim" };
     assert!(stderr.contains(expected), "{stderr}");
 
     let (events, last) = kills(&stdout);

@@ -62,7 +62,9 @@ fn swapin_counts_every_page_read_back_from_swap() {
     // libc's data) come back in the loader, printf or exit, each with its own stack.
     let through_hog: u64 = rows
         .iter()
-        .filter(|r| r["comm"] == "vm_mem" && r["stack"].as_array().is_some_and(|s| s.iter().any(|f| f["func"] == "hog")))
+        .filter(|r| {
+            r["comm"] == "vm_mem" && r["stack"].as_array().is_some_and(|s| s.iter().any(|f| f["func"] == "hog"))
+        })
         .map(|r| r["count"].as_u64().unwrap())
         .sum();
     assert!(through_hog * 100 >= swapped_in * 99, "{through_hog} of {swapped_in} through hog(): {rows:?}");

@@ -157,9 +157,15 @@ pub const FN_KMEM_CACHE_ALLOC: u32 = 13;
 pub const FN_PAGE_ALLOC: u32 = 14;
 pub const FN_PERCPU_ALLOC: u32 = 15;
 pub const FN_KFREE: u32 = 16;
+/// `mmap` of a file (no MAP_ANONYMOUS): memory the file backs, not an allocation. Tracked so
+/// reports can say what is still mapped, apart from the leak total.
+pub const FN_MMAP_FILE: u32 = 17;
+
+/// `mmap`'s flag for memory no file backs.
+pub const MAP_ANONYMOUS: u64 = 0x20;
 
 /// Names of the `FN_*` values, indexed by value.
-pub const FN_NAMES: [&str; 17] = [
+pub const FN_NAMES: [&str; 18] = [
     "malloc",
     "calloc",
     "realloc",
@@ -177,6 +183,7 @@ pub const FN_NAMES: [&str; 17] = [
     "mm_page_alloc",
     "percpu_alloc",
     "kfree",
+    "mmap (file)",
 ];
 
 /// Indices of the per-CPU counters in the `STATS` map: the tool's own blind spots.

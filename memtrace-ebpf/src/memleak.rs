@@ -15,10 +15,11 @@ use memtrace_common::{
     memleak::{
         AllocInfo, AllocKey, CLONE_THREAD, CLONE_VM, Config, EV_ALLOC, EV_EXEC, EV_FORK, EV_FREE, EV_NEW_STACK, Event,
         FN_ALIGNED_ALLOC, FN_CALLOC, FN_FREE, FN_KFREE, FN_KMALLOC, FN_KMEM_CACHE_ALLOC, FN_MALLOC, FN_MEMALIGN,
-        FN_MMAP, FN_MUNMAP, FN_PAGE_ALLOC, FN_PERCPU_ALLOC, FN_POSIX_MEMALIGN, FN_PVALLOC, FN_REALLOC, FN_REALLOCARRAY,
-        FN_VALLOC, ForkOffsets, KmemOffsets, Pending, STAT_COUNT, STAT_EARLY_FULL, STAT_EVENTS_LOST, STAT_FAILED,
-        STAT_FREE_CALLS, STAT_FREE_CALLS_IN_WINDOW, STAT_FREED, STAT_MAP_FULL, STAT_REPLACED, STAT_STACK_LOST,
-        STAT_STACKS_FULL, STAT_TRACKED, STAT_UNKNOWN_FREE, STAT_UNTRACKED_CHILDREN, StackKey, Tracked,
+        FN_MMAP, FN_MMAP_FILE, FN_MUNMAP, FN_PAGE_ALLOC, FN_PERCPU_ALLOC, FN_POSIX_MEMALIGN, FN_PVALLOC, FN_REALLOC,
+        FN_REALLOCARRAY, FN_VALLOC, ForkOffsets, KmemOffsets, MAP_ANONYMOUS, Pending, STAT_COUNT, STAT_EARLY_FULL,
+        STAT_EVENTS_LOST, STAT_FAILED, STAT_FREE_CALLS, STAT_FREE_CALLS_IN_WINDOW, STAT_FREED, STAT_MAP_FULL,
+        STAT_REPLACED, STAT_STACK_LOST, STAT_STACKS_FULL, STAT_TRACKED, STAT_UNKNOWN_FREE, STAT_UNTRACKED_CHILDREN,
+        StackKey, Tracked,
     },
 };
 use memtrace_ebpf::{BPF_NOEXIST, EEXIST, bump, current_pid_tgid, tp_u32, tp_u64, unwind::UserRegs};
@@ -299,9 +300,12 @@ pub fn memleak_pvalloc(ctx: ProbeContext) -> u32 {
     enter(arg(&ctx, 0), 0, FN_PVALLOC)
 }
 
+/// mmap(addr, length, prot, flags, fd, offset). A file's mapping is kept apart: its pages
+/// are the file's, not memory the process allocated.
 #[uprobe]
 pub fn memleak_mmap(ctx: ProbeContext) -> u32 {
-    enter(arg(&ctx, 1), 0, FN_MMAP)
+    let func = if arg(&ctx, 3) & MAP_ANONYMOUS != 0 { FN_MMAP } else { FN_MMAP_FILE };
+    enter(arg(&ctx, 1), 0, func)
 }
 
 /// One return probe serves every allocator: the pending entry says what was called.

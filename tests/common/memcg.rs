@@ -260,8 +260,7 @@ pub fn global_pressure(vm_mem: &Path) -> u64 {
             .and_then(|v| v.split_whitespace().next()?.parse().ok())
             .unwrap();
         let mib = (available_kib >> 10) + 64 * round;
-        let status =
-            Command::new(vm_mem).args(["hog", &mib.to_string(), "0"]).stdout(Stdio::null()).status().unwrap();
+        let status = Command::new(vm_mem).args(["hog", &mib.to_string(), "0"]).stdout(Stdio::null()).status().unwrap();
         assert!(status.success(), "vm_mem hog {mib}: {status}");
         if allocstalls() > before {
             break;

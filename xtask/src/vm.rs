@@ -55,13 +55,7 @@ pub fn run(opts: &Options) -> Result<u8> {
 
 /// Boots the VM and returns its serial output; kills it after `limit`. Progress lines are
 /// echoed; the whole log goes to target/vm/serial-<kernel>.log.
-pub fn boot(
-    vmlinuz: &Path,
-    initrd: &Path,
-    limit: Duration,
-    kernel: &str,
-    mem_mb: u32,
-) -> Result<Vec<String>> {
+pub fn boot(vmlinuz: &Path, initrd: &Path, limit: Duration, kernel: &str, mem_mb: u32) -> Result<Vec<String>> {
     println!("vm-test: booting {kernel} (TCG, up to {} s)", limit.as_secs());
     let mut child = cmd::new("qemu-system-x86_64")
         .args(["-accel", "tcg", "-cpu", "max", "-smp", "1", "-m", &mem_mb.to_string()])
@@ -99,10 +93,7 @@ pub fn boot(
         match rx.recv_timeout(left) {
             Ok(line) => {
                 writeln!(log, "{line}")?;
-                if line.starts_with("MEMTRACE-")
-                    || line.starts_with("vm-init:")
-                    || line.contains("Kernel panic")
-                {
+                if line.starts_with("MEMTRACE-") || line.starts_with("vm-init:") || line.contains("Kernel panic") {
                     println!("  {label}: {line}");
                 }
                 lines.push(line);

@@ -11,9 +11,9 @@ use aya::maps::{HashMap, MapData, PerCpuArray, RingBuf};
 use memtrace_common::{
     NO_PID, STACK_LOST,
     memleak::{
-        AllocInfo, AllocKey, EV_ALLOC, EV_FREE, EV_NEW_STACK, Event, FN_NAMES, STAT_EARLY_FULL, STAT_EVENTS_LOST,
-        STAT_FAILED, STAT_FREE_CALLS, STAT_FREE_CALLS_IN_WINDOW, STAT_FREED, STAT_MAP_FULL, STAT_REPLACED,
-        STAT_STACK_LOST, STAT_TRACKED, STAT_UNKNOWN_FREE, STAT_UNTRACKED_CHILDREN, StackKey,
+        AllocInfo, AllocKey, EV_ALLOC, EV_FREE, EV_NEW_STACK, Event, FN_MMAP_FILE, FN_NAMES, STAT_EARLY_FULL,
+        STAT_EVENTS_LOST, STAT_FAILED, STAT_FREE_CALLS, STAT_FREE_CALLS_IN_WINDOW, STAT_FREED, STAT_MAP_FULL,
+        STAT_REPLACED, STAT_STACK_LOST, STAT_TRACKED, STAT_UNKNOWN_FREE, STAT_UNTRACKED_CHILDREN, StackKey,
     },
 };
 use serde::Serialize;
@@ -76,8 +76,9 @@ impl Maps {
         with_allocs: bool,
         images: &StdHashMap<u32, u32>,
         exited: &dyn Fn(u32) -> bool,
-    ) -> Vec<Row> {
+    ) -> (Vec<Row>, FileMappings) {
         let mut rows: StdHashMap<StackKey, Row> = StdHashMap::new();
+        let mut files = FileMappings::default();
         let now = monotonic_ns();
         for (key, info) in kernel::maps::dump(&self.allocs) {
             if key.pid != NO_PID && images.get(&key.pid).is_some_and(|&image| key.image < image) {
@@ -86,6 +87,11 @@ impl Maps {
             }
             let age = now.saturating_sub(info.timestamp_ns);
             if age < older_ns && !(key.pid != NO_PID && exited(key.pid)) {
+                continue;
+            }
+            if info.func == FN_MMAP_FILE {
+                files.bytes += info.size;
+                files.mappings += 1;
                 continue;
             }
             let skey = StackKey { pid: key.pid, image: key.image, stack_id: info.stack_id };
@@ -99,8 +105,16 @@ impl Maps {
         }
         let mut rows: Vec<Row> = rows.into_values().collect();
         rows.sort_by(|a, b| b.bytes.cmp(&a.bytes).then(b.allocs.cmp(&a.allocs)).then(a.key.pid.cmp(&b.key.pid)));
-        rows
+        (rows, files)
     }
+}
+
+/// Files the process mapped with `mmap` and has not unmapped: their pages belong to the file
+/// (a git packfile, locale-archive), so they are not allocations and stay out of the total.
+#[derive(Serialize, Default, Clone, Copy, PartialEq, Eq, Debug)]
+struct FileMappings {
+    bytes: u64,
+    mappings: u64,
 }
 
 struct Row {
@@ -141,6 +155,8 @@ struct Report {
     /// Allocation calls that returned NULL (MAP_FAILED for mmap): nothing to track, not a
     /// blind spot, but a sign of memory pressure or of absurd sizes.
     failed: u64,
+    /// File mappings still in place, not counted in `total_bytes`.
+    file_mappings: FileMappings,
     stacks: Vec<StackReport>,
     /// Each process followed (user mode): with `-c` or `--children`, the whole tree.
     #[serde(skip_serializing_if = "Vec::is_empty")]
@@ -309,7 +325,7 @@ impl<'a> Session<'a> {
         let older_ns = if target_gone { 0 } else { self.args.older * 1_000_000 };
         let images = procs.images();
         let exited = |pid: u32| procs.list.get(&pid).is_some_and(|p| p.exited);
-        let mut rows = self.maps.rows(older_ns, self.args.show_allocs, &images, &exited);
+        let (mut rows, file_mappings) = self.maps.rows(older_ns, self.args.show_allocs, &images, &exited);
         // Under --duty-cycle only part of the activity is recorded; free() is always probed, so
         // the share of frees seen while recording estimates the share of allocations recorded.
         let estimated = self.args.duty_cycle.is_some();
@@ -371,6 +387,7 @@ impl<'a> Session<'a> {
             tracked: self.maps.stat(STAT_TRACKED),
             freed: self.maps.stat(STAT_FREED),
             failed: self.maps.stat(STAT_FAILED),
+            file_mappings,
             stacks,
             processes,
             dropped: Dropped { cut_stacks: self.unwinder.cut(), ..self.maps.dropped(procs) },
@@ -439,6 +456,15 @@ fn render(report: &Report, sample_rate: u32) -> String {
     }
     if report.failed > 0 {
         let _ = writeln!(out, "  {} allocation calls failed (returned NULL)", report.failed);
+    }
+    let files = report.file_mappings;
+    if files.mappings > 0 {
+        let _ = writeln!(
+            out,
+            "  not counted above: {} of files still mapped with mmap in {} mappings (the file's pages, not allocations)",
+            output::bytes(files.bytes),
+            files.mappings
+        );
     }
     let _ = write!(out, "  {}", report.dropped);
     out
