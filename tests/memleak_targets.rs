@@ -105,6 +105,57 @@ fn pid_with(report: &Value, func: &str) -> u64 {
     stacks[0]["pid"].as_u64().unwrap()
 }
 
+/// A libc the loader takes from the program's own search path (DT_RPATH, then DT_RUNPATH,
+/// `$ORIGIN/lib`): a copy beside the program, not the system's. memleak probes the file the
+/// loader maps and counts every leak; it used to probe the system's libc and report 0 B
+/// with "blind spots: none".
+#[test]
+fn memleak_command_probes_the_libc_its_search_path_names() {
+    if !bpf_available("memleak_command_probes_the_libc_its_search_path_names") {
+        return;
+    }
+    for flavour in [Flavour::Rpath, Flavour::Runpath] {
+        let leaky = build_prog("leaky", flavour);
+        let lib = leaky.parent().unwrap().join("lib");
+        std::fs::create_dir_all(&lib).unwrap();
+        // A copy: another file (inode) than the system's libc, with the same code.
+        let copy = lib.join("libc.so.6");
+        if !copy.exists() {
+            std::fs::copy("/lib/x86_64-linux-gnu/libc.so.6", &copy).unwrap();
+        }
+        let (report, stderr) = run_command(leaky.to_str().unwrap());
+        assert!(stderr.contains(&format!("probed through {} with", copy.display())), "{flavour:?}: {stderr}");
+        let pid = pid_with(&report, "leak_malloc");
+        for (func, bytes, allocs) in leaky_leaks() {
+            assert_stack(&report, pid, func, bytes, allocs);
+        }
+    }
+}
+
+/// A replacement allocator preloaded by name and found through LD_LIBRARY_PATH (a copy in a
+/// folder of the user's): memleak probes that copy, as the loader maps it, not the system's
+/// jemalloc of the same name (which used to report 0 B).
+#[test]
+fn memleak_command_probes_the_jemalloc_ld_library_path_names() {
+    if !bpf_available("memleak_command_probes_the_jemalloc_ld_library_path_names") {
+        return;
+    }
+    let system = "/usr/lib/x86_64-linux-gnu/libjemalloc.so.2";
+    assert!(std::path::Path::new(system).exists(), "{system} is missing: `cargo xtask setup` installs libjemalloc2");
+    let dir = tempdir("jemalloc-path");
+    let copy = dir.join("libjemalloc.so.2");
+    std::fs::copy(system, &copy).unwrap();
+    let leaky = prog("leaky");
+    let cmd = format!("env LD_LIBRARY_PATH={} LD_PRELOAD=libjemalloc.so.2 {}", dir.display(), leaky.display());
+    let (report, stderr) = run_command(&cmd);
+    assert!(stderr.contains(&format!("probed through {} with", copy.display())), "{stderr}");
+    let pid = pid_with(&report, "leak_malloc");
+    for (func, bytes, allocs) in leaky_leaks() {
+        assert_stack(&report, pid, func, bytes, allocs);
+    }
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
 /// `-c` runs anything the kernel can exec and follows it to its final image: a shell that
 /// execs, `env`, a wrapper script, and a shim found through PATH.
 #[test]

@@ -1,6 +1,7 @@
 //! memtrace: Linux memory debugging with eBPF, one subcommand per tracer.
 
 mod kernel;
+mod loader;
 mod output;
 mod procfs;
 mod symbolize;

@@ -9,7 +9,7 @@ use std::{
 
 use anyhow::{Context as _, Result, bail};
 
-use crate::procfs;
+use crate::{loader, procfs};
 
 /// Fails with a one-line message unless `pid` is a live process.
 pub fn check_pid(pid: u32) -> Result<()> {
@@ -110,9 +110,6 @@ pub fn check_elf(path: &Path) -> Result<()> {
     Ok(())
 }
 
-const LIB_DIRS: &[&str] =
-    &["/lib/x86_64-linux-gnu", "/usr/lib/x86_64-linux-gnu", "/lib64", "/usr/lib64", "/lib", "/usr/lib"];
-
 /// Allocator libraries that replace libc's malloc when linked or preloaded.
 const ALLOCATORS: &[&str] = &["libjemalloc", "libtcmalloc", "libmimalloc", "libhoard", "libsnmalloc"];
 
@@ -145,15 +142,51 @@ impl Allocator {
 /// The allocator of a running process, from its memory map. The paths returned open the
 /// files the process mapped, also when it lives in another mount namespace (a container).
 pub fn allocator_of_pid(pid: u32) -> Result<Allocator> {
+    match from_maps(pid)? {
+        Some(alloc) => Ok(alloc),
+        None => Ok(Allocator { primary: procfs::exe(pid)?, libc: None }),
+    }
+}
+
+/// The allocator a process has mapped so far: None while it maps neither a libc nor an
+/// allocator library (a static program, or the loader still at work), or when unreadable.
+pub fn mapped_allocator(pid: u32) -> Option<Allocator> {
+    from_maps(pid).ok().flatten()
+}
+
+fn from_maps(pid: u32) -> Result<Option<Allocator>> {
     let maps = procfs::mapped_files(pid)?;
     let libc = maps.iter().find(|m| is_libc(&m.path));
     let primary = match (maps.iter().find(|m| is_allocator(&m.path)), libc) {
         (Some(alloc), _) => reach(pid, alloc)?,
         (None, Some(libc)) => reach(pid, libc)?,
-        (None, None) => procfs::exe(pid)?,
+        (None, None) => return Ok(None),
     };
     let libc = libc.map(|l| reach(pid, l)).transpose()?;
-    Ok(Allocator { libc: libc.filter(|l| *l != primary), primary })
+    Ok(Some(Allocator { libc: libc.filter(|l| *l != primary), primary }))
+}
+
+/// Whether what a process has mapped so far (`mapped`) shows that its probes (`probed`) are
+/// on the wrong files: a libc or allocator library mapped that is not the one probed. A
+/// replacement allocator probed but not mapped yet is no contradiction: the loader may map
+/// it after libc.
+pub fn contradicts(mapped: &Allocator, probed: &Allocator) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    let id = |p: &Path| fs::metadata(p).ok().map(|m| (m.dev(), m.ino()));
+    let probed_libc = probed.libc.as_deref().unwrap_or(&probed.primary);
+    let mapped_libc = mapped.libc.as_deref().unwrap_or(&mapped.primary);
+    fn replacement(a: &Allocator) -> Option<&Path> {
+        a.libc.is_some().then_some(a.primary.as_path())
+    }
+    if probed.is_unprobed() {
+        return true;
+    }
+    match (replacement(mapped), replacement(probed)) {
+        (Some(m), Some(p)) if id(m) != id(p) => return true,
+        (Some(_), None) => return true,
+        _ => {}
+    }
+    id(mapped_libc) != id(probed_libc)
 }
 
 fn reach(pid: u32, m: &procfs::MappedFile) -> Result<PathBuf> {
@@ -166,16 +199,17 @@ fn reach(pid: u32, m: &procfs::MappedFile) -> Result<PathBuf> {
 }
 
 /// The allocator of a process stopped right after an exec, before its libraries are mapped:
-/// from its new executable, its own LD_PRELOAD, and the files it sees (its root).
+/// from its new executable and the libraries the loader will map for it, found as the loader
+/// finds them (`loader::Search`: RPATH, LD_LIBRARY_PATH, RUNPATH, ld.so.cache, under the
+/// process's own root), with its own LD_PRELOAD and /etc/ld.so.preload.
 pub fn allocator_after_exec(pid: u32) -> Result<Allocator> {
     let exe = PathBuf::from(format!("/proc/{pid}/exe"));
-    let environ = fs::read(format!("/proc/{pid}/environ")).unwrap_or_default();
-    let preload = environ
-        .split(|&b| b == 0)
-        .find_map(|var| var.strip_prefix(b"LD_PRELOAD="))
-        .map(|v| String::from_utf8_lossy(v).into_owned())
-        .unwrap_or_default();
-    allocator_in(&exe, &preload, &process_root(pid))
+    let (library_path, preload) = loader::loader_env(pid)?;
+    let root = process_root(pid);
+    // $ORIGIN is the executable's folder as the process sees it (looked up under its root).
+    let named = fs::read_link(&exe).with_context(|| format!("cannot read {}", exe.display()))?;
+    let cwd = PathBuf::from(format!("/proc/{pid}/cwd"));
+    allocator_in(&exe, &named.to_string_lossy(), &library_path, &preload, &root, &cwd)
 }
 
 /// The root a process sees its files under: `/` when it shares our root and our mount
@@ -194,99 +228,47 @@ fn process_root(pid: u32) -> PathBuf {
     if ours { PathBuf::from("/") } else { theirs }
 }
 
-/// The allocator `exe` will use, before it runs: a replacement allocator it is linked with or
-/// that `preload` (LD_PRELOAD) names, else its libc when dynamically linked, else itself.
-fn allocator_in(exe: &Path, preload: &str, root: &Path) -> Result<Allocator> {
+/// The allocator `exe` will use, before it runs: a replacement allocator that `preload`
+/// (LD_PRELOAD), /etc/ld.so.preload or its own DT_NEEDED names, else its libc when
+/// dynamically linked, else itself. `origin`: the executable's path, for $ORIGIN.
+fn allocator_in(
+    exe: &Path,
+    origin: &str,
+    library_path: &str,
+    preload: &str,
+    root: &Path,
+    cwd: &Path,
+) -> Result<Allocator> {
     check_elf(exe)?;
-    let Some(interp) = elf_interpreter(exe)? else {
+    let dynamic = loader::Dynamic::read(exe)?;
+    let Some(interp) = dynamic.interp.clone() else {
         return Ok(Allocator { primary: exe.to_path_buf(), libc: None });
     };
-    let find = |name: &str| find_library_in(root, name);
+    let search = loader::Search::new(root, cwd, origin, dynamic.clone(), library_path);
     // musl's dynamic loader is its libc.
     let libc = if interp.contains("ld-musl") {
         root.join(interp.trim_start_matches('/'))
     } else {
-        find("libc.so.6").with_context(|| format!("cannot find the libc of {}: give it with -O", exe.display()))?
+        search
+            .find("libc.so.6")
+            .with_context(|| format!("cannot find the libc of {}: give it with -O", exe.display()))?
     };
-    let preloaded = preload.split([' ', ':']).find(|p| is_allocator(p)).map(|p| {
-        if p.contains('/') { Some(root.join(p.trim_start_matches('/'))).filter(|p| p.exists()) } else { find(p) }
-    });
-    let linked = || elf_needed(exe).ok()?.into_iter().find(|n| is_allocator(n)).and_then(|n| find(&n));
-    match preloaded.flatten().or_else(linked) {
+    let system_preload = fs::read_to_string(root.join("etc/ld.so.preload")).unwrap_or_default();
+    let preloaded = preload
+        .split([' ', ':'])
+        .chain(system_preload.split([' ', ':', '\t', '\n']))
+        .filter(|p| is_allocator(p))
+        .find_map(|p| search.find(p));
+    let linked = || dynamic.needed.iter().filter(|n| is_allocator(n)).find_map(|n| search.find(n));
+    match preloaded.or_else(linked) {
         Some(primary) => Ok(Allocator { primary, libc: Some(libc) }),
         None => Ok(Allocator { primary: libc, libc: None }),
     }
 }
 
-fn find_library_in(root: &Path, name: &str) -> Option<PathBuf> {
-    LIB_DIRS.iter().map(|d| root.join(d.trim_start_matches('/')).join(name)).find(|p| p.exists())
-}
-
 fn is_libc(path: &str) -> bool {
     let name = path.rsplit('/').next().unwrap_or(path);
     name.starts_with("libc.so") || name.starts_with("libc-") || name.starts_with("ld-musl")
-}
-
-/// Program headers of a 64-bit little-endian ELF: (type, file offset, vaddr, file size).
-fn program_headers(data: &[u8], path: &Path) -> Result<Vec<(u32, usize, usize, usize)>> {
-    if data.get(4) != Some(&2) {
-        bail!("{}: only 64-bit ELF files are supported", path.display());
-    }
-    let (phoff, phentsize, phnum) = (u64_at(data, 0x20), u16_at(data, 0x36), u16_at(data, 0x38));
-    Ok((0..phnum)
-        .map(|i| phoff + i * phentsize)
-        .map(|ph| (u16_at(data, ph) as u32, u64_at(data, ph + 8), u64_at(data, ph + 16), u64_at(data, ph + 32)))
-        .collect())
-}
-
-fn u16_at(data: &[u8], o: usize) -> usize {
-    data.get(o..o + 2).map_or(0, |b| u16::from_le_bytes([b[0], b[1]]) as usize)
-}
-
-fn u64_at(data: &[u8], o: usize) -> usize {
-    data.get(o..o + 8).map_or(0, |b| u64::from_le_bytes(b.try_into().expect("8 bytes")) as usize)
-}
-
-const PT_LOAD: u32 = 1;
-const PT_DYNAMIC: u32 = 2;
-const PT_INTERP: u32 = 3;
-
-/// PT_INTERP of an ELF, or None for a static executable.
-fn elf_interpreter(path: &Path) -> Result<Option<String>> {
-    let data = fs::read(path).with_context(|| format!("cannot read {}", path.display()))?;
-    for (kind, off, _, size) in program_headers(&data, path)? {
-        if kind == PT_INTERP {
-            let raw = data.get(off..off + size).context("truncated PT_INTERP")?;
-            return Ok(Some(String::from_utf8_lossy(raw).trim_end_matches('\0').to_string()));
-        }
-    }
-    Ok(None)
-}
-
-/// The DT_NEEDED libraries of a dynamically linked ELF.
-fn elf_needed(path: &Path) -> Result<Vec<String>> {
-    let data = fs::read(path).with_context(|| format!("cannot read {}", path.display()))?;
-    let headers = program_headers(&data, path)?;
-    // DT_STRTAB is an address: map it to a file offset through the PT_LOAD that holds it.
-    let to_offset = |vaddr: usize| {
-        headers
-            .iter()
-            .find(|&&(k, _, va, size)| k == PT_LOAD && (va..va + size).contains(&vaddr))
-            .map(|&(_, off, va, _)| vaddr - va + off)
-    };
-    let Some(&(_, dyn_off, _, dyn_size)) = headers.iter().find(|h| h.0 == PT_DYNAMIC) else { return Ok(Vec::new()) };
-    let entries: Vec<(usize, usize)> =
-        (dyn_off..dyn_off + dyn_size).step_by(16).map(|e| (u64_at(&data, e), u64_at(&data, e + 8))).collect();
-    let Some(strtab) = entries.iter().find(|e| e.0 == 5).and_then(|e| to_offset(e.1)) else { return Ok(Vec::new()) };
-    Ok(entries
-        .iter()
-        .filter(|e| e.0 == 1)
-        .filter_map(|e| {
-            let start = strtab + e.1;
-            let end = start + data.get(start..)?.iter().position(|&b| b == 0)?;
-            Some(String::from_utf8_lossy(&data[start..end]).into_owned())
-        })
-        .collect())
 }
 
 /// Resolves when process `pid` exits (pidfd: no polling, no races with PID reuse).
@@ -360,14 +342,32 @@ mod tests {
     }
 
     #[test]
-    fn finds_the_interpreter_and_libraries_of_a_dynamic_program() {
-        let interp = elf_interpreter(Path::new("/bin/sh")).unwrap().unwrap();
-        assert!(interp.contains("ld-linux"), "{interp}");
-        assert!(elf_needed(Path::new("/bin/sh")).unwrap().contains(&"libc.so.6".to_string()));
-        if std::env::var_os("LD_PRELOAD").is_none() {
-            let alloc = allocator_in(Path::new("/bin/sh"), "", Path::new("/")).unwrap();
-            assert!(alloc.primary.ends_with("libc.so.6") && alloc.libc.is_none(), "{alloc:?}");
-        }
+    fn a_dynamic_program_allocates_through_its_libc() {
+        let alloc = allocator_in(Path::new("/bin/sh"), "/bin/sh", "", "", Path::new("/"), Path::new("/")).unwrap();
+        assert!(alloc.primary.ends_with("libc.so.6") && alloc.libc.is_none(), "{alloc:?}");
+    }
+
+    /// What is mapped so far contradicts the probes only when it shows another libc or
+    /// allocator than the probed one; a replacement allocator not mapped yet does not.
+    #[test]
+    fn only_another_mapped_file_contradicts_the_probes() {
+        let dir = std::env::temp_dir().join(format!("memtrace-contra-{}", std::process::id()));
+        fs::create_dir_all(&dir).unwrap();
+        let file = |name: &str| {
+            let p = dir.join(name);
+            fs::write(&p, name).unwrap();
+            p
+        };
+        let (libc, other_libc, jemalloc) = (file("libc.so.6"), file("libc-copy.so.6"), file("libjemalloc.so.2"));
+        let plain = |l: &Path| Allocator { primary: l.to_path_buf(), libc: None };
+        let replaced = Allocator { primary: jemalloc.clone(), libc: Some(libc.clone()) };
+        assert!(!contradicts(&plain(&libc), &plain(&libc)));
+        assert!(contradicts(&plain(&other_libc), &plain(&libc)));
+        // jemalloc probed, only libc mapped yet: wait and see.
+        assert!(!contradicts(&plain(&libc), &replaced));
+        assert!(contradicts(&replaced, &plain(&libc)));
+        assert!(contradicts(&plain(&libc), &Allocator::unprobed()));
+        fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]

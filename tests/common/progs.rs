@@ -17,7 +17,15 @@ pub enum Flavour {
     NoFramePointers,
     /// A static executable without symbols, as busybox is in many container images (C only).
     Static,
+    /// As `Debug`, and the loader looks for libraries first in `lib/` beside the program:
+    /// DT_RPATH `$ORIGIN/lib` (C only; `RPATH_PROGRAMS`).
+    Rpath,
+    /// The same through DT_RUNPATH, which comes after LD_LIBRARY_PATH.
+    Runpath,
 }
+
+/// The programs also built with `Flavour::Rpath` and `Flavour::Runpath`.
+const RPATH_PROGRAMS: &[&str] = &["leaky"];
 
 /// The extensions of the sources that are compiled.
 const SOURCES: [&str; 3] = ["c", "cpp", "rs"];
@@ -32,6 +40,8 @@ pub fn build(repo: &Path, name: &str, flavour: Flavour) -> PathBuf {
         Debug => repo.join("target/test-progs"),
         NoFramePointers => repo.join("target/test-progs/nofp"),
         Static => repo.join("target/test-progs/static"),
+        Rpath => repo.join("target/test-progs/rpath"),
+        Runpath => repo.join("target/test-progs/runpath"),
     };
     std::fs::create_dir_all(&dir).unwrap();
     let out = dir.join(name);
@@ -45,6 +55,13 @@ pub fn build(repo: &Path, name: &str, flavour: Flavour) -> PathBuf {
         ("c", NoFramePointers) => ("cc", &["-g", "-O2", "-fomit-frame-pointer"]),
         ("c", Static) => ("cc", &["-O2", "-static", "-s"]),
         (_, Static) => panic!("tests/progs/{name}.{ext}: only C programs are built static"),
+        ("c", Rpath) => {
+            ("cc", &["-g", "-O0", "-fno-omit-frame-pointer", "-Wl,-rpath,$ORIGIN/lib", "-Wl,--disable-new-dtags"])
+        }
+        ("c", Runpath) => {
+            ("cc", &["-g", "-O0", "-fno-omit-frame-pointer", "-Wl,-rpath,$ORIGIN/lib", "-Wl,--enable-new-dtags"])
+        }
+        (_, Rpath | Runpath) => panic!("tests/progs/{name}.{ext}: only C programs are built with a search path"),
         ("cpp", Debug) => ("g++", &["-g", "-O0", "-fno-omit-frame-pointer"]),
         ("cpp", NoFramePointers) => ("g++", &["-g", "-O2", "-fomit-frame-pointer"]),
         (_, Debug) => ("rustc", &["-g", "-C", "opt-level=0", "-C", "force-frame-pointers=yes"]),
@@ -83,6 +100,10 @@ pub fn build_all(repo: &Path) {
         }
         if repo.join(format!("tests/progs/{name}.c")).exists() {
             build(repo, name, Flavour::Static);
+        }
+        if RPATH_PROGRAMS.contains(&name.as_str()) {
+            build(repo, name, Flavour::Rpath);
+            build(repo, name, Flavour::Runpath);
         }
     }
 }

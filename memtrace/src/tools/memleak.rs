@@ -353,6 +353,10 @@ pub async fn run(args: Args) -> Result<()> {
                     let _ = ack.send(());
                 }
                 Some(CommandEvent::Mapped { pid, ack }) => {
+                    if let Some((obj, probes)) = procs.mapped(&mut tracer.bpf, pid)? {
+                        let line = format!("pid {pid} ({}) probed through {} with {probes} probes", target::comm(pid), obj.display());
+                        if Some(pid) == root { eprintln!("memtrace: memleak: {line}") } else { tracing::info!("{line}") }
+                    }
                     session.unwinder.load(pid);
                     let _ = ack.send(());
                 }

@@ -29,17 +29,49 @@ const USER_PROBES: &[(&str, &str)] = &[
     ("mmap", "memleak_mmap"),
 ];
 
-/// Attaches the allocator probes. Each function is probed in the allocator library, else in
-/// libc (a jemalloc program still gets mmap and pvalloc from libc); missing optional functions
-/// are skipped with a note.
-pub(super) fn user(bpf: &mut Ebpf, alloc: &Allocator, prefix: &str, pid: u32, skip: &[&str]) -> Result<usize> {
-    let mut attached = 0;
+/// Attaches the allocator probes and returns their links. Each function is probed in the
+/// allocator library, else in libc (a jemalloc program still gets mmap and pvalloc from libc);
+/// missing optional functions are skipped with a note. On an error, what was attached is
+/// detached again.
+pub(super) fn user(
+    bpf: &mut Ebpf,
+    alloc: &Allocator,
+    prefix: &str,
+    pid: u32,
+    skip: &[&str],
+) -> Result<Vec<(&'static str, UProbeLinkId)>> {
+    let mut links = Vec::new();
+    let result = user_into(bpf, alloc, prefix, pid, skip, &mut links);
+    if let Err(e) = result {
+        detach(bpf, links);
+        return Err(e);
+    }
+    Ok(links)
+}
+
+/// Detaches probes `user` attached: entries before returns, so no call is seen entering
+/// without being seen leaving.
+pub(super) fn detach(bpf: &mut Ebpf, mut links: Vec<(&'static str, UProbeLinkId)>) {
+    links.sort_by_key(|(prog, _)| *prog == "memleak_alloc_ret");
+    for (prog, id) in links {
+        let _ = kernel::detach_uprobe(bpf, prog, id);
+    }
+}
+
+fn user_into(
+    bpf: &mut Ebpf,
+    alloc: &Allocator,
+    prefix: &str,
+    pid: u32,
+    skip: &[&str],
+    links: &mut Vec<(&'static str, UProbeLinkId)>,
+) -> Result<()> {
     let placements: Vec<(&std::path::Path, Placement, &str)> = std::iter::once((alloc.primary.as_path(), prefix))
         .chain(alloc.libc.as_deref().map(|l| (l, "")))
         .map(|(obj, prefix)| (obj, Placement::new(obj), prefix))
         .collect();
     let obj = alloc.primary.as_path();
-    let mut attach = |bpf: &mut Ebpf, prog: &str, func: &str, required: bool| -> Result<bool> {
+    let mut attach = |bpf: &mut Ebpf, prog: &'static str, func: &str, required: bool| -> Result<bool> {
         if skip.contains(&func) {
             return Ok(false);
         }
@@ -47,8 +79,8 @@ pub(super) fn user(bpf: &mut Ebpf, alloc: &Allocator, prefix: &str, pid: u32, sk
             let symbol = format!("{prefix}{func}");
             let offset = entry_offset(placement, prog, &symbol, func);
             match kernel::attach_uprobe(bpf, prog, lib, &symbol, offset, Some(pid)) {
-                Ok(_) => {
-                    attached += 1;
+                Ok(id) => {
+                    links.push((prog, id));
                     return Ok(true);
                 }
                 // malloc and free must come from the allocator itself.
@@ -72,7 +104,7 @@ pub(super) fn user(bpf: &mut Ebpf, alloc: &Allocator, prefix: &str, pid: u32, sk
     for &(func, prog) in USER_PROBES {
         attach(bpf, prog, func, func == "malloc")?;
     }
-    Ok(attached)
+    Ok(())
 }
 
 /// Where an allocator probe goes: return probes at the entry (the kernel needs it there), entry
@@ -147,12 +179,8 @@ impl DutyCycle {
     /// Closes the window, then detaches entries before returns; returns how long to stay closed.
     pub(super) fn close(&mut self, bpf: &mut Ebpf) -> Result<Duration> {
         self.window.set(0, 0, 0)?;
-        let mut links = std::mem::take(&mut self.links);
-        links.sort_by_key(|(prog, _)| *prog == "memleak_alloc_ret");
         let started = std::time::Instant::now();
-        for (prog, id) in links {
-            kernel::detach_uprobe(bpf, prog, id)?;
-        }
+        detach(bpf, std::mem::take(&mut self.links));
         // Detaching takes a grace period per probe; count it as closed time.
         Ok(self.closed_for.saturating_sub(started.elapsed()))
     }

@@ -16,10 +16,17 @@ use aya::{
 use memtrace_common::memleak::{AllocInfo, AllocKey, Tracked};
 
 use super::attach;
-use crate::{kernel, target, target::Allocator, tools::tracer::Tracer};
+use crate::{
+    kernel::{self, UProbeLinkId},
+    target,
+    target::Allocator,
+    tools::tracer::Tracer,
+};
 
 pub(super) struct Proc {
     pub alloc: Allocator,
+    /// The probes on `alloc` for this process, detached when its allocator changes.
+    links: Vec<(&'static str, UProbeLinkId)>,
     /// Execs seen since tracing began; records of older images are void.
     pub image: u32,
     pub parent: Option<u32>,
@@ -67,8 +74,9 @@ impl Procs {
     /// Starts following `pid` with the allocator `alloc`; returns the number of probes.
     pub(super) fn start(&mut self, bpf: &mut Ebpf, pid: u32, alloc: Allocator) -> Result<usize> {
         self.tracked.insert(pid, Tracked::default(), 0).context("cannot track the process")?;
-        let probes = attach::user(bpf, &alloc, &self.prefix, pid, self.skip)?;
-        self.list.insert(pid, Proc::new(alloc, None, pid));
+        let links = attach::user(bpf, &alloc, &self.prefix, pid, self.skip)?;
+        let probes = links.len();
+        self.list.insert(pid, Proc { links, ..Proc::new(alloc, None, pid) });
         Ok(probes)
     }
 
@@ -107,15 +115,22 @@ impl Procs {
         // A parent without a probed allocator (a static shell such as busybox) has nothing to
         // probe in the child either, but the child is followed: its exec may be the program.
         // A child gone before its probes went in has nothing to report.
-        if !alloc.is_unprobed() && attach::user(bpf, &alloc, &self.prefix, child, self.skip).is_err() {
-            let _ = self.tracked.remove(&child);
-            let _ = self.copying.remove(&child);
-            return;
-        }
+        let links = if alloc.is_unprobed() {
+            Vec::new()
+        } else {
+            match attach::user(bpf, &alloc, &self.prefix, child, self.skip) {
+                Ok(links) => links,
+                Err(_) => {
+                    let _ = self.tracked.remove(&child);
+                    let _ = self.copying.remove(&child);
+                    return;
+                }
+            }
+        };
         if !held {
             self.late += 1;
         }
-        self.list.insert(child, Proc::new(alloc, Some(parent), child));
+        self.list.insert(child, Proc { links, ..Proc::new(alloc, Some(parent), child) });
         if self.copying.get(&child, 0).is_ok() {
             self.copy_inherited(allocs, parent, parent_image, child, fork_ns);
         }
@@ -164,38 +179,82 @@ impl Procs {
         let Some(proc) = self.list.get_mut(&pid) else { return Ok(None) };
         proc.image = proc.image.max(image);
         proc.comm = target::comm(pid);
-        let detected = match target::allocator_after_exec(pid) {
+        // Held, nothing is mapped but the program and its loader: the loader's rules tell
+        // what it will map (and `mapped` checks it). Running (-p), it may have mapped them.
+        let found = if held { None } else { target::mapped_allocator(pid) };
+        let detected = match found.map_or_else(|| target::allocator_after_exec(pid), Ok) {
             Ok(alloc) => alloc,
             // Gone before its new image was read (-p on a slow machine): its blocks are still
             // counted where its allocator stayed the same; only the frames lack names.
             Err(_) if !std::path::Path::new(&format!("/proc/{pid}")).exists() => return Ok(None),
+            // Held, the mappings will tell (`mapped`); running, this image goes unprobed.
+            Err(e) if held => {
+                tracing::info!("pid {pid}: its allocator is known once the loader maps it: {e:#}");
+                self.unprobe(bpf, pid);
+                return Ok(None);
+            }
             Err(e) => {
                 tracing::warn!("pid {pid} exec'd into an image memleak cannot probe: {e:#}");
                 self.unprobed += 1;
                 return Ok(None);
             }
         };
+        if !held {
+            self.late += 1;
+        }
+        self.probe(bpf, pid, detected)
+    }
+
+    /// `pid` (held, `-c`) has just mapped code: when a libc or an allocator library is now
+    /// mapped that is not what its probes are on (the loader found another file than
+    /// predicted, or the prediction failed), the probes move to it before any of it runs.
+    pub(super) fn mapped(&mut self, bpf: &mut Ebpf, pid: u32) -> Result<Option<(PathBuf, usize)>> {
+        let Some(proc) = self.list.get(&pid) else { return Ok(None) };
+        let Some(mapped) = target::mapped_allocator(pid) else { return Ok(None) };
+        if !target::contradicts(&mapped, &proc.alloc) {
+            return Ok(None);
+        }
+        let was = proc.alloc.primary.display().to_string();
+        tracing::info!(
+            "pid {pid} maps {} where its probes were on {}: probed again",
+            mapped.primary.display(),
+            if was.is_empty() { "nothing yet" } else { &was }
+        );
+        self.probe(bpf, pid, mapped)
+    }
+
+    /// Moves `pid`'s probes to `detected` (with `-O` applied), unless they are on those
+    /// files already; returns the allocator and number of probes when they moved.
+    fn probe(&mut self, bpf: &mut Ebpf, pid: u32, detected: Allocator) -> Result<Option<(PathBuf, usize)>> {
         let alloc = super::with_obj(detected, self.obj.as_ref())?;
+        let Some(proc) = self.list.get(&pid) else { return Ok(None) };
         if same_files(&alloc, &proc.alloc) {
             return Ok(None);
         }
         // Until its probes are in, the image has no allocator of memleak's: its children
         // are followed without probes of their own (see `fork`).
-        proc.alloc = Allocator::unprobed();
-        if !held {
-            self.late += 1;
-        }
+        self.unprobe(bpf, pid);
         match attach::user(bpf, &alloc, &self.prefix, pid, self.skip) {
-            Ok(probes) => {
-                proc.alloc = alloc.clone();
+            Ok(links) => {
+                let probes = links.len();
+                let proc = self.list.get_mut(&pid).expect("looked up above");
+                (proc.alloc, proc.links) = (alloc.clone(), links);
                 Ok(Some((alloc.primary, probes)))
             }
             Err(e) if e.downcast_ref::<kernel::ProgramRejected>().is_some() => Err(e),
             Err(e) => {
-                tracing::warn!("pid {pid}: cannot probe its new allocator {}: {e:#}", alloc.primary.display());
+                tracing::warn!("pid {pid}: cannot probe its allocator {}: {e:#}", alloc.primary.display());
                 self.unprobed += 1;
                 Ok(None)
             }
+        }
+    }
+
+    /// Takes `pid`'s probes off its allocator.
+    fn unprobe(&mut self, bpf: &mut Ebpf, pid: u32) {
+        if let Some(proc) = self.list.get_mut(&pid) {
+            proc.alloc = Allocator::unprobed();
+            attach::detach(bpf, std::mem::take(&mut proc.links));
         }
     }
 
@@ -226,7 +285,7 @@ impl Procs {
 
 impl Proc {
     fn new(alloc: Allocator, parent: Option<u32>, pid: u32) -> Proc {
-        Proc { alloc, image: 0, parent, comm: target::comm(pid), exit_code: None, exited: false }
+        Proc { alloc, links: Vec::new(), image: 0, parent, comm: target::comm(pid), exit_code: None, exited: false }
     }
 }
 
