@@ -336,7 +336,8 @@ fn brkstack_nofp_malloc_growth_reaches_main_through_libc() {
     // One walk per call, each to the process's first frame: the tables were loaded at attach.
     let cut: Value = serde_json::json!({
         "walks": MALLOC_GROWS, "complete": MALLOC_GROWS, "no_table": 0, "not_loaded": 0, "table_full": 0,
-        "depth": 0, "unreadable": 0, "unsupported": 0, "bad_frame": 0, "fp_frames": 0,
+        "depth": 0, "unreadable": 0, "unsupported": 0, "bad_frame": 0, "unusable_table": 0, "trampoline": 0,
+        "fp_frames": 0, "trampoline_frames": 0, "fp_walks": 0, "fp_short": 0,
     });
     assert_eq!(report["cut_stacks"], cut, "{report:#}");
     for field in ["events_lost", "stacks_lost", "stacks_full", "growth_unknown"] {

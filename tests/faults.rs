@@ -308,3 +308,55 @@ fn faults_nofp_default_unwind_stack_reaches_main() {
     }
     faults_nofp_reach_main(None);
 }
+
+/// faults beside memleak on one process: memleak's uretprobe on malloc has replaced malloc's
+/// return address with the kernel's trampoline, and a page fault inside malloc must still be
+/// walked to the program's entry (the kernel's record of the call gives the real address).
+/// Its stacks used to end at the trampoline, blamed on tables "not loaded yet".
+#[test]
+fn faults_walk_through_memleaks_uretprobe_trampoline() {
+    if !unwind_tables("faults_walk_through_memleaks_uretprobe_trampoline") {
+        return;
+    }
+    /// tests/progs/faults_in_malloc.c: blocks whose header malloc writes in a fresh page.
+    const BLOCKS: u64 = 64;
+    let mut child =
+        Command::new(prog_nofp("faults_in_malloc")).stdin(Stdio::piped()).stdout(Stdio::piped()).spawn().unwrap();
+    let mut stdin = child.stdin.take().unwrap();
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    assert_eq!(lines.next().unwrap().unwrap(), "ready");
+    let pid = child.id().to_string();
+    let mut memleak = Running::start(&["memleak", "--json", "-p", &pid]);
+    memleak.wait_ready();
+    let mut faults = Running::start(&["faults", "--json", "-T", "100", "-p", &pid]);
+    faults.wait_ready();
+    writeln!(stdin).unwrap();
+    assert_eq!(lines.next().unwrap().unwrap(), "done");
+    drop(stdin);
+    child.wait().unwrap();
+    let (status, stdout, stderr) = faults.finish(Duration::from_secs(20));
+    assert!(status.success(), "{status}: {stderr}");
+    let report = final_report(&stdout);
+    let stacks = stacks_with(&report, "sysmalloc");
+    assert_eq!(stacks.len(), 1, "one stack of faults in malloc: {report:#}");
+    let names: Vec<&str> =
+        stacks[0]["frames"].as_array().unwrap().iter().map(|f| f["func"].as_str().unwrap_or("?")).collect();
+    let from_malloc = names.iter().position(|n| *n == "malloc" || n.ends_with("libc_malloc")).expect("malloc");
+    assert_eq!(
+        names.get(from_malloc + 1..from_malloc + 4),
+        Some(&["grow", "main", "__libc_start_call_main"][..]),
+        "{names:?}"
+    );
+    assert_eq!(stacks[0]["faults"], BLOCKS, "{names:?}");
+    let cut = &report["cut_stacks"];
+    assert!(cut["trampoline_frames"].as_u64().unwrap() >= BLOCKS, "{cut}");
+    assert_eq!(cut["trampoline"], 0, "{cut}");
+    let (status, stdout, stderr) = memleak.finish(Duration::from_secs(20));
+    assert!(status.success(), "{status}: {stderr}");
+    let leaks = final_report(&stdout);
+    let grown = stacks_with(&leaks, "grow");
+    assert_eq!(grown.len(), 1, "{leaks:#}");
+    assert_eq!(grown[0]["bytes"], BLOCKS * 256 * 1024, "{leaks:#}");
+    assert_detached("faults");
+    assert_detached("memleak");
+}

@@ -254,11 +254,61 @@ fn unwind_fp_cpp_stops_short_of_main() {
     let report = memleak_command(Some("fp"), target.to_str().unwrap(), &[]);
     let leaked: u64 = UNWIND_CPP.iter().map(|l| l.bytes).sum();
     assert_eq!(report["total_bytes"], leaked + CPP_STARTUP, "{}", brief_all(&report));
-    for stack in report["stacks"].as_array().unwrap() {
+    let stacks = report["stacks"].as_array().unwrap();
+    for stack in stacks {
         for func in ["run_leaks", "main", "__libc_start_call_main"] {
             assert!(frame_of(stack, func).is_none(), "--unwind fp reached {func}: {}", brief(stack));
         }
     }
+    // What that loses is counted: every walk was a frame-pointer walk, and every stack shown
+    // ends short of the program's entry.
+    let cut = &report["dropped"]["cut_stacks"];
+    assert!(cut["walks"].as_u64().unwrap() > 0, "{cut}");
+    assert_eq!(cut["fp_walks"], cut["walks"], "{cut}");
+    assert_eq!(cut["fp_short"], stacks.len(), "{cut}");
+}
+
+/// Code a program writes at run time (a JIT's), in an anonymous executable mapping with no
+/// unwind table: the walk goes on through it by its frame pointer, to the program's entry.
+/// It used to stop there and blame tables "not loaded yet".
+#[test]
+fn unwind_goes_through_jit_code_by_frame_pointer() {
+    if !unwind_tables("unwind_goes_through_jit_code_by_frame_pointer") {
+        return;
+    }
+    let target = prog_nofp("jit_stub");
+    let report = memleak_command(None, target.to_str().unwrap(), &[]);
+    let stacks = stacks_with(&report, "leak_from_jit");
+    assert_eq!(stacks.len(), 1, "{}", brief_all(&report));
+    assert_eq!(stacks[0]["bytes"], 5 * 777, "{}", brief(stacks[0]));
+    assert_eq!(stacks[0]["allocs"], 5, "{}", brief(stacks[0]));
+    assert_path(stacks[0], &["leak_from_jit", "run_jit", "main", "__libc_start_call_main", "_start"]);
+    let cut = &report["dropped"]["cut_stacks"];
+    assert_eq!(cut["not_loaded"], 0, "{cut}");
+    assert!(cut["fp_frames"].as_u64().unwrap() >= 5, "the stub's frames come from its frame pointer: {cut}");
+}
+
+/// A program whose `.eh_frame` is malformed: the walk stops at it (no frame pointer leads
+/// on), and the cut is named for what it is, an unusable table; -v names the file.
+#[test]
+fn unwind_names_a_malformed_table_as_unusable() {
+    if !unwind_tables("unwind_names_a_malformed_table_as_unusable") {
+        return;
+    }
+    let target = build_prog("corrupt_unwind", Flavour::CorruptUnwind);
+    let out = run(&["-v", "memleak", "--json", "-c", target.to_str().unwrap()], Duration::from_secs(60));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert!(stderr.contains("corrupt_unwind: unusable table"), "{stderr}");
+    let report = final_report(&String::from_utf8_lossy(&out.stdout));
+    let stacks = stacks_with(&report, "leak_here");
+    assert_eq!(stacks.len(), 1, "{}", brief_all(&report));
+    assert_eq!(stacks[0]["bytes"], 3 * 555, "{}", brief(stacks[0]));
+    assert_eq!(stacks[0]["allocs"], 3, "{}", brief(stacks[0]));
+    let cut = &report["dropped"]["cut_stacks"];
+    assert_eq!(cut["unusable_table"], 3, "{cut}");
+    assert_eq!(cut["not_loaded"], 0, "{cut}");
+    assert_eq!(cut["no_table"], 0, "{cut}");
 }
 
 /// Without `--unwind`, memleak uses the DWARF tables where a module has them.

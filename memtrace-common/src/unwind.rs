@@ -71,6 +71,8 @@ pub const MAPPING_NO_TABLE: u32 = 1;
 pub const MAPPING_TABLE_FULL: u32 = 2;
 /// The process is loaded, but no loaded mapping holds this address (a new `dlopen`, JIT code).
 pub const MAPPING_UNKNOWN: u32 = 3;
+/// Its file has unwind sections memtrace could not use (malformed): frame pointers only.
+pub const MAPPING_UNUSABLE: u32 = 4;
 
 /// Value of a `UNWIND_MAPPINGS` entry. The bias turns a PC into the file's virtual address.
 /// Only 4-byte fields: the trie stores values right after the 12 key bytes.
@@ -117,9 +119,37 @@ pub const CUT_UNSUPPORTED: u32 = 7;
 pub const CUT_BAD_FRAME: u32 = 8;
 /// Frames found through frame pointers, in code without a table.
 pub const FP_FRAMES: u32 = 9;
-pub const STAT_COUNT: u32 = 10;
+/// Cut at a module whose unwind sections are malformed, where frame pointers did not lead on.
+pub const CUT_UNUSABLE: u32 = 10;
+/// Cut at a uretprobe's return trampoline whose real return address the kernel did not give.
+pub const CUT_TRAMPOLINE: u32 = 11;
+/// Return addresses a uretprobe (memtrace's or another tool's) had replaced with its
+/// trampoline, taken back from the kernel's record of the call.
+pub const TRAMPOLINE_FRAMES: u32 = 12;
+/// Walks made by frame pointers alone (`--unwind fp`): how they ended is not known here.
+pub const FP_WALKS: u32 = 13;
+pub const STAT_COUNT: u32 = 14;
+
+/// Byte offsets, from the kernel's BTF, of what the walker reads to see through uretprobe
+/// trampolines: the task's pending return instances (`task_struct.utask`,
+/// `uprobe_task.return_instances`, each `return_instance`'s `stack`, `orig_ret_vaddr` and
+/// `next`), and the trampoline's address (`task_struct.mm`, `mm_struct.uprobes_state.xol_area`,
+/// `xol_area.vaddr`). `enabled` is 0 when the kernel's BTF lacks any of them.
+#[repr(C)]
+#[derive(Copy, Clone, Debug, Default, PartialEq, Eq)]
+pub struct TrampolineOffsets {
+    pub task_utask: u32,
+    pub utask_return_instances: u32,
+    pub ri_stack: u32,
+    pub ri_orig_ret_vaddr: u32,
+    pub ri_next: u32,
+    pub task_mm: u32,
+    pub mm_xol_area: u32,
+    pub xol_vaddr: u32,
+    pub enabled: u32,
+}
 
 /// Rows the walker can search: 2^BINARY_STEPS; also the row map's largest size.
 pub const BINARY_STEPS: u32 = 24;
 
-user_pod!(PackedRow, Mapping);
+user_pod!(PackedRow, Mapping, TrampolineOffsets);

@@ -60,6 +60,7 @@ impl<const N: usize> Store<N> {
     #[inline(always)]
     pub fn user_walked<C: EbpfContext>(&self, ctx: &C, regs: Option<UserRegs>, pid: u32) -> Result<u64, Lost> {
         if !unwind::tables_enabled() {
+            unwind::count_fp_walk();
             return self.user(ctx);
         }
         let Some(regs) = regs.or_else(UserRegs::current) else { return Err(self.lost(Lost::Unreadable)) };

@@ -19,10 +19,11 @@ use aya_ebpf::{
 use memtrace_common::{
     stack::{MAX_FRAMES, Stack},
     unwind::{
-        BINARY_STEPS, CUT_BAD_FRAME, CUT_DEPTH, CUT_NO_TABLE, CUT_NOT_LOADED, CUT_TABLE_FULL, CUT_UNREADABLE,
-        CUT_UNSUPPORTED, ENDED_COMPLETE, FP_FRAMES, KEY_BITS, KIND_CFA_RBP, KIND_CFA_RSP, KIND_OUTERMOST, KIND_PLT,
-        MAPPING_NO_TABLE, MAPPING_TABLE, MAPPING_TABLE_FULL, MODE_DWARF, MODE_FP, Mapping, MappingKey, PackedRow,
-        RBP_AT_CFA, STAT_COUNT, WALKS, mapping_key,
+        BINARY_STEPS, CUT_BAD_FRAME, CUT_DEPTH, CUT_NO_TABLE, CUT_NOT_LOADED, CUT_TABLE_FULL, CUT_TRAMPOLINE,
+        CUT_UNREADABLE, CUT_UNSUPPORTED, CUT_UNUSABLE, ENDED_COMPLETE, FP_FRAMES, FP_WALKS, KEY_BITS, KIND_CFA_RBP,
+        KIND_CFA_RSP, KIND_OUTERMOST, KIND_PLT, MAPPING_NO_TABLE, MAPPING_TABLE, MAPPING_TABLE_FULL, MAPPING_UNUSABLE,
+        MODE_DWARF, MODE_FP, Mapping, MappingKey, PackedRow, RBP_AT_CFA, STAT_COUNT, TRAMPOLINE_FRAMES,
+        TrampolineOffsets, WALKS, mapping_key,
     },
 };
 
@@ -31,6 +32,20 @@ use crate::{BPF_NOEXIST, bump};
 /// How tools record user stacks: `MODE_FP` or `MODE_DWARF`, set by user space before load.
 #[unsafe(no_mangle)]
 static UNWIND_MODE: Global<u32> = Global::new(MODE_FP);
+
+/// Where the kernel keeps uretprobes' real return addresses (BTF offsets, set before load).
+#[unsafe(no_mangle)]
+static UNWIND_TRAMPOLINE: Global<TrampolineOffsets> = Global::new(TrampolineOffsets {
+    task_utask: 0,
+    utask_return_instances: 0,
+    ri_stack: 0,
+    ri_orig_ret_vaddr: 0,
+    ri_next: 0,
+    task_mm: 0,
+    mm_xol_area: 0,
+    xol_vaddr: 0,
+    enabled: 0,
+});
 
 /// Every module's rows, back to back; user space sizes it before load (`--unwind-rows`) and
 /// writes it through a shared mapping (BPF_F_MMAPABLE, 5.5+).
@@ -118,10 +133,83 @@ struct Walk {
     /// The `UNWIND_STATS` index the walk ended with; 0 while it goes on.
     end: u32,
     _pad: u32,
+    /// The task's next pending uretprobe return instance (kernel address), 0 when none: the
+    /// frame whose return-address slot it names returns through the trampoline.
+    ri: u64,
+    /// The uretprobe trampoline's address in this process, 0 when no return is pending.
+    trampoline: u64,
 }
 
 #[btf_map]
 static UNWIND_WALK: PerCpuArray<Walk, 1> = PerCpuArray::new();
+
+/// Counts a walk made by `bpf_get_stack` (frame pointers only), whose end is not known here.
+#[inline(always)]
+pub fn count_fp_walk() {
+    bump(&UNWIND_STATS, WALKS);
+    bump(&UNWIND_STATS, FP_WALKS);
+}
+
+/// The current task's newest pending uretprobe return and the trampoline's address; (0, 0)
+/// when none is pending (nearly always) or the kernel's layout is unknown.
+#[inline(always)]
+fn pending_returns() -> (u64, u64) {
+    let o = UNWIND_TRAMPOLINE.load();
+    if o.enabled == 0 {
+        return (0, 0);
+    }
+    // SAFETY: helper without preconditions.
+    let task = unsafe { aya_ebpf::helpers::bpf_get_current_task() };
+    let Ok(utask) = kread(task + o.task_utask as u64) else { return (0, 0) };
+    if utask == 0 {
+        return (0, 0);
+    }
+    let ri = kread(utask + o.utask_return_instances as u64).unwrap_or(0);
+    if ri == 0 {
+        return (0, 0);
+    }
+    let trampoline = kread(task + o.task_mm as u64)
+        .and_then(|mm| kread(mm + o.mm_xol_area as u64))
+        .and_then(|area| if area == 0 { Err(()) } else { kread(area + o.xol_vaddr as u64) })
+        .unwrap_or(0);
+    (ri, trampoline)
+}
+
+#[inline(always)]
+fn kread(addr: u64) -> Result<u64, ()> {
+    // SAFETY: a checked read of kernel memory.
+    unsafe { bpf_probe_read_kernel(addr as *const u64) }.map_err(|_| ())
+}
+
+/// The return address of the frame whose return-address slot is `cfa - 8`: `ra` itself, or,
+/// where a uretprobe replaced it with its trampoline, the original the kernel recorded.
+#[inline(always)]
+fn through_trampoline(state: &mut Walk, cfa: u64, ra: u64) -> Result<u64, u32> {
+    if state.ri == 0 {
+        return if state.trampoline != 0 && ra == state.trampoline { Err(CUT_TRAMPOLINE) } else { Ok(ra) };
+    }
+    let o = UNWIND_TRAMPOLINE.load();
+    let slot = cfa.wrapping_sub(8);
+    // Newest first, so innermost first; instances of frames below this one (left by a
+    // longjmp) are passed over.
+    for _ in 0..4 {
+        let Ok(stack) = kread(state.ri + o.ri_stack as u64) else { break };
+        if stack >= slot {
+            break;
+        }
+        state.ri = kread(state.ri + o.ri_next as u64).unwrap_or(0);
+        if state.ri == 0 {
+            break;
+        }
+    }
+    if state.ri != 0 && kread(state.ri + o.ri_stack as u64) == Ok(slot) {
+        let orig = kread(state.ri + o.ri_orig_ret_vaddr as u64).map_err(|_| CUT_TRAMPOLINE)?;
+        state.ri = kread(state.ri + o.ri_next as u64).unwrap_or(0);
+        bump(&UNWIND_STATS, TRAMPOLINE_FRAMES);
+        return Ok(orig);
+    }
+    if state.trampoline != 0 && ra == state.trampoline { Err(CUT_TRAMPOLINE) } else { Ok(ra) }
+}
 
 /// Walks the user stack of process `pid` from `regs` into this CPU's `UNWIND_STACK`, whose
 /// first frame is `regs.ip`. None only when there is no scratch slot.
@@ -135,8 +223,11 @@ pub fn walk(regs: UserRegs, pid: u32) -> Option<&'static Stack> {
         (*stack).len = 1;
     }
     let state = UNWIND_WALK.get_ptr_mut(0)?;
+    let (ri, trampoline) = pending_returns();
     // SAFETY: this CPU's slot, as for the stack.
-    unsafe { state.write(Walk { pc: regs.ip, sp: regs.sp, bp: regs.bp, pid, len: 1, end: 0, _pad: 0 }) };
+    unsafe {
+        state.write(Walk { pc: regs.ip, sp: regs.sp, bp: regs.bp, pid, len: 1, end: 0, _pad: 0, ri, trampoline })
+    };
     // SAFETY: `step` has the callback signature bpf_loop wants; it takes no context.
     #[cfg(feature = "bpf-loop")]
     unsafe {
@@ -205,6 +296,7 @@ fn unwind_one(state: &mut Walk, first: bool) -> Result<(), u32> {
         }
         MAPPING_NO_TABLE => return frame_pointer_step(state, CUT_NO_TABLE),
         MAPPING_TABLE_FULL => return frame_pointer_step(state, CUT_TABLE_FULL),
+        MAPPING_UNUSABLE => return frame_pointer_step(state, CUT_UNUSABLE),
         _ => {
             // A PC in none of a loaded process's mappings: new since the load (dlopen).
             want(state.pid);
@@ -237,6 +329,7 @@ fn frame_pointer_step(state: &mut Walk, cause: u32) -> Result<(), u32> {
 /// Moves to the caller and pushes its PC; a zero return address ends the stack.
 #[inline(always)]
 fn advance(state: &mut Walk, cfa: u64, bp: u64, ra: u64) -> Result<(), u32> {
+    let ra = through_trampoline(state, cfa, ra)?;
     if ra == 0 {
         return Err(ENDED_COMPLETE);
     }

@@ -30,9 +30,26 @@ pub struct MappedFile {
 
 /// The file-backed mappings of `pid`.
 pub fn mapped_files(pid: u32) -> Result<Vec<MappedFile>> {
+    Ok(maps(pid)?.into_iter().filter(MappedFile::is_file).collect())
+}
+
+/// Every executable mapping of `pid`: files, and code no file backs (a JIT's, `[vdso]`),
+/// whose `path` is empty or the kernel's bracketed name.
+pub fn exec_mappings(pid: u32) -> Result<Vec<MappedFile>> {
+    Ok(maps(pid)?.into_iter().filter(|m| m.exec).collect())
+}
+
+fn maps(pid: u32) -> Result<Vec<MappedFile>> {
     let maps =
         fs::read_to_string(format!("/proc/{pid}/maps")).with_context(|| format!("cannot read /proc/{pid}/maps"))?;
     Ok(maps.lines().filter_map(parse_maps_line).collect())
+}
+
+impl MappedFile {
+    /// Backed by a file (its path is absolute), not anonymous memory or a kernel page.
+    pub fn is_file(&self) -> bool {
+        self.path.starts_with('/')
+    }
 }
 
 fn parse_maps_line(line: &str) -> Option<MappedFile> {
@@ -43,9 +60,6 @@ fn parse_maps_line(line: &str) -> Option<MappedFile> {
     let (major, minor) = fields.next()?.split_once(':')?;
     let inode = fields.next()?.parse().ok()?;
     let path = fields.next().unwrap_or("").trim_start();
-    if !path.starts_with('/') {
-        return None;
-    }
     let (path, deleted) = match path.strip_suffix(" (deleted)") {
         Some(p) => (p, true),
         None => (path, false),
@@ -114,7 +128,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn parses_file_mappings_only() {
+    fn parses_maps_lines() {
         let m = parse_maps_line(
             "7f1c2a400000-7f1c2a428000 r--p 00000000 fd:01 1835057                    /usr/lib/x86_64-linux-gnu/libc.so.6",
         )
@@ -123,8 +137,10 @@ mod tests {
         assert_eq!((m.path.as_str(), m.deleted), ("/usr/lib/x86_64-linux-gnu/libc.so.6", false));
         let gone = parse_maps_line("7f00-7f10 r-xp 00001000 08:02 42 /tmp/lib x.so (deleted)").unwrap();
         assert_eq!((gone.path.as_str(), gone.deleted), ("/tmp/lib x.so", true));
-        assert!(parse_maps_line("7ffd-7ffe rw-p 00000000 00:00 0                          [stack]").is_none());
-        assert!(parse_maps_line("7ffd-7ffe rw-p 00000000 00:00 0").is_none());
+        let stack = parse_maps_line("7ffd-7ffe rw-p 00000000 00:00 0                          [stack]").unwrap();
+        assert!(!stack.is_file() && !stack.exec && stack.path == "[stack]");
+        let jit = parse_maps_line("7ffd-7ffe r-xp 00000000 00:00 0").unwrap();
+        assert!(!jit.is_file() && jit.exec && jit.path.is_empty());
     }
 
     #[test]

@@ -22,7 +22,13 @@ pub enum Flavour {
     Rpath,
     /// The same through DT_RUNPATH, which comes after LD_LIBRARY_PATH.
     Runpath,
+    /// As `NoFramePointers`, then its `.eh_frame` overwritten with bytes no unwinder can
+    /// read (C only; `CORRUPT_PROGRAMS`).
+    CorruptUnwind,
 }
+
+/// The programs also built with `Flavour::CorruptUnwind`.
+const CORRUPT_PROGRAMS: &[&str] = &["corrupt_unwind"];
 
 /// The programs also built with `Flavour::Rpath` and `Flavour::Runpath`.
 const RPATH_PROGRAMS: &[&str] = &["leaky"];
@@ -42,6 +48,7 @@ pub fn build(repo: &Path, name: &str, flavour: Flavour) -> PathBuf {
         Static => repo.join("target/test-progs/static"),
         Rpath => repo.join("target/test-progs/rpath"),
         Runpath => repo.join("target/test-progs/runpath"),
+        CorruptUnwind => repo.join("target/test-progs/corrupt"),
     };
     std::fs::create_dir_all(&dir).unwrap();
     let out = dir.join(name);
@@ -62,6 +69,8 @@ pub fn build(repo: &Path, name: &str, flavour: Flavour) -> PathBuf {
             ("cc", &["-g", "-O0", "-fno-omit-frame-pointer", "-Wl,-rpath,$ORIGIN/lib", "-Wl,--enable-new-dtags"])
         }
         (_, Rpath | Runpath) => panic!("tests/progs/{name}.{ext}: only C programs are built with a search path"),
+        ("c", CorruptUnwind) => ("cc", &["-g", "-O2", "-fomit-frame-pointer"]),
+        (_, CorruptUnwind) => panic!("tests/progs/{name}.{ext}: only C programs are built with a corrupt table"),
         ("cpp", Debug) => ("g++", &["-g", "-O0", "-fno-omit-frame-pointer"]),
         ("cpp", NoFramePointers) => ("g++", &["-g", "-O2", "-fomit-frame-pointer"]),
         (_, Debug) => ("rustc", &["-g", "-C", "opt-level=0", "-C", "force-frame-pointers=yes"]),
@@ -78,9 +87,32 @@ pub fn build(repo: &Path, name: &str, flavour: Flavour) -> PathBuf {
     if !same_build || fresh(&out).is_none() || fresh(&out) < fresh(&src) {
         let status = cmd.status().unwrap_or_else(|e| panic!("cannot run {compiler} for {name}: {e}"));
         assert!(status.success(), "building {} failed", src.display());
+        if flavour == CorruptUnwind {
+            corrupt_eh_frame(&out);
+        }
         std::fs::write(&stamp, how).unwrap();
     }
     out
+}
+
+/// Overwrites the `.eh_frame` section of the ELF file at `path` with 0xff bytes: its first
+/// entry's length then says "64-bit length follows", and that length runs past the section.
+fn corrupt_eh_frame(path: &Path) {
+    let mut elf = std::fs::read(path).unwrap();
+    let u16_at = |d: &[u8], o: usize| u16::from_le_bytes(d[o..o + 2].try_into().unwrap()) as usize;
+    let u32_at = |d: &[u8], o: usize| u32::from_le_bytes(d[o..o + 4].try_into().unwrap()) as usize;
+    let u64_at = |d: &[u8], o: usize| u64::from_le_bytes(d[o..o + 8].try_into().unwrap()) as usize;
+    let (shoff, shentsize, shnum, shstrndx) =
+        (u64_at(&elf, 0x28), u16_at(&elf, 0x3a), u16_at(&elf, 0x3c), u16_at(&elf, 0x3e));
+    let section = |i: usize| shoff + i * shentsize;
+    let names = u64_at(&elf, section(shstrndx) + 0x18);
+    let eh_frame = (0..shnum)
+        .map(section)
+        .find(|&sh| elf[names + u32_at(&elf, sh)..].starts_with(b".eh_frame\0"))
+        .unwrap_or_else(|| panic!("{} has no .eh_frame", path.display()));
+    let (offset, size) = (u64_at(&elf, eh_frame + 0x18), u64_at(&elf, eh_frame + 0x20));
+    elf[offset..offset + size].fill(0xff);
+    std::fs::write(path, elf).unwrap();
 }
 
 /// Every program of tests/progs in every flavour.
@@ -104,6 +136,9 @@ pub fn build_all(repo: &Path) {
         if RPATH_PROGRAMS.contains(&name.as_str()) {
             build(repo, name, Flavour::Rpath);
             build(repo, name, Flavour::Runpath);
+        }
+        if CORRUPT_PROGRAMS.contains(&name.as_str()) {
+            build(repo, name, Flavour::CorruptUnwind);
         }
     }
 }

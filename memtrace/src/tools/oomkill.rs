@@ -335,7 +335,7 @@ impl tools::Stream for State {
         let cut = self.unwinder.cut();
         let kills = self.out.count;
         self.out.finish(lost, serde_json::json!({"kills": kills, "cut_stacks": cut}))?;
-        if !self.json && cut.walks > cut.complete {
+        if !self.json && cut.walks > cut.complete + cut.fp_walks {
             // Trigger stacks are walked once each, so a cut one is worth a line.
             eprintln!("memtrace: oomkill: {}", output::stack_blind_spots(&[], &cut));
         }

@@ -113,6 +113,16 @@ pub fn user_frames(sym: &mut UserSymbolizer, pid: u32, ips: &[u64], first_exact:
     frames
 }
 
+/// Whether a user stack (innermost first) reaches a program's or a thread's entry, as a
+/// whole stack does. For frame-pointer walks (`--unwind fp`), whose end the walker cannot
+/// tell from a cut: by the outermost function's name.
+pub fn reaches_entry(frames: &[Frame]) -> bool {
+    const ENTRIES: &[&str] = &["_start", "start_thread", "clone", "clone3", "__clone", "__clone3", "thread_start"];
+    let outermost = frames.iter().rev().find(|f| !f.inlined).and_then(|f| f.func.as_deref());
+    // glibc's __libc_start_main and __libc_start_call_main, under their versions' names.
+    outermost.is_some_and(|name| ENTRIES.contains(&name) || name.starts_with("__libc_start_"))
+}
+
 /// Kernel frames of `ips`, innermost first.
 pub fn kernel_frames(sym: &KernelSymbolizer, ips: &[u64]) -> Vec<Frame> {
     sym.symbolize_stack(ips)

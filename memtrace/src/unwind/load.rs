@@ -16,9 +16,10 @@ use aya::{
     maps::{HashMap, LpmTrie, MapData, PerCpuArray, lpm_trie::Key},
 };
 use memtrace_common::unwind::{
-    BINARY_STEPS, CUT_BAD_FRAME, CUT_DEPTH, CUT_NO_TABLE, CUT_NOT_LOADED, CUT_TABLE_FULL, CUT_UNREADABLE,
-    CUT_UNSUPPORTED, ENDED_COMPLETE, FP_FRAMES, MAPPING_NO_TABLE, MAPPING_TABLE, MAPPING_TABLE_FULL, MAPPING_UNKNOWN,
-    MODE_AUTO, MODE_DWARF, MODE_FP, Mapping, MappingKey, PID_BITS, PackedRow, WALKS, mapping_key,
+    BINARY_STEPS, CUT_BAD_FRAME, CUT_DEPTH, CUT_NO_TABLE, CUT_NOT_LOADED, CUT_TABLE_FULL, CUT_TRAMPOLINE,
+    CUT_UNREADABLE, CUT_UNSUPPORTED, CUT_UNUSABLE, ENDED_COMPLETE, FP_FRAMES, FP_WALKS, MAPPING_NO_TABLE,
+    MAPPING_TABLE, MAPPING_TABLE_FULL, MAPPING_UNKNOWN, MAPPING_UNUSABLE, MODE_AUTO, MODE_DWARF, MODE_FP, Mapping,
+    MappingKey, PID_BITS, PackedRow, TRAMPOLINE_FRAMES, TrampolineOffsets, WALKS, mapping_key,
 };
 use object::ReadCache;
 use serde::Serialize;
@@ -80,8 +81,35 @@ impl UnwindArgs {
             UnwindMode::Fp => &MODE_FP,
         };
         loader.override_global("UNWIND_MODE", mode_value, false);
+        loader.override_global("UNWIND_TRAMPOLINE", trampoline_offsets(), false);
         loader.map_max_entries("UNWIND_ROWS", if mode == UnwindMode::Fp { 1 } else { self.unwind_rows });
     }
+}
+
+/// Where this kernel keeps uretprobes' real return addresses, from its BTF; all zero (the
+/// walker then stops at a trampoline and says so) where its BTF lacks any of them.
+fn trampoline_offsets() -> &'static TrampolineOffsets {
+    static OFFSETS: std::sync::OnceLock<TrampolineOffsets> = std::sync::OnceLock::new();
+    OFFSETS.get_or_init(|| {
+        let read = || -> Result<TrampolineOffsets> {
+            let off = crate::kernel::btf::member_offset;
+            Ok(TrampolineOffsets {
+                task_utask: off("task_struct", "utask")?,
+                utask_return_instances: off("uprobe_task", "return_instances")?,
+                ri_stack: off("return_instance", "stack")?,
+                ri_orig_ret_vaddr: off("return_instance", "orig_ret_vaddr")?,
+                ri_next: off("return_instance", "next")?,
+                task_mm: off("task_struct", "mm")?,
+                mm_xol_area: off("mm_struct", "uprobes_state.xol_area")?,
+                xol_vaddr: off("xol_area", "vaddr")?,
+                enabled: 1,
+            })
+        };
+        read().unwrap_or_else(|e| {
+            tracing::info!("unwind: stacks stop at uretprobe trampolines: {e:#}");
+            TrampolineOffsets::default()
+        })
+    })
 }
 
 /// How often the walker's requests for tables (new processes, libraries) are served.
@@ -123,8 +151,19 @@ pub struct CutStacks {
     pub unreadable: u64,
     pub unsupported: u64,
     pub bad_frame: u64,
+    /// Cut at a module whose unwind sections are malformed.
+    pub unusable_table: u64,
+    /// Cut at a uretprobe's trampoline whose real return address could not be read.
+    pub trampoline: u64,
     /// Frames found through frame pointers in code without a table.
     pub fp_frames: u64,
+    /// Return addresses taken back from uretprobe trampolines (another tool's, or
+    /// memtrace's own on an allocator): the walk went on through them.
+    pub trampoline_frames: u64,
+    /// Walks made by frame pointers alone (`--unwind fp`), whose end the walker cannot tell;
+    /// `fp_short` is how many of the stacks shown stop before a program or thread entry.
+    pub fp_walks: u64,
+    pub fp_short: u64,
 }
 
 impl CutStacks {
@@ -138,6 +177,13 @@ impl CutStacks {
             (self.unreadable, "stacks cut at unreadable stack memory"),
             (self.unsupported, "stacks cut at an unwind rule memtrace cannot follow"),
             (self.bad_frame, "stacks cut at a frame that did not move up the stack"),
+            (self.unusable_table, "stacks cut at a module whose unwind tables are malformed (-v names it)"),
+            (self.trampoline, "stacks cut at a uretprobe's return trampoline"),
+            (
+                self.fp_short,
+                "stacks shown end before a program or thread entry (frame pointers stop in code built without them: \
+                 --unwind auto walks the unwind tables)",
+            ),
         ]
     }
 }
@@ -212,11 +258,10 @@ impl Unwinder {
         if self.rows_map.is_none() {
             return;
         }
-        let Ok(maps) = procfs::mapped_files(pid) else {
+        let Ok(maps) = procfs::exec_mappings(pid) else {
             self.forget(pid);
             return;
         };
-        let maps: Vec<MappedFile> = maps.into_iter().filter(|m| m.exec).collect();
         let mut keys = HashSet::new();
         for m in &maps {
             let mapping = self.mapping_of(pid, m);
@@ -265,10 +310,8 @@ impl Unwinder {
                 continue;
             }
             // A PC outside every loaded mapping is new code, or junk: reload only for the first.
-            let unchanged = self.pids.get(&pid).is_some_and(|l| {
-                procfs::mapped_files(pid)
-                    .is_ok_and(|m| m.into_iter().filter(|m| m.exec).eq(l.exec_maps.iter().cloned()))
-            });
+            let unchanged =
+                self.pids.get(&pid).is_some_and(|l| procfs::exec_mappings(pid).is_ok_and(|m| m == l.exec_maps));
             if !unchanged {
                 self.load(pid);
             }
@@ -298,7 +341,12 @@ impl Unwinder {
             unreadable: stat(CUT_UNREADABLE),
             unsupported: stat(CUT_UNSUPPORTED),
             bad_frame: stat(CUT_BAD_FRAME),
+            unusable_table: stat(CUT_UNUSABLE),
+            trampoline: stat(CUT_TRAMPOLINE),
             fp_frames: stat(FP_FRAMES),
+            trampoline_frames: stat(TRAMPOLINE_FRAMES),
+            fp_walks: stat(FP_WALKS),
+            fp_short: 0,
         }
     }
 
@@ -325,14 +373,21 @@ impl Unwinder {
         lines
     }
 
-    /// The entry for mapping `m` of `pid`, building its file's table the first time.
+    /// The entry for mapping `m` of `pid`, building its file's table the first time. Code no
+    /// file backs (a JIT's, the vdso) has no table memtrace reads: frame pointers there.
     fn mapping_of(&mut self, pid: u32, m: &MappedFile) -> Mapping {
+        if !m.is_file() {
+            return Mapping::new(MAPPING_NO_TABLE, 0, 0, 0);
+        }
         let id = (m.dev.0, m.dev.1, m.inode);
         if !self.modules.contains_key(&id) {
             let module = self.build(pid, m);
             self.modules.insert(id, module);
         }
         let module = &self.modules[&id];
+        if module.kind != MAPPING_TABLE {
+            return Mapping::new(module.kind, 0, 0, 0);
+        }
         let Some(bias) = mapping_bias(&module.segments, m.start, m.offset) else {
             return Mapping::new(MAPPING_NO_TABLE, 0, 0, 0);
         };
@@ -350,28 +405,44 @@ impl Unwinder {
             missing: None,
         };
         let began = std::time::Instant::now();
-        let built = (|| -> Result<(UnwindTable, Vec<super::Segment>)> {
-            let path = procfs::reach(pid, m).context("the file cannot be reached from memtrace")?;
-            let file = File::open(&path).with_context(|| format!("cannot open {}", path.display()))?;
-            let cache = ReadCache::new(file);
-            let segments = load_segments(&cache).map_err(|e| anyhow::anyhow!("{e}"))?;
-            let table = UnwindTable::from_elf(&cache, &self.limits).map_err(|e| anyhow::anyhow!("{e}"))?;
-            Ok((table, segments))
-        })();
+        let Some(path) = procfs::reach(pid, m) else {
+            module.missing = Some("the file cannot be reached from memtrace".into());
+            return module;
+        };
+        let file = match File::open(&path) {
+            Ok(file) => file,
+            Err(e) => {
+                module.missing = Some(format!("cannot open {}: {e}", path.display()));
+                return module;
+            }
+        };
+        let cache = ReadCache::new(file);
+        let built = load_segments(&cache).and_then(|s| Ok((UnwindTable::from_elf(&cache, &self.limits)?, s)));
         let (table, segments) = match built {
             Ok(v) => v,
+            // The file is there, but its headers or tables cannot be used (malformed, or past
+            // the limits a hostile file is held to).
             Err(e) => {
-                module.missing = Some(format!("{e:#}"));
+                module.kind = MAPPING_UNUSABLE;
+                module.missing = Some(format!("unusable table: {e}"));
+                tracing::warn!("unwind: {}: unusable table: {e}", m.path);
                 return module;
             }
         };
         module.segments = segments;
         let rows = table.rows();
+        let stats = table.stats();
         if rows.iter().all(|r| r.kind == memtrace_common::unwind::KIND_NO_TABLE) {
-            module.missing = Some("no .eh_frame or .debug_frame".into());
+            if stats.malformed > 0 {
+                // Sections there, but nothing in them could be read: not the same as none.
+                module.kind = MAPPING_UNUSABLE;
+                module.missing = Some(format!("unusable table: {} malformed entries", stats.malformed));
+                tracing::warn!("unwind: {}: unusable table ({} malformed entries)", m.path, stats.malformed);
+            } else {
+                module.missing = Some("no .eh_frame or .debug_frame".into());
+            }
             return module;
         }
-        let stats = table.stats();
         tracing::info!(
             "unwind: {}: {} rows ({}) from {} FDEs in {:.1} ms, {} rows memtrace cannot follow",
             m.path,

@@ -360,9 +360,15 @@ impl<'a> Session<'a> {
         processes.sort_by(|a, b| b.bytes.cmp(&a.bytes).then(a.pid.cmp(&b.pid)));
         let mut stacks = Vec::new();
         let top = self.args.top.get();
+        let mut cut_stacks = self.unwinder.cut();
         for row in rows.iter() {
             let (trend, rate) = self.trends.observe(row.key, row.bytes, now);
             if stacks.len() < top {
+                let frames = self.frames(row.key);
+                let fp_walked = row.key.pid != NO_PID && self.unwinder.mode() == crate::unwind::UnwindMode::Fp;
+                if fp_walked && !stacks::reaches_entry(&frames) {
+                    cut_stacks.fp_short += 1;
+                }
                 stacks.push(StackReport {
                     pid: row.key.pid,
                     stack_id: stacks::id_json(row.key.stack_id),
@@ -370,7 +376,7 @@ impl<'a> Session<'a> {
                     allocs: row.allocs,
                     trend,
                     growth_bytes_per_sec: rate,
-                    frames: self.frames(row.key),
+                    frames,
                     allocations: row.allocations.clone(),
                 });
             }
@@ -390,7 +396,7 @@ impl<'a> Session<'a> {
             file_mappings,
             stacks,
             processes,
-            dropped: Dropped { cut_stacks: self.unwinder.cut(), ..self.maps.dropped(procs) },
+            dropped: Dropped { cut_stacks, ..self.maps.dropped(procs) },
         };
         let report = self.out.titled(report, |r| render(r, self.args.sample_rate))?;
         if is_final && let Some(path) = &self.args.folded {
