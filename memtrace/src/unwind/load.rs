@@ -6,7 +6,6 @@
 
 use std::{
     collections::{HashMap as StdHashMap, HashSet},
-    fs::File,
     os::fd::AsRawFd as _,
 };
 
@@ -18,13 +17,12 @@ use aya::{
 use memtrace_common::unwind::{
     BINARY_STEPS, CUT_BAD_FRAME, CUT_DEPTH, CUT_NO_TABLE, CUT_NOT_LOADED, CUT_TABLE_FULL, CUT_TRAMPOLINE,
     CUT_UNREADABLE, CUT_UNSUPPORTED, CUT_UNUSABLE, ENDED_COMPLETE, FP_FRAMES, FP_WALKS, MAPPING_NO_TABLE,
-    MAPPING_TABLE, MAPPING_TABLE_FULL, MAPPING_UNKNOWN, MAPPING_UNUSABLE, MODE_AUTO, MODE_DWARF, MODE_FP, Mapping,
+    MAPPING_TABLE, MAPPING_TABLE_FULL, MAPPING_UNKNOWN, MODE_AUTO, MODE_DWARF, MODE_FP, Mapping,
     MappingKey, PID_BITS, PackedRow, TRAMPOLINE_FRAMES, TrampolineOffsets, WALKS, mapping_key,
 };
-use object::ReadCache;
 use serde::Serialize;
 
-use super::{Limits, UnwindTable, load_segments, mapping_bias};
+use super::{Limits, mapping_bias};
 use crate::procfs::{self, MappedFile};
 
 /// `--unwind`: how tools walk user stacks.
@@ -395,70 +393,26 @@ impl Unwinder {
     }
 
     fn build(&mut self, pid: u32, m: &MappedFile) -> Module {
+        let compiled = super::module::compile(pid, m, &self.limits);
         let mut module = Module {
             path: m.path.clone(),
             rows: 0,
             bytes: 0,
             start: 0,
-            kind: MAPPING_NO_TABLE,
-            segments: Vec::new(),
-            missing: None,
+            kind: compiled.kind,
+            segments: compiled.segments,
+            missing: compiled.missing,
         };
-        let began = std::time::Instant::now();
-        let Some(path) = procfs::reach(pid, m) else {
-            module.missing = Some("the file cannot be reached from memtrace".into());
-            return module;
-        };
-        let file = match File::open(&path) {
-            Ok(file) => file,
-            Err(e) => {
-                module.missing = Some(format!("cannot open {}: {e}", path.display()));
-                return module;
-            }
-        };
-        let cache = ReadCache::new(file);
-        let built = load_segments(&cache).and_then(|s| Ok((UnwindTable::from_elf(&cache, &self.limits)?, s)));
-        let (table, segments) = match built {
-            Ok(v) => v,
-            // The file is there, but its headers or tables cannot be used (malformed, or past
-            // the limits a hostile file is held to).
-            Err(e) => {
-                module.kind = MAPPING_UNUSABLE;
-                module.missing = Some(format!("unusable table: {e}"));
-                tracing::warn!("unwind: {}: unusable table: {e}", m.path);
-                return module;
-            }
-        };
-        module.segments = segments;
-        let rows = table.rows();
-        let stats = table.stats();
-        if rows.iter().all(|r| r.kind == memtrace_common::unwind::KIND_NO_TABLE) {
-            if stats.malformed > 0 {
-                // Sections there, but nothing in them could be read: not the same as none.
-                module.kind = MAPPING_UNUSABLE;
-                module.missing = Some(format!("unusable table: {} malformed entries", stats.malformed));
-                tracing::warn!("unwind: {}: unusable table ({} malformed entries)", m.path, stats.malformed);
-            } else {
-                module.missing = Some("no .eh_frame or .debug_frame".into());
-            }
+        if compiled.kind != MAPPING_TABLE {
             return module;
         }
-        tracing::info!(
-            "unwind: {}: {} rows ({}) from {} FDEs in {:.1} ms, {} rows memtrace cannot follow",
-            m.path,
-            rows.len(),
-            crate::output::bytes(rows.len() as u64 * 16),
-            stats.fdes,
-            began.elapsed().as_secs_f64() * 1e3,
-            stats.unsupported_rows
-        );
         let Some(map) = self.rows_map.as_mut() else { return module };
+        let rows = &compiled.rows;
         match map.append(rows) {
             Some(start) => {
                 module.start = start;
                 module.rows = rows.len() as u32;
                 module.bytes = rows.len() as u64 * 16;
-                module.kind = MAPPING_TABLE;
             }
             None => {
                 module.kind = MAPPING_TABLE_FULL;

@@ -16,6 +16,8 @@
 mod build;
 #[cfg(not(fuzzing))]
 mod load;
+#[cfg(not(fuzzing))]
+pub mod module;
 mod row;
 #[cfg(test)]
 mod tests;
