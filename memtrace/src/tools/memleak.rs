@@ -128,6 +128,9 @@ impl Args {
             target::check_pid(pid)?;
             target::check_user_pid(pid)?;
         }
+        if self.children && self.command.is_some() {
+            bail!("--children goes with -p: -c always follows every process the command starts");
+        }
         if let Some(cmd) = &self.command {
             let argv = shlex::split(cmd).filter(|a| !a.is_empty() && !a[0].is_empty());
             target::find_program(&argv.context("-c needs a command, e.g. -c \"./prog arg\"")?[0])?;
