@@ -24,7 +24,9 @@ mod code_watch;
 /// (and, for a fork, the child) stopped until the ack is sent or dropped.
 pub enum CommandEvent {
     /// `pid` has just exec'd: its new executable and loader are mapped, nothing has run.
-    Exec { pid: u32, ack: oneshot::Sender<()> },
+    /// `from_thread`: a thread other than the process's first made the exec and took over its
+    /// pid; the first thread, which probes filtered by pid were tied to, is gone.
+    Exec { pid: u32, from_thread: bool, ack: oneshot::Sender<()> },
     /// `parent` forked the process `child` (not a thread): neither runs until the ack.
     /// `shared`: the child shares its parent's memory until it execs (vfork, posix_spawn).
     Fork { parent: u32, child: u32, shared: bool, ack: oneshot::Sender<()> },
@@ -188,10 +190,13 @@ impl Tree {
                     }
                 }
                 libc::PTRACE_EVENT_EXEC => {
-                    // After an exec by any thread, the process continues as its leader.
+                    // After an exec by any thread, the process continues as its leader; the
+                    // message is the exec'ing thread's tid before the exec.
                     let pid = tgid(tid);
+                    let former = event_msg(tid);
+                    let from_thread = former != 0 && former != pid;
                     self.processes.insert(pid);
-                    self.ask(|ack| CommandEvent::Exec { pid, ack });
+                    self.ask(|ack| CommandEvent::Exec { pid, from_thread, ack });
                 }
                 libc::PTRACE_EVENT_EXIT if self.processes.contains(&tid) => {
                     self.ask(|ack| CommandEvent::Exiting { pid: tid, ack });

@@ -217,6 +217,7 @@ pub async fn run(args: Args) -> Result<()> {
     // Kernel mode walks no user stack.
     let unwind = if user { args.unwind.mode() } else { UnwindMode::Fp };
     let fork = if user { Some(attach::fork_offsets()?) } else { None };
+    let exec = if user { Some(attach::exec_offsets()?) } else { None };
     let mut tracer = Tracer::load_caught(&SPEC, signals, |loader| {
         loader
             .override_global("CONFIG", &config, true)
@@ -229,6 +230,9 @@ pub async fn run(args: Args) -> Result<()> {
         }
         if let Some(f) = &fork {
             loader.override_global("FORK", f, true);
+        }
+        if let Some(e) = &exec {
+            loader.override_global("EXEC", e, true);
         }
     })?;
     let skip = if args.duty_cycle.is_some() { DutyCycle::HOT } else { &[] };
@@ -331,14 +335,17 @@ pub async fn run(args: Args) -> Result<()> {
                 guard.clear_ready();
             }
             event = recv_command(&mut command) => match event {
-                Some(CommandEvent::Exec { pid, ack }) => {
+                Some(CommandEvent::Exec { pid, from_thread, ack }) => {
                     // The kernel side saw the exec first; take its generation from the ring.
                     drain(ring.get_mut(), &mut tracer.bpf, &mut procs, &mut session, held, &mut exits)?;
                     let image = procs.images().get(&pid).copied().unwrap_or(0);
-                    if let Some((obj, probes)) = procs.exec(&mut tracer.bpf, pid, image, true)? {
+                    if let Some((obj, probes)) = procs.exec(&mut tracer.bpf, pid, image, true, from_thread)? {
                         let line = format!("pid {pid} ({}) probed through {} with {probes} probes", target::comm(pid), obj.display());
                         // The command's own images are news; its children's are detail (-v).
                         if Some(pid) == root { eprintln!("memtrace: memleak: {line}") } else { tracing::info!("{line}") }
+                    }
+                    if from_thread {
+                        tracing::info!("pid {pid}: {FROM_THREAD}");
                     }
                     session.user_sym.forget(pid);
                     session.unwinder.load(pid);
@@ -395,6 +402,9 @@ pub async fn run(args: Args) -> Result<()> {
     Ok(())
 }
 
+/// Said (-v) of an exec by a thread other than the process's first.
+const FROM_THREAD: &str = "exec by a thread other than its first: probes attached again";
+
 /// Acts on the kernel side's news of a tracked process forking or exec'ing.
 fn lifecycle(
     event: &Event,
@@ -420,8 +430,12 @@ fn lifecycle(
         }
         EV_EXEC if !held => {
             let image = event.size as u32;
-            if let Some((obj, probes)) = procs.exec(bpf, event.pid, image, false)? {
+            let from_thread = event.addr != 0;
+            if let Some((obj, probes)) = procs.exec(bpf, event.pid, image, false, from_thread)? {
                 tracing::info!("pid {} probed through {} with {probes} probes", event.pid, obj.display());
+            }
+            if from_thread {
+                tracing::info!("pid {}: {FROM_THREAD}", event.pid);
             }
             tracing::info!("pid {}: exec into image {image} followed", event.pid);
             session.user_sym.forget(event.pid);

@@ -8,7 +8,7 @@ use aya::{
     Ebpf,
     maps::{Array, MapData},
 };
-use memtrace_common::memleak::{ForkOffsets, KmemOffsets};
+use memtrace_common::memleak::{ExecOffsets, ForkOffsets, KmemOffsets};
 
 use crate::{
     kernel::{self, AttachPoint, Probe, UProbeLinkId, UprobeError, placement::Placement, tracefs::Format},
@@ -29,11 +29,17 @@ const USER_PROBES: &[(&str, &str)] = &[
     ("mmap", "memleak_mmap"),
 ];
 
-/// Attaches the allocator probes. Each function is probed in the allocator library, else in
-/// libc (a jemalloc program still gets mmap and pvalloc from libc); missing optional functions
-/// are skipped with a note.
-pub(super) fn user(bpf: &mut Ebpf, alloc: &Allocator, prefix: &str, pid: u32, skip: &[&str]) -> Result<usize> {
-    let mut attached = 0;
+/// Attaches the allocator probes and returns their links. Each function is probed in the
+/// allocator library, else in libc (a jemalloc program still gets mmap and pvalloc from libc);
+/// missing optional functions are skipped with a note.
+pub(super) fn user(
+    bpf: &mut Ebpf,
+    alloc: &Allocator,
+    prefix: &str,
+    pid: u32,
+    skip: &[&str],
+) -> Result<Vec<UProbeLinkId>> {
+    let mut attached = Vec::new();
     let placements: Vec<(&std::path::Path, Placement, &str)> = std::iter::once((alloc.primary.as_path(), prefix))
         .chain(alloc.libc.as_deref().map(|l| (l, "")))
         .map(|(obj, prefix)| (obj, Placement::new(obj), prefix))
@@ -47,8 +53,8 @@ pub(super) fn user(bpf: &mut Ebpf, alloc: &Allocator, prefix: &str, pid: u32, sk
             let symbol = format!("{prefix}{func}");
             let offset = entry_offset(placement, prog, &symbol, func);
             match kernel::attach_uprobe(bpf, prog, lib, &symbol, offset, Some(pid)) {
-                Ok(_) => {
-                    attached += 1;
+                Ok(link) => {
+                    attached.push(link);
                     return Ok(true);
                 }
                 // malloc and free must come from the allocator itself.
@@ -260,6 +266,13 @@ pub(super) fn kernel(bpf: &mut Ebpf, percpu: bool) -> Result<Vec<String>> {
 pub(super) fn fork_offsets() -> Result<ForkOffsets> {
     let f = Format::read("task", "task_newtask")?;
     Ok(ForkOffsets { pid: f.offset("pid")?, clone_flags: f.offset("clone_flags")? })
+}
+
+/// Offsets of `sched:sched_process_exec`'s fields, through which the kernel side tells an exec
+/// by another thread than the process's first.
+pub(super) fn exec_offsets() -> Result<ExecOffsets> {
+    let f = Format::read("sched", "sched_process_exec")?;
+    Ok(ExecOffsets { pid: f.offset("pid")?, old_pid: f.offset("old_pid")? })
 }
 
 /// The tracepoints that follow processes: forks (for `-c` and `--children`) and execs.

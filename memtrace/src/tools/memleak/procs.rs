@@ -16,10 +16,12 @@ use aya::{
 use memtrace_common::memleak::{AllocInfo, AllocKey, Tracked};
 
 use super::attach;
-use crate::{kernel, target, target::Allocator, tools::tracer::Tracer};
+use crate::{kernel, kernel::UProbeLinkId, target, target::Allocator, tools::tracer::Tracer};
 
 pub(super) struct Proc {
     pub alloc: Allocator,
+    /// Its allocator probes.
+    links: Vec<UProbeLinkId>,
     /// Execs seen since tracing began; records of older images are void.
     pub image: u32,
     pub parent: Option<u32>,
@@ -67,15 +69,16 @@ impl Procs {
     /// Starts following `pid` with the allocator `alloc`; returns the number of probes.
     pub(super) fn start(&mut self, bpf: &mut Ebpf, pid: u32, alloc: Allocator) -> Result<usize> {
         self.tracked.insert(pid, Tracked::default(), 0).context("cannot track the process")?;
-        let probes = attach::user(bpf, &alloc, &self.prefix, pid, self.skip)?;
-        self.list.insert(pid, Proc::new(alloc, None, pid));
+        let links = attach::user(bpf, &alloc, &self.prefix, pid, self.skip)?;
+        let probes = links.len();
+        self.list.insert(pid, Proc::new(alloc, links, None, pid));
         Ok(probes)
     }
 
     /// Follows the command memtrace started; its probes go in at its first exec.
     pub(super) fn begin_command(&mut self, pid: u32) -> Result<()> {
         self.tracked.insert(pid, Tracked::default(), 0).context("cannot track the command")?;
-        self.list.insert(pid, Proc::new(Allocator::unprobed(), None, pid));
+        self.list.insert(pid, Proc::new(Allocator::unprobed(), Vec::new(), None, pid));
         Ok(())
     }
 
@@ -107,15 +110,20 @@ impl Procs {
         // A parent without a probed allocator (a static shell such as busybox) has nothing to
         // probe in the child either, but the child is followed: its exec may be the program.
         // A child gone before its probes went in has nothing to report.
-        if !alloc.is_unprobed() && attach::user(bpf, &alloc, &self.prefix, child, self.skip).is_err() {
+        let links = if alloc.is_unprobed() {
+            Ok(Vec::new())
+        } else {
+            attach::user(bpf, &alloc, &self.prefix, child, self.skip)
+        };
+        let Ok(links) = links else {
             let _ = self.tracked.remove(&child);
             let _ = self.copying.remove(&child);
             return;
-        }
+        };
         if !held {
             self.late += 1;
         }
-        self.list.insert(child, Proc::new(alloc, Some(parent), child));
+        self.list.insert(child, Proc::new(alloc, links, Some(parent), child));
         if self.copying.get(&child, 0).is_ok() {
             self.copy_inherited(allocs, parent, parent_image, child, fork_ns);
         }
@@ -153,13 +161,17 @@ impl Procs {
 
     /// `pid` exec'd into generation `image`. `held`: it has not run yet (`-c`). Probes follow
     /// the process into its new image; an image with another allocator gets probes of its own,
-    /// and the allocator and number of probes are returned.
+    /// and the allocator and number of probes are returned. So does an exec by a thread other
+    /// than the process's first (`from_thread`): the kernel ties a probe filtered by pid to the
+    /// task that was the process's first thread, and that task ended with the exec, so its
+    /// probes never fire again, even in the same files.
     pub(super) fn exec(
         &mut self,
         bpf: &mut Ebpf,
         pid: u32,
         image: u32,
         held: bool,
+        from_thread: bool,
     ) -> Result<Option<(PathBuf, usize)>> {
         let Some(proc) = self.list.get_mut(&pid) else { return Ok(None) };
         proc.image = proc.image.max(image);
@@ -176,9 +188,11 @@ impl Procs {
             }
         };
         let alloc = super::with_obj(detected, self.obj.as_ref())?;
-        if same_files(&alloc, &proc.alloc) {
+        if same_files(&alloc, &proc.alloc) && !from_thread {
             return Ok(None);
         }
+        // The old probes are of no use to the new image; detaching waits for grace periods.
+        kernel::detach_uprobes_later(std::mem::take(&mut proc.links));
         // Until its probes are in, the image has no allocator of memleak's: its children
         // are followed without probes of their own (see `fork`).
         proc.alloc = Allocator::unprobed();
@@ -186,8 +200,10 @@ impl Procs {
             self.late += 1;
         }
         match attach::user(bpf, &alloc, &self.prefix, pid, self.skip) {
-            Ok(probes) => {
+            Ok(links) => {
+                let probes = links.len();
                 proc.alloc = alloc.clone();
+                proc.links = links;
                 Ok(Some((alloc.primary, probes)))
             }
             Err(e) if e.downcast_ref::<kernel::ProgramRejected>().is_some() => Err(e),
@@ -225,8 +241,8 @@ impl Procs {
 }
 
 impl Proc {
-    fn new(alloc: Allocator, parent: Option<u32>, pid: u32) -> Proc {
-        Proc { alloc, image: 0, parent, comm: target::comm(pid), exit_code: None, exited: false }
+    fn new(alloc: Allocator, links: Vec<UProbeLinkId>, parent: Option<u32>, pid: u32) -> Proc {
+        Proc { alloc, links, image: 0, parent, comm: target::comm(pid), exit_code: None, exited: false }
     }
 }
 
