@@ -276,6 +276,11 @@ fn assert_thread_exec_leak(report: &Value, pid: u64) {
     assert!(stacks_with(report, "leak_before_exec").is_empty(), "the old image's blocks live on: {report:#}");
 }
 
+/// Waits for a periodic report naming the second image's leak (`-p ... 1`).
+fn wait_named(mt: &mut Running) {
+    mt.wait_for("a report naming the leak", |out, _| out.iter().any(|l| l.contains("\"leak_after_thread_exec\"")));
+}
+
 /// An exec from a thread other than the main one: the exec'ing thread takes over the pid and
 /// the main thread, which probes filtered by pid were tied to, is gone. Under -c the new image
 /// is probed before it runs: exact, with no blind spot; also with memtrace in a pid namespace.
@@ -327,7 +332,7 @@ fn memleak_pid_follows_an_exec_from_another_thread() {
     let mut lines = BufReader::new(target.stdout.take().unwrap()).lines();
     assert_eq!(lines.next().unwrap().unwrap(), "ready");
     let pid = target.id();
-    let mut mt = Running::start(&["-v", "memleak", "--json", "-o", "0", "-p", &pid.to_string()]);
+    let mut mt = Running::start(&["-v", "memleak", "--json", "-o", "0", "-p", &pid.to_string(), "1"]);
     mt.wait_ready();
     let mut stdin = target.stdin.take().unwrap();
     writeln!(stdin).unwrap();
@@ -336,6 +341,8 @@ fn memleak_pid_follows_an_exec_from_another_thread() {
     mt.wait_for("the exec followed", |_, err| err.iter().any(|l| l.contains(&followed)));
     writeln!(stdin).unwrap();
     assert_eq!(lines.next().unwrap().unwrap(), "leaked");
+    // Frames are named from the process's maps while it lives: end it once a report has them.
+    wait_named(&mut mt);
     drop(stdin);
     assert!(target.wait().unwrap().success());
     let (status, stdout, stderr) = mt.finish(Duration::from_secs(20));
@@ -355,12 +362,13 @@ fn memleak_pid_in_a_pid_namespace_follows_an_exec_from_another_thread() {
     assert_ne!(target.inside, target.global, "unshare --pid gave no new pid namespace");
     let pid = target.inside;
     let mut mt =
-        Running::spawn(target.memtrace_inside(&["-v", "memleak", "--json", "-o", "0", "-p", &pid.to_string()]));
+        Running::spawn(target.memtrace_inside(&["-v", "memleak", "--json", "-o", "0", "-p", &pid.to_string(), "1"]));
     mt.wait_ready();
     assert_eq!(target.act(), "exec'd");
     let followed = format!("pid {pid}: exec by a thread other than its first: probes attached again");
     mt.wait_for("the exec followed", |_, err| err.iter().any(|l| l.contains(&followed)));
     assert_eq!(target.act(), "leaked");
+    wait_named(&mut mt);
     target.end();
     let (status, stdout, stderr) = mt.finish(Duration::from_secs(20));
     assert_eq!(status.code(), Some(0), "{stderr}");
