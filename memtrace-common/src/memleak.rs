@@ -33,6 +33,22 @@ pub struct ForkOffsets {
     pub clone_flags: u32,
 }
 
+/// Byte offsets of `sched:sched_process_exec`'s fields on the running kernel. On 6.18:
+/// ```text
+/// field:__data_loc char[] filename; offset:8; size:4; signed:0;
+/// field:pid_t pid; offset:12; size:4; signed:1;
+/// field:pid_t old_pid; offset:16; size:4; signed:1;
+/// ```
+/// `old_pid` is the exec'ing thread's id before the exec, `pid` its id after: they differ when
+/// a thread other than the process's first made the exec (it takes over the process's pid).
+/// Both are the initial pid namespace's numbers, so the comparison holds in any namespace.
+#[repr(C)]
+#[derive(Copy, Clone, Debug, Default)]
+pub struct ExecOffsets {
+    pub pid: u32,
+    pub old_pid: u32,
+}
+
 #[repr(C)]
 #[derive(Copy, Clone, Debug, Default)]
 pub struct AllocInfo {
@@ -120,7 +136,8 @@ pub const EV_FREE: u32 = 2;
 pub const EV_NEW_STACK: u32 = 3;
 /// A tracked process forked a child (`pid`); `addr` holds the parent, `size` the clone flags.
 pub const EV_FORK: u32 = 4;
-/// A tracked process (`pid`) called exec; `size` holds its new generation.
+/// A tracked process (`pid`) called exec; `size` holds its new generation, `addr` is 1 when a
+/// thread other than the process's first made the exec (see `ExecOffsets`), else 0.
 pub const EV_EXEC: u32 = 5;
 
 #[repr(C)]
@@ -220,4 +237,4 @@ pub const CLONE_VM: u64 = 0x100;
 pub const CLONE_VFORK: u64 = 0x4000;
 pub const CLONE_THREAD: u64 = 0x10000;
 
-user_pod!(AllocKey, AllocInfo, StackKey, Tracked, ForkOffsets, Pending, Config, KmemOffsets, Event);
+user_pod!(AllocKey, AllocInfo, StackKey, Tracked, ForkOffsets, ExecOffsets, Pending, Config, KmemOffsets, Event);

@@ -14,12 +14,12 @@ use memtrace_common::{
     NO_PID, STACK_LOST,
     memleak::{
         AllocInfo, AllocKey, CLONE_THREAD, CLONE_VM, Config, EV_ALLOC, EV_EXEC, EV_FORK, EV_FREE, EV_NEW_STACK, Event,
-        FN_ALIGNED_ALLOC, FN_CALLOC, FN_FREE, FN_KFREE, FN_KMALLOC, FN_KMEM_CACHE_ALLOC, FN_MALLOC, FN_MEMALIGN,
-        FN_MMAP, FN_MMAP_FILE, FN_MUNMAP, FN_PAGE_ALLOC, FN_PERCPU_ALLOC, FN_POSIX_MEMALIGN, FN_PVALLOC, FN_REALLOC,
-        FN_REALLOCARRAY, FN_VALLOC, ForkOffsets, KmemOffsets, MAP_ANONYMOUS, Pending, STAT_COUNT, STAT_EARLY_FULL,
-        STAT_EVENTS_LOST, STAT_FAILED, STAT_FREE_CALLS, STAT_FREE_CALLS_IN_WINDOW, STAT_FREED, STAT_MAP_FULL,
-        STAT_REPLACED, STAT_STACK_LOST, STAT_STACKS_FULL, STAT_TRACKED, STAT_UNKNOWN_FREE, STAT_UNTRACKED_CHILDREN,
-        StackKey, Tracked,
+        ExecOffsets, FN_ALIGNED_ALLOC, FN_CALLOC, FN_FREE, FN_KFREE, FN_KMALLOC, FN_KMEM_CACHE_ALLOC, FN_MALLOC,
+        FN_MEMALIGN, FN_MMAP, FN_MMAP_FILE, FN_MUNMAP, FN_PAGE_ALLOC, FN_PERCPU_ALLOC, FN_POSIX_MEMALIGN, FN_PVALLOC,
+        FN_REALLOC, FN_REALLOCARRAY, FN_VALLOC, ForkOffsets, KmemOffsets, MAP_ANONYMOUS, Pending, STAT_COUNT,
+        STAT_EARLY_FULL, STAT_EVENTS_LOST, STAT_FAILED, STAT_FREE_CALLS, STAT_FREE_CALLS_IN_WINDOW, STAT_FREED,
+        STAT_MAP_FULL, STAT_REPLACED, STAT_STACK_LOST, STAT_STACKS_FULL, STAT_TRACKED, STAT_UNKNOWN_FREE,
+        STAT_UNTRACKED_CHILDREN, StackKey, Tracked,
     },
 };
 use memtrace_ebpf::{BPF_NOEXIST, EEXIST, bump, current_pid_tgid, tp_u32, tp_u64, unwind::UserRegs};
@@ -32,6 +32,9 @@ static CONFIG: Global<Config> =
 
 #[unsafe(no_mangle)]
 static FORK: Global<ForkOffsets> = Global::new(ForkOffsets { pid: 0, clone_flags: 0 });
+
+#[unsafe(no_mangle)]
+static EXEC: Global<ExecOffsets> = Global::new(ExecOffsets { pid: 0, old_pid: 0 });
 
 #[unsafe(no_mangle)]
 static KMEM: Global<KmemOffsets> = Global::new(KmemOffsets {
@@ -403,7 +406,7 @@ pub fn memleak_newtask(ctx: TracePointContext) -> u32 {
 
 /// A tracked process execs: its old image's allocations are gone with that image.
 #[tracepoint]
-pub fn memleak_exec(_ctx: TracePointContext) -> u32 {
+pub fn memleak_exec(ctx: TracePointContext) -> u32 {
     let (pid, _) = ids();
     if let Some(t) = TRACKED.get_ptr_mut(&pid) {
         // SAFETY: pointer from the map lookup; only this task (now alone in its process) writes it.
@@ -411,7 +414,10 @@ pub fn memleak_exec(_ctx: TracePointContext) -> u32 {
             (*t).image += 1;
             (*t).image
         };
-        emit(EV_EXEC, pid, image, 0, STACK_LOST, 0, image as u64, 0);
+        let offsets = EXEC.load();
+        // Another thread's exec: probes tied to the process's first thread are gone with it.
+        let from_thread = tp_u32(&ctx, offsets.pid) != tp_u32(&ctx, offsets.old_pid);
+        emit(EV_EXEC, pid, image, 0, STACK_LOST, from_thread as u64, image as u64, 0);
     }
     0
 }

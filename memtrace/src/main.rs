@@ -79,7 +79,7 @@ fn main() -> ExitCode {
     kernel::detach_all_fast();
     kernel::pidns::report_outside();
     match result {
-        Ok(()) => ExitCode::SUCCESS,
+        Ok(status) => ExitCode::from(status.0),
         Err(e) => fail(&e),
     }
 }

@@ -67,6 +67,11 @@ pub fn find_program(name: &str) -> Result<PathBuf> {
     if name.contains('/') {
         let path = PathBuf::from(name);
         if path.is_file() {
+            if access_x(&path).is_err() {
+                bail!(
+                    "{name} is not executable (no x permission, or on a noexec mount): chmod +x it, or run it through its interpreter (-c \"sh {name}\")"
+                );
+            }
             return Ok(path);
         }
         if path.is_dir() {
@@ -79,6 +84,18 @@ pub fn find_program(name: &str) -> Result<PathBuf> {
         .map(|dir| dir.join(name))
         .find(|p| is_executable(p))
         .with_context(|| format!("command not found in PATH: {name}"))
+}
+
+/// Whether the kernel would exec `p` for memtrace's effective ids: an x bit (root needs one
+/// too) on a file system not mounted noexec.
+fn access_x(p: &Path) -> std::io::Result<()> {
+    use std::os::unix::ffi::OsStrExt;
+    let c = std::ffi::CString::new(p.as_os_str().as_bytes())?;
+    // SAFETY: a NUL-terminated path, only read.
+    if unsafe { libc::faccessat(libc::AT_FDCWD, c.as_ptr(), libc::X_OK, libc::AT_EACCESS) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
 }
 
 fn is_executable(p: &Path) -> bool {

@@ -18,7 +18,7 @@ use aya::{
     Ebpf, EbpfLoader,
     programs::{Program, ProgramError, TracePoint, UProbe, uprobe::UProbeScope},
 };
-pub use uprobes::{UProbeLinkId, detach_all_fast};
+pub use uprobes::{UProbeLinkId, detach_all_fast, detach_later as detach_uprobes_later};
 
 /// The running kernel's (major, minor) version.
 pub fn release() -> Option<(u32, u32)> {

@@ -66,6 +66,22 @@ pub(super) fn detach(id: UProbeLinkId) -> bool {
     link.is_some()
 }
 
+/// Detaches `ids` on a thread of their own, all at once, and returns at once: for probes that
+/// can no longer fire (their process's first thread is gone), whose grace periods nobody
+/// should wait for.
+pub fn detach_later(ids: Vec<UProbeLinkId>) {
+    let links: Vec<Link> = {
+        let mut r = registry();
+        ids.iter().filter_map(|id| r.links.remove(&id.0)).collect()
+    };
+    if links.is_empty() {
+        return;
+    }
+    let dropped = std::thread::Builder::new().name("detach".into()).spawn(move || drop_all(links));
+    // Without a thread the links went with the closure: detached here, the slow way.
+    drop(dropped);
+}
+
 /// Detaches every uprobe this process attached, all at once: the grace periods the kernel
 /// waits for on each overlap instead of adding up. Call it after the final report.
 pub fn detach_all_fast() {
@@ -74,6 +90,12 @@ pub fn detach_all_fast() {
         return;
     }
     let (count, started) = (links.len(), Instant::now());
+    drop_all(links);
+    tracing::info!("detached {count} uprobes in {:.1} ms", started.elapsed().as_secs_f64() * 1e3);
+}
+
+/// Drops each link on a thread of its own, and returns when all are gone.
+fn drop_all(links: Vec<Link>) {
     std::thread::scope(|s| {
         for link in links {
             let kind = if matches!(link, Link::Multi(_)) { "uprobe_multi" } else { "perf" };
@@ -86,7 +108,6 @@ pub fn detach_all_fast() {
             let _ = std::thread::Builder::new().name("detach".into()).spawn_scoped(s, timed);
         }
     });
-    tracing::info!("detached {count} uprobes in {:.1} ms", started.elapsed().as_secs_f64() * 1e3);
 }
 
 /// What loading programs by hand needs: the object relocated against the maps aya created.

@@ -94,30 +94,45 @@ pub fn process_root(pid: u32, comm: &str) -> String {
 }
 
 /// Checks, before a run, that an output file (`--folded`, ...) can be written at the end:
-/// not a directory, in a directory that exists, and writable. Creates nothing.
+/// not a directory, in a directory that exists, and writable. An existing file is opened for
+/// writing (not truncated) and written nothing, which a pseudo-file such as /proc/version
+/// refuses; a new one is created and removed at once. Leaves the file system as it was.
 pub fn check_writable(option: &str, path: &Path) -> Result<()> {
+    use std::os::unix::fs::{FileTypeExt as _, OpenOptionsExt as _};
     let shown = path.display();
     if path.is_dir() {
         bail!("{option} {shown} is a directory: give a file path");
     }
-    let target = if path.exists() {
-        path
-    } else {
-        let parent = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
-        if !parent.is_dir() {
-            bail!("{option} {shown}: directory {} does not exist", parent.display());
+    let cannot = |err: io::Error| anyhow::anyhow!("{option} {shown}: cannot write {shown}: {err}");
+    if let Ok(meta) = path.metadata() {
+        // A FIFO's write waits for its reader, which may come only later.
+        if meta.file_type().is_fifo() {
+            return Ok(());
         }
-        parent
-    };
-    let c_path = std::ffi::CString::new(target.as_os_str().as_bytes())
+        let mut file = std::fs::OpenOptions::new()
+            .write(true)
+            .custom_flags(libc::O_NONBLOCK | libc::O_NOCTTY)
+            .open(path)
+            .map_err(cannot)?;
+        // Zero bytes: no change to a file, an error from a pseudo-file without a write handler.
+        file.write(&[]).map_err(cannot)?;
+        return Ok(());
+    }
+    let parent = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    if !parent.is_dir() {
+        bail!("{option} {shown}: directory {} does not exist", parent.display());
+    }
+    let c_path = std::ffi::CString::new(parent.as_os_str().as_bytes())
         .map_err(|_| anyhow::anyhow!("{option} {shown}: the path holds a NUL byte"))?;
     // With the effective ids, as the write will be done; EROFS for a read-only file system.
     // SAFETY: a NUL-terminated path; faccessat reads it only.
-    let mode = if target.is_dir() { libc::W_OK | libc::X_OK } else { libc::W_OK };
-    if unsafe { libc::faccessat(libc::AT_FDCWD, c_path.as_ptr(), mode, libc::AT_EACCESS) } != 0 {
+    if unsafe { libc::faccessat(libc::AT_FDCWD, c_path.as_ptr(), libc::W_OK | libc::X_OK, libc::AT_EACCESS) } != 0 {
         let err = io::Error::last_os_error();
-        bail!("{option} {shown}: cannot write {}: {err}", target.display());
+        bail!("{option} {shown}: cannot write {}: {err}", parent.display());
     }
+    // Root passes that check in any directory, even one of /proc: create the file to be sure.
+    std::fs::OpenOptions::new().write(true).create_new(true).open(path).map_err(cannot)?;
+    std::fs::remove_file(path).map_err(cannot)?;
     Ok(())
 }
 
@@ -173,7 +188,18 @@ mod tests {
         assert_eq!(err("/tmp"), "--folded /tmp is a directory: give a file path");
         assert_eq!(err("/nonexistent/f"), "--folded /nonexistent/f: directory /nonexistent does not exist");
         assert_eq!(err("/proc/1/f"), "--folded /proc/1/f: cannot write /proc/1: Operation not permitted (os error 1)");
-        assert!(check_writable("--folded", &std::env::temp_dir().join("memtrace-unwritten")).is_ok());
+        let new = std::env::temp_dir().join(format!("memtrace-unwritten-{}", std::process::id()));
+        assert!(check_writable("--folded", &new).is_ok());
+        assert!(!new.exists(), "the check left {}", new.display());
+        // An existing file keeps its content; a pseudo-file that refuses writes is refused.
+        std::fs::write(&new, "kept").unwrap();
+        assert!(check_writable("--folded", &new).is_ok());
+        assert_eq!(std::fs::read_to_string(&new).unwrap(), "kept");
+        std::fs::remove_file(&new).unwrap();
+        assert_eq!(
+            err("/proc/version"),
+            "--folded /proc/version: cannot write /proc/version: Input/output error (os error 5)"
+        );
         assert!(!std::env::temp_dir().join("memtrace-unwritten").exists(), "the check creates nothing");
     }
 

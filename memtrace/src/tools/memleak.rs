@@ -15,10 +15,11 @@ use memtrace_common::memleak::{Config, EV_EXEC, EV_FORK, Event};
 use crate::{
     kernel,
     target::{self, Allocator},
+    tools::Status,
     tools::args::{Reports, Top},
     tools::registry::{Plan, ToolSpec},
     tools::tracer::Tracer,
-    tracee::{Command, CommandEvent},
+    tracee::{Command, CommandEvent, Ending, GRACE},
     unwind::{UnwindArgs, UnwindMode, Unwinder},
 };
 use attach::DutyCycle;
@@ -128,6 +129,9 @@ impl Args {
             target::check_pid(pid)?;
             target::check_user_pid(pid)?;
         }
+        if self.children && self.command.is_some() {
+            bail!("--children goes with -p: -c always follows every process the command starts");
+        }
         if let Some(cmd) = &self.command {
             let argv = shlex::split(cmd).filter(|a| !a.is_empty() && !a[0].is_empty());
             target::find_program(&argv.context("-c needs a command, e.g. -c \"./prog arg\"")?[0])?;
@@ -176,7 +180,7 @@ enum Mode {
     Kernel,
 }
 
-pub async fn run(args: Args) -> Result<()> {
+pub async fn run(args: Args) -> Result<Status> {
     kernel::require_root()?;
     // Before anything is attached: a Ctrl-C from here on ends with a final report.
     let signals = crate::tools::Signals::catch()?;
@@ -214,6 +218,7 @@ pub async fn run(args: Args) -> Result<()> {
     // Kernel mode walks no user stack.
     let unwind = if user { args.unwind.mode() } else { UnwindMode::Fp };
     let fork = if user { Some(attach::fork_offsets()?) } else { None };
+    let exec = if user { Some(attach::exec_offsets()?) } else { None };
     let mut tracer = Tracer::load_caught(&SPEC, signals, |loader| {
         loader
             .override_global("CONFIG", &config, true)
@@ -226,6 +231,9 @@ pub async fn run(args: Args) -> Result<()> {
         }
         if let Some(f) = &fork {
             loader.override_global("FORK", f, true);
+        }
+        if let Some(e) = &exec {
+            loader.override_global("EXEC", e, true);
         }
     })?;
     let skip = if args.duty_cycle.is_some() { DutyCycle::HOT } else { &[] };
@@ -286,7 +294,8 @@ pub async fn run(args: Args) -> Result<()> {
             None
         }
     };
-    let duty_timer = tokio::time::sleep(duty.as_ref().map_or(Duration::from_secs(u64::MAX / 4), |d| d.open_for));
+    let far = Duration::from_secs(u64::MAX / 4);
+    let duty_timer = tokio::time::sleep(duty.as_ref().map_or(far, |d| d.open_for));
     tokio::pin!(duty_timer);
     let held = command.is_some();
     let mut session = Session::new(&args, root, maps, unwinder, user_sym)?;
@@ -294,7 +303,9 @@ pub async fn run(args: Args) -> Result<()> {
 
     let every = args.reports.every_or(5);
     let mut ticker = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
-    let deadline = tokio::time::sleep(args.duration.map_or(Duration::from_secs(u64::MAX / 4), Duration::from_secs));
+    // After memtrace was stopped (Ctrl-Z), one report, not one per interval missed.
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let deadline = tokio::time::sleep(args.duration.map_or(far, Duration::from_secs));
     tokio::pin!(deadline);
     // Processes memtrace did not start: their exits are watched through pidfds.
     let mut exits = tokio::task::JoinSet::new();
@@ -303,43 +314,57 @@ pub async fn run(args: Args) -> Result<()> {
     }
     let mut reports = 0u64;
     let mut unwind_poll = tokio::time::interval(crate::unwind::POLL);
+    let mut ending = Ending::new("memleak");
+    // SIGTSTP is caught under -c only (elsewhere it stops memtrace as usual): see `tracee::Ending`.
+    let mut tstp = match &command {
+        Some(_) => Some(tokio::signal::unix::signal(tokio::signal::unix::SignalKind::from_raw(libc::SIGTSTP))?),
+        None => None,
+    };
+    let mut suspend_poll = tokio::time::interval(Duration::from_millis(10));
+    let grace = tokio::time::sleep(far);
+    tokio::pin!(grace);
 
     loop {
-        tokio::select! {
+        let stop = tokio::select! {
             _ = unwind_poll.tick(), if session.unwinder.mode() != UnwindMode::Fp => {
                 session.unwinder.poll(|pid| procs.list.contains_key(&pid));
+                None
             }
             _ = &mut duty_timer, if duty.is_some() => {
                 let cycle = duty.as_mut().expect("guarded by the branch condition");
                 let next = if cycle.is_open() { cycle.close(&mut tracer.bpf)? } else { cycle.open(&mut tracer.bpf)? };
                 duty_timer.as_mut().reset(tokio::time::Instant::now() + next);
+                None
             }
-            _ = ticker.tick() => {
+            _ = ticker.tick(), if !ending.started() => {
                 reports += 1;
                 let last = args.reports.count().is_some_and(|c| reports >= c);
                 session.report(&procs, last, false)?;
-                if last {
-                    return Ok(());
-                }
+                last.then_some(Stop::Counted)
             }
             guard = ring.readable_mut() => {
                 let mut guard = guard?;
                 drain(guard.get_inner_mut(), &mut tracer.bpf, &mut procs, &mut session, held, &mut exits)?;
                 guard.clear_ready();
+                None
             }
             event = recv_command(&mut command) => match event {
-                Some(CommandEvent::Exec { pid, ack }) => {
+                Some(CommandEvent::Exec { pid, from_thread, ack }) => {
                     // The kernel side saw the exec first; take its generation from the ring.
                     drain(ring.get_mut(), &mut tracer.bpf, &mut procs, &mut session, held, &mut exits)?;
                     let image = procs.images().get(&pid).copied().unwrap_or(0);
-                    if let Some((obj, probes)) = procs.exec(&mut tracer.bpf, pid, image, true)? {
+                    if let Some((obj, probes)) = procs.exec(&mut tracer.bpf, pid, image, true, from_thread)? {
                         let line = format!("pid {pid} ({}) probed through {} with {probes} probes", target::comm(pid), obj.display());
                         // The command's own images are news; its children's are detail (-v).
                         if Some(pid) == root { eprintln!("memtrace: memleak: {line}") } else { tracing::info!("{line}") }
                     }
+                    if from_thread {
+                        tracing::info!("pid {pid}: {FROM_THREAD}");
+                    }
                     session.user_sym.forget(pid);
                     session.unwinder.load(pid);
                     let _ = ack.send(());
+                    None
                 }
                 Some(CommandEvent::Fork { parent, child, shared, ack }) => {
                     drain(ring.get_mut(), &mut tracer.bpf, &mut procs, &mut session, held, &mut exits)?;
@@ -351,6 +376,7 @@ pub async fn run(args: Args) -> Result<()> {
                     let _ = session.user_sym.refresh(child);
                     session.unwinder.load(child);
                     let _ = ack.send(());
+                    None
                 }
                 Some(CommandEvent::Mapped { pid, ack }) => {
                     if let Some((obj, probes)) = procs.mapped(&mut tracer.bpf, pid)? {
@@ -359,18 +385,26 @@ pub async fn run(args: Args) -> Result<()> {
                     }
                     session.unwinder.load(pid);
                     let _ = ack.send(());
+                    None
                 }
                 Some(CommandEvent::Exiting { pid, ack }) => {
                     // Stopped at exit with its memory map intact: snapshot it for symbolization.
                     let _ = session.user_sym.refresh(pid);
                     let _ = ack.send(());
+                    None
                 }
                 Some(CommandEvent::Exited { pid, code }) => {
                     if Some(pid) == root {
                         eprintln!("memtrace: memleak: command exited with status {code}");
+                        ending.status = Some(code);
                     }
                     procs.exited(pid, Some(code));
                     session.unwinder.forget(pid);
+                    None
+                }
+                Some(CommandEvent::PtraceRefused { pid }) => {
+                    ending.ptrace_refused(pid);
+                    None
                 }
                 Some(CommandEvent::Done) | None => break,
             },
@@ -385,16 +419,62 @@ pub async fn run(args: Args) -> Result<()> {
                         break;
                     }
                 }
+                None
             }
-            _ = tracer.signals.recv() => break,
-            _ = &mut deadline => break,
+            _ = tracer.signals.recv() => Some(Stop::Asked),
+            _ = &mut deadline, if !ending.started() => Some(Stop::Asked),
+            _ = &mut grace, if ending.started() => {
+                ending.kill(command.as_ref(), &format!("still running after {} s", GRACE.as_secs()));
+                grace.as_mut().reset(tokio::time::Instant::now() + far);
+                None
+            }
+            Some(()) = recv_signal(&mut tstp), if !ending.started() => {
+                ending.suspend(command.as_ref());
+                None
+            }
+            _ = suspend_poll.tick(), if ending.suspending() => {
+                ending.suspend_check(command.as_ref());
+                None
+            }
+        };
+        let Some(stop) = stop else { continue };
+        match &command {
+            // A command is ended (not left without its tracer: see `tracee::Ending`), after
+            // the final report of what it holds now.
+            Some(cmd) if !ending.started() => {
+                if stop == Stop::Asked {
+                    drain(ring.get_mut(), &mut tracer.bpf, &mut procs, &mut session, held, &mut exits)?;
+                    session.report(&procs, true, false)?;
+                }
+                if ending.start(cmd) {
+                    grace.as_mut().reset(tokio::time::Instant::now() + GRACE);
+                }
+            }
+            Some(_) => ending.kill(command.as_ref(), "asked again"),
+            None if stop == Stop::Counted => return Ok(Status::default()),
+            None => break,
         }
     }
-    // Events already in the ring belong to the run.
-    drain(ring.get_mut(), &mut tracer.bpf, &mut procs, &mut session, held, &mut exits)?;
-    session.report(&procs, true, user && procs.all_exited())?;
-    Ok(())
+    if !ending.started() {
+        // Events already in the ring belong to the run.
+        drain(ring.get_mut(), &mut tracer.bpf, &mut procs, &mut session, held, &mut exits)?;
+        session.report(&procs, true, user && procs.all_exited())?;
+    }
+    // With a command, its status as it ended: its exit code, or 128 + the signal that ended it.
+    Ok(Status(ending.status.map_or(0, |code| code as u8)))
 }
+
+/// Why a run stops before its target is gone.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Stop {
+    /// The last of `-r` reports was printed (as the final one).
+    Counted,
+    /// SIGINT, SIGTERM or `-d`.
+    Asked,
+}
+
+/// Said (-v) of an exec by a thread other than the process's first.
+const FROM_THREAD: &str = "exec by a thread other than its first: probes attached again";
 
 /// Acts on the kernel side's news of a tracked process forking or exec'ing.
 fn lifecycle(
@@ -421,8 +501,12 @@ fn lifecycle(
         }
         EV_EXEC if !held => {
             let image = event.size as u32;
-            if let Some((obj, probes)) = procs.exec(bpf, event.pid, image, false)? {
+            let from_thread = event.addr != 0;
+            if let Some((obj, probes)) = procs.exec(bpf, event.pid, image, false, from_thread)? {
                 tracing::info!("pid {} probed through {} with {probes} probes", event.pid, obj.display());
+            }
+            if from_thread {
+                tracing::info!("pid {}: {FROM_THREAD}", event.pid);
             }
             tracing::info!("pid {}: exec into image {image} followed", event.pid);
             session.user_sym.forget(event.pid);
@@ -449,6 +533,13 @@ fn drain(
         session.on_event(event)?;
     }
     Ok(())
+}
+
+async fn recv_signal(signal: &mut Option<tokio::signal::unix::Signal>) -> Option<()> {
+    match signal {
+        Some(s) => s.recv().await,
+        None => std::future::pending().await,
+    }
 }
 
 async fn recv_command(command: &mut Option<Command>) -> Option<CommandEvent> {

@@ -28,6 +28,18 @@ use tokio::signal::unix::{Signal, SignalKind, signal};
 
 pub use self::args::CommonArgs;
 
+/// What memtrace exits with after a run that did not fail: 0, or with `-c` the status of the
+/// command it ran (its exit code, or 128 + the signal that ended it), as `time` and `strace`
+/// pass it on to scripts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Status(pub u8);
+
+impl From<()> for Status {
+    fn from(_: ()) -> Status {
+        Status(0)
+    }
+}
+
 /// SIGINT and SIGTERM, caught from the start of a run so that any later one ends it cleanly.
 pub struct Signals {
     int: Signal,

@@ -78,12 +78,12 @@ macro_rules! registry {
                 }
             }
 
-            pub async fn run(self) -> Result<()> {
+            pub async fn run(self) -> Result<super::Status> {
                 match self {
-                    $(Tool::$variant(args) => $module::run(args).await,)*
-                    Tool::Probe(args) => probe::run(args).await,
+                    $(Tool::$variant(args) => $module::run(args).await.map(Into::into),)*
+                    Tool::Probe(args) => probe::run(args).await.map(Into::into),
                     #[cfg(feature = "bench")]
-                    Tool::Benchfloor(args) => super::benchfloor::run(args).await,
+                    Tool::Benchfloor(args) => super::benchfloor::run(args).await.map(Into::into),
                 }
             }
         }

@@ -8,7 +8,7 @@ use aya::{
     Ebpf,
     maps::{Array, MapData},
 };
-use memtrace_common::memleak::{ForkOffsets, KmemOffsets};
+use memtrace_common::memleak::{ExecOffsets, ForkOffsets, KmemOffsets};
 
 use crate::{
     kernel::{self, AttachPoint, Probe, UProbeLinkId, UprobeError, placement::Placement, tracefs::Format},
@@ -56,6 +56,12 @@ pub(super) fn detach(bpf: &mut Ebpf, mut links: Vec<(&'static str, UProbeLinkId)
     for (prog, id) in links {
         let _ = kernel::detach_uprobe(bpf, prog, id);
     }
+}
+
+/// Detaches probes that can no longer fire (their image is gone) on a thread of their own:
+/// nobody waits for their grace periods.
+pub(super) fn detach_later(links: Vec<(&'static str, UProbeLinkId)>) {
+    kernel::detach_uprobes_later(links.into_iter().map(|(_, id)| id).collect());
 }
 
 fn user_into(
@@ -288,6 +294,13 @@ pub(super) fn kernel(bpf: &mut Ebpf, percpu: bool) -> Result<Vec<String>> {
 pub(super) fn fork_offsets() -> Result<ForkOffsets> {
     let f = Format::read("task", "task_newtask")?;
     Ok(ForkOffsets { pid: f.offset("pid")?, clone_flags: f.offset("clone_flags")? })
+}
+
+/// Offsets of `sched:sched_process_exec`'s fields, through which the kernel side tells an exec
+/// by another thread than the process's first.
+pub(super) fn exec_offsets() -> Result<ExecOffsets> {
+    let f = Format::read("sched", "sched_process_exec")?;
+    Ok(ExecOffsets { pid: f.offset("pid")?, old_pid: f.offset("old_pid")? })
 }
 
 /// The tracepoints that follow processes: forks (for `-c` and `--children`) and execs.

@@ -168,13 +168,17 @@ impl Procs {
 
     /// `pid` exec'd into generation `image`. `held`: it has not run yet (`-c`). Probes follow
     /// the process into its new image; an image with another allocator gets probes of its own,
-    /// and the allocator and number of probes are returned.
+    /// and the allocator and number of probes are returned. So does an exec by a thread other
+    /// than the process's first (`from_thread`): the kernel ties a probe filtered by pid to the
+    /// task that was the process's first thread, and that task ended with the exec, so its
+    /// probes never fire again, even in the same files.
     pub(super) fn exec(
         &mut self,
         bpf: &mut Ebpf,
         pid: u32,
         image: u32,
         held: bool,
+        from_thread: bool,
     ) -> Result<Option<(PathBuf, usize)>> {
         let Some(proc) = self.list.get_mut(&pid) else { return Ok(None) };
         proc.image = proc.image.max(image);
@@ -201,6 +205,11 @@ impl Procs {
         };
         if !held {
             self.late += 1;
+        }
+        if from_thread && let Some(proc) = self.list.get_mut(&pid) {
+            // The old probes cannot fire again; the same files get new ones below.
+            proc.alloc = Allocator::unprobed();
+            attach::detach_later(std::mem::take(&mut proc.links));
         }
         self.probe(bpf, pid, detected)
     }
