@@ -33,5 +33,29 @@ fn main() -> anyhow::Result<()> {
             fs::rename(entry.path(), aside.join(entry.file_name()))?;
         }
     }
-    build(false)
+    build(false)?;
+    // Last: the step above moves every file already in OUT_DIR aside.
+    build_preload(&manifest)
+}
+
+/// memleak's in-process recorder: a shared object preloaded into the commands `-c` runs,
+/// carried inside memtrace (written out at run time). Built without the C library, so it
+/// loads under glibc and musl alike, whatever target memtrace itself is built for.
+fn build_preload(manifest: &std::path::Path) -> anyhow::Result<()> {
+    let src = manifest.join("preload/memtrace_preload.c");
+    println!("cargo:rerun-if-changed={}", src.display());
+    println!("cargo:rerun-if-env-changed=MEMTRACE_PRELOAD_CC");
+    let out = PathBuf::from(env::var("OUT_DIR")?).join("memtrace_preload.so");
+    let cc = env::var("MEMTRACE_PRELOAD_CC").unwrap_or_else(|_| "cc".into());
+    let status = std::process::Command::new(&cc)
+        .args(["-O2", "-g0", "-fPIC", "-shared", "-nostdlib", "-fno-builtin", "-fno-stack-protector"])
+        // Its frame pointer is how a call finds its caller's frame.
+        .args(["-fno-omit-frame-pointer", "-fvisibility=hidden", "-ftls-model=initial-exec"])
+        .args(["-Wall", "-Wextra", "-Werror", "-Wl,-soname,libmemtrace_preload.so", "-o"])
+        .arg(&out)
+        .arg(&src)
+        .status()
+        .map_err(|e| anyhow::anyhow!("cannot run {cc} to build {}: {e} (install gcc)", src.display()))?;
+    anyhow::ensure!(status.success(), "{cc} failed to build {}", src.display());
+    Ok(())
 }

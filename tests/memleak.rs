@@ -74,19 +74,23 @@ fn memleak_command_reports_every_entry_point_exactly() {
         return;
     }
     let leaky = prog("leaky");
-    let out = run(&["memleak", "--json", "-T", "100", "-c", leaky.to_str().unwrap()], Duration::from_secs(60));
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(out.status.success(), "exit {}: {stderr}", out.status);
-    assert!(stderr.contains("command exited with status 0"), "{stderr}");
-    let report = final_report(&stdout);
-    assert_leaks(&report, "leaky.c", LEAKY_C, "no_leak");
-    let dropped = &report["dropped"];
-    for field in ["map_full", "stacks_lost", "stacks_full", "events_lost", "replaced"] {
-        assert_eq!(dropped[field], 0, "blind spot {field}: {dropped}");
+    // In the process (the default) and with probes, the same exact answer.
+    for (how, said) in [("--older=500", "recorded in the process"), ("--uprobes", "probed through")] {
+        let out = run(&["memleak", how, "--json", "-T", "100", "-c", leaky.to_str().unwrap()], Duration::from_secs(60));
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(out.status.success(), "exit {}: {stderr}", out.status);
+        assert!(stderr.contains("command exited with status 0"), "{stderr}");
+        assert!(stderr.contains(said), "{how}: {stderr}");
+        let report = final_report(&stdout);
+        assert_leaks(&report, "leaky.c", LEAKY_C, "no_leak");
+        let dropped = &report["dropped"];
+        for field in ["map_full", "stacks_lost", "stacks_full", "events_lost", "replaced", "unknown_frees"] {
+            assert_eq!(dropped[field], 0, "{how}: blind spot {field}: {dropped}");
+        }
+        assert_eq!(report["failed"], 0, "{report}");
+        assert_detached("memleak");
     }
-    assert_eq!(report["failed"], 0, "{report}");
-    assert_detached("memleak");
 }
 
 /// Allocations that return NULL are counted (JSON `failed`, a line in the text report), and
@@ -407,8 +411,9 @@ fn memleak_signals_print_a_final_report_and_detach() {
     }
 }
 
-/// A replacement allocator preloaded into the command is found and probed by default; what it
-/// lacks (mmap, pvalloc) is still probed in libc, so every leak is reported exactly.
+/// A replacement allocator preloaded into the command: probed by default with --uprobes (what
+/// it lacks, mmap and pvalloc, still probed in libc), and called through by the in-process
+/// recorder, which the loader puts before it. Either way every leak is reported exactly.
 #[test]
 fn memleak_follows_a_preloaded_jemalloc() {
     if !bpf_available("memleak_follows_a_preloaded_jemalloc") {
@@ -420,18 +425,21 @@ fn memleak_follows_a_preloaded_jemalloc() {
         "{jemalloc} is missing: `cargo xtask setup` installs libjemalloc2"
     );
     let leaky = prog("leaky");
-    let child = memtrace()
-        .args(["memleak", "--json", "-T", "100", "-c", leaky.to_str().unwrap()])
-        .env("LD_PRELOAD", jemalloc)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let out = wait_output(child, Duration::from_secs(60));
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(out.status.success(), "{stderr}");
-    assert!(stderr.contains(&format!("through {jemalloc}")), "{stderr}");
-    assert_leaky_final(&String::from_utf8_lossy(&out.stdout));
+    for (how, said) in [("--uprobes", format!("through {jemalloc}")), ("--older=500", "recorded in the process".into())]
+    {
+        let child = memtrace()
+            .args(["memleak", how, "--json", "-T", "100", "-c", leaky.to_str().unwrap()])
+            .env("LD_PRELOAD", jemalloc)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let out = wait_output(child, Duration::from_secs(60));
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(out.status.success(), "{stderr}");
+        assert!(stderr.contains(&said), "{how}: {stderr}");
+        assert_leaky_final(&String::from_utf8_lossy(&out.stdout));
+    }
 }
 
 /// Ctrl-C on an idle target: the final report at once, memtrace gone within 1 s, and nothing
@@ -600,7 +608,8 @@ fn memleak_command_execs_into_a_mount_namespace_with_its_own_libc() {
         host_libc.display(),
         leaky.display()
     );
-    let out = run(&["memleak", "--json", "-T", "100", "-c", &cmd], Duration::from_secs(60));
+    // Probes are what must find the right file; the in-process recorder needs no file.
+    let out = run(&["memleak", "--uprobes", "--json", "-T", "100", "-c", &cmd], Duration::from_secs(60));
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "{stderr}");
     let root_pid = final_report(&String::from_utf8_lossy(&out.stdout))["pid"].as_u64().unwrap();

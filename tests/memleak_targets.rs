@@ -85,6 +85,68 @@ fn memleak_live_reports_are_exact_under_churn() {
     assert_detached("memleak");
 }
 
+/// The same under `-c`, where the blocks are recorded in the process itself (memtrace's
+/// preloaded recorder) and read out of its memory for each report: every live report and the
+/// final one count the 3,000 still blocks exactly while six threads churn.
+#[test]
+fn memleak_command_live_reports_are_exact_under_churn_in_process() {
+    if !bpf_available("memleak_command_live_reports_are_exact_under_churn_in_process") {
+        return;
+    }
+    let dir = tempdir("churn-in-process");
+    let (fifo, out) = (dir.join("in"), dir.join("out"));
+    let made = std::ffi::CString::new(fifo.to_str().unwrap()).unwrap();
+    // SAFETY: a path we own, NUL-terminated.
+    assert_eq!(unsafe { libc::mkfifo(made.as_ptr(), 0o600) }, 0);
+    let cmd = format!("sh -c 'exec {} < {} > {}'", prog("churn").display(), fifo.display(), out.display());
+    let mut mt = Running::start(&["memleak", "--json", "-T", "1000", "-c", &cmd, "1"]);
+    mt.wait_ready();
+    let mut input = std::fs::OpenOptions::new().write(true).open(&fifo).unwrap();
+    let said = |line: &str| std::fs::read_to_string(&out).unwrap_or_default().lines().any(|l| l == line);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !said("ready") {
+        assert!(Instant::now() < deadline, "churn never got ready");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    writeln!(input).unwrap();
+    while !said("leaked") {
+        assert!(Instant::now() < deadline, "churn never leaked");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let leaked_at = Instant::now();
+    mt.wait_for("6 reports after the leak", |lines, _| {
+        leaked_at.elapsed() > Duration::from_millis(6700) && lines.iter().filter(|l| l.starts_with('{')).count() >= 7
+    });
+    drop(input);
+    let (status, stdout, stderr) = mt.finish(Duration::from_secs(30));
+    assert!(status.success(), "{status}: {stderr}");
+    assert!(stderr.contains("(churn) recorded in the process"), "{stderr}");
+    let reports = json_lines(&stdout);
+    let pid = pid_with(reports.last().unwrap(), "leak_once");
+    let counted: Vec<&Value> = reports.iter().filter(|r| !stacks_with(r, "leak_once").is_empty()).collect();
+    assert!(counted.len() >= 5, "expected live reports and a final one with the leak: {}", counted.len());
+    for report in &counted {
+        assert_stack(report, pid, "leak_once", 3000 * 64, 3000);
+        assert_eq!(report["dropped"]["replaced"], 0, "{}", report["dropped"]);
+    }
+    assert_eq!(reports.last().unwrap()["final"], true);
+    assert_detached("memleak");
+}
+
+/// An executable that defines malloc itself takes every call, so no preloaded recorder can
+/// see them: memleak probes the executable instead, and counts its leak exactly.
+#[test]
+fn memleak_command_probes_an_executable_with_its_own_malloc() {
+    if !bpf_available("memleak_command_probes_an_executable_with_its_own_malloc") {
+        return;
+    }
+    let (report, stderr) = run_command(prog("own_malloc").to_str().unwrap());
+    assert!(stderr.contains("(own_malloc) probed through "), "{stderr}");
+    assert!(!stderr.contains("recorded in the process"), "{stderr}");
+    let pid = pid_with(&report, "leak_own");
+    assert_stack(&report, pid, "leak_own", 1000, 4);
+}
+
 fn leaky_leaks() -> Vec<(&'static str, u64, u64)> {
     vec![("leak_malloc", 3000, 3), ("leak_calloc", 2000, 2), ("leak_valloc", 5000, 1), ("leak_mmap", 12288, 1)]
 }

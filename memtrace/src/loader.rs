@@ -107,6 +107,16 @@ fn u64_at(data: &[u8], o: usize) -> usize {
     data.get(o..o + 8).map_or(0, |b| u64::from_le_bytes(b.try_into().expect("8 bytes")) as usize)
 }
 
+/// Whether the ELF file at `path` defines `symbol` among its dynamic symbols (a program that
+/// carries its own malloc, which then no preloaded library can take the place of).
+pub fn defines(path: &Path, symbol: &str) -> bool {
+    use object::{Object as _, ObjectSymbol as _};
+    let Ok(file) = fs::File::open(path) else { return false };
+    let cache = object::ReadCache::new(file);
+    let Ok(elf) = object::File::parse(&cache) else { return false };
+    elf.dynamic_symbols().any(|s| s.is_definition() && s.name() == Ok(symbol))
+}
+
 /// The folders glibc searches last on x86-64 (Debian's multiarch ones first).
 const DEFAULT_DIRS: &[&str] =
     &["/lib/x86_64-linux-gnu", "/usr/lib/x86_64-linux-gnu", "/lib64", "/usr/lib64", "/lib", "/usr/lib"];

@@ -174,7 +174,10 @@ pub fn mapped_allocator(pid: u32) -> Option<Allocator> {
 fn from_maps(pid: u32) -> Result<Option<Allocator>> {
     let maps = procfs::mapped_files(pid)?;
     let libc = maps.iter().find(|m| is_libc(&m.path));
+    let exe = procfs::exe(pid).ok().filter(|exe| libc.is_some() && loader::defines(exe, "malloc"));
     let primary = match (maps.iter().find(|m| is_allocator(&m.path)), libc) {
+        // An executable that defines malloc itself: the loader binds every call to it.
+        _ if exe.is_some() => exe.expect("checked"),
         (Some(alloc), _) => reach(pid, alloc)?,
         (None, Some(libc)) => reach(pid, libc)?,
         (None, None) => return Ok(None),
@@ -277,7 +280,9 @@ fn allocator_in(
         .filter(|p| is_allocator(p))
         .find_map(|p| search.find(p));
     let linked = || dynamic.needed.iter().filter(|n| is_allocator(n)).find_map(|n| search.find(n));
-    match preloaded.or_else(linked) {
+    // An executable that defines malloc itself: the loader binds every call to it.
+    let own = || loader::defines(exe, "malloc").then(|| exe.to_path_buf());
+    match preloaded.or_else(own).or_else(linked) {
         Some(primary) => Ok(Allocator { primary, libc: Some(libc) }),
         None => Ok(Allocator { primary: libc, libc: None }),
     }

@@ -82,17 +82,19 @@ impl Command {
     /// Starts `argv` (a program, a script or anything the kernel can exec) and returns once it
     /// has exec'd, held before its first instruction; the first `Exec` event lets it go. A
     /// program the kernel refuses to run is an error here, before anything is attached.
-    pub fn spawn(argv: &[String]) -> Result<Command> {
+    /// `env`: variables set (or replaced) in the environment memtrace passes on.
+    pub fn spawn(argv: &[String], env: &[(String, String)]) -> Result<Command> {
         let program = target::find_program(&argv[0])?;
         let path = CString::new(program.as_os_str().as_bytes())?;
         let args = argv.iter().map(|a| CString::new(a.as_bytes())).collect::<Result<Vec<_>, _>>()?;
+        let env = environment(env)?;
         let (pid_tx, pid_rx) = std_mpsc::channel();
         let (events_tx, events) = mpsc::unbounded_channel();
         let tasks = Arc::new(Mutex::new(Tasks::default()));
         let shared = tasks.clone();
         std::thread::Builder::new()
             .name("memtrace-command".into())
-            .spawn(move || tree::supervise(path, args, pid_tx, events_tx, shared))?;
+            .spawn(move || tree::supervise(path, args, env, pid_tx, events_tx, shared))?;
         let pid = pid_rx
             .recv()
             .context("the command's supervisor thread died")?
@@ -129,6 +131,16 @@ impl Command {
         stop_self();
         self.signal(libc::SIGCONT);
     }
+}
+
+/// memtrace's environment with `set` put in (replacing variables of the same names).
+fn environment(set: &[(String, String)]) -> Result<Vec<CString>> {
+    let mut env: Vec<Vec<u8>> = std::env::vars_os()
+        .filter(|(name, _)| !set.iter().any(|(n, _)| n.as_bytes() == name.as_bytes()))
+        .map(|(name, value)| [name.as_bytes(), b"=", value.as_bytes()].concat())
+        .collect();
+    env.extend(set.iter().map(|(n, v)| format!("{n}={v}").into_bytes()));
+    Ok(env.into_iter().map(CString::new).collect::<Result<Vec<_>, _>>()?)
 }
 
 /// Stops memtrace until SIGCONT: by SIGTSTP with its default action, as a terminal's Ctrl-Z

@@ -3,6 +3,7 @@
 
 mod attach;
 mod dropped;
+mod inproc;
 mod procs;
 mod report;
 
@@ -91,6 +92,10 @@ pub struct Args {
     /// Prefix of the allocator's symbols, e.g. `je_` for a prefixed jemalloc.
     #[arg(long, default_value = "", value_name = "PREFIX")]
     pub symbols_prefix: String,
+    /// With -c: probe every process with uprobes, as -p does, instead of recording in the
+    /// processes themselves (memtrace's preloaded recorder, several times cheaper).
+    #[arg(long, requires = "command")]
+    pub uprobes: bool,
     /// Kernel mode: also trace percpu allocations.
     #[arg(long)]
     pub percpu: bool,
@@ -122,6 +127,34 @@ pub struct Args {
 }
 
 impl Args {
+    /// Whether `-c` records in the processes (the default) rather than with probes: not when
+    /// probes are asked for, nor for what only probes do (another allocator library or
+    /// prefix, every call traced, sampling).
+    fn records_in_process(&self) -> bool {
+        self.command.is_some()
+            && !self.uprobes
+            && self.obj.is_none()
+            && self.symbols_prefix.is_empty()
+            && !self.trace
+            && self.sample_rate <= 1
+    }
+
+    fn recorder_config(&self) -> inproc::Config {
+        inproc::Config {
+            max_allocs: self.max_allocs,
+            max_stacks: self.max_stacks,
+            rows: self.unwind.unwind_rows,
+            min_size: self.min_size.unwrap_or(0),
+            max_size: self.max_size.unwrap_or(u64::MAX),
+            // In the process, tables work on every kernel (no bpf_loop needed).
+            unwind: match self.unwind.unwind {
+                UnwindMode::Fp => memtrace_common::unwind::MODE_FP,
+                UnwindMode::Auto => memtrace_common::unwind::MODE_AUTO,
+                UnwindMode::Dwarf => memtrace_common::unwind::MODE_DWARF,
+            },
+        }
+    }
+
     /// Everything that can be checked before loading anything (and without root).
     pub fn validate(&self) -> Result<()> {
         use crate::tools::args::{MAP_ENTRIES, MAX_SECONDS, in_range};
@@ -176,7 +209,8 @@ enum Mode {
     /// Processes, through uprobes on their allocator: a running one (`-p`), or a command
     /// memtrace starts and follows (`-c`).
     Pid(u32, Allocator),
-    Command(Command),
+    /// The command, and the in-process recorder preloaded into it unless probes were asked.
+    Command(Command, Option<inproc::Shim>),
     Kernel,
 }
 
@@ -188,7 +222,9 @@ pub async fn run(args: Args) -> Result<Status> {
         (Some(cmd), _) => {
             let argv =
                 shlex::split(cmd).filter(|a| !a.is_empty()).context("-c needs a command, e.g. -c \"./prog arg\"")?;
-            Mode::Command(Command::spawn(&argv)?)
+            let shim = if args.records_in_process() { Some(inproc::Shim::install()?) } else { None };
+            let env = shim.as_ref().map(|s| s.env(&args.recorder_config())).unwrap_or_default();
+            Mode::Command(Command::spawn(&argv, &env)?, shim)
         }
         (None, Some(pid)) => {
             target::check_pid(pid)?;
@@ -270,10 +306,13 @@ pub async fn run(args: Args) -> Result<Status> {
             crate::output::ready::ready("memleak", Some(pid), &line);
             Some(pid)
         }
-        Mode::Command(cmd) => {
+        Mode::Command(cmd, shim) => {
             // Probes go in at the command's first exec, when its program is known.
             attach::lifecycle(&mut tracer.bpf)?;
             procs.begin_command(cmd.pid)?;
+            if let Some(shim) = shim {
+                procs.record_in_process(shim);
+            }
             let line = format!(
                 "running {} (pid {}) and following its processes",
                 args.command.as_deref().unwrap_or_default(),
@@ -339,7 +378,7 @@ pub async fn run(args: Args) -> Result<Status> {
             _ = ticker.tick(), if !ending.started() => {
                 reports += 1;
                 let last = args.reports.count().is_some_and(|c| reports >= c);
-                session.report(&procs, last, false)?;
+                session.report(&mut procs, last, false)?;
                 last.then_some(Stop::Counted)
             }
             guard = ring.readable_mut() => {
@@ -353,8 +392,8 @@ pub async fn run(args: Args) -> Result<Status> {
                     // The kernel side saw the exec first; take its generation from the ring.
                     drain(ring.get_mut(), &mut tracer.bpf, &mut procs, &mut session, held, &mut exits)?;
                     let image = procs.images().get(&pid).copied().unwrap_or(0);
-                    if let Some((obj, probes)) = procs.exec(&mut tracer.bpf, pid, image, true, from_thread)? {
-                        let line = format!("pid {pid} ({}) probed through {} with {probes} probes", target::comm(pid), obj.display());
+                    if let Some(how) = procs.exec(&mut tracer.bpf, pid, image, true, from_thread)? {
+                        let line = format!("pid {pid} ({}) {}", target::comm(pid), how.describe());
                         // The command's own images are news; its children's are detail (-v).
                         if Some(pid) == root { eprintln!("memtrace: memleak: {line}") } else { tracing::info!("{line}") }
                     }
@@ -379,8 +418,8 @@ pub async fn run(args: Args) -> Result<Status> {
                     None
                 }
                 Some(CommandEvent::Mapped { pid, ack }) => {
-                    if let Some((obj, probes)) = procs.mapped(&mut tracer.bpf, pid)? {
-                        let line = format!("pid {pid} ({}) probed through {} with {probes} probes", target::comm(pid), obj.display());
+                    if let Some(how) = procs.mapped(&mut tracer.bpf, pid)? {
+                        let line = format!("pid {pid} ({}) {}", target::comm(pid), how.describe());
                         if Some(pid) == root { eprintln!("memtrace: memleak: {line}") } else { tracing::info!("{line}") }
                     }
                     session.unwinder.load(pid);
@@ -390,6 +429,7 @@ pub async fn run(args: Args) -> Result<Status> {
                 Some(CommandEvent::Exiting { pid, ack }) => {
                     // Stopped at exit with its memory map intact: snapshot it for symbolization.
                     let _ = session.user_sym.refresh(pid);
+                    procs.exiting(pid);
                     let _ = ack.send(());
                     None
                 }
@@ -444,7 +484,7 @@ pub async fn run(args: Args) -> Result<Status> {
             Some(cmd) if !ending.started() => {
                 if stop == Stop::Asked {
                     drain(ring.get_mut(), &mut tracer.bpf, &mut procs, &mut session, held, &mut exits)?;
-                    session.report(&procs, true, false)?;
+                    session.report(&mut procs, true, false)?;
                 }
                 if ending.start(cmd) {
                     grace.as_mut().reset(tokio::time::Instant::now() + GRACE);
@@ -458,7 +498,8 @@ pub async fn run(args: Args) -> Result<Status> {
     if !ending.started() {
         // Events already in the ring belong to the run.
         drain(ring.get_mut(), &mut tracer.bpf, &mut procs, &mut session, held, &mut exits)?;
-        session.report(&procs, true, user && procs.all_exited())?;
+        let gone = user && procs.all_exited();
+        session.report(&mut procs, true, gone)?;
     }
     // With a command, its status as it ended: its exit code, or 128 + the signal that ended it.
     Ok(Status(ending.status.map_or(0, |code| code as u8)))
@@ -502,8 +543,8 @@ fn lifecycle(
         EV_EXEC if !held => {
             let image = event.size as u32;
             let from_thread = event.addr != 0;
-            if let Some((obj, probes)) = procs.exec(bpf, event.pid, image, false, from_thread)? {
-                tracing::info!("pid {} probed through {} with {probes} probes", event.pid, obj.display());
+            if let Some(how) = procs.exec(bpf, event.pid, image, false, from_thread)? {
+                tracing::info!("pid {} {}", event.pid, how.describe());
             }
             if from_thread {
                 tracing::info!("pid {}: {FROM_THREAD}", event.pid);

@@ -30,11 +30,12 @@ const OPTIONS: libc::c_int = libc::PTRACE_O_TRACEFORK
 pub(super) fn supervise(
     path: CString,
     args: Vec<CString>,
+    env: Vec<CString>,
     started: std_mpsc::Sender<Result<u32>>,
     events: mpsc::UnboundedSender<CommandEvent>,
     tasks: Arc<Mutex<Tasks>>,
 ) {
-    match start(&path, &args) {
+    match start(&path, &args, &env) {
         Ok((pid, exec_stop)) => {
             let _ = started.send(Ok(pid));
             let mut tree = Tree::new(pid, events, tasks);
@@ -56,15 +57,18 @@ fn pipe() -> Result<[libc::c_int; 2]> {
     Ok(fds)
 }
 
-/// Starts the command and returns its pid and wait status once it stops right after its exec.
-fn start(path: &CString, args: &[CString]) -> Result<(u32, i32)> {
+/// Starts the command with environment `env` ("NAME=value" each) and returns its pid and wait
+/// status once it stops right after its exec.
+fn start(path: &CString, args: &[CString], env: &[CString]) -> Result<(u32, i32)> {
     let mut argv: Vec<*const libc::c_char> = args.iter().map(|a| a.as_ptr()).collect();
     argv.push(std::ptr::null());
+    let mut envp: Vec<*const libc::c_char> = env.iter().map(|a| a.as_ptr()).collect();
+    envp.push(std::ptr::null());
     let mut filter = code_watch::filter();
     // `go`: the child waits until it is seized. `failed`: its exec's errno, if exec fails
     // (close-on-exec: a successful exec closes it empty).
     let (go, failed) = (pipe()?, pipe()?);
-    // SAFETY: the child only makes async-signal-safe calls (read, signal, seccomp, execv,
+    // SAFETY: the child only makes async-signal-safe calls (read, signal, seccomp, execve,
     // write, _exit) on memory prepared before the fork.
     let pid = unsafe { libc::fork() };
     let fork_error = std::io::Error::last_os_error();
@@ -77,7 +81,7 @@ fn start(path: &CString, args: &[CString]) -> Result<(u32, i32)> {
             // Rust ignores SIGPIPE in memtrace; the command gets the default, as from a shell.
             libc::signal(libc::SIGPIPE, libc::SIG_DFL);
             code_watch::install(&mut filter);
-            libc::execv(path.as_ptr(), argv.as_ptr());
+            libc::execve(path.as_ptr(), argv.as_ptr(), envp.as_ptr());
             let errno = *libc::__errno_location();
             libc::write(failed[1], (&raw const errno).cast(), size_of::<libc::c_int>());
             libc::_exit(127);

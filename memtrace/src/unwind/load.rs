@@ -17,8 +17,8 @@ use aya::{
 use memtrace_common::unwind::{
     BINARY_STEPS, CUT_BAD_FRAME, CUT_DEPTH, CUT_NO_TABLE, CUT_NOT_LOADED, CUT_TABLE_FULL, CUT_TRAMPOLINE,
     CUT_UNREADABLE, CUT_UNSUPPORTED, CUT_UNUSABLE, ENDED_COMPLETE, FP_FRAMES, FP_WALKS, MAPPING_NO_TABLE,
-    MAPPING_TABLE, MAPPING_TABLE_FULL, MAPPING_UNKNOWN, MODE_AUTO, MODE_DWARF, MODE_FP, Mapping,
-    MappingKey, PID_BITS, PackedRow, TRAMPOLINE_FRAMES, TrampolineOffsets, WALKS, mapping_key,
+    MAPPING_TABLE, MAPPING_TABLE_FULL, MAPPING_UNKNOWN, MODE_AUTO, MODE_DWARF, MODE_FP, Mapping, MappingKey, PID_BITS,
+    PackedRow, TRAMPOLINE_FRAMES, TrampolineOffsets, WALKS, mapping_key,
 };
 use serde::Serialize;
 
@@ -165,6 +165,48 @@ pub struct CutStacks {
 }
 
 impl CutStacks {
+    /// From counters indexed as the walker's (`memtrace_common::unwind`'s `WALKS`...), as
+    /// memleak's in-process recorder keeps them too.
+    pub fn from_counters(c: &[u64]) -> CutStacks {
+        let at = |i: u32| c.get(i as usize).copied().unwrap_or(0);
+        CutStacks {
+            walks: at(WALKS),
+            complete: at(ENDED_COMPLETE),
+            no_table: at(CUT_NO_TABLE),
+            not_loaded: at(CUT_NOT_LOADED),
+            table_full: at(CUT_TABLE_FULL),
+            depth: at(CUT_DEPTH),
+            unreadable: at(CUT_UNREADABLE),
+            unsupported: at(CUT_UNSUPPORTED),
+            bad_frame: at(CUT_BAD_FRAME),
+            unusable_table: at(CUT_UNUSABLE),
+            trampoline: at(CUT_TRAMPOLINE),
+            fp_frames: at(FP_FRAMES),
+            trampoline_frames: at(TRAMPOLINE_FRAMES),
+            fp_walks: at(FP_WALKS),
+            fp_short: 0,
+        }
+    }
+
+    /// Adds another walker's counts.
+    pub fn add(&mut self, o: &CutStacks) {
+        self.walks += o.walks;
+        self.complete += o.complete;
+        self.no_table += o.no_table;
+        self.not_loaded += o.not_loaded;
+        self.table_full += o.table_full;
+        self.depth += o.depth;
+        self.unreadable += o.unreadable;
+        self.unsupported += o.unsupported;
+        self.bad_frame += o.bad_frame;
+        self.unusable_table += o.unusable_table;
+        self.trampoline += o.trampoline;
+        self.fp_frames += o.fp_frames;
+        self.trampoline_frames += o.trampoline_frames;
+        self.fp_walks += o.fp_walks;
+        self.fp_short += o.fp_short;
+    }
+
     /// The blind-spot entries: stacks cut short, by cause.
     pub fn blind_spots(&self) -> Vec<(u64, &'static str)> {
         vec![
@@ -328,24 +370,9 @@ impl Unwinder {
 
     /// The walker's counters, summed over CPUs.
     pub fn cut(&self) -> CutStacks {
-        let stat = |i: u32| crate::kernel::maps::sum(&self.stats, i);
-        CutStacks {
-            walks: stat(WALKS),
-            complete: stat(ENDED_COMPLETE),
-            no_table: stat(CUT_NO_TABLE),
-            not_loaded: stat(CUT_NOT_LOADED),
-            table_full: stat(CUT_TABLE_FULL),
-            depth: stat(CUT_DEPTH),
-            unreadable: stat(CUT_UNREADABLE),
-            unsupported: stat(CUT_UNSUPPORTED),
-            bad_frame: stat(CUT_BAD_FRAME),
-            unusable_table: stat(CUT_UNUSABLE),
-            trampoline: stat(CUT_TRAMPOLINE),
-            fp_frames: stat(FP_FRAMES),
-            trampoline_frames: stat(TRAMPOLINE_FRAMES),
-            fp_walks: stat(FP_WALKS),
-            fp_short: 0,
-        }
+        let counters: Vec<u64> =
+            (0..memtrace_common::unwind::STAT_COUNT).map(|i| crate::kernel::maps::sum(&self.stats, i)).collect();
+        CutStacks::from_counters(&counters)
     }
 
     /// `-v` lines: the row map's use, then each module's rows and bytes.

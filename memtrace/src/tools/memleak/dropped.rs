@@ -28,6 +28,9 @@ pub struct Dropped {
     pub unprobed_images: u64,
     /// Children not followed because memleak's process table was full.
     pub untracked_children: u64,
+    /// Processes recording in themselves that ended without an exit stop (SIGKILL): what
+    /// they did after the report before is not seen.
+    pub unread_exits: u64,
     /// Frees a child made while its inheritance was being copied that could not be noted:
     /// the block may show as outstanding in the child.
     pub early_frees_lost: u64,
@@ -54,6 +57,10 @@ impl std::fmt::Display for Dropped {
             (self.unprobed_images, "exec'd images whose allocator could not be probed (-v says why)"),
             (self.untracked_children, "child processes not followed (process table full)"),
             (self.early_frees_lost, "frees during a child's inheritance copy not noted (counts may be high)"),
+            (
+                self.unread_exits,
+                "processes killed before their in-process recorder was read at exit (their last report's blocks are shown)",
+            ),
         ];
         f.write_str(&stack_blind_spots(&spots, &self.cut_stacks))
     }

@@ -8,6 +8,8 @@
 
 use std::{collections::BTreeMap, path::PathBuf};
 
+use super::inproc::{Recorder, Shim, Tables};
+
 use anyhow::{Context as _, Result};
 use aya::{
     Ebpf,
@@ -34,6 +36,33 @@ pub(super) struct Proc {
     /// Set once the process is gone: its outstanding blocks are final, no age cut-off applies.
     pub exit_code: Option<i32>,
     pub exited: bool,
+    /// How its allocations are recorded: by probes (`alloc`), or in the process.
+    pub recording: Recording,
+}
+
+/// How a process's allocations are recorded.
+pub(super) enum Recording {
+    /// By uprobes on `Proc::alloc` (none while it is unprobed).
+    Probes,
+    /// In the process, by memtrace's preloaded recorder, which has yet to be found there (its
+    /// image was exec'd with it named in LD_PRELOAD; the loader has yet to map it).
+    Expected,
+    InProcess(Box<Recorder>),
+}
+
+/// What a process's allocations are now recorded by, when that changed.
+pub(super) enum Recorded {
+    Probes(PathBuf, usize),
+    InProcess,
+}
+
+impl Recorded {
+    pub(super) fn describe(&self) -> String {
+        match self {
+            Recorded::Probes(obj, probes) => format!("probed through {} with {probes} probes", obj.display()),
+            Recorded::InProcess => "recorded in the process (memtrace's preloaded recorder)".into(),
+        }
+    }
 }
 
 pub(super) struct Procs {
@@ -49,6 +78,12 @@ pub(super) struct Procs {
     pub late: u64,
     /// New images memleak found no allocator in (a static program without malloc, say).
     pub unprobed: u64,
+    /// Processes recording in themselves that ended with no exit stop (SIGKILL): their last
+    /// moments were not read.
+    pub unread_exits: u64,
+    /// The in-process recorder, when `-c` preloads it, and the tables it is given.
+    shim: Option<Shim>,
+    tables: Tables,
 }
 
 impl Procs {
@@ -68,7 +103,15 @@ impl Procs {
             skip,
             late: 0,
             unprobed: 0,
+            unread_exits: 0,
+            shim: None,
+            tables: Tables::default(),
         })
+    }
+
+    /// Records in the process, wherever `shim` loads, from now on.
+    pub(super) fn record_in_process(&mut self, shim: Shim) {
+        self.shim = Some(shim);
     }
 
     /// Starts following `pid` with the allocator `alloc`; returns the number of probes.
@@ -112,6 +155,17 @@ impl Procs {
         }
         let Some(from) = self.list.get(&parent) else { return };
         let (alloc, parent_image) = (from.alloc.clone(), from.image);
+        // A recorder in the parent's memory is copied with it: the child's, with the blocks
+        // it inherits.
+        let recording = match &from.recording {
+            Recording::InProcess(r) => Some(Recording::InProcess(Box::new(r.forked()))),
+            Recording::Expected => Some(Recording::Expected),
+            Recording::Probes => None,
+        };
+        if let Some(recording) = recording {
+            self.list.insert(child, Proc { recording, ..Proc::new(Allocator::unprobed(), Some(parent), child) });
+            return;
+        }
         // A parent without a probed allocator (a static shell such as busybox) has nothing to
         // probe in the child either, but the child is followed: its exec may be the program.
         // A child gone before its probes went in has nothing to report.
@@ -179,10 +233,19 @@ impl Procs {
         image: u32,
         held: bool,
         from_thread: bool,
-    ) -> Result<Option<(PathBuf, usize)>> {
+    ) -> Result<Option<Recorded>> {
         let Some(proc) = self.list.get_mut(&pid) else { return Ok(None) };
         proc.image = proc.image.max(image);
         proc.comm = target::comm(pid);
+        // What the old image recorded in its own memory went with it.
+        proc.recording = Recording::Probes;
+        if held && self.shim.as_ref().is_some_and(|shim| shim.will_load(pid)) {
+            // No probes: the loader maps the recorder first (`mapped` checks that it did).
+            self.unprobe(bpf, pid);
+            let proc = self.list.get_mut(&pid).expect("looked up above");
+            proc.recording = Recording::Expected;
+            return Ok(None);
+        }
         // Held, nothing is mapped but the program and its loader: the loader's rules tell
         // what it will map (and `mapped` checks it). Running (-p), it may have mapped them.
         let found = if held { None } else { target::mapped_allocator(pid) };
@@ -214,10 +277,36 @@ impl Procs {
         self.probe(bpf, pid, detected)
     }
 
-    /// `pid` (held, `-c`) has just mapped code: when a libc or an allocator library is now
-    /// mapped that is not what its probes are on (the loader found another file than
-    /// predicted, or the prediction failed), the probes move to it before any of it runs.
-    pub(super) fn mapped(&mut self, bpf: &mut Ebpf, pid: u32) -> Result<Option<(PathBuf, usize)>> {
+    /// `pid` (held, `-c`) has just mapped code. With the recorder expected in it: once it is
+    /// there and set up, it is told where the code and its unwind rows are, each time new code
+    /// comes; if the loader mapped libc without it (a preload that failed), probes go in
+    /// instead, before any of that code runs. With probes: when a libc or an allocator library
+    /// is now mapped that is not what they are on (the loader found another file than
+    /// predicted, or the prediction failed), they move to it.
+    pub(super) fn mapped(&mut self, bpf: &mut Ebpf, pid: u32) -> Result<Option<Recorded>> {
+        let Some(proc) = self.list.get_mut(&pid) else { return Ok(None) };
+        match (&mut proc.recording, &self.shim) {
+            (Recording::InProcess(recorder), _) => {
+                if let Err(e) = recorder.describe_code(pid, &mut self.tables) {
+                    tracing::info!("pid {pid}: cannot describe its code to its recorder: {e:#}");
+                }
+                return Ok(None);
+            }
+            (Recording::Expected, Some(shim)) => {
+                if let Some(mut recorder) = Recorder::find(shim, pid) {
+                    recorder.describe_code(pid, &mut self.tables)?;
+                    proc.recording = Recording::InProcess(Box::new(recorder));
+                    return Ok(Some(Recorded::InProcess));
+                }
+                if shim.mapped_in(pid).is_some() || target::mapped_allocator(pid).is_none() {
+                    // Mapped and not set up yet, or the loader still at work before libc.
+                    return Ok(None);
+                }
+                tracing::info!("pid {pid}: the loader mapped libc without memtrace's recorder: probes instead");
+                proc.recording = Recording::Probes;
+            }
+            _ => {}
+        }
         let Some(proc) = self.list.get(&pid) else { return Ok(None) };
         let Some(mapped) = target::mapped_allocator(pid) else { return Ok(None) };
         if !target::contradicts(&mapped, &proc.alloc) {
@@ -234,7 +323,7 @@ impl Procs {
 
     /// Moves `pid`'s probes to `detected` (with `-O` applied), unless they are on those
     /// files already; returns the allocator and number of probes when they moved.
-    fn probe(&mut self, bpf: &mut Ebpf, pid: u32, detected: Allocator) -> Result<Option<(PathBuf, usize)>> {
+    fn probe(&mut self, bpf: &mut Ebpf, pid: u32, detected: Allocator) -> Result<Option<Recorded>> {
         let alloc = super::with_obj(detected, self.obj.as_ref())?;
         let Some(proc) = self.list.get(&pid) else { return Ok(None) };
         if same_files(&alloc, &proc.alloc) {
@@ -248,7 +337,7 @@ impl Procs {
                 let probes = links.len();
                 let proc = self.list.get_mut(&pid).expect("looked up above");
                 (proc.alloc, proc.links) = (alloc.clone(), links);
-                Ok(Some((alloc.primary, probes)))
+                Ok(Some(Recorded::Probes(alloc.primary, probes)))
             }
             Err(e) if e.downcast_ref::<kernel::ProgramRejected>().is_some() => Err(e),
             Err(e) => {
@@ -267,8 +356,35 @@ impl Procs {
         }
     }
 
+    /// `pid` is stopped at its exit with its memory whole: its recorder's last read.
+    pub(super) fn exiting(&mut self, pid: u32) {
+        if let Some(Proc { recording: Recording::InProcess(recorder), .. }) = self.list.get_mut(&pid) {
+            match recorder.snapshot(pid) {
+                Ok(_) => recorder.read_at_exit = true,
+                Err(e) => tracing::info!("pid {pid}: cannot read its recorder at exit: {e:#}"),
+            }
+        }
+    }
+
+    /// Reads the recorders of the processes still running (the others keep their last read).
+    pub(super) fn read_recorders(&mut self) {
+        for (&pid, proc) in &mut self.list {
+            if let (false, Recording::InProcess(recorder)) = (proc.exited, &mut proc.recording) {
+                // Gone between its exit stop and now: its read at that stop stands.
+                let _ = recorder.snapshot(pid);
+            }
+        }
+    }
+
     pub(super) fn exited(&mut self, pid: u32, code: Option<i32>) {
         if let Some(proc) = self.list.get_mut(&pid) {
+            // SIGKILL ends a process without an exit stop: its recorder was last read at the
+            // report before, and what it did after that is not seen.
+            if let (false, Recording::InProcess(r)) = (proc.exited, &proc.recording)
+                && !r.read_at_exit
+            {
+                self.unread_exits += 1;
+            }
             proc.exited = true;
             proc.exit_code = proc.exit_code.or(code);
             // Its pid may be reused by a process nobody asked to trace.
@@ -294,7 +410,16 @@ impl Procs {
 
 impl Proc {
     fn new(alloc: Allocator, parent: Option<u32>, pid: u32) -> Proc {
-        Proc { alloc, links: Vec::new(), image: 0, parent, comm: target::comm(pid), exit_code: None, exited: false }
+        Proc {
+            alloc,
+            links: Vec::new(),
+            image: 0,
+            parent,
+            comm: target::comm(pid),
+            exit_code: None,
+            exited: false,
+            recording: Recording::Probes,
+        }
     }
 }
 

@@ -19,7 +19,11 @@ use memtrace_common::{
 use serde::Serialize;
 
 use super::dropped::Dropped;
-use super::{Args, procs::Procs};
+use super::{
+    Args,
+    inproc::{self, Snapshot},
+    procs::{Procs, Recording},
+};
 use crate::{
     kernel,
     output::{self, reports::ReportPrinter},
@@ -60,6 +64,7 @@ impl Maps {
             unprobed_images: procs.unprobed,
             untracked_children: self.stat(STAT_UNTRACKED_CHILDREN),
             early_frees_lost: self.stat(STAT_EARLY_FULL),
+            unread_exits: procs.unread_exits,
             stack_store_full: self.stacks.full(),
             stack_store_capacity: self.stacks.capacity(),
             ..Default::default()
@@ -70,21 +75,33 @@ impl Maps {
     /// `kernel::maps::dump`): blocks that do not change while it is read count exactly once.
     /// Blocks younger than `older_ns` are left out, except in processes that have exited.
     /// Records of an image a process has exec'd away from are void, and deleted.
+    /// `recorded`: each process recording in itself, its image, and its recorder's last read.
     fn rows(
         &mut self,
         older_ns: u64,
         with_allocs: bool,
         images: &StdHashMap<u32, u32>,
         exited: &dyn Fn(u32) -> bool,
+        recorded: &[(u32, u32, &Snapshot)],
     ) -> (Vec<Row>, FileMappings) {
         let mut rows: StdHashMap<StackKey, Row> = StdHashMap::new();
         let mut files = FileMappings::default();
         let now = monotonic_ns();
-        for (key, info) in kernel::maps::dump(&self.allocs) {
-            if key.pid != NO_PID && images.get(&key.pid).is_some_and(|&image| key.image < image) {
-                let _ = self.allocs.remove(&key);
-                continue;
+        let from_kernel = kernel::maps::dump(&self.allocs).into_iter().filter(|(key, _)| {
+            let void = key.pid != NO_PID && images.get(&key.pid).is_some_and(|&image| key.image < image);
+            if void {
+                let _ = self.allocs.remove(key);
             }
+            !void
+        });
+        let from_kernel: Vec<(AllocKey, AllocInfo)> = from_kernel.collect();
+        let from_processes = recorded.iter().flat_map(|&(pid, image, snap)| {
+            snap.blocks.iter().map(move |b| {
+                let key = AllocKey { pid, image, addr: b.addr };
+                (key, AllocInfo { size: b.size, timestamp_ns: b.time_ns, stack_id: b.stack, func: b.func, _pad: 0 })
+            })
+        });
+        for (key, info) in from_kernel.into_iter().chain(from_processes) {
             let age = now.saturating_sub(info.timestamp_ns);
             if age < older_ns && !(key.pid != NO_PID && exited(key.pid)) {
                 continue;
@@ -279,7 +296,7 @@ impl<'a> Session<'a> {
         match event.kind {
             // Symbolize while the process is alive; the result is cached for every report.
             EV_NEW_STACK => {
-                let _ = self.frames(StackKey { pid: event.pid, image: event.image, stack_id: event.stack_id });
+                let _ = self.frames(StackKey { pid: event.pid, image: event.image, stack_id: event.stack_id }, None);
             }
             EV_ALLOC | EV_FREE if self.args.trace => {
                 let func = FN_NAMES.get(event.func as usize).copied().unwrap_or("?");
@@ -302,14 +319,19 @@ impl<'a> Session<'a> {
         Ok(())
     }
 
-    fn frames(&mut self, key: StackKey) -> Vec<Frame> {
+    /// The frames of a stack: its addresses from the process's recorder when it records in
+    /// itself, else from the kernel side's stack store.
+    fn frames(&mut self, key: StackKey, recorder: Option<&inproc::Recorder>) -> Vec<Frame> {
         if key.stack_id == STACK_LOST {
             return Vec::new();
         }
         if let Some(frames) = self.stack_cache.get(&key) {
             return frames.clone();
         }
-        let ips = self.maps.stacks.ips(key.stack_id);
+        let ips = match recorder {
+            Some(r) => r.stack(key.stack_id),
+            None => self.maps.stacks.ips(key.stack_id),
+        };
         let frames = if key.pid == NO_PID {
             self.kernel_sym.as_ref().map(|k| stacks::kernel_frames(k, &ips)).unwrap_or_default()
         } else {
@@ -321,11 +343,26 @@ impl<'a> Session<'a> {
     }
 
     /// Builds and prints one report. After the targets exited, no age cut-off applies.
-    pub(super) fn report(&mut self, procs: &Procs, is_final: bool, target_gone: bool) -> Result<()> {
+    pub(super) fn report(&mut self, procs: &mut Procs, is_final: bool, target_gone: bool) -> Result<()> {
+        procs.read_recorders();
+        let procs: &Procs = procs;
         let older_ns = if target_gone { 0 } else { self.args.older * 1_000_000 };
         let images = procs.images();
         let exited = |pid: u32| procs.list.get(&pid).is_some_and(|p| p.exited);
-        let (mut rows, file_mappings) = self.maps.rows(older_ns, self.args.show_allocs, &images, &exited);
+        let recorder = |pid: u32| match procs.list.get(&pid).map(|p| &p.recording) {
+            Some(Recording::InProcess(r)) => Some(r),
+            _ => None,
+        };
+        let recorded: Vec<(u32, u32, &Snapshot)> = procs
+            .list
+            .iter()
+            .filter_map(|(&pid, p)| match &p.recording {
+                Recording::InProcess(r) => r.last.as_ref().map(|snap| (pid, p.image, snap)),
+                _ => None,
+            })
+            .collect();
+        let in_process = inproc::Counts::sum(recorded.iter().map(|r| r.2));
+        let (mut rows, file_mappings) = self.maps.rows(older_ns, self.args.show_allocs, &images, &exited, &recorded);
         // Under --duty-cycle only part of the activity is recorded; free() is always probed, so
         // the share of frees seen while recording estimates the share of allocations recorded.
         let estimated = self.args.duty_cycle.is_some();
@@ -361,10 +398,12 @@ impl<'a> Session<'a> {
         let mut stacks = Vec::new();
         let top = self.args.top.get();
         let mut cut_stacks = self.unwinder.cut();
+        cut_stacks.add(&in_process.cut);
         for row in rows.iter() {
             let (trend, rate) = self.trends.observe(row.key, row.bytes, now);
             if stacks.len() < top {
-                let frames = self.frames(row.key);
+                let recorder = recorder(row.key.pid);
+                let frames = self.frames(row.key, recorder.map(|r| &**r));
                 let fp_walked = row.key.pid != NO_PID && self.unwinder.mode() == crate::unwind::UnwindMode::Fp;
                 if fp_walked && !stacks::reaches_entry(&frames) {
                     cut_stacks.fp_short += 1;
@@ -390,13 +429,13 @@ impl<'a> Session<'a> {
             estimated,
             scale,
             total_bytes,
-            tracked: self.maps.stat(STAT_TRACKED),
-            freed: self.maps.stat(STAT_FREED),
-            failed: self.maps.stat(STAT_FAILED),
+            tracked: self.maps.stat(STAT_TRACKED) + in_process.tracked,
+            freed: self.maps.stat(STAT_FREED) + in_process.freed,
+            failed: self.maps.stat(STAT_FAILED) + in_process.failed,
             file_mappings,
             stacks,
             processes,
-            dropped: Dropped { cut_stacks, ..self.maps.dropped(procs) },
+            dropped: in_process.add_to(Dropped { cut_stacks, ..self.maps.dropped(procs) }),
         };
         let report = self.out.titled(report, |r| render(r, self.args.sample_rate))?;
         if is_final && let Some(path) = &self.args.folded {
