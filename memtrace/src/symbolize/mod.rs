@@ -511,11 +511,11 @@ mod tests {
         assert!(name(f).ends_with("tests::probe_target"), "{f:?}");
         assert_eq!(f.offset, 0);
         assert_eq!(f.module.as_deref(), Some(exe_name().as_str()));
-        assert!(f.file.as_deref().unwrap().ends_with("symbolize.rs"), "{f:?}");
+        assert!(f.file.as_deref().unwrap().ends_with("symbolize/mod.rs"), "{f:?}");
         assert!(f.line.unwrap() > 0);
         assert!(!f.inlined);
         let shown = f.to_string();
-        assert!(shown.contains("probe_target+0x0 [") && shown.contains("symbolize.rs:"), "{shown}");
+        assert!(shown.contains("probe_target+0x0 [") && shown.contains(" mod.rs:"), "{shown}");
         // A second lookup, at a different offset, comes from the same cached file.
         let frames = real(sym.symbolize_stack(std::process::id(), &[addr + 1, addr]));
         assert_eq!(frames[0].offset, 1);
