@@ -115,6 +115,14 @@ fn bpf_problem() -> Option<String> {
 static BUILD_LOCK: Mutex<()> = Mutex::new(());
 
 pub use progs::Flavour;
+#[allow(unused_imports, reason = "each test file uses a different part")]
+pub use progs::{DLOPEN_LIBS, dlopen_leak_bytes, dlopen_stripped};
+
+/// The folder of the libraries tests/progs/dlopen_many opens (see `progs::dlopen_libs`).
+pub fn dlopen_libs() -> PathBuf {
+    let _guard = BUILD_LOCK.lock().unwrap_or_else(|e| e.into_inner());
+    progs::dlopen_libs(&repo())
+}
 
 /// Builds `tests/progs/<name>` (a .c, .cpp or .rs file) once per test run, with frame pointers
 /// and debug info, unoptimised so that each source call stays one call site.

@@ -171,7 +171,7 @@ mod tests {
     use super::*;
 
     fn frame(name: &str) -> Frame {
-        Frame { func: Some(name.into()), ..Frame::unknown(0x10) }
+        Frame { func: Some(name.into()), unnamed: None, ..Frame::unknown(0x10) }
     }
 
     #[test]

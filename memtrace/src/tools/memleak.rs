@@ -379,10 +379,14 @@ pub async fn run(args: Args) -> Result<Status> {
                     None
                 }
                 Some(CommandEvent::Mapped { pid, ack }) => {
+                    // Stacks taken before the new code was mapped are named with the maps they
+                    // were taken in; later ones need the new maps.
+                    drain(ring.get_mut(), &mut tracer.bpf, &mut procs, &mut session, held, &mut exits)?;
                     if let Some((obj, probes)) = procs.mapped(&mut tracer.bpf, pid)? {
                         let line = format!("pid {pid} ({}) probed through {} with {probes} probes", target::comm(pid), obj.display());
                         if Some(pid) == root { eprintln!("memtrace: memleak: {line}") } else { tracing::info!("{line}") }
                     }
+                    session.user_sym.mapped(pid);
                     session.unwinder.load(pid);
                     let _ = ack.send(());
                     None

@@ -37,6 +37,8 @@ pub struct Dropped {
     pub stack_store_capacity: u32,
     /// How the user stacks' walks ended (all zero with `--unwind fp`).
     pub cut_stacks: crate::unwind::CutStacks,
+    /// The frames of the stacks shown, and those without a function name by cause.
+    pub unnamed_frames: crate::symbolize::UnnamedFrames,
 }
 
 impl std::fmt::Display for Dropped {
@@ -55,6 +57,8 @@ impl std::fmt::Display for Dropped {
             (self.untracked_children, "child processes not followed (process table full)"),
             (self.early_frees_lost, "frees during a child's inheritance copy not noted (counts may be high)"),
         ];
+        let unnamed = self.unnamed_frames.blind_spots();
+        let spots: Vec<(u64, &str)> = spots.into_iter().chain(unnamed).collect();
         f.write_str(&stack_blind_spots(&spots, &self.cut_stacks))
     }
 }
@@ -78,5 +82,9 @@ mod tests {
             "blind spots: 5 allocations without a stack, 4 stacks not stored (stack store of 64 full: raise \
              --max-stacks)"
         );
+        // A frame without a name is a blind spot: "none" is never said over one.
+        let unnamed_frames = crate::symbolize::UnnamedFrames { frames: 40, no_symbol: 3, ..Default::default() };
+        let d = Dropped { unnamed_frames, ..Default::default() };
+        assert_eq!(d.to_string(), "blind spots: 3 frames without a name (no symbol in their file)");
     }
 }

@@ -23,7 +23,7 @@ use super::{Args, procs::Procs};
 use crate::{
     kernel,
     output::{self, reports::ReportPrinter},
-    symbolize::{Frame, KernelSymbolizer, UserSymbolizer},
+    symbolize::{Frame, KernelSymbolizer, UnnamedFrames, UserSymbolizer},
     tools::tracer::Tracer,
     tools::{
         monotonic_ns,
@@ -381,6 +381,7 @@ impl<'a> Session<'a> {
                 });
             }
         }
+        let unnamed_frames = UnnamedFrames::of(stacks.iter().flat_map(|s| &s.frames));
         let report = |time| Report {
             time,
             pid: self.pid,
@@ -396,7 +397,7 @@ impl<'a> Session<'a> {
             file_mappings,
             stacks,
             processes,
-            dropped: Dropped { cut_stacks, ..self.maps.dropped(procs) },
+            dropped: Dropped { cut_stacks, unnamed_frames, ..self.maps.dropped(procs) },
         };
         let report = self.out.titled(report, |r| render(r, self.args.sample_rate))?;
         if is_final && let Some(path) = &self.args.folded {
