@@ -5,7 +5,7 @@ use std::fmt;
 use std::fs::File;
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::MetadataExt;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::rc::Rc;
 
 use anyhow::Context;
@@ -14,6 +14,7 @@ use blazesym::symbolize::{CodeInfo, Input, Sym, Symbolized, Symbolizer};
 
 use crate::kernel::kallsyms::Kallsyms;
 
+mod parts;
 mod unnamed;
 pub use unnamed::{Unnamed, UnnamedFrames};
 
@@ -124,6 +125,8 @@ pub struct UserSymbolizer {
     files: HashMap<FileKey, File>,
     /// Frames per (file, file offset) with `addr` left 0; the same offset has different addrs per pid.
     cache: HashMap<(FileKey, u64), Vec<Frame>>,
+    /// Each file's separate debug file (by build id), looked for once, for `parts`.
+    debug_files: HashMap<FileKey, Option<PathBuf>>,
     /// Each process's name at its last snapshot, for reports made after it exited.
     comms: HashMap<u32, String>,
     /// Mapped files that could not be opened, per (pid, path): warned about once each.
@@ -152,6 +155,7 @@ impl UserSymbolizer {
             maps: HashMap::new(),
             files: HashMap::new(),
             cache: HashMap::new(),
+            debug_files: HashMap::new(),
             comms: HashMap::new(),
             unreachable: Default::default(),
             outdated: HashSet::new(),
@@ -361,7 +365,18 @@ impl UserSymbolizer {
                 self.symbolizer.symbolize_single(&Source::Elf(own), Input::FileOffset(file_off))
             });
             match result {
-                Ok(Symbolized::Sym(sym)) => sym_frames(&sym, module),
+                Ok(Symbolized::Sym(sym)) => {
+                    let mut frames = sym_frames(&sym, module);
+                    if parts::needs_part(&sym) {
+                        let debug = self.debug_files.entry(key).or_insert_with(|| parts::debug_file(&path));
+                        if let Some(part) = parts::part_of(&self.symbolizer, &sym, &path, debug.as_ref()) {
+                            let real = frames.last_mut().expect("sym_frames ends with the real function");
+                            real.func = Some(part.name);
+                            real.offset = part.offset;
+                        }
+                    }
+                    frames
+                }
                 Ok(Symbolized::Unknown(_)) => vec![Frame::unnamed(0, Some(module), Unnamed::NoSymbol)],
                 Err(_) => vec![Frame::unnamed(0, Some(module), Unnamed::Unreadable)],
             }
@@ -716,6 +731,29 @@ mod tests {
         let f = frames.iter().find(|f| !f.inlined).unwrap();
         assert!(name(f).ends_with("tests::probe_target"), "{frames:?}");
         assert_eq!(f.module.as_deref(), Some(exe_name().as_str()));
+    }
+
+    /// glibc's pthread_create is split: `__pthread_create_2_1` and, in .text.unlikely,
+    /// `__pthread_create_2_1.cold` (symbols of libc6-dbg's debug file, which `cargo xtask
+    /// setup` installs). Each address is named as the part it is in, offset from that part.
+    #[test]
+    fn each_part_of_a_split_libc_function_is_named_as_itself() {
+        use object::{Object as _, ObjectSymbol as _};
+        let (libc_path, _) = file_of(libc::malloc as *const () as u64);
+        let debug = parts::debug_file(&libc_path).expect("libc's debug file: install libc6-dbg");
+        let data = std::fs::read(&debug).unwrap();
+        let elf = object::File::parse(&*data).unwrap();
+        let vaddr = |name: &str| {
+            elf.symbols().find(|s| s.name() == Ok(name)).map(|s| s.address()).unwrap_or_else(|| panic!("no {name}"))
+        };
+        // Where libc is loaded: malloc's address less its address in the file.
+        let bias = libc::malloc as *const () as u64 - vaddr("__libc_malloc");
+        let (hot, cold) = (vaddr("__pthread_create_2_1"), vaddr("__pthread_create_2_1.cold"));
+        let mut sym = UserSymbolizer::new();
+        let frames = sym.symbolize_stack(std::process::id(), &[bias + cold + 5, bias + hot + 0x980]);
+        let shown: Vec<String> = frames.iter().filter(|f| !f.inlined).map(|f| format!("{f}")).collect();
+        assert!(shown[0].starts_with("__pthread_create_2_1.cold+0x5 [libc.so.6]"), "{shown:?}");
+        assert!(shown[1].starts_with("__pthread_create_2_1+0x980 [libc.so.6]"), "{shown:?}");
     }
 
     #[test]
