@@ -263,6 +263,21 @@ pub fn is_named(frame: &Value, func: &str) -> bool {
     frame["func"].as_str().is_some_and(|n| n == func || n.ends_with(&format!("::{func}")))
 }
 
+/// Checks a report's count of the frames its stacks show (`counts`, its `unnamed_frames`):
+/// every frame counted, and every frame without a function name counted once, by its cause.
+pub fn assert_unnamed_counted(report: &Value, counts: &Value) {
+    let frames: Vec<&Value> =
+        report["stacks"].as_array().unwrap().iter().flat_map(|s| s["frames"].as_array().unwrap()).collect();
+    assert_eq!(counts["frames"], frames.len(), "frames shown: {counts} {report:#}");
+    let bare: Vec<&&Value> = frames.iter().filter(|f| f["func"].is_null()).collect();
+    let counted: u64 = ["no_mapping", "anonymous", "unreadable", "no_symbol", "vdso"]
+        .iter()
+        .map(|k| counts[k].as_u64().unwrap_or_else(|| panic!("no unnamed_frames.{k}: {counts}")))
+        .sum();
+    assert_eq!(bare.len() as u64, counted, "frames without a name: {counts} {bare:#?}");
+    assert!(bare.iter().all(|f| f["unnamed"].is_string()), "a frame without a name says why: {bare:#?}");
+}
+
 /// Names of the BPF programs loaded in the kernel right now.
 pub fn loaded_program_names() -> Vec<String> {
     aya::programs::loaded_programs()

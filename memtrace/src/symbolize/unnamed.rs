@@ -53,6 +53,11 @@ impl UnnamedFrames {
         counts
     }
 
+    /// How many frames have no name, whatever the cause.
+    pub fn unnamed(&self) -> u64 {
+        self.no_mapping + self.anonymous + self.unreadable + self.no_symbol + self.vdso
+    }
+
     /// The blind-spot entries: frames shown without a name, by cause.
     pub fn blind_spots(&self) -> Vec<(u64, &'static str)> {
         vec![
@@ -62,6 +67,18 @@ impl UnnamedFrames {
             (self.no_symbol, "frames without a name (no symbol in their file)"),
             (self.vdso, "frames without a name (in the vDSO)"),
         ]
+    }
+}
+
+/// Reports that show stacks one interval (or one event) at a time count over the run.
+impl std::ops::AddAssign for UnnamedFrames {
+    fn add_assign(&mut self, other: UnnamedFrames) {
+        self.frames += other.frames;
+        self.no_mapping += other.no_mapping;
+        self.anonymous += other.anonymous;
+        self.unreadable += other.unreadable;
+        self.no_symbol += other.no_symbol;
+        self.vdso += other.vdso;
     }
 }
 
@@ -96,6 +113,10 @@ mod tests {
              mapped from no file: JIT), 1 frames without a name (their file could not be read), 2 frames without \
              a name (no symbol in their file), 1 frames without a name (in the vDSO)"
         );
-        assert_eq!(UnnamedFrames::of([&named]).blind_spots().iter().map(|(n, _)| n).sum::<u64>(), 0);
+        assert_eq!(counts.unnamed(), 7);
+        let mut run = UnnamedFrames::of([&named]);
+        assert_eq!((run.frames, run.unnamed()), (1, 0));
+        run += counts;
+        assert_eq!((run.frames, run.unnamed(), run.no_symbol), (9, 7, 2));
     }
 }

@@ -57,9 +57,7 @@ impl std::fmt::Display for Dropped {
             (self.untracked_children, "child processes not followed (process table full)"),
             (self.early_frees_lost, "frees during a child's inheritance copy not noted (counts may be high)"),
         ];
-        let unnamed = self.unnamed_frames.blind_spots();
-        let spots: Vec<(u64, &str)> = spots.into_iter().chain(unnamed).collect();
-        f.write_str(&stack_blind_spots(&spots, &self.cut_stacks))
+        f.write_str(&stack_blind_spots(&spots, &self.cut_stacks, &self.unnamed_frames))
     }
 }
 
