@@ -236,6 +236,7 @@ fn brkstack_comm_filter_seeds_running_processes() {
     assert_eq!(grow[0]["calls"], GROWS);
     assert_eq!(grow[0]["bytes"], GROWS * PAGE);
     assert_eq!(report["growth_unknown"], 0, "{report:#}");
+    assert_unnamed_counted(&report, &report["unnamed_frames"]);
     assert_detached("brkstack");
 }
 

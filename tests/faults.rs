@@ -287,6 +287,7 @@ fn faults_nofp_reach_main(unwind: Option<&str>) {
     let complete = cut["complete"].as_u64().unwrap();
     assert!(complete >= PAGES, "touch_pages' walks complete: {report:#}");
     assert_eq!(complete + cut["no_table"].as_u64().unwrap(), cut["walks"].as_u64().unwrap(), "{report:#}");
+    assert_unnamed_counted(&report, &report["unnamed_frames"]);
     for field in ["events_lost", "stacks_lost", "stacks_full", "processes_full"] {
         assert_eq!(report[field], 0, "blind spot {field}: {report:#}");
     }

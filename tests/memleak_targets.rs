@@ -153,7 +153,15 @@ fn leaky_leaks() -> Vec<(&'static str, u64, u64)> {
 
 /// Runs `memleak -c CMD` and returns (its final report, stderr); it must exit 0.
 fn run_command(cmd: &str) -> (Value, String) {
-    let out = run(&["-v", "memleak", "--json", "-T", "200", "-c", cmd], Duration::from_secs(60));
+    run_command_with(&[], cmd)
+}
+
+/// `run_command` with more of memleak's options.
+fn run_command_with(extra: &[&str], cmd: &str) -> (Value, String) {
+    let mut args = vec!["-v", "memleak", "--json", "-T", "200"];
+    args.extend(extra);
+    args.extend(["-c", cmd]);
+    let out = run(&args, Duration::from_secs(60));
     let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
     assert!(out.status.success(), "{cmd}: exit {}: {stderr}", out.status);
     assert!(stderr.contains("command exited with status 0"), "{cmd}: {stderr}");
@@ -185,11 +193,16 @@ fn memleak_command_probes_the_libc_its_search_path_names() {
         if !copy.exists() {
             std::fs::copy("/lib/x86_64-linux-gnu/libc.so.6", &copy).unwrap();
         }
-        let (report, stderr) = run_command(leaky.to_str().unwrap());
-        assert!(stderr.contains(&format!("probed through {} with", copy.display())), "{flavour:?}: {stderr}");
-        let pid = pid_with(&report, "leak_malloc");
-        for (func, bytes, allocs) in leaky_leaks() {
-            assert_stack(&report, pid, func, bytes, allocs);
+        // Probes on the copy; the in-process recorder calls whatever malloc the loader bound.
+        for extra in [&["--uprobes"][..], &[]] {
+            let (report, stderr) = run_command_with(extra, leaky.to_str().unwrap());
+            if !extra.is_empty() {
+                assert!(stderr.contains(&format!("probed through {} with", copy.display())), "{flavour:?}: {stderr}");
+            }
+            let pid = pid_with(&report, "leak_malloc");
+            for (func, bytes, allocs) in leaky_leaks() {
+                assert_stack(&report, pid, func, bytes, allocs);
+            }
         }
     }
 }
@@ -209,11 +222,15 @@ fn memleak_command_probes_the_jemalloc_ld_library_path_names() {
     std::fs::copy(system, &copy).unwrap();
     let leaky = prog("leaky");
     let cmd = format!("env LD_LIBRARY_PATH={} LD_PRELOAD=libjemalloc.so.2 {}", dir.display(), leaky.display());
-    let (report, stderr) = run_command(&cmd);
-    assert!(stderr.contains(&format!("probed through {} with", copy.display())), "{stderr}");
-    let pid = pid_with(&report, "leak_malloc");
-    for (func, bytes, allocs) in leaky_leaks() {
-        assert_stack(&report, pid, func, bytes, allocs);
+    for extra in [&["--uprobes"][..], &[]] {
+        let (report, stderr) = run_command_with(extra, &cmd);
+        if !extra.is_empty() {
+            assert!(stderr.contains(&format!("probed through {} with", copy.display())), "{stderr}");
+        }
+        let pid = pid_with(&report, "leak_malloc");
+        for (func, bytes, allocs) in leaky_leaks() {
+            assert_stack(&report, pid, func, bytes, allocs);
+        }
     }
     std::fs::remove_dir_all(&dir).unwrap();
 }

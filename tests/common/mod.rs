@@ -115,6 +115,14 @@ fn bpf_problem() -> Option<String> {
 static BUILD_LOCK: Mutex<()> = Mutex::new(());
 
 pub use progs::Flavour;
+#[allow(unused_imports, reason = "each test file uses a different part")]
+pub use progs::{DLOPEN_LIBS, dlopen_leak_bytes, dlopen_stripped};
+
+/// The folder of the libraries tests/progs/dlopen_many opens (see `progs::dlopen_libs`).
+pub fn dlopen_libs() -> PathBuf {
+    let _guard = BUILD_LOCK.lock().unwrap_or_else(|e| e.into_inner());
+    progs::dlopen_libs(&repo())
+}
 
 /// Builds `tests/progs/<name>` (a .c, .cpp or .rs file) once per test run, with frame pointers
 /// and debug info, unoptimised so that each source call stays one call site.
@@ -253,6 +261,21 @@ pub fn frame_of<'a>(stack: &'a Value, func: &str) -> Option<&'a Value> {
 /// True when the frame's function is `func`, or `func` in some module (`crate::func`).
 pub fn is_named(frame: &Value, func: &str) -> bool {
     frame["func"].as_str().is_some_and(|n| n == func || n.ends_with(&format!("::{func}")))
+}
+
+/// Checks a report's count of the frames its stacks show (`counts`, its `unnamed_frames`):
+/// every frame counted, and every frame without a function name counted once, by its cause.
+pub fn assert_unnamed_counted(report: &Value, counts: &Value) {
+    let frames: Vec<&Value> =
+        report["stacks"].as_array().unwrap().iter().flat_map(|s| s["frames"].as_array().unwrap()).collect();
+    assert_eq!(counts["frames"], frames.len(), "frames shown: {counts} {report:#}");
+    let bare: Vec<&&Value> = frames.iter().filter(|f| f["func"].is_null()).collect();
+    let counted: u64 = ["no_mapping", "anonymous", "unreadable", "no_symbol", "vdso"]
+        .iter()
+        .map(|k| counts[k].as_u64().unwrap_or_else(|| panic!("no unnamed_frames.{k}: {counts}")))
+        .sum();
+    assert_eq!(bare.len() as u64, counted, "frames without a name: {counts} {bare:#?}");
+    assert!(bare.iter().all(|f| f["unnamed"].is_string()), "a frame without a name says why: {bare:#?}");
 }
 
 /// Names of the BPF programs loaded in the kernel right now.

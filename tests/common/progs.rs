@@ -115,9 +115,68 @@ fn corrupt_eh_frame(path: &Path) {
     std::fs::write(path, elf).unwrap();
 }
 
+/// How many libraries `dlopen_libs` builds.
+pub const DLOPEN_LIBS: usize = 300;
+
+/// The bytes `leak_K` of libleakK.so leaks (one malloc).
+pub fn dlopen_leak_bytes(k: usize) -> u64 {
+    1000 + k as u64
+}
+
+/// Whether libleakK.so is stripped, its `leak_K` leaking through a local function that has no
+/// symbol left (a frame no tool can name).
+pub fn dlopen_stripped(k: usize) -> bool {
+    k % 50 == 49
+}
+
+/// target/test-progs/dlopen-libs/libleakK.so for K below `DLOPEN_LIBS`, each generated from
+/// its own source: `leak_K` leaks `dlopen_leak_bytes(K)`, with frame pointers. A library
+/// newer than its source is kept; the rest are built a few at a time.
+pub fn dlopen_libs(repo: &Path) -> PathBuf {
+    let dir = repo.join("target/test-progs/dlopen-libs");
+    std::fs::create_dir_all(&dir).unwrap();
+    let build = |k: usize| {
+        let src = dir.join(format!("leak{k}.c"));
+        let lib = dir.join(format!("libleak{k}.so"));
+        let bytes = dlopen_leak_bytes(k);
+        let body = if dlopen_stripped(k) {
+            format!(
+                "static __attribute__((noinline)) void *inner(void) {{ return malloc({bytes}); }}\n\
+                 __attribute__((noinline)) void leak_{k}(void) {{ leak_{k}_sink = inner(); }}\n"
+            )
+        } else {
+            format!("__attribute__((noinline)) void leak_{k}(void) {{ leak_{k}_sink = malloc({bytes}); }}\n")
+        };
+        let text = format!("#include <stdlib.h>\nvoid *volatile leak_{k}_sink;\n{body}");
+        if std::fs::read_to_string(&src).ok().as_deref() != Some(text.as_str()) {
+            std::fs::write(&src, &text).unwrap();
+        }
+        let modified = |p: &Path| p.metadata().and_then(|m| m.modified()).ok();
+        if modified(&lib).is_none() || modified(&lib) < modified(&src) {
+            let status = Command::new("cc")
+                .args(["-shared", "-fPIC", "-g", "-O0", "-fno-omit-frame-pointer"])
+                .args(dlopen_stripped(k).then_some("-s"))
+                .arg("-o")
+                .arg(&lib)
+                .arg(&src)
+                .status()
+                .unwrap_or_else(|e| panic!("cannot run cc for {}: {e}", src.display()));
+            assert!(status.success(), "building {} failed", src.display());
+        }
+    };
+    let workers = std::thread::available_parallelism().map_or(1, |n| n.get()) * 2;
+    std::thread::scope(|scope| {
+        for w in 0..workers {
+            scope.spawn(move || (w..DLOPEN_LIBS).step_by(workers).for_each(build));
+        }
+    });
+    dir
+}
+
 /// Every program of tests/progs in every flavour.
 #[allow(dead_code, reason = "for xtask; the tests build one program at a time")]
 pub fn build_all(repo: &Path) {
+    dlopen_libs(repo);
     let mut names: Vec<String> = std::fs::read_dir(repo.join("tests/progs"))
         .unwrap()
         .filter_map(|e| {

@@ -12,7 +12,7 @@ use std::{
 use anyhow::{Result, bail};
 use serde::Serialize;
 
-use crate::symbolize::Frame;
+use crate::symbolize::{Frame, UnnamedFrames};
 
 pub mod decode;
 pub mod events;
@@ -148,9 +148,10 @@ pub fn blind_spots(counts: &[(u64, &str)]) -> String {
     if parts.is_empty() { "blind spots: none".into() } else { format!("blind spots: {}", parts.join(", ")) }
 }
 
-/// `blind_spots` of a tool that shows user stacks: its own counts, then its stacks cut short.
-pub fn stack_blind_spots(counts: &[(u64, &str)], cut: &crate::unwind::CutStacks) -> String {
-    let all: Vec<(u64, &str)> = counts.iter().copied().chain(cut.blind_spots()).collect();
+/// `blind_spots` of a tool that shows user stacks: its own counts, then its stacks cut short,
+/// then the frames it showed without a function name.
+pub fn stack_blind_spots(counts: &[(u64, &str)], cut: &crate::unwind::CutStacks, unnamed: &UnnamedFrames) -> String {
+    let all: Vec<(u64, &str)> = counts.iter().copied().chain(cut.blind_spots()).chain(unnamed.blind_spots()).collect();
     blind_spots(&all)
 }
 
@@ -171,7 +172,7 @@ mod tests {
     use super::*;
 
     fn frame(name: &str) -> Frame {
-        Frame { func: Some(name.into()), ..Frame::unknown(0x10) }
+        Frame { func: Some(name.into()), unnamed: None, ..Frame::unknown(0x10) }
     }
 
     #[test]

@@ -21,7 +21,7 @@ use crate::{
     tools::{
         args::StackReportArgs,
         c_str, read_event,
-        stack_report::{StackReport, StackRun, StackTool},
+        stack_report::{ShowsFrames, StackReport, StackRun, StackTool},
         stacks,
     },
     unwind::Unwinder,
@@ -165,6 +165,12 @@ struct StackRow {
     calls: u64,
     bytes: i64,
     frames: Vec<Frame>,
+}
+
+impl ShowsFrames for StackRow {
+    fn shown_frames(&self) -> impl Iterator<Item = &Frame> {
+        self.frames.iter()
+    }
 }
 
 impl State {

@@ -21,7 +21,7 @@ use crate::{
     tools::{
         args::StackReportArgs,
         c_str, read_event,
-        stack_report::{StackReport, StackRun, StackTool},
+        stack_report::{ShowsFrames, StackReport, StackRun, StackTool},
         stacks,
     },
     unwind::Unwinder,
@@ -193,6 +193,12 @@ struct StackRow {
     kernel_frames: Vec<Frame>,
     /// User frames, innermost first: the faulting instruction, then its callers.
     frames: Vec<Frame>,
+}
+
+impl ShowsFrames for StackRow {
+    fn shown_frames(&self) -> impl Iterator<Item = &Frame> {
+        self.kernel_frames.iter().chain(&self.frames)
+    }
 }
 
 fn mode_name(mode: u32) -> &'static str {

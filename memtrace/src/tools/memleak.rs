@@ -418,10 +418,14 @@ pub async fn run(args: Args) -> Result<Status> {
                     None
                 }
                 Some(CommandEvent::Mapped { pid, ack }) => {
+                    // Stacks taken before the new code was mapped are named with the maps they
+                    // were taken in; later ones need the new maps.
+                    drain(ring.get_mut(), &mut tracer.bpf, &mut procs, &mut session, held, &mut exits)?;
                     if let Some(how) = procs.mapped(&mut tracer.bpf, pid)? {
                         let line = format!("pid {pid} ({}) {}", target::comm(pid), how.describe());
                         if Some(pid) == root { eprintln!("memtrace: memleak: {line}") } else { tracing::info!("{line}") }
                     }
+                    session.user_sym.mapped(pid);
                     session.unwinder.load(pid);
                     let _ = ack.send(());
                     None

@@ -19,7 +19,7 @@ use serde::Serialize;
 use crate::{
     kernel::{self, AttachPoint, Probe, btf, kallsyms::Kallsyms, tracefs::Format},
     output::{self, events::Events},
-    symbolize::{Frame, UserSymbolizer},
+    symbolize::{Frame, UnnamedFrames, UserSymbolizer},
     tools::registry::{Plan, ToolSpec},
     tools::tracer::Tracer,
     tools::{
@@ -98,6 +98,7 @@ pub async fn run(args: Args) -> Result<()> {
         symbolizer: UserSymbolizer::new(),
         kallsyms: None,
         triggers: HashMap::new(),
+        unnamed: UnnamedFrames::default(),
         out: Events::new(args.common.json, false, "TRIGGER                    VICTIM, MEMORY, MEMCG, LOADAVG"),
     };
     let ready = format!("tracing OOM kills ({how})");
@@ -203,6 +204,8 @@ struct State {
     kallsyms: Option<Option<Kallsyms>>,
     /// What the kprobe saw, by trigger thread, waiting for its mark_victim.
     triggers: HashMap<u32, Trigger>,
+    /// The frames of the trigger stacks printed, and those without a name.
+    unnamed: UnnamedFrames,
     out: Events,
 }
 
@@ -323,6 +326,7 @@ impl tools::Stream for State {
             }
             EV_VICTIM => {
                 let kill = self.kill(&event);
+                self.unnamed += UnnamedFrames::of(&kill.trigger_stack);
                 // No --timestamp here: the kernel-clock time is never shown.
                 self.out.record(0, || &kill, || render(&kill))?;
             }
@@ -332,12 +336,13 @@ impl tools::Stream for State {
     }
 
     fn finish(&mut self, lost: u64) -> Result<()> {
-        let cut = self.unwinder.cut();
+        let (cut, unnamed) = (self.unwinder.cut(), self.unnamed);
         let kills = self.out.count;
-        self.out.finish(lost, serde_json::json!({"kills": kills, "cut_stacks": cut}))?;
-        if !self.json && cut.walks > cut.complete + cut.fp_walks {
-            // Trigger stacks are walked once each, so a cut one is worth a line.
-            eprintln!("memtrace: oomkill: {}", output::stack_blind_spots(&[], &cut));
+        self.out.finish(lost, serde_json::json!({"kills": kills, "cut_stacks": cut, "unnamed_frames": unnamed}))?;
+        if !self.json && (cut.walks > cut.complete + cut.fp_walks || unnamed.unnamed() > 0) {
+            // Trigger stacks are walked once each, so a cut one or a frame without a name is
+            // worth a line.
+            eprintln!("memtrace: oomkill: {}", output::stack_blind_spots(&[], &cut, &unnamed));
         }
         Ok(())
     }

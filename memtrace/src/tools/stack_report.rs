@@ -16,8 +16,14 @@ use super::{
 };
 use crate::{
     output::{self, events::Events, reports::ReportPrinter},
+    symbolize::{Frame, UnnamedFrames},
     unwind::{CutStacks, Unwinder},
 };
+
+/// A row of a tool's report: the frames it shows, counted for the report's blind spots.
+pub trait ShowsFrames {
+    fn shown_frames(&self) -> impl Iterator<Item = &Frame>;
+}
 
 pub struct StackRun {
     top: usize,
@@ -83,7 +89,7 @@ impl StackRun {
 
     /// Prints a report of `counts` and the top `stacks`, with the tool's blind-spot counts
     /// `spots`; `table` renders it after its `[TIME] `.
-    pub fn report<C: Serialize, S: Serialize, B: Serialize>(
+    pub fn report<C: Serialize, S: Serialize + ShowsFrames, B: Serialize>(
         &self,
         is_final: bool,
         counts: C,
@@ -93,6 +99,7 @@ impl StackRun {
         table: impl FnOnce(&StackReport<C, S, B>) -> String,
     ) -> Result<()> {
         stacks.truncate(self.top);
+        let unnamed_frames = UnnamedFrames::of(stacks.iter().flat_map(ShowsFrames::shown_frames));
         let value = |time| StackReport {
             time,
             is_final,
@@ -102,6 +109,7 @@ impl StackRun {
             events_lost: self.lost,
             stacks_lost,
             cut_stacks: self.stacks.cut(),
+            unnamed_frames,
             spots,
             stack_store_full: self.stacks.store.full(),
             stack_store_capacity: self.stacks.store.capacity(),
@@ -125,6 +133,8 @@ pub struct StackReport<C, S, B> {
     pub stacks_lost: u64,
     /// How the user stacks' walks ended.
     cut_stacks: CutStacks,
+    /// The frames of the stacks shown, and those without a function name by cause.
+    unnamed_frames: UnnamedFrames,
     /// The tool's own blind spots.
     #[serde(flatten)]
     pub spots: B,
@@ -148,7 +158,7 @@ impl<C, S, B> StackReport<C, S, B> {
     pub fn blind_spots(&self, spots: &[(u64, &str)]) -> String {
         let lost = (self.events_lost.unwrap_or(0), "events lost (ring buffer full)");
         let all: Vec<(u64, &str)> = std::iter::once(lost).chain(spots.iter().copied()).collect();
-        format!("  {}", output::stack_blind_spots(&all, &self.cut_stacks))
+        format!("  {}", output::stack_blind_spots(&all, &self.cut_stacks, &self.unnamed_frames))
     }
 }
 

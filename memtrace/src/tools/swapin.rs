@@ -11,7 +11,7 @@ use serde::Serialize;
 use crate::{
     kernel::{self, AttachPoint, Probe},
     output::{self, reports::ReportPrinter},
-    symbolize::Frame,
+    symbolize::{Frame, UnnamedFrames},
     tools::registry::{Plan, ToolSpec},
     tools::tracer::Tracer,
     tools::{
@@ -83,7 +83,8 @@ pub async fn run(args: Args) -> Result<()> {
         stacks.watch(pid);
     }
     let out = ReportPrinter::new("swapin", args.common.json).with_timestamp(args.timestamp.timestamp);
-    let mut state = State { args: &args, counts, stats, stacks, total: 0, seen: Default::default(), out };
+    let unnamed = UnnamedFrames::default();
+    let mut state = State { args: &args, counts, stats, stacks, total: 0, seen: Default::default(), unnamed, out };
     let ready = format!("counting swap-ins ({how})");
     let tick = Some(args.reports.every_or(1));
     tracer.stream(&args.common, tick, args.reports.count(), &ready, &mut state).await?;
@@ -98,6 +99,8 @@ struct State<'a> {
     total: u64,
     /// The cumulative counts at the last report: each report shows the increase.
     seen: std::collections::HashMap<SwapKey, u64>,
+    /// The frames the reports showed so far, and those without a name.
+    unnamed: UnnamedFrames,
     out: ReportPrinter,
 }
 
@@ -135,6 +138,7 @@ impl State<'_> {
     }
 
     fn report(&mut self, rows: Vec<Row>) -> Result<()> {
+        self.unnamed += UnnamedFrames::of(rows.iter().flat_map(|r| r.stack.iter().flatten()));
         self.out.interval(
             |time| serde_json::json!({ "time": time, "swapins": rows }),
             || {
@@ -178,14 +182,19 @@ impl tools::Stream for State<'_> {
             self.report(rows)?;
         }
         let (full, stacks_lost) = (self.stat(STAT_COUNTS_FULL), self.stat(STAT_STACK_LOST));
-        let cut = self.stacks.cut();
+        let (cut, unnamed) = (self.stacks.cut(), self.unnamed);
         self.out.finish(
             lost,
-            || serde_json::json!({ "total": self.total, "counts_full": full, "stacks_lost": stacks_lost, "cut_stacks": cut }),
+            || {
+                serde_json::json!({
+                    "total": self.total, "counts_full": full, "stacks_lost": stacks_lost, "cut_stacks": cut,
+                    "unnamed_frames": unnamed,
+                })
+            },
             || None,
             || {
                 let spots = [(full, "swap-ins not counted (map full)"), (stacks_lost, "swap-ins without a stack")];
-                Some(output::stack_blind_spots(&spots, &cut))
+                Some(output::stack_blind_spots(&spots, &cut, &unnamed))
             },
         )
     }

@@ -40,6 +40,8 @@ pub struct Dropped {
     pub stack_store_capacity: u32,
     /// How the user stacks' walks ended (all zero with `--unwind fp`).
     pub cut_stacks: crate::unwind::CutStacks,
+    /// The frames of the stacks shown, and those without a function name by cause.
+    pub unnamed_frames: crate::symbolize::UnnamedFrames,
 }
 
 impl std::fmt::Display for Dropped {
@@ -62,7 +64,7 @@ impl std::fmt::Display for Dropped {
                 "processes killed before their in-process recorder was read at exit (their last report's blocks are shown)",
             ),
         ];
-        f.write_str(&stack_blind_spots(&spots, &self.cut_stacks))
+        f.write_str(&stack_blind_spots(&spots, &self.cut_stacks, &self.unnamed_frames))
     }
 }
 
@@ -85,5 +87,9 @@ mod tests {
             "blind spots: 5 allocations without a stack, 4 stacks not stored (stack store of 64 full: raise \
              --max-stacks)"
         );
+        // A frame without a name is a blind spot: "none" is never said over one.
+        let unnamed_frames = crate::symbolize::UnnamedFrames { frames: 40, no_symbol: 3, ..Default::default() };
+        let d = Dropped { unnamed_frames, ..Default::default() };
+        assert_eq!(d.to_string(), "blind spots: 3 frames without a name (no symbol in their file)");
     }
 }

@@ -27,7 +27,7 @@ use super::{
 use crate::{
     kernel,
     output::{self, reports::ReportPrinter},
-    symbolize::{Frame, KernelSymbolizer, UserSymbolizer},
+    symbolize::{Frame, KernelSymbolizer, UnnamedFrames, UserSymbolizer},
     tools::tracer::Tracer,
     tools::{
         monotonic_ns,
@@ -420,6 +420,7 @@ impl<'a> Session<'a> {
                 });
             }
         }
+        let unnamed_frames = UnnamedFrames::of(stacks.iter().flat_map(|s| &s.frames));
         let report = |time| Report {
             time,
             pid: self.pid,
@@ -435,7 +436,7 @@ impl<'a> Session<'a> {
             file_mappings,
             stacks,
             processes,
-            dropped: in_process.add_to(Dropped { cut_stacks, ..self.maps.dropped(procs) }),
+            dropped: in_process.add_to(Dropped { cut_stacks, unnamed_frames, ..self.maps.dropped(procs) }),
         };
         let report = self.out.titled(report, |r| render(r, self.args.sample_rate))?;
         if is_final && let Some(path) = &self.args.folded {

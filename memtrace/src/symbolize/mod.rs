@@ -5,7 +5,7 @@ use std::fmt;
 use std::fs::File;
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::MetadataExt;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::rc::Rc;
 
 use anyhow::Context;
@@ -13,6 +13,10 @@ use blazesym::symbolize::source::{Elf, Source};
 use blazesym::symbolize::{CodeInfo, Input, Sym, Symbolized, Symbolizer};
 
 use crate::kernel::kallsyms::Kallsyms;
+
+mod parts;
+mod unnamed;
+pub use unnamed::{Unnamed, UnnamedFrames};
 
 #[derive(Clone, Debug, serde::Serialize, PartialEq, Eq)]
 pub struct Frame {
@@ -30,15 +34,28 @@ pub struct Frame {
     pub line: Option<u32>,
     /// True for functions inlined at `addr`; each address's one non-inlined frame (the real function) comes last.
     pub inlined: bool,
+    /// Why `func` is unknown; absent when it is known.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub unnamed: Option<Unnamed>,
 }
 
 impl Frame {
+    /// A frame in no executable mapping of its process (as last seen).
     pub fn unknown(addr: u64) -> Frame {
-        Frame { addr, func: None, offset: 0, module: None, file: None, line: None, inlined: false }
+        Frame::unnamed(addr, None, Unnamed::NoMapping)
     }
 
-    fn in_module(addr: u64, module: &str) -> Frame {
-        Frame { module: Some(module.to_string()), ..Frame::unknown(addr) }
+    fn unnamed(addr: u64, module: Option<&str>, why: Unnamed) -> Frame {
+        Frame {
+            addr,
+            func: None,
+            offset: 0,
+            module: module.map(str::to_string),
+            file: None,
+            line: None,
+            inlined: false,
+            unnamed: Some(why),
+        }
     }
 }
 
@@ -84,10 +101,20 @@ enum Kind {
     Other,
 }
 
+/// What `lookup` finds: the mapping's kind, the address's offset in the mapped file, and
+/// whether the mapping is executable.
+struct Hit {
+    kind: Kind,
+    file_off: u64,
+    exec: bool,
+}
+
 struct Mapping {
     start: u64,
     end: u64,
     offset: u64,
+    /// Mapped executable: only such a mapping can hold a stack's code.
+    exec: bool,
     kind: Kind,
 }
 
@@ -98,10 +125,14 @@ pub struct UserSymbolizer {
     files: HashMap<FileKey, File>,
     /// Frames per (file, file offset) with `addr` left 0; the same offset has different addrs per pid.
     cache: HashMap<(FileKey, u64), Vec<Frame>>,
+    /// Each file's separate debug file (by build id), looked for once, for `parts`.
+    debug_files: HashMap<FileKey, Option<PathBuf>>,
     /// Each process's name at its last snapshot, for reports made after it exited.
     comms: HashMap<u32, String>,
     /// Mapped files that could not be opened, per (pid, path): warned about once each.
     unreachable: HashSet<(u32, Rc<str>)>,
+    /// Processes that mapped code since their snapshot: re-read before the next lookup.
+    outdated: HashSet<u32>,
 }
 
 impl Default for UserSymbolizer {
@@ -124,8 +155,10 @@ impl UserSymbolizer {
             maps: HashMap::new(),
             files: HashMap::new(),
             cache: HashMap::new(),
+            debug_files: HashMap::new(),
             comms: HashMap::new(),
             unreachable: Default::default(),
+            outdated: HashSet::new(),
         }
     }
 
@@ -147,6 +180,7 @@ impl UserSymbolizer {
         if text.is_empty() {
             return Ok(false);
         }
+        self.outdated.remove(&pid);
         if let Ok(comm) = std::fs::read_to_string(format!("/proc/{pid}/comm")) {
             self.comms.insert(pid, comm.trim_end().to_string());
         }
@@ -165,6 +199,7 @@ impl UserSymbolizer {
             let Some((start, end, perms, offset, inode, path)) = parse_maps_line(line) else {
                 continue;
             };
+            let exec = perms.contains('x');
             let kind = if path == "[vdso]" {
                 Kind::Vdso
             } else if path.starts_with('/') {
@@ -174,7 +209,7 @@ impl UserSymbolizer {
                     _ => path.rsplit('/').next().unwrap_or_default().into(),
                 };
                 // Only code can appear in stacks; skip opening data files mapped read-only.
-                let file = if perms.contains('x') {
+                let file = if exec {
                     match opened.get(&(path.clone(), inode)) {
                         Some(&file) => file,
                         None => {
@@ -190,7 +225,7 @@ impl UserSymbolizer {
             } else {
                 Kind::Other
             };
-            maps.push(Mapping { start, end, offset, kind });
+            maps.push(Mapping { start, end, offset, exec, kind });
         }
         maps.sort_by_key(|m| m.start);
         self.maps.insert(pid, maps);
@@ -229,25 +264,46 @@ impl UserSymbolizer {
         None
     }
 
-    /// Symbolize one stack (innermost first). Each address expands into one or more frames: for an address inside inlined code, the innermost inlined function first, then its callers down to the real function. Addresses not covered by the snapshot trigger one refresh (if the process is alive), then fall back to Frame::unknown. Never fails.
+    /// `pid` has mapped new code: its snapshot is re-read before its next lookup (an older
+    /// one may show other code at the same addresses, or none).
+    pub fn mapped(&mut self, pid: u32) {
+        self.outdated.insert(pid);
+    }
+
+    /// Symbolize one stack (innermost first). Each address expands into one or more frames: for
+    /// an address inside inlined code, the innermost inlined function first, then its callers
+    /// down to the real function. The snapshot is re-read once (if the process is alive) when
+    /// it is outdated or does not show an address as code: one taken while the loader maps a
+    /// library shows the library's code inside the read-only mapping the loader makes first.
+    /// A frame left without a name says why. Never fails.
     pub fn symbolize_stack(&mut self, pid: u32, addrs: &[u64]) -> Vec<Frame> {
-        let mut refreshed = false;
+        let mut refreshed = self.outdated.remove(&pid) && matches!(self.refresh(pid), Ok(true));
         let mut frames = Vec::with_capacity(addrs.len());
         for &addr in addrs {
             let mut found = self.lookup(pid, addr);
-            if found.is_none() && !refreshed {
+            if !found.as_ref().is_some_and(|hit| hit.exec) && !refreshed {
                 refreshed = true;
                 if matches!(self.refresh(pid), Ok(true)) {
                     found = self.lookup(pid, addr);
                 }
             }
-            match found {
-                None | Some((Kind::Other, _)) => frames.push(Frame::unknown(addr)),
-                Some((Kind::Vdso, _)) => frames.push(Frame::in_module(addr, "[vdso]")),
-                Some((Kind::File { module, file, .. }, file_off)) => match file {
-                    Some(key) => frames.extend(self.symbolize_file(key, file_off, &module, addr)),
-                    None => frames.push(Frame::in_module(addr, &module)),
-                },
+            let Some(Hit { kind, file_off, exec }) = found else {
+                frames.push(Frame::unknown(addr));
+                continue;
+            };
+            let module = match &kind {
+                Kind::File { module, .. } => Some(&**module),
+                Kind::Vdso => Some("[vdso]"),
+                Kind::Other => None,
+            };
+            match kind {
+                _ if !exec => frames.push(Frame::unnamed(addr, module, Unnamed::NoMapping)),
+                Kind::Other => frames.push(Frame::unnamed(addr, module, Unnamed::Anonymous)),
+                Kind::Vdso => frames.push(Frame::unnamed(addr, module, Unnamed::Vdso)),
+                Kind::File { file: None, .. } => frames.push(Frame::unnamed(addr, module, Unnamed::Unreadable)),
+                Kind::File { ref module, file: Some(key), .. } => {
+                    frames.extend(self.symbolize_file(key, file_off, module, addr))
+                }
             }
         }
         frames
@@ -285,17 +341,17 @@ impl UserSymbolizer {
         gone.len()
     }
 
-    /// The mapping covering `addr` and the address's offset in the mapped file.
-    fn lookup(&self, pid: u32, addr: u64) -> Option<(Kind, u64)> {
+    /// The mapping covering `addr` in `pid`'s snapshot.
+    fn lookup(&self, pid: u32, addr: u64) -> Option<Hit> {
         let maps = self.maps.get(&pid)?;
         let m = &maps[maps.partition_point(|m| m.start <= addr).checked_sub(1)?];
-        (addr < m.end).then(|| (m.kind.clone(), addr - m.start + m.offset))
+        (addr < m.end).then(|| Hit { kind: m.kind.clone(), file_off: addr - m.start + m.offset, exec: m.exec })
     }
 
     fn symbolize_file(&mut self, key: FileKey, file_off: u64, module: &str, addr: u64) -> Vec<Frame> {
         let frames = self.cache.entry((key, file_off)).or_insert_with(|| {
             let Some(file) = self.files.get(&key) else {
-                return vec![Frame::in_module(0, module)];
+                return vec![Frame::unnamed(0, Some(module), Unnamed::Unreadable)];
             };
             // blazesym needs a path; the fd path stays valid for as long as we hold the file.
             let path = format!("/proc/self/fd/{}", file.as_raw_fd());
@@ -309,8 +365,20 @@ impl UserSymbolizer {
                 self.symbolizer.symbolize_single(&Source::Elf(own), Input::FileOffset(file_off))
             });
             match result {
-                Ok(Symbolized::Sym(sym)) => sym_frames(&sym, module),
-                Ok(Symbolized::Unknown(_)) | Err(_) => vec![Frame::in_module(0, module)],
+                Ok(Symbolized::Sym(sym)) => {
+                    let mut frames = sym_frames(&sym, module);
+                    if parts::needs_part(&sym) {
+                        let debug = self.debug_files.entry(key).or_insert_with(|| parts::debug_file(&path));
+                        if let Some(part) = parts::part_of(&self.symbolizer, &sym, &path, debug.as_ref()) {
+                            let real = frames.last_mut().expect("sym_frames ends with the real function");
+                            real.func = Some(part.name);
+                            real.offset = part.offset;
+                        }
+                    }
+                    frames
+                }
+                Ok(Symbolized::Unknown(_)) => vec![Frame::unnamed(0, Some(module), Unnamed::NoSymbol)],
+                Err(_) => vec![Frame::unnamed(0, Some(module), Unnamed::Unreadable)],
             }
         });
         frames.iter().map(|f| Frame { addr, ..f.clone() }).collect()
@@ -374,6 +442,7 @@ fn sym_frames(sym: &Sym<'_>, module: &str) -> Vec<Frame> {
                 file,
                 line,
                 inlined: true,
+                unnamed: inl.name.is_empty().then_some(Unnamed::NoSymbol),
             }
         })
         .collect();
@@ -386,6 +455,7 @@ fn sym_frames(sym: &Sym<'_>, module: &str) -> Vec<Frame> {
         file,
         line,
         inlined: false,
+        unnamed: sym.name.is_empty().then_some(Unnamed::NoSymbol),
     });
     frames
 }
@@ -414,9 +484,10 @@ impl KernelSymbolizer {
                     func: Some(name.to_string()),
                     offset,
                     module: Some(module.unwrap_or("[kernel]").to_string()),
+                    unnamed: None,
                     ..Frame::unknown(addr)
                 },
-                None => Frame::unknown(addr),
+                None => Frame::unnamed(addr, None, Unnamed::NoSymbol),
             })
             .collect()
     }
@@ -511,11 +582,11 @@ mod tests {
         assert!(name(f).ends_with("tests::probe_target"), "{f:?}");
         assert_eq!(f.offset, 0);
         assert_eq!(f.module.as_deref(), Some(exe_name().as_str()));
-        assert!(f.file.as_deref().unwrap().ends_with("symbolize.rs"), "{f:?}");
+        assert!(f.file.as_deref().unwrap().ends_with("symbolize/mod.rs"), "{f:?}");
         assert!(f.line.unwrap() > 0);
         assert!(!f.inlined);
         let shown = f.to_string();
-        assert!(shown.contains("probe_target+0x0 [") && shown.contains("symbolize.rs:"), "{shown}");
+        assert!(shown.contains("probe_target+0x0 [") && shown.contains(" mod.rs:"), "{shown}");
         // A second lookup, at a different offset, comes from the same cached file.
         let frames = real(sym.symbolize_stack(std::process::id(), &[addr + 1, addr]));
         assert_eq!(frames[0].offset, 1);
@@ -578,9 +649,111 @@ mod tests {
     fn translate(sym: &mut UserSymbolizer, addr: u64, pid: u32, module: &str) -> u64 {
         let me = std::process::id();
         assert!(sym.refresh(me).unwrap());
-        let (_, file_off) = sym.lookup(me, addr).unwrap();
+        let file_off = sym.lookup(me, addr).unwrap().file_off;
         sym.forget(me);
         addr_in(sym, pid, module, file_off).expect("offset mapped in the child")
+    }
+
+    /// Where `addr` (in this process's own code) is in the file mapped there: (path, offset).
+    fn file_of(addr: u64) -> (String, u64) {
+        let mut sym = UserSymbolizer::new();
+        assert!(sym.refresh(std::process::id()).unwrap());
+        match sym.lookup(std::process::id(), addr).unwrap() {
+            Hit { kind: Kind::File { path, .. }, file_off, .. } => (path.to_string(), file_off),
+            _ => panic!("{addr:#x} is not in a mapped file"),
+        }
+    }
+
+    /// An address range of `len` bytes reserved (mapped inaccessible) for a test to map files
+    /// over: never unmapped in between, so no other thread's mapping can land in it.
+    fn reserve(len: usize) -> u64 {
+        // SAFETY: a fresh anonymous mapping.
+        let addr = unsafe {
+            libc::mmap(std::ptr::null_mut(), len, libc::PROT_NONE, libc::MAP_PRIVATE | libc::MAP_ANONYMOUS, -1, 0)
+        };
+        assert_ne!(addr, libc::MAP_FAILED, "{}", std::io::Error::last_os_error());
+        addr as u64
+    }
+
+    /// Maps the whole of `path` with `prot` at `at`, inside a range from `reserve`. Nothing
+    /// mapped this way runs.
+    fn map_file(path: &str, prot: i32, at: u64) {
+        let file = File::open(path).unwrap();
+        let len = file.metadata().unwrap().len() as usize;
+        // SAFETY: a private file mapping over a range this test reserved.
+        let addr = unsafe {
+            libc::mmap(at as *mut libc::c_void, len, prot, libc::MAP_PRIVATE | libc::MAP_FIXED, file.as_raw_fd(), 0)
+        };
+        assert_ne!(addr, libc::MAP_FAILED, "{}", std::io::Error::last_os_error());
+    }
+
+    /// The loader maps a library read-only first, then its code over that: a snapshot taken in
+    /// between shows the code inside a read-only mapping, and must be read again.
+    #[test]
+    fn code_a_snapshot_shows_read_only_is_looked_up_in_fresh_maps() {
+        let (libc_path, off) = file_of(libc::malloc as *const () as u64);
+        let len = std::fs::metadata(&libc_path).unwrap().len() as usize;
+        let me = std::process::id();
+        let base = reserve(len);
+        map_file(&libc_path, libc::PROT_READ, base);
+        let mut sym = UserSymbolizer::new();
+        assert!(sym.refresh(me).unwrap());
+        let page = (base + off) & !0xfff;
+        // SAFETY: a page of the mapping made above.
+        assert_eq!(unsafe { libc::mprotect(page as *mut libc::c_void, 0x1000, libc::PROT_READ | libc::PROT_EXEC) }, 0);
+        let frames = sym.symbolize_stack(me, &[base + off]);
+        // SAFETY: unmapping what this test mapped.
+        unsafe { libc::munmap(base as *mut libc::c_void, len) };
+        let f = frames.last().unwrap();
+        assert!(is_malloc(f) && f.unnamed.is_none(), "{frames:?}");
+        assert_eq!(UnnamedFrames::of(&frames).no_mapping, 0);
+    }
+
+    /// After `mapped`, the next lookup reads the maps again: code mapped where other code was
+    /// is named from the new file, not from the old snapshot.
+    #[test]
+    fn code_mapped_over_other_code_is_named_from_the_new_file() {
+        let (libc_path, _) = file_of(libc::malloc as *const () as u64);
+        let (exe_path, off) = file_of(probe_target as *const () as u64);
+        let size = |p: &str| std::fs::metadata(p).unwrap().len() as usize;
+        let len = size(&libc_path).max(size(&exe_path));
+        let me = std::process::id();
+        let rx = libc::PROT_READ | libc::PROT_EXEC;
+        let base = reserve(len);
+        map_file(&libc_path, rx, base);
+        let mut sym = UserSymbolizer::new();
+        assert!(sym.refresh(me).unwrap());
+        map_file(&exe_path, rx, base);
+        sym.mapped(me);
+        let frames = sym.symbolize_stack(me, &[base + off]);
+        // SAFETY: unmapping what this test mapped.
+        unsafe { libc::munmap(base as *mut libc::c_void, len) };
+        let f = frames.iter().find(|f| !f.inlined).unwrap();
+        assert!(name(f).ends_with("tests::probe_target"), "{frames:?}");
+        assert_eq!(f.module.as_deref(), Some(exe_name().as_str()));
+    }
+
+    /// glibc's pthread_create is split: `__pthread_create_2_1` and, in .text.unlikely,
+    /// `__pthread_create_2_1.cold` (symbols of libc6-dbg's debug file, which `cargo xtask
+    /// setup` installs). Each address is named as the part it is in, offset from that part.
+    #[test]
+    fn each_part_of_a_split_libc_function_is_named_as_itself() {
+        use object::{Object as _, ObjectSymbol as _};
+        let (libc_path, _) = file_of(libc::malloc as *const () as u64);
+        let debug = parts::debug_file(&libc_path).expect("libc's debug file: install libc6-dbg");
+        let data = std::fs::read(&debug).unwrap();
+        let elf = object::File::parse(&*data).unwrap();
+        let vaddr = |name: &str| {
+            elf.symbols().find(|s| s.name() == Ok(name)).map(|s| s.address()).unwrap_or_else(|| panic!("no {name}"))
+        };
+        // Where libc is loaded: malloc's address less its address in the file.
+        let bias = libc::malloc as *const () as u64 - vaddr("__libc_malloc");
+        let (hot, cold) = (vaddr("__pthread_create_2_1"), vaddr("__pthread_create_2_1.cold"));
+        let mut sym = UserSymbolizer::new();
+        let frames = sym.symbolize_stack(std::process::id(), &[bias + cold + 5, bias + hot + 0x980]);
+        let shown: Vec<String> = frames.iter().filter(|f| !f.inlined).map(|f| format!("{f}")).collect();
+        assert!(shown[0].starts_with("__pthread_create_2_1.cold+0x5 [libc.so.6]"), "{shown:?}");
+        assert!(shown[1].starts_with("__pthread_create_2_1+0x980 [libc.so.6]"), "{shown:?}");
     }
 
     #[test]
@@ -723,6 +896,6 @@ mod tests {
         assert_eq!(frames[0].func.as_deref(), Some("vfs_read"));
         assert_eq!(frames[0].offset, 0x10);
         assert_eq!(frames[0].to_string(), "vfs_read+0x10 [kernel]");
-        assert_eq!(frames[1], Frame::unknown(1));
+        assert_eq!(frames[1], Frame::unnamed(1, None, Unnamed::NoSymbol));
     }
 }
