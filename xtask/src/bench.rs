@@ -80,6 +80,7 @@ pub fn run(options: &Options) -> Result<u8> {
         "quick": options.quick,
         "load_before": load_average(),
     });
+    let busy_at_start = (machine_cpu_s(), own_cpu_s(), Instant::now());
     let mut failures = Vec::new();
     if wants(Part::Synthetic) {
         let synthetic = synthetic(&opts, &memtrace, &mut failures)?;
@@ -96,10 +97,17 @@ pub fn run(options: &Options) -> Result<u8> {
         startup::print(&startup);
         report["startup"] = startup;
     }
-    report["load_after"] = load_average();
+    let (machine, own, t0) = busy_at_start;
+    let other = ((machine_cpu_s() - machine) - (own_cpu_s() - own)).max(0.0);
+    let wall = t0.elapsed().as_secs_f64();
+    report["other_cpu_s"] = json!(other);
+    report["wall_s"] = json!(wall);
     println!(
-        "\nload average (1 min) before {} and after {}: above ~0.5 on these 2 cores, other work shared the machine",
-        report["load_before"], report["load_after"]
+        "\nother work on the machine: load average {} before the bench; {other:.0} CPU-seconds used by processes \
+         outside the bench during its {wall:.0} s (on {} cores){}",
+        report["load_before"],
+        report["cores"],
+        if other > 0.05 * wall { ": figures from a loaded machine" } else { "" }
     );
     report["failures"] = json!(failures);
     for f in &failures {
@@ -119,6 +127,28 @@ pub fn run(options: &Options) -> Result<u8> {
 fn load_average() -> Value {
     let text = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
     text.split_whitespace().next().and_then(|l| l.parse::<f64>().ok()).map_or(Value::Null, |l| json!(l))
+}
+
+/// CPU-seconds the whole machine has spent busy since boot (/proc/stat: all but idle and iowait).
+fn machine_cpu_s() -> f64 {
+    let stat = std::fs::read_to_string("/proc/stat").unwrap_or_default();
+    let ticks: Vec<f64> =
+        stat.lines().next().unwrap_or("").split_whitespace().skip(1).filter_map(|t| t.parse().ok()).collect();
+    let busy: f64 = ticks.iter().take(8).enumerate().filter(|(i, _)| *i != 3 && *i != 4).map(|(_, t)| t).sum();
+    // SAFETY: sysconf has no preconditions.
+    busy / unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64
+}
+
+/// CPU-seconds of this process and of the children it (and theirs) waited for: the bench's own.
+fn own_cpu_s() -> f64 {
+    let secs = |who| {
+        // SAFETY: getrusage writes the struct it is given.
+        let mut u: libc::rusage = unsafe { std::mem::zeroed() };
+        unsafe { libc::getrusage(who, &mut u) };
+        let t = |tv: libc::timeval| tv.tv_sec as f64 + tv.tv_usec as f64 / 1e6;
+        t(u.ru_utime) + t(u.ru_stime)
+    };
+    secs(libc::RUSAGE_SELF) + secs(libc::RUSAGE_CHILDREN)
 }
 
 /// Adds `from`'s keys to `into` (both objects).
