@@ -803,6 +803,27 @@ mod tests {
         assert_eq!(words, argv, "{line}");
     }
 
+    /// The row the lead flips on by adding `memleak --uprobes`: its command and its ratio.
+    #[test]
+    fn the_uprobes_row_runs_dash_c_with_uprobes_and_has_its_own_ratio() {
+        let env = Env { memtrace: "/m".into(), dir: "/d".into(), uprobes: true };
+        let argv = vec!["jq".to_string(), ".".to_string()];
+        let c = launch(&env, UPROBES, &argv, JQ_MEMTRACE_ARGS, Path::new("/d/h")).unwrap();
+        let args: Vec<_> = c.get_args().map(|a| a.to_str().unwrap()).collect();
+        assert_eq!(args, ["memleak", "--json", "--uprobes", "--max-allocs", "2097152", "-c", "jq ."]);
+        assert_eq!(UPROBES.label(false), "memtrace memleak -c --uprobes");
+        let added = |m: Mode| match m.key() {
+            "memtrace_c_uprobes" => Some(3.0),
+            "memtrace_c" => Some(0.5),
+            "heaptrack" => Some(1.5),
+            _ => None,
+        };
+        let r = ratios(added);
+        assert_eq!(r["memtrace_c_uprobes_added_over_heaptrack_added"], 2.0);
+        assert_eq!(r["memtrace_c_added_over_heaptrack_added"], json!(0.5 / 1.5));
+        assert!(r["memtrace_p_added_over_bcc_added"].is_null());
+    }
+
     #[test]
     fn redis_benchmark_rates_are_read_past_its_progress_lines() {
         let text = "SET: rps=0.0 (overall: 0.0) avg_msec=-nan (overall: -nan)\r\
