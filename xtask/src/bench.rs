@@ -2,6 +2,11 @@
 //! one run (untraced, the cheapest possible tracer, memleak's modes, bcc's memleak when
 //! present), plus start-up, memory, exit latency and event throughput. Figures are ratios and
 //! medians of several runs on this machine; nothing here is asserted by the tests.
+//! programs.rs adds real programs (sqlite3, jq, redis) beside heaptrack and bcc; startup.rs
+//! times memleak -c up to the command's first instruction.
+
+mod programs;
+mod startup;
 
 use std::{
     io::{BufRead, BufReader, Read, Write},
@@ -14,7 +19,7 @@ use std::{
 use anyhow::{Context, Result, bail};
 use serde_json::{Value, json};
 
-use crate::{cmd, tasks};
+use crate::{cmd, setup, tasks};
 
 /// bench_malloc.c leaks one 64-byte block from bench_leak every LEAK_EVERY iterations.
 const LEAK_EVERY: u64 = 200;
@@ -29,33 +34,149 @@ fn expected_leak(iterations: u64) -> (u64, u64) {
     (n * LEAK_SIZE, n)
 }
 
+#[derive(clap::Args)]
+pub struct Options {
+    /// Runs of each mode (the median is reported); default 3, or 1 with --quick.
+    #[arg(long, value_name = "N")]
+    runs: Option<usize>,
+    /// Loop iterations of the synthetic workload per run.
+    #[arg(long, default_value_t = 200_000)]
+    iterations: u64,
+    /// One run of each mode and shorter redis benchmarks: a first look, not figures to quote.
+    #[arg(long)]
+    quick: bool,
+    /// Measure only these parts, comma-separated (default: all).
+    #[arg(long, value_delimiter = ',', value_enum, value_name = "PARTS")]
+    only: Vec<Part>,
+}
+
+/// The bench's parts, each measured on its own.
+#[derive(clap::ValueEnum, Clone, Copy, PartialEq)]
+enum Part {
+    /// bench_malloc.c under memleak's modes, the floor tracer and bcc; exit latency, kernel mode, mmapsnoop.
+    Synthetic,
+    /// sqlite3, jq and redis-server untraced, under memleak -c and -p, heaptrack and bcc.
+    Programs,
+    /// memleak -c up to the command's first instruction, and memleak -c /bin/true in all.
+    Startup,
+}
+
 struct Opts {
     runs: usize,
     iterations: u64,
 }
 
-pub fn run(runs: usize, iterations: u64) -> Result<u8> {
+pub fn run(options: &Options) -> Result<u8> {
     // The floor tracer (`memtrace benchfloor`) is in the binary only with this feature.
     tasks::build_with(&["--features", "bench"])?;
-    let opts = Opts { runs: runs.max(1), iterations };
-    let workload = build_workload()?;
+    setup::bench()?;
+    let runs = options.runs.unwrap_or(if options.quick { 1 } else { 3 }).max(1);
+    let wants = |part| options.only.is_empty() || options.only.contains(&part);
+    let opts = Opts { runs, iterations: options.iterations };
     let memtrace = cmd::root().join("target/release/memtrace");
-    let mut rows = Vec::new();
+    let mut report = json!({
+        "cores": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0),
+        "runs": opts.runs,
+        "quick": options.quick,
+        "load_before": load_average(),
+    });
+    let busy_at_start = (machine_cpu_s(), own_cpu_s(), Instant::now());
     let mut failures = Vec::new();
+    if wants(Part::Synthetic) {
+        let synthetic = synthetic(&opts, &memtrace, &mut failures)?;
+        merge(&mut report, synthetic);
+        print_table(&report);
+    }
+    if wants(Part::Programs) {
+        let programs = programs::run(opts.runs, options.quick, &memtrace)?;
+        programs::print(&programs);
+        report["programs"] = programs;
+    }
+    if wants(Part::Startup) {
+        let startup = startup::run(opts.runs, &memtrace)?;
+        startup::print(&startup);
+        report["startup"] = startup;
+    }
+    let (machine, own, t0) = busy_at_start;
+    let other = ((machine_cpu_s() - machine) - (own_cpu_s() - own)).max(0.0);
+    let wall = t0.elapsed().as_secs_f64();
+    report["other_cpu_s"] = json!(other);
+    report["wall_s"] = json!(wall);
+    println!(
+        "\nother work on the machine: load average {} before the bench; {other:.0} CPU-seconds used by processes \
+         outside the bench during its {wall:.0} s (on {} cores){}",
+        report["load_before"],
+        report["cores"],
+        if other > 0.05 * wall { ": figures from a loaded machine" } else { "" }
+    );
+    report["failures"] = json!(failures);
+    for f in &failures {
+        println!("FAILURE: {f}");
+    }
+    let out = cmd::root().join("target/bench.json");
+    std::fs::write(&out, serde_json::to_string_pretty(&report)?)?;
+    println!("\nwritten to {}", out.display());
+    if !failures.is_empty() {
+        eprintln!("bench: a traced run did not report the workload's leak exactly (see failures)");
+        return Ok(1);
+    }
+    Ok(0)
+}
+
+/// The 1-minute load average: how busy the machine was around the measurements.
+fn load_average() -> Value {
+    let text = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
+    text.split_whitespace().next().and_then(|l| l.parse::<f64>().ok()).map_or(Value::Null, |l| json!(l))
+}
+
+/// CPU-seconds the whole machine has spent busy since boot (/proc/stat: all but idle and iowait).
+fn machine_cpu_s() -> f64 {
+    let stat = std::fs::read_to_string("/proc/stat").unwrap_or_default();
+    let ticks: Vec<f64> =
+        stat.lines().next().unwrap_or("").split_whitespace().skip(1).filter_map(|t| t.parse().ok()).collect();
+    let busy: f64 = ticks.iter().take(8).enumerate().filter(|(i, _)| *i != 3 && *i != 4).map(|(_, t)| t).sum();
+    // SAFETY: sysconf has no preconditions.
+    busy / unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64
+}
+
+/// CPU-seconds of this process and of the children it (and theirs) waited for: the bench's own.
+fn own_cpu_s() -> f64 {
+    let secs = |who| {
+        // SAFETY: getrusage writes the struct it is given.
+        let mut u: libc::rusage = unsafe { std::mem::zeroed() };
+        unsafe { libc::getrusage(who, &mut u) };
+        let t = |tv: libc::timeval| tv.tv_sec as f64 + tv.tv_usec as f64 / 1e6;
+        t(u.ru_utime) + t(u.ru_stime)
+    };
+    secs(libc::RUSAGE_SELF) + secs(libc::RUSAGE_CHILDREN)
+}
+
+/// Adds `from`'s keys to `into` (both objects).
+fn merge(into: &mut Value, from: Value) {
+    if let (Some(into), Value::Object(from)) = (into.as_object_mut(), from) {
+        into.extend(from);
+    }
+}
+
+/// The synthetic workload (bench_malloc.c) under each mode, then exit latency, kernel-mode
+/// memleak and mmapsnoop; the report's top-level keys, as they always were.
+fn synthetic(opts: &Opts, memtrace: &Path, failures: &mut Vec<String>) -> Result<Value> {
+    let workload = build_workload()?;
+    let mut rows = Vec::new();
 
     let n = opts.iterations;
-    let untraced = measure(&opts, n, &workload, None, &mut failures)?;
+    let untraced = measure(opts, n, &workload, None, failures)?;
     let base = untraced.median_ns_per_call();
     rows.push(untraced.row("untraced", base));
     // The same workload built the way distributions build (no frame pointers), with
     // libstdc++ mapped too: full stacks need the unwind tables, whose building start-up counts.
     let nofp = build_workload_nofp()?;
-    let untraced_nofp = measure(&opts, n, &nofp, None, &mut failures)?;
+    let untraced_nofp = measure(opts, n, &nofp, None, failures)?;
     let base_nofp = untraced_nofp.median_ns_per_call();
     let untraced_nofp_row = untraced_nofp.row("untraced, built without frame pointers (+libstdc++)", base_nofp);
     // A traced run of `args` on `workload`, measured and added as a row.
     let mut traced = |iterations: u64, workload: &Path, args: &[&str], check: Check, mode: &str, base: f64| {
-        let samples = measure(&opts, iterations, workload, Some(Tracer::new(&memtrace, args, check)), &mut failures)?;
+        let samples = measure(opts, iterations, workload, Some(Tracer::new(memtrace, args, check)), failures)?;
         rows.push(samples.row(mode, base));
         anyhow::Ok(samples)
     };
@@ -105,7 +226,7 @@ pub fn run(runs: usize, iterations: u64) -> Result<u8> {
     if let Some(bcc) = which("memleak-bpfcc") {
         let mode = "bcc memleak-bpfcc -o 0 1 -p PID (start-up: to its first report)";
         // A peer that cannot run here is a finding for the table, not the end of the bench.
-        match measure(&opts, n, &workload, Some(Tracer::bcc(&bcc)), &mut failures) {
+        match measure(opts, n, &workload, Some(Tracer::bcc(&bcc)), failures) {
             Ok(bcc) => {
                 bcc_added = Some(bcc.median_ns_per_call() - base);
                 rows.push(bcc.row(mode, base));
@@ -115,14 +236,13 @@ pub fn run(runs: usize, iterations: u64) -> Result<u8> {
     }
 
     let exit_ms = json!({
-        "uprobe_multi": exit_latency(&opts, &workload, &memtrace, true)?,
-        "perf_links": exit_latency(&opts, &workload, &memtrace, false)?,
+        "uprobe_multi": exit_latency(opts, &workload, memtrace, true)?,
+        "perf_links": exit_latency(opts, &workload, memtrace, false)?,
     });
-    let kernel = kernel_events(&memtrace)?;
-    let snoop = snoop_events(&memtrace)?;
+    let kernel = kernel_events(memtrace)?;
+    let snoop = snoop_events(memtrace)?;
 
-    let report = json!({
-        "cores": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0),
+    Ok(json!({
         "runs": opts.runs,
         "iterations": opts.iterations,
         "modes": rows,
@@ -137,17 +257,7 @@ pub fn run(runs: usize, iterations: u64) -> Result<u8> {
         "exit_after_sigint": exit_ms,
         "kernel_memleak": kernel,
         "mmapsnoop": snoop,
-        "failures": failures,
-    });
-    print_table(&report);
-    let out = cmd::root().join("target/bench.json");
-    std::fs::write(&out, serde_json::to_string_pretty(&report)?)?;
-    println!("\nwritten to {}", out.display());
-    if !report["failures"].as_array().is_some_and(|f| f.is_empty()) {
-        eprintln!("bench: a traced run did not report the workload's leak exactly (see failures)");
-        return Ok(1);
-    }
-    Ok(0)
+    }))
 }
 
 fn build_workload() -> Result<PathBuf> {
@@ -712,9 +822,6 @@ fn print_table(r: &Value) {
         m["calls_per_sec"].as_f64().unwrap_or(0.0),
         m["lost"]
     );
-    for f in r["failures"].as_array().into_iter().flatten() {
-        println!("FAILURE: {}", f.as_str().unwrap_or(""));
-    }
 }
 
 #[cfg(test)]

@@ -29,15 +29,9 @@ enum Task {
     Build,
     /// Build, then run `memtrace memleak` on the bundled leaky demo program.
     Demo,
-    /// Measure memtrace's cost on a malloc-heavy workload, side by side (writes target/bench.json).
-    Bench {
-        /// Runs of each mode (the median is reported).
-        #[arg(long, default_value_t = 3)]
-        runs: usize,
-        /// Loop iterations of the workload per run.
-        #[arg(long, default_value_t = 200_000)]
-        iterations: u64,
-    },
+    /// Measure memtrace's cost on a malloc-heavy workload and on real programs, side by side
+    /// with heaptrack and bcc, and its start-up (writes target/bench.json).
+    Bench(bench::Options),
     /// Set up, then run the test suite one test at a time.
     Test {
         /// Extra arguments for the test harness, e.g. a test name filter.
@@ -56,7 +50,7 @@ fn main() -> ExitCode {
         Task::Build => tasks::build().map(|()| 0),
         Task::Demo => tasks::demo(),
         Task::Test { args } => tasks::test(&args),
-        Task::Bench { runs, iterations } => bench::run(runs, iterations),
+        Task::Bench(opts) => bench::run(&opts),
         Task::VmTest(opts) => setup::run().and_then(|()| vm::run(&opts)),
     };
     match result {

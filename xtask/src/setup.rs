@@ -31,6 +31,10 @@ const APT_PACKAGES: &[&str] = &[
     "python3.11",
 ];
 
+/// Programs and peers only `cargo xtask bench` runs (never the tests): the real workloads
+/// (sqlite3, jq, redis with its benchmark client), heaptrack, and bcc's memleak.
+const BENCH_PACKAGES: &[&str] = &["sqlite3", "jq", "redis-server", "redis-tools", "heaptrack", "bpfcc-tools"];
+
 /// The static target memtrace is built for inside the VM.
 const MUSL_TARGET: &str = "x86_64-unknown-linux-musl";
 
@@ -50,6 +54,69 @@ pub fn run() -> Result<()> {
     step("rust target x86_64-unknown-linux-musl", musl_present, install_musl)?;
     step("tracefs", tracefs_mounted, mount_tracefs)?;
     Ok(())
+}
+
+/// What the bench needs beyond the build: its workloads and peers. bcc also needs kernel headers
+/// for the running kernel; when they cannot be set up, bcc's rows say why and the bench goes on.
+pub fn bench() -> Result<()> {
+    require_root()?;
+    apt_packages(BENCH_PACKAGES)?;
+    if let Err(e) = bcc_headers() {
+        println!("setup: kernel headers for bcc not set up ({e:#}); bcc's rows will say what failed");
+    }
+    Ok(())
+}
+
+/// bcc compiles its programs against `/lib/modules/$(uname -r)/build`. Kernels without a
+/// Debian headers package (this host's) get the newest Debian 6.1 headers linked there, which
+/// is enough for bcc's user-space tools (its kprobe tools still cannot run without kprobes).
+fn bcc_headers() -> Result<()> {
+    let release = fs::read_to_string("/proc/sys/kernel/osrelease")?.trim().to_string();
+    let modules = Path::new("/lib/modules").join(&release);
+    if modules.join("build").exists() {
+        println!("setup: kernel headers for bcc ok");
+        return Ok(());
+    }
+    println!("setup: installing kernel headers for bcc (none for {release}: linking Debian's)");
+    let installed = newest_headers(fs::read_dir("/usr/src")?.filter_map(|e| e.ok()?.file_name().into_string().ok()));
+    let name = match installed {
+        Some(name) => name,
+        None => {
+            let found = cmd::stdout(cmd::new("apt-cache").args([
+                "search",
+                "--names-only",
+                r"^linux-headers-[0-9.]+-[0-9]+-amd64$",
+            ]))?;
+            let name = newest_headers(found.lines().filter_map(|l| l.split_whitespace().next()).map(String::from))
+                .context("apt-cache lists no linux-headers-*-amd64 package")?;
+            apt_packages(&[name.as_str()])?;
+            name
+        }
+    };
+    let arch = Path::new("/usr/src").join(&name);
+    let common = Path::new("/usr/src").join(format!("{}-common", name.trim_end_matches("-amd64")));
+    if !common.is_dir() {
+        bail!("{} has no {}", arch.display(), common.display());
+    }
+    fs::create_dir_all(&modules)?;
+    symlink(&arch, modules.join("build"))?;
+    if fs::symlink_metadata(modules.join("source")).is_err() {
+        symlink(&common, modules.join("source"))?;
+    }
+    Ok(())
+}
+
+/// The newest `linux-headers-X.Y.Z-N-amd64` among `names` (not -rt, -cloud or -common).
+fn newest_headers(names: impl Iterator<Item = String>) -> Option<String> {
+    let numbers =
+        |n: &str| -> Vec<u64> { n.split(|c: char| !c.is_ascii_digit()).filter_map(|p| p.parse().ok()).collect() };
+    names
+        .filter(|n| {
+            n.strip_prefix("linux-headers-")
+                .and_then(|v| v.strip_suffix("-amd64"))
+                .is_some_and(|v| v.chars().all(|c| c.is_ascii_digit() || c == '.' || c == '-'))
+        })
+        .max_by_key(|n| numbers(n))
 }
 
 /// Runs one check-then-install step and re-checks, so a silent install failure still stops us.
@@ -194,4 +261,22 @@ fn tracefs_mounted() -> Result<bool> {
 
 fn mount_tracefs() -> Result<()> {
     cmd::run(cmd::new("mount").args(["-t", "tracefs", "nodev", TRACEFS]))
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn bcc_gets_the_newest_plain_amd64_headers() {
+        let names = [
+            "linux-headers-6.1.0-9-amd64",
+            "linux-headers-6.1.0-57-amd64",
+            "linux-headers-6.1.0-57-common",
+            "linux-headers-6.1.0-58-cloud-amd64",
+            "linux-headers-6.1.0-58-rt-amd64",
+            "linux-headers-6.1.0-10-amd64",
+            "python3.11",
+        ];
+        let newest = super::newest_headers(names.iter().map(|n| n.to_string()));
+        assert_eq!(newest.as_deref(), Some("linux-headers-6.1.0-57-amd64"));
+    }
 }

@@ -38,7 +38,8 @@ pub async fn run(args: Args) -> Result<()> {
     for func in ["malloc", "calloc", "realloc"] {
         attach(&mut bpf, "benchfloor_enter", func)?;
     }
-    eprintln!("memtrace: benchfloor: tracing pid {}; Ctrl-C to stop", args.pid);
+    // The bench waits for --ready-fd, as for every tracer.
+    crate::output::ready::ready("benchfloor", Some(args.pid), &format!("tracing pid {}", args.pid));
     let mut signals = crate::tools::Signals::catch()?;
     tokio::select! {
         res = target::exited(args.pid) => res?,
