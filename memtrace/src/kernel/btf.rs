@@ -5,7 +5,7 @@
 //! aya's `Btf` keeps member offsets crate-private, so this reads the format itself: a header,
 //! a type section (each type a 12-byte record plus kind-specific data) and a string section.
 
-use std::{collections::HashMap, sync::OnceLock};
+use std::sync::OnceLock;
 
 use anyhow::{Result, anyhow, bail};
 
@@ -30,27 +30,34 @@ const KIND_TYPE_TAG: u32 = 18;
 const KIND_ENUM64: u32 = 19;
 
 /// One member of a struct or union: name (empty when anonymous), type id, offset in bits.
-#[derive(Clone, Debug)]
-struct Member {
-    name: String,
+#[derive(Clone, Copy, Debug)]
+struct Member<'a> {
+    name: &'a [u8],
     type_id: u32,
     bit_offset: u32,
 }
 
-#[derive(Clone, Debug)]
+/// One type record, kept as found: names and members are read from the data when asked for
+/// (the kernel's BTF has ~100k types; building them all took 23 ms of every start).
+#[derive(Clone, Copy, Debug)]
 struct Type {
     kind: u32,
-    name: String,
+    name_off: u32,
     /// Referenced type for typedef/const/volatile/restrict/type tags.
     target: u32,
-    members: Vec<Member>,
+    /// Where its members start in `data` (structs and unions), and how many there are.
+    members_at: u32,
+    vlen: u16,
+    bitfields: bool,
 }
 
-/// The parsed type section, with struct and union ids by name.
+/// The parsed type section.
 pub struct Btf {
+    data: Vec<u8>,
+    /// Where the string section starts in `data`, and its length.
+    strings: (usize, usize),
     /// Index = type id (id 0 is `void`).
     types: Vec<Type>,
-    by_name: HashMap<String, Vec<u32>>,
 }
 
 impl Btf {
@@ -75,15 +82,10 @@ impl Btf {
         let header = |o| u32_at(o).map(|v| v as usize).ok_or_else(|| anyhow!("truncated header"));
         let (hdr_len, type_off, type_len, str_off, str_len) =
             (header(4)?, header(8)?, header(12)?, header(16)?, header(20)?);
-        let strings = data
-            .get(hdr_len + str_off..hdr_len + str_off + str_len)
-            .ok_or_else(|| anyhow!("string section out of bounds"))?;
-        let string = |off: u32| -> String {
-            let tail = strings.get(off as usize..).unwrap_or_default();
-            let end = tail.iter().position(|&b| b == 0).unwrap_or(tail.len());
-            String::from_utf8_lossy(&tail[..end]).into_owned()
-        };
-        let mut types = vec![Type { kind: 0, name: String::new(), target: 0, members: Vec::new() }];
+        if data.get(hdr_len + str_off..hdr_len + str_off + str_len).is_none() {
+            bail!("string section out of bounds");
+        }
+        let mut types = vec![Type { kind: 0, name_off: 0, target: 0, members_at: 0, vlen: 0, bitfields: false }];
         let mut at = hdr_len + type_off;
         let end = at + type_len;
         while at < end {
@@ -91,18 +93,14 @@ impl Btf {
             let (name_off, info, size_or_type) = (word(0)?, word(1)?, word(2)?);
             let kind = (info >> 24) & 0x1f;
             let vlen = (info & 0xffff) as usize;
-            let bitfields = info >> 31 == 1;
             at += 12;
-            let mut members = Vec::new();
+            let members_at = at;
             let extra = match kind {
                 KIND_INT | KIND_VAR | KIND_DECL_TAG => 4,
                 KIND_ARRAY => 12,
                 KIND_STRUCT | KIND_UNION => {
-                    for i in 0..vlen {
-                        let m = |j: usize| u32_at(at + 12 * i + 4 * j).ok_or_else(|| anyhow!("member truncated"));
-                        let offset = m(2)?;
-                        let bit_offset = if bitfields { offset & 0x00ff_ffff } else { offset };
-                        members.push(Member { name: string(m(0)?), type_id: m(1)?, bit_offset });
+                    if data.get(at..at + 12 * vlen).is_none() {
+                        bail!("member truncated");
                     }
                     12 * vlen
                 }
@@ -115,15 +113,36 @@ impl Btf {
                 KIND_TYPEDEF | KIND_VOLATILE | KIND_CONST | KIND_RESTRICT | KIND_TYPE_TAG => size_or_type,
                 _ => 0,
             };
-            types.push(Type { kind, name: string(name_off), target, members });
+            types.push(Type {
+                kind,
+                name_off,
+                target,
+                members_at: members_at as u32,
+                vlen: vlen as u16,
+                bitfields: info >> 31 == 1,
+            });
         }
-        let mut by_name: HashMap<String, Vec<u32>> = HashMap::new();
-        for (id, ty) in types.iter().enumerate() {
-            if matches!(ty.kind, KIND_STRUCT | KIND_UNION) && !ty.name.is_empty() {
-                by_name.entry(ty.name.clone()).or_default().push(id as u32);
-            }
-        }
-        Ok(Btf { types, by_name })
+        Ok(Btf { data: data.to_vec(), strings: (hdr_len + str_off, str_len), types })
+    }
+
+    fn name(&self, off: u32) -> &[u8] {
+        let (start, len) = self.strings;
+        let tail = self.data.get(start + off as usize..start + len).unwrap_or_default();
+        &tail[..tail.iter().position(|&b| b == 0).unwrap_or(tail.len())]
+    }
+
+    fn members(&self, ty: &Type) -> impl Iterator<Item = Member<'_>> {
+        let at = ty.members_at as usize;
+        let n = if matches!(ty.kind, KIND_STRUCT | KIND_UNION) { ty.vlen as usize } else { 0 };
+        (0..n).map(move |i| {
+            let word = |j: usize| {
+                let o = at + 12 * i + 4 * j;
+                u32::from_le_bytes(self.data[o..o + 4].try_into().expect("checked at parse"))
+            };
+            let offset = word(2);
+            let bit_offset = if ty.bitfields { offset & 0x00ff_ffff } else { offset };
+            Member { name: self.name(word(0)), type_id: word(1), bit_offset }
+        })
     }
 
     /// Follows typedefs and qualifiers to the type they name.
@@ -141,8 +160,8 @@ impl Btf {
     /// Bit offset of `name` in `ty`, looking inside anonymous struct and union members (the
     /// kernel wraps many fields in them, e.g. all of mm_struct); returns the member's type too.
     fn find(&self, ty: &Type, name: &str) -> Option<(u32, u32)> {
-        for m in &ty.members {
-            if m.name == name {
+        for m in self.members(ty) {
+            if m.name == name.as_bytes() {
                 return Some((m.bit_offset, m.type_id));
             }
             if m.name.is_empty() {
@@ -158,13 +177,16 @@ impl Btf {
     /// Byte offset of `path` (a member, or members joined with `.` such as `f_path.dentry`)
     /// inside `struct_name`.
     pub fn member_offset(&self, struct_name: &str, path: &str) -> Result<u32> {
-        let ids = self.by_name.get(struct_name).ok_or_else(|| anyhow!("kernel BTF has no struct {struct_name}"))?;
         // Forward declarations and same-named unions aside, the first complete struct wins.
-        let mut ty = ids
+        let mut ty = self
+            .types
             .iter()
-            .filter_map(|&id| self.types.get(id as usize))
-            .find(|t| !t.members.is_empty())
-            .ok_or_else(|| anyhow!("kernel BTF has struct {struct_name} without members"))?;
+            .find(|t| {
+                matches!(t.kind, KIND_STRUCT | KIND_UNION)
+                    && t.vlen > 0
+                    && self.name(t.name_off) == struct_name.as_bytes()
+            })
+            .ok_or_else(|| anyhow!("kernel BTF has no struct {struct_name} with members"))?;
         let mut bits = 0;
         for (i, part) in path.split('.').enumerate() {
             let (off, type_id) =
@@ -184,7 +206,10 @@ impl Btf {
 impl Btf {
     /// The type id of kernel function `name`, what a fentry program's `attach_btf_id` names.
     pub fn func_id(&self, name: &str) -> Option<u32> {
-        self.types.iter().position(|t| t.kind == KIND_FUNC && t.name == name).map(|id| id as u32)
+        self.types
+            .iter()
+            .position(|t| t.kind == KIND_FUNC && self.name(t.name_off) == name.as_bytes())
+            .map(|id| id as u32)
     }
 }
 
@@ -247,7 +272,7 @@ mod tests {
         }
         let btf = Btf::vmlinux().unwrap();
         let id = btf.func_id("do_exit").expect("every kernel has do_exit");
-        assert_eq!(btf.types[id as usize].name, "do_exit");
+        assert_eq!(btf.name(btf.types[id as usize].name_off), b"do_exit");
         assert_eq!(btf.func_id("task_struct"), None, "a struct is not a function");
     }
 

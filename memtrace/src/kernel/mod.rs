@@ -168,7 +168,11 @@ pub fn attach_tracepoint(bpf: &mut Ebpf, prog: &str, category: &str, name: &str)
     }
     let tp: &mut TracePoint = program(bpf, prog)?.try_into()?;
     ensure_loaded(tp, prog, |p| p.fd().is_ok(), TracePoint::load)?;
-    tp.attach(category, name).with_context(|| format!("attaching to tracepoint {category}:{name} failed"))?;
+    let id = tp.attach(category, name).with_context(|| format!("attaching to tracepoint {category}:{name} failed"))?;
+    // Held with the uprobes, to be detached with them at once at exit.
+    if let Ok(link) = tp.take_link(id) {
+        uprobes::register_tracepoint(link);
+    }
     tracing::info!("{prog}: attached to tracepoint {category}:{name}");
     Ok(())
 }

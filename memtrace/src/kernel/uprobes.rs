@@ -34,6 +34,9 @@ pub struct UProbeLinkId(u64);
 enum Link {
     Perf(#[expect(dead_code, reason = "held only to be dropped")] UProbeLink),
     Multi(#[expect(dead_code, reason = "held only to be dropped")] OwnedFd),
+    /// A tracepoint's perf link: its detach waits for a grace period too (about 90 ms here),
+    /// so it goes with the others, at once.
+    Tracepoint(#[expect(dead_code, reason = "held only to be dropped")] aya::programs::trace_point::TracePointLink),
 }
 
 struct Registry {
@@ -50,6 +53,11 @@ fn registry() -> std::sync::MutexGuard<'static, Registry> {
 
 pub(super) fn register_perf(link: UProbeLink) -> UProbeLinkId {
     register(Link::Perf(link))
+}
+
+/// Keeps a tracepoint's link until `detach_all_fast`.
+pub(super) fn register_tracepoint(link: aya::programs::trace_point::TracePointLink) {
+    register(Link::Tracepoint(link));
 }
 
 fn register(link: Link) -> UProbeLinkId {
@@ -98,11 +106,15 @@ pub fn detach_all_fast() {
 fn drop_all(links: Vec<Link>) {
     std::thread::scope(|s| {
         for link in links {
-            let kind = if matches!(link, Link::Multi(_)) { "uprobe_multi" } else { "perf" };
+            let kind = match link {
+                Link::Multi(_) => "uprobe_multi",
+                Link::Perf(_) => "perf uprobe",
+                Link::Tracepoint(_) => "tracepoint",
+            };
             let timed = move || {
                 let t = Instant::now();
                 drop(link);
-                tracing::debug!("detached a {kind} uprobe link in {:.1} ms", t.elapsed().as_secs_f64() * 1e3);
+                tracing::debug!("detached a {kind} link in {:.1} ms", t.elapsed().as_secs_f64() * 1e3);
             };
             // Without a thread (none left?) the closure is dropped here: the link still goes.
             let _ = std::thread::Builder::new().name("detach".into()).spawn_scoped(s, timed);
