@@ -85,16 +85,54 @@ pub struct Mapping {
     pub rows_len: u32,
     pub kind: u32,
     pub _pad: u32,
+    /// The whole mapping's range (the trie holds it under several prefixes): a walk whose next
+    /// frame is in the same mapping needs no lookup. 0..0 for the bare-pid marker.
+    pub start_lo: u32,
+    pub start_hi: u32,
+    pub end_lo: u32,
+    pub end_hi: u32,
 }
 
 impl Mapping {
     pub fn new(kind: u32, bias: u64, rows_start: u32, rows_len: u32) -> Mapping {
-        Mapping { bias_lo: bias as u32, bias_hi: (bias >> 32) as u32, rows_start, rows_len, kind, _pad: 0 }
+        Mapping {
+            bias_lo: bias as u32,
+            bias_hi: (bias >> 32) as u32,
+            rows_start,
+            rows_len,
+            kind,
+            _pad: 0,
+            start_lo: 0,
+            start_hi: 0,
+            end_lo: 0,
+            end_hi: 0,
+        }
+    }
+
+    /// The same entry, for the mapping `[start, end)`.
+    pub fn over(self, start: u64, end: u64) -> Mapping {
+        Mapping {
+            start_lo: start as u32,
+            start_hi: (start >> 32) as u32,
+            end_lo: end as u32,
+            end_hi: (end >> 32) as u32,
+            ..self
+        }
     }
 
     #[inline(always)]
     pub fn bias(&self) -> u64 {
         (self.bias_hi as u64) << 32 | self.bias_lo as u64
+    }
+
+    #[inline(always)]
+    pub fn start(&self) -> u64 {
+        (self.start_hi as u64) << 32 | self.start_lo as u64
+    }
+
+    #[inline(always)]
+    pub fn end(&self) -> u64 {
+        (self.end_hi as u64) << 32 | self.end_lo as u64
     }
 }
 

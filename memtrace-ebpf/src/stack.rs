@@ -69,7 +69,7 @@ impl<const N: usize> Store<N> {
             return Err(self.lost(Lost::Unreadable));
         }
         match unwind::walk(regs, pid) {
-            Some(stack) => self.store(stack),
+            Some((stack, id)) => self.store_as(stack, id),
             None => Err(self.lost(Lost::Unreadable)),
         }
     }
@@ -119,7 +119,16 @@ impl<const N: usize> Store<N> {
             }
             h = hash_step(h, stack.ips[i]);
         }
-        let id = hash_finish(h, len);
+        self.store_as(stack, hash_finish(h, len))
+    }
+
+    /// `store` for a stack whose id its walker already has (`stack::hash` of its frames).
+    #[inline(always)]
+    pub fn store_as(&self, stack: &Stack, id: u64) -> Result<u64, Lost> {
+        let len = stack.len;
+        if len == 0 {
+            return Err(self.lost(Lost::Unreadable));
+        }
         // The common case, a stack seen before: one lock-free lookup. Comparing the length and
         // the innermost frame catches a colliding hash at no real cost.
         if let Some(known) = self.stacks.get_ptr(id) {

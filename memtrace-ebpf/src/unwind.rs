@@ -17,7 +17,7 @@ use aya_ebpf::{
     macros::btf_map,
 };
 use memtrace_common::{
-    stack::{MAX_FRAMES, Stack},
+    stack::{HASH_SEED, MAX_FRAMES, Stack, hash_finish, hash_step},
     unwind::{
         BINARY_STEPS, CUT_BAD_FRAME, CUT_DEPTH, CUT_NO_TABLE, CUT_NOT_LOADED, CUT_TABLE_FULL, CUT_TRAMPOLINE,
         CUT_UNREADABLE, CUT_UNSUPPORTED, CUT_UNUSABLE, ENDED_COMPLETE, FP_FRAMES, FP_WALKS, KEY_BITS, KIND_CFA_RBP,
@@ -138,6 +138,11 @@ struct Walk {
     ri: u64,
     /// The uretprobe trampoline's address in this process, 0 when no return is pending.
     trampoline: u64,
+    /// The stack's hash so far (memtrace-common's `stack::hash_step` over `ips`): the store
+    /// then needs no pass of its own over the frames.
+    hash: u64,
+    /// The mapping the last frame was in: the next frame in the same one needs no lookup.
+    current: Mapping,
 }
 
 #[btf_map]
@@ -212,9 +217,10 @@ fn through_trampoline(state: &mut Walk, cfa: u64, ra: u64) -> Result<u64, u32> {
 }
 
 /// Walks the user stack of process `pid` from `regs` into this CPU's `UNWIND_STACK`, whose
-/// first frame is `regs.ip`. None only when there is no scratch slot.
+/// first frame is `regs.ip`; with the stack's id (`stack::hash` of its frames). None only
+/// when there is no scratch slot.
 #[inline(always)]
-pub fn walk(regs: UserRegs, pid: u32) -> Option<&'static Stack> {
+pub fn walk(regs: UserRegs, pid: u32) -> Option<(&'static Stack, u64)> {
     let stack = UNWIND_STACK.get_ptr_mut(0)?;
     bump(&UNWIND_STATS, WALKS);
     // SAFETY: this CPU's slot; programs do not preempt each other on one CPU.
@@ -224,9 +230,23 @@ pub fn walk(regs: UserRegs, pid: u32) -> Option<&'static Stack> {
     }
     let state = UNWIND_WALK.get_ptr_mut(0)?;
     let (ri, trampoline) = pending_returns();
+    let hash = hash_step(HASH_SEED, regs.ip);
+    let current = Mapping::new(0, 0, 0, 0);
     // SAFETY: this CPU's slot, as for the stack.
     unsafe {
-        state.write(Walk { pc: regs.ip, sp: regs.sp, bp: regs.bp, pid, len: 1, end: 0, _pad: 0, ri, trampoline })
+        state.write(Walk {
+            pc: regs.ip,
+            sp: regs.sp,
+            bp: regs.bp,
+            pid,
+            len: 1,
+            end: 0,
+            _pad: 0,
+            ri,
+            trampoline,
+            hash,
+            current,
+        })
     };
     // SAFETY: `step` has the callback signature bpf_loop wants; it takes no context.
     #[cfg(feature = "bpf-loop")]
@@ -234,12 +254,12 @@ pub fn walk(regs: UserRegs, pid: u32) -> Option<&'static Stack> {
         aya_ebpf::helpers::generated::bpf_loop((MAX_FRAMES - 1) as u32, step as *mut c_void, core::ptr::null_mut(), 0);
     }
     // SAFETY: as above.
-    let (len, end) = unsafe { ((*state).len, (*state).end) };
+    let (len, end, hash) = unsafe { ((*state).len, (*state).end, (*state).hash) };
     bump(&UNWIND_STATS, if end == 0 { CUT_DEPTH } else { end });
     // SAFETY: as above.
     unsafe {
         (*stack).len = len;
-        Some(&*stack)
+        Some((&*stack, hash_finish(hash, len)))
     }
 }
 
@@ -264,13 +284,17 @@ fn unwind_one(state: &mut Walk, first: bool) -> Result<(), u32> {
     // The first PC is where the task is; the others are return addresses, so the call is
     // the byte before (a call may be a function's last instruction).
     let pc = if first { state.pc } else { state.pc - 1 };
-    let key = Key::new(KEY_BITS, mapping_key(state.pid, pc));
-    // Code not loaded yet may well have a table: rather than guess through frame pointers,
-    // end the stack and have the tables loaded for the next one.
-    let Some(mapping) = UNWIND_MAPPINGS.get(&key) else {
-        want(state.pid);
-        return Err(CUT_NOT_LOADED);
-    };
+    if !(state.current.start() <= pc && pc < state.current.end()) {
+        let key = Key::new(KEY_BITS, mapping_key(state.pid, pc));
+        // Code not loaded yet may well have a table: rather than guess through frame pointers,
+        // end the stack and have the tables loaded for the next one.
+        let Some(found) = UNWIND_MAPPINGS.get(&key) else {
+            want(state.pid);
+            return Err(CUT_NOT_LOADED);
+        };
+        state.current = *found;
+    }
+    let mapping = &state.current;
     let (cfa, bp) = match mapping.kind {
         MAPPING_TABLE => {
             let Some(row) = find_row(mapping, pc.wrapping_sub(mapping.bias())) else {
@@ -345,6 +369,7 @@ fn advance(state: &mut Walk, cfa: u64, bp: u64, ra: u64) -> Result<(), u32> {
     }
     // SAFETY: this CPU's slot; `n` is checked against the array's length above.
     unsafe { (*stack).ips[n] = ra };
+    state.hash = hash_step(state.hash, ra);
     state.len += 1;
     state.pc = ra;
     state.sp = cfa;

@@ -304,7 +304,7 @@ impl Unwinder {
         };
         let mut keys = HashSet::new();
         for m in &maps {
-            let mapping = self.mapping_of(pid, m);
+            let mapping = self.mapping_of(pid, m).over(m.start, m.end);
             for (addr, bits) in prefixes(m.start, m.end) {
                 let key = Key::new(PID_BITS + bits, mapping_key(pid, addr));
                 match self.mappings.insert(&key, mapping, 0) {
