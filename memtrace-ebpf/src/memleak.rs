@@ -59,8 +59,11 @@ static KMEM: Global<KmemOffsets> = Global::new(KmemOffsets {
 });
 
 // Sizes here are defaults; user space resizes ALLOCS, SEEN and the stack store (`--max-allocs`, `--max-stacks`).
+/// Entries are allocated as blocks come (no preallocation): a capacity in the millions
+/// costs nothing until used, and nothing to create at start.
 #[btf_map]
-static ALLOCS: HashMap<AllocKey, AllocInfo, 262_144> = HashMap::new();
+static ALLOCS: HashMap<AllocKey, AllocInfo, 2_097_152, { aya_ebpf::bindings::BPF_F_NO_PREALLOC as usize }> =
+    HashMap::new();
 /// (pid, image, stack) rows already announced to user space with `EV_NEW_STACK`.
 #[btf_map]
 static SEEN: HashMap<StackKey, u32, 16_384> = HashMap::new();

@@ -97,6 +97,7 @@ struct mt_state {
 	uint64_t min_size, max_size;
 	uint64_t part_count;        /* PARTS */
 	uint64_t unwind;            /* memtrace-common's MODE_FP, MODE_AUTO or MODE_DWARF */
+	uint64_t stacks_max;        /* --max-stacks */
 };
 
 MT_EXPORT struct mt_state memtrace_preload_state;
@@ -242,8 +243,9 @@ static void init(void) {
 	}
 	const char *config = getenv("MEMTRACE_PRELOAD");
 	struct mt_state *s = &memtrace_preload_state;
-	uint64_t allocs = parse_u64(config, "allocs", 262144);
-	uint64_t stacks = pow2_at_least(parse_u64(config, "stacks", 65536) * 2);
+	uint64_t allocs = parse_u64(config, "allocs", 2097152);
+	s->stacks_max = parse_u64(config, "stacks", 65536);
+	uint64_t stacks = pow2_at_least(s->stacks_max * 2);
 	s->max_part_cap = pow2_at_least((allocs * 4 / 3 + PARTS - 1) / PARTS);
 	s->rows_cap = parse_u64(config, "rows", 1 << 20);
 	s->min_size = parse_u64(config, "min", 0);
@@ -592,7 +594,7 @@ static uint64_t store_stack(const uint64_t *ips, uint32_t len) {
 			if (at)
 				continue;
 			uint64_t used = s->stack_arena_used;
-			if (s->stacks_stored * 2 > mask || used + len > s->stack_arena_cap) {
+			if (s->stacks_stored >= s->stacks_max || used + len > s->stack_arena_cap) {
 				s->stack_store_full++;
 				unlock(&stack_lock);
 				return 0;
@@ -915,29 +917,30 @@ static void *mmap_as(void *(*call)(void *, size_t, int, int, int, long), void *a
 	return p;
 }
 
-MT_EXPORT void *mmap(void *addr, size_t len, int prot, int flags, int fd, long off) {
-	if (!ENTER()) {
-		in_shim -= init_state == 2;
-		if (!real_mmap)
-			return (void *)sys6(SYS_mmap, (long)addr, (long)len, prot, flags, fd, off);
-		return real_mmap(addr, len, prot, flags, fd, off);
-	}
-	void *p = mmap_as(real_mmap, addr, len, prot, flags, fd, off, CALLER());
-	LEAVE();
-	return p;
-}
-
-MT_EXPORT void *mmap64(void *addr, size_t len, int prot, int flags, int fd, long off) {
-	void *(*call)(void *, size_t, int, int, int, long) = real_mmap64 ? real_mmap64 : real_mmap;
-	if (!ENTER()) {
+/* mmap and mmap64 (the same function in glibc, two names), through the next one's
+ * (`is64`: mmap64's, where it has one). Looked up only once started: the first call a
+ * program makes may be this one. */
+static void *mmap_through(int is64, void *addr, size_t len, int prot, int flags, int fd, long off, uint64_t ra,
+                          uint64_t sp, uint64_t bp) {
+	int entered = ENTER();
+	void *(*call)(void *, size_t, int, int, int, long) = is64 && real_mmap64 ? real_mmap64 : real_mmap;
+	if (!entered) {
 		in_shim -= init_state == 2;
 		if (!call)
 			return (void *)sys6(SYS_mmap, (long)addr, (long)len, prot, flags, fd, off);
 		return call(addr, len, prot, flags, fd, off);
 	}
-	void *p = mmap_as(call, addr, len, prot, flags, fd, off, CALLER());
+	void *p = mmap_as(call, addr, len, prot, flags, fd, off, ra, sp, bp);
 	LEAVE();
 	return p;
+}
+
+MT_EXPORT void *mmap(void *addr, size_t len, int prot, int flags, int fd, long off) {
+	return mmap_through(0, addr, len, prot, flags, fd, off, CALLER());
+}
+
+MT_EXPORT void *mmap64(void *addr, size_t len, int prot, int flags, int fd, long off) {
+	return mmap_through(1, addr, len, prot, flags, fd, off, CALLER());
 }
 
 MT_EXPORT int munmap(void *addr, size_t len) {

@@ -115,8 +115,8 @@ pub struct Args {
     /// Length of one --duty-cycle period, in milliseconds.
     #[arg(long, default_value_t = 1000, value_name = "MS", hide = true)]
     pub duty_period_ms: u64,
-    /// Capacity of the outstanding-allocation map.
-    #[arg(long, default_value_t = 262_144, value_name = "N")]
+    /// Capacity of the outstanding-allocation map (taken as blocks come, not reserved).
+    #[arg(long, default_value_t = 2_097_152, value_name = "N")]
     pub max_allocs: u32,
     /// Capacity of the stack store and the per-stack totals map. Stored stacks take memory only
     /// when used (about 1 KiB each); a warning comes when the store passes 80%.

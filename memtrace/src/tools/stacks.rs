@@ -85,10 +85,15 @@ impl StackStore {
     /// restart with more room before stacks are lost. Checked on every read: tools read a stack
     /// when it is new, so the check follows the store's growth (one more map read each).
     pub fn warn_if_filling(&self) {
+        self.warn_if_over(self.stored());
+    }
+
+    /// `warn_if_filling` for a store of the same capacity kept elsewhere (memleak's
+    /// in-process recorders keep one each) holding `stored` stacks.
+    pub fn warn_if_over(&self, stored: u64) {
         if self.warned.get() {
             return;
         }
-        let stored = self.stored();
         if stored as f64 >= WARN_FILL * self.capacity as f64 {
             self.warned.set(true);
             let raise = self.option.map(|o| format!(": raise {o} to keep every stack")).unwrap_or_default();

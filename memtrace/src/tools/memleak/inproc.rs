@@ -69,6 +69,7 @@ struct State {
     max_size: u64,
     part_count: u64,
     unwind: u64,
+    stacks_max: u64,
 }
 
 /// `struct mt_part`.
@@ -290,6 +291,7 @@ pub(super) struct Snapshot {
     pub blocks: Vec<Block>,
     pub counters: [u64; COUNTERS],
     pub stack_store_full: u64,
+    pub stacks_stored: u64,
     /// Partitions read while they kept changing: their blocks may be off by one or two.
     pub unsteady: u64,
 }
@@ -438,7 +440,11 @@ impl Recorder {
     pub(super) fn snapshot(&mut self, pid: u32) -> Result<&Snapshot> {
         let state: State = read(pid, self.state_addr)?;
         let part_size = size_of::<Part>() as u64;
-        let mut snap = Snapshot { stack_store_full: state.stack_store_full, ..Default::default() };
+        let mut snap = Snapshot {
+            stack_store_full: state.stack_store_full,
+            stacks_stored: state.stacks_stored,
+            ..Default::default()
+        };
         for i in 0..state.part_count {
             let header = state.parts + i * part_size;
             let mut taken = None;

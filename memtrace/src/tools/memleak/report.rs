@@ -362,6 +362,9 @@ impl<'a> Session<'a> {
             })
             .collect();
         let in_process = inproc::Counts::sum(recorded.iter().map(|r| r.2));
+        for (_, _, snap) in &recorded {
+            self.maps.stacks.warn_if_over(snap.stacks_stored);
+        }
         let (mut rows, file_mappings) = self.maps.rows(older_ns, self.args.show_allocs, &images, &exited, &recorded);
         // Under --duty-cycle only part of the activity is recorded; free() is always probed, so
         // the share of frees seen while recording estimates the share of allocations recorded.
