@@ -26,7 +26,12 @@ enum Task {
     /// Install what building and testing memtrace needs (root; safe to re-run).
     Setup,
     /// Set up, then build the release binary target/release/memtrace.
-    Build,
+    Build {
+        /// Build a static (musl) binary instead, stripped, at target/static/memtrace: it runs on
+        /// any x86-64 Linux without Rust or a matching glibc.
+        #[arg(long = "static")]
+        static_binary: bool,
+    },
     /// Build, then run `memtrace memleak` on the bundled leaky demo program.
     Demo,
     /// Measure memtrace's cost on a malloc-heavy workload, side by side (writes target/bench.json).
@@ -53,7 +58,8 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.task {
         Task::Setup => setup::run().map(|()| 0),
-        Task::Build => tasks::build().map(|()| 0),
+        Task::Build { static_binary: false } => tasks::build().map(|()| 0),
+        Task::Build { static_binary: true } => tasks::build_static().map(|()| 0),
         Task::Demo => tasks::demo(),
         Task::Test { args } => tasks::test(&args),
         Task::Bench { runs, iterations } => bench::run(runs, iterations),

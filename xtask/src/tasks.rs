@@ -12,6 +12,23 @@ pub fn build() -> Result<()> {
     build_with(&[])
 }
 
+/// The static binary: built as the VM suite builds it (musl, checked to have no loader and to
+/// run), then stripped into target/static/memtrace; prints its path and size.
+pub fn build_static() -> Result<()> {
+    setup::run()?;
+    let built = crate::vm_image::build_memtrace()?;
+    let out = cmd::root().join("target/static/memtrace");
+    fs::create_dir_all(out.parent().context("target/static has a parent")?)?;
+    cmd::run(cmd::new("strip").arg("--strip-all").arg("-o").arg(&out).arg(&built))?;
+    let bytes = fs::metadata(&out)?.len();
+    println!(
+        "xtask: target/static/memtrace: static x86-64 binary, stripped, {bytes} bytes ({:.1} MiB); \
+         copy it to the machine to debug and run it as root",
+        bytes as f64 / (1024.0 * 1024.0)
+    );
+    Ok(())
+}
+
 /// `build` with extra cargo arguments, e.g. `--features bench`.
 pub fn build_with(extra: &[&str]) -> Result<()> {
     setup::run()?;
