@@ -2,6 +2,9 @@
 
 mod bench;
 mod cmd;
+/// The tests' own program builder (the demo's too).
+#[path = "../../tests/common/progs.rs"]
+mod progs;
 mod ready;
 mod setup;
 mod summary;

@@ -38,16 +38,8 @@ pub fn build_with(extra: &[&str]) -> Result<()> {
 /// Builds memtrace and the demo, runs `memleak` on it and returns memtrace's exit code.
 pub fn demo() -> Result<u8> {
     build()?;
-    fs::create_dir_all(cmd::root().join("target/progs"))?;
-    // Frame pointers so memtrace can walk the demo's user stacks.
-    cmd::run(cmd::new("cc").args([
-        "-g",
-        "-O1",
-        "-fno-omit-frame-pointer",
-        "-o",
-        "target/progs/demo",
-        "tests/progs/demo.c",
-    ]))?;
+    // Built as the README's test of this example builds it.
+    crate::progs::demo(cmd::root());
 
     eprintln!("demo: memtrace memleak -c target/progs/demo 3 (the demo runs about 12 s)");
     let mut child = cmd::new(cmd::root().join("target/release/memtrace"))
