@@ -30,8 +30,8 @@ enum Task {
     Setup,
     /// Set up, then build the release binary target/release/memtrace.
     Build {
-        /// Build a static (musl) binary instead, stripped, at target/static/memtrace: it runs on
-        /// any x86-64 Linux without Rust or a matching glibc.
+        /// Build a static (musl) binary instead, stripped, at target/static/memtrace: the machine
+        /// it is copied to needs no Rust and no particular C library.
         #[arg(long = "static")]
         static_binary: bool,
     },
