@@ -125,6 +125,8 @@ fn initramfs(kernel_pkg: &Path, kernel: &str, busybox: &Path, tests: &[(String, 
     copy_tree(&stage, &root.join("tests/progs"))?;
     copy_tree(&stage, &root.join("target/test-progs"))?;
     copy_tree(&stage, &root.join("target/progs"))?;
+    // tests/readme.rs compares the README's examples with what memtrace prints on each kernel.
+    copy_same_path(&stage, &root.join("README.md"))?;
     for file in HOST_FILES {
         copy_same_path(&stage, Path::new(file))?;
     }
