@@ -236,7 +236,11 @@ fn capital_t_is_top_everywhere_and_timestamps_are_spelled_out() {
     for tool in ["drsnoop", "mmapsnoop", "shmsnoop", "swapin"] {
         let cli = Cli::try_parse_from(["memtrace", tool, "-T"]).expect("parses");
         let err = cli.tool.validate().expect_err(tool).to_string();
-        assert_eq!(err, "-T is --top in memtrace (rows per table); for timestamps use --timestamp", "{tool}");
+        assert_eq!(
+            err,
+            "-T is not a timestamp option: use --timestamp (memtrace's -T is --top, rows per table, in memleak, brkstack and faults)",
+            "{tool}"
+        );
         let cli = Cli::try_parse_from(["memtrace", tool, "--timestamp"]).expect("parses");
         cli.tool.validate().unwrap_or_else(|e| panic!("{tool} --timestamp: {e}"));
     }

@@ -141,6 +141,12 @@ pub fn build_prog(name: &str, flavour: Flavour) -> PathBuf {
     progs::build(&repo(), name, flavour)
 }
 
+/// target/progs/demo, built as `cargo xtask demo` builds it (the README's first example).
+pub fn demo_program() -> PathBuf {
+    let _guard = BUILD_LOCK.lock().unwrap_or_else(|e| e.into_inner());
+    progs::demo(&repo())
+}
+
 /// The line of `tests/progs/<file>` that carries the marker `LEAK:<name>`.
 pub fn marker_line(file: &str, name: &str) -> u32 {
     let text = std::fs::read_to_string(repo().join("tests/progs").join(file)).unwrap();

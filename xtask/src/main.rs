@@ -2,6 +2,9 @@
 
 mod bench;
 mod cmd;
+/// The tests' own program builder (the demo's too).
+#[path = "../../tests/common/progs.rs"]
+mod progs;
 mod ready;
 mod setup;
 mod summary;
@@ -26,7 +29,12 @@ enum Task {
     /// Install what building and testing memtrace needs (root; safe to re-run).
     Setup,
     /// Set up, then build the release binary target/release/memtrace.
-    Build,
+    Build {
+        /// Build a static (musl) binary instead, stripped, at target/static/memtrace: the machine
+        /// it is copied to needs no Rust and no particular C library.
+        #[arg(long = "static")]
+        static_binary: bool,
+    },
     /// Build, then run `memtrace memleak` on the bundled leaky demo program.
     Demo,
     /// Measure memtrace's cost on a malloc-heavy workload and on real programs, side by side
@@ -47,7 +55,8 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.task {
         Task::Setup => setup::run().map(|()| 0),
-        Task::Build => tasks::build().map(|()| 0),
+        Task::Build { static_binary: false } => tasks::build().map(|()| 0),
+        Task::Build { static_binary: true } => tasks::build_static().map(|()| 0),
         Task::Demo => tasks::demo(),
         Task::Test { args } => tasks::test(&args),
         Task::Bench(opts) => bench::run(&opts),

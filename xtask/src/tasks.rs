@@ -12,6 +12,23 @@ pub fn build() -> Result<()> {
     build_with(&[])
 }
 
+/// The static binary: built as the VM suite builds it (musl, checked to have no loader and to
+/// run), then stripped into target/static/memtrace; prints its path and size.
+pub fn build_static() -> Result<()> {
+    setup::run()?;
+    let built = crate::vm_image::build_memtrace()?;
+    let out = cmd::root().join("target/static/memtrace");
+    fs::create_dir_all(out.parent().context("target/static has a parent")?)?;
+    cmd::run(cmd::new("strip").arg("--strip-all").arg("-o").arg(&out).arg(&built))?;
+    let bytes = fs::metadata(&out)?.len();
+    println!(
+        "xtask: target/static/memtrace: static x86-64 binary, stripped, {bytes} bytes ({:.1} MiB); \
+         copy it to the machine to debug and run it as root",
+        bytes as f64 / (1024.0 * 1024.0)
+    );
+    Ok(())
+}
+
 /// `build` with extra cargo arguments, e.g. `--features bench`.
 pub fn build_with(extra: &[&str]) -> Result<()> {
     setup::run()?;
@@ -21,16 +38,8 @@ pub fn build_with(extra: &[&str]) -> Result<()> {
 /// Builds memtrace and the demo, runs `memleak` on it and returns memtrace's exit code.
 pub fn demo() -> Result<u8> {
     build()?;
-    fs::create_dir_all(cmd::root().join("target/progs"))?;
-    // Frame pointers so memtrace can walk the demo's user stacks.
-    cmd::run(cmd::new("cc").args([
-        "-g",
-        "-O1",
-        "-fno-omit-frame-pointer",
-        "-o",
-        "target/progs/demo",
-        "tests/progs/demo.c",
-    ]))?;
+    // Built as the README's test of this example builds it.
+    crate::progs::demo(cmd::root());
 
     eprintln!("demo: memtrace memleak -c target/progs/demo 3 (the demo runs about 12 s)");
     let mut child = cmd::new(cmd::root().join("target/release/memtrace"))

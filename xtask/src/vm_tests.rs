@@ -13,9 +13,7 @@ use anyhow::{Context, Result, bail};
 use crate::cmd;
 use crate::vm::{boot, vm_dir};
 
-/// The tests' own program builder: the VM has no compiler, so every program is built first.
-#[path = "../../tests/common/progs.rs"]
-mod progs;
+use crate::progs;
 use crate::vm_image::{MUSL, add_modules, find_file, package};
 
 /// The host's programs the tests run, copied to the same paths with the libraries `ldd` names
@@ -84,6 +82,7 @@ fn build_tests() -> Result<Vec<(String, PathBuf)>> {
         bail!("cargo built no integration test binaries");
     }
     cmd::run(cmd::cargo().args(["build", "--release", "-p", "vm-init", "--target", MUSL]))?;
+    // The VM has no compiler: every program the tests run is built here first.
     progs::build_all(cmd::root());
     Ok(tests)
 }
@@ -125,6 +124,9 @@ fn initramfs(kernel_pkg: &Path, kernel: &str, busybox: &Path, tests: &[(String, 
     strip_into(&memtrace, &stage.join(memtrace.strip_prefix("/").unwrap_or(&memtrace)))?;
     copy_tree(&stage, &root.join("tests/progs"))?;
     copy_tree(&stage, &root.join("target/test-progs"))?;
+    copy_tree(&stage, &root.join("target/progs"))?;
+    // tests/readme.rs compares the README's examples with what memtrace prints on each kernel.
+    copy_same_path(&stage, &root.join("README.md"))?;
     for file in HOST_FILES {
         copy_same_path(&stage, Path::new(file))?;
     }

@@ -1,5 +1,5 @@
 //! The option groups tools share, and their checks. Each group means one thing in every tool
-//! that takes it: `-T` is always `--top`, `[interval] [count]` always seconds and reports.
+//! that takes it: `-T` is `--top` wherever it is taken, `[interval] [count]` always seconds and reports.
 //! Each tool's `Args::validate` runs before anything is loaded or attached (and without root),
 //! so bad input is a one-line error, never a panic or an error from deep inside a run.
 
@@ -121,7 +121,9 @@ pub struct Timestamp {
 impl Timestamp {
     pub fn validate(&self) -> Result<()> {
         if self.bcc_spelling {
-            bail!("-T is --top in memtrace (rows per table); for timestamps use --timestamp");
+            bail!(
+                "-T is not a timestamp option: use --timestamp (memtrace's -T is --top, rows per table, in memleak, brkstack and faults)"
+            );
         }
         Ok(())
     }

@@ -85,8 +85,10 @@ pub struct Args {
     /// Print every allocation and free as it happens.
     #[arg(short, long)]
     pub trace: bool,
-    /// The library or executable holding the allocator (default: the target's libc, or the
-    /// executable itself when statically linked).
+    /// The library or executable holding the allocator. Default: a jemalloc, tcmalloc,
+    /// mimalloc, Hoard or snmalloc library the process has mapped (or, at an exec, preloaded or
+    /// linked), else its libc, else the executable itself when statically linked. What the
+    /// allocator lacks (mmap, pvalloc) is still probed in libc; `--symbols-prefix` for `je_malloc`.
     #[arg(short = 'O', long = "obj", value_name = "PATH")]
     pub obj: Option<PathBuf>,
     /// Prefix of the allocator's symbols, e.g. `je_` for a prefixed jemalloc.

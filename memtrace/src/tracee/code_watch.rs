@@ -34,7 +34,8 @@ fn op(code: u16, jt: u8, jf: u8, k: u32) -> libc::sock_filter {
 pub fn filter() -> Vec<libc::sock_filter> {
     let allow = libc::SECCOMP_RET_ALLOW;
     let trace = |why: u32| libc::SECCOMP_RET_TRACE | why;
-    let asks = [libc::PTRACE_TRACEME, libc::PTRACE_ATTACH, libc::PTRACE_SEIZE];
+    // c_uint in glibc's libc crate, c_int in musl's: the filter compares the low 32 bits.
+    let asks = [libc::PTRACE_TRACEME, libc::PTRACE_ATTACH, libc::PTRACE_SEIZE].map(|r| i64::from(r) as u32);
     vec![
         op(BPF_LD_W_ABS, 0, 0, ARCH),
         op(BPF_JEQ_K, 1, 0, AUDIT_ARCH_X86_64),

@@ -316,7 +316,7 @@ impl Tree {
             return false;
         }
         // rdi and rsi still hold the request and the pid at the call's exit.
-        regs.rdi as u32 == libc::PTRACE_TRACEME || self.tasks().live.contains(&(regs.rsi as u32))
+        i64::from(regs.rdi as u32) == i64::from(libc::PTRACE_TRACEME) || self.tasks().live.contains(&(regs.rsi as u32))
     }
 
     /// Sends an event and waits for the tool to act (bounded: a stuck tool must not hold the
