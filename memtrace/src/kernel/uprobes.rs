@@ -90,16 +90,21 @@ pub fn detach_later(ids: Vec<UProbeLinkId>) {
     drop(dropped);
 }
 
-/// Detaches every uprobe this process attached, all at once: the grace periods the kernel
+/// Detaches every uprobe and tracepoint this process attached, all at once: the grace periods the kernel
 /// waits for on each overlap instead of adding up. Call it after the final report.
 pub fn detach_all_fast() {
     let links: Vec<Link> = std::mem::take(&mut registry().links).into_values().collect();
     if links.is_empty() {
         return;
     }
-    let (count, started) = (links.len(), Instant::now());
+    let tracepoints = links.iter().filter(|l| matches!(l, Link::Tracepoint(_))).count();
+    let (uprobes, started) = (links.len() - tracepoints, Instant::now());
     drop_all(links);
-    tracing::info!("detached {count} uprobes in {:.1} ms", started.elapsed().as_secs_f64() * 1e3);
+    let ms = started.elapsed().as_secs_f64() * 1e3;
+    let counted = |n: usize, kind: &str| (n > 0).then(|| format!("{n} {kind}{}", if n == 1 { "" } else { "s" }));
+    let what: Vec<String> =
+        [counted(uprobes, "uprobe"), counted(tracepoints, "tracepoint")].into_iter().flatten().collect();
+    tracing::info!("detached {} in {ms:.1} ms", what.join(" and "));
 }
 
 /// Drops each link on a thread of its own, and returns when all are gone.

@@ -224,7 +224,14 @@ pub async fn run(args: Args) -> Result<Status> {
         (Some(cmd), _) => {
             let argv =
                 shlex::split(cmd).filter(|a| !a.is_empty()).context("-c needs a command, e.g. -c \"./prog arg\"")?;
-            let shim = if args.records_in_process() { Some(inproc::Shim::install()?) } else { None };
+            let shim = match args.records_in_process().then(inproc::Shim::install) {
+                Some(Err(e)) => {
+                    // A read-only /run costs speed, not answers: probes see the same calls.
+                    eprintln!("memtrace: memleak: cannot set up the in-process recorder ({e:#}): probing with uprobes");
+                    None
+                }
+                shim => shim.transpose()?,
+            };
             let env = shim.as_ref().map(|s| s.env(&args.recorder_config())).unwrap_or_default();
             Mode::Command(Command::spawn(&argv, &env)?, shim)
         }
