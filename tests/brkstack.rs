@@ -33,10 +33,7 @@ impl Grower {
 
     /// Started by this path (a symlink to the program, say).
     fn start_as(path: &std::path::Path) -> Grower {
-        let mut child = Command::new(path).stdin(Stdio::piped()).stdout(Stdio::piped()).spawn().unwrap();
-        let stdin = child.stdin.take().unwrap();
-        let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
-        assert_eq!(lines.next().unwrap().unwrap(), "ready");
+        let Ready { child, stdin, lines } = Ready::start(&mut Command::new(path));
         Grower { child, stdin, lines }
     }
 

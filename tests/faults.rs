@@ -43,10 +43,7 @@ impl Toucher {
 
     /// Started from this build of the program.
     fn start_as(path: &std::path::Path) -> Toucher {
-        let mut child = Command::new(path).stdin(Stdio::piped()).stdout(Stdio::piped()).spawn().unwrap();
-        let stdin = child.stdin.take().unwrap();
-        let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
-        assert_eq!(lines.next().unwrap().unwrap(), "ready");
+        let Ready { child, stdin, lines } = Ready::start(&mut Command::new(path));
         Toucher { child, stdin, lines }
     }
 
@@ -321,11 +318,7 @@ fn faults_walk_through_memleaks_uretprobe_trampoline() {
     }
     /// tests/progs/faults_in_malloc.c: blocks whose header malloc writes in a fresh page.
     const BLOCKS: u64 = 64;
-    let mut child =
-        Command::new(prog_nofp("faults_in_malloc")).stdin(Stdio::piped()).stdout(Stdio::piped()).spawn().unwrap();
-    let mut stdin = child.stdin.take().unwrap();
-    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
-    assert_eq!(lines.next().unwrap().unwrap(), "ready");
+    let Ready { mut child, mut stdin, mut lines } = Ready::start(&mut Command::new(prog_nofp("faults_in_malloc")));
     let pid = child.id().to_string();
     let mut memleak = Running::start(&["memleak", "--json", "-p", &pid]);
     memleak.wait_ready();

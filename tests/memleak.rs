@@ -520,18 +520,11 @@ fn memleak_a_target_stopped_inside_malloc_keeps_the_kernel_probe_until_it_resume
     if !bpf_available("memleak_a_target_stopped_inside_malloc_keeps_the_kernel_probe_until_it_resumes") {
         return;
     }
-    let mut target = Command::new(prog("bench_malloc"))
-        .arg("1000000000000")
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut lines = BufReader::new(target.stdout.take().unwrap()).lines();
-    assert_eq!(lines.next().unwrap().unwrap(), "ready");
+    let Ready { child: mut target, mut stdin, mut lines } =
+        Ready::start(Command::new(prog("bench_malloc")).arg("1000000000000"));
     let pid = target.id();
     let mut mt = Running::start(&["memleak", "--json", "-p", &pid.to_string()]);
     mt.wait_ready();
-    let mut stdin = target.stdin.take().unwrap();
     writeln!(stdin, "go").unwrap();
     let libc = uprobes::libc_path(pid);
     let (malloc, size) = uprobes::dynamic_symbol(&libc, "malloc");

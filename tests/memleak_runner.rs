@@ -331,14 +331,10 @@ fn memleak_pid_follows_an_exec_from_another_thread() {
     if !bpf_available("memleak_pid_follows_an_exec_from_another_thread") {
         return;
     }
-    let mut target =
-        Command::new(prog("thread_exec")).arg("wait").stdin(Stdio::piped()).stdout(Stdio::piped()).spawn().unwrap();
-    let mut lines = BufReader::new(target.stdout.take().unwrap()).lines();
-    assert_eq!(lines.next().unwrap().unwrap(), "ready");
+    let Ready { child: mut target, mut stdin, mut lines } = Ready::start(Command::new(prog("thread_exec")).arg("wait"));
     let pid = target.id();
     let mut mt = Running::start(&["-v", "memleak", "--json", "-o", "0", "-p", &pid.to_string(), "1"]);
     mt.wait_ready();
-    let mut stdin = target.stdin.take().unwrap();
     writeln!(stdin).unwrap();
     assert_eq!(lines.next().unwrap().unwrap(), "exec'd");
     let followed = format!("pid {pid}: exec by a thread other than its first: probes attached again");

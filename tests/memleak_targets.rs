@@ -47,13 +47,10 @@ fn memleak_live_reports_are_exact_under_churn() {
     if !bpf_available("memleak_live_reports_are_exact_under_churn") {
         return;
     }
-    let mut target = Command::new(prog("churn")).stdin(Stdio::piped()).stdout(Stdio::piped()).spawn().unwrap();
-    let mut lines = BufReader::new(target.stdout.take().unwrap()).lines();
-    assert_eq!(lines.next().unwrap().unwrap(), "ready");
+    let Ready { child: mut target, mut stdin, mut lines } = Ready::start(&mut Command::new(prog("churn")));
     let pid = target.id();
     let mut mt = Running::start(&["memleak", "--json", "-T", "1000", "-p", &pid.to_string(), "1"]);
     mt.wait_ready();
-    let mut stdin = target.stdin.take().unwrap();
     writeln!(stdin).unwrap();
     assert_eq!(lines.next().unwrap().unwrap(), "leaked");
     let leaked_at = Instant::now();
@@ -398,13 +395,10 @@ fn memleak_pid_drops_the_old_image_at_exec() {
     if !bpf_available("memleak_pid_drops_the_old_image_at_exec") {
         return;
     }
-    let mut target = Command::new(prog("reexec")).stdin(Stdio::piped()).stdout(Stdio::piped()).spawn().unwrap();
-    let mut lines = BufReader::new(target.stdout.take().unwrap()).lines();
-    assert_eq!(lines.next().unwrap().unwrap(), "ready");
+    let Ready { child: mut target, mut stdin, mut lines } = Ready::start(&mut Command::new(prog("reexec")));
     let pid = target.id();
     let mut mt = Running::start(&["-v", "memleak", "--json", "-T", "100", "-o", "0", "-p", &pid.to_string(), "1"]);
     mt.wait_ready();
-    let mut stdin = target.stdin.take().unwrap();
     writeln!(stdin).unwrap();
     assert_eq!(lines.next().unwrap().unwrap(), "leaked");
     // The new image is read while the process lives: a slow machine (a VM under emulation)
@@ -431,14 +425,10 @@ fn memleak_pid_children_follows_new_processes() {
     if !bpf_available("memleak_pid_children_follows_new_processes") {
         return;
     }
-    let mut target =
-        Command::new(prog("family")).arg("wait").stdin(Stdio::piped()).stdout(Stdio::piped()).spawn().unwrap();
-    let mut lines = BufReader::new(target.stdout.take().unwrap()).lines();
-    assert_eq!(lines.next().unwrap().unwrap(), "ready");
+    let Ready { child: mut target, mut stdin, mut lines } = Ready::start(Command::new(prog("family")).arg("wait"));
     let pid = target.id() as u64;
     let mut mt = Running::start(&["-v", "memleak", "--json", "-T", "100", "-p", &pid.to_string(), "--children"]);
     mt.wait_ready();
-    let mut stdin = target.stdin.take().unwrap();
     writeln!(stdin).unwrap();
     // Each child waits until memtrace has followed it: attaching after the fork takes a few
     // ms here, and far longer in a VM under emulation.

@@ -219,15 +219,12 @@ fn unwind_dwarf_cpp_attached_by_pid() {
     if !unwind_tables("unwind_dwarf_cpp_attached_by_pid") {
         return;
     }
-    let mut target =
-        Command::new(prog_nofp("unwind_cpp")).arg("wait").stdin(Stdio::piped()).stdout(Stdio::piped()).spawn().unwrap();
-    let mut lines = BufReader::new(target.stdout.take().unwrap()).lines();
-    assert_eq!(lines.next().unwrap().unwrap(), "ready");
+    let Ready { child: mut target, mut stdin, mut lines } =
+        Ready::start(Command::new(prog_nofp("unwind_cpp")).arg("wait"));
     let pid = target.id().to_string();
     let mut mt =
         Running::start(&["memleak", "--unwind", "dwarf", "--json", "-T", "100000", "-o", "0", "-p", &pid, "1"]);
     mt.wait_ready();
-    let mut stdin = target.stdin.take().unwrap();
     writeln!(stdin).unwrap();
     assert_eq!(lines.next().unwrap().unwrap(), "leaked");
     drop(stdin);

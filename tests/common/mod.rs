@@ -3,9 +3,9 @@
 #![allow(dead_code, reason = "each test file uses a different part of this module")]
 
 use std::{
-    io::{BufRead, BufReader, Read},
+    io::{BufRead, BufReader, Lines, Read},
     path::{Path, PathBuf},
-    process::{Child, Command, Output, Stdio},
+    process::{Child, ChildStdin, ChildStdout, Command, Output, Stdio},
     sync::{Mutex, mpsc},
     time::{Duration, Instant},
 };
@@ -19,6 +19,23 @@ pub use running::{READY_FD, Running, ready_pipe};
 
 pub fn repo() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_path_buf()
+}
+
+/// A test program that has said "ready": it waits on `stdin` and talks on `lines`.
+pub struct Ready {
+    pub child: Child,
+    pub stdin: ChildStdin,
+    pub lines: Lines<BufReader<ChildStdout>>,
+}
+
+impl Ready {
+    pub fn start(cmd: &mut Command) -> Ready {
+        let mut child = cmd.stdin(Stdio::piped()).stdout(Stdio::piped()).spawn().unwrap();
+        let stdin = child.stdin.take().unwrap();
+        let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+        assert_eq!(lines.next().unwrap().unwrap(), "ready");
+        Ready { child, stdin, lines }
+    }
 }
 
 pub fn memtrace() -> Command {
