@@ -7,8 +7,8 @@
 mod common;
 
 use std::{
-    io::{BufRead, BufReader, Lines, Write},
-    process::{Child, ChildStdin, ChildStdout, Command, Stdio},
+    io::{BufReader, Lines, Write},
+    process::{Child, ChildStdin, ChildStdout, Command},
     time::Duration,
 };
 

@@ -9,7 +9,7 @@ mod ns;
 mod uprobes;
 
 use std::{
-    io::{BufRead, BufReader, Write},
+    io::Write,
     process::{Command, Stdio},
     time::Duration,
 };
@@ -520,7 +520,7 @@ fn memleak_a_target_stopped_inside_malloc_keeps_the_kernel_probe_until_it_resume
     if !bpf_available("memleak_a_target_stopped_inside_malloc_keeps_the_kernel_probe_until_it_resumes") {
         return;
     }
-    let Ready { child: mut target, mut stdin, mut lines } =
+    let Ready { child: mut target, mut stdin, lines: _lines } =
         Ready::start(Command::new(prog("bench_malloc")).arg("1000000000000"));
     let pid = target.id();
     let mut mt = Running::start(&["memleak", "--json", "-p", &pid.to_string()]);

@@ -9,7 +9,7 @@ mod common;
 mod ns;
 
 use std::{
-    io::{BufRead, BufReader, Write},
+    io::Write,
     os::unix::process::CommandExt as _,
     path::{Path, PathBuf},
     process::{Command, Stdio},

@@ -5,7 +5,7 @@
 mod common;
 
 use std::{
-    io::{BufRead, BufReader, Write},
+    io::Write,
     os::unix::fs::PermissionsExt,
     process::{Command, Stdio},
     time::{Duration, Instant},

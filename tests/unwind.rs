@@ -7,12 +7,7 @@
 #[path = "common/mod.rs"]
 mod common;
 
-use std::{
-    collections::BTreeMap,
-    io::{BufRead, BufReader, Write},
-    process::{Command, Stdio},
-    time::Duration,
-};
+use std::{collections::BTreeMap, io::Write, process::Command, time::Duration};
 
 use common::*;
 use serde_json::Value;
