@@ -13,12 +13,26 @@ use crate::target;
 /// Options every tracer takes, the same way.
 #[derive(clap::Args, Debug, Clone, Default)]
 pub struct CommonArgs {
-    /// Only this process (and the run ends when it exits).
-    #[arg(short, long)]
-    pub pid: Option<u32>,
+    #[command(flatten)]
+    pub target: PidArg,
     /// Only tasks with this command name (as in /proc/PID/comm, at most 15 characters).
     #[arg(long, value_name = "NAME")]
     pub comm: Option<String>,
+    #[command(flatten)]
+    pub run: RunArgs,
+}
+
+/// `-p PID`, in every tool that takes one (memleak, which has no `--comm`, takes it alone).
+#[derive(clap::Args, Debug, Clone, Default)]
+pub struct PidArg {
+    /// Only this process (and the run ends when it exits).
+    #[arg(short, long)]
+    pub pid: Option<u32>,
+}
+
+/// How long a run lasts and how it prints, in every tracer.
+#[derive(clap::Args, Debug, Clone, Default)]
+pub struct RunArgs {
     /// Stop after this many seconds.
     #[arg(short, long, value_name = "SECONDS")]
     pub duration: Option<u64>,
@@ -31,7 +45,7 @@ impl CommonArgs {
     /// The eBPF-side filter; checks the PID and the name first.
     pub fn filter(&self) -> Result<Filter> {
         let mut filter = Filter::default();
-        if let Some(pid) = self.pid {
+        if let Some(pid) = self.target.pid {
             target::check_pid(pid)?;
             filter.pid = pid;
         }
@@ -183,13 +197,13 @@ fn parse_interval(s: Option<&str>) -> Result<Option<std::time::Duration>> {
 impl CommonArgs {
     /// What can be checked before a run: the duration, the name, and that the PID lives.
     pub fn validate(&self) -> Result<()> {
-        if let Some(secs) = self.duration {
+        if let Some(secs) = self.run.duration {
             in_range("-d/--duration", secs, 1..=MAX_SECONDS)?;
         }
         if let Some(comm) = &self.comm {
             check_comm(comm)?;
         }
-        if let Some(pid) = self.pid {
+        if let Some(pid) = self.target.pid {
             target::check_pid(pid)?;
         }
         Ok(())
@@ -198,7 +212,7 @@ impl CommonArgs {
     /// For tools that read the target's user stacks: a kernel thread has none.
     pub fn validate_user_target(&self) -> Result<()> {
         self.validate()?;
-        if let Some(pid) = self.pid {
+        if let Some(pid) = self.target.pid {
             target::check_user_pid(pid)?;
         }
         Ok(())

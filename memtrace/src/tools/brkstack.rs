@@ -91,10 +91,10 @@ pub async fn run(args: Args) -> Result<()> {
         format!("{:>7} {:>7} {:<16} {:>18} {:>18} {:>10}", "PID", "TID", "COMM", "REQUESTED", "RESULT", "GROWTH");
     let run = StackRun::new(&mut tracer, &args.report, unwinder, false, header)?;
     // After attach, and only where the kernel has not seen a call yet: it knows better.
-    for (pid, brk) in current_breaks(args.report.common.pid, args.report.common.comm.as_deref()) {
+    for (pid, brk) in current_breaks(args.report.common.target.pid, args.report.common.comm.as_deref()) {
         let _ = last_brk.insert(pid, brk, crate::kernel::maps::BPF_NOEXIST);
     }
-    let ready = match args.report.common.pid {
+    let ready = match args.report.common.target.pid {
         Some(pid) => format!("tracing brk calls of pid {pid} ({})", crate::target::comm(pid)),
         None => "tracing brk calls".to_string(),
     };

@@ -106,7 +106,7 @@ pub async fn run(args: Args) -> Result<()> {
         tracer.attach(MEMCG)?;
     }
     let header = format!("{:<16} {:>7} {:>7} {:<6} {:>10} {:>7}", "COMM", "PID", "TID", "KIND", "LAT(ms)", "PAGES");
-    let mut state = State { out: Events::new(args.common.json, args.timestamp.timestamp, header) };
+    let mut state = State { out: Events::new(args.common.run.json, args.timestamp.timestamp, header) };
     let ready = if args.memcg { "tracing direct and memcg reclaim" } else { "tracing direct reclaim" };
     tracer.stream(&args.common, None, None, ready, &mut state).await?;
     Ok(())
@@ -152,6 +152,8 @@ struct Reclaim {
 }
 
 impl tools::Stream for State {
+    type Side = ();
+
     fn event(&mut self, data: &[u8]) -> Result<()> {
         let Some(e) = tools::read_event::<Event>(data) else { return Ok(()) };
         let r = Reclaim {

@@ -101,7 +101,7 @@ pub async fn run(args: Args) -> Result<()> {
         "PID", "TID", "COMM", "MODE", "ADDRESS", "IP", "ERROR"
     );
     let run = StackRun::new(&mut tracer, &args.report, unwinder, args.kernel, header)?;
-    let whose = match args.report.common.pid {
+    let whose = match args.report.common.target.pid {
         Some(pid) => format!(" of pid {pid} ({})", crate::target::comm(pid)),
         None => String::new(),
     };

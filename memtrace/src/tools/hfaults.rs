@@ -93,7 +93,7 @@ pub async fn run(args: Args) -> Result<()> {
         known: StdHashMap::new(),
         ticks: 0,
         total: 0,
-        out: ReportPrinter::new("hfaults", args.common.json),
+        out: ReportPrinter::new("hfaults", args.common.run.json),
     };
     state.rescan()?;
     // The tick rescans mappings (fallback) every second; reports come every `interval` ticks.
@@ -247,7 +247,7 @@ impl State<'_> {
     /// leaves the entry to the kernel side until the next scan, so a scan never undoes one.
     fn rescan(&mut self) -> Result<()> {
         let Some(map) = self.ranges.as_mut() else { return Ok(()) };
-        let pids: Vec<u32> = match self.args.common.pid {
+        let pids: Vec<u32> = match self.args.common.target.pid {
             Some(pid) => vec![pid],
             None => fs::read_dir("/proc")?.filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok()).collect(),
         };
@@ -353,6 +353,8 @@ impl State<'_> {
 }
 
 impl tools::Stream for State<'_> {
+    type Side = ();
+
     fn event(&mut self, data: &[u8]) -> Result<()> {
         let Some(ev) = read_event::<Event>(data) else { return Ok(()) };
         let file = self.file_of(&ev);

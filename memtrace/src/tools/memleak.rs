@@ -4,26 +4,27 @@
 mod attach;
 mod dropped;
 mod inproc;
+mod live;
 mod procs;
 mod report;
 
 use std::{path::PathBuf, time::Duration};
 
 use anyhow::{Context as _, Result, bail};
-use aya::Ebpf;
-use memtrace_common::memleak::{Config, EV_EXEC, EV_FORK, Event};
+use memtrace_common::memleak::Config;
 
 use crate::{
     kernel,
     target::{self, Allocator},
     tools::Status,
-    tools::args::{Reports, Top},
+    tools::args::{PidArg, Reports, RunArgs, Top},
     tools::registry::{Plan, ToolSpec},
-    tools::tracer::Tracer,
-    tracee::{Command, CommandEvent, Ending, GRACE},
+    tools::tracer::{Run, Tracer},
+    tracee::Command,
     unwind::{UnwindArgs, UnwindMode, Unwinder},
 };
 use attach::DutyCycle;
+use live::Live;
 use procs::Procs;
 use report::{Maps, Session};
 
@@ -52,15 +53,14 @@ pub const SPEC: ToolSpec = ToolSpec {
     after_help = "Without -p or -c, memleak traces kernel allocations (kmalloc, kmem_cache, pages; --percpu adds percpu)."
 )]
 pub struct Args {
-    /// Trace the process with this PID.
-    #[arg(short, long, conflicts_with = "command")]
-    pub pid: Option<u32>,
+    #[command(flatten)]
+    pub target: PidArg,
     /// With -p: also trace the processes it forks from now on, and theirs.
     #[arg(long, requires = "pid")]
     pub children: bool,
     /// Run this command (with its arguments, as one string) and trace it from its first
     /// instruction, through every exec, with every process it forks.
-    #[arg(short = 'c', long = "command", value_name = "CMD")]
+    #[arg(short = 'c', long = "command", value_name = "CMD", conflicts_with = "pid")]
     pub command: Option<String>,
     #[command(flatten)]
     pub reports: Reports,
@@ -101,12 +101,8 @@ pub struct Args {
     /// Kernel mode: also trace percpu allocations.
     #[arg(long)]
     pub percpu: bool,
-    /// Stop after this many seconds.
-    #[arg(short, long, value_name = "SECONDS")]
-    pub duration: Option<u64>,
-    /// One JSON object per report on stdout.
-    #[arg(long)]
-    pub json: bool,
+    #[command(flatten)]
+    pub run: RunArgs,
     /// Also write the final report as folded stacks (weight: bytes) to this file, for flame graphs.
     #[arg(long, value_name = "FILE")]
     pub folded: Option<PathBuf>,
@@ -160,7 +156,7 @@ impl Args {
     /// Everything that can be checked before loading anything (and without root).
     pub fn validate(&self) -> Result<()> {
         use crate::tools::args::{MAP_ENTRIES, MAX_SECONDS, in_range};
-        if let Some(pid) = self.pid {
+        if let Some(pid) = self.target.pid {
             target::check_pid(pid)?;
             target::check_user_pid(pid)?;
         }
@@ -185,15 +181,15 @@ impl Args {
         if self.sample_rate == 0 {
             bail!("--sample-rate must be at least 1");
         }
-        let user = self.pid.is_some() || self.command.is_some();
+        let user = self.target.pid.is_some() || self.command.is_some();
         if self.percpu && user {
             bail!("--percpu applies to kernel mode (without -p or -c): percpu memory is the kernel's");
         }
-        if self.duty_cycle.is_some() && (self.pid.is_none() || self.children) {
+        if self.duty_cycle.is_some() && (self.target.pid.is_none() || self.children) {
             bail!("--duty-cycle works with -p PID alone (not with -c, --children or kernel mode)");
         }
         in_range("--duty-period-ms", self.duty_period_ms, 10..=3_600_000)?;
-        if let Some(secs) = self.duration {
+        if let Some(secs) = self.run.duration {
             in_range("-d/--duration", secs, 1..=MAX_SECONDS)?;
         }
         in_range("--max-allocs", self.max_allocs.into(), MAP_ENTRIES)?;
@@ -220,7 +216,7 @@ pub async fn run(args: Args) -> Result<Status> {
     kernel::require_root()?;
     // Before anything is attached: a Ctrl-C from here on ends with a final report.
     let signals = crate::tools::Signals::catch()?;
-    let mode = match (&args.command, args.pid) {
+    let mode = match (&args.command, args.target.pid) {
         (Some(cmd), _) => {
             let argv =
                 shlex::split(cmd).filter(|a| !a.is_empty()).context("-c needs a command, e.g. -c \"./prog arg\"")?;
@@ -283,12 +279,12 @@ pub async fn run(args: Args) -> Result<Status> {
     })?;
     let skip = if args.duty_cycle.is_some() { DutyCycle::HOT } else { &[] };
     let mut procs = Procs::new(&mut tracer, &args.symbols_prefix, args.obj.clone(), skip)?;
-    let (maps, ring) = Maps::take(&mut tracer)?;
+    let maps = Maps::take(&mut tracer)?;
     let mut unwinder = Unwinder::take(&mut tracer.bpf, unwind)?;
     let mut duty = None;
     let mut command = None;
     let mut user_sym = crate::symbolize::UserSymbolizer::new();
-    let root = match mode {
+    let (root, ready) = match mode {
         Mode::Pid(pid, alloc) => {
             let obj = alloc.primary.clone();
             attach::lifecycle(&mut tracer.bpf)?;
@@ -312,8 +308,7 @@ pub async fn run(args: Args) -> Result<Status> {
             // A map of the process while it surely lives, before anyone is told to go on: a
             // target that allocates and exits at once still gets named frames.
             let _ = user_sym.refresh(pid);
-            crate::output::ready::ready("memleak", Some(pid), &line);
-            Some(pid)
+            (Some(pid), line)
         }
         Mode::Command(cmd, shim) => {
             // Probes go in at the command's first exec, when its program is known.
@@ -327,280 +322,29 @@ pub async fn run(args: Args) -> Result<Status> {
                 args.command.as_deref().unwrap_or_default(),
                 cmd.pid
             );
-            crate::output::ready::ready("memleak", Some(cmd.pid), &line);
             let pid = cmd.pid;
             command = Some(cmd);
-            Some(pid)
+            (Some(pid), line)
         }
         Mode::Kernel => {
             let attached = attach::kernel(&mut tracer.bpf, args.percpu)?;
-            crate::output::ready::ready(
-                "memleak",
-                None,
-                &format!("tracing kernel allocations ({})", attached.join(", ")),
-            );
-            None
+            (None, format!("tracing kernel allocations ({})", attached.join(", ")))
         }
     };
-    let far = Duration::from_secs(u64::MAX / 4);
-    let duty_timer = tokio::time::sleep(duty.as_ref().map_or(far, |d| d.open_for));
-    tokio::pin!(duty_timer);
-    let held = command.is_some();
-    let mut session = Session::new(&args, root, maps, unwinder, user_sym)?;
-    let mut ring = crate::tools::async_readable(ring)?;
-
-    let every = args.reports.every_or(5);
-    let mut ticker = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
-    // After memtrace was stopped (Ctrl-Z), one report, not one per interval missed.
-    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let deadline = tokio::time::sleep(args.duration.map_or(far, Duration::from_secs));
-    tokio::pin!(deadline);
-    // Processes memtrace did not start: their exits are watched through pidfds.
-    let mut exits = tokio::task::JoinSet::new();
-    if let (Some(pid), None) = (root, &command) {
-        exits.spawn(async move { (pid, target::exited(pid).await) });
-    }
-    let mut reports = 0u64;
-    let mut unwind_poll = tokio::time::interval(crate::unwind::POLL);
-    let mut ending = Ending::new("memleak");
-    // SIGTSTP is caught under -c only (elsewhere it stops memtrace as usual): see `tracee::Ending`.
-    let mut tstp = match &command {
-        Some(_) => Some(tokio::signal::unix::signal(tokio::signal::unix::SignalKind::from_raw(libc::SIGTSTP))?),
-        None => None,
+    let session = Session::new(&args, root, maps, unwinder, user_sym)?;
+    let mut live = Live::new(procs, session, command, duty, root, own_pid_ns, args.reports.count())?;
+    let run = Run {
+        duration: args.run.duration,
+        // Exits are memleak's own news (`Live`): a command's, or each followed process's.
+        watch: None,
+        ready_pid: root,
+        tick: Some(args.reports.every_or(5)),
+        max_ticks: args.reports.count(),
+        ready: &ready,
     };
-    let mut suspend_poll = tokio::time::interval(Duration::from_millis(10));
-    let grace = tokio::time::sleep(far);
-    tokio::pin!(grace);
-
-    loop {
-        let stop = tokio::select! {
-            _ = unwind_poll.tick(), if session.unwinder.mode() != UnwindMode::Fp => {
-                session.unwinder.poll(|pid| procs.list.contains_key(&pid));
-                None
-            }
-            _ = &mut duty_timer, if duty.is_some() => {
-                let cycle = duty.as_mut().expect("guarded by the branch condition");
-                let next = if cycle.is_open() { cycle.close(&mut tracer.bpf)? } else { cycle.open(&mut tracer.bpf)? };
-                duty_timer.as_mut().reset(tokio::time::Instant::now() + next);
-                None
-            }
-            _ = ticker.tick(), if !ending.started() => {
-                reports += 1;
-                let last = args.reports.count().is_some_and(|c| reports >= c);
-                session.report(&mut procs, last, false)?;
-                last.then_some(Stop::Counted)
-            }
-            guard = ring.readable_mut() => {
-                let mut guard = guard?;
-                drain(guard.get_inner_mut(), &mut tracer.bpf, &mut procs, &mut session, held, &mut exits)?;
-                guard.clear_ready();
-                None
-            }
-            event = recv_command(&mut command) => match event {
-                Some(CommandEvent::Exec { pid, from_thread, ack }) => {
-                    // The kernel side saw the exec first; take its generation from the ring.
-                    drain(ring.get_mut(), &mut tracer.bpf, &mut procs, &mut session, held, &mut exits)?;
-                    let image = procs.images().get(&pid).copied().unwrap_or(0);
-                    if let Some(how) = procs.exec(&mut tracer.bpf, pid, image, true, from_thread)? {
-                        let line = format!("pid {pid} ({}) {}", target::comm(pid), how.describe());
-                        // The command's own images are news; its children's are detail (-v).
-                        if Some(pid) == root { eprintln!("memtrace: memleak: {line}") } else { tracing::info!("{line}") }
-                    }
-                    if from_thread {
-                        tracing::info!("pid {pid}: {FROM_THREAD}");
-                    }
-                    session.user_sym.forget(pid);
-                    session.unwinder.load(pid);
-                    let _ = ack.send(());
-                    None
-                }
-                Some(CommandEvent::Fork { parent, child, shared, ack }) => {
-                    drain(ring.get_mut(), &mut tracer.bpf, &mut procs, &mut session, held, &mut exits)?;
-                    if own_pid_ns {
-                        // The kernel side cannot name the child here: track it from user space.
-                        procs.track_child(child, parent, shared)?;
-                    }
-                    procs.fork(&mut tracer.bpf, session.allocs_mut(), parent, child, crate::tools::monotonic_ns(), true);
-                    let _ = session.user_sym.refresh(child);
-                    session.unwinder.load(child);
-                    let _ = ack.send(());
-                    None
-                }
-                Some(CommandEvent::Mapped { pid, ack }) => {
-                    // Stacks taken before the new code was mapped are named with the maps they
-                    // were taken in; later ones need the new maps.
-                    drain(ring.get_mut(), &mut tracer.bpf, &mut procs, &mut session, held, &mut exits)?;
-                    if let Some(how) = procs.mapped(&mut tracer.bpf, pid)? {
-                        let line = format!("pid {pid} ({}) {}", target::comm(pid), how.describe());
-                        if Some(pid) == root { eprintln!("memtrace: memleak: {line}") } else { tracing::info!("{line}") }
-                    }
-                    session.user_sym.mapped(pid);
-                    session.unwinder.load(pid);
-                    let _ = ack.send(());
-                    None
-                }
-                Some(CommandEvent::Exiting { pid, ack }) => {
-                    // Stopped at exit with its memory map intact: snapshot it for symbolization.
-                    let _ = session.user_sym.refresh(pid);
-                    procs.exiting(pid);
-                    let _ = ack.send(());
-                    None
-                }
-                Some(CommandEvent::Exited { pid, code }) => {
-                    if Some(pid) == root {
-                        eprintln!("memtrace: memleak: command exited with status {code}");
-                        ending.status = Some(code);
-                    }
-                    procs.exited(pid, Some(code));
-                    session.unwinder.forget(pid);
-                    None
-                }
-                Some(CommandEvent::PtraceRefused { pid }) => {
-                    ending.ptrace_refused(pid);
-                    None
-                }
-                Some(CommandEvent::Done) | None => break,
-            },
-            Some(res) = exits.join_next(), if !exits.is_empty() => {
-                if let Ok((pid, res)) = res {
-                    res?;
-                    if Some(pid) == root {
-                        eprintln!("memtrace: memleak: process {pid} exited");
-                    }
-                    procs.exited(pid, None);
-                    if procs.all_exited() {
-                        break;
-                    }
-                }
-                None
-            }
-            _ = tracer.signals.recv() => Some(Stop::Asked),
-            _ = &mut deadline, if !ending.started() => Some(Stop::Asked),
-            _ = &mut grace, if ending.started() => {
-                ending.kill(command.as_ref(), &format!("still running after {} s", GRACE.as_secs()));
-                grace.as_mut().reset(tokio::time::Instant::now() + far);
-                None
-            }
-            Some(()) = recv_signal(&mut tstp), if !ending.started() => {
-                ending.suspend(command.as_ref());
-                None
-            }
-            _ = suspend_poll.tick(), if ending.suspending() => {
-                ending.suspend_check(command.as_ref());
-                None
-            }
-        };
-        let Some(stop) = stop else { continue };
-        match &command {
-            // A command is ended (not left without its tracer: see `tracee::Ending`), after
-            // the final report of what it holds now.
-            Some(cmd) if !ending.started() => {
-                if stop == Stop::Asked {
-                    drain(ring.get_mut(), &mut tracer.bpf, &mut procs, &mut session, held, &mut exits)?;
-                    session.report(&mut procs, true, false)?;
-                }
-                if ending.start(cmd) {
-                    grace.as_mut().reset(tokio::time::Instant::now() + GRACE);
-                }
-            }
-            Some(_) => ending.kill(command.as_ref(), "asked again"),
-            None if stop == Stop::Counted => return Ok(Status::default()),
-            None => break,
-        }
-    }
-    if !ending.started() {
-        // Events already in the ring belong to the run.
-        drain(ring.get_mut(), &mut tracer.bpf, &mut procs, &mut session, held, &mut exits)?;
-        let gone = user && procs.all_exited();
-        session.report(&mut procs, true, gone)?;
-    }
+    tracer.run(run, &mut live).await?;
     // With a command, its status as it ended: its exit code, or 128 + the signal that ended it.
-    Ok(Status(ending.status.map_or(0, |code| code as u8)))
-}
-
-/// Why a run stops before its target is gone.
-#[derive(Clone, Copy, PartialEq, Eq)]
-enum Stop {
-    /// The last of `-r` reports was printed (as the final one).
-    Counted,
-    /// SIGINT, SIGTERM or `-d`.
-    Asked,
-}
-
-/// Said (-v) of an exec by a thread other than the process's first.
-const FROM_THREAD: &str = "exec by a thread other than its first: probes attached again";
-
-/// Acts on the kernel side's news of a tracked process forking or exec'ing.
-fn lifecycle(
-    event: &Event,
-    bpf: &mut Ebpf,
-    procs: &mut Procs,
-    session: &mut Session,
-    held: bool,
-    exits: &mut tokio::task::JoinSet<(u32, Result<()>)>,
-) -> Result<()> {
-    match event.kind {
-        EV_FORK => {
-            let (parent, child) = (event.addr as u32, event.pid);
-            // Under -c the child waits at its fork until the command's event is handled.
-            procs.fork(bpf, session.allocs_mut(), parent, child, event.timestamp_ns, held);
-            let _ = session.user_sym.refresh(child);
-            if !held {
-                session.unwinder.load(child);
-            }
-            if !held && procs.list.contains_key(&child) {
-                tracing::info!("pid {child}: fork of pid {parent} followed");
-                exits.spawn(async move { (child, target::exited(child).await) });
-            }
-        }
-        EV_EXEC if !held => {
-            let image = event.size as u32;
-            let from_thread = event.addr != 0;
-            if let Some(how) = procs.exec(bpf, event.pid, image, false, from_thread)? {
-                tracing::info!("pid {} {}", event.pid, how.describe());
-            }
-            if from_thread {
-                tracing::info!("pid {}: {FROM_THREAD}", event.pid);
-            }
-            tracing::info!("pid {}: exec into image {image} followed", event.pid);
-            session.user_sym.forget(event.pid);
-            session.unwinder.load(event.pid);
-        }
-        _ => {}
-    }
-    Ok(())
-}
-
-/// Handles every event waiting in the ring buffer.
-fn drain(
-    ring: &mut aya::maps::RingBuf<aya::maps::MapData>,
-    bpf: &mut Ebpf,
-    procs: &mut Procs,
-    session: &mut Session,
-    held: bool,
-    exits: &mut tokio::task::JoinSet<(u32, Result<()>)>,
-) -> Result<()> {
-    let events: Vec<Event> =
-        std::iter::from_fn(|| ring.next().and_then(|i| crate::tools::read_event::<Event>(&i))).collect();
-    for event in &events {
-        lifecycle(event, bpf, procs, session, held, exits)?;
-        session.on_event(event)?;
-    }
-    Ok(())
-}
-
-async fn recv_signal(signal: &mut Option<tokio::signal::unix::Signal>) -> Option<()> {
-    match signal {
-        Some(s) => s.recv().await,
-        None => std::future::pending().await,
-    }
-}
-
-async fn recv_command(command: &mut Option<Command>) -> Option<CommandEvent> {
-    match command {
-        Some(c) => c.events.recv().await,
-        None => std::future::pending().await,
-    }
+    Ok(Status(live.ending.status.map_or(0, |code| code as u8)))
 }
 
 /// `-O` replaces the detected allocator; the detected libc still serves what it lacks.

@@ -59,10 +59,21 @@ impl Signals {
     }
 }
 
-/// What a streaming tracer does with its events.
+/// What a streaming tracer does with its events. Most tools need `event` alone; memleak also
+/// brings sources of its own (`side`: a command's ptrace stops, timers, exits) and decides how
+/// a stop goes (`stopping`: a command is ended before the run is).
 pub trait Stream {
+    /// What the tool's own sources yield (`()` for a tool without any).
+    type Side;
     /// One record from the `EVENTS` ring buffer.
     fn event(&mut self, data: &[u8]) -> Result<()>;
+    /// Every record waiting in the ring buffer.
+    fn drain(&mut self, ctx: &mut Ctx<'_>) -> Result<()> {
+        while let Some(item) = ctx.ring.as_mut().and_then(|r| r.next()) {
+            self.event(&item)?;
+        }
+        Ok(())
+    }
     /// Called every `tick` (interval reports).
     fn tick(&mut self) -> Result<()> {
         Ok(())
@@ -71,10 +82,47 @@ pub trait Stream {
     fn unwinder(&mut self) -> Option<&mut crate::unwind::Unwinder> {
         None
     }
+    /// Loads the tables of processes that mapped new code since the last call.
+    fn poll_unwinder(&mut self, watch: Option<u32>) {
+        if let Some(unwinder) = self.unwinder() {
+            unwinder.poll(|pid| watch.is_none_or(|w| w == pid));
+        }
+    }
+    /// The next news from the tool's own sources; never, by default.
+    fn side(&mut self) -> impl std::future::Future<Output = Self::Side> {
+        std::future::pending()
+    }
+    /// Acts on what `side` yielded.
+    fn on_side(&mut self, _ctx: &mut Ctx<'_>, _side: Self::Side) -> Result<Flow> {
+        Ok(Flow::Go)
+    }
+    /// The run was asked to end: true to end it now, false to go on (the tool winds down, and
+    /// ends the run with `Flow::Done`).
+    fn stopping(&mut self, _ctx: &mut Ctx<'_>, _why: End) -> Result<bool> {
+        Ok(true)
+    }
+    /// While true, no more ticks, and `--duration` no longer counts.
+    fn winding_down(&self) -> bool {
+        false
+    }
     /// Called once at the end, with the number of events lost on the way.
     fn finish(&mut self, _lost: u64) -> Result<()> {
         Ok(())
     }
+}
+
+/// What a tool's hooks may use of the run: its object and its ring buffer.
+pub struct Ctx<'a> {
+    pub bpf: &'a mut aya::Ebpf,
+    pub ring: Option<&'a mut RingBuf<MapData>>,
+}
+
+/// What the run does after a tool's news.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Flow {
+    Go,
+    /// The run is over: nothing is left to trace.
+    Done,
 }
 
 /// Why a run ended.

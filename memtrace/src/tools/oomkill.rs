@@ -90,7 +90,7 @@ pub async fn run(args: Args) -> Result<()> {
     let how = tracer.attach(ATTACH_POINTS)?;
     let stacks = StackStore::take(&mut tracer.bpf, None)?;
     let mut state = State {
-        json: args.common.json,
+        json: args.common.run.json,
         present,
         memcgs,
         stacks,
@@ -99,7 +99,7 @@ pub async fn run(args: Args) -> Result<()> {
         kallsyms: None,
         triggers: HashMap::new(),
         unnamed: UnnamedFrames::default(),
-        out: Events::new(args.common.json, false, "TRIGGER                    VICTIM, MEMORY, MEMCG, LOADAVG"),
+        out: Events::new(args.common.run.json, false, "TRIGGER                    VICTIM, MEMORY, MEMCG, LOADAVG"),
     };
     let ready = format!("tracing OOM kills ({how})");
     tracer.stream(&args.common, None, None, &ready, &mut state).await?;
@@ -313,6 +313,8 @@ impl State {
 }
 
 impl tools::Stream for State {
+    type Side = ();
+
     fn unwinder(&mut self) -> Option<&mut Unwinder> {
         Some(&mut self.unwinder)
     }

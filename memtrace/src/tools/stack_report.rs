@@ -52,14 +52,14 @@ impl StackRun {
         let stats = tracer.map("STATS")?;
         let mut stacks = Stacks::new(StackStore::take(&mut tracer.bpf, Some("--max-stacks"))?, kernel)?;
         stacks.unwinder = Some(unwinder);
-        if let Some(pid) = args.common.pid {
+        if let Some(pid) = args.common.target.pid {
             stacks.watch(pid);
         }
-        let json = args.common.json;
+        let json = args.common.run.json;
         Ok(StackRun {
             top: args.top.get(),
             folded: args.folded.clone(),
-            pid: args.common.pid,
+            pid: args.common.target.pid,
             stats,
             stacks,
             lost: None,
@@ -170,6 +170,8 @@ pub trait StackTool {
 }
 
 impl<T: StackTool> Stream for T {
+    type Side = ();
+
     fn unwinder(&mut self) -> Option<&mut Unwinder> {
         self.run().stacks.unwinder.as_mut()
     }

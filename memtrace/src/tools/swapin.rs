@@ -79,10 +79,10 @@ pub async fn run(args: Args) -> Result<()> {
     let stats = tracer.map("STATS")?;
     let mut stacks = Stacks::new(StackStore::take(&mut tracer.bpf, None)?, false)?;
     stacks.unwinder = Some(unwinder);
-    if let Some(pid) = args.common.pid {
+    if let Some(pid) = args.common.target.pid {
         stacks.watch(pid);
     }
-    let out = ReportPrinter::new("swapin", args.common.json).with_timestamp(args.timestamp.timestamp);
+    let out = ReportPrinter::new("swapin", args.common.run.json).with_timestamp(args.timestamp.timestamp);
     let unnamed = UnnamedFrames::default();
     let mut state = State { args: &args, counts, stats, stacks, total: 0, seen: Default::default(), unnamed, out };
     let ready = format!("counting swap-ins ({how})");
@@ -156,6 +156,8 @@ impl State<'_> {
 }
 
 impl tools::Stream for State<'_> {
+    type Side = ();
+
     fn unwinder(&mut self) -> Option<&mut Unwinder> {
         self.stacks.unwinder.as_mut()
     }

@@ -81,7 +81,7 @@ pub async fn run(
             .override_global("CONFIG", &config, true);
     })?;
     tracer.attach(attach)?;
-    let mut snoop = Snoop { out: Events::new(args.common.json, args.timestamp.timestamp, header), show };
+    let mut snoop = Snoop { out: Events::new(args.common.run.json, args.timestamp.timestamp, header), show };
     tracer.stream(&args.common, None, None, what, &mut snoop).await?;
     Ok(())
 }
@@ -92,6 +92,8 @@ struct Snoop<F> {
 }
 
 impl<F: FnMut(&mut Events, &Event) -> Result<()>> tools::Stream for Snoop<F> {
+    type Side = ();
+
     fn event(&mut self, data: &[u8]) -> Result<()> {
         let Some(e) = tools::read_event::<Event>(data) else { return Ok(()) };
         (self.show)(&mut self.out, &e)

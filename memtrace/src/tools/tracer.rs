@@ -12,7 +12,8 @@ use aya::{
 use memtrace_common::names;
 
 use super::{
-    CommonArgs, End, Signals, Stream, async_readable, registry::ToolSpec, ring_ready, stdout_closed, watch_stdout,
+    CommonArgs, Ctx, End, Flow, Signals, Stream, async_readable, registry::ToolSpec, ring_ready, stdout_closed,
+    watch_stdout,
 };
 use crate::{
     kernel::{self, AttachPoint},
@@ -59,14 +60,20 @@ impl Tracer {
     /// Streams `EVENTS` (when the object has one) into `tool` until a signal, `--duration`,
     /// the `-p` process exits, or `max_ticks` ticks of `tick`. Says the tool is ready once live,
     /// and the lost-event count (from the `LOST` per-CPU counter) at the end.
-    pub async fn stream(
+    pub async fn stream<S: Stream>(
         &mut self,
         common: &CommonArgs,
         tick: Option<Duration>,
         max_ticks: Option<u64>,
         ready: &str,
-        tool: &mut impl Stream,
+        tool: &mut S,
     ) -> Result<End> {
+        let run = Run { duration: common.run.duration, watch: common.target.pid, ready_pid: common.target.pid, tick, max_ticks, ready };
+        self.run(run, tool).await
+    }
+
+    /// The run loop itself, for every tool.
+    pub async fn run<S: Stream>(&mut self, run: Run<'_>, tool: &mut S) -> Result<End> {
         let name = self.spec.name;
         // A tool that reports from its maps alone (vmscan) has no ring buffer.
         let mut ring = match self.bpf.take_map(names::EVENTS) {
@@ -78,11 +85,13 @@ impl Tracer {
             None => None,
         };
         let forever = Duration::from_secs(u64::MAX / 4);
-        let every = tick.unwrap_or(forever);
+        let every = run.tick.unwrap_or(forever);
         let mut ticker = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
-        let deadline = tokio::time::sleep(common.duration.map_or(forever, Duration::from_secs));
+        // After memtrace was stopped (Ctrl-Z), one report, not one per interval missed.
+        ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let deadline = tokio::time::sleep(run.duration.map_or(forever, Duration::from_secs));
         tokio::pin!(deadline);
-        let watch = common.pid;
+        let watch = run.watch;
         let exited = async move {
             match watch {
                 Some(pid) => target::exited(pid).await,
@@ -93,39 +102,48 @@ impl Tracer {
         let stdout = watch_stdout();
         let output_closed = stdout_closed(stdout.as_ref());
         tokio::pin!(output_closed);
-        crate::output::ready::ready(name, common.pid, ready);
+        crate::output::ready::ready(name, run.ready_pid, run.ready);
         let mut ticks = 0u64;
         let mut unwind_poll = tokio::time::interval(crate::unwind::POLL);
         let unwinding = tool.unwinder().is_some_and(|u| u.mode() != crate::unwind::UnwindMode::Fp);
         let end = loop {
-            tokio::select! {
+            let asked = tokio::select! {
                 _ = unwind_poll.tick(), if unwinding => {
-                    if let Some(unwinder) = tool.unwinder() {
-                        unwinder.poll(|pid| watch.is_none_or(|w| w == pid));
-                    }
+                    tool.poll_unwinder(watch);
+                    None
                 }
                 guard = ring_ready(&mut ring), if ring.is_some() => {
                     let mut guard = guard?;
-                    while let Some(item) = guard.get_inner_mut().next() {
-                        tool.event(&item)?;
-                    }
+                    tool.drain(&mut Ctx { bpf: &mut self.bpf, ring: Some(guard.get_inner_mut()) })?;
                     guard.clear_ready();
+                    None
                 }
-                _ = ticker.tick() => {
+                side = tool.side() => {
+                    let mut ctx = Ctx { bpf: &mut self.bpf, ring: ring.as_mut().map(|r| r.get_mut()) };
+                    match tool.on_side(&mut ctx, side)? {
+                        Flow::Go => None,
+                        Flow::Done => break End::TargetExited,
+                    }
+                }
+                _ = ticker.tick(), if !tool.winding_down() => {
                     tool.tick()?;
                     ticks += 1;
-                    if max_ticks.is_some_and(|m| ticks >= m) {
-                        break End::Count;
-                    }
+                    run.max_ticks.is_some_and(|m| ticks >= m).then_some(End::Count)
                 }
                 res = &mut exited => {
                     res?;
                     eprintln!("memtrace: {name}: process {} exited", watch.unwrap_or_default());
                     break End::TargetExited;
                 }
-                _ = self.signals.recv() => break End::Signal,
-                _ = &mut deadline => break End::Duration,
+                _ = self.signals.recv() => Some(End::Signal),
+                _ = &mut deadline, if !tool.winding_down() => Some(End::Duration),
                 _ = &mut output_closed => break End::OutputClosed,
+            };
+            if let Some(why) = asked {
+                let mut ctx = Ctx { bpf: &mut self.bpf, ring: ring.as_mut().map(|r| r.get_mut()) };
+                if tool.stopping(&mut ctx, why)? {
+                    break why;
+                }
             }
         };
         if end == End::OutputClosed {
@@ -133,11 +151,7 @@ impl Tracer {
             return Ok(end);
         }
         // Events already in the ring belong to the run.
-        if let Some(ring) = ring.as_mut() {
-            while let Some(item) = ring.get_mut().next() {
-                tool.event(&item)?;
-            }
-        }
+        tool.drain(&mut Ctx { bpf: &mut self.bpf, ring: ring.as_mut().map(|r| r.get_mut()) })?;
         let lost = lost.as_ref().map_or(0, |lost| crate::kernel::maps::sum(lost, 0));
         if lost > 0 {
             eprintln!("memtrace: {name}: {lost} events lost (ring buffer full)");
@@ -145,4 +159,16 @@ impl Tracer {
         tool.finish(lost)?;
         Ok(end)
     }
+}
+
+/// How a run goes: its end and what it reports, set by the tool.
+pub struct Run<'a> {
+    pub duration: Option<u64>,
+    /// The process whose exit ends the run.
+    pub watch: Option<u32>,
+    /// The pid the ready line names (for scripts, `--ready-fd`).
+    pub ready_pid: Option<u32>,
+    pub tick: Option<Duration>,
+    pub max_ticks: Option<u64>,
+    pub ready: &'a str,
 }

@@ -87,7 +87,7 @@ pub async fn run(args: Args) -> Result<()> {
         hist: tracer.map("HIST")?,
         last: [0; STAT_COUNT as usize],
         rows: 0,
-        out: ReportPrinter::new("vmscan", args.common.json),
+        out: ReportPrinter::new("vmscan", args.common.run.json),
     };
     let ready = format!("tracing reclaim ({} tracepoints), one row every {} s", attached.len(), every.as_secs());
     let count = args.reports.count();
@@ -162,6 +162,8 @@ impl State {
 }
 
 impl tools::Stream for State {
+    type Side = ();
+
     fn event(&mut self, _data: &[u8]) -> Result<()> {
         Ok(())
     }

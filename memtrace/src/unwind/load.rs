@@ -280,8 +280,8 @@ impl Unwinder {
     /// as the walker meets them.
     pub fn start(bpf: &mut Ebpf, args: &UnwindArgs, common: &crate::tools::CommonArgs) -> Result<Unwinder> {
         let mut unwinder = Unwinder::take(bpf, args.mode())?;
-        if common.pid.is_some() || common.comm.is_some() {
-            for pid in crate::target::matching(common.pid, common.comm.as_deref()) {
+        if common.target.pid.is_some() || common.comm.is_some() {
+            for pid in crate::target::matching(common.target.pid, common.comm.as_deref()) {
                 unwinder.load(pid);
             }
         }

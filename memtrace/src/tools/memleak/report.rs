@@ -7,7 +7,7 @@ use std::{
 };
 
 use anyhow::Result;
-use aya::maps::{HashMap, MapData, PerCpuArray, RingBuf};
+use aya::maps::{HashMap, MapData, PerCpuArray};
 use memtrace_common::{
     NO_PID, STACK_LOST,
     memleak::{
@@ -43,10 +43,10 @@ pub(super) struct Maps {
 }
 
 impl Maps {
-    pub(super) fn take(tracer: &mut Tracer) -> Result<(Maps, RingBuf<MapData>)> {
-        let (allocs, stats, ring) = (tracer.map("ALLOCS")?, tracer.map("STATS")?, tracer.map("EVENTS")?);
+    pub(super) fn take(tracer: &mut Tracer) -> Result<Maps> {
+        let (allocs, stats) = (tracer.map("ALLOCS")?, tracer.map("STATS")?);
         let stacks = StackStore::take(&mut tracer.bpf, Some("--max-stacks"))?;
-        Ok((Maps { allocs, stacks, stats }, ring))
+        Ok(Maps { allocs, stacks, stats })
     }
 
     fn stat(&self, index: u32) -> u64 {
@@ -288,7 +288,7 @@ impl<'a> Session<'a> {
             stack_cache: StdHashMap::new(),
             trends: Trends::default(),
             unwinder,
-            out: ReportPrinter::new("memleak", args.json),
+            out: ReportPrinter::new("memleak", args.run.json),
         })
     }
 
@@ -305,7 +305,7 @@ impl<'a> Session<'a> {
                 } else {
                     format!("pid {} tid {}: {func}({:#x}) frees {} bytes", event.pid, event.tid, event.addr, event.size)
                 };
-                if self.args.json {
+                if self.args.run.json {
                     output::json_line(&serde_json::json!({
                         "event": if event.kind == EV_ALLOC { "alloc" } else { "free" },
                         "pid": event.pid, "tid": event.tid, "func": func, "addr": output::hex::hex(event.addr), "size": event.size,
