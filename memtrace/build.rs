@@ -43,7 +43,7 @@ fn main() -> anyhow::Result<()> {
 /// loads under glibc and musl alike, whatever target memtrace itself is built for.
 fn build_preload(manifest: &std::path::Path) -> anyhow::Result<()> {
     let src = manifest.join("preload/memtrace_preload.c");
-    println!("cargo:rerun-if-changed={}", src.display());
+    println!("cargo:rerun-if-changed={}", manifest.join("preload").display());
     println!("cargo:rerun-if-env-changed=MEMTRACE_PRELOAD_CC");
     let out = PathBuf::from(env::var("OUT_DIR")?).join("memtrace_preload.so");
     let cc = env::var("MEMTRACE_PRELOAD_CC").unwrap_or_else(|_| "cc".into());

@@ -140,6 +140,48 @@ pub const EV_FORK: u32 = 4;
 /// thread other than the process's first made the exec (see `ExecOffsets`), else 0.
 pub const EV_EXEC: u32 = 5;
 
+/// memleak found a memory error: the record is a `MemError`.
+pub const EV_ERROR: u32 = 6;
+
+/// A free of a block that was freed and not allocated again since.
+pub const ERR_DOUBLE_FREE: u32 = 1;
+/// A free or realloc of an address the allocator never returned (a stack or global address,
+/// an interior pointer), in a process memleak saw every allocation of.
+pub const ERR_INVALID_FREE: u32 = 2;
+/// A realloc of a block that was freed: a use after free.
+pub const ERR_REALLOC_FREED: u32 = 3;
+
+/// One memory error, as the eBPF side sends it (`kind` = `EV_ERROR`) and as the in-process
+/// recorder keeps it in its error ring (`seq` = its index + 1 once written).
+#[repr(C)]
+#[derive(Copy, Clone, Debug, Default)]
+pub struct MemError {
+    pub kind: u32,
+    /// One of the `ERR_*` values.
+    pub error: u32,
+    pub pid: u32,
+    pub tid: u32,
+    /// The call that made it: `FN_FREE`, `FN_REALLOC` or `FN_REALLOCARRAY`.
+    pub func: u32,
+    pub image: u32,
+    pub addr: u64,
+    /// The freed block's requested size (0 when no block is known).
+    pub size: u64,
+    /// Where the bad call was made.
+    pub stack_id: u64,
+    /// Where the freed block was allocated and first freed (`STACK_LOST` when unknown).
+    pub alloc_stack: u64,
+    pub free_stack: u64,
+    pub alloc_func: u32,
+    /// The thread that first freed it.
+    pub free_tid: u32,
+    pub freed_ns: u64,
+    pub timestamp_ns: u64,
+    /// The calling thread's stack pointer: tells a free of a stack address.
+    pub sp: u64,
+    pub seq: u64,
+}
+
 #[repr(C)]
 #[derive(Copy, Clone, Debug, Default)]
 pub struct Event {
@@ -237,4 +279,16 @@ pub const CLONE_VM: u64 = 0x100;
 pub const CLONE_VFORK: u64 = 0x4000;
 pub const CLONE_THREAD: u64 = 0x10000;
 
-user_pod!(AllocKey, AllocInfo, StackKey, Tracked, ForkOffsets, ExecOffsets, Pending, Config, KmemOffsets, Event);
+user_pod!(
+    AllocKey,
+    AllocInfo,
+    StackKey,
+    Tracked,
+    ForkOffsets,
+    ExecOffsets,
+    Pending,
+    Config,
+    KmemOffsets,
+    Event,
+    MemError
+);

@@ -24,16 +24,17 @@
 #define MT_NOINLINE __attribute__((noinline))
 
 #define MT_MAGIC 0x6d656d7472616365ULL /* "memtrace" */
-#define MT_VERSION 1
+#define MT_VERSION 2
 
 /* Allocator entry points, as memtrace-common's FN_* values. */
 enum { FN_MALLOC = 0, FN_CALLOC, FN_REALLOC, FN_REALLOCARRAY, FN_POSIX_MEMALIGN, FN_ALIGNED_ALLOC, FN_MEMALIGN,
-       FN_VALLOC, FN_PVALLOC, FN_MMAP, FN_MMAP_FILE = 17 };
+       FN_VALLOC, FN_PVALLOC, FN_MMAP, FN_FREE = 10, FN_MMAP_FILE = 17 };
 
 /* Counter indices of each partition: the first 14 are memtrace-common's unwind ones. */
 enum { C_WALKS = 0, C_COMPLETE, C_NO_TABLE, C_NOT_LOADED, C_TABLE_FULL, C_DEPTH, C_UNREADABLE, C_UNSUPPORTED,
        C_BAD_FRAME, C_FP_FRAMES, C_UNUSABLE, C_TRAMPOLINE, C_TRAMPOLINE_FRAMES, C_FP_WALKS,
-       C_TRACKED = 16, C_FREED, C_REPLACED, C_UNKNOWN_FREE, C_MAP_FULL, C_FAILED, C_STACKS_LOST, C_COUNT = 32 };
+       C_TRACKED = 16, C_FREED, C_REPLACED, C_UNKNOWN_FREE, C_MAP_FULL, C_FAILED, C_STACKS_LOST, C_FREED_EVICTED,
+       C_INVALID_FREES, C_COUNT = 32 };
 
 /* memtrace-common's unwind row and mapping kinds. */
 enum { KIND_NO_TABLE = 0, KIND_CFA_RSP, KIND_CFA_RBP, KIND_PLT, KIND_OUTERMOST, KIND_UNSUPPORTED };
@@ -82,7 +83,29 @@ struct mt_part { /* one partition of the block table, its lock and its counters 
 	 * reads follow the live blocks, up to the cap --max-allocs gives. */
 	uint64_t slots, cap, count;
 	uint64_t counters[C_COUNT];
+	uint64_t freed; /* struct mt_freed[freed_per_part] (errors.h); 0 without error checks */
 } __attribute__((aligned(64)));
+
+#define FREED_WAYS 4
+#define ERRORS_CAP 256
+
+enum { ERR_DOUBLE_FREE = 1, ERR_INVALID_FREE, ERR_REALLOC_FREED };
+#define EV_ERROR 6
+#define SYS_getpid 39
+#define SYS_gettid 186
+
+struct mt_freed { /* addr 0: an empty slot */
+	uint64_t addr, size, alloc_stack, free_stack, free_ns;
+	uint32_t func, tid;
+};
+
+struct mt_error { /* memtrace-common's memleak::MemError */
+	uint32_t kind, error, pid, tid, func, image;
+	uint64_t addr, size, stack_id, alloc_stack, free_stack;
+	uint32_t alloc_func, free_tid;
+	uint64_t freed_ns, timestamp_ns, sp;
+	volatile uint64_t seq; /* index + 1 once the rest is written */
+};
 
 struct mt_state {
 	uint64_t magic; /* MT_MAGIC once everything below is set */
@@ -98,6 +121,13 @@ struct mt_state {
 	uint64_t part_count;        /* PARTS */
 	uint64_t unwind;            /* memtrace-common's MODE_FP, MODE_AUTO or MODE_DWARF */
 	uint64_t stacks_max;        /* --max-stacks */
+	uint64_t errors;            /* struct mt_error[ERRORS_CAP] (errors.h); 0: errors not checked */
+	volatile uint64_t errors_written;
+	uint64_t freed_per_part;    /* slots of each partition's record of freed blocks */
+	/* Allocations that went by unrecorded (nested in a call of ours, or on another thread
+	 * while this object started, or left out by a size limit or a full table): a free of an
+	 * address never seen allocated is then not judged an error. */
+	volatile uint64_t unseen;
 };
 
 MT_EXPORT struct mt_state memtrace_preload_state;
@@ -164,12 +194,17 @@ MT_HIDDEN void *__dso_handle = &__dso_handle;
 #define TLS __attribute__((tls_model("initial-exec"))) __thread
 static TLS int in_shim;            /* a call of ours is under way on this thread */
 static TLS uint64_t stack_lo, stack_hi; /* this thread's stack, for checked reads */
+static TLS uint32_t my_tid;             /* 0 until asked; cleared in a forked child */
 
 /* ---- start ---- */
 
 static volatile int init_state; /* 0 not started, 1 starting, 2 ready, 3 failed */
 static char boot_arena[16384];  /* what dlsym allocates while we look the allocator up */
 static uint64_t boot_used;
+/* Blocks the allocator returned to the starting thread while this object started (its own
+ * calls, such as pthread_atfork's): never recorded, so their frees are not errors. */
+static uint64_t early[16];
+static uint32_t early_n;
 
 static int from_boot(void *p) {
 	return (char *)p >= boot_arena && (char *)p < boot_arena + sizeof boot_arena;
@@ -214,6 +249,7 @@ static uint64_t pow2_at_least(uint64_t n) {
 
 static void lock_all(void);
 static void unlock_all(void);
+static void unlock_in_child(void);
 
 static void init(void) {
 	int expect = 0;
@@ -251,15 +287,24 @@ static void init(void) {
 	s->min_size = parse_u64(config, "min", 0);
 	s->max_size = parse_u64(config, "max", ~0ull);
 	s->unwind = parse_u64(config, "unwind", MODE_AUTO);
+	uint64_t freed = parse_u64(config, "freed", 0);
 	s->stack_index_cap = stacks;
 	s->stack_arena_cap = stacks / 2 * 48; /* frames: 48 per stack on average before it is full */
 	s->parts = (uint64_t)raw_mmap(PARTS * sizeof(struct mt_part), PROT_READ | PROT_WRITE);
 	uint64_t first_cap = s->max_part_cap < 256 ? s->max_part_cap : 256;
+	if (freed) {
+		s->freed_per_part = pow2_at_least((freed + PARTS - 1) / PARTS);
+		if (s->freed_per_part < 4)
+			s->freed_per_part = 4;
+		s->errors = (uint64_t)raw_mmap(ERRORS_CAP * sizeof(struct mt_error), PROT_READ | PROT_WRITE);
+	}
 	for (unsigned i = 0; s->parts && i < PARTS; i++) {
 		struct mt_part *pt = (struct mt_part *)s->parts + i;
 		pt->slots = (uint64_t)raw_mmap(first_cap * sizeof(struct mt_block), PROT_READ | PROT_WRITE);
 		pt->cap = first_cap;
-		if (!pt->slots)
+		if (freed && s->errors)
+			pt->freed = (uint64_t)raw_mmap(s->freed_per_part * sizeof(struct mt_freed), PROT_READ | PROT_WRITE);
+		if (!pt->slots || (freed && !pt->freed))
 			s->parts = 0;
 	}
 	s->stack_index = (uint64_t)raw_mmap(stacks * sizeof(struct mt_stack_slot), PROT_READ | PROT_WRITE);
@@ -275,12 +320,12 @@ static void init(void) {
 	/* A fork must not copy a table some other thread is halfway through changing. */
 	int (*atfork)(void (*)(void), void (*)(void), void (*)(void)) = dlsym(RTLD_DEFAULT, "pthread_atfork");
 	if (atfork) {
-		atfork(lock_all, unlock_all, unlock_all);
+		atfork(lock_all, unlock_all, unlock_in_child);
 	} else {
 		int (*reg)(void (*)(void), void (*)(void), void (*)(void), void *) =
 		    dlsym(RTLD_DEFAULT, "__register_atfork");
 		if (reg)
-			reg(lock_all, unlock_all, unlock_all, __dso_handle);
+			reg(lock_all, unlock_all, unlock_in_child, __dso_handle);
 	}
 	s->version = MT_VERSION;
 	__atomic_store_n(&s->magic, MT_MAGIC, __ATOMIC_RELEASE);
@@ -348,6 +393,11 @@ static void unlock_all(void) {
 	unlock(&stack_lock);
 	for (unsigned i = 0; i < PARTS; i++)
 		unlock_part(part(i));
+}
+
+static void unlock_in_child(void) {
+	my_tid = 0;
+	unlock_all();
 }
 
 /* ---- stack walking with memtrace's rows ---- */
@@ -654,8 +704,10 @@ static uint64_t now_ns(void) {
 	return (uint64_t)ts.sec * 1000000000ull + (uint64_t)ts.nsec;
 }
 
-/* Records a block with the stack walked from the caller's frame (ra, sp, bp). */
-static MT_NOINLINE void record(void *p, uint64_t size, uint32_t func, uint64_t ra, uint64_t sp, uint64_t bp) {
+static void freed_drop(struct mt_part *pt, uint64_t home, uint64_t addr); /* errors.h */
+
+/* Records a block with the stack walked from the caller's frame (ra, sp, bp): the stack's id. */
+static MT_NOINLINE uint64_t record(void *p, uint64_t size, uint32_t func, uint64_t ra, uint64_t sp, uint64_t bp) {
 	struct mt_state *s = &memtrace_preload_state;
 	uint64_t addr = (uint64_t)p;
 	uint64_t home;
@@ -665,10 +717,12 @@ static MT_NOINLINE void record(void *p, uint64_t size, uint32_t func, uint64_t r
 		lock_part(pt);
 		pt->counters[C_FAILED]++;
 		unlock_part(pt);
-		return;
+		return 0;
 	}
-	if (size < s->min_size || size > s->max_size)
-		return;
+	if (size < s->min_size || size > s->max_size) {
+		__atomic_fetch_add(&s->unseen, 1, __ATOMIC_RELAXED);
+		return 0;
+	}
 	struct walk w;
 	walk(&w, ra, sp, bp);
 	uint64_t id = store_stack(w.ips, w.len);
@@ -693,6 +747,7 @@ static MT_NOINLINE void record(void *p, uint64_t size, uint32_t func, uint64_t r
 	}
 	if (n > mask) {
 		pt->counters[C_MAP_FULL]++;
+		__atomic_fetch_add(&s->unseen, 1, __ATOMIC_RELAXED);
 	} else {
 		if (table[i].addr == addr)
 			pt->counters[C_REPLACED]++;
@@ -705,16 +760,15 @@ static MT_NOINLINE void record(void *p, uint64_t size, uint32_t func, uint64_t r
 		__atomic_store_n(&table[i].addr, addr, __ATOMIC_RELEASE);
 		pt->counters[C_TRACKED]++;
 	}
+	if (pt->freed)
+		freed_drop(pt, home, addr);
 	unlock_part(pt);
+	return id;
 }
 
-/* Removes the block at `addr` into *out; 0 when it was not there (`count`: a miss is a
- * blind spot, as a free of an address never seen allocated). */
-static int forget(uint64_t addr, struct mt_block *out, int count) {
-	uint64_t home;
-	unsigned pi = part_of(addr, &home);
-	struct mt_part *pt = part(pi);
-	lock_part(pt);
+/* Removes the block at `addr` from its partition `pt` (lock held) into *out; 0 when it was
+ * not there. */
+static int take(struct mt_part *pt, uint64_t home, uint64_t addr, struct mt_block *out) {
 	struct mt_block *table = (struct mt_block *)pt->slots;
 	uint64_t mask = pt->cap - 1;
 	uint64_t i = home & mask, n = 0;
@@ -722,12 +776,8 @@ static int forget(uint64_t addr, struct mt_block *out, int count) {
 		if (!table[i].addr || table[i].addr == addr)
 			break;
 	}
-	if (n > mask || table[i].addr != addr) {
-		if (count)
-			pt->counters[C_UNKNOWN_FREE]++;
-		unlock_part(pt);
+	if (n > mask || table[i].addr != addr)
 		return 0;
-	}
 	if (out)
 		*out = table[i];
 	pt->counters[C_FREED]++;
@@ -749,8 +799,20 @@ static int forget(uint64_t addr, struct mt_block *out, int count) {
 		hole = j;
 	}
 	__atomic_store_n(&table[hole].addr, 0, __ATOMIC_RELEASE);
-	unlock_part(pt);
 	return 1;
+}
+
+/* Removes the block at `addr` into *out; 0 when it was not there (`count`: a miss is a
+ * blind spot, as a free of an address never seen allocated). */
+static int forget(uint64_t addr, struct mt_block *out, int count) {
+	uint64_t home;
+	struct mt_part *pt = part(part_of(addr, &home));
+	lock_part(pt);
+	int had = take(pt, home, addr, out);
+	if (!had && count)
+		pt->counters[C_UNKNOWN_FREE]++;
+	unlock_part(pt);
+	return had;
 }
 
 /* Puts a record back (a realloc that failed left its block where it was). */
@@ -774,6 +836,19 @@ static void restore(const struct mt_block *b) {
 	unlock_part(pt);
 }
 
+#include "errors.h"
+
+/* An allocation that goes by unrecorded: `p`, noted so that its free is not judged. */
+static void *passed(void *p) {
+	if (!p || !memtrace_preload_state.errors)
+		return p;
+	if (init_state == 1 && in_shim && early_n < sizeof early / sizeof *early)
+		early[early_n++] = (uint64_t)p; /* the starting thread's own calls */
+	else
+		__atomic_fetch_add(&memtrace_preload_state.unseen, 1, __ATOMIC_RELAXED);
+	return p;
+}
+
 /* ---- the interposed functions ---- */
 
 /* The caller's frame as it will be once we return: our frame pointer is its stack. */
@@ -790,7 +865,7 @@ MT_EXPORT void *malloc(size_t n) {
 	}
 	if (!ENTER()) {
 		in_shim -= init_state == 2;
-		return real_malloc(n);
+		return passed(real_malloc(n));
 	}
 	void *p = real_malloc(n);
 	record(p, n, FN_MALLOC, CALLER());
@@ -806,7 +881,10 @@ MT_EXPORT void free(void *p) {
 		real_free(p);
 		return;
 	}
-	forget((uint64_t)p, 0, 1);
+	if (memtrace_preload_state.errors)
+		free_checked((uint64_t)p, CALLER());
+	else
+		forget((uint64_t)p, 0, 1);
 	real_free(p);
 	LEAVE();
 }
@@ -820,7 +898,7 @@ MT_EXPORT void *calloc(size_t n, size_t m) {
 	}
 	if (!ENTER()) {
 		in_shim -= init_state == 2;
-		return real_calloc(n, m);
+		return passed(real_calloc(n, m));
 	}
 	void *p = real_calloc(n, m);
 	record(p, (uint64_t)n * m, FN_CALLOC, CALLER());
@@ -832,14 +910,19 @@ static void *realloc_as(void *old, size_t n, uint32_t func, void *(*call)(void *
                         size_t b, uint64_t ra, uint64_t sp, uint64_t bp) {
 	/* The old block's record goes first: once freed, its address may be another thread's. */
 	struct mt_block was;
-	int had = old && forget((uint64_t)old, &was, 1);
+	int checked = memtrace_preload_state.errors != 0;
+	int had = old && (checked ? realloc_checked((uint64_t)old, func, &was, ra, sp, bp) : forget((uint64_t)old, &was, 1));
 	void *p = call(old, a, b);
 	if (!p && old && n) {
 		if (had)
 			restore(&was); /* failed: the old block is still there */
 		record(0, n, func, ra, sp, bp);
 	} else if (p) {
-		record(p, n, func, ra, sp, bp);
+		uint64_t stack = record(p, n, func, ra, sp, bp);
+		if (had && checked && p != old)
+			retire(&was, stack); /* moved: the old block is freed */
+	} else if (had && checked) {
+		retire(&was, walk_and_store(ra, sp, bp)); /* realloc(p, 0) freed it */
 	}
 	return p;
 }
@@ -862,7 +945,7 @@ MT_EXPORT void *realloc(void *old, size_t n) {
 	}
 	if (!ENTER()) {
 		in_shim -= init_state == 2;
-		return real_realloc(old, n);
+		return passed(real_realloc(old, n));
 	}
 	void *p = realloc_as(old, n, FN_REALLOC, call_realloc, n, 0, CALLER());
 	LEAVE();
@@ -872,7 +955,7 @@ MT_EXPORT void *realloc(void *old, size_t n) {
 MT_EXPORT void *reallocarray(void *old, size_t n, size_t m) {
 	if (!ENTER()) {
 		in_shim -= init_state == 2;
-		return real_reallocarray(old, n, m);
+		return passed(real_reallocarray(old, n, m));
 	}
 	void *p = real_reallocarray ? realloc_as(old, n * m, FN_REALLOCARRAY, call_reallocarray, n, m, CALLER()) : 0;
 	LEAVE();
@@ -882,7 +965,10 @@ MT_EXPORT void *reallocarray(void *old, size_t n, size_t m) {
 MT_EXPORT int posix_memalign(void **out, size_t align, size_t n) {
 	if (!ENTER()) {
 		in_shim -= init_state == 2;
-		return real_posix_memalign(out, align, n);
+		int ret = real_posix_memalign(out, align, n);
+		if (!ret)
+			passed(*out);
+		return ret;
 	}
 	int ret = real_posix_memalign(out, align, n);
 	record(ret ? 0 : *out, n, FN_POSIX_MEMALIGN, CALLER());
@@ -894,7 +980,7 @@ MT_EXPORT int posix_memalign(void **out, size_t align, size_t n) {
 	MT_EXPORT void *name {                                              \
 		if (!ENTER()) {                                             \
 			in_shim -= init_state == 2;                         \
-			return call;                                        \
+			return passed(call);                                \
 		}                                                           \
 		void *p = call;                                             \
 		record(p, __VA_ARGS__, fn, CALLER());                       \

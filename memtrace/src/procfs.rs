@@ -39,6 +39,11 @@ pub fn exec_mappings(pid: u32) -> Result<Vec<MappedFile>> {
     Ok(maps(pid)?.into_iter().filter(|m| m.exec).collect())
 }
 
+/// The mapping of `pid` that holds `addr`, file-backed or not (`[stack]`, anonymous).
+pub fn mapping_at(pid: u32, addr: u64) -> Result<Option<MappedFile>> {
+    Ok(maps(pid)?.into_iter().find(|m| m.start <= addr && addr < m.end))
+}
+
 fn maps(pid: u32) -> Result<Vec<MappedFile>> {
     let maps =
         fs::read_to_string(format!("/proc/{pid}/maps")).with_context(|| format!("cannot read /proc/{pid}/maps"))?;

@@ -3,6 +3,7 @@
 
 mod attach;
 mod dropped;
+mod errors;
 mod inproc;
 mod live;
 mod procs;
@@ -120,6 +121,14 @@ pub struct Args {
     /// when used (about 1 KiB each); a warning comes when the store passes 80%.
     #[arg(long, default_value_t = 65_536, value_name = "N")]
     pub max_stacks: u32,
+    /// User mode: do not look for memory errors (double and invalid frees, realloc of a freed
+    /// block), which costs a stack walk at each free.
+    #[arg(long)]
+    pub no_errors: bool,
+    /// Freed blocks remembered with the stack of their free, to tell a double free (the
+    /// oldest are dropped for room, and counted).
+    #[arg(long, default_value_t = 65_536, value_name = "N")]
+    pub freed_record: u32,
     #[command(flatten)]
     pub unwind: UnwindArgs,
 }
@@ -142,6 +151,7 @@ impl Args {
             max_allocs: self.max_allocs,
             max_stacks: self.max_stacks,
             rows: self.unwind.unwind_rows,
+            freed: if self.no_errors { 0 } else { self.freed_record.into() },
             min_size: self.min_size.unwrap_or(0),
             max_size: self.max_size.unwrap_or(u64::MAX),
             // In the process, tables work on every kernel (no bpf_loop needed).

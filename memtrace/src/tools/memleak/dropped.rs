@@ -38,6 +38,11 @@ pub struct Dropped {
     /// the store's capacity (`--max-stacks`).
     pub stack_store_full: u64,
     pub stack_store_capacity: u32,
+    /// Freed blocks the record of freed blocks dropped for room (`--freed-record`): a second
+    /// free of one is told as an invalid free, not as a double free.
+    pub freed_evicted: u64,
+    /// Memory errors found but not reported (overwritten before memtrace read them).
+    pub errors_lost: u64,
     /// How the user stacks' walks ended (all zero with `--unwind fp`).
     pub cut_stacks: crate::unwind::CutStacks,
     /// The frames of the stacks shown, and those without a function name by cause.
@@ -52,6 +57,11 @@ impl std::fmt::Display for Dropped {
             (self.stacks_lost, "allocations without a stack"),
             (self.stack_store_full, &store_full),
             (self.unknown_frees, "frees of addresses not seen allocated"),
+            (
+                self.freed_evicted,
+                "freed blocks dropped from the freed-block record (a second free of one shows as an invalid free: raise --freed-record)",
+            ),
+            (self.errors_lost, "memory errors lost before memtrace read them"),
             (self.replaced, "frees missed (an address allocated again without one)"),
             (self.stacks_full, "allocations uncounted (stack-totals map full: raise --max-stacks)"),
             (self.events_lost, "events lost (ring buffer full)"),

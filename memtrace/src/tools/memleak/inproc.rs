@@ -19,7 +19,10 @@ use std::{
 };
 
 use anyhow::{Context as _, Result, bail};
-use memtrace_common::unwind::{MAPPING_NO_TABLE, MAPPING_TABLE, MAPPING_TABLE_FULL, PackedRow};
+use memtrace_common::{
+    memleak::MemError,
+    unwind::{MAPPING_NO_TABLE, MAPPING_TABLE, MAPPING_TABLE_FULL, PackedRow},
+};
 
 use super::dropped::Dropped;
 use crate::{
@@ -31,7 +34,8 @@ use crate::{
 const OBJECT: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/memtrace_preload.so"));
 
 const MAGIC: u64 = 0x6d65_6d74_7261_6365;
-const VERSION: u32 = 1;
+const VERSION: u32 = 2;
+const ERRORS_CAP: u64 = 256;
 const MODSLOTS: u64 = 16;
 const MODULES_PER_SLOT: usize = 2048;
 const COUNTERS: usize = 32;
@@ -44,6 +48,8 @@ const C_UNKNOWN_FREE: usize = 19;
 const C_MAP_FULL: usize = 20;
 const C_FAILED: usize = 21;
 const C_STACKS_LOST: usize = 22;
+pub(super) const C_FREED_EVICTED: usize = 23;
+const C_INVALID_FREES: usize = 24;
 
 /// `struct mt_state`.
 #[repr(C)]
@@ -70,6 +76,10 @@ struct State {
     part_count: u64,
     unwind: u64,
     stacks_max: u64,
+    errors: u64,
+    errors_written: u64,
+    freed_per_part: u64,
+    unseen: u64,
 }
 
 /// `struct mt_part`.
@@ -82,11 +92,12 @@ struct Part {
     cap: u64,
     count: u64,
     counters: [u64; COUNTERS],
+    freed: u64,
 }
 
 impl Default for Part {
     fn default() -> Self {
-        Part { lock: 0, seq: 0, slots: 0, cap: 0, count: 0, counters: [0; COUNTERS] }
+        Part { lock: 0, seq: 0, slots: 0, cap: 0, count: 0, counters: [0; COUNTERS], freed: 0 }
     }
 }
 
@@ -138,6 +149,7 @@ unsafe impl Plain for StackSlot {}
 unsafe impl Plain for Module {}
 unsafe impl Plain for u64 {}
 unsafe impl Plain for PackedRow {}
+unsafe impl Plain for MemError {}
 
 /// Copies `buf.len()` bytes of process `pid` at `addr` into `buf`.
 fn read_bytes(pid: u32, addr: u64, buf: &mut [u8]) -> Result<()> {
@@ -227,8 +239,14 @@ impl Shim {
             format!("{} {theirs}", self.path.display())
         };
         let config = format!(
-            "allocs={} stacks={} rows={} min={} max={} unwind={}",
-            config.max_allocs, config.max_stacks, config.rows, config.min_size, config.max_size, config.unwind
+            "allocs={} stacks={} rows={} min={} max={} unwind={} freed={}",
+            config.max_allocs,
+            config.max_stacks,
+            config.rows,
+            config.min_size,
+            config.max_size,
+            config.unwind,
+            config.freed
         );
         vec![("LD_PRELOAD".into(), preload), ("MEMTRACE_PRELOAD".into(), config)]
     }
@@ -269,6 +287,8 @@ pub(super) struct Config {
     pub max_size: u64,
     /// memtrace-common's MODE_FP, MODE_AUTO or MODE_DWARF: `--unwind`.
     pub unwind: u32,
+    /// Slots of the record of freed blocks; 0: memory errors are not checked (`--no-errors`).
+    pub freed: u64,
 }
 
 /// Compiled tables by file, shared by every process memtrace writes them into.
@@ -307,6 +327,8 @@ pub(super) struct Counts {
     map_full: u64,
     stacks_lost: u64,
     stack_store_full: u64,
+    freed_evicted: u64,
+    invalid_frees: u64,
     pub cut: CutStacks,
 }
 
@@ -323,6 +345,8 @@ impl Counts {
             sum.map_full += c[C_MAP_FULL];
             sum.stacks_lost += c[C_STACKS_LOST];
             sum.stack_store_full += snap.stack_store_full;
+            sum.freed_evicted += c[C_FREED_EVICTED];
+            sum.invalid_frees += c[C_INVALID_FREES];
             sum.cut.add(&CutStacks::from_counters(c));
         }
         sum
@@ -331,7 +355,9 @@ impl Counts {
     /// `dropped` with these processes' blind spots added.
     pub(super) fn add_to(&self, mut dropped: Dropped) -> Dropped {
         dropped.replaced += self.replaced;
-        dropped.unknown_frees += self.unknown_frees;
+        // Invalid frees are errors, reported as such, not blind spots.
+        dropped.unknown_frees += self.unknown_frees - self.invalid_frees;
+        dropped.freed_evicted += self.freed_evicted;
         dropped.map_full += self.map_full;
         dropped.stacks_lost += self.stacks_lost;
         dropped.stack_store_full += self.stack_store_full;
@@ -355,6 +381,11 @@ pub(super) struct Recorder {
     pub last: Option<Snapshot>,
     /// The last read was made at the process's exit stop: nothing after it is missing.
     pub read_at_exit: bool,
+    /// Errors read from the ring: how many, and those not yet reported.
+    errors_read: u64,
+    pub errors: Vec<MemError>,
+    /// Errors overwritten in the ring before memtrace read them.
+    pub errors_lost: u64,
 }
 
 impl Recorder {
@@ -377,12 +408,15 @@ impl Recorder {
             stacks_read: 0,
             last: None,
             read_at_exit: false,
+            errors_read: 0,
+            errors: Vec::new(),
+            errors_lost: 0,
         })
     }
 
     /// The recorder a forked child starts with: its parent's, copied with its memory.
     pub(super) fn forked(&self) -> Recorder {
-        Recorder { last: None, ..self.clone() }
+        Recorder { last: None, errors: Vec::new(), errors_lost: 0, ..self.clone() }
     }
 
     /// Describes the process's code to its recorder: each executable mapping with its rows
@@ -476,8 +510,41 @@ impl Recorder {
         if state.stacks_stored != self.stacks_read {
             self.read_stacks(pid, &state)?;
         }
+        self.read_errors(pid, &state)?;
         self.state = state;
         Ok(self.last.insert(snap))
+    }
+
+    /// Reads the errors written since the last read (and the stacks they name) into `errors`.
+    pub(super) fn poll_errors(&mut self, pid: u32) -> Result<()> {
+        let state: State = read(pid, self.state_addr)?;
+        if state.errors_written != self.errors_read {
+            if state.stacks_stored != self.stacks_read {
+                self.read_stacks(pid, &state)?;
+            }
+            self.read_errors(pid, &state)?;
+        }
+        Ok(())
+    }
+
+    fn read_errors(&mut self, pid: u32, state: &State) -> Result<()> {
+        if state.errors == 0 || state.errors_written == self.errors_read {
+            return Ok(());
+        }
+        let ring: Vec<MemError> = read_vec(pid, state.errors, ERRORS_CAP as usize)?;
+        let first = self.errors_read.max(state.errors_written.saturating_sub(ERRORS_CAP));
+        self.errors_lost += first - self.errors_read;
+        for i in first..state.errors_written {
+            let e = ring[(i % ERRORS_CAP) as usize];
+            // A slot being written, or written over again, is not this error.
+            if e.seq == i + 1 {
+                self.errors.push(e);
+            } else {
+                self.errors_lost += 1;
+            }
+        }
+        self.errors_read = state.errors_written;
+        Ok(())
     }
 
     fn read_stacks(&mut self, pid: u32, state: &State) -> Result<()> {

@@ -34,6 +34,8 @@ pub(super) struct Live<'a> {
     /// SIGTSTP is caught under -c only (elsewhere it stops memtrace as usual): see `Ending`.
     tstp: Option<Signal>,
     suspend_poll: tokio::time::Interval,
+    /// How often the in-process recorders' error rings are read.
+    error_poll: tokio::time::Interval,
     grace: Pin<Box<Sleep>>,
     /// The `-p` process or the command's first.
     root: Option<u32>,
@@ -55,6 +57,7 @@ pub(super) enum Side {
     Grace,
     Tstp,
     SuspendCheck,
+    ErrorPoll,
 }
 
 impl<'a> Live<'a> {
@@ -88,6 +91,7 @@ impl<'a> Live<'a> {
             exits,
             tstp,
             suspend_poll: tokio::time::interval(Duration::from_millis(10)),
+            error_poll: tokio::time::interval(Duration::from_millis(100)),
             grace: Box::pin(tokio::time::sleep(FAR)),
             root,
             own_pid_ns,
@@ -182,6 +186,8 @@ impl<'a> Live<'a> {
                 // Stopped at exit with its memory map intact: snapshot it for symbolization.
                 let _ = self.session.user_sym.refresh(pid);
                 self.procs.exiting(pid);
+                // Before the process is let go: glibc aborts on many of the errors found.
+                self.session.report_errors(&mut self.procs)?;
                 let _ = ack.send(());
             }
             Some(CommandEvent::Exited { pid, code }) => {
@@ -239,6 +245,7 @@ impl Stream for Live<'_> {
     async fn side(&mut self) -> Side {
         let ending = self.ending.started();
         let (duty, suspending) = (self.duty.is_some(), self.ending.suspending());
+        let errors = self.held && !self.session.args_no_errors();
         tokio::select! {
             _ = &mut self.duty_timer, if duty => Side::Duty,
             event = recv_command(&mut self.command) => Side::Command(event),
@@ -246,6 +253,7 @@ impl Stream for Live<'_> {
             _ = &mut self.grace, if ending => Side::Grace,
             Some(()) = recv_signal(&mut self.tstp), if !ending => Side::Tstp,
             _ = self.suspend_poll.tick(), if suspending => Side::SuspendCheck,
+            _ = self.error_poll.tick(), if errors => Side::ErrorPoll,
         }
     }
 
@@ -273,6 +281,10 @@ impl Stream for Live<'_> {
             }
             Side::Tstp => self.ending.suspend(self.command.as_ref()),
             Side::SuspendCheck => self.ending.suspend_check(self.command.as_ref()),
+            Side::ErrorPoll => {
+                self.procs.poll_errors();
+                self.session.report_errors(&mut self.procs)?;
+            }
         }
         Ok(Flow::Go)
     }

@@ -376,6 +376,15 @@ impl Procs {
         }
     }
 
+    /// Reads the errors the running processes' recorders found since the last read.
+    pub(super) fn poll_errors(&mut self) {
+        for (&pid, proc) in &mut self.list {
+            if let (false, Recording::InProcess(recorder)) = (proc.exited, &mut proc.recording) {
+                let _ = recorder.poll_errors(pid);
+            }
+        }
+    }
+
     pub(super) fn exited(&mut self, pid: u32, code: Option<i32>) {
         if let Some(proc) = self.list.get_mut(&pid) {
             // SIGKILL ends a process without an exit stop: its recorder was last read at the

@@ -21,6 +21,7 @@ use serde::Serialize;
 use super::dropped::Dropped;
 use super::{
     Args,
+    errors::{self, ErrorReport},
     inproc::{self, Snapshot},
     procs::{Procs, Recording},
 };
@@ -178,6 +179,9 @@ struct Report {
     /// Each process followed (user mode): with `-c` or `--children`, the whole tree.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     processes: Vec<ProcessReport>,
+    /// The memory errors found so far (each also printed when found).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    errors: Vec<ErrorReport>,
     dropped: Dropped,
 }
 
@@ -263,6 +267,8 @@ pub(super) struct Session<'a> {
     trends: Trends,
     pub(super) unwinder: Unwinder,
     out: ReportPrinter,
+    errors: Vec<ErrorReport>,
+    errors_lost: u64,
 }
 
 impl<'a> Session<'a> {
@@ -289,7 +295,52 @@ impl<'a> Session<'a> {
             trends: Trends::default(),
             unwinder,
             out: ReportPrinter::new("memleak", args.run.json),
+            errors: Vec::new(),
+            errors_lost: 0,
         })
+    }
+
+    pub(super) fn args_no_errors(&self) -> bool {
+        self.args.no_errors
+    }
+
+    /// Prints the errors the processes' recorders found since the last call, while the
+    /// processes are alive or held at their exit stop (their maps still name the frames).
+    pub(super) fn report_errors(&mut self, procs: &mut Procs) -> Result<()> {
+        let mut found = Vec::new();
+        for (&pid, p) in procs.list.iter_mut() {
+            if let Recording::InProcess(r) = &mut p.recording {
+                self.errors_lost += std::mem::take(&mut r.errors_lost);
+                found.extend(std::mem::take(&mut r.errors).into_iter().map(|e| (pid, p.image, e)));
+            }
+        }
+        for (pid, image, e) in found {
+            let recorder = match procs.list.get(&pid).map(|p| &p.recording) {
+                Some(Recording::InProcess(r)) => Some(&**r),
+                _ => None,
+            };
+            let stack = |id: u64| StackKey { pid, image, stack_id: id };
+            let known = |id: u64| (id != 0 && id != STACK_LOST).then_some(id);
+            let stacks = errors::Stacks {
+                now: self.frames(stack(e.stack_id), recorder),
+                alloc: known(e.alloc_stack).map(|id| self.frames(stack(id), recorder)),
+                free: known(e.free_stack).map(|id| self.frames(stack(id), recorder)),
+            };
+            let address_is = (e.error == memtrace_common::memleak::ERR_INVALID_FREE).then(|| {
+                let snap = recorder.and_then(|r| r.last.as_ref());
+                let blocks = snap.map(|s| s.blocks.as_slice()).unwrap_or_default();
+                let horizon = snap.is_some_and(|s| s.counters[inproc::C_FREED_EVICTED] > 0);
+                errors::address_is(&e, errors::block_around(blocks, e.addr), horizon)
+            });
+            let found = errors::report(&e, stacks, address_is);
+            if self.args.run.json {
+                output::json_line(&found)?;
+            } else {
+                output::line(&errors::render(&found))?;
+            }
+            self.errors.push(found);
+        }
+        Ok(())
     }
 
     pub(super) fn on_event(&mut self, event: &Event) -> Result<()> {
@@ -345,6 +396,7 @@ impl<'a> Session<'a> {
     /// Builds and prints one report. After the targets exited, no age cut-off applies.
     pub(super) fn report(&mut self, procs: &mut Procs, is_final: bool, target_gone: bool) -> Result<()> {
         procs.read_recorders();
+        self.report_errors(procs)?;
         let procs: &Procs = procs;
         let older_ns = if target_gone { 0 } else { self.args.older * 1_000_000 };
         let images = procs.images();
@@ -439,7 +491,13 @@ impl<'a> Session<'a> {
             file_mappings,
             stacks,
             processes,
-            dropped: in_process.add_to(Dropped { cut_stacks, unnamed_frames, ..self.maps.dropped(procs) }),
+            errors: if is_final { self.errors.clone() } else { Vec::new() },
+            dropped: in_process.add_to(Dropped {
+                cut_stacks,
+                unnamed_frames,
+                errors_lost: self.errors_lost,
+                ..self.maps.dropped(procs)
+            }),
         };
         let report = self.out.titled(report, |r| render(r, self.args.sample_rate))?;
         if is_final && let Some(path) = &self.args.folded {
@@ -505,6 +563,14 @@ fn render(report: &Report, sample_rate: u32) -> String {
     }
     if report.failed > 0 {
         let _ = writeln!(out, "  {} allocation calls failed (returned NULL)", report.failed);
+    }
+    if !report.errors.is_empty() {
+        let _ = writeln!(out, "  memory errors: {} (each as it was found:)", report.errors.len());
+        for e in &report.errors {
+            for line in errors::render(e).lines() {
+                let _ = writeln!(out, "    {line}");
+            }
+        }
     }
     let files = report.file_mappings;
     if files.mappings > 0 {

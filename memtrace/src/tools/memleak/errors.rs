@@ -1,0 +1,148 @@
+//! memleak's memory errors: double and invalid frees and realloc of a freed block, each
+//! printed when memtrace learns of it (before a process the allocator aborts is let go) and
+//! again in the final report.
+
+use std::fmt::Write as _;
+
+use memtrace_common::memleak::{ERR_DOUBLE_FREE, ERR_INVALID_FREE, ERR_REALLOC_FREED, FN_NAMES, MemError};
+use serde::Serialize;
+
+use super::inproc::Block;
+use crate::{output, procfs, symbolize::Frame};
+
+/// One error, symbolized: a table block and a JSON record (`"type": "memory_error"`).
+#[derive(Serialize, Clone, Debug)]
+pub(super) struct ErrorReport {
+    #[serde(rename = "type")]
+    record: &'static str,
+    /// double_free, invalid_free or realloc_of_freed.
+    pub kind: &'static str,
+    pub pid: u32,
+    pub tid: u32,
+    /// The call: free, realloc or reallocarray.
+    pub call: &'static str,
+    #[serde(serialize_with = "crate::output::hex::serialize")]
+    pub addr: u64,
+    /// The block's requested size, when a block is known.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub size: Option<u64>,
+    /// What the address is, for an invalid free: a stack address, a global, an interior
+    /// pointer, or an address the allocator never returned.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub address_is: Option<String>,
+    /// Milliseconds between the first free and this call, and the thread that made it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub freed_ms_before: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub freed_by_tid: Option<u32>,
+    /// The stack of this call, then the block's allocation and first free where known.
+    pub stack: Vec<Frame>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub alloc_stack: Option<Vec<Frame>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub free_stack: Option<Vec<Frame>>,
+}
+
+/// The stacks an error names, already symbolized (the caller holds the symbolizer).
+pub(super) struct Stacks {
+    pub now: Vec<Frame>,
+    pub alloc: Option<Vec<Frame>>,
+    pub free: Option<Vec<Frame>>,
+}
+
+pub(super) fn kind_name(error: u32) -> &'static str {
+    match error {
+        ERR_DOUBLE_FREE => "double_free",
+        ERR_INVALID_FREE => "invalid_free",
+        ERR_REALLOC_FREED => "realloc_of_freed",
+        _ => "unknown",
+    }
+}
+
+/// The live block holding `addr` past its first byte, if any: what an interior pointer points into.
+pub(super) fn block_around(blocks: &[Block], addr: u64) -> Option<&Block> {
+    blocks.iter().find(|b| b.addr < addr && addr < b.addr + b.size.max(1))
+}
+
+/// What an address handed to free is, told from the process's mappings while it is held or
+/// alive: `interior`, the live block it points into; `horizon`, whether the freed-block
+/// record has dropped entries (a block freed before then is not remembered).
+pub(super) fn address_is(e: &MemError, interior: Option<&Block>, horizon: bool) -> String {
+    if let Some(b) = interior {
+        return format!(
+            "{} bytes into a live block of {} bytes at {:#x} (an interior pointer)",
+            e.addr - b.addr,
+            b.size,
+            b.addr
+        );
+    }
+    let Ok(mapping) = procfs::mapping_at(e.pid, e.addr) else {
+        return "of an unknown kind (the process was gone before memtrace looked)".into();
+    };
+    let own_stack = |m: &procfs::MappedFile| m.start <= e.sp && e.sp < m.end && e.addr >= e.sp;
+    match mapping {
+        None => "in no mapping".into(),
+        Some(m) if own_stack(&m) => "on the calling thread's stack".into(),
+        Some(m) if m.path == "[stack]" => "on the main thread's stack".into(),
+        Some(m) if m.is_file() => format!("in {} (a global or constant)", m.path),
+        Some(_) if horizon => {
+            "not a block the allocator returned since memtrace's freed-block record began dropping entries \
+             (possibly one freed before; see the blind spots)"
+                .into()
+        }
+        Some(_) => "not a block the allocator returned".into(),
+    }
+}
+
+pub(super) fn report(e: &MemError, stacks: Stacks, address_is: Option<String>) -> ErrorReport {
+    let known = e.error != ERR_INVALID_FREE;
+    ErrorReport {
+        record: "memory_error",
+        kind: kind_name(e.error),
+        pid: e.pid,
+        tid: e.tid,
+        call: FN_NAMES.get(e.func as usize).copied().unwrap_or("free"),
+        addr: e.addr,
+        size: known.then_some(e.size),
+        address_is,
+        freed_ms_before: known.then(|| e.timestamp_ns.saturating_sub(e.freed_ns) as f64 / 1e6),
+        freed_by_tid: known.then_some(e.free_tid),
+        stack: stacks.now,
+        alloc_stack: stacks.alloc,
+        free_stack: stacks.free,
+    }
+}
+
+/// The table's block for one error.
+pub(super) fn render(r: &ErrorReport) -> String {
+    let mut out = String::new();
+    let title = match r.kind {
+        "double_free" => "DOUBLE FREE",
+        "invalid_free" => "INVALID FREE",
+        "realloc_of_freed" => "USE AFTER FREE (realloc of a freed block)",
+        other => other,
+    };
+    let size = r.size.map(|s| format!(" ({s} bytes)")).unwrap_or_default();
+    let _ = writeln!(out, "memory error: {title} of {:#x}{size} by pid {} tid {}, in {}", r.addr, r.pid, r.tid, r.call);
+    if let Some(what) = &r.address_is {
+        let _ = writeln!(out, "  {:#x} is {what}", r.addr);
+    }
+    let again = match r.kind {
+        "double_free" => "freed again",
+        _ => "called",
+    };
+    let _ = writeln!(out, "  {again} at:");
+    output::write_stack(&mut out, &r.stack, "      ");
+    if let Some(frames) = &r.free_stack {
+        let when = r.freed_ms_before.map(|ms| format!(" {ms:.3} ms before")).unwrap_or_default();
+        let by = r.freed_by_tid.map(|t| format!(" by tid {t}")).unwrap_or_default();
+        let _ = writeln!(out, "  first freed{when}{by} at:");
+        output::write_stack(&mut out, frames, "      ");
+    }
+    if let Some(frames) = &r.alloc_stack {
+        let _ = writeln!(out, "  allocated at:");
+        output::write_stack(&mut out, frames, "      ");
+    }
+    out.truncate(out.trim_end().len());
+    out
+}
