@@ -70,6 +70,23 @@ pub struct StackKey {
     pub stack_id: u64,
 }
 
+/// A block freed lately, in `FREED` (keyed as `ALLOCS`) until its address is allocated again.
+#[repr(C)]
+#[derive(Copy, Clone, Debug, Default)]
+pub struct Freed {
+    pub size: u64,
+    pub alloc_stack: u64,
+    /// Walked at the free's entry: its first address is inside the allocator's free.
+    pub free_stack: u64,
+    pub free_ns: u64,
+    pub func: u32,
+    pub tid: u32,
+}
+
+/// `Pending::func` of a `realloc(p, 0)`: it frees `p` (glibc through its own free, whose
+/// probe must not take it for a second free) and allocates nothing.
+pub const FN_REALLOC_FREE: u32 = u32::MAX;
+
 /// A call in flight on one thread, between the allocator's entry and its return.
 #[repr(C)]
 #[derive(Copy, Clone, Debug, Default)]
@@ -96,11 +113,25 @@ pub struct Config {
     pub duty: u32,
     /// Non-zero: children forked by a tracked process are tracked too (`-c`, `--children`).
     pub children: u32,
+    /// Non-zero: look for memory errors (a stack walk at each free).
+    pub errors: u32,
+    /// Non-zero: every allocation of the processes is seen (`-c`, nothing sampled out), so a
+    /// free of an address never allocated is an invalid free, not a blind spot.
+    pub judge_invalid: u32,
 }
 
 impl Default for Config {
     fn default() -> Self {
-        Config { min_size: 0, max_size: u64::MAX, sample_rate: 1, trace: 0, duty: 0, children: 0 }
+        Config {
+            min_size: 0,
+            max_size: u64::MAX,
+            sample_rate: 1,
+            trace: 0,
+            duty: 0,
+            children: 0,
+            errors: 0,
+            judge_invalid: 0,
+        }
     }
 }
 
@@ -272,7 +303,13 @@ pub const STAT_UNTRACKED_CHILDREN: u32 = 11;
 /// Frees of unknown addresses not remembered while a child's inheritance was being copied
 /// (`EARLY_FREES` full): such a block may then show as outstanding in the child.
 pub const STAT_EARLY_FULL: u32 = 12;
-pub const STAT_COUNT: u32 = 13;
+/// Blocks put in the record of freed blocks, and taken out of it by an allocation at their
+/// address: more put than taken out and than `FREED` holds means some were dropped for room.
+pub const STAT_FREED_RECORDED: u32 = 13;
+pub const STAT_FREED_REUSED: u32 = 14;
+/// Frees reported as invalid (`ERR_INVALID_FREE`): errors, not blind spots.
+pub const STAT_INVALID_FREES: u32 = 15;
+pub const STAT_COUNT: u32 = 16;
 
 /// `clone` flags that decide whether a new task is a process of its own.
 pub const CLONE_VM: u64 = 0x100;
@@ -290,5 +327,6 @@ user_pod!(
     Config,
     KmemOffsets,
     Event,
-    MemError
+    MemError,
+    Freed
 );

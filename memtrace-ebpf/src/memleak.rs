@@ -5,7 +5,7 @@
 
 use aya_ebpf::{
     EbpfContext, Global,
-    btf_maps::{Array, HashMap, PerCpuArray, RingBuf},
+    btf_maps::{Array, HashMap, LruHashMap, PerCpuArray, RingBuf},
     helpers::{bpf_get_prandom_u32, bpf_ktime_get_ns, bpf_probe_read_user},
     macros::{btf_map, tracepoint, uprobe, uretprobe},
     programs::{ProbeContext, RetProbeContext, TracePointContext},
@@ -13,8 +13,9 @@ use aya_ebpf::{
 use memtrace_common::{
     NO_PID, STACK_LOST,
     memleak::{
-        AllocInfo, AllocKey, CLONE_THREAD, CLONE_VM, Config, EV_ALLOC, EV_EXEC, EV_FORK, EV_FREE, EV_NEW_STACK, Event,
-        ExecOffsets, FN_ALIGNED_ALLOC, FN_CALLOC, FN_FREE, FN_KFREE, FN_KMALLOC, FN_KMEM_CACHE_ALLOC, FN_MALLOC,
+        AllocInfo, AllocKey, CLONE_THREAD, CLONE_VM, Config, ERR_DOUBLE_FREE, ERR_INVALID_FREE, ERR_REALLOC_FREED,
+        EV_ALLOC, EV_ERROR, EV_EXEC, EV_FORK, EV_FREE, EV_NEW_STACK, Event, ExecOffsets, FN_REALLOC_FREE, Freed,
+        MemError, STAT_FREED_RECORDED, STAT_FREED_REUSED, STAT_INVALID_FREES, FN_ALIGNED_ALLOC, FN_CALLOC, FN_FREE, FN_KFREE, FN_KMALLOC, FN_KMEM_CACHE_ALLOC, FN_MALLOC,
         FN_MEMALIGN, FN_MMAP, FN_MMAP_FILE, FN_MUNMAP, FN_PAGE_ALLOC, FN_PERCPU_ALLOC, FN_POSIX_MEMALIGN, FN_PVALLOC,
         FN_REALLOC, FN_REALLOCARRAY, FN_VALLOC, ForkOffsets, KmemOffsets, MAP_ANONYMOUS, Pending, STAT_COUNT,
         STAT_EARLY_FULL, STAT_EVENTS_LOST, STAT_FAILED, STAT_FREE_CALLS, STAT_FREE_CALLS_IN_WINDOW, STAT_FREED,
@@ -27,8 +28,16 @@ use memtrace_ebpf::{BPF_NOEXIST, EEXIST, bump, current_pid_tgid, tp_u32, tp_u64,
 memtrace_ebpf::license!();
 
 #[unsafe(no_mangle)]
-static CONFIG: Global<Config> =
-    Global::new(Config { min_size: 0, max_size: u64::MAX, sample_rate: 1, trace: 0, duty: 0, children: 0 });
+static CONFIG: Global<Config> = Global::new(Config {
+    min_size: 0,
+    max_size: u64::MAX,
+    sample_rate: 1,
+    trace: 0,
+    duty: 0,
+    children: 0,
+    errors: 0,
+    judge_invalid: 0,
+});
 
 #[unsafe(no_mangle)]
 static FORK: Global<ForkOffsets> = Global::new(ForkOffsets { pid: 0, clone_flags: 0 });
@@ -85,6 +94,14 @@ memtrace_ebpf::stack_store!();
 static STATS: PerCpuArray<u64, { STAT_COUNT as usize }> = PerCpuArray::new();
 #[btf_map]
 static EVENTS: RingBuf<Event, { 256 * 1024 }> = RingBuf::new();
+/// Blocks freed lately with the stack of their free (`--freed-record`), until their address
+/// is allocated again; the least recently used are dropped for room.
+#[btf_map]
+static FREED: LruHashMap<AllocKey, Freed, 65_536> = LruHashMap::new();
+/// Set once an allocation of a tracked process went unrecorded (allocation map full): a free
+/// of an unknown address is then not judged an invalid free.
+#[btf_map]
+static UNSEEN: Array<u32, 1> = Array::new();
 /// Set by user space while the recording window of `--duty-cycle` is open.
 #[btf_map]
 static WINDOW: Array<u32, 1> = Array::new();
@@ -151,8 +168,15 @@ fn record<C: EbpfContext>(ctx: &C, key: AllocKey, tid: u32, size: u64, func: u32
         }
         Err(_) => {
             bump(&STATS, STAT_MAP_FULL);
+            if let Some(unseen) = UNSEEN.get_ptr_mut(0) {
+                // SAFETY: pointer from the map lookup.
+                unsafe { *unseen = 1 };
+            }
             return;
         }
+    }
+    if CONFIG.load().errors != 0 && FREED.remove(&key).is_ok() {
+        bump(&STATS, STAT_FREED_REUSED);
     }
     if key.pid != NO_PID && stack_id != STACK_LOST {
         let skey = StackKey { pid: key.pid, image: key.image, stack_id };
@@ -258,27 +282,115 @@ pub fn memleak_calloc(ctx: ProbeContext) -> u32 {
 
 #[uprobe]
 pub fn memleak_realloc(ctx: ProbeContext) -> u32 {
-    realloc_enter(arg(&ctx, 0), arg(&ctx, 1), FN_REALLOC)
+    realloc_enter(&ctx, arg(&ctx, 0), arg(&ctx, 1), FN_REALLOC)
 }
 
 #[uprobe]
 pub fn memleak_reallocarray(ctx: ProbeContext) -> u32 {
-    realloc_enter(arg(&ctx, 0), arg(&ctx, 1).wrapping_mul(arg(&ctx, 2)), FN_REALLOCARRAY)
+    realloc_enter(&ctx, arg(&ctx, 0), arg(&ctx, 1).wrapping_mul(arg(&ctx, 2)), FN_REALLOCARRAY)
 }
 
 /// realloc is a free of the old block plus an allocation of the new one.
 #[inline(always)]
-fn realloc_enter(old: u64, size: u64, func: u32) -> u32 {
+fn realloc_enter(ctx: &ProbeContext, old: u64, size: u64, func: u32) -> u32 {
     let Some((pid, image)) = tracked() else { return 0 };
     let (_, tid) = ids();
+    let errors = CONFIG.load().errors != 0;
+    // SAFETY: presence check only.
+    if errors && unsafe { PENDING.get(&tid) }.is_some() {
+        // Inside another allocator call (glibc's reallocarray calls realloc): the outer one's.
+        return enter(size, 0, func);
+    }
     if old != 0 {
-        forget(AllocKey { pid, image, addr: old }, tid, func, true);
+        let key = AllocKey { pid, image, addr: old };
+        if errors { free_checked(ctx, key, tid, func) } else { forget(key, tid, func, true) }
     }
     if size == 0 && old != 0 {
-        // realloc(p, 0) frees p and returns NULL: not a failed allocation.
+        // realloc(p, 0) frees p and returns NULL: not a failed allocation. Pending all the
+        // same, so that the free glibc makes of p inside it is not a second one.
+        if errors {
+            let _ = PENDING.insert(tid, Pending { size: 0, memptr: 0, depth: 0, func: FN_REALLOC_FREE }, 0);
+        }
         return 0;
     }
     enter(size, 0, func)
+}
+
+/// A free (or realloc's) with errors on: the block moves to `FREED` with the stack of this
+/// call, or the call is an error. At the call's entry, before the allocator's own checks,
+/// which may abort the process.
+#[inline(always)]
+fn free_checked(ctx: &ProbeContext, key: AllocKey, tid: u32, func: u32) {
+    let regs = UserRegs::from_probe(ctx.as_ptr().cast());
+    let sp = regs.as_ref().map_or(0, |r| r.sp);
+    let stack = stacks().user_walked(ctx, regs, key.pid).unwrap_or(STACK_LOST);
+    // SAFETY: helper without preconditions.
+    let now = unsafe { bpf_ktime_get_ns() };
+    // SAFETY: value copied out of the map at once.
+    if let Some(info) = unsafe { ALLOCS.get(&key) }.copied() {
+        // Only the caller whose delete succeeds counts it.
+        if ALLOCS.remove(&key).is_err() {
+            return;
+        }
+        bump(&STATS, STAT_FREED);
+        let freed =
+            Freed { size: info.size, alloc_stack: info.stack_id, free_stack: stack, free_ns: now, func: info.func, tid };
+        if FREED.insert(&key, &freed, 0).is_ok() {
+            bump(&STATS, STAT_FREED_RECORDED);
+        }
+        if CONFIG.load().trace != 0 {
+            emit(EV_FREE, key.pid, key.image, tid, info.stack_id, key.addr, info.size, func);
+        }
+        return;
+    }
+    // SAFETY: presence check only.
+    if unsafe { COPYING.get(&key.pid) }.is_some() {
+        // The block may be one the child inherited and user space has yet to copy.
+        if EARLY_FREES.insert(&key, &0, 0).is_err() {
+            bump(&STATS, STAT_EARLY_FULL);
+        }
+        return;
+    }
+    // SAFETY: value copied out of the map at once.
+    let freed = unsafe { FREED.get(&key) }.copied();
+    let error = match freed {
+        Some(_) if func == FN_FREE => ERR_DOUBLE_FREE,
+        Some(_) => ERR_REALLOC_FREED,
+        None => {
+            bump(&STATS, STAT_UNKNOWN_FREE);
+            let unseen = UNSEEN.get(0).is_some_and(|u| *u != 0);
+            if CONFIG.load().judge_invalid == 0 || unseen {
+                return;
+            }
+            bump(&STATS, STAT_INVALID_FREES);
+            ERR_INVALID_FREE
+        }
+    };
+    let Some(mut entry) = EVENTS.reserve_untyped::<MemError>(0) else {
+        bump(&STATS, STAT_EVENTS_LOST);
+        return;
+    };
+    let f = freed.unwrap_or_default();
+    entry.write(MemError {
+        kind: EV_ERROR,
+        error,
+        pid: key.pid,
+        tid,
+        func,
+        image: key.image,
+        addr: key.addr,
+        size: f.size,
+        stack_id: stack,
+        alloc_stack: if freed.is_some() { f.alloc_stack } else { STACK_LOST },
+        free_stack: if freed.is_some() { f.free_stack } else { STACK_LOST },
+        alloc_func: f.func,
+        free_tid: f.tid,
+        freed_ns: f.free_ns,
+        timestamp_ns: now,
+        sp,
+        seq: 0,
+    });
+    entry.submit(0);
 }
 
 #[uprobe]
@@ -330,6 +442,9 @@ pub fn memleak_alloc_ret(ctx: RetProbeContext) -> u32 {
         *pending
     };
     let _ = PENDING.remove(tid);
+    if call.func == FN_REALLOC_FREE {
+        return 0;
+    }
     let ret: u64 = ctx.ret();
     let addr = if call.memptr != 0 {
         // posix_memalign returns 0 and stores the block through its first argument.
@@ -365,7 +480,16 @@ pub fn memleak_free(ctx: ProbeContext) -> u32 {
     if addr != 0
         && let Some((pid, image)) = tracked()
     {
-        forget(AllocKey { pid, image, addr }, ids().1, FN_FREE, true);
+        let (key, tid) = (AllocKey { pid, image, addr }, ids().1);
+        if CONFIG.load().errors == 0 {
+            forget(key, tid, FN_FREE, true);
+        } else if unsafe { PENDING.get(&tid) }.is_some() {
+            // SAFETY (above): presence check only. A free inside an allocator call (glibc's
+            // realloc(p, 0) frees p through free) is the outer call's.
+            forget(key, tid, FN_FREE, false);
+        } else {
+            free_checked(&ctx, key, tid, FN_FREE);
+        }
     }
     0
 }

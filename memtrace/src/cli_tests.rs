@@ -52,6 +52,8 @@ const TOOLS: &[(&str, Options, bool)] = &[
             ("--max-stacks", Number),
             ("--unwind", Text),
             ("--unwind-rows", Number),
+            ("--no-errors", Flag),
+            ("--freed-record", Number),
         ],
         true,
     ),

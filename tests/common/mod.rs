@@ -166,13 +166,18 @@ pub fn demo_program() -> PathBuf {
 
 /// The line of `tests/progs/<file>` that carries the marker `LEAK:<name>`.
 pub fn marker_line(file: &str, name: &str) -> u32 {
+    tagged_line(file, &format!("LEAK:{name}"))
+}
+
+/// The line of tests/progs/`file` that carries the comment tag `tag` (`ERROR:free_local`).
+pub fn tagged_line(file: &str, tag: &str) -> u32 {
     let text = std::fs::read_to_string(repo().join("tests/progs").join(file)).unwrap();
-    let marker = format!("LEAK:{name} ");
-    let alt = format!("LEAK:{name}\n");
+    let marker = format!("{tag} ");
+    let alt = format!("{tag}\n");
     text.lines()
         .position(|l| l.contains(&marker) || format!("{l}\n").contains(&alt))
         .map(|i| i as u32 + 1)
-        .unwrap_or_else(|| panic!("no LEAK:{name} marker in {file}"))
+        .unwrap_or_else(|| panic!("no {tag} marker in {file}"))
 }
 
 /// Runs memtrace to completion with a time limit, returning its output.

@@ -18,11 +18,11 @@
 static void *volatile sink;
 
 NOINLINE void *make_block(size_t n) {
-	return malloc(n);
+	return malloc(n); /* ALLOC:make_block */
 }
 
 NOINLINE void release_once(void *p) {
-	free(p);
+	free(p); /* FREE:release_once */
 }
 
 NOINLINE void release_twice(void *p) {

@@ -127,7 +127,7 @@ pub struct Args {
     pub no_errors: bool,
     /// Freed blocks remembered with the stack of their free, to tell a double free (the
     /// oldest are dropped for room, and counted).
-    #[arg(long, default_value_t = 65_536, value_name = "N")]
+    #[arg(long, default_value_t = 65_536, value_name = "N", value_parser = clap::value_parser!(u32).range(1..))]
     pub freed_record: u32,
     #[command(flatten)]
     pub unwind: UnwindArgs,
@@ -264,6 +264,13 @@ pub async fn run(args: Args) -> Result<Status> {
         // In a pid namespace of its own, memtrace learns of a command's children through
         // ptrace only (the fork tracepoint names them by pids it cannot see).
         children: (args.children || (args.command.is_some() && !own_pid_ns)) as u32,
+        errors: (user && !args.no_errors) as u32,
+        // Only a command is seen from its first allocation, and only if nothing is left out.
+        judge_invalid: (args.command.is_some()
+            && args.sample_rate <= 1
+            && args.min_size.is_none()
+            && args.max_size.is_none()
+            && args.duty_cycle.is_none()) as u32,
     };
     let kmem = if user { None } else { Some(attach::kmem_offsets()?) };
     // Kernel mode walks no user stack.
@@ -275,7 +282,8 @@ pub async fn run(args: Args) -> Result<Status> {
             .override_global("CONFIG", &config, true)
             .map_max_entries("ALLOCS", args.max_allocs)
             .map_max_entries("SEEN", args.max_stacks)
-            .map_max_entries("STACKS", args.max_stacks);
+            .map_max_entries("STACKS", args.max_stacks)
+            .map_max_entries("FREED", if user && !args.no_errors { args.freed_record } else { 1 });
         args.unwind.configure_as(loader, unwind);
         if let Some(k) = &kmem {
             loader.override_global("KMEM", k, true);

@@ -7,7 +7,6 @@ use std::fmt::Write as _;
 use memtrace_common::memleak::{ERR_DOUBLE_FREE, ERR_INVALID_FREE, ERR_REALLOC_FREED, FN_NAMES, MemError};
 use serde::Serialize;
 
-use super::inproc::Block;
 use crate::{output, procfs, symbolize::Frame};
 
 /// One error, symbolized: a table block and a JSON record (`"type": "memory_error"`).
@@ -50,6 +49,15 @@ pub(super) struct Stacks {
     pub free: Option<Vec<Frame>>,
 }
 
+/// Functions of glibc that hand blocks already freed back through its public `free` (a thread's
+/// cached blocks, at its exit): a probe on `free` sees them, a caller never made them.
+const ALLOCATOR_OWN: [&str; 3] = ["tcache_thread_shutdown", "__malloc_arena_thread_freeres", "__libc_thread_freeres"];
+
+/// Whether a free's stack is the allocator's own housekeeping, not an error of the program.
+pub(super) fn by_the_allocator(stack: &[Frame]) -> bool {
+    stack.iter().take(4).any(|f| f.func.as_deref().is_some_and(|name| ALLOCATOR_OWN.contains(&name)))
+}
+
 pub(super) fn kind_name(error: u32) -> &'static str {
     match error {
         ERR_DOUBLE_FREE => "double_free",
@@ -59,22 +67,18 @@ pub(super) fn kind_name(error: u32) -> &'static str {
     }
 }
 
-/// The live block holding `addr` past its first byte, if any: what an interior pointer points into.
-pub(super) fn block_around(blocks: &[Block], addr: u64) -> Option<&Block> {
-    blocks.iter().find(|b| b.addr < addr && addr < b.addr + b.size.max(1))
+/// The live block (address, size) holding `addr` past its first byte, if any: what an
+/// interior pointer points into.
+pub(super) fn block_around(mut blocks: impl Iterator<Item = (u64, u64)>, addr: u64) -> Option<(u64, u64)> {
+    blocks.find(|&(start, size)| start < addr && addr < start + size.max(1))
 }
 
 /// What an address handed to free is, told from the process's mappings while it is held or
 /// alive: `interior`, the live block it points into; `horizon`, whether the freed-block
 /// record has dropped entries (a block freed before then is not remembered).
-pub(super) fn address_is(e: &MemError, interior: Option<&Block>, horizon: bool) -> String {
-    if let Some(b) = interior {
-        return format!(
-            "{} bytes into a live block of {} bytes at {:#x} (an interior pointer)",
-            e.addr - b.addr,
-            b.size,
-            b.addr
-        );
+pub(super) fn address_is(e: &MemError, interior: Option<(u64, u64)>, horizon: bool) -> String {
+    if let Some((start, size)) = interior {
+        return format!("{} bytes into a live block of {size} bytes at {start:#x} (an interior pointer)", e.addr - start);
     }
     let Ok(mapping) = procfs::mapping_at(e.pid, e.addr) else {
         return "of an unknown kind (the process was gone before memtrace looked)".into();

@@ -6,7 +6,7 @@ use std::{pin::Pin, time::Duration};
 
 use anyhow::Result;
 use aya::Ebpf;
-use memtrace_common::memleak::{EV_EXEC, EV_FORK, Event};
+use memtrace_common::memleak::{EV_ERROR, EV_EXEC, EV_FORK, Event, MemError};
 use tokio::{signal::unix::Signal, task::JoinSet, time::Sleep};
 
 use super::{attach::DutyCycle, procs::Procs, report::Session};
@@ -185,6 +185,8 @@ impl<'a> Live<'a> {
             Some(CommandEvent::Exiting { pid, ack }) => {
                 // Stopped at exit with its memory map intact: snapshot it for symbolization.
                 let _ = self.session.user_sym.refresh(pid);
+                // The kernel side's errors too: its ring may hold this process's last ones.
+                self.drain(ctx)?;
                 self.procs.exiting(pid);
                 // Before the process is let go: glibc aborts on many of the errors found.
                 self.session.report_errors(&mut self.procs)?;
@@ -214,11 +216,23 @@ impl Stream for Live<'_> {
 
     fn drain(&mut self, ctx: &mut Ctx<'_>) -> Result<()> {
         let Some(ring) = ctx.ring.as_mut() else { return Ok(()) };
-        let events: Vec<Event> =
-            std::iter::from_fn(|| ring.next().and_then(|i| crate::tools::read_event::<Event>(&i))).collect();
+        let mut events = Vec::new();
+        while let Some(item) = ring.next() {
+            let Some(event) = crate::tools::read_event::<Event>(&item) else { continue };
+            if event.kind == EV_ERROR {
+                events.extend(crate::tools::read_event::<MemError>(&item).map(Err));
+            } else {
+                events.push(Ok(event));
+            }
+        }
         for event in &events {
-            self.lifecycle(ctx.bpf, event)?;
-            self.session.on_event(event)?;
+            match event {
+                Ok(event) => {
+                    self.lifecycle(ctx.bpf, event)?;
+                    self.session.on_event(event)?;
+                }
+                Err(error) => self.session.on_error(error)?,
+            }
         }
         Ok(())
     }

@@ -14,6 +14,7 @@ use memtrace_common::{
         AllocInfo, AllocKey, EV_ALLOC, EV_FREE, EV_NEW_STACK, Event, FN_MMAP_FILE, FN_NAMES, STAT_EARLY_FULL,
         STAT_EVENTS_LOST, STAT_FAILED, STAT_FREE_CALLS, STAT_FREE_CALLS_IN_WINDOW, STAT_FREED, STAT_MAP_FULL,
         STAT_REPLACED, STAT_STACK_LOST, STAT_TRACKED, STAT_UNKNOWN_FREE, STAT_UNTRACKED_CHILDREN, StackKey,
+        ERR_INVALID_FREE, MemError, STAT_FREED_RECORDED, STAT_FREED_REUSED, STAT_INVALID_FREES,
     },
 };
 use serde::Serialize;
@@ -54,11 +55,20 @@ impl Maps {
         crate::kernel::maps::sum(&self.stats, index)
     }
 
-    fn dropped(&self, procs: &Procs) -> Dropped {
+    /// Freed blocks the kernel side's record dropped for room: at least this many (its LRU
+    /// map may drop a few before it is full).
+    fn freed_evicted(&self, capacity: u64) -> u64 {
+        let kept = self.stat(STAT_FREED_RECORDED).saturating_sub(self.stat(STAT_FREED_REUSED));
+        kept.saturating_sub(capacity)
+    }
+
+    fn dropped(&self, procs: &Procs, freed_capacity: u64) -> Dropped {
         Dropped {
             map_full: self.stat(STAT_MAP_FULL),
             stacks_lost: self.stat(STAT_STACK_LOST),
-            unknown_frees: self.stat(STAT_UNKNOWN_FREE),
+            // Invalid frees are errors, reported as such.
+            unknown_frees: self.stat(STAT_UNKNOWN_FREE).saturating_sub(self.stat(STAT_INVALID_FREES)),
+            freed_evicted: self.freed_evicted(freed_capacity),
             replaced: self.stat(STAT_REPLACED),
             events_lost: self.stat(STAT_EVENTS_LOST),
             late_processes: procs.late,
@@ -326,21 +336,63 @@ impl<'a> Session<'a> {
                 alloc: known(e.alloc_stack).map(|id| self.frames(stack(id), recorder)),
                 free: known(e.free_stack).map(|id| self.frames(stack(id), recorder)),
             };
-            let address_is = (e.error == memtrace_common::memleak::ERR_INVALID_FREE).then(|| {
+            let address_is = (e.error == ERR_INVALID_FREE).then(|| {
                 let snap = recorder.and_then(|r| r.last.as_ref());
-                let blocks = snap.map(|s| s.blocks.as_slice()).unwrap_or_default();
+                let blocks = snap.into_iter().flat_map(|s| s.blocks.iter().map(|b| (b.addr, b.size)));
                 let horizon = snap.is_some_and(|s| s.counters[inproc::C_FREED_EVICTED] > 0);
                 errors::address_is(&e, errors::block_around(blocks, e.addr), horizon)
             });
-            let found = errors::report(&e, stacks, address_is);
-            if self.args.run.json {
-                output::json_line(&found)?;
-            } else {
-                output::line(&errors::render(&found))?;
-            }
-            self.errors.push(found);
+            self.print_error(errors::report(&e, stacks, address_is))?;
         }
         Ok(())
+    }
+
+    /// An error the kernel side found: its stacks of free calls were walked at the call's
+    /// entry, so their first address is in the allocator, left out as the recorder leaves it.
+    pub(super) fn on_error(&mut self, e: &MemError) -> Result<()> {
+        let key = |id: u64| StackKey { pid: e.pid, image: e.image, stack_id: id };
+        let known = |id: u64| (id != STACK_LOST).then_some(id);
+        let now = self.entry_frames(key(e.stack_id));
+        if errors::by_the_allocator(&now) {
+            return Ok(());
+        }
+        let stacks = errors::Stacks {
+            now,
+            alloc: known(e.alloc_stack).map(|id| self.frames(key(id), None)),
+            free: known(e.free_stack).map(|id| self.entry_frames(key(id))),
+        };
+        let address_is = (e.error == ERR_INVALID_FREE).then(|| {
+            let mine = kernel::maps::dump(&self.maps.allocs).into_iter().filter(|(k, _)| k.pid == e.pid);
+            let blocks: Vec<(u64, u64)> = mine.map(|(k, info)| (k.addr, info.size)).collect();
+            let capacity = u64::from(self.args.freed_record);
+            let horizon = self.maps.freed_evicted(capacity) > 0;
+            errors::address_is(e, errors::block_around(blocks.into_iter(), e.addr), horizon)
+        });
+        self.print_error(errors::report(e, stacks, address_is))
+    }
+
+    fn print_error(&mut self, found: ErrorReport) -> Result<()> {
+        if self.args.run.json {
+            output::json_line(&found)?;
+        } else {
+            output::line(&errors::render(&found))?;
+        }
+        self.errors.push(found);
+        Ok(())
+    }
+
+    /// The frames of a stack walked at a function's entry, without that first frame.
+    fn entry_frames(&mut self, key: StackKey) -> Vec<Frame> {
+        if key.stack_id == STACK_LOST {
+            return Vec::new();
+        }
+        if let Some(frames) = self.stack_cache.get(&key) {
+            return frames.clone();
+        }
+        let ips = self.maps.stacks.ips(key.stack_id);
+        let frames = stacks::user_frames(&mut self.user_sym, key.pid, ips.get(1..).unwrap_or_default(), false);
+        self.stack_cache.insert(key, frames.clone());
+        frames
     }
 
     pub(super) fn on_event(&mut self, event: &Event) -> Result<()> {
@@ -496,7 +548,7 @@ impl<'a> Session<'a> {
                 cut_stacks,
                 unnamed_frames,
                 errors_lost: self.errors_lost,
-                ..self.maps.dropped(procs)
+                ..self.maps.dropped(procs, u64::from(self.args.freed_record))
             }),
         };
         let report = self.out.titled(report, |r| render(r, self.args.sample_rate))?;
