@@ -94,8 +94,10 @@ fn memleak_command_exit_status_is_passed_through() {
     if !bpf_available("memleak_command_exit_status_is_passed_through") {
         return;
     }
-    for (cmd, code) in [("sh -c 'exit 3'", 3), ("sh -c 'kill -SEGV $$'", 128 + libc::SIGSEGV), ("true", 0)] {
-        let out = run(&["memleak", "--json", "-c", cmd], Duration::from_secs(60));
+    let exit_with = prog("exit_with");
+    for (arg, code) in [("3", 3), ("-11", 128 + libc::SIGSEGV), ("0", 0)] {
+        let cmd = format!("{} {arg}", exit_with.display());
+        let out = run(&["memleak", "--json", "-c", &cmd], Duration::from_secs(60));
         let stderr = String::from_utf8_lossy(&out.stderr);
         assert_eq!(out.status.code(), Some(code), "{cmd}: {stderr}");
         assert!(stderr.contains(&format!("memtrace: memleak: command exited with status {code}\n")), "{stderr}");
@@ -120,7 +122,9 @@ fn memleak_command_stops_and_continues_with_job_control() {
         return;
     }
     let dir = tempdir("memleak_job_control");
-    let (mt, pid, file) = ticker_under_memtrace(&dir, 600, false);
+    // Its own process group: the kernel drops SIGTSTP sent to an orphaned group (as the test's
+    // group is when init runs the tests, in the VM), with memtrace or without.
+    let (mt, pid, file) = ticker_under_memtrace(&dir, 600, true);
     for sig in [libc::SIGSTOP, libc::SIGTSTP] {
         // SAFETY: signalling the command memtrace runs for this test.
         unsafe { libc::kill(pid as i32, sig) };
@@ -187,6 +191,7 @@ fn memleak_early_stop_ends_the_command_with_sigterm() {
             .lines()
             .filter(|l| {
                 !l.starts_with("memtrace: memleak: running ")
+                    && !l.starts_with("memtrace: warning: ")
                     && !l.contains(" probed through ")
                     && !l.contains(" recorded in the process ")
             })
@@ -258,9 +263,12 @@ fn memleak_command_bad_input_is_refused_before_attach() {
         ),
     );
     assert_exact_error(&["memleak", "-c", garbage], &format!("cannot run {garbage}: Exec format error (os error 8)"));
-    assert_exact_error(
+    assert_exact_error_of(
         &["memleak", "--folded", "/proc/version", "-c", "true"],
-        "--folded /proc/version: cannot write /proc/version: Input/output error (os error 5)",
+        &[
+            "--folded /proc/version: cannot write /proc/version: Input/output error (os error 5)",
+            "--folded /proc/version: cannot write /proc/version: I/O error (os error 5)",
+        ],
     );
     assert_exact_error(
         &["memleak", "--children", "-c", "true"],

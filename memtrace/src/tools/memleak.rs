@@ -127,7 +127,7 @@ pub struct Args {
     pub no_errors: bool,
     /// Freed blocks remembered with the stack of their free, to tell a double free (the
     /// oldest are dropped for room, and counted).
-    #[arg(long, default_value_t = 65_536, value_name = "N", value_parser = clap::value_parser!(u32).range(1..))]
+    #[arg(long, default_value_t = 65_536, value_name = "N")]
     pub freed_record: u32,
     #[command(flatten)]
     pub unwind: UnwindArgs,
@@ -204,6 +204,7 @@ impl Args {
         }
         in_range("--max-allocs", self.max_allocs.into(), MAP_ENTRIES)?;
         in_range("--max-stacks", self.max_stacks.into(), MAP_ENTRIES)?;
+        in_range("--freed-record", self.freed_record.into(), MAP_ENTRIES)?;
         self.unwind.validate()?;
         if let Some(path) = &self.folded {
             crate::output::check_writable("--folded", path)?;
