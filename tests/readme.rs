@@ -25,6 +25,7 @@ const CHECKED: &[&str] = &[
     "errors",
     "probe",
     "unwind-cpp",
+    "memleak-errors",
     "oomkill",
     "mmapsnoop",
     "shmsnoop",
@@ -268,7 +269,8 @@ fn glob(pattern: &[String], text: &[String]) -> Result<(), usize> {
 /// Whether a line of a block is memtrace's stderr: its own lines and its log's.
 fn is_stderr(line: &str) -> bool {
     let t = line.trim_start();
-    ["memtrace: ", "INFO ", "WARN ", "DEBUG "].iter().any(|p| t.starts_with(p))
+    // and the traced program's own: glibc's heap checks (`free(): double free detected ...`).
+    ["memtrace: ", "INFO ", "WARN ", "DEBUG ", "free(): "].iter().any(|p| t.starts_with(p))
 }
 
 /// Compares what `example` shows with what its command printed. The block interleaves the two
@@ -397,6 +399,21 @@ fn probe() {
     assert!(out.status.success(), "{}", out.status);
     let (stdout, stderr) = (String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
     compare("probe", &example, &stdout, &stderr, shape, &["kernel "]);
+}
+
+/// A glibc double free: memtrace's report with its three stacks is out before the abort,
+/// and memtrace exits with the command's status (134).
+#[test]
+fn memleak_errors() {
+    if !bpf_available("memleak_errors") {
+        return;
+    }
+    prog("bad_free");
+    let example = example("memleak-errors");
+    let out = output(command(&example, None, false), Duration::from_secs(60));
+    let (stdout, stderr) = (String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert_eq!(out.status.code(), Some(134), "{stderr}");
+    compare("memleak-errors", &example, &stdout, &stderr, Shape::Numbers, &[]);
 }
 
 #[test]

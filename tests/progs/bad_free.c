@@ -1,5 +1,5 @@
 /* Memory errors memleak must name, one per run:
- *   bad_free double    a 40-byte block from make_block, freed in release_once, freed again in
+ *   bad_free [double]  a 40-byte block from make_block, freed in release_once, freed again in
  *                      release_twice (glibc: "free(): double free detected in tcache 2", abort)
  *   bad_free stack     free of a local variable's address in free_local (glibc aborts:
  *                      "free(): invalid pointer")
@@ -69,7 +69,7 @@ NOINLINE static void *churn(void *arg) {
 }
 
 int main(int argc, char **argv) {
-	const char *what = argc > 1 ? argv[1] : "";
+	const char *what = argc > 1 ? argv[1] : "double";
 	if (!strcmp(what, "double")) {
 		void *p = make_block(40);
 		release_once(p);

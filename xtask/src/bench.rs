@@ -192,6 +192,10 @@ fn synthetic(opts: &Opts, memtrace: &Path, failures: &mut Vec<String>) -> Result
     )?;
     let floor = traced(n, &workload, &["benchfloor"], Check::None, "floor, probes placed as memleak's", base)?;
     let memleak = traced(n, &workload, &["memleak", "--json"], Check::Exact, "memtrace memleak -p PID", base)?;
+    if programs::has_option(memtrace, "--no-errors") {
+        let args = ["memleak", "--json", "--no-errors"];
+        traced(n, &workload, &args, Check::Exact, "memtrace memleak --no-errors -p PID (no walk at free)", base)?;
+    }
     traced(n, &workload, &["memleak", "--json", "-s", "10"], Check::None, "memtrace memleak -s 10 -p PID", base)?;
     // Most calls run untraced here, so a longer run spans several recording windows.
     let duty = traced(

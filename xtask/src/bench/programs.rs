@@ -51,6 +51,7 @@ impl Mode {
         match self {
             Mode::Untraced => "untraced",
             Mode::MemtraceC([]) => "memtrace_c",
+            Mode::MemtraceC(["--no-errors"]) => "memtrace_c_no_errors",
             Mode::MemtraceC(_) => "memtrace_c_uprobes",
             Mode::MemtraceP => "memtrace_p",
             Mode::Heaptrack => "heaptrack",
@@ -78,6 +79,9 @@ impl Mode {
 
 /// memleak's `-c` by uprobes, kept beside the in-process recorder that became `-c`'s default.
 const UPROBES: Mode = Mode::MemtraceC(&["--uprobes"]);
+
+/// memleak's `-c` without its memory-error checks (a stack walk at each free): what they cost.
+const NO_ERRORS: Mode = Mode::MemtraceC(&["--no-errors"]);
 
 struct Env {
     memtrace: PathBuf,
@@ -126,8 +130,13 @@ struct Run {
 /// Whether this memtrace has `memleak --uprobes` (the uprobe path of -c, once an in-process
 /// recorder is the default): its row is measured only then.
 pub fn has_uprobes(memtrace: &Path) -> bool {
+    has_option(memtrace, "--uprobes")
+}
+
+/// Whether this memtrace's memleak takes `option` (an older build compared may not).
+pub fn has_option(memtrace: &Path, option: &str) -> bool {
     let help = Command::new(memtrace).args(["memleak", "--help"]).output();
-    help.is_ok_and(|o| String::from_utf8_lossy(&o.stdout).contains("--uprobes"))
+    help.is_ok_and(|o| String::from_utf8_lossy(&o.stdout).contains(option))
 }
 
 pub fn run(runs: usize, quick: bool, memtrace: &Path) -> Result<Value> {
@@ -135,6 +144,9 @@ pub fn run(runs: usize, quick: bool, memtrace: &Path) -> Result<Value> {
     std::fs::create_dir_all(&dir)?;
     let env = Env { memtrace: memtrace.to_path_buf(), uprobes: has_uprobes(memtrace), dir };
     let mut modes = vec![Mode::Untraced, Mode::MemtraceC(&[])];
+    if has_option(memtrace, "--no-errors") {
+        modes.push(NO_ERRORS);
+    }
     if env.uprobes {
         modes.push(UPROBES);
     }
