@@ -142,7 +142,7 @@ pub struct Config {
 /// Bytes kept of the allocator's message.
 pub const MESSAGE_LEN: usize = 96;
 
-/// glibc's message, caught at malloc_printerr for the thread about to abort.
+/// glibc's message, whose address a uprobe caught at malloc_printerr for the thread about to abort.
 #[repr(C)]
 #[derive(Copy, Clone, Debug)]
 pub struct Message {

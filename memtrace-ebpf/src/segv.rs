@@ -17,8 +17,8 @@ use aya_ebpf::{
 use memtrace_common::{
     STACK_LOST,
     segv::{
-        CLASS_ABORT, CLASS_HEAP, CLASS_NO_ADDRESS, Config, Event, Fault, MESSAGE_LEN, Message, Offsets, SIGABRT,
-        SIGBUS, SIGSEGV, STAT_COUNT, STAT_MESSAGES_FULL, STAT_USTACK_LOST, Vma, X86_TRAP_PF,
+        CLASS_ABORT, CLASS_HEAP, CLASS_NO_ADDRESS, Config, Event, Fault, MESSAGE_LEN, Offsets, SIGABRT, SIGBUS,
+        SIGSEGV, STAT_COUNT, STAT_MESSAGES_FULL, STAT_USTACK_LOST, Vma, X86_TRAP_PF,
     },
 };
 use memtrace_ebpf::{bump, current_pid_tgid, submit, tp_u32, tp_u64, unwind::UserRegs, wanted};
@@ -50,9 +50,11 @@ static OFFSETS: Global<Offsets> = Global::new(Offsets {
     vm_file: 0,
 });
 
-/// glibc's last message per thread, taken by the signal that follows it.
+/// Where glibc's last message is, per thread, taken by the signal that follows it. Read then,
+/// not at the probe: by then glibc has written it out, so its page is surely present (a BPF
+/// read cannot fault a page in).
 #[btf_map]
-static MESSAGES: HashMap<u32, Message, 4096> = HashMap::new();
+static MESSAGES: HashMap<u32, u64, 4096> = HashMap::new();
 /// The event is built here: it is too large for the 512-byte BPF stack.
 #[btf_map]
 static SCRATCH: PerCpuArray<Event, 1> = PerCpuArray::new();
@@ -68,15 +70,7 @@ pub fn segv_printerr(ctx: ProbeContext) -> u32 {
         return 0;
     }
     let Some(text) = ctx.arg::<u64>(0) else { return 0 };
-    let Some(event) = SCRATCH.get_ptr_mut(0) else { return 0 };
-    // SAFETY: this CPU's slot; the helper writes at most MESSAGE_LEN bytes into it.
-    let message = unsafe {
-        let message = &raw mut (*event).message;
-        (*message).text[0] = 0;
-        bpf_probe_read_user_str((&raw mut (*message).text).cast(), MESSAGE_LEN as u32, text as *const _);
-        &*message
-    };
-    if MESSAGES.insert(current_pid_tgid() as u32, message, 0).is_err() {
+    if MESSAGES.insert(current_pid_tgid() as u32, text, 0).is_err() {
         bump(&STATS, STAT_MESSAGES_FULL);
     }
     0
@@ -132,8 +126,12 @@ pub fn segv_deliver(ctx: TracePointContext) -> u32 {
     event.class = if sig == SIGABRT {
         match MESSAGES.get_ptr(tid) {
             Some(m) => {
-                // SAFETY: pointer from the lookup, read before the entry is removed.
-                event.message = unsafe { *m };
+                // SAFETY: pointer from the lookup, read before the entry is removed; the helper
+                // writes at most MESSAGE_LEN bytes into the event's buffer.
+                unsafe {
+                    event.message.text[0] = 0;
+                    bpf_probe_read_user_str((&raw mut event.message.text).cast(), MESSAGE_LEN as u32, *m as *const _);
+                }
                 event.has_message = 1;
                 let _ = MESSAGES.remove(tid);
                 CLASS_HEAP
