@@ -150,7 +150,8 @@ fn probe_text_lists_every_tool_once() {
             "vmscan",
             "drsnoop",
             "swapin",
-            "hfaults"
+            "hfaults",
+            "segv"
         ]
     );
     assert!(text.contains("\n  kprobes "), "{text}");

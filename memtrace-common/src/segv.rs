@@ -127,6 +127,10 @@ pub struct Offsets {
     pub vm_end: u32,
     pub vm_flags: u32,
     pub vm_file: u32,
+    /// task_struct.stack: the kernel stack, whose top holds the user registers (before 5.15,
+    /// which has no bpf_task_pt_regs), and the stack's size.
+    pub task_stack: u32,
+    pub thread_size: u32,
 }
 
 #[repr(C)]

@@ -21,7 +21,7 @@ use memtrace_common::{
         SIGSEGV, STAT_COUNT, STAT_MESSAGES_FULL, STAT_USTACK_LOST, Vma, X86_TRAP_PF,
     },
 };
-use memtrace_ebpf::{bump, current_pid_tgid, submit, tp_u32, tp_u64, unwind::UserRegs, wanted};
+use memtrace_ebpf::{bump, current_pid_tgid, submit, tp_u32, tp_u64, wanted};
 
 memtrace_ebpf::license!();
 
@@ -48,6 +48,8 @@ static OFFSETS: Global<Offsets> = Global::new(Offsets {
     vm_end: 0,
     vm_flags: 0,
     vm_file: 0,
+    task_stack: 0,
+    thread_size: 0,
 });
 
 /// Where glibc's last message is, per thread, taken by the signal that follows it. Read then,
@@ -108,11 +110,11 @@ pub fn segv_deliver(ctx: TracePointContext) -> u32 {
     event.comm = bpf_get_current_comm().unwrap_or_default();
     // SAFETY: helper without preconditions.
     event.cgroup = unsafe { bpf_get_current_cgroup_id() };
-    let regs = UserRegs::current();
-    event.ip = regs.map_or(0, |r| r.ip);
-    event.sp = regs.map_or(0, |r| r.sp);
     // SAFETY: helper without preconditions.
     let task = unsafe { aya_ebpf::helpers::bpf_get_current_task() };
+    let (ip, sp) = user_ip_sp(task, &o);
+    event.ip = ip;
+    event.sp = sp;
     let trap = kread(task + o.trap_nr as u64);
     // cr2 is the last page fault's: this signal's only when that fault raised it.
     event.has_address = (sig != SIGABRT && trap == X86_TRAP_PF) as u32;
@@ -170,6 +172,29 @@ pub fn segv_deliver(ctx: TracePointContext) -> u32 {
     }
     submit(&EVENTS, event, &LOST);
     0
+}
+
+/// The user registers saved at the entry to the kernel (the fault, the kill syscall).
+#[cfg(feature = "bpf-loop")]
+#[inline(always)]
+fn user_ip_sp(_task: u64, _o: &Offsets) -> (u64, u64) {
+    memtrace_ebpf::unwind::UserRegs::current().map_or((0, 0), |r| (r.ip, r.sp))
+}
+
+/// Without bpf_task_pt_regs (5.15): x86-64 keeps them at the top of the task's kernel stack.
+#[cfg(not(feature = "bpf-loop"))]
+#[inline(always)]
+fn user_ip_sp(task: u64, o: &Offsets) -> (u64, u64) {
+    let stack = kread(task + o.task_stack as u64);
+    if stack == 0 {
+        return (0, 0);
+    }
+    let regs = stack + o.thread_size as u64 - size_of::<aya_ebpf::bindings::pt_regs>() as u64;
+    let field = |f: usize| kread(regs + f as u64);
+    (
+        field(core::mem::offset_of!(aya_ebpf::bindings::pt_regs, rip)),
+        field(core::mem::offset_of!(aya_ebpf::bindings::pt_regs, rsp)),
+    )
 }
 
 #[inline(always)]

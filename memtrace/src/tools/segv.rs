@@ -80,6 +80,9 @@ fn offsets() -> Result<Offsets> {
         vm_end: off("vm_area_struct", "vm_end")?,
         vm_flags: off("vm_area_struct", "vm_flags")?,
         vm_file: off("vm_area_struct", "vm_file")?,
+        task_stack: off("task_struct", "stack")?,
+        // x86-64's THREAD_SIZE without KASAN (which doubles it; Debian's kernels have none).
+        thread_size: 16 << 10,
     })
 }
 
