@@ -327,9 +327,7 @@ fn render(c: &Crash) -> String {
     if let Some(m) = &c.mapping {
         let _ = write!(s, " mapping {m}");
     }
-    if let Some(g) = &c.cgroup {
-        let _ = write!(s, " cgroup {g}");
-    }
+    let _ = write!(s, " cgroup {}", c.cgroup.as_deref().unwrap_or("-"));
     // A recursion fills the stack with one frame: shown once, with its count.
     let mut i = 0;
     while i < c.frames.len() {
