@@ -107,7 +107,8 @@ fn probe_picks_the_attach_method_each_tool_would_use() {
     let mut version = release.split(|c: char| !c.is_ascii_digit()).map(|n| n.parse::<u32>().unwrap());
     let old = (version.next().unwrap(), version.next().unwrap()) < (5, 17);
     for t in r["tools"].as_array().unwrap() {
-        let user_stacks = ["memleak", "oomkill", "brkstack", "faults", "swapin"].contains(&t["tool"].as_str().unwrap());
+        let user_stacks =
+            ["memleak", "oomkill", "brkstack", "faults", "swapin", "segv"].contains(&t["tool"].as_str().unwrap());
         let degraded = t.get("degraded").and_then(Value::as_str);
         assert_eq!(degraded.is_some(), old && user_stacks, "{t}");
         assert!(degraded.is_none_or(|d| d.contains("bpf_loop helper (Linux 5.17+)")), "{t}");
@@ -150,7 +151,8 @@ fn probe_text_lists_every_tool_once() {
             "vmscan",
             "drsnoop",
             "swapin",
-            "hfaults"
+            "hfaults",
+            "segv"
         ]
     );
     assert!(text.contains("\n  kprobes "), "{text}");

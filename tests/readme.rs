@@ -33,6 +33,7 @@ const CHECKED: &[&str] = &[
     "drsnoop",
     "faults",
     "brkstack",
+    "segv",
     "json-frame",
     "json-memleak",
     "json-blind-spots",
@@ -475,6 +476,29 @@ fn faults() {
         let (stdout, stderr) = on_gated(&example, "faults_touch", 0);
         compare("faults", &example, &stdout, &stderr, Shape::Numbers, &[]);
     }
+}
+
+/// The example crashes tests/progs/segv_crash.c through glibc's heap check (the way with the
+/// most to show: the allocator's message, and a stack through libc to the program).
+#[test]
+fn segv() {
+    // Its stack goes through libc, built without frame pointers.
+    if !unwind_tables("segv") {
+        return;
+    }
+    let example = example("segv");
+    let mut victim = Ready::start(Command::new(prog("segv_crash")).arg("overrun").stderr(Stdio::null()));
+    let mut mt = Running::spawn(command(&example, Some(victim.child.id()), true));
+    mt.wait_ready();
+    std::io::Write::write_all(&mut victim.stdin, b"\n").unwrap();
+    victim.child.wait().unwrap();
+    let (status, stdout, stderr) = mt.finish(Duration::from_secs(30));
+    assert!(status.success(), "{status}: {stderr}");
+    // The VM suite's machines mount no cgroup2 hierarchy, where every process would be in "/".
+    let stdout = stdout.replace(" cgroup -", " cgroup /");
+    // Nor a merged /usr: libc is found at /lib there.
+    let stderr = stderr.replace(" /lib/x86_64-linux-gnu/", " /usr/lib/x86_64-linux-gnu/");
+    compare("segv", &example, &stdout, &stderr, Shape::Numbers, &[]);
 }
 
 #[test]

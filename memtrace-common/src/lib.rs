@@ -11,6 +11,7 @@ pub mod hfaults;
 pub mod memleak;
 pub mod mmapsnoop;
 pub mod oomkill;
+pub mod segv;
 pub mod shmsnoop;
 pub mod stack;
 pub mod swapin;

@@ -91,6 +91,7 @@ const TOOLS: &[(&str, Options, bool)] = &[
     ("hfaults", &[], true),
     ("drsnoop", &[("-t", Number), ("-n", Text), ("--timestamp", Flag), ("-T", Flag), ("--memcg", Flag)], false),
     ("oomkill", &[("--unwind", Text), ("--unwind-rows", Number)], false),
+    ("segv", &[("--all", Flag), ("--unwind", Text), ("--unwind-rows", Number)], false),
     ("mmapsnoop", &[("--failed", Flag), ("--timestamp", Flag), ("-T", Flag)], false),
     ("shmsnoop", &[("--failed", Flag), ("--timestamp", Flag), ("-T", Flag)], false),
     ("probe", &[("--json", Flag)], false),
@@ -250,7 +251,7 @@ fn capital_t_is_top_everywhere_and_timestamps_are_spelled_out() {
 
 #[test]
 fn unwind_options_are_checked_in_every_tool_that_walks_user_stacks() {
-    for tool in ["memleak", "brkstack", "faults", "swapin", "oomkill"] {
+    for tool in ["memleak", "brkstack", "faults", "swapin", "oomkill", "segv"] {
         let cli = Cli::try_parse_from(["memtrace", tool, "--unwind-rows", "1000"]).expect("parses");
         let err = cli.tool.validate().expect_err(tool).to_string();
         assert_eq!(err, "--unwind-rows takes 1024 to 16777216, not 1000", "{tool}");

@@ -237,6 +237,29 @@ pub fn attach_uprobe(
     }
 }
 
+/// Attaches `prog` at byte `file_offset` of `target`, for one process or all (`pid` None): for
+/// a function only a debug file names (a local symbol), which the caller found itself.
+pub fn attach_uprobe_at(
+    bpf: &mut Ebpf,
+    prog: &str,
+    target: &Path,
+    file_offset: u64,
+    pid: Option<u32>,
+) -> Result<UProbeLinkId> {
+    let up: &mut UProbe = program(bpf, prog)?.try_into()?;
+    ensure_loaded(up, prog, |p| p.fd().is_ok(), UProbe::load)?;
+    let scope = match pid.and_then(std::num::NonZeroU32::new) {
+        Some(pid) => UProbeScope::OneProcess(pid),
+        None => UProbeScope::AllProcesses,
+    };
+    let location = aya::programs::uprobe::UProbeAttachLocation::AbsoluteOffset(file_offset);
+    let id = up
+        .attach(location, target, scope)
+        .with_context(|| format!("attaching a uprobe at {file_offset:#x} in {} failed", target.display()))?;
+    tracing::debug!("{prog}: attached at {file_offset:#x} in {}", target.display());
+    Ok(uprobes::register_perf(up.take_link(id)?))
+}
+
 /// Detaches one uprobe link. Each detach waits for grace periods (80 ms for a perf link here,
 /// 25-70 ms for a uprobe_multi one), so callers detach only what they must; at exit,
 /// `detach_all_fast` detaches everything at once. (`bpf` is unused: links live in `uprobes`.)

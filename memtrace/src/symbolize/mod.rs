@@ -16,6 +16,7 @@ use crate::kernel::kallsyms::Kallsyms;
 
 mod parts;
 mod unnamed;
+pub use parts::debug_file;
 pub use unnamed::{Unnamed, UnnamedFrames};
 
 #[derive(Clone, Debug, serde::Serialize, PartialEq, Eq)]

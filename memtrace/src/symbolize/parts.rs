@@ -46,7 +46,7 @@ fn part_name<'a>(function: &'a str, symbol: &'a str) -> &'a str {
 }
 
 /// The separate debug file of the ELF at `path` by its build id, when it exists.
-pub(super) fn debug_file(path: &str) -> Option<PathBuf> {
+pub fn debug_file(path: &str) -> Option<PathBuf> {
     let id = blazesym::helper::read_elf_build_id(path).ok()??;
     let (first, rest) = id.split_first()?;
     let hex: String = rest.iter().map(|b| format!("{b:02x}")).collect();

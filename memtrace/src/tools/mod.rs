@@ -14,6 +14,7 @@ pub mod mmapsnoop;
 pub mod oomkill;
 pub mod probe;
 pub mod registry;
+pub mod segv;
 pub mod shmsnoop;
 pub mod stack_report;
 pub mod stacks;

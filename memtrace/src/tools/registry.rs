@@ -4,7 +4,7 @@
 
 use anyhow::Result;
 
-use super::{brkstack, drsnoop, faults, hfaults, memleak, mmapsnoop, oomkill, probe, shmsnoop, swapin, vmscan};
+use super::{brkstack, drsnoop, faults, hfaults, memleak, mmapsnoop, oomkill, probe, segv, shmsnoop, swapin, vmscan};
 use crate::kernel::{AttachPoint, Object, Probe};
 
 /// How a tracer (or one mode of it) attaches, as `memtrace probe` checks it.
@@ -111,6 +111,8 @@ registry! {
     Swapin => swapin,
     /// Hugetlb page faults per process and file.
     Hfaults => hfaults,
+    /// Crashes (SIGSEGV, SIGBUS, SIGABRT): classified, with the stack at the fault.
+    Segv => segv,
 }
 
 #[cfg(test)]

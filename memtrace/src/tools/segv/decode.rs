@@ -1,0 +1,150 @@
+//! Names for what segv's kernel side records: signals, si_code values and classes; the
+//! cgroup by id; and, where the kernel cannot look up a mapping (before 5.17), the class
+//! from /proc/PID/maps.
+
+use std::{collections::HashMap, os::unix::fs::MetadataExt as _, path::PathBuf};
+
+use memtrace_common::segv::*;
+
+pub fn signal_name(sig: u32) -> String {
+    match sig {
+        SIGSEGV => "SIGSEGV".into(),
+        SIGBUS => "SIGBUS".into(),
+        SIGABRT => "SIGABRT".into(),
+        n => format!("signal {n}"),
+    }
+}
+
+/// si_code as <asm-generic/siginfo.h> names it: per signal when positive (the kernel's
+/// reason), the sender's kind when zero or negative.
+pub fn code_name(sig: u32, code: i32) -> String {
+    let named = match (sig, code) {
+        (_, 0) => "SI_USER",
+        (_, 0x80) => "SI_KERNEL",
+        (_, -1) => "SI_QUEUE",
+        (_, -2) => "SI_TIMER",
+        (_, -3) => "SI_MESGQ",
+        (_, -4) => "SI_ASYNCIO",
+        (_, -5) => "SI_SIGIO",
+        (_, -6) => "SI_TKILL",
+        (SIGSEGV, 1) => "SEGV_MAPERR",
+        (SIGSEGV, 2) => "SEGV_ACCERR",
+        (SIGSEGV, 3) => "SEGV_BNDERR",
+        (SIGSEGV, 4) => "SEGV_PKUERR",
+        (SIGSEGV, 10) => "SEGV_CPERR",
+        (SIGBUS, 1) => "BUS_ADRALN",
+        (SIGBUS, 2) => "BUS_ADRERR",
+        (SIGBUS, 3) => "BUS_OBJERR",
+        (SIGBUS, 4) => "BUS_MCEERR_AR",
+        (SIGBUS, 5) => "BUS_MCEERR_AO",
+        _ => return format!("{code}"),
+    };
+    named.into()
+}
+
+/// (JSON key, words) of a class.
+pub fn class_name(class: u32) -> (&'static str, &'static str) {
+    match class {
+        CLASS_STACK_OVERFLOW => ("stack_overflow", "stack overflow (below the main thread's stack)"),
+        CLASS_THREAD_STACK_OVERFLOW => ("stack_overflow", "stack overflow (a thread's stack guard page)"),
+        CLASS_NULL => ("null_page", "NULL page"),
+        CLASS_UNMAPPED => ("unmapped", "unmapped address"),
+        CLASS_WRITE_READONLY => ("write_read_only", "write to a read-only mapping"),
+        CLASS_EXEC_NOEXEC => ("exec_non_executable", "execute of a non-executable mapping"),
+        CLASS_NO_ACCESS => ("no_access", "access to a PROT_NONE mapping"),
+        CLASS_READ_UNREADABLE => ("read_unreadable", "read of an unreadable mapping"),
+        CLASS_BEYOND_FILE => ("beyond_file", "beyond the end of a mapped file"),
+        CLASS_NO_ADDRESS => ("no_address", "no fault address (general protection, or sent by a process)"),
+        CLASS_HEAP => ("heap_corruption", "heap corruption caught by the allocator"),
+        CLASS_ABORT => ("abort", "abort"),
+        CLASS_OTHER => ("other", "protection fault in an accessible mapping (protection key?)"),
+        CLASS_VMA_BUSY => ("unclassified", "unclassified (the process's mapping lock was busy)"),
+        _ => (
+            "unclassified",
+            "unclassified (process gone before its mappings were read; Linux 5.17+ classifies in the kernel)",
+        ),
+    }
+}
+
+/// The class of a fault the kernel could not look up, from the process's maps if it is still
+/// there; None when it is gone. Racy by nature: the process is dying.
+pub fn classify_from_maps(pid: u32, fault: &Fault) -> Option<(u32, Option<Vma>)> {
+    let maps = std::fs::read_to_string(format!("/proc/{pid}/maps")).ok().filter(|m| !m.is_empty())?;
+    let mut found = None;
+    for line in maps.lines() {
+        let mut fields = line.split_whitespace();
+        let (Some(range), Some(perms)) = (fields.next(), fields.next()) else { continue };
+        let Some((start, end)) = range.split_once('-') else { continue };
+        let (Ok(start), Ok(end)) = (u64::from_str_radix(start, 16), u64::from_str_radix(end, 16)) else { continue };
+        if !(start..end).contains(&fault.address) {
+            continue;
+        }
+        let bit = |c: char, flag: u64| if perms.contains(c) { flag } else { 0 };
+        let file = fields.nth(3).is_some_and(|p| p.starts_with('/')) as u64;
+        found = Some(Vma { start, end, flags: bit('r', VM_READ) | bit('w', VM_WRITE) | bit('x', VM_EXEC), file });
+    }
+    Some((classify(fault, found.as_ref()), found))
+}
+
+/// Paths of cgroup v2 groups by id (the kernfs inode, what bpf_get_current_cgroup_id returns).
+#[derive(Default)]
+pub struct Cgroups {
+    root: Option<Option<PathBuf>>,
+    known: HashMap<u64, String>,
+}
+
+impl Cgroups {
+    /// The group's path below the cgroup2 mount; None without one, or once the group is gone.
+    pub fn path(&mut self, id: u64) -> Option<String> {
+        if let Some(path) = self.known.get(&id) {
+            return Some(path.clone());
+        }
+        let root = self.root.get_or_insert_with(cgroup2_mount).clone()?;
+        let mut dirs = vec![root.clone()];
+        // Bounded: a machine has at most a few thousand groups.
+        let mut seen = 0;
+        while let Some(dir) = dirs.pop() {
+            seen += 1;
+            if seen > 100_000 {
+                break;
+            }
+            let Ok(meta) = std::fs::metadata(&dir) else { continue };
+            let path = format!("/{}", dir.strip_prefix(&root).ok()?.display());
+            self.known.insert(meta.ino(), path);
+            if meta.ino() == id {
+                break;
+            }
+            if let Ok(entries) = std::fs::read_dir(&dir) {
+                dirs.extend(entries.flatten().filter(|e| e.file_type().is_ok_and(|t| t.is_dir())).map(|e| e.path()));
+            }
+        }
+        self.known.get(&id).cloned()
+    }
+}
+
+fn cgroup2_mount() -> Option<PathBuf> {
+    let mounts = std::fs::read_to_string("/proc/self/mountinfo").ok()?;
+    mounts.lines().find_map(|l| {
+        let (left, right) = l.split_once(" - ")?;
+        if !right.starts_with("cgroup2 ") {
+            return None;
+        }
+        left.split(' ').nth(4).map(PathBuf::from)
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names() {
+        assert_eq!(code_name(SIGSEGV, 1), "SEGV_MAPERR");
+        assert_eq!(code_name(SIGSEGV, 2), "SEGV_ACCERR");
+        assert_eq!(code_name(SIGBUS, 2), "BUS_ADRERR");
+        assert_eq!(code_name(SIGABRT, -6), "SI_TKILL");
+        assert_eq!(code_name(SIGSEGV, 0x80), "SI_KERNEL");
+        assert_eq!(code_name(SIGBUS, 77), "77");
+        assert_eq!(class_name(CLASS_HEAP).0, "heap_corruption");
+    }
+}
