@@ -68,7 +68,14 @@ impl Tracer {
         ready: &str,
         tool: &mut S,
     ) -> Result<End> {
-        let run = Run { duration: common.run.duration, watch: common.target.pid, ready_pid: common.target.pid, tick, max_ticks, ready };
+        let run = Run {
+            duration: common.run.duration,
+            watch: common.target.pid,
+            ready_pid: common.target.pid,
+            tick,
+            max_ticks,
+            ready,
+        };
         self.run(run, tool).await
     }
 
