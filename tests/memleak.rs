@@ -17,38 +17,6 @@ use std::{
 use common::*;
 use serde_json::Value;
 
-/// (function, bytes, allocations) that tests/progs/leaky.c leaks.
-const LEAKY_C: &[(&str, u64, u64)] = &[
-    ("leak_malloc", 3000, 3),
-    ("leak_calloc", 2000, 2),
-    ("leak_realloc", 700, 1),
-    ("leak_realloc_null", 300, 1),
-    ("leak_reallocarray", 360, 1),
-    ("leak_posix_memalign", 640, 1),
-    ("leak_aligned_alloc", 1280, 1),
-    ("leak_memalign", 2560, 1),
-    ("leak_valloc", 5000, 1),
-    ("leak_pvalloc", 6000, 1),
-    ("leak_mmap", 12288, 1),
-];
-
-/// Each leaking function appears in exactly one stack with its exact bytes, count and the
-/// file:line of its allocation call; freed memory appears nowhere.
-fn assert_leaks(report: &Value, file: &str, leaks: &[(&str, u64, u64)], not_leaking: &str) {
-    for &(func, bytes, allocs) in leaks {
-        let stacks = stacks_with(report, func);
-        assert_eq!(stacks.len(), 1, "{func}: expected one stack, got {}: {report:#}", stacks.len());
-        let stack = stacks[0];
-        assert_eq!(stack["bytes"], bytes, "{func}: bytes: {stack:#}");
-        assert_eq!(stack["allocs"], allocs, "{func}: allocations: {stack:#}");
-        let frame = frame_of(stack, func).unwrap();
-        assert!(frame["file"].as_str().is_some_and(|f| f.ends_with(file)), "{func}: file: {frame:#}");
-        assert_eq!(frame["line"], marker_line(file, func), "{func}: line: {frame:#}");
-        assert_eq!(stack["pid"], report["pid"], "{func}: keyed by another pid: {stack:#}");
-    }
-    assert!(stacks_with(report, not_leaking).is_empty(), "freed memory reported: {report:#}");
-}
-
 /// `leaky wait` started from `cmd`: ready, and leaking when told to (`leak`).
 fn leaky_waiting(mut cmd: Command) -> Gated {
     cmd.arg("wait");

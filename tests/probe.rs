@@ -1,5 +1,6 @@
-//! probe against the real kernel: features as the kernel shows them, every tracepoint the
-//! tools use, and each tool's attach method (or why it cannot run), in JSON and as text.
+//! probe against the real kernel: features as the kernel shows them (hardware breakpoints and
+//! counters included), every tracepoint the tools use, and each tool's attach method (or why
+//! it cannot run), in JSON and as text.
 
 #[path = "common/mod.rs"]
 mod common;
@@ -61,6 +62,97 @@ fn probe_reports_features_as_the_kernel_has_them() {
         r["tracepoints"]["kmem:kmalloc_node"],
         Path::new("/sys/kernel/tracing/events/kmem/kmalloc_node").exists()
     );
+}
+
+/// Hardware breakpoints and cache counters, as the test's own perf_event_open finds them:
+/// on the project's host breakpoints work (and take an eBPF program) and there is no PMU.
+#[test]
+fn probe_reports_hardware_breakpoints_and_cache_events() {
+    if !bpf_available("probe_reports_hardware_breakpoints_and_cache_events") {
+        return;
+    }
+    let r = probe_json();
+    let feature = |f: &str| {
+        let v = &r["features"][f];
+        (v["state"].as_str().unwrap_or_else(|| panic!("no feature {f}: {r}")).to_string(), v["detail"].to_string())
+    };
+    let (bp, bp_detail) = feature("hw breakpoints");
+    let (bpf, bpf_detail) = feature("breakpoint bpf");
+    let (cache, cache_detail) = feature("hw cache events");
+    let breakpoint = "perf_event_open(PERF_TYPE_BREAKPOINT, HW_BREAKPOINT_W, 8 bytes)";
+    match breakpoint_writes() {
+        Ok(5) => {
+            assert_eq!((bp.as_str(), bpf.as_str()), ("yes", "yes"), "{bp_detail} {bpf_detail}");
+            assert_eq!(bp_detail, format!("\"{breakpoint} on a variable of memtrace counted 5 of 5 writes\""));
+            assert_eq!(
+                bpf_detail,
+                "\"a perf_event eBPF program attached to that breakpoint (PERF_EVENT_IOC_SET_BPF)\""
+            );
+        }
+        Ok(n) => panic!("the test's own breakpoint counted {n} of 5 writes"),
+        Err(errno) => {
+            assert_eq!((bp.as_str(), bpf.as_str()), ("no", "unknown"), "errno {errno}: {bp_detail}");
+            assert!(bp_detail.starts_with(&format!("\"{breakpoint}: ")), "{bp_detail}");
+        }
+    }
+    let counter = "perf_event_open(PERF_TYPE_HARDWARE, PERF_COUNT_HW_CACHE_MISSES)";
+    match perf_open(0, 3, 0, 0) {
+        Ok(fd) => {
+            // SAFETY: closing the fd just opened.
+            unsafe { libc::close(fd) };
+            assert_eq!(cache, "yes", "{cache_detail}");
+            assert_eq!(cache_detail, format!("\"{counter} works\""));
+        }
+        Err(libc::ENOENT) => {
+            assert_eq!(cache, "no", "{cache_detail}");
+            assert_eq!(
+                cache_detail,
+                format!("\"{counter}: ENOENT: no hardware counters (no PMU, as in many virtual machines)\"")
+            );
+        }
+        Err(errno) => {
+            assert_eq!(cache, "no", "errno {errno}: {cache_detail}");
+            assert!(cache_detail.starts_with(&format!("\"{counter}: ")), "{cache_detail}");
+        }
+    }
+    let out = run(&["probe"], Duration::from_secs(30));
+    let text = String::from_utf8_lossy(&out.stdout);
+    for (name, state) in [("hw breakpoints", &bp), ("breakpoint bpf", &bpf), ("hw cache events", &cache)] {
+        assert!(text.contains(&format!("\n  {name:<18} {state:<8} ")), "{name}: {text}");
+    }
+}
+
+/// perf_event_open for this thread with a perf_event_attr of 128 bytes (PERF_ATTR_SIZE_VER7),
+/// user space only; the fd or the errno.
+fn perf_open(kind: u32, config: u64, bp_addr: u64, bp_len: u64) -> Result<i32, i32> {
+    let mut attr = [0u64; 16];
+    attr[0] = u64::from(kind) | 128 << 32;
+    attr[1] = config;
+    attr[2] = 1; // sample_period
+    attr[5] = 1 << 5 | 1 << 6; // exclude_kernel, exclude_hv
+    attr[6] = u64::from(2u32) << 32; // bp_type HW_BREAKPOINT_W, after wakeup_events
+    attr[7] = bp_addr;
+    attr[8] = bp_len;
+    // SAFETY: a zeroed perf_event_attr of the size it states.
+    let fd = unsafe { libc::syscall(libc::SYS_perf_event_open, attr.as_ptr(), 0, -1, -1, 0) };
+    if fd < 0 { Err(std::io::Error::last_os_error().raw_os_error().unwrap()) } else { Ok(fd as i32) }
+}
+
+/// Writes 5 times to a watched variable; what the breakpoint counted, or perf_event_open's errno.
+fn breakpoint_writes() -> Result<u64, i32> {
+    let mut watched = 0u64;
+    let fd = perf_open(5, 0, (&raw mut watched) as u64, 8)?;
+    for i in 0..5 {
+        // SAFETY: a live local.
+        unsafe { std::ptr::write_volatile(&raw mut watched, i) };
+    }
+    let mut n = 0u64;
+    // SAFETY: reading 8 bytes into a live u64, then closing the fd just opened.
+    unsafe {
+        libc::read(fd, (&raw mut n).cast(), 8);
+        libc::close(fd);
+    }
+    Ok(n)
 }
 
 /// The test's own fentry attempt, with aya's BTF parser and raw syscalls: `r0 = 0; exit` as a

@@ -119,7 +119,8 @@ fn command(example: &Example, pid: Option<u32>, ready: bool) -> Command {
     if let (Some(p), Some(pid)) = (args.iter().position(|a| a == "-p"), pid) {
         args[p + 1] = pid.to_string();
     }
-    cmd.args(args).current_dir(repo());
+    // As root, not as whoever ran the tests through sudo (see common::memtrace).
+    cmd.args(args).current_dir(repo()).env_remove("SUDO_UID").env_remove("SUDO_GID").env_remove("SUDO_USER");
     cmd
 }
 

@@ -13,6 +13,7 @@
 mod code_watch;
 mod ending;
 mod tree;
+mod user;
 
 use std::{
     collections::HashSet,
@@ -26,6 +27,7 @@ use tokio::sync::{mpsc, oneshot};
 
 use crate::target;
 pub use ending::{Ending, GRACE};
+pub use user::RunAs;
 
 /// What the command's processes tell the tool. Each event with an `ack` holds its process
 /// (and, for a fork, the child) stopped until the ack is sent or dropped.
@@ -82,23 +84,28 @@ impl Command {
     /// Starts `argv` (a program, a script or anything the kernel can exec) and returns once it
     /// has exec'd, held before its first instruction; the first `Exec` event lets it go. A
     /// program the kernel refuses to run is an error here, before anything is attached.
-    /// `env`: variables set (or replaced) in the environment memtrace passes on.
-    pub fn spawn(argv: &[String], env: &[(String, String)]) -> Result<Command> {
+    /// `env`: variables set (or replaced) in the environment memtrace passes on. `user`: the
+    /// command runs as that user (its groups, and its HOME, USER and LOGNAME), not as root.
+    pub fn spawn(argv: &[String], env: &[(String, String)], user: Option<&RunAs>) -> Result<Command> {
         let program = target::find_program(&argv[0])?;
         let path = CString::new(program.as_os_str().as_bytes())?;
         let args = argv.iter().map(|a| CString::new(a.as_bytes())).collect::<Result<Vec<_>, _>>()?;
-        let env = environment(env)?;
+        let mut env = env.to_vec();
+        env.extend(user.map(RunAs::env).unwrap_or_default());
+        let env = environment(&env)?;
+        let who = user.cloned();
         let (pid_tx, pid_rx) = std_mpsc::channel();
         let (events_tx, events) = mpsc::unbounded_channel();
         let tasks = Arc::new(Mutex::new(Tasks::default()));
         let shared = tasks.clone();
         std::thread::Builder::new()
             .name("memtrace-command".into())
-            .spawn(move || tree::supervise(path, args, env, pid_tx, events_tx, shared))?;
+            .spawn(move || tree::supervise(path, args, env, who, pid_tx, events_tx, shared))?;
+        let as_user = user.map(|u| format!(" as {}", u.describe())).unwrap_or_default();
         let pid = pid_rx
             .recv()
             .context("the command's supervisor thread died")?
-            .with_context(|| format!("cannot run {}", program.display()))?;
+            .with_context(|| format!("cannot run {}{as_user}", program.display()))?;
         Ok(Command { pid, events, tasks })
     }
 

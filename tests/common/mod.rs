@@ -38,8 +38,12 @@ impl Ready {
     }
 }
 
+/// memtrace, as root and not through sudo even when the tests run under sudo: with
+/// SUDO_UID set it would run `-c` commands as that user (tests/memleak_runas.rs sets it).
 pub fn memtrace() -> Command {
-    Command::new(env!("CARGO_BIN_EXE_memtrace"))
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_memtrace"));
+    cmd.env_remove("SUDO_UID").env_remove("SUDO_GID").env_remove("SUDO_USER");
+    cmd
 }
 
 /// True when BPF can be used. Without it a test fails, unless MEMTRACE_ALLOW_SKIP=1, in
@@ -178,6 +182,38 @@ pub fn tagged_line(file: &str, tag: &str) -> u32 {
         .position(|l| l.contains(&marker) || format!("{l}\n").contains(&alt))
         .map(|i| i as u32 + 1)
         .unwrap_or_else(|| panic!("no {tag} marker in {file}"))
+}
+
+/// (function, bytes, allocations) that tests/progs/leaky.c leaks.
+pub const LEAKY_C: &[(&str, u64, u64)] = &[
+    ("leak_malloc", 3000, 3),
+    ("leak_calloc", 2000, 2),
+    ("leak_realloc", 700, 1),
+    ("leak_realloc_null", 300, 1),
+    ("leak_reallocarray", 360, 1),
+    ("leak_posix_memalign", 640, 1),
+    ("leak_aligned_alloc", 1280, 1),
+    ("leak_memalign", 2560, 1),
+    ("leak_valloc", 5000, 1),
+    ("leak_pvalloc", 6000, 1),
+    ("leak_mmap", 12288, 1),
+];
+
+/// Each leaking function appears in exactly one stack with its exact bytes, count and the
+/// file:line of its allocation call; freed memory appears nowhere.
+pub fn assert_leaks(report: &Value, file: &str, leaks: &[(&str, u64, u64)], not_leaking: &str) {
+    for &(func, bytes, allocs) in leaks {
+        let stacks = stacks_with(report, func);
+        assert_eq!(stacks.len(), 1, "{func}: expected one stack, got {}: {report:#}", stacks.len());
+        let stack = stacks[0];
+        assert_eq!(stack["bytes"], bytes, "{func}: bytes: {stack:#}");
+        assert_eq!(stack["allocs"], allocs, "{func}: allocations: {stack:#}");
+        let frame = frame_of(stack, func).unwrap();
+        assert!(frame["file"].as_str().is_some_and(|f| f.ends_with(file)), "{func}: file: {frame:#}");
+        assert_eq!(frame["line"], marker_line(file, func), "{func}: line: {frame:#}");
+        assert_eq!(stack["pid"], report["pid"], "{func}: keyed by another pid: {stack:#}");
+    }
+    assert!(stacks_with(report, not_leaking).is_empty(), "freed memory reported: {report:#}");
 }
 
 /// Runs memtrace to completion with a time limit, returning its output.

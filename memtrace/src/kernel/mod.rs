@@ -6,6 +6,7 @@ pub mod btf;
 pub mod fentry;
 pub mod kallsyms;
 pub mod maps;
+pub mod perf;
 pub mod pidns;
 pub mod placement;
 pub mod tracefs;

@@ -21,7 +21,7 @@ use crate::{
     tools::args::{PidArg, Reports, RunArgs, Top},
     tools::registry::{Plan, ToolSpec},
     tools::tracer::{Run, Tracer},
-    tracee::Command,
+    tracee::{Command, RunAs},
     unwind::{UnwindArgs, UnwindMode, Unwinder},
 };
 use attach::DutyCycle;
@@ -63,6 +63,11 @@ pub struct Args {
     /// instruction, through every exec, with every process it forks.
     #[arg(short = 'c', long = "command", value_name = "CMD", conflicts_with = "pid")]
     pub command: Option<String>,
+    /// With -c: run the command as this user (a name or uid; `root` keeps root), with the
+    /// user's groups, HOME, USER and LOGNAME. Default: the user who ran sudo (SUDO_UID,
+    /// SUDO_GID) when memtrace runs as root through sudo, else memtrace's own user.
+    #[arg(long, value_name = "USER")]
+    pub user: Option<String>,
     #[command(flatten)]
     pub reports: Reports,
     #[command(flatten)]
@@ -170,12 +175,17 @@ impl Args {
             target::check_pid(pid)?;
             target::check_user_pid(pid)?;
         }
+        // Not clap's `requires`: it lets `--user` through beside -p, which conflicts with -c.
+        if self.user.is_some() && self.command.is_none() {
+            bail!("--user names whom a command runs as: it goes with -c (memtrace memleak --user NAME -c CMD)");
+        }
         if self.children && self.command.is_some() {
             bail!("--children goes with -p: -c always follows every process the command starts");
         }
         if let Some(cmd) = &self.command {
             let argv = shlex::split(cmd).filter(|a| !a.is_empty() && !a[0].is_empty());
             target::find_program(&argv.context("-c needs a command, e.g. -c \"./prog arg\"")?[0])?;
+            RunAs::choose(self.user.as_deref())?;
         }
         if let Some(obj) = &self.obj {
             target::check_elf(obj)?;
@@ -218,8 +228,9 @@ enum Mode {
     /// Processes, through uprobes on their allocator: a running one (`-p`), or a command
     /// memtrace starts and follows (`-c`).
     Pid(u32, Allocator),
-    /// The command, and the in-process recorder preloaded into it unless probes were asked.
-    Command(Command, Option<inproc::Shim>),
+    /// The command, the in-process recorder preloaded into it unless probes were asked, and
+    /// the user it runs as when not root.
+    Command(Command, Option<inproc::Shim>, Option<RunAs>),
     Kernel,
 }
 
@@ -240,7 +251,8 @@ pub async fn run(args: Args) -> Result<Status> {
                 shim => shim.transpose()?,
             };
             let env = shim.as_ref().map(|s| s.env(&args.recorder_config())).unwrap_or_default();
-            Mode::Command(Command::spawn(&argv, &env)?, shim)
+            let user = RunAs::choose(args.user.as_deref())?;
+            Mode::Command(Command::spawn(&argv, &env, user.as_ref())?, shim, user)
         }
         (None, Some(pid)) => {
             target::check_pid(pid)?;
@@ -329,7 +341,7 @@ pub async fn run(args: Args) -> Result<Status> {
             let _ = user_sym.refresh(pid);
             (Some(pid), line)
         }
-        Mode::Command(cmd, shim) => {
+        Mode::Command(cmd, shim, user) => {
             // Probes go in at the command's first exec, when its program is known.
             attach::lifecycle(&mut tracer.bpf)?;
             procs.begin_command(cmd.pid)?;
@@ -337,9 +349,10 @@ pub async fn run(args: Args) -> Result<Status> {
                 procs.record_in_process(shim);
             }
             let line = format!(
-                "running {} (pid {}) and following its processes",
+                "running {} (pid {}){} and following its processes",
                 args.command.as_deref().unwrap_or_default(),
-                cmd.pid
+                cmd.pid,
+                user.map(|u| format!(" as {}", u.describe())).unwrap_or_default()
             );
             let pid = cmd.pid;
             command = Some(cmd);

@@ -112,7 +112,7 @@ fn features() -> Vec<Feature> {
         (Err(_), false) => ("unknown", "no BPF syscall to try it with".to_string()),
     };
     let tracefs = kernel::tracefs::root().map(|p| p.display().to_string());
-    vec![
+    let mut features = vec![
         Feature { name: "bpf syscall", state: yes_no(bpf), detail: bpf_detail },
         Feature { name: "btf", state: yes_no(btf), detail: "/sys/kernel/btf/vmlinux".into() },
         Feature {
@@ -139,7 +139,24 @@ fn features() -> Vec<Feature> {
                 .into(),
         },
         fentry(),
-    ]
+    ];
+    features.extend(perf_events());
+    features
+}
+
+/// Tried for real on memtrace's own thread: debug registers and a PMU vary by machine (a
+/// virtual machine may have the one and not the other).
+fn perf_events() -> [Feature; 3] {
+    let row = |name, found: Result<String, String>| match found {
+        Ok(detail) => Feature { name, state: "yes", detail },
+        Err(detail) => Feature { name, state: "no", detail },
+    };
+    let breakpoints = kernel::perf::breakpoints();
+    let bpf = match (&breakpoints.watch, breakpoints.bpf) {
+        (Err(_), Err(why)) => Feature { name: "breakpoint bpf", state: "unknown", detail: why },
+        (_, found) => row("breakpoint bpf", found),
+    };
+    [row("hw breakpoints", breakpoints.watch), bpf, row("hw cache events", kernel::perf::cache_events())]
 }
 
 /// Tried for real (load and attach), since lockdown or a security module can forbid it.

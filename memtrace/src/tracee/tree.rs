@@ -11,7 +11,7 @@ use std::{
 use anyhow::{Result, anyhow, bail};
 use tokio::sync::{mpsc, oneshot};
 
-use super::{CommandEvent, Tasks, code_watch};
+use super::{CommandEvent, RunAs, Tasks, code_watch};
 
 const OPTIONS: libc::c_int = libc::PTRACE_O_TRACEFORK
     | libc::PTRACE_O_TRACEVFORK
@@ -24,18 +24,19 @@ const OPTIONS: libc::c_int = libc::PTRACE_O_TRACEFORK
     // seccomp filter would fail every call that maps code (ENOSYS without a tracer).
     | libc::PTRACE_O_EXITKILL;
 
-/// Forks the command, seizes it, lets it exec, then follows its tree until every process has
-/// exited. `started` gets the command's pid once it is held at its exec stop, or why it
-/// could not run.
+/// Forks the command, seizes it, lets it exec (as `user` if given), then follows its tree until
+/// every process has exited. `started` gets the command's pid once it is held at its exec stop,
+/// or why it could not run.
 pub(super) fn supervise(
     path: CString,
     args: Vec<CString>,
     env: Vec<CString>,
+    user: Option<RunAs>,
     started: std_mpsc::Sender<Result<u32>>,
     events: mpsc::UnboundedSender<CommandEvent>,
     tasks: Arc<Mutex<Tasks>>,
 ) {
-    match start(&path, &args, &env) {
+    match start(&path, &args, &env, user.as_ref()) {
         Ok((pid, exec_stop)) => {
             let _ = started.send(Ok(pid));
             let mut tree = Tree::new(pid, events, tasks);
@@ -57,34 +58,56 @@ fn pipe() -> Result<[libc::c_int; 2]> {
     Ok(fds)
 }
 
-/// Starts the command with environment `env` ("NAME=value" each) and returns its pid and wait
-/// status once it stops right after its exec.
-fn start(path: &CString, args: &[CString], env: &[CString]) -> Result<(u32, i32)> {
+/// What the child writes to the `failed` pipe before it gives up: the step that failed and
+/// its errno.
+const FAILED_EXEC: libc::c_int = 0;
+const FAILED_USER: libc::c_int = 1;
+
+/// Starts the command with environment `env` ("NAME=value" each), as `user` if given, and
+/// returns its pid and wait status once it stops right after its exec.
+fn start(path: &CString, args: &[CString], env: &[CString], user: Option<&RunAs>) -> Result<(u32, i32)> {
     let mut argv: Vec<*const libc::c_char> = args.iter().map(|a| a.as_ptr()).collect();
     argv.push(std::ptr::null());
     let mut envp: Vec<*const libc::c_char> = env.iter().map(|a| a.as_ptr()).collect();
     envp.push(std::ptr::null());
     let mut filter = code_watch::filter();
-    // `go`: the child waits until it is seized. `failed`: its exec's errno, if exec fails
-    // (close-on-exec: a successful exec closes it empty).
+    let groups: Vec<libc::gid_t> = user.map(|u| u.groups.clone()).unwrap_or_default();
+    // `go`: the child waits until it is seized. `failed`: the step and errno that stopped it,
+    // if exec or the change of user fails (close-on-exec: a successful exec closes it empty).
     let (go, failed) = (pipe()?, pipe()?);
-    // SAFETY: the child only makes async-signal-safe calls (read, signal, seccomp, execve,
-    // write, _exit) on memory prepared before the fork.
+    // SAFETY: the child only makes async-signal-safe calls (read, signal, seccomp, raw
+    // set*id syscalls, execve, write, _exit) on memory prepared before the fork.
     let pid = unsafe { libc::fork() };
     let fork_error = std::io::Error::last_os_error();
     if pid == 0 {
         unsafe {
+            let give_up = |step: libc::c_int| -> ! {
+                let why = [step, *libc::__errno_location()];
+                libc::write(failed[1], why.as_ptr().cast(), size_of_val(&why));
+                libc::_exit(127)
+            };
             let mut byte = 0u8;
             if libc::read(go[0], (&raw mut byte).cast(), 1) != 1 {
                 libc::_exit(127);
             }
             // Rust ignores SIGPIPE in memtrace; the command gets the default, as from a shell.
             libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+            // Still root: a filter without no_new_privs needs CAP_SYS_ADMIN, and no_new_privs
+            // would keep setuid programs of the command from working as they do alone.
             code_watch::install(&mut filter);
+            if let Some(user) = user {
+                // Raw syscalls: they change this thread only, the only one the child has, and
+                // take no lock glibc's wrappers might hold from another thread at the fork.
+                // Groups first, then gid, then uid: each needs the privilege the next drops.
+                if libc::syscall(libc::SYS_setgroups, groups.len(), groups.as_ptr()) != 0
+                    || libc::syscall(libc::SYS_setresgid, user.gid, user.gid, user.gid) != 0
+                    || libc::syscall(libc::SYS_setresuid, user.uid, user.uid, user.uid) != 0
+                {
+                    give_up(FAILED_USER);
+                }
+            }
             libc::execve(path.as_ptr(), argv.as_ptr(), envp.as_ptr());
-            let errno = *libc::__errno_location();
-            libc::write(failed[1], (&raw const errno).cast(), size_of::<libc::c_int>());
-            libc::_exit(127);
+            give_up(FAILED_EXEC);
         }
     }
     // SAFETY: closing the child's ends in the parent.
@@ -126,13 +149,17 @@ fn seize_and_exec(pid: libc::pid_t, go: libc::c_int, failed: libc::c_int) -> Res
             bail!("waiting for the command: {e}");
         }
         if libc::WIFEXITED(status) || libc::WIFSIGNALED(status) {
-            let mut errno: libc::c_int = 0;
-            // SAFETY: reading at most one c_int into a live local.
-            let n = unsafe { libc::read(failed, (&raw mut errno).cast(), size_of::<libc::c_int>()) };
-            if n == size_of::<libc::c_int>() as isize {
-                return Err(std::io::Error::from_raw_os_error(errno).into());
+            let mut why: [libc::c_int; 2] = [0; 2];
+            // SAFETY: reading at most two c_ints into a live local.
+            let n = unsafe { libc::read(failed, why.as_mut_ptr().cast(), size_of_val(&why)) };
+            if n != size_of_val(&why) as isize {
+                return Err(anyhow!("it ended before its exec"));
             }
-            return Err(anyhow!("it ended before its exec"));
+            let error = std::io::Error::from_raw_os_error(why[1]);
+            return Err(match why[0] {
+                FAILED_USER => anyhow!("cannot switch to that user: {error}"),
+                _ => error.into(),
+            });
         }
         let (sig, event) = (libc::WSTOPSIG(status), status >> 16);
         match event {

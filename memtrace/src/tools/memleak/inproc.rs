@@ -214,15 +214,22 @@ impl Shim {
         let hash = memtrace_common::stack::hash(
             &OBJECT.chunks(8).map(|c| c.iter().rev().fold(0u64, |h, &b| h << 8 | b as u64)).collect::<Vec<_>>(),
         );
+        use std::os::unix::fs::PermissionsExt as _;
         let dir = Path::new("/run/memtrace");
         fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+        // Readable by all whatever root's umask: a command run as another user (--user, sudo)
+        // loads the object with that user's rights.
+        let everyone = fs::Permissions::from_mode(0o755);
+        fs::set_permissions(dir, everyone.clone()).with_context(|| format!("cannot open up {}", dir.display()))?;
         let path = dir.join(format!("libmemtrace_preload-{hash:016x}.so"));
-        if fs::metadata(&path).map(|m| m.len()).ok() != Some(OBJECT.len() as u64) {
+        let meta = fs::metadata(&path).ok();
+        if meta.as_ref().map(|m| m.len()) != Some(OBJECT.len() as u64) {
             let temp = dir.join(format!(".preload-{}", std::process::id()));
             fs::write(&temp, OBJECT).with_context(|| format!("cannot write {}", temp.display()))?;
-            use std::os::unix::fs::PermissionsExt as _;
-            fs::set_permissions(&temp, fs::Permissions::from_mode(0o755))?;
+            fs::set_permissions(&temp, everyone)?;
             fs::rename(&temp, &path).with_context(|| format!("cannot write {}", path.display()))?;
+        } else if meta.is_some_and(|m| m.permissions().mode() & 0o555 != 0o555) {
+            fs::set_permissions(&path, everyone)?;
         }
         let meta = fs::metadata(&path)?;
         let (state_vaddr, segments) = layout().context("internal: memtrace's preload object is malformed")?;
