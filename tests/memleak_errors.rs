@@ -81,7 +81,10 @@ fn memleak_double_free_under_jemalloc_is_reported_and_the_program_runs_on() {
     if !bpf_available(test) {
         return;
     }
-    assert!(std::path::Path::new(JEMALLOC).exists(), "{JEMALLOC} is missing: `cargo xtask setup` installs libjemalloc2");
+    assert!(
+        std::path::Path::new(JEMALLOC).exists(),
+        "{JEMALLOC} is missing: `cargo xtask setup` installs libjemalloc2"
+    );
     // The command's own LD_PRELOAD replaces memtrace's recorder, so jemalloc's free is probed
     // by uprobes under either option.
     if !bpf_loop() {

@@ -14,13 +14,13 @@ use memtrace_common::{
     NO_PID, STACK_LOST,
     memleak::{
         AllocInfo, AllocKey, CLONE_THREAD, CLONE_VM, Config, ERR_DOUBLE_FREE, ERR_INVALID_FREE, ERR_REALLOC_FREED,
-        EV_ALLOC, EV_ERROR, EV_EXEC, EV_FORK, EV_FREE, EV_NEW_STACK, Event, ExecOffsets, FN_REALLOC_FREE, Freed,
-        MemError, STAT_FREED_RECORDED, STAT_FREED_REUSED, STAT_INVALID_FREES, FN_ALIGNED_ALLOC, FN_CALLOC, FN_FREE, FN_KFREE, FN_KMALLOC, FN_KMEM_CACHE_ALLOC, FN_MALLOC,
-        FN_MEMALIGN, FN_MMAP, FN_MMAP_FILE, FN_MUNMAP, FN_PAGE_ALLOC, FN_PERCPU_ALLOC, FN_POSIX_MEMALIGN, FN_PVALLOC,
-        FN_REALLOC, FN_REALLOCARRAY, FN_VALLOC, ForkOffsets, KmemOffsets, MAP_ANONYMOUS, Pending, STAT_COUNT,
-        STAT_EARLY_FULL, STAT_EVENTS_LOST, STAT_FAILED, STAT_FREE_CALLS, STAT_FREE_CALLS_IN_WINDOW, STAT_FREED,
-        STAT_MAP_FULL, STAT_REPLACED, STAT_STACK_LOST, STAT_STACKS_FULL, STAT_TRACKED, STAT_UNKNOWN_FREE,
-        STAT_UNTRACKED_CHILDREN, StackKey, Tracked,
+        EV_ALLOC, EV_ERROR, EV_EXEC, EV_FORK, EV_FREE, EV_NEW_STACK, Event, ExecOffsets, FN_ALIGNED_ALLOC, FN_CALLOC,
+        FN_FREE, FN_KFREE, FN_KMALLOC, FN_KMEM_CACHE_ALLOC, FN_MALLOC, FN_MEMALIGN, FN_MMAP, FN_MMAP_FILE, FN_MUNMAP,
+        FN_PAGE_ALLOC, FN_PERCPU_ALLOC, FN_POSIX_MEMALIGN, FN_PVALLOC, FN_REALLOC, FN_REALLOC_FREE, FN_REALLOCARRAY,
+        FN_VALLOC, ForkOffsets, Freed, KmemOffsets, MAP_ANONYMOUS, MemError, Pending, STAT_COUNT, STAT_EARLY_FULL,
+        STAT_EVENTS_LOST, STAT_FAILED, STAT_FREE_CALLS, STAT_FREE_CALLS_IN_WINDOW, STAT_FREED, STAT_FREED_RECORDED,
+        STAT_FREED_REUSED, STAT_INVALID_FREES, STAT_MAP_FULL, STAT_REPLACED, STAT_STACK_LOST, STAT_STACKS_FULL,
+        STAT_TRACKED, STAT_UNKNOWN_FREE, STAT_UNTRACKED_CHILDREN, StackKey, Tracked,
     },
 };
 use memtrace_ebpf::{BPF_NOEXIST, EEXIST, bump, current_pid_tgid, tp_u32, tp_u64, unwind::UserRegs};
@@ -333,8 +333,14 @@ fn free_checked(ctx: &ProbeContext, key: AllocKey, tid: u32, func: u32) {
             return;
         }
         bump(&STATS, STAT_FREED);
-        let freed =
-            Freed { size: info.size, alloc_stack: info.stack_id, free_stack: stack, free_ns: now, func: info.func, tid };
+        let freed = Freed {
+            size: info.size,
+            alloc_stack: info.stack_id,
+            free_stack: stack,
+            free_ns: now,
+            func: info.func,
+            tid,
+        };
         if FREED.insert(&key, &freed, 0).is_ok() {
             bump(&STATS, STAT_FREED_RECORDED);
         }

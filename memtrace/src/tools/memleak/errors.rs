@@ -78,7 +78,10 @@ pub(super) fn block_around(mut blocks: impl Iterator<Item = (u64, u64)>, addr: u
 /// record has dropped entries (a block freed before then is not remembered).
 pub(super) fn address_is(e: &MemError, interior: Option<(u64, u64)>, horizon: bool) -> String {
     if let Some((start, size)) = interior {
-        return format!("{} bytes into a live block of {size} bytes at {start:#x} (an interior pointer)", e.addr - start);
+        return format!(
+            "{} bytes into a live block of {size} bytes at {start:#x} (an interior pointer)",
+            e.addr - start
+        );
     }
     let Ok(mapping) = procfs::mapping_at(e.pid, e.addr) else {
         return "of an unknown kind (the process was gone before memtrace looked)".into();
