@@ -104,7 +104,7 @@ fn memleak_command_exit_status_is_passed_through() {
         final_report(&String::from_utf8_lossy(&out.stdout));
     }
     // -p leaves the target's status alone: memtrace succeeded.
-    let mut target = Command::new("sh").args(["-c", "read x; exit 5"]).stdin(Stdio::piped()).spawn().unwrap();
+    let mut target = Command::new(&exit_with).args(["5", "read"]).stdin(Stdio::piped()).spawn().unwrap();
     let mut mt = Running::start(&["memleak", "--json", "-p", &target.id().to_string()]);
     mt.wait_ready();
     drop(target.stdin.take());

@@ -20,7 +20,7 @@ use std::{
 
 use anyhow::{Context as _, Result, bail};
 use memtrace_common::{
-    memleak::MemError,
+    memleak::{ERR_INVALID_FREE, MemError},
     unwind::{MAPPING_NO_TABLE, MAPPING_TABLE, MAPPING_TABLE_FULL, PackedRow},
 };
 
@@ -530,6 +530,11 @@ impl Recorder {
                 self.read_stacks(pid, &state)?;
             }
             self.read_errors(pid, &state)?;
+            // An invalid free is told from the live blocks (an interior pointer): read them now,
+            // as the last periodic read may predate the block it points into.
+            if self.errors.iter().any(|e| e.error == ERR_INVALID_FREE) {
+                self.snapshot(pid)?;
+            }
         }
         Ok(())
     }
