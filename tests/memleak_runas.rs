@@ -83,9 +83,7 @@ fn test_user(test: &str) -> Option<User> {
 /// A folder the test user can read, holding a shell script that prints who runs it (with shell
 /// builtins only: no child process) and then execs tests/progs/leaky in its place.
 fn script() -> PathBuf {
-    let dir = repo().join("target/test-tmp/memleak_runas");
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
+    let dir = tempdir("memleak_runas");
     std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755)).unwrap();
     for folder in dir.ancestors().chain(prog("leaky").ancestors().skip(1)) {
         let mode = std::fs::metadata(folder).unwrap().permissions().mode();

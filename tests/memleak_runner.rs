@@ -19,13 +19,6 @@ use std::{
 use common::*;
 use serde_json::Value;
 
-fn tempdir(name: &str) -> PathBuf {
-    let dir = repo().join("target/test-tmp").join(name);
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
-    dir
-}
-
 /// The one-letter state of a task (`T` stopped, `t` stopped under a tracer, `S` sleeping...);
 /// `-` once it is gone.
 fn state(pid: u32) -> char {

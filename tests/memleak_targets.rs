@@ -457,10 +457,3 @@ fn memleak_pid_children_follows_new_processes() {
     assert_eq!(report["dropped"]["late_processes"], 2, "{}", report["dropped"]);
     assert_detached("memleak");
 }
-
-fn tempdir(name: &str) -> std::path::PathBuf {
-    let dir = repo().join("target/test-tmp").join(name);
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
-    dir
-}

@@ -21,6 +21,15 @@ pub fn repo() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_path_buf()
 }
 
+/// An empty folder for test `name`'s files, under target/test-tmp.
+#[allow(dead_code, reason = "each test binary compiles this module; not all use everything")]
+pub fn tempdir(name: &str) -> PathBuf {
+    let dir = repo().join("target/test-tmp").join(name);
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
 /// A test program that has said "ready": it waits on `stdin` and talks on `lines`.
 pub struct Ready {
     pub child: Child,
