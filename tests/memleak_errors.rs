@@ -178,6 +178,44 @@ fn memleak_no_errors_turns_the_checks_off() {
     assert!(!stdout.contains("memory_error"), "{stdout}");
 }
 
+/// --errors-only: the double free with the stacks of both frees, the allocation's call site
+/// alone (no stack is walked at allocations), and the final report of errors only.
+#[test]
+fn memleak_errors_only_keeps_the_allocation_call_site_and_reports_no_leaks() {
+    let test = "memleak_errors_only_keeps_the_allocation_call_site_and_reports_no_leaks";
+    if !bpf_available(test) {
+        return;
+    }
+    for how in recorders(test) {
+        let cmd = format!("{} double", prog("bad_free").display());
+        let out = run(&["memleak", "--json", "--errors-only", how, "-c", &cmd], Duration::from_secs(120));
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert_eq!(out.status.code(), Some(128 + libc::SIGABRT), "{how}: {}", String::from_utf8_lossy(&out.stderr));
+        let errors: Vec<Value> = json_lines(&stdout).into_iter().filter(|l| l["type"] == "memory_error").collect();
+        let report = final_report(&stdout);
+        let e = the_error(&errors, &report, how);
+        assert_eq!(e["kind"], "double_free", "{how}: {e:#}");
+        assert_eq!(first_line(&e["stack"]), at("release_twice", "ERROR:release_twice"), "{how}: {e:#}");
+        assert_eq!(first_line(&e["free_stack"]), at("release_once", "FREE:release_once"), "{how}: {e:#}");
+        assert_eq!(e["alloc_stack"].as_array().map(Vec::len), Some(1), "{how}: {e:#}");
+        assert_eq!(first_line(&e["alloc_stack"]), at("make_block", "ALLOC:make_block"), "{how}: {e:#}");
+        assert_eq!(e["alloc_call_site_only"], true, "{how}: {e:#}");
+        assert_eq!(report["errors_only"], true, "{how}: {report:#}");
+        assert_eq!(report["stacks"].as_array().map(Vec::len), Some(0), "{how}: {report:#}");
+    }
+    // A program that leaks 100 bytes a tick for 2 s, reported every second: no interval
+    // report, no error, and a final report without stacks.
+    let dir = tempdir("memleak_errors_only");
+    let cmd = format!("{} 100 {}", prog("ticker").display(), dir.join("ticks").display());
+    let out = run(&["memleak", "--errors-only", "-c", &cmd, "1"], Duration::from_secs(60));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stderr));
+    let reports: Vec<&str> = stdout.lines().filter(|l| l.starts_with('[')).collect();
+    assert_eq!(reports.len(), 1, "{stdout}");
+    assert!(reports[0].ends_with(": 0 memory errors (--errors-only: leaks not reported)"), "{stdout}");
+    assert!(!stdout.contains("leak_tick"), "{stdout}");
+}
+
 #[test]
 fn memleak_freed_record_takes_a_positive_size() {
     for bad in ["0", "x", "16777217", "4294967296"] {
@@ -189,4 +227,12 @@ fn memleak_freed_record_takes_a_positive_size() {
     }
     let out = run(&["memleak", "--freed-record", "0", "-c", "true"], Duration::from_secs(10));
     assert_eq!(String::from_utf8_lossy(&out.stderr), "memtrace: error: --freed-record takes 1 to 16777216, not 0\n");
+    assert_exact_error(
+        &["memleak", "--errors-only"],
+        "--errors-only goes with -p or -c: memory errors are found in user space allocators",
+    );
+    let out = run(&["memleak", "--errors-only", "--no-errors", "-c", "true"], Duration::from_secs(10));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!((out.status.code(), stderr.lines().count()), (Some(1), 1), "{stderr}");
+    assert!(stderr.contains("--no-errors") && stderr.contains("--errors-only"), "{stderr}");
 }

@@ -118,20 +118,31 @@ pub struct Config {
     /// Non-zero: every allocation of the processes is seen (`-c`, nothing sampled out), so a
     /// free of an address never allocated is an invalid free, not a blind spot.
     pub judge_invalid: u32,
+    /// Non-zero: an allocation keeps only its call site, not its whole stack
+    /// (`--errors-only`: the stack walk at each allocation is what it saves).
+    pub call_sites: u32,
+    pub _pad: u32,
+}
+
+impl Config {
+    /// Everything recorded, nothing checked: what the object holds until user space writes.
+    pub const DEFAULT: Config = Config {
+        min_size: 0,
+        max_size: u64::MAX,
+        sample_rate: 1,
+        trace: 0,
+        duty: 0,
+        children: 0,
+        errors: 0,
+        judge_invalid: 0,
+        call_sites: 0,
+        _pad: 0,
+    };
 }
 
 impl Default for Config {
     fn default() -> Self {
-        Config {
-            min_size: 0,
-            max_size: u64::MAX,
-            sample_rate: 1,
-            trace: 0,
-            duty: 0,
-            children: 0,
-            errors: 0,
-            judge_invalid: 0,
-        }
+        Config::DEFAULT
     }
 }
 

@@ -28,16 +28,7 @@ use memtrace_ebpf::{BPF_NOEXIST, EEXIST, bump, current_pid_tgid, tp_u32, tp_u64,
 memtrace_ebpf::license!();
 
 #[unsafe(no_mangle)]
-static CONFIG: Global<Config> = Global::new(Config {
-    min_size: 0,
-    max_size: u64::MAX,
-    sample_rate: 1,
-    trace: 0,
-    duty: 0,
-    children: 0,
-    errors: 0,
-    judge_invalid: 0,
-});
+static CONFIG: Global<Config> = Global::new(Config::DEFAULT);
 
 #[unsafe(no_mangle)]
 static FORK: Global<ForkOffsets> = Global::new(ForkOffsets { pid: 0, clone_flags: 0 });
@@ -137,7 +128,8 @@ fn emit(kind: u32, pid: u32, image: u32, tid: u32, stack_id: u64, addr: u64, siz
 fn record<C: EbpfContext>(ctx: &C, key: AllocKey, tid: u32, size: u64, func: u32, user: bool) {
     let stack = if user {
         // A uretprobe's context is the user registers at the return.
-        stacks().user_walked(ctx, UserRegs::from_probe(ctx.as_ptr().cast()), key.pid)
+        let regs = UserRegs::from_probe(ctx.as_ptr().cast());
+        if CONFIG.load().call_sites != 0 { stacks().call_site(regs) } else { stacks().user_walked(ctx, regs, key.pid) }
     } else {
         stacks().kernel(ctx)
     };

@@ -74,6 +74,19 @@ impl<const N: usize> Store<N> {
         }
     }
 
+    /// A stack of one frame, the return address `regs` are at (a uretprobe's): the call
+    /// site alone, without a walk.
+    #[inline(always)]
+    pub fn call_site(&self, regs: Option<UserRegs>) -> Result<u64, Lost> {
+        let Some(regs) = regs else { return Err(self.lost(Lost::Unreadable)) };
+        let Some(stack) = self.scratch() else { return Err(self.lost(Lost::Unreadable)) };
+        // SAFETY: this CPU's scratch slot.
+        let stack = unsafe { &mut *stack };
+        stack.ips[0] = regs.ip;
+        stack.len = 1;
+        self.store(stack)
+    }
+
     /// The kernel stack at this point.
     #[inline(always)]
     pub fn kernel<C: EbpfContext>(&self, ctx: &C) -> Result<u64, Lost> {

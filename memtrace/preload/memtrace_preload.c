@@ -199,6 +199,7 @@ static TLS uint32_t my_tid;             /* 0 until asked; cleared in a forked ch
 /* ---- start ---- */
 
 static volatile int init_state; /* 0 not started, 1 starting, 2 ready, 3 failed */
+static int call_sites;          /* an allocation keeps its call site only (--errors-only) */
 static char boot_arena[16384];  /* what dlsym allocates while we look the allocator up */
 static uint64_t boot_used;
 /* Blocks the allocator returned to the starting thread while this object started (its own
@@ -288,6 +289,7 @@ static void init(void) {
 	s->max_size = parse_u64(config, "max", ~0ull);
 	s->unwind = parse_u64(config, "unwind", MODE_AUTO);
 	uint64_t freed = parse_u64(config, "freed", 0);
+	call_sites = parse_u64(config, "call_sites", 0) != 0;
 	s->stack_index_cap = stacks;
 	s->stack_arena_cap = stacks / 2 * 48; /* frames: 48 per stack on average before it is full */
 	s->parts = (uint64_t)raw_mmap(PARTS * sizeof(struct mt_part), PROT_READ | PROT_WRITE);
@@ -724,7 +726,12 @@ static MT_NOINLINE uint64_t record(void *p, uint64_t size, uint32_t func, uint64
 		return 0;
 	}
 	struct walk w;
-	walk(&w, ra, sp, bp);
+	if (call_sites) { /* --errors-only: the caller alone, no walk */
+		w.ips[0] = ra;
+		w.len = 1;
+	} else {
+		walk(&w, ra, sp, bp);
+	}
 	uint64_t id = store_stack(w.ips, w.len);
 	uint64_t t = now_ns();
 	struct mt_part *pt = part(pi);
@@ -733,11 +740,13 @@ static MT_NOINLINE uint64_t record(void *p, uint64_t size, uint32_t func, uint64
 		grow(pt);
 	struct mt_block *table = (struct mt_block *)pt->slots;
 	uint64_t mask = pt->cap - 1;
-	pt->counters[C_WALKS]++;
-	/* A frame-pointer walk's end tells nothing of whether it was whole: counted as such. */
-	pt->counters[s->unwind == MODE_FP ? C_FP_WALKS : w.end ? w.end : C_DEPTH]++;
-	if (s->unwind != MODE_FP)
-		pt->counters[C_FP_FRAMES] += w.fp_frames;
+	if (!call_sites) {
+		pt->counters[C_WALKS]++;
+		/* A frame-pointer walk's end tells nothing of whether it was whole: counted as such. */
+		pt->counters[s->unwind == MODE_FP ? C_FP_WALKS : w.end ? w.end : C_DEPTH]++;
+		if (s->unwind != MODE_FP)
+			pt->counters[C_FP_FRAMES] += w.fp_frames;
+	}
 	if (!id)
 		pt->counters[C_STACKS_LOST]++;
 	uint64_t i = home & mask, n = 0;

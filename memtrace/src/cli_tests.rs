@@ -53,6 +53,7 @@ const TOOLS: &[(&str, Options, bool)] = &[
             ("--unwind", Text),
             ("--unwind-rows", Number),
             ("--no-errors", Flag),
+            ("--errors-only", Flag),
             ("--freed-record", Number),
         ],
         true,

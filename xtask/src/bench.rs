@@ -196,6 +196,11 @@ fn synthetic(opts: &Opts, memtrace: &Path, failures: &mut Vec<String>) -> Result
         let args = ["memleak", "--json", "--no-errors"];
         traced(n, &workload, &args, Check::Exact, "memtrace memleak --no-errors -p PID (no walk at free)", base)?;
     }
+    if programs::has_option(memtrace, "--errors-only") {
+        let args = ["memleak", "--json", "--errors-only"];
+        let label = "memtrace memleak --errors-only -p PID (no walk at allocations)";
+        traced(n, &workload, &args, Check::Exact, label, base)?;
+    }
     traced(n, &workload, &["memleak", "--json", "-s", "10"], Check::None, "memtrace memleak -s 10 -p PID", base)?;
     // Most calls run untraced here, so a longer run spans several recording windows.
     let duty = traced(

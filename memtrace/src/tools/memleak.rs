@@ -130,6 +130,11 @@ pub struct Args {
     /// block), which costs a stack walk at each free.
     #[arg(long)]
     pub no_errors: bool,
+    /// User mode: report memory errors only, no leaks; an allocation keeps only its call site
+    /// (the stack walk at each allocation is saved, so a double free's "allocated at" is the
+    /// caller alone).
+    #[arg(long, conflicts_with_all = ["no_errors", "trace", "show_allocs", "folded"])]
+    pub errors_only: bool,
     /// Freed blocks remembered with the stack of their free, to tell a double free (the
     /// oldest are dropped for room, and counted).
     #[arg(long, default_value_t = 65_536, value_name = "N")]
@@ -157,6 +162,7 @@ impl Args {
             max_stacks: self.max_stacks,
             rows: self.unwind.unwind_rows,
             freed: if self.no_errors { 0 } else { self.freed_record.into() },
+            call_sites: self.errors_only,
             min_size: self.min_size.unwrap_or(0),
             max_size: self.max_size.unwrap_or(u64::MAX),
             // In the process, tables work on every kernel (no bpf_loop needed).
@@ -178,6 +184,9 @@ impl Args {
         // Not clap's `requires`: it lets `--user` through beside -p, which conflicts with -c.
         if self.user.is_some() && self.command.is_none() {
             bail!("--user names whom a command runs as: it goes with -c (memtrace memleak --user NAME -c CMD)");
+        }
+        if self.errors_only && self.target.pid.is_none() && self.command.is_none() {
+            bail!("--errors-only goes with -p or -c: memory errors are found in user space allocators");
         }
         if self.children && self.command.is_some() {
             bail!("--children goes with -p: -c always follows every process the command starts");
@@ -284,6 +293,8 @@ pub async fn run(args: Args) -> Result<Status> {
             && args.min_size.is_none()
             && args.max_size.is_none()
             && args.duty_cycle.is_none()) as u32,
+        call_sites: (user && args.errors_only) as u32,
+        _pad: 0,
     };
     let kmem = if user { None } else { Some(attach::kmem_offsets()?) };
     // Kernel mode walks no user stack.

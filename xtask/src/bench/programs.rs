@@ -52,6 +52,7 @@ impl Mode {
             Mode::Untraced => "untraced",
             Mode::MemtraceC([]) => "memtrace_c",
             Mode::MemtraceC(["--no-errors"]) => "memtrace_c_no_errors",
+            Mode::MemtraceC(["--errors-only"]) => "memtrace_c_errors_only",
             Mode::MemtraceC(_) => "memtrace_c_uprobes",
             Mode::MemtraceP => "memtrace_p",
             Mode::Heaptrack => "heaptrack",
@@ -82,6 +83,9 @@ const UPROBES: Mode = Mode::MemtraceC(&["--uprobes"]);
 
 /// memleak's `-c` without its memory-error checks (a stack walk at each free): what they cost.
 const NO_ERRORS: Mode = Mode::MemtraceC(&["--no-errors"]);
+
+/// memleak's `-c` looking for memory errors only: no stack walked at allocations.
+const ERRORS_ONLY: Mode = Mode::MemtraceC(&["--errors-only"]);
 
 struct Env {
     memtrace: PathBuf,
@@ -146,6 +150,9 @@ pub fn run(runs: usize, quick: bool, memtrace: &Path) -> Result<Value> {
     let mut modes = vec![Mode::Untraced, Mode::MemtraceC(&[])];
     if has_option(memtrace, "--no-errors") {
         modes.push(NO_ERRORS);
+    }
+    if has_option(memtrace, "--errors-only") {
+        modes.push(ERRORS_ONLY);
     }
     if env.uprobes {
         modes.push(UPROBES);

@@ -40,6 +40,9 @@ pub(super) struct ErrorReport {
     pub alloc_stack: Option<Vec<Frame>>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub free_stack: Option<Vec<Frame>>,
+    /// `alloc_stack` is the call site alone (`--errors-only` walks no stack at allocations).
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub alloc_call_site_only: bool,
 }
 
 /// The stacks an error names, already symbolized (the caller holds the symbolizer).
@@ -117,6 +120,7 @@ pub(super) fn report(e: &MemError, stacks: Stacks, address_is: Option<String>) -
         stack: stacks.now,
         alloc_stack: stacks.alloc,
         free_stack: stacks.free,
+        alloc_call_site_only: false,
     }
 }
 
@@ -147,7 +151,8 @@ pub(super) fn render(r: &ErrorReport) -> String {
         output::write_stack(&mut out, frames, "      ");
     }
     if let Some(frames) = &r.alloc_stack {
-        let _ = writeln!(out, "  allocated at:");
+        let only = if r.alloc_call_site_only { " (the call site only: --errors-only)" } else { "" };
+        let _ = writeln!(out, "  allocated at{only}:");
         output::write_stack(&mut out, frames, "      ");
     }
     out.truncate(out.trim_end().len());

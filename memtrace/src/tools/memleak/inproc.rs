@@ -246,14 +246,15 @@ impl Shim {
             format!("{} {theirs}", self.path.display())
         };
         let config = format!(
-            "allocs={} stacks={} rows={} min={} max={} unwind={} freed={}",
+            "allocs={} stacks={} rows={} min={} max={} unwind={} freed={} call_sites={}",
             config.max_allocs,
             config.max_stacks,
             config.rows,
             config.min_size,
             config.max_size,
             config.unwind,
-            config.freed
+            config.freed,
+            u8::from(config.call_sites)
         );
         vec![("LD_PRELOAD".into(), preload), ("MEMTRACE_PRELOAD".into(), config)]
     }
@@ -296,6 +297,8 @@ pub(super) struct Config {
     pub unwind: u32,
     /// Slots of the record of freed blocks; 0: memory errors are not checked (`--no-errors`).
     pub freed: u64,
+    /// An allocation keeps its call site only, unwalked (`--errors-only`).
+    pub call_sites: bool,
 }
 
 /// Compiled tables by file, shared by every process memtrace writes them into.

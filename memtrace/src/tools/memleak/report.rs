@@ -186,6 +186,9 @@ struct Report {
     /// File mappings still in place, not counted in `total_bytes`.
     file_mappings: FileMappings,
     stacks: Vec<StackReport>,
+    /// `--errors-only`: `stacks` is empty, as leaks are not reported.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    errors_only: bool,
     /// Each process followed (user mode): with `-c` or `--children`, the whole tree.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     processes: Vec<ProcessReport>,
@@ -371,7 +374,8 @@ impl<'a> Session<'a> {
         self.print_error(errors::report(e, stacks, address_is))
     }
 
-    fn print_error(&mut self, found: ErrorReport) -> Result<()> {
+    fn print_error(&mut self, mut found: ErrorReport) -> Result<()> {
+        found.alloc_call_site_only = self.args.errors_only;
         if self.args.run.json {
             output::json_line(&found)?;
         } else {
@@ -449,6 +453,10 @@ impl<'a> Session<'a> {
     pub(super) fn report(&mut self, procs: &mut Procs, is_final: bool, target_gone: bool) -> Result<()> {
         procs.read_recorders();
         self.report_errors(procs)?;
+        // --errors-only: the errors were printed as found; the final report sums them up.
+        if self.args.errors_only && !is_final {
+            return Ok(());
+        }
         let procs: &Procs = procs;
         let older_ns = if target_gone { 0 } else { self.args.older * 1_000_000 };
         let images = procs.images();
@@ -503,7 +511,8 @@ impl<'a> Session<'a> {
             .collect();
         processes.sort_by(|a, b| b.bytes.cmp(&a.bytes).then(a.pid.cmp(&b.pid)));
         let mut stacks = Vec::new();
-        let top = self.args.top.get();
+        // --errors-only keeps call sites, not stacks: no leak is reported from them.
+        let top = if self.args.errors_only { 0 } else { self.args.top.get() };
         let mut cut_stacks = self.unwinder.cut();
         cut_stacks.add(&in_process.cut);
         for row in rows.iter() {
@@ -542,6 +551,7 @@ impl<'a> Session<'a> {
             failed: self.maps.stat(STAT_FAILED) + in_process.failed,
             file_mappings,
             stacks,
+            errors_only: self.args.errors_only,
             processes,
             errors: if is_final { self.errors.clone() } else { Vec::new() },
             dropped: in_process.add_to(Dropped {
@@ -575,10 +585,22 @@ fn render(report: &Report, sample_rate: u32) -> String {
     if report.estimated {
         sampled += &format!(", estimated: recorded share x{:.1}", report.scale);
     }
+    let title = if report.is_final { "final report, " } else { "" };
+    if report.errors_only {
+        let n = report.errors.len();
+        let s = if n == 1 { "" } else { "s" };
+        let _ = writeln!(out, "{title}{whose}: {n} memory error{s} (--errors-only: leaks not reported)");
+        for e in &report.errors {
+            for line in errors::render(e).lines() {
+                let _ = writeln!(out, "    {line}");
+            }
+        }
+        let _ = write!(out, "  {}", report.dropped);
+        return out;
+    }
     let _ = writeln!(
         out,
-        "{}{whose}: {} outstanding in {} stacks{sampled}",
-        if report.is_final { "final report, " } else { "" },
+        "{title}{whose}: {} outstanding in {} stacks{sampled}",
         output::bytes(report.total_bytes),
         report.stacks.len()
     );
