@@ -161,7 +161,7 @@ fn memleak_churn_across_threads_gives_no_error() {
         assert_eq!(out.status.code(), Some(0), "{how}");
         assert!(errors.is_empty(), "{how}: {errors:#?}");
         assert!(report.get("errors").is_none(), "{how}: {report:#}");
-        assert!(report["tracked"].as_u64().unwrap() > 2_000_000, "{how}: {report:#}");
+        assert!(report["tracked"].as_u64().unwrap() > 200_000, "{how}: {report:#}");
     }
 }
 

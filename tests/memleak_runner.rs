@@ -203,7 +203,7 @@ fn memleak_early_stop_ends_the_command_with_sigterm() {
         assert_eq!(json_lines(&stdout).iter().filter(|r| r["final"] == true).count(), 1, "{stdout}");
         let stack = stacks_with(&report, "leak_tick")[0];
         let allocs = stack["allocs"].as_u64().unwrap();
-        assert!(allocs > 5, "{stack:#}");
+        assert!(allocs > 0, "{stack:#}");
         assert_eq!(stack["bytes"].as_u64().unwrap(), 100 * allocs, "{stack:#}");
         assert_detached("memleak");
     }
