@@ -54,6 +54,7 @@ const TOOLS: &[(&str, Options, bool)] = &[
             ("--unwind-rows", Number),
             ("--no-errors", Flag),
             ("--freed-record", Number),
+            ("--watch", Number),
         ],
         true,
     ),

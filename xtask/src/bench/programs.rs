@@ -52,6 +52,7 @@ impl Mode {
             Mode::Untraced => "untraced",
             Mode::MemtraceC([]) => "memtrace_c",
             Mode::MemtraceC(["--no-errors"]) => "memtrace_c_no_errors",
+            Mode::MemtraceC(["--watch", "4"]) => "memtrace_c_watch",
             Mode::MemtraceC(_) => "memtrace_c_uprobes",
             Mode::MemtraceP => "memtrace_p",
             Mode::Heaptrack => "heaptrack",
@@ -82,6 +83,10 @@ const UPROBES: Mode = Mode::MemtraceC(&["--uprobes"]);
 
 /// memleak's `-c` without its memory-error checks (a stack walk at each free): what they cost.
 const NO_ERRORS: Mode = Mode::MemtraceC(&["--no-errors"]);
+
+/// memleak's `-c` with four watchpoints moving over the blocks: what watching costs (its
+/// probes are uprobes, so compare it with the `--uprobes` row).
+const WATCH: Mode = Mode::MemtraceC(&["--watch", "4"]);
 
 struct Env {
     memtrace: PathBuf,
@@ -149,6 +154,9 @@ pub fn run(runs: usize, quick: bool, memtrace: &Path) -> Result<Value> {
     }
     if env.uprobes {
         modes.push(UPROBES);
+    }
+    if has_option(memtrace, "--watch") {
+        modes.push(WATCH);
     }
     modes.extend([Mode::MemtraceP, Mode::Heaptrack, Mode::Bcc]);
     let mut programs = Vec::new();
