@@ -61,6 +61,10 @@ fn at(func: &str, tag: &str) -> (String, u64) {
     (func.to_string(), tagged_line("watch_writes.c", tag) as u64)
 }
 
+fn in_stack(stack: &Value, func: &str) -> bool {
+    stack.as_array().is_some_and(|frames| frames.iter().any(|f| is_named(f, func)))
+}
+
 /// What the report says was watched: some blocks of each kind, for some time.
 fn assert_watched(report: &Value) {
     let w = &report["watch"];
@@ -91,7 +95,7 @@ fn memleak_watch_catches_a_write_past_the_end_at_its_line() {
             "{e:#}"
         );
         assert_eq!(first_line(&e["stack"]), at("write_past_end", "ERROR:write_past_end"), "{e:#}");
-        assert!(frame_of(&e["stack"], "writer").is_some(), "a thread's write: {e:#}");
+        assert!(in_stack(&e["stack"], "writer"), "a thread's write: {e:#}");
         assert_eq!(first_line(&e["alloc_stack"]), at("make_block", "ALLOC:make_block"), "{e:#}");
         assert!(e.get("free_stack").is_none(), "{e:#}");
     }
@@ -111,8 +115,8 @@ fn memleak_watch_catches_a_write_to_a_freed_block_with_its_free() {
     for e in &errors {
         assert_eq!(e["kind"], "use_after_free_write", "{e:#}");
         assert_eq!(e["size"], 120, "{e:#}");
-        assert_eq!(first_line(&e["stack"]).1, tagged_line("watch_writes.c", "ERROR:scribble") as u64, "{e:#}");
-        assert!(frame_of(&e["stack"], "scribble").is_some(), "{e:#}");
+        assert_eq!(first_line(&e["stack"]), at("scribble", "ERROR:scribble"), "{e:#}");
+        assert!(in_stack(&e["stack"], "writer"), "a thread's write: {e:#}");
         assert_eq!(first_line(&e["free_stack"]), at("release", "FREE:release"), "{e:#}");
         assert_eq!(first_line(&e["alloc_stack"]), at("make_block", "ALLOC:make_block"), "{e:#}");
         let ms = e["freed_ms_before"].as_f64().unwrap();

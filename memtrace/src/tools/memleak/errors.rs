@@ -70,8 +70,12 @@ pub(super) fn write_by_the_allocator(stack: &[Frame]) -> bool {
     let Some(module) = stack.first().and_then(|f| f.module.as_deref()) else { return false };
     stack.iter().take(6).any(|f| {
         let entry = f.func.as_deref().is_some_and(|name| {
+            // glibc's internal aliases: __GI___libc_malloc is malloc.
+            let name = name.strip_prefix("__GI_").unwrap_or(name);
             let name = name.strip_prefix("__libc_").unwrap_or(name);
-            FN_NAMES[..=FN_FREE as usize].contains(&name) || name.starts_with("_int_") || ALLOCATOR_OWN.contains(&name)
+            FN_NAMES[..=FN_FREE as usize].contains(&name)
+                || ["_int_", "tcache_", "malloc_"].iter().any(|p| name.starts_with(p))
+                || ALLOCATOR_OWN.contains(&name)
         });
         entry && f.module.as_deref() == Some(module)
     })
