@@ -327,7 +327,10 @@ pub const STAT_INVALID_FREES: u32 = 15;
 pub const STAT_WATCH_HITS: u32 = 16;
 pub const STAT_WATCH_STALE: u32 = 17;
 pub const STAT_WATCH_DISARMED: u32 = 18;
-pub const STAT_COUNT: u32 = 19;
+/// Watchpoint hits made inside an allocator call (calloc's memset, realloc's copy): the
+/// allocator's own writes, not errors.
+pub const STAT_WATCH_IN_ALLOCATOR: u32 = 19;
+pub const STAT_COUNT: u32 = 20;
 
 /// `clone` flags that decide whether a new task is a process of its own.
 pub const CLONE_VM: u64 = 0x100;

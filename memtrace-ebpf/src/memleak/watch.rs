@@ -11,12 +11,13 @@ use memtrace_common::{
     STACK_LOST,
     memleak::{
         AllocKey, Candidate, ERR_USE_AFTER_FREE_WRITE, ERR_WRITE_PAST_END, EV_ERROR, FN_FREE, MemError, PICKS,
-        STAT_EVENTS_LOST, STAT_WATCH_DISARMED, STAT_WATCH_HITS, STAT_WATCH_STALE, WATCH_PAST_END, Watch, WatchKey,
+        STAT_EVENTS_LOST, STAT_WATCH_DISARMED, STAT_WATCH_HITS, STAT_WATCH_IN_ALLOCATOR, STAT_WATCH_STALE,
+        WATCH_PAST_END, Watch, WatchKey,
     },
 };
 use memtrace_ebpf::{bump, unwind::UserRegs};
 
-use super::{ALLOCS, CONFIG, EVENTS, FREED, STATS, ids, stacks};
+use super::{ALLOCS, CONFIG, EVENTS, FREED, PENDING, STATS, ids, stacks};
 
 /// Armed watchpoints; user space writes and clears them with each rotation.
 #[btf_map]
@@ -72,6 +73,13 @@ pub fn memleak_watch(ctx: PerfEventContext) -> u32 {
         bump(&STATS, STAT_WATCH_DISARMED);
         return 0;
     };
+    // SAFETY: presence check only.
+    if unsafe { PENDING.get(&tid) }.is_some() {
+        // Inside malloc, calloc or realloc: glibc's calloc ends in a tail call to memset, so no
+        // frame of the stack would tell its write from the program's.
+        bump(&STATS, STAT_WATCH_IN_ALLOCATOR);
+        return 0;
+    }
     let key = AllocKey { pid, image: w.image, addr: w.block };
     let mut err = MemError {
         kind: EV_ERROR,
