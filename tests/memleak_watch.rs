@@ -65,11 +65,15 @@ fn in_stack(stack: &Value, func: &str) -> bool {
     stack.as_array().is_some_and(|frames| frames.iter().any(|f| is_named(f, func)))
 }
 
-/// What the report says was watched: some blocks of each kind, for some time.
-fn assert_watched(report: &Value) {
+/// What the report says was watched: some blocks of each kind named, for some time. (A kind
+/// not named may find no block still as offered in a run: the program's blocks live or stay
+/// freed for 10 to 20 ms of each round.)
+fn assert_watched(report: &Value, kinds: &[&str]) {
     let w = &report["watch"];
     assert_eq!(w["slots"], 4, "{w:#}");
-    for (blocks, seconds) in [("past_end_blocks", "past_end_seconds"), ("freed_blocks", "freed_seconds")] {
+    for kind in kinds {
+        let (blocks, seconds) = (format!("{kind}_blocks"), format!("{kind}_seconds"));
+        let (blocks, seconds) = (blocks.as_str(), seconds.as_str());
         assert!(w[blocks].as_u64().unwrap() > 0, "{blocks}: {w:#}");
         assert!(w[seconds].as_f64().unwrap() > 0.0, "{seconds}: {w:#}");
     }
@@ -100,7 +104,7 @@ fn memleak_watch_catches_a_write_past_the_end_at_its_line() {
         assert!(e.get("free_stack").is_none(), "{e:#}");
     }
     assert_eq!(report["errors"].as_array().map(Vec::len), Some(errors.len()), "{report:#}");
-    assert_watched(&report);
+    assert_watched(&report, &["past_end"]);
     assert_detached("memleak");
 }
 
@@ -122,7 +126,7 @@ fn memleak_watch_catches_a_write_to_a_freed_block_with_its_free() {
         let ms = e["freed_ms_before"].as_f64().unwrap();
         assert!((5.0..1000.0).contains(&ms), "freed about 10 ms before: {e:#}");
     }
-    assert_watched(&report);
+    assert_watched(&report, &["freed"]);
     assert_detached("memleak");
 }
 
@@ -137,7 +141,7 @@ fn memleak_watch_in_bounds_gives_no_error() {
     let (errors, report) = watch_run("clean");
     assert!(errors.is_empty(), "{errors:#?}");
     assert!(report.get("errors").is_none(), "{report:#}");
-    assert_watched(&report);
+    assert_watched(&report, &["past_end", "freed"]);
     assert_detached("memleak");
 }
 

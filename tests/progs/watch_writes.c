@@ -91,7 +91,7 @@ int main(int argc, char **argv) {
 			for (int i = 0; i < BLOCKS; i++)
 				release(blocks[i]);
 			/* Freed blocks to watch, which the next round's malloc takes back. */
-			usleep(10000);
+			usleep(20000);
 		}
 	}
 	puts("done");

@@ -132,7 +132,7 @@ pub struct Args {
     #[arg(long)]
     pub no_errors: bool,
     /// User mode: watch for writes past the end of live blocks and into freed ones with N of
-    /// the CPU's 4 hardware breakpoints (debug registers), moved to other blocks every 250 ms,
+    /// the CPU's 4 hardware breakpoints (debug registers), moved to other blocks every 250 ms or so,
     /// in every thread. Under -c the processes are probed with uprobes (the blocks must be in
     /// memtrace's maps).
     #[arg(long, value_name = "N")]

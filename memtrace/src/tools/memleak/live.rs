@@ -36,8 +36,8 @@ pub(super) struct Live<'a> {
     suspend_poll: tokio::time::Interval,
     /// How often the in-process recorders' error rings are read.
     error_poll: tokio::time::Interval,
-    /// When --watch's watchpoints move.
-    watch_rotation: tokio::time::Interval,
+    /// When --watch's watchpoints move next.
+    watch_rotation: Pin<Box<Sleep>>,
     grace: Pin<Box<Sleep>>,
     /// The `-p` process or the command's first.
     root: Option<u32>,
@@ -95,7 +95,7 @@ impl<'a> Live<'a> {
             tstp,
             suspend_poll: tokio::time::interval(Duration::from_millis(10)),
             error_poll: tokio::time::interval(Duration::from_millis(100)),
-            watch_rotation: tokio::time::interval(super::watch::ROTATION),
+            watch_rotation: Box::pin(tokio::time::sleep(super::watch::ROTATION)),
             grace: Box::pin(tokio::time::sleep(FAR)),
             root,
             own_pid_ns,
@@ -273,7 +273,7 @@ impl Stream for Live<'_> {
             Some(()) = recv_signal(&mut self.tstp), if !ending => Side::Tstp,
             _ = self.suspend_poll.tick(), if suspending => Side::SuspendCheck,
             _ = self.error_poll.tick(), if errors => Side::ErrorPoll,
-            _ = self.watch_rotation.tick(), if watching => Side::Watch,
+            _ = &mut self.watch_rotation, if watching => Side::Watch,
         }
     }
 
@@ -305,7 +305,10 @@ impl Stream for Live<'_> {
                 self.procs.poll_errors();
                 self.session.report_errors(&mut self.procs)?;
             }
-            Side::Watch => self.session.rotate_watch(&self.procs),
+            Side::Watch => {
+                let next = self.session.rotate_watch(&self.procs);
+                self.watch_rotation.as_mut().reset(tokio::time::Instant::now() + next);
+            }
         }
         Ok(Flow::Go)
     }

@@ -14,7 +14,8 @@ use memtrace_common::{
         AllocInfo, AllocKey, ERR_INVALID_FREE, EV_ALLOC, EV_FREE, EV_NEW_STACK, Event, FN_MMAP_FILE, FN_NAMES,
         MemError, STAT_EARLY_FULL, STAT_EVENTS_LOST, STAT_FAILED, STAT_FREE_CALLS, STAT_FREE_CALLS_IN_WINDOW,
         STAT_FREED, STAT_FREED_RECORDED, STAT_FREED_REUSED, STAT_INVALID_FREES, STAT_MAP_FULL, STAT_REPLACED,
-        STAT_STACK_LOST, STAT_TRACKED, STAT_UNKNOWN_FREE, STAT_UNTRACKED_CHILDREN, STAT_WATCH_STALE, StackKey,
+        STAT_STACK_LOST, STAT_TRACKED, STAT_UNKNOWN_FREE, STAT_UNTRACKED_CHILDREN, STAT_WATCH_IN_ALLOCATOR,
+        STAT_WATCH_STALE, StackKey,
     },
 };
 use serde::Serialize;
@@ -317,12 +318,13 @@ impl<'a> Session<'a> {
         })
     }
 
-    /// Moves --watch's watchpoints to other blocks of the processes followed.
-    pub(super) fn rotate_watch(&mut self, procs: &Procs) {
-        if let Some(w) = &mut self.watch {
-            let followed = |pid: u32| procs.list.get(&pid).is_some_and(|p| !p.exited);
-            w.rotate(&self.maps.allocs, &followed);
-        }
+    /// Moves --watch's watchpoints to other blocks of the processes followed; how long until
+    /// the next move.
+    pub(super) fn rotate_watch(&mut self, procs: &Procs) -> std::time::Duration {
+        let Some(w) = &mut self.watch else { return watch::ROTATION };
+        let followed = |pid: u32| procs.list.get(&pid).is_some_and(|p| !p.exited);
+        w.rotate(&self.maps.allocs, &followed);
+        w.next_rotation()
     }
 
     /// A watchpoint's hit: walked at the trap, so its first address is the instruction after
@@ -586,10 +588,11 @@ impl<'a> Session<'a> {
             stacks,
             processes,
             errors: if is_final { self.errors.clone() } else { Vec::new() },
-            watch: self
-                .watch
-                .as_ref()
-                .map(|w| watch::Summary { stale_hits: self.maps.stat(STAT_WATCH_STALE), ..w.summary.clone() }),
+            watch: self.watch.as_ref().map(|w| watch::Summary {
+                stale_hits: self.maps.stat(STAT_WATCH_STALE),
+                allocator_writes: w.summary.allocator_writes + self.maps.stat(STAT_WATCH_IN_ALLOCATOR),
+                ..w.summary.clone()
+            }),
             dropped: in_process.add_to(Dropped {
                 cut_stacks,
                 unnamed_frames,

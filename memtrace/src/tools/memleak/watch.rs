@@ -27,7 +27,8 @@ use crate::{kernel, tools::tracer::Tracer};
 
 /// The breakpoint program in memleak's object.
 pub(super) const PROGRAM: &str = "memleak_watch";
-/// How long one set of watches stays armed.
+/// How long one set of watches stays armed, on average: each time is drawn from 150 to 350 ms,
+/// so that a program's own period cannot keep the watches out of step with its blocks.
 pub(super) const ROTATION: Duration = Duration::from_millis(250);
 
 /// What was watched, and what a clean result does not cover (JSON: `watch` in a report).
@@ -111,6 +112,12 @@ impl Watcher {
         self.rng ^= self.rng >> 7;
         self.rng ^= self.rng << 17;
         self.rng % below.max(1)
+    }
+
+    /// How long until the next rotation (see `ROTATION`).
+    pub(super) fn next_rotation(&mut self) -> Duration {
+        let ms = ROTATION.as_millis() as u64;
+        Duration::from_millis(ms / 2 + self.random(ms + 1) * 4 / 5)
     }
 
     /// Disarms every watch, counting how long each was armed.
@@ -246,7 +253,7 @@ pub(super) fn available() -> Result<()> {
 pub(super) fn render(out: &mut String, s: &Summary) {
     let _ = writeln!(
         out,
-        "  watched ({} watchpoints, moved every {} ms): {} live blocks past their end for {:.1} s in all, {} freed blocks for {:.1} s; no other block was watched",
+        "  watched ({} watchpoints, moved every {} ms on average): {} live blocks past their end for {:.1} s in all, {} freed blocks for {:.1} s; no other block was watched",
         s.slots, s.rotation_ms, s.past_end_blocks, s.past_end_seconds, s.freed_blocks, s.freed_seconds
     );
     let _ = writeln!(
