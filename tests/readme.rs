@@ -26,6 +26,7 @@ const CHECKED: &[&str] = &[
     "probe",
     "unwind-cpp",
     "memleak-errors",
+    "memleak-watch",
     "oomkill",
     "mmapsnoop",
     "shmsnoop",
@@ -417,6 +418,30 @@ fn memleak_errors() {
     let (stdout, stderr) = (String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
     assert_eq!(out.status.code(), Some(134), "{stderr}");
     compare("memleak-errors", &example, &stdout, &stderr, Shape::Numbers, &[]);
+}
+
+/// Writes past the end of blocks, caught by --watch at the writing line, where the machine has
+/// hardware breakpoints (`tests/memleak_watch.rs` checks each kind exactly).
+#[test]
+fn memleak_watch() {
+    if !bpf_available("memleak_watch") {
+        return;
+    }
+    let probe = output(
+        command(&Example { command: "memtrace probe".into(), lines: Vec::new() }, None, false),
+        Duration::from_secs(30),
+    );
+    let rows = String::from_utf8_lossy(&probe.stdout).into_owned();
+    if !rows.lines().any(|l| l.trim_start().starts_with("breakpoint bpf") && l.contains(" yes ")) {
+        not_run("memleak_watch", "no hardware breakpoints with an eBPF program (memtrace probe)");
+        return;
+    }
+    prog("watch_writes");
+    let example = example("memleak-watch");
+    let out = output(command(&example, None, false), Duration::from_secs(60));
+    let (stdout, stderr) = (String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert_eq!(out.status.code(), Some(0), "{stderr}");
+    compare("memleak-watch", &example, &stdout, &stderr, Shape::Numbers, &[]);
 }
 
 #[test]

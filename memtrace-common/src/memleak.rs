@@ -121,7 +121,9 @@ pub struct Config {
     /// Non-zero: an allocation keeps only its call site, not its whole stack
     /// (`--errors-only`: the stack walk at each allocation is what it saves).
     pub call_sites: u32,
-    pub _pad: u32,
+    /// Non-zero: `--watch`: offer allocated and freed blocks to user space as candidates
+    /// for a watchpoint (`LIVE_PICKS`, `FREED_PICKS`).
+    pub watch: u32,
 }
 
 impl Config {
@@ -136,7 +138,7 @@ impl Config {
         errors: 0,
         judge_invalid: 0,
         call_sites: 0,
-        _pad: 0,
+        watch: 0,
     };
 }
 
@@ -193,6 +195,11 @@ pub const ERR_INVALID_FREE: u32 = 2;
 /// A realloc of a block that was freed: a use after free.
 pub const ERR_REALLOC_FREED: u32 = 3;
 
+/// A write into the bytes just past a live block's requested end, caught by a watchpoint.
+pub const ERR_WRITE_PAST_END: u32 = 4;
+/// A write into a block freed and not allocated again since, caught by a watchpoint.
+pub const ERR_USE_AFTER_FREE_WRITE: u32 = 5;
+
 /// One memory error, as the eBPF side sends it (`kind` = `EV_ERROR`) and as the in-process
 /// recorder keeps it in its error ring (`seq` = its index + 1 once written).
 #[repr(C)]
@@ -219,7 +226,8 @@ pub struct MemError {
     pub free_tid: u32,
     pub freed_ns: u64,
     pub timestamp_ns: u64,
-    /// The calling thread's stack pointer: tells a free of a stack address.
+    /// The calling thread's stack pointer: tells a free of a stack address. For a watchpoint's
+    /// hit (`ERR_WRITE_PAST_END`, `ERR_USE_AFTER_FREE_WRITE`): the first watched address.
     pub sp: u64,
     pub seq: u64,
 }
@@ -320,14 +328,68 @@ pub const STAT_FREED_RECORDED: u32 = 13;
 pub const STAT_FREED_REUSED: u32 = 14;
 /// Frees reported as invalid (`ERR_INVALID_FREE`): errors, not blind spots.
 pub const STAT_INVALID_FREES: u32 = 15;
-pub const STAT_COUNT: u32 = 16;
+/// Watchpoint hits (`--watch`), and those that were no error: on a block freed (past-end
+/// watch) or allocated again (freed-block watch) since it was armed, or on a watch already
+/// disarmed (one report per watched block).
+pub const STAT_WATCH_HITS: u32 = 16;
+pub const STAT_WATCH_STALE: u32 = 17;
+pub const STAT_WATCH_DISARMED: u32 = 18;
+/// Watchpoint hits made inside an allocator call (calloc's memset, realloc's copy): the
+/// allocator's own writes, not errors.
+pub const STAT_WATCH_IN_ALLOCATOR: u32 = 19;
+pub const STAT_COUNT: u32 = 20;
 
 /// `clone` flags that decide whether a new task is a process of its own.
 pub const CLONE_VM: u64 = 0x100;
 pub const CLONE_VFORK: u64 = 0x4000;
 pub const CLONE_THREAD: u64 = 0x10000;
 
+/// What a watchpoint watches, in `WATCHES` keyed by `WatchKey`.
+pub const WATCH_PAST_END: u32 = 1;
+pub const WATCH_FREED: u32 = 2;
+
+/// A watchpoint: the process and the first address its breakpoint covers.
+#[repr(C)]
+#[derive(Copy, Clone, Debug, Default, PartialEq, Eq, Hash)]
+pub struct WatchKey {
+    pub pid: u32,
+    pub _pad: u32,
+    pub addr: u64,
+}
+
+/// The block a watchpoint is armed for. A hit is an error only while the block is as it was
+/// when armed: still live with this size, or still freed by the same free (`free_ns`).
+#[repr(C)]
+#[derive(Copy, Clone, Debug, Default)]
+pub struct Watch {
+    pub block: u64,
+    pub size: u64,
+    pub free_ns: u64,
+    pub image: u32,
+    /// `WATCH_PAST_END` or `WATCH_FREED`.
+    pub kind: u32,
+}
+
+/// A block offered for watching: written at a random slot of `LIVE_PICKS` at its allocation,
+/// of `FREED_PICKS` at its free (`free_ns` non-zero), so the slots hold recent blocks, more of
+/// them from the stacks that allocate most.
+#[repr(C)]
+#[derive(Copy, Clone, Debug, Default)]
+pub struct Candidate {
+    pub pid: u32,
+    pub image: u32,
+    pub addr: u64,
+    pub size: u64,
+    pub free_ns: u64,
+}
+
+/// Slots of `LIVE_PICKS` and `FREED_PICKS`.
+pub const PICKS: u32 = 64;
+
 user_pod!(
+    WatchKey,
+    Watch,
+    Candidate,
     AllocKey,
     AllocInfo,
     StackKey,

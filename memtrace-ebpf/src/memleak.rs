@@ -27,6 +27,10 @@ use memtrace_ebpf::{BPF_NOEXIST, EEXIST, bump, current_pid_tgid, tp_u32, tp_u64,
 
 memtrace_ebpf::license!();
 
+// A crate root looks for modules beside it: this one sits under memleak/, as user space has it.
+#[path = "memleak/watch.rs"]
+mod watch;
+
 #[unsafe(no_mangle)]
 static CONFIG: Global<Config> = Global::new(Config::DEFAULT);
 
@@ -180,6 +184,9 @@ fn record<C: EbpfContext>(ctx: &C, key: AllocKey, tid: u32, size: u64, func: u32
         }
     }
     bump(&STATS, STAT_TRACKED);
+    if key.pid != NO_PID {
+        watch::offer(&key, size, 0);
+    }
     if CONFIG.load().trace != 0 {
         emit(EV_ALLOC, key.pid, key.image, tid, stack_id, key.addr, size, func);
     }
@@ -335,6 +342,7 @@ fn free_checked(ctx: &ProbeContext, key: AllocKey, tid: u32, func: u32) {
         };
         if FREED.insert(&key, &freed, 0).is_ok() {
             bump(&STATS, STAT_FREED_RECORDED);
+            watch::offer(&key, info.size, now);
         }
         if CONFIG.load().trace != 0 {
             emit(EV_FREE, key.pid, key.image, tid, info.stack_id, key.addr, info.size, func);

@@ -55,6 +55,7 @@ const TOOLS: &[(&str, Options, bool)] = &[
             ("--no-errors", Flag),
             ("--errors-only", Flag),
             ("--freed-record", Number),
+            ("--watch", Number),
         ],
         true,
     ),

@@ -201,6 +201,10 @@ fn synthetic(opts: &Opts, memtrace: &Path, failures: &mut Vec<String>) -> Result
         let label = "memtrace memleak --errors-only -p PID (no walk at allocations)";
         traced(n, &workload, &args, Check::Exact, label, base)?;
     }
+    if programs::has_option(memtrace, "--watch") {
+        let args = ["memleak", "--json", "--watch", "4"];
+        traced(n, &workload, &args, Check::Exact, "memtrace memleak --watch 4 -p PID (4 watchpoints)", base)?;
+    }
     traced(n, &workload, &["memleak", "--json", "-s", "10"], Check::None, "memtrace memleak -s 10 -p PID", base)?;
     // Most calls run untraced here, so a longer run spans several recording windows.
     let duty = traced(

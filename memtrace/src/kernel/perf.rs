@@ -1,17 +1,18 @@
 //! Whether this machine has the perf events a watchpoint or a cache-miss tool would need:
 //! hardware breakpoints (the CPU's debug registers, through PERF_TYPE_BREAKPOINT) with an eBPF
-//! program attached to one, and hardware cache counters (PERF_TYPE_HARDWARE, a PMU). No tool
-//! uses them yet; `probe` reports them because the answer varies by machine: a virtual machine
-//! may have debug registers and no PMU (the project's host), or neither.
+//! program attached to one, and hardware cache counters (PERF_TYPE_HARDWARE, a PMU). `probe`
+//! reports them because the answer varies by machine: a virtual machine may have debug
+//! registers and no PMU (the project's host), or neither. `memleak --watch` arms breakpoints
+//! with `watch_writes`.
 
 use std::{
     io,
-    os::fd::{AsRawFd as _, FromRawFd as _, OwnedFd},
+    os::fd::{AsRawFd as _, BorrowedFd, FromRawFd as _, OwnedFd},
 };
 
 use aya_obj::generated::{
-    HW_BREAKPOINT_LEN_8, HW_BREAKPOINT_W, PERF_EVENT_IOC_SET_BPF, bpf_prog_type::BPF_PROG_TYPE_PERF_EVENT,
-    perf_event_attr, perf_hw_id::PERF_COUNT_HW_CACHE_MISSES, perf_type_id,
+    HW_BREAKPOINT_LEN_8, HW_BREAKPOINT_W, PERF_EVENT_IOC_ENABLE, PERF_EVENT_IOC_SET_BPF,
+    bpf_prog_type::BPF_PROG_TYPE_PERF_EVENT, perf_event_attr, perf_hw_id::PERF_COUNT_HW_CACHE_MISSES, perf_type_id,
 };
 
 /// Writes made to the watched variable: each should count once.
@@ -33,7 +34,7 @@ pub fn breakpoints() -> Breakpoints {
     attr.__bindgen_anon_3.bp_addr = (&raw mut watched) as u64;
     attr.__bindgen_anon_4.bp_len = u64::from(HW_BREAKPOINT_LEN_8);
     let what = "perf_event_open(PERF_TYPE_BREAKPOINT, HW_BREAKPOINT_W, 8 bytes)";
-    let event = match open(&attr) {
+    let event = match open(&attr, 0) {
         Ok(fd) => fd,
         Err(e) => {
             let why = format!("{what}: {}", explain(&e, "this kernel or machine has no hardware breakpoints"));
@@ -61,10 +62,33 @@ pub fn breakpoints() -> Breakpoints {
 pub fn cache_events() -> Result<String, String> {
     let attr = attr(perf_type_id::PERF_TYPE_HARDWARE, PERF_COUNT_HW_CACHE_MISSES as u64);
     let what = "perf_event_open(PERF_TYPE_HARDWARE, PERF_COUNT_HW_CACHE_MISSES)";
-    match open(&attr) {
+    match open(&attr, 0) {
         Ok(_) => Ok(format!("{what} works")),
         Err(e) => Err(format!("{what}: {}", explain(&e, "no hardware counters (no PMU, as in many virtual machines)"))),
     }
+}
+
+/// Arms a write watchpoint on `len` bytes (1, 2, 4 or 8, aligned to `len`) at `addr` in
+/// thread `tid`, running `prog` (a perf_event program) at each write. Inherited: the threads
+/// `tid` creates from now on carry it too (and are rid of it when the fd closes). Closing the
+/// fd disarms it.
+pub fn watch_writes(tid: u32, addr: u64, len: u64, prog: BorrowedFd<'_>) -> io::Result<OwnedFd> {
+    let mut attr = attr(perf_type_id::PERF_TYPE_BREAKPOINT, 0);
+    attr.bp_type = HW_BREAKPOINT_W;
+    attr.__bindgen_anon_3.bp_addr = addr;
+    attr.__bindgen_anon_4.bp_len = len;
+    attr.set_inherit(1);
+    attr.set_disabled(1);
+    let event = open(&attr, tid)?;
+    // SAFETY: the ioctls take the program's fd, and nothing, by value.
+    unsafe {
+        if libc::ioctl(event.as_raw_fd(), PERF_EVENT_IOC_SET_BPF as _, prog.as_raw_fd()) != 0
+            || libc::ioctl(event.as_raw_fd(), PERF_EVENT_IOC_ENABLE as _, 0) != 0
+        {
+            return Err(io::Error::last_os_error());
+        }
+    }
+    Ok(event)
 }
 
 /// A counting event of `type_`/`config` for user space: sample period 1, so an attached
@@ -81,11 +105,13 @@ fn attr(type_: perf_type_id, config: u64) -> perf_event_attr {
     attr
 }
 
-/// perf_event_open for the calling thread, on any CPU.
-fn open(attr: &perf_event_attr) -> io::Result<OwnedFd> {
+/// perf_event_open for thread `tid` (0: the calling one), on any CPU.
+fn open(attr: &perf_event_attr, tid: u32) -> io::Result<OwnedFd> {
     const PERF_FLAG_FD_CLOEXEC: libc::c_ulong = 8;
     // SAFETY: attr is a complete perf_event_attr of the size it states.
-    let fd = unsafe { libc::syscall(libc::SYS_perf_event_open, attr as *const _, 0, -1, -1, PERF_FLAG_FD_CLOEXEC) };
+    let fd = unsafe {
+        libc::syscall(libc::SYS_perf_event_open, attr as *const _, tid as libc::pid_t, -1, -1, PERF_FLAG_FD_CLOEXEC)
+    };
     if fd < 0 {
         return Err(io::Error::last_os_error());
     }

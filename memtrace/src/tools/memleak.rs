@@ -8,6 +8,7 @@ mod inproc;
 mod live;
 mod procs;
 mod report;
+mod watch;
 
 use std::{path::PathBuf, time::Duration};
 
@@ -135,6 +136,12 @@ pub struct Args {
     /// caller alone).
     #[arg(long, conflicts_with_all = ["no_errors", "trace", "show_allocs", "folded"])]
     pub errors_only: bool,
+    /// User mode: watch for writes past the end of live blocks and into freed ones with N of
+    /// the CPU's 4 hardware breakpoints (debug registers), moved to other blocks every 250 ms or so,
+    /// in every thread. Under -c the processes are probed with uprobes (the blocks must be in
+    /// memtrace's maps).
+    #[arg(long, value_name = "N")]
+    pub watch: Option<u32>,
     /// Freed blocks remembered with the stack of their free, to tell a double free (the
     /// oldest are dropped for room, and counted).
     #[arg(long, default_value_t = 65_536, value_name = "N")]
@@ -154,6 +161,7 @@ impl Args {
             && self.symbols_prefix.is_empty()
             && !self.trace
             && self.sample_rate <= 1
+            && self.watch.is_none()
     }
 
     fn recorder_config(&self) -> inproc::Config {
@@ -218,6 +226,15 @@ impl Args {
             bail!("--duty-cycle works with -p PID alone (not with -c, --children or kernel mode)");
         }
         in_range("--duty-period-ms", self.duty_period_ms, 10..=3_600_000)?;
+        if let Some(n) = self.watch {
+            in_range("--watch", n.into(), 1..=4)?;
+            if !user {
+                bail!("--watch watches a process's blocks (with -p or -c): the kernel's are not watched");
+            }
+            if self.no_errors {
+                bail!("--watch needs the record of freed blocks that --no-errors turns off");
+            }
+        }
         if let Some(secs) = self.run.duration {
             in_range("-d/--duration", secs, 1..=MAX_SECONDS)?;
         }
@@ -245,6 +262,9 @@ enum Mode {
 
 pub async fn run(args: Args) -> Result<Status> {
     kernel::require_root()?;
+    if args.watch.is_some() {
+        watch::available()?;
+    }
     // Before anything is attached: a Ctrl-C from here on ends with a final report.
     let signals = crate::tools::Signals::catch()?;
     let mode = match (&args.command, args.target.pid) {
@@ -294,7 +314,7 @@ pub async fn run(args: Args) -> Result<Status> {
             && args.max_size.is_none()
             && args.duty_cycle.is_none()) as u32,
         call_sites: (user && args.errors_only) as u32,
-        _pad: 0,
+        watch: args.watch.is_some() as u32,
     };
     let kmem = if user { None } else { Some(attach::kmem_offsets()?) };
     // Kernel mode walks no user stack.
@@ -322,6 +342,10 @@ pub async fn run(args: Args) -> Result<Status> {
     let skip = if args.duty_cycle.is_some() { DutyCycle::HOT } else { &[] };
     let mut procs = Procs::new(&mut tracer, &args.symbols_prefix, args.obj.clone(), skip)?;
     let maps = Maps::take(&mut tracer)?;
+    let watcher = match args.watch {
+        Some(n) => Some(watch::Watcher::new(&mut tracer, n)?),
+        None => None,
+    };
     let mut unwinder = Unwinder::take(&mut tracer.bpf, unwind)?;
     let mut duty = None;
     let mut command = None;
@@ -374,7 +398,8 @@ pub async fn run(args: Args) -> Result<Status> {
             (None, format!("tracing kernel allocations ({})", attached.join(", ")))
         }
     };
-    let session = Session::new(&args, root, maps, unwinder, user_sym)?;
+    let mut session = Session::new(&args, root, maps, unwinder, user_sym)?;
+    session.watch = watcher;
     let mut live = Live::new(procs, session, command, duty, root, own_pid_ns, args.reports.count())?;
     let run = Run {
         duration: args.run.duration,

@@ -53,6 +53,7 @@ impl Mode {
             Mode::MemtraceC([]) => "memtrace_c",
             Mode::MemtraceC(["--no-errors"]) => "memtrace_c_no_errors",
             Mode::MemtraceC(["--errors-only"]) => "memtrace_c_errors_only",
+            Mode::MemtraceC(["--watch", "4"]) => "memtrace_c_watch",
             Mode::MemtraceC(_) => "memtrace_c_uprobes",
             Mode::MemtraceP => "memtrace_p",
             Mode::Heaptrack => "heaptrack",
@@ -86,6 +87,10 @@ const NO_ERRORS: Mode = Mode::MemtraceC(&["--no-errors"]);
 
 /// memleak's `-c` looking for memory errors only: no stack walked at allocations.
 const ERRORS_ONLY: Mode = Mode::MemtraceC(&["--errors-only"]);
+
+/// memleak's `-c` with four watchpoints moving over the blocks: what watching costs (its
+/// probes are uprobes, so compare it with the `--uprobes` row).
+const WATCH: Mode = Mode::MemtraceC(&["--watch", "4"]);
 
 struct Env {
     memtrace: PathBuf,
@@ -156,6 +161,9 @@ pub fn run(runs: usize, quick: bool, memtrace: &Path) -> Result<Value> {
     }
     if env.uprobes {
         modes.push(UPROBES);
+    }
+    if has_option(memtrace, "--watch") {
+        modes.push(WATCH);
     }
     modes.extend([Mode::MemtraceP, Mode::Heaptrack, Mode::Bcc]);
     let mut programs = Vec::new();

@@ -1,10 +1,14 @@
-//! memleak's memory errors: double and invalid frees and realloc of a freed block, each
-//! printed when memtrace learns of it (before a process the allocator aborts is let go) and
-//! again in the final report.
+//! memleak's memory errors: double and invalid frees and realloc of a freed block, and the
+//! writes `--watch` catches past a block's end or into a freed block, each printed when
+//! memtrace learns of it (before a process the allocator aborts is let go) and again in the
+//! final report.
 
 use std::fmt::Write as _;
 
-use memtrace_common::memleak::{ERR_DOUBLE_FREE, ERR_INVALID_FREE, ERR_REALLOC_FREED, FN_NAMES, MemError};
+use memtrace_common::memleak::{
+    ERR_DOUBLE_FREE, ERR_INVALID_FREE, ERR_REALLOC_FREED, ERR_USE_AFTER_FREE_WRITE, ERR_WRITE_PAST_END, FN_FREE,
+    FN_NAMES, MemError,
+};
 use serde::Serialize;
 
 use crate::{output, procfs, symbolize::Frame};
@@ -14,11 +18,11 @@ use crate::{output, procfs, symbolize::Frame};
 pub(super) struct ErrorReport {
     #[serde(rename = "type")]
     record: &'static str,
-    /// double_free, invalid_free or realloc_of_freed.
+    /// double_free, invalid_free, realloc_of_freed, write_past_end or use_after_free_write.
     pub kind: &'static str,
     pub pid: u32,
     pub tid: u32,
-    /// The call: free, realloc or reallocarray.
+    /// The call: free, realloc or reallocarray; `write` for a watchpoint's hit.
     pub call: &'static str,
     #[serde(serialize_with = "crate::output::hex::serialize")]
     pub addr: u64,
@@ -26,7 +30,7 @@ pub(super) struct ErrorReport {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub size: Option<u64>,
     /// What the address is, for an invalid free: a stack address, a global, an interior
-    /// pointer, or an address the allocator never returned.
+    /// pointer, or an address the allocator never returned; for a write, the bytes watched.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub address_is: Option<String>,
     /// Milliseconds between the first free and this call, and the thread that made it.
@@ -34,7 +38,8 @@ pub(super) struct ErrorReport {
     pub freed_ms_before: Option<f64>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub freed_by_tid: Option<u32>,
-    /// The stack of this call, then the block's allocation and first free where known.
+    /// The stack of this call (of the writing instruction), then the block's allocation and
+    /// first free where known.
     pub stack: Vec<Frame>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub alloc_stack: Option<Vec<Frame>>,
@@ -61,11 +66,31 @@ pub(super) fn by_the_allocator(stack: &[Frame]) -> bool {
     stack.iter().take(4).any(|f| f.func.as_deref().is_some_and(|name| ALLOCATOR_OWN.contains(&name)))
 }
 
+/// Whether a watched write was the allocator's own (a chunk header, a free-list link): the
+/// writing instruction is in the library of an allocator entry point a few frames up (its
+/// inner functions are local symbols, often stripped; calloc's memset is libc's too).
+pub(super) fn write_by_the_allocator(stack: &[Frame]) -> bool {
+    let Some(module) = stack.first().and_then(|f| f.module.as_deref()) else { return false };
+    stack.iter().take(6).any(|f| {
+        let entry = f.func.as_deref().is_some_and(|name| {
+            // glibc's internal aliases: __GI___libc_malloc is malloc.
+            let name = name.strip_prefix("__GI_").unwrap_or(name);
+            let name = name.strip_prefix("__libc_").unwrap_or(name);
+            FN_NAMES[..=FN_FREE as usize].contains(&name)
+                || ["_int_", "tcache_", "malloc_"].iter().any(|p| name.starts_with(p))
+                || ALLOCATOR_OWN.contains(&name)
+        });
+        entry && f.module.as_deref() == Some(module)
+    })
+}
+
 pub(super) fn kind_name(error: u32) -> &'static str {
     match error {
         ERR_DOUBLE_FREE => "double_free",
         ERR_INVALID_FREE => "invalid_free",
         ERR_REALLOC_FREED => "realloc_of_freed",
+        ERR_WRITE_PAST_END => "write_past_end",
+        ERR_USE_AFTER_FREE_WRITE => "use_after_free_write",
         _ => "unknown",
     }
 }
@@ -104,19 +129,34 @@ pub(super) fn address_is(e: &MemError, interior: Option<(u64, u64)>, horizon: bo
     }
 }
 
+/// What a watchpoint's hit watched (`MemError::sp`: its first address).
+pub(super) fn watched(e: &MemError) -> String {
+    if e.error == ERR_WRITE_PAST_END {
+        let (_, len) = super::watch::past_end(e.addr, e.size);
+        format!("watched past the block's end: {len} bytes from {:#x}", e.sp)
+    } else {
+        format!("watched in the freed block: 8 bytes at offset {}", e.sp.saturating_sub(e.addr))
+    }
+}
+
+pub(super) fn is_write(e: &MemError) -> bool {
+    matches!(e.error, ERR_WRITE_PAST_END | ERR_USE_AFTER_FREE_WRITE)
+}
+
 pub(super) fn report(e: &MemError, stacks: Stacks, address_is: Option<String>) -> ErrorReport {
     let known = e.error != ERR_INVALID_FREE;
+    let freed = known && e.error != ERR_WRITE_PAST_END;
     ErrorReport {
         record: "memory_error",
         kind: kind_name(e.error),
         pid: e.pid,
         tid: e.tid,
-        call: FN_NAMES.get(e.func as usize).copied().unwrap_or("free"),
+        call: if is_write(e) { "write" } else { FN_NAMES.get(e.func as usize).copied().unwrap_or("free") },
         addr: e.addr,
         size: known.then_some(e.size),
         address_is,
-        freed_ms_before: known.then(|| e.timestamp_ns.saturating_sub(e.freed_ns) as f64 / 1e6),
-        freed_by_tid: known.then_some(e.free_tid),
+        freed_ms_before: freed.then(|| e.timestamp_ns.saturating_sub(e.freed_ns) as f64 / 1e6),
+        freed_by_tid: freed.then_some(e.free_tid),
         stack: stacks.now,
         alloc_stack: stacks.alloc,
         free_stack: stacks.free,
@@ -131,15 +171,24 @@ pub(super) fn render(r: &ErrorReport) -> String {
         "double_free" => "DOUBLE FREE",
         "invalid_free" => "INVALID FREE",
         "realloc_of_freed" => "USE AFTER FREE (realloc of a freed block)",
+        "write_past_end" => "WRITE PAST THE END",
+        "use_after_free_write" => "USE AFTER FREE (write to a freed block)",
         other => other,
     };
     let size = r.size.map(|s| format!(" ({s} bytes)")).unwrap_or_default();
     let _ = writeln!(out, "memory error: {title} of {:#x}{size} by pid {} tid {}, in {}", r.addr, r.pid, r.tid, r.call);
-    if let Some(what) = &r.address_is {
-        let _ = writeln!(out, "  {:#x} is {what}", r.addr);
+    match &r.address_is {
+        Some(what) if r.call == "write" => {
+            let _ = writeln!(out, "  {what}");
+        }
+        Some(what) => {
+            let _ = writeln!(out, "  {:#x} is {what}", r.addr);
+        }
+        None => {}
     }
     let again = match r.kind {
         "double_free" => "freed again",
+        "write_past_end" | "use_after_free_write" => "written",
         _ => "called",
     };
     let _ = writeln!(out, "  {again} at:");

@@ -36,6 +36,8 @@ pub(super) struct Live<'a> {
     suspend_poll: tokio::time::Interval,
     /// How often the in-process recorders' error rings are read.
     error_poll: tokio::time::Interval,
+    /// When --watch's watchpoints move next.
+    watch_rotation: Pin<Box<Sleep>>,
     grace: Pin<Box<Sleep>>,
     /// The `-p` process or the command's first.
     root: Option<u32>,
@@ -58,6 +60,7 @@ pub(super) enum Side {
     Tstp,
     SuspendCheck,
     ErrorPoll,
+    Watch,
 }
 
 impl<'a> Live<'a> {
@@ -92,6 +95,7 @@ impl<'a> Live<'a> {
             tstp,
             suspend_poll: tokio::time::interval(Duration::from_millis(10)),
             error_poll: tokio::time::interval(Duration::from_millis(100)),
+            watch_rotation: Box::pin(tokio::time::sleep(super::watch::ROTATION)),
             grace: Box::pin(tokio::time::sleep(FAR)),
             root,
             own_pid_ns,
@@ -260,6 +264,7 @@ impl Stream for Live<'_> {
         let ending = self.ending.started();
         let (duty, suspending) = (self.duty.is_some(), self.ending.suspending());
         let errors = self.held && !self.session.args_no_errors();
+        let watching = self.session.watch.is_some() && !ending;
         tokio::select! {
             _ = &mut self.duty_timer, if duty => Side::Duty,
             event = recv_command(&mut self.command) => Side::Command(event),
@@ -268,6 +273,7 @@ impl Stream for Live<'_> {
             Some(()) = recv_signal(&mut self.tstp), if !ending => Side::Tstp,
             _ = self.suspend_poll.tick(), if suspending => Side::SuspendCheck,
             _ = self.error_poll.tick(), if errors => Side::ErrorPoll,
+            _ = &mut self.watch_rotation, if watching => Side::Watch,
         }
     }
 
@@ -298,6 +304,10 @@ impl Stream for Live<'_> {
             Side::ErrorPoll => {
                 self.procs.poll_errors();
                 self.session.report_errors(&mut self.procs)?;
+            }
+            Side::Watch => {
+                let next = self.session.rotate_watch(&self.procs);
+                self.watch_rotation.as_mut().reset(tokio::time::Instant::now() + next);
             }
         }
         Ok(Flow::Go)

@@ -14,7 +14,8 @@ use memtrace_common::{
         AllocInfo, AllocKey, ERR_INVALID_FREE, EV_ALLOC, EV_FREE, EV_NEW_STACK, Event, FN_MMAP_FILE, FN_NAMES,
         MemError, STAT_EARLY_FULL, STAT_EVENTS_LOST, STAT_FAILED, STAT_FREE_CALLS, STAT_FREE_CALLS_IN_WINDOW,
         STAT_FREED, STAT_FREED_RECORDED, STAT_FREED_REUSED, STAT_INVALID_FREES, STAT_MAP_FULL, STAT_REPLACED,
-        STAT_STACK_LOST, STAT_TRACKED, STAT_UNKNOWN_FREE, STAT_UNTRACKED_CHILDREN, StackKey,
+        STAT_STACK_LOST, STAT_TRACKED, STAT_UNKNOWN_FREE, STAT_UNTRACKED_CHILDREN, STAT_WATCH_IN_ALLOCATOR,
+        STAT_WATCH_STALE, StackKey,
     },
 };
 use serde::Serialize;
@@ -25,6 +26,7 @@ use super::{
     errors::{self, ErrorReport},
     inproc::{self, Snapshot},
     procs::{Procs, Recording},
+    watch::{self, Watcher},
 };
 use crate::{
     kernel,
@@ -195,6 +197,9 @@ struct Report {
     /// The memory errors found so far (each also printed when found).
     #[serde(skip_serializing_if = "Vec::is_empty")]
     errors: Vec<ErrorReport>,
+    /// With --watch: what was watched, for how long, and what it could not see.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    watch: Option<watch::Summary>,
     dropped: Dropped,
 }
 
@@ -282,6 +287,8 @@ pub(super) struct Session<'a> {
     out: ReportPrinter,
     errors: Vec<ErrorReport>,
     errors_lost: u64,
+    /// With --watch.
+    pub(super) watch: Option<Watcher>,
 }
 
 impl<'a> Session<'a> {
@@ -310,7 +317,37 @@ impl<'a> Session<'a> {
             out: ReportPrinter::new("memleak", args.run.json),
             errors: Vec::new(),
             errors_lost: 0,
+            watch: None,
         })
+    }
+
+    /// Moves --watch's watchpoints to other blocks of the processes followed; how long until
+    /// the next move.
+    pub(super) fn rotate_watch(&mut self, procs: &Procs) -> std::time::Duration {
+        let Some(w) = &mut self.watch else { return watch::ROTATION };
+        let followed = |pid: u32| procs.list.get(&pid).is_some_and(|p| !p.exited);
+        w.rotate(&self.maps.allocs, &followed);
+        w.next_rotation()
+    }
+
+    /// A watchpoint's hit: walked at the trap, so its first address is the instruction after
+    /// the write, symbolized (as a return address is) one byte back.
+    fn on_write(&mut self, e: &MemError) -> Result<()> {
+        let key = |id: u64| StackKey { pid: e.pid, image: e.image, stack_id: id };
+        let known = |id: u64| (id != STACK_LOST).then_some(id);
+        let now = self.frames(key(e.stack_id), None);
+        if errors::write_by_the_allocator(&now) {
+            if let Some(w) = &mut self.watch {
+                w.summary.allocator_writes += 1;
+            }
+            return Ok(());
+        }
+        let stacks = errors::Stacks {
+            now,
+            alloc: known(e.alloc_stack).map(|id| self.frames(key(id), None)),
+            free: known(e.free_stack).map(|id| self.entry_frames(key(id))),
+        };
+        self.print_error(errors::report(e, stacks, Some(errors::watched(e))))
     }
 
     pub(super) fn args_no_errors(&self) -> bool {
@@ -353,6 +390,9 @@ impl<'a> Session<'a> {
     /// An error the kernel side found: its stacks of free calls were walked at the call's
     /// entry, so their first address is in the allocator, left out as the recorder leaves it.
     pub(super) fn on_error(&mut self, e: &MemError) -> Result<()> {
+        if errors::is_write(e) {
+            return self.on_write(e);
+        }
         let key = |id: u64| StackKey { pid: e.pid, image: e.image, stack_id: id };
         let known = |id: u64| (id != STACK_LOST).then_some(id);
         let now = self.entry_frames(key(e.stack_id));
@@ -451,6 +491,10 @@ impl<'a> Session<'a> {
 
     /// Builds and prints one report. After the targets exited, no age cut-off applies.
     pub(super) fn report(&mut self, procs: &mut Procs, is_final: bool, target_gone: bool) -> Result<()> {
+        if is_final && let Some(w) = &mut self.watch {
+            // The watches' time ends with the run.
+            w.disarm();
+        }
         procs.read_recorders();
         self.report_errors(procs)?;
         // --errors-only: the errors were printed as found; the final report sums them up.
@@ -554,6 +598,11 @@ impl<'a> Session<'a> {
             errors_only: self.args.errors_only,
             processes,
             errors: if is_final { self.errors.clone() } else { Vec::new() },
+            watch: self.watch.as_ref().map(|w| watch::Summary {
+                stale_hits: self.maps.stat(STAT_WATCH_STALE),
+                allocator_writes: w.summary.allocator_writes + self.maps.stat(STAT_WATCH_IN_ALLOCATOR),
+                ..w.summary.clone()
+            }),
             dropped: in_process.add_to(Dropped {
                 cut_stacks,
                 unnamed_frames,
@@ -645,6 +694,9 @@ fn render(report: &Report, sample_rate: u32) -> String {
                 let _ = writeln!(out, "    {line}");
             }
         }
+    }
+    if let Some(w) = &report.watch {
+        watch::render(&mut out, w);
     }
     let files = report.file_mappings;
     if files.mappings > 0 {
