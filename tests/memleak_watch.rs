@@ -114,6 +114,11 @@ fn memleak_watch_catches_a_write_to_a_freed_block_with_its_free() {
     if !watchable(test) {
         return;
     }
+    // The free's stack is walked at its entry, where frame pointers miss the caller.
+    if !bpf_loop() {
+        not_run(test, "stacks from a free's entry need unwind tables, and so bpf_loop (5.17+)");
+        return;
+    }
     let (errors, report) = watch_run("after-free");
     assert!(!errors.is_empty(), "{report:#}");
     for e in &errors {
