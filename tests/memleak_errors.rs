@@ -33,14 +33,9 @@ fn run_errors(how: &str, cmd: &str) -> (Output, Vec<Value>, Value) {
     (out, errors, final_report(&stdout))
 }
 
-/// The function and line of a stack's first frame in bad_free.c.
-fn first_line(stack: &Value) -> (String, u64) {
-    let frame = stack.as_array().and_then(|f| f.first()).unwrap_or_else(|| panic!("empty stack: {stack}"));
-    (frame["func"].as_str().unwrap_or("?").to_string(), frame["line"].as_u64().unwrap_or(0))
-}
-
+/// `func` at the line of bad_free.c marked `tag`.
 fn at(func: &str, tag: &str) -> (String, u64) {
-    (func.to_string(), tagged_line("bad_free.c", tag) as u64)
+    tagged_at("bad_free.c", func, tag)
 }
 
 /// The one error of a run, printed before the final report and in it.

@@ -51,14 +51,9 @@ fn watch_run(mode: &str) -> (Vec<Value>, Value) {
     (errors, final_report(&stdout))
 }
 
-/// The function and line of a stack's first frame.
-fn first_line(stack: &Value) -> (String, u64) {
-    let frame = stack.as_array().and_then(|f| f.first()).unwrap_or_else(|| panic!("empty stack: {stack}"));
-    (frame["func"].as_str().unwrap_or("?").to_string(), frame["line"].as_u64().unwrap_or(0))
-}
-
+/// `func` at the line of watch_writes.c marked `tag`.
 fn at(func: &str, tag: &str) -> (String, u64) {
-    (func.to_string(), tagged_line("watch_writes.c", tag) as u64)
+    tagged_at("watch_writes.c", func, tag)
 }
 
 fn in_stack(stack: &Value, func: &str) -> bool {

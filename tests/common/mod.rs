@@ -21,6 +21,19 @@ pub fn repo() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_path_buf()
 }
 
+/// The function and line of a JSON stack's first frame.
+#[allow(dead_code, reason = "each test binary compiles this module; not all use everything")]
+pub fn first_line(stack: &serde_json::Value) -> (String, u64) {
+    let frame = stack.as_array().and_then(|f| f.first()).unwrap_or_else(|| panic!("empty stack: {stack}"));
+    (frame["func"].as_str().unwrap_or("?").to_string(), frame["line"].as_u64().unwrap_or(0))
+}
+
+/// `func` at the line of tests/progs/`file` marked `tag`: what `first_line` should give.
+#[allow(dead_code, reason = "each test binary compiles this module; not all use everything")]
+pub fn tagged_at(file: &str, func: &str, tag: &str) -> (String, u64) {
+    (func.to_string(), tagged_line(file, tag) as u64)
+}
+
 /// An empty folder for test `name`'s files, under target/test-tmp.
 #[allow(dead_code, reason = "each test binary compiles this module; not all use everything")]
 pub fn tempdir(name: &str) -> PathBuf {
