@@ -30,6 +30,10 @@ fn watchable(test: &str) -> bool {
     if !bpf_available(test) {
         return false;
     }
+    if kernel_version() < (6, 1) {
+        not_run(test, "before Linux 6.1 a breakpoint's eBPF program may use only preallocated maps");
+        return false;
+    }
     match breakpoints() {
         Ok(()) => true,
         Err(why) => {
@@ -163,5 +167,7 @@ fn memleak_watch_bad_input_is_one_line() {
     }
     if breakpoints().is_err() {
         assert_one_line_error(&["memleak", "--watch", "2", "-c", "true"], "--watch needs hardware breakpoints");
+    } else if kernel_version() < (6, 1) {
+        assert_one_line_error(&["memleak", "--watch", "2", "-c", "true"], "--watch needs Linux 6.1 or later");
     }
 }

@@ -428,6 +428,10 @@ fn memleak_watch() {
     if !unwind_tables("memleak_watch") {
         return;
     }
+    if kernel_version() < (6, 1) {
+        not_run("memleak_watch", "before Linux 6.1 a breakpoint's eBPF program may use only preallocated maps");
+        return;
+    }
     let probe = output(
         command(&Example { command: "memtrace probe".into(), lines: Vec::new() }, None, false),
         Duration::from_secs(30),

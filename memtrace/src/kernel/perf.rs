@@ -68,6 +68,20 @@ pub fn cache_events() -> Result<String, String> {
     }
 }
 
+/// Loads a breakpoint's eBPF program. Before Linux 6.1 the verifier lets a perf_event program
+/// use only preallocated hash maps, which memleak's map of live blocks is not (it grows with
+/// use): that refusal is named in one line.
+pub fn load_breakpoint_program(prog: &mut aya::programs::PerfEvent, what: &str) -> anyhow::Result<()> {
+    use anyhow::Context as _;
+    match prog.load() {
+        Err(e) if e.to_string().contains("can only use preallocated hash map") => anyhow::bail!(
+            "{what} needs Linux 6.1 or later: before it, the kernel lets a breakpoint's eBPF program use only \
+             preallocated maps, and memleak's map of live blocks is not one"
+        ),
+        other => other.with_context(|| format!("loading {what}'s watchpoint program")),
+    }
+}
+
 /// Arms a write watchpoint on `len` bytes (1, 2, 4 or 8, aligned to `len`) at `addr` in
 /// thread `tid`, running `prog` (a perf_event program) at each write. Inherited: the threads
 /// `tid` creates from now on carry it too (and are rid of it when the fd closes). Closing the

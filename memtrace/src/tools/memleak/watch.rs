@@ -89,7 +89,7 @@ impl Watcher {
             .program_mut(PROGRAM)
             .with_context(|| format!("internal: no program {PROGRAM} in memleak"))?
             .try_into()?;
-        prog.load().context("loading memleak's watchpoint program")?;
+        kernel::perf::load_breakpoint_program(prog, "--watch")?;
         let prog = prog.fd()?.try_clone()?;
         let seed = crate::tools::monotonic_ns() ^ u64::from(std::process::id()) << 32;
         Ok(Watcher {
