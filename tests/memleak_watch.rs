@@ -118,6 +118,13 @@ fn memleak_watch_catches_a_write_to_a_freed_block_with_its_free() {
         not_run(test, "stacks from a free's entry need unwind tables, and so bpf_loop (5.17+)");
         return;
     }
+    // Emulated by QEMU (TCG), arming a watch takes longer than the program keeps a freed block
+    // unused (10 ms): the report counts them all as reused before armed (seen on 6.1).
+    let cpu = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+    if cpu.lines().any(|l| l.starts_with("model name") && l.contains("QEMU")) {
+        not_run(test, "under QEMU's emulation a freed block is reused before its watch is armed");
+        return;
+    }
     let (errors, report) = watch_run("after-free");
     assert!(!errors.is_empty(), "{report:#}");
     for e in &errors {
