@@ -13,13 +13,18 @@ use std::{
 
 use super::{Running, memtrace};
 
-/// `pid`'s libc code mapping: (start, end, file offset, path).
+/// `pid`'s libc code mapping: (start, end, file offset, path). A process just spawned may not
+/// have it yet (the loader maps libc's code after its first page): waits up to 10 s.
 fn libc_code(pid: u32) -> (u64, u64, u64, String) {
-    let maps = std::fs::read_to_string(format!("/proc/{pid}/maps")).unwrap();
-    let line = maps
-        .lines()
-        .find(|l| l.contains(" r-xp ") && l.contains("/libc.so.6"))
-        .unwrap_or_else(|| panic!("no libc code in /proc/{pid}/maps:\n{maps}"));
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let line = loop {
+        let maps = std::fs::read_to_string(format!("/proc/{pid}/maps")).unwrap();
+        if let Some(line) = maps.lines().find(|l| l.contains(" r-xp ") && l.contains("/libc.so.6")) {
+            break line.to_string();
+        }
+        assert!(Instant::now() < deadline, "no libc code in /proc/{pid}/maps:\n{maps}");
+        std::thread::sleep(Duration::from_millis(20));
+    };
     let f: Vec<&str> = line.split_whitespace().collect();
     let (start, end) = f[0].split_once('-').unwrap();
     let hex = |s: &str| u64::from_str_radix(s, 16).unwrap();
