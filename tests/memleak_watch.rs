@@ -10,39 +10,6 @@ use std::time::Duration;
 use common::*;
 use serde_json::Value;
 
-/// Whether memtrace finds hardware breakpoints that take an eBPF program (its `probe` rows);
-/// else why not.
-fn breakpoints() -> Result<(), String> {
-    let out = run(&["probe", "--json"], Duration::from_secs(60));
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    let probe: Value = json_lines(&stdout).into_iter().next().unwrap_or_else(|| panic!("no probe JSON: {stdout}"));
-    for name in ["hw breakpoints", "breakpoint bpf"] {
-        let f = &probe["features"][name];
-        if f["state"] != "yes" {
-            return Err(format!("{name}: {}", f["detail"]));
-        }
-    }
-    Ok(())
-}
-
-/// True when the test can run: BPF (see `bpf_available`) and breakpoints (else not run).
-fn watchable(test: &str) -> bool {
-    if !bpf_available(test) {
-        return false;
-    }
-    if kernel_version() < (6, 1) {
-        not_run(test, "before Linux 6.1 a breakpoint's eBPF program may use only preallocated maps");
-        return false;
-    }
-    match breakpoints() {
-        Ok(()) => true,
-        Err(why) => {
-            not_run(test, &format!("no hardware breakpoints for --watch ({why})"));
-            false
-        }
-    }
-}
-
 /// memtrace memleak --json --watch 4 -c "watch_writes MODE": its memory_error records and
 /// the final report, after checking the program ran to its end.
 fn watch_run(mode: &str) -> (Vec<Value>, Value) {

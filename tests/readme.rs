@@ -428,17 +428,7 @@ fn memleak_watch() {
     if !unwind_tables("memleak_watch") {
         return;
     }
-    if kernel_version() < (6, 1) {
-        not_run("memleak_watch", "before Linux 6.1 a breakpoint's eBPF program may use only preallocated maps");
-        return;
-    }
-    let probe = output(
-        command(&Example { command: "memtrace probe".into(), lines: Vec::new() }, None, false),
-        Duration::from_secs(30),
-    );
-    let rows = String::from_utf8_lossy(&probe.stdout).into_owned();
-    if !rows.lines().any(|l| l.trim_start().starts_with("breakpoint bpf") && l.contains(" yes ")) {
-        not_run("memleak_watch", "no hardware breakpoints with an eBPF program (memtrace probe)");
+    if !watchable("memleak_watch") {
         return;
     }
     prog("watch_writes");

@@ -34,6 +34,42 @@ pub fn tagged_at(file: &str, func: &str, tag: &str) -> (String, u64) {
     (func.to_string(), tagged_line(file, tag) as u64)
 }
 
+/// Whether memtrace finds hardware breakpoints that take an eBPF program (its `probe` rows);
+/// else why not.
+#[allow(dead_code, reason = "each test binary compiles this module; not all use everything")]
+pub fn breakpoints() -> Result<(), String> {
+    let out = run(&["probe", "--json"], Duration::from_secs(60));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let probe: serde_json::Value =
+        json_lines(&stdout).into_iter().next().unwrap_or_else(|| panic!("no probe JSON: {stdout}"));
+    for name in ["hw breakpoints", "breakpoint bpf"] {
+        let f = &probe["features"][name];
+        if f["state"] != "yes" {
+            return Err(format!("{name}: {}", f["detail"]));
+        }
+    }
+    Ok(())
+}
+
+/// True when the test can run: BPF (see `bpf_available`) and breakpoints (else not run).
+#[allow(dead_code, reason = "each test binary compiles this module; not all use everything")]
+pub fn watchable(test: &str) -> bool {
+    if !bpf_available(test) {
+        return false;
+    }
+    if kernel_version() < (6, 1) {
+        not_run(test, "before Linux 6.1 a breakpoint's eBPF program may use only preallocated maps");
+        return false;
+    }
+    match breakpoints() {
+        Ok(()) => true,
+        Err(why) => {
+            not_run(test, &format!("no hardware breakpoints for --watch ({why})"));
+            false
+        }
+    }
+}
+
 /// An empty folder for test `name`'s files, under target/test-tmp.
 #[allow(dead_code, reason = "each test binary compiles this module; not all use everything")]
 pub fn tempdir(name: &str) -> PathBuf {
