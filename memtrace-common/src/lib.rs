@@ -17,6 +17,7 @@ pub mod stack;
 pub mod swapin;
 pub mod syscalls;
 pub mod unwind;
+pub mod usdt;
 pub mod vmscan;
 
 /// Names by which user space finds what every tracer's object declares the same way (the
@@ -96,6 +97,9 @@ mod tests {
     fn shared_structs_have_no_implicit_padding() {
         assert_eq!(size_of::<Filter>(), 4 + 4 + 16);
         assert_eq!(size_of::<crate::PidNs>(), 8 + 8);
+        assert_eq!(size_of::<crate::usdt::Arg>(), 8 + 4 * 4);
+        assert_eq!(size_of::<crate::usdt::Spec>(), 24 * 12 + 4 + 4);
+        assert_eq!(size_of::<crate::usdt::Hit>(), 4 * 4 + 8 * 12 + 4 * 4 + 64 * 4);
         assert_eq!(size_of::<AllocKey>(), 4 + 4 + 8);
         assert_eq!(size_of::<AllocInfo>(), 8 + 8 + 8 + 4 + 4);
         assert_eq!(size_of::<StackKey>(), 4 + 4 + 8);

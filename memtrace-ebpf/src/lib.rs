@@ -16,6 +16,7 @@ use memtrace_common::{FOREIGN_PID, Filter, PidNs};
 pub mod stack;
 pub mod syscalls;
 pub mod unwind;
+pub mod usdt;
 
 /// `bpf_map_update_elem` flag: fail if the key exists.
 pub const BPF_NOEXIST: u64 = 1;

@@ -11,6 +11,7 @@ pub mod pidns;
 pub mod placement;
 pub mod tracefs;
 mod uprobes;
+pub mod usdt;
 
 use std::path::Path;
 

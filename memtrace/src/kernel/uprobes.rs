@@ -34,6 +34,8 @@ pub struct UProbeLinkId(u64);
 enum Link {
     Perf(#[expect(dead_code, reason = "held only to be dropped")] UProbeLink),
     Multi(#[expect(dead_code, reason = "held only to be dropped")] OwnedFd),
+    /// A USDT probe's uprobe perf event, opened by `usdt` with its semaphore's counter.
+    Usdt(#[expect(dead_code, reason = "held only to be dropped")] OwnedFd),
     /// A tracepoint's perf link: its detach waits for a grace period too (about 90 ms here),
     /// so it goes with the others, at once.
     Tracepoint(#[expect(dead_code, reason = "held only to be dropped")] aya::programs::trace_point::TracePointLink),
@@ -53,6 +55,11 @@ fn registry() -> std::sync::MutexGuard<'static, Registry> {
 
 pub(super) fn register_perf(link: UProbeLink) -> UProbeLinkId {
     register(Link::Perf(link))
+}
+
+/// Keeps a USDT probe's perf event (its program attached) until detached.
+pub(super) fn register_usdt(event: OwnedFd) -> UProbeLinkId {
+    register(Link::Usdt(event))
 }
 
 /// Keeps a tracepoint's link until `detach_all_fast`.
@@ -114,6 +121,7 @@ fn drop_all(links: Vec<Link>) {
             let kind = match link {
                 Link::Multi(_) => "uprobe_multi",
                 Link::Perf(_) => "perf uprobe",
+                Link::Usdt(_) => "USDT uprobe",
                 Link::Tracepoint(_) => "tracepoint",
             };
             let timed = move || {

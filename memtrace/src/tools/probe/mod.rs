@@ -1,8 +1,11 @@
 //! probe: what this kernel offers memtrace (BPF, BTF, kprobes, uprobes, ring buffer, each
 //! tracepoint the tools use), and for each subcommand the attach method it would use here or
 //! why it cannot run. Nothing is attached: attach points are resolved with `kernel::resolve`.
+//! `--usdt FILE` lists a file's USDT probes instead, and `--trace` tries them (`usdt`).
 
-use std::path::Path;
+mod usdt;
+
+use std::path::{Path, PathBuf};
 
 use anyhow::Result;
 use serde::Serialize;
@@ -15,9 +18,23 @@ use crate::{
 
 #[derive(clap::Args, Debug)]
 pub struct Args {
-    /// One JSON object on stdout.
+    /// One JSON object on stdout (with --trace, one per hit and a final one).
     #[arg(long)]
     pub json: bool,
+    /// List the USDT probes (<sys/sdt.h>) of this executable or library: provider, name,
+    /// address, semaphore and arguments.
+    #[arg(long, value_name = "FILE")]
+    pub usdt: Option<PathBuf>,
+    /// With --usdt: trace this probe (provider:name or name; repeatable) in the -p process,
+    /// printing each hit with its arguments.
+    #[arg(long, value_name = "PROBE", requires = "usdt", requires = "pid")]
+    pub trace: Vec<String>,
+    /// With --trace: the process to trace (the run ends when it exits).
+    #[arg(short, long, requires = "trace")]
+    pub pid: Option<u32>,
+    /// With --trace: stop after this many seconds.
+    #[arg(short, long, value_name = "SECONDS", requires = "trace")]
+    pub duration: Option<u64>,
 }
 
 #[derive(Serialize)]
@@ -51,6 +68,12 @@ struct Report {
 }
 
 pub async fn run(args: Args) -> Result<()> {
+    if let Some(file) = &args.usdt {
+        return match args.pid {
+            Some(pid) if !args.trace.is_empty() => usdt::trace(file, &args.trace, pid, args.duration, args.json).await,
+            _ => usdt::list(file, args.json),
+        };
+    }
     // Without root, tracefs and BPF look absent: a report would blame the kernel.
     kernel::require_root()?;
     let report = Report { kernel: kernel_release(), features: features(), tracepoints: tracepoints(), tools: plans() };
