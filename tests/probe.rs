@@ -264,3 +264,179 @@ fn probe_without_root_says_it_needs_root() {
     );
     assert!(out.stdout.is_empty());
 }
+
+/// Debian's python3.11, which has USDT probes with semaphores (absent in the VM images).
+const PYTHON: &str = "/usr/bin/python3.11";
+/// Where libstdc++'s probes are (no semaphores).
+const LIBSTDCXX: &str = "/usr/lib/x86_64-linux-gnu/libstdc++.so.6";
+
+/// `probe --usdt FILE --json`: the rows by `provider:name`.
+fn usdt_rows(file: &str) -> Vec<Value> {
+    let out = run(&["probe", "--usdt", file, "--json"], Duration::from_secs(30));
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let lines = json_lines(&String::from_utf8_lossy(&out.stdout));
+    assert_eq!(lines.len(), 1, "one JSON object");
+    lines[0]["probes"].as_array().unwrap().clone()
+}
+
+fn row<'a>(rows: &'a [Value], name: &str) -> &'a Value {
+    rows.iter().find(|r| format!("{}:{}", r["provider"], r["name"]).replace('"', "") == name).unwrap()
+}
+
+/// A 16-bit semaphore of a running process, read through its memory.
+fn semaphore(pid: u32, address: u64) -> u16 {
+    use std::os::unix::fs::FileExt as _;
+    let mem = std::fs::File::open(format!("/proc/{pid}/mem")).unwrap();
+    let mut value = [0u8; 2];
+    mem.read_exact_at(&mut value, address).unwrap();
+    u16::from_le_bytes(value)
+}
+
+#[test]
+fn probe_usdt_lists_probes_with_semaphores_and_arguments() {
+    if !Path::new(PYTHON).exists() {
+        return not_run("probe_usdt_lists_probes_with_semaphores_and_arguments", "no /usr/bin/python3.11 here");
+    }
+    let rows = usdt_rows(PYTHON);
+    let entry = row(&rows, "python:function__entry");
+    assert_eq!(entry["probe"], "usdt:/usr/bin/python3.11:python:function__entry");
+    assert!(entry["semaphore"].is_string(), "{entry}");
+    assert_eq!(entry["args_spec"], "8@%rbp 8@%r12 -4@%eax");
+    let types: Vec<&str> = entry["args"].as_array().unwrap().iter().map(|a| a["type"].as_str().unwrap()).collect();
+    assert_eq!(types, ["u64", "u64", "s32"]);
+    // As `bpftrace -l 'usdt:/usr/bin/python3.11:*'` names them, sorted.
+    let names: Vec<String> = rows.iter().map(|r| format!("{}:{}", r["provider"], r["name"]).replace('"', "")).collect();
+    for n in ["python:audit", "python:function__entry", "python:function__return", "python:gc__start", "python:line"] {
+        assert!(names.contains(&n.to_string()), "{n}: {names:?}");
+    }
+    assert!(names.is_sorted(), "{names:?}");
+    let rows = usdt_rows(LIBSTDCXX);
+    let throw = row(&rows, "libstdcxx:throw");
+    assert_eq!(throw["semaphore"], Value::Null);
+    assert_eq!(throw["args_spec"], "8@%rdi 8@%rsi");
+    // The text form: a header, then one row per probe.
+    let out = run(&["probe", "--usdt", PYTHON], Duration::from_secs(30));
+    let text = String::from_utf8_lossy(&out.stdout);
+    let line = text.lines().find(|l| l.starts_with("python:function__entry ")).unwrap();
+    assert!(line.ends_with("arg0 u64 8@%rbp, arg1 u64 8@%r12, arg2 s32 -4@%eax"), "{line}");
+}
+
+#[test]
+fn probe_usdt_says_a_file_has_no_probes() {
+    let libc = "/usr/lib/x86_64-linux-gnu/libc.so.6";
+    let out = std::process::Command::new("readelf").args(["-n", libc]).output().unwrap();
+    if String::from_utf8_lossy(&out.stdout).contains("stapsdt") {
+        return not_run("probe_usdt_says_a_file_has_no_probes", "this libc has USDT probes");
+    }
+    let out = run(&["probe", "--usdt", libc], Duration::from_secs(30));
+    assert!(out.status.success());
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        format!("{libc} has no USDT probes (no .note.stapsdt section: it was built without <sys/sdt.h> probes)\n")
+    );
+    assert_one_line_error(&["probe", "--usdt", "/etc/passwd"], "/etc/passwd is not a 64-bit ELF file");
+    assert_one_line_error(
+        &["probe", "--usdt", libc, "--trace", "libc:memory_heap_new", "-p", "1"],
+        "has no USDT probes",
+    );
+}
+
+/// python:function__entry, whose semaphore must be set for it to fire, with the script's file,
+/// the function's name and its line; the semaphore back at 0 once memtrace is gone.
+#[test]
+fn probe_usdt_traces_python_function_entry() {
+    let test = "probe_usdt_traces_python_function_entry";
+    if !Path::new(PYTHON).exists() {
+        return not_run(test, "no /usr/bin/python3.11 here");
+    }
+    if !bpf_available(test) {
+        return;
+    }
+    let script = repo().join("tests/progs/usdt_py.py");
+    let mut py = Gated::spawn({
+        let mut cmd = std::process::Command::new(PYTHON);
+        cmd.arg(&script);
+        cmd
+    });
+    let pid = py.pid();
+    let sem = unhex(row(&usdt_rows(PYTHON), "python:function__entry")["semaphore"].as_str().unwrap());
+    assert_eq!(semaphore(pid, sem), 0, "nothing traces python yet");
+    let mut mt = Running::start(&[
+        "probe",
+        "--usdt",
+        PYTHON,
+        "--trace",
+        "python:function__entry",
+        "-p",
+        &pid.to_string(),
+        "--json",
+    ]);
+    mt.wait_ready();
+    assert_eq!(semaphore(pid, sem), 1, "memtrace's uprobe counts the semaphore");
+    assert_eq!(py.act_line(), "called");
+    mt.wait_lines("{\"args\"", 3);
+    mt.signal(libc::SIGINT);
+    let (status, stdout, stderr) = mt.finish(Duration::from_secs(20));
+    assert!(status.success(), "{status}: {stderr}");
+    assert_eq!(semaphore(pid, sem), 0, "the semaphore is released at exit");
+    py.end();
+    let lines = json_lines(&stdout);
+    let line = tagged_line("usdt_py.py", "USDT:greet");
+    let hits: Vec<&Value> = lines.iter().filter(|l| l["probe"] == "python:function__entry").collect();
+    assert_eq!(hits.len(), 3, "{stdout}");
+    for hit in hits {
+        assert_eq!(hit["pid"], pid, "{hit}");
+        assert_eq!(hit["strings"][0], script.to_str().unwrap(), "{hit}");
+        assert_eq!(hit["strings"][1], "greet", "{hit}");
+        assert_eq!(hit["args"][2], line, "{hit}");
+    }
+    let last = lines.last().unwrap();
+    assert_eq!(last["final"], true);
+    assert_eq!(last["hits"]["python:function__entry"], 3, "{last}");
+    assert_eq!(last["events_lost"], 0);
+    assert_detached("usdtprobe");
+}
+
+/// libstdcxx:throw, in a shared library without semaphores: one hit per throw.
+#[test]
+fn probe_usdt_counts_libstdcxx_throws() {
+    let test = "probe_usdt_counts_libstdcxx_throws";
+    if !Path::new(LIBSTDCXX).exists() {
+        return not_run(test, "no libstdc++ here");
+    }
+    if !bpf_available(test) {
+        return;
+    }
+    let mut thrower = Gated::spawn({
+        let mut cmd = std::process::Command::new(prog("usdt_throw"));
+        cmd.arg("wait");
+        cmd
+    });
+    let pid = thrower.pid();
+    let mut mt = Running::start(&["probe", "--usdt", LIBSTDCXX, "--trace", "throw", "-p", &pid.to_string(), "--json"]);
+    mt.wait_ready();
+    assert_eq!(thrower.act()["thrown"], "4");
+    thrower.end();
+    let (status, stdout, stderr) = mt.finish(Duration::from_secs(20));
+    assert!(status.success(), "{status}: {stderr}");
+    assert!(stderr.contains(&format!("process {pid} exited")), "{stderr}");
+    let lines = json_lines(&stdout);
+    let hits: Vec<&Value> = lines.iter().filter(|l| l["probe"] == "libstdcxx:throw").collect();
+    assert_eq!(hits.len(), 4, "{stdout}");
+    // Its arguments: the exception object and its type_info, both pointers.
+    assert!(hits.iter().all(|h| h["args"][0].as_i64() != Some(0) && h["args"][1].as_i64() != Some(0)), "{stdout}");
+    assert_eq!(lines.last().unwrap()["hits"]["libstdcxx:throw"], 4);
+    assert_detached("usdtprobe");
+}
+
+#[test]
+fn probe_usdt_refuses_an_unknown_probe_in_one_line() {
+    if !Path::new(LIBSTDCXX).exists() {
+        return not_run("probe_usdt_refuses_an_unknown_probe_in_one_line", "no libstdc++ here");
+    }
+    let me = std::process::id().to_string();
+    assert_one_line_error(
+        &["probe", "--usdt", LIBSTDCXX, "--trace", "nosuch", "-p", &me],
+        &format!("{LIBSTDCXX} has no USDT probe nosuch: `memtrace probe --usdt {LIBSTDCXX}` lists its probes"),
+    );
+}

@@ -24,13 +24,13 @@ static SCRATCH: PerCpuArray<Hit, 1> = PerCpuArray::new();
 memtrace_ebpf::events!(Hit);
 
 #[uprobe]
-pub fn usdt_hit(ctx: ProbeContext) -> u32 {
-    let _ = try_usdt_hit(&ctx);
+pub fn usdtprobe_hit(ctx: ProbeContext) -> u32 {
+    let _ = try_usdtprobe_hit(&ctx);
     0
 }
 
 #[inline(always)]
-fn try_usdt_hit(ctx: &ProbeContext) -> Option<()> {
+fn try_usdtprobe_hit(ctx: &ProbeContext) -> Option<()> {
     if !wanted(&FILTER.load()) {
         return None;
     }

@@ -33,7 +33,7 @@ static SPEC: ToolSpec = ToolSpec {
 };
 
 /// The program attached to every traced probe.
-const PROG: &str = "usdt_hit";
+const PROG: &str = "usdtprobe_hit";
 
 /// The probes of `file`, or the one line saying it has none.
 pub fn list(file: &Path, json: bool) -> Result<()> {
