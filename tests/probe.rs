@@ -440,3 +440,54 @@ fn probe_usdt_refuses_an_unknown_probe_in_one_line() {
         &format!("{LIBSTDCXX} has no USDT probe nosuch: `memtrace probe --usdt {LIBSTDCXX}` lists its probes"),
     );
 }
+
+/// A uprobe without a reference counter at python:function__entry, as another tracer would
+/// hold it: the kernel refuses memtrace's, which counts the semaphore, and memtrace says why
+/// in one line.
+#[test]
+fn probe_usdt_names_a_clash_with_another_uprobe() {
+    let test = "probe_usdt_names_a_clash_with_another_uprobe";
+    if !Path::new(PYTHON).exists() {
+        return not_run(test, "no /usr/bin/python3.11 here");
+    }
+    if !bpf_available(test) {
+        return;
+    }
+    let py = Gated::spawn({
+        let mut cmd = std::process::Command::new(PYTHON);
+        cmd.arg(repo().join("tests/progs/usdt_py.py"));
+        cmd
+    });
+    let offset = unhex(row(&usdt_rows(PYTHON), "python:function__entry")["file_offset"].as_str().unwrap());
+    let other = plain_uprobe(PYTHON, offset, py.pid());
+    assert_one_line_error(
+        &["probe", "--usdt", PYTHON, "--trace", "function__entry", "-p", &py.pid().to_string()],
+        &format!(
+            "attaching a uprobe to USDT probe python:function__entry in {PYTHON} failed (EINVAL): most likely another \
+             tracer (bcc, bpftrace, or a probe left by an earlier run) holds a uprobe at offset {offset:#x} without \
+             this probe's semaphore counter (dmesg: ref_ctr_offset mismatch); stop it and retry"
+        ),
+    );
+    drop(other);
+    py.end();
+    assert_detached("usdtprobe");
+}
+
+/// A counting uprobe perf event at `offset` of `file` for `pid`, without a reference counter.
+fn plain_uprobe(file: &str, offset: u64, pid: u32) -> std::os::fd::OwnedFd {
+    use std::os::fd::FromRawFd as _;
+    let pmu: u32 =
+        std::fs::read_to_string("/sys/bus/event_source/devices/uprobe/type").unwrap().trim().parse().unwrap();
+    let path = std::ffi::CString::new(file).unwrap();
+    // SAFETY: plain data; all zero is "no options".
+    let mut attr: aya_obj::generated::perf_event_attr = unsafe { std::mem::zeroed() };
+    attr.type_ = pmu;
+    attr.size = size_of::<aya_obj::generated::perf_event_attr>() as u32;
+    attr.__bindgen_anon_3.config1 = path.as_ptr() as u64;
+    attr.__bindgen_anon_4.config2 = offset;
+    // SAFETY: a complete attr; path outlives the call.
+    let fd = unsafe { libc::syscall(libc::SYS_perf_event_open, &attr as *const _, pid as i32, -1, -1, 8) };
+    assert!(fd >= 0, "perf_event_open of a uprobe: {}", std::io::Error::last_os_error());
+    // SAFETY: a new fd nothing else owns.
+    unsafe { std::os::fd::OwnedFd::from_raw_fd(fd as i32) }
+}
