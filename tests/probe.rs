@@ -199,11 +199,25 @@ fn probe_picks_the_attach_method_each_tool_would_use() {
     let mut version = release.split(|c: char| !c.is_ascii_digit()).map(|n| n.parse::<u32>().unwrap());
     let old = (version.next().unwrap(), version.next().unwrap()) < (5, 17);
     for t in r["tools"].as_array().unwrap() {
-        let user_stacks =
-            ["memleak", "oomkill", "brkstack", "faults", "swapin", "segv"].contains(&t["tool"].as_str().unwrap());
+        let user_stacks = ["memleak", "oomkill", "brkstack", "faults", "swapin", "segv", "mallocstat"]
+            .contains(&t["tool"].as_str().unwrap());
         let degraded = t.get("degraded").and_then(Value::as_str);
         assert_eq!(degraded.is_some(), old && user_stacks, "{t}");
         assert!(degraded.is_none_or(|d| d.contains("bpf_loop helper (Linux 5.17+)")), "{t}");
+    }
+    // Debian's glibc has no libc:memory_* probes: mallocstat's row says so.
+    let libc = "/usr/lib/x86_64-linux-gnu/libc.so.6";
+    let notes = std::process::Command::new("readelf").args(["-n", libc]).output();
+    if notes.is_ok_and(|n| !String::from_utf8_lossy(&n.stdout).contains("stapsdt")) {
+        let m = tool(&r, "mallocstat");
+        assert_eq!(m["method"], Value::Null, "{m}");
+        assert_eq!(
+            m["unusable"][0],
+            format!(
+                "{libc} has no libc:memory_* USDT probes (it was built without them: Debian's glibc is, Ubuntu's and Fedora's are not)"
+            ),
+            "{m}"
+        );
     }
     if kprobes() {
         assert_eq!(tool(&r, "oomkill")["method"], "kprobe oom_kill_process");
@@ -244,7 +258,8 @@ fn probe_text_lists_every_tool_once() {
             "drsnoop",
             "swapin",
             "hfaults",
-            "segv"
+            "segv",
+            "mallocstat"
         ]
     );
     assert!(text.contains("\n  kprobes "), "{text}");

@@ -8,6 +8,7 @@ pub mod brkstack;
 pub mod drsnoop;
 pub mod faults;
 pub mod hfaults;
+pub mod mallocstat;
 pub mod memleak;
 pub mod mmapsnoop;
 pub mod oomkill;
@@ -98,6 +99,7 @@ mod tests {
         assert_eq!(size_of::<Filter>(), 4 + 4 + 16);
         assert_eq!(size_of::<crate::PidNs>(), 8 + 8);
         assert_eq!(size_of::<crate::usdt::Arg>(), 8 + 4 * 4);
+        assert_eq!(size_of::<crate::mallocstat::Event>(), 4 * 4 + 8 * 4 + 8 + 16);
         assert_eq!(size_of::<crate::usdt::Spec>(), 24 * 12 + 4 + 4);
         assert_eq!(size_of::<crate::usdt::Hit>(), 4 * 4 + 8 * 12 + 4 * 4 + 64 * 4);
         assert_eq!(size_of::<AllocKey>(), 4 + 4 + 8);

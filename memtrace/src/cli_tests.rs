@@ -96,7 +96,12 @@ const TOOLS: &[(&str, Options, bool)] = &[
     ("segv", &[("--all", Flag), ("--unwind", Text), ("--unwind-rows", Number)], false),
     ("mmapsnoop", &[("--failed", Flag), ("--timestamp", Flag), ("-T", Flag)], false),
     ("shmsnoop", &[("--failed", Flag), ("--timestamp", Flag), ("-T", Flag)], false),
-    ("probe", &[("--json", Flag)], false),
+    (
+        "mallocstat",
+        &[("-T", Text), ("--folded", Path), ("--max-stacks", Number), ("--unwind", Text), ("--unwind-rows", Number)],
+        true,
+    ),
+    ("probe", &[("--json", Flag), ("--usdt", Path), ("--trace", Text), ("-p", Number), ("-d", Seconds)], false),
     ("benchfloor", &[("-p", Number), ("--naive", Flag)], false),
 ];
 

@@ -156,6 +156,18 @@ impl Allocator {
     }
 }
 
+/// The system's glibc where distributions put it, for reports about the machine rather than a
+/// process (`memtrace probe`); a process's own libc comes from `allocator_of_pid`.
+pub fn system_libc() -> Option<PathBuf> {
+    const PLACES: [&str; 4] = [
+        "/usr/lib/x86_64-linux-gnu/libc.so.6",
+        "/lib/x86_64-linux-gnu/libc.so.6",
+        "/usr/lib64/libc.so.6",
+        "/lib64/libc.so.6",
+    ];
+    PLACES.iter().map(PathBuf::from).find(|p| p.exists())
+}
+
 /// The allocator of a running process, from its memory map. The paths returned open the
 /// files the process mapped, also when it lives in another mount namespace (a container).
 pub fn allocator_of_pid(pid: u32) -> Result<Allocator> {

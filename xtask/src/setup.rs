@@ -16,7 +16,8 @@ use crate::cmd;
 /// libjemalloc2: memleak's test of a preloaded replacement allocator.
 /// stress-ng: workloads the tests trace (faults under `--vm`).
 /// libc6-dbg: names libc's local functions (`__libc_start_call_main`), which the unwind tests
-/// look for at the root of each stack. python3.11: the unwind tests' interpreter.
+/// look for at the root of each stack. python3.11: the unwind tests' interpreter (and its USDT
+/// probes, probe's). systemtap-sdt-dev: <sys/sdt.h>, for mallocstat's program with glibc's probes.
 const APT_PACKAGES: &[&str] = &[
     "gcc",
     "g++",
@@ -29,6 +30,7 @@ const APT_PACKAGES: &[&str] = &[
     "libjemalloc2",
     "stress-ng",
     "python3.11",
+    "systemtap-sdt-dev",
 ];
 
 /// Programs and peers only `cargo xtask bench` runs (never the tests): the real workloads

@@ -9,6 +9,7 @@ pub mod brkstack;
 pub mod drsnoop;
 pub mod faults;
 pub mod hfaults;
+pub mod mallocstat;
 pub mod memleak;
 pub mod mmapsnoop;
 pub mod oomkill;

@@ -4,7 +4,9 @@
 
 use anyhow::Result;
 
-use super::{brkstack, drsnoop, faults, hfaults, memleak, mmapsnoop, oomkill, probe, segv, shmsnoop, swapin, vmscan};
+use super::{
+    brkstack, drsnoop, faults, hfaults, mallocstat, memleak, mmapsnoop, oomkill, probe, segv, shmsnoop, swapin, vmscan,
+};
 use crate::kernel::{AttachPoint, Object, Probe};
 
 /// How a tracer (or one mode of it) attaches, as `memtrace probe` checks it.
@@ -13,6 +15,15 @@ pub enum Plan {
     Uprobes(&'static str),
     /// Attach points in order of preference: the first that resolves is used.
     Points(&'static [AttachPoint]),
+    /// Uprobes running `prog` on the USDT probes `provider:prefix*` of the system's libc: a
+    /// row says when that libc was built without them.
+    Usdt {
+        label: &'static str,
+        #[cfg_attr(not(test), expect(dead_code, reason = "the registry test holds it against the object"))]
+        prog: &'static str,
+        provider: &'static str,
+        prefix: &'static str,
+    },
     /// Each tracepoint optional (a missing one leaves its column at 0), at least one needed:
     /// (label, category, [(program, names newest first)]).
     AnyOf(&'static str, &'static str, &'static [(&'static str, &'static [&'static str])]),
@@ -40,6 +51,7 @@ impl ToolSpec {
         for (_, plan) in self.modes {
             match plan {
                 Plan::Uprobes(_) => {}
+                Plan::Usdt { prog, .. } => all.push(prog),
                 Plan::Points(points) => all.extend(points.iter().flat_map(|p| p.probes).map(prog)),
                 Plan::AnyOf(_, _, list) => all.extend(list.iter().map(|(prog, _)| *prog)),
             }
@@ -72,7 +84,7 @@ macro_rules! registry {
             pub fn validate(&self) -> Result<()> {
                 match self {
                     $(Tool::$variant(args) => args.validate(),)*
-                    Tool::Probe(_) => Ok(()),
+                    Tool::Probe(args) => args.validate(),
                     #[cfg(feature = "bench")]
                     Tool::Benchfloor(args) => crate::target::check_pid(args.pid),
                 }
@@ -113,6 +125,8 @@ registry! {
     Hfaults => hfaults,
     /// Crashes (SIGSEGV, SIGBUS, SIGABRT): classified, with the stack at the fault.
     Segv => segv,
+    /// glibc's allocator events (libc:memory_* USDT probes): heap growth, arenas, tunables.
+    Mallocstat => mallocstat,
 }
 
 #[cfg(test)]
@@ -132,6 +146,10 @@ mod tests {
             tool: Tool,
         }
         let cmd = Cli::command();
+        // probe's own tracer (`probe --usdt --trace`), which is no subcommand.
+        for build in super::probe::usdt::SPEC.object.builds() {
+            check_object(&super::probe::usdt::SPEC, build);
+        }
         for spec in SPECS {
             assert!(cmd.find_subcommand(spec.name).is_some(), "{} is not a subcommand", spec.name);
             for build in spec.object.builds() {
@@ -178,5 +196,8 @@ mod tests {
             );
             assert!(events || spec.name == "vmscan", "{}: no {}", spec.name, names::EVENTS);
         }
+        let usdt = spec.modes.iter().any(|(_, p)| matches!(p, Plan::Usdt { .. }));
+        let specs = memtrace_common::usdt::SPECS;
+        assert_eq!(symbols.contains(&specs), usdt, "{}: {specs} where USDT probes are used", spec.name);
     }
 }

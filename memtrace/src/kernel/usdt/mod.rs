@@ -95,6 +95,20 @@ pub fn probes(path: &Path) -> Result<Vec<UsdtProbe>> {
     Ok(probes)
 }
 
+/// The probes of `file` whose provider is `provider` and whose name starts with `prefix`.
+pub fn probes_named(file: &Path, provider: &str, prefix: &str) -> Result<Vec<UsdtProbe>> {
+    Ok(probes(file)?.into_iter().filter(|p| p.provider == provider && p.name.starts_with(prefix)).collect())
+}
+
+/// Why `file` offers no `provider:prefix*` probes, in one line.
+pub fn missing(file: &Path, provider: &str, prefix: &str) -> String {
+    format!(
+        "{} has no {provider}:{prefix}* USDT probes (it was built without them: Debian's glibc is, Ubuntu's and \
+         Fedora's are not)",
+        file.display()
+    )
+}
+
 /// The probe's address in process `pid`, where its uprobe program sees its instruction
 /// pointer: the file offset moved to where `pid` mapped that part of `target`.
 pub fn address_in(pid: u32, target: &Path, probe: &UsdtProbe) -> Result<u64> {

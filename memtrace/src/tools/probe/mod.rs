@@ -3,7 +3,7 @@
 //! why it cannot run. Nothing is attached: attach points are resolved with `kernel::resolve`.
 //! `--usdt FILE` lists a file's USDT probes instead, and `--trace` tries them (`usdt`).
 
-mod usdt;
+pub mod usdt;
 
 use std::path::{Path, PathBuf};
 
@@ -46,7 +46,7 @@ struct Feature {
 }
 
 #[derive(Serialize)]
-struct ToolPlan {
+pub struct ToolPlan {
     tool: &'static str,
     /// The attach method chosen here, or None when the tool cannot run.
     method: Option<String>,
@@ -65,6 +65,19 @@ struct Report {
     features: Vec<Feature>,
     tracepoints: Vec<(String, bool)>,
     tools: Vec<ToolPlan>,
+}
+
+impl Args {
+    /// The duration's range, and that the -p process lives.
+    pub fn validate(&self) -> Result<()> {
+        if let Some(secs) = self.duration {
+            crate::tools::args::in_range("-d/--duration", secs, 1..=crate::tools::args::MAX_SECONDS)?;
+        }
+        if let Some(pid) = self.pid {
+            crate::target::check_pid(pid)?;
+        }
+        Ok(())
+    }
 }
 
 pub async fn run(args: Args) -> Result<()> {
@@ -237,7 +250,7 @@ fn tracepoints() -> Vec<(String, bool)> {
                 Plan::AnyOf(_, category, list) => {
                     all.extend(list.iter().flat_map(|(_, names)| names.iter().map(|n| (*category, *n))));
                 }
-                Plan::Points(_) | Plan::Uprobes(_) => {}
+                Plan::Points(_) | Plan::Uprobes(_) | Plan::Usdt { .. } => {}
             }
         }
     }
@@ -253,6 +266,7 @@ fn plans() -> Vec<ToolPlan> {
         .map(|(spec, (tool, p))| {
             let mut plan = match p {
                 Plan::Uprobes(label) => uprobes(tool, label),
+                Plan::Usdt { label, provider, prefix, .. } => usdt::plan(tool, label, provider, prefix),
                 Plan::Points(points) => plan(tool, points),
                 Plan::AnyOf(label, category, list) => any_of(tool, label, category, list),
             };

@@ -25,10 +25,13 @@ use crate::{
 };
 
 /// The tracer of `--trace`: not a subcommand of its own, so not in the registry.
-static SPEC: ToolSpec = ToolSpec {
+pub static SPEC: ToolSpec = ToolSpec {
     name: "usdtprobe",
     object: crate::ebpf_object!("usdtprobe"),
-    modes: &[("probe --usdt --trace", Plan::Uprobes("uprobes on USDT probes, with semaphores"))],
+    modes: &[(
+        "probe --usdt --trace",
+        Plan::Usdt { label: "uprobes on a file's USDT probes", prog: PROG, provider: "", prefix: "" },
+    )],
     optional: &[],
 };
 
@@ -192,4 +195,23 @@ fn string_arg(hit: &Hit, i: usize) -> Option<String> {
     let len = (hit.string_len[i] as usize - 1).min(hit.strings[i].len());
     let text = std::str::from_utf8(&hit.strings[i][..len]).ok()?;
     text.chars().all(|c| !c.is_control()).then(|| text.to_string())
+}
+
+/// A tool's row on the USDT probes `provider:prefix*` of the system's libc: usable when that
+/// libc has them, else the line saying it has none.
+pub fn plan(tool: &'static str, label: &str, provider: &str, prefix: &str) -> super::ToolPlan {
+    let mut plan = super::ToolPlan { tool, method: None, targets: Vec::new(), unusable: Vec::new(), degraded: None };
+    let Some(libc) = target::system_libc() else {
+        plan.unusable.push("no libc.so.6 found in the usual places".into());
+        return plan;
+    };
+    match usdt::probes_named(&libc, provider, prefix) {
+        Ok(found) if !found.is_empty() => {
+            plan.method = Some(label.to_string());
+            plan.targets = vec![format!("usdt:{}:{provider}:{prefix}* ({} probes)", libc.display(), found.len())];
+        }
+        Ok(_) => plan.unusable.push(usdt::missing(&libc, provider, prefix)),
+        Err(e) => plan.unusable.push(format!("{e:#}")),
+    }
+    plan
 }
