@@ -83,9 +83,7 @@ fn mallocstat_counts_glibc_probes_exactly() {
 /// Debian's glibc has no `libc:memory_*` notes: one line naming the libc the process maps.
 #[test]
 fn mallocstat_says_when_libc_has_no_probes() {
-    let libc = "/usr/lib/x86_64-linux-gnu/libc.so.6";
-    let notes = Command::new("readelf").args(["-n", libc]).output().unwrap();
-    if String::from_utf8_lossy(&notes.stdout).contains("stapsdt") {
+    if has_usdt_notes(&system_libc()) {
         return not_run("mallocstat_says_when_libc_has_no_probes", "this libc has USDT probes");
     }
     if !bpf_available("mallocstat_says_when_libc_has_no_probes") {
@@ -96,6 +94,7 @@ fn mallocstat_says_when_libc_has_no_probes() {
         cmd.arg("wait");
         cmd
     });
+    let libc = mapped_libc(program.pid());
     assert_exact_error(
         &["mallocstat", "-p", &program.pid().to_string()],
         &format!(

@@ -206,9 +206,9 @@ fn probe_picks_the_attach_method_each_tool_would_use() {
         assert!(degraded.is_none_or(|d| d.contains("bpf_loop helper (Linux 5.17+)")), "{t}");
     }
     // Debian's glibc has no libc:memory_* probes: mallocstat's row says so.
-    let libc = "/usr/lib/x86_64-linux-gnu/libc.so.6";
-    let notes = std::process::Command::new("readelf").args(["-n", libc]).output();
-    if notes.is_ok_and(|n| !String::from_utf8_lossy(&n.stdout).contains("stapsdt")) {
+    let libc = system_libc();
+    if !has_usdt_notes(&libc) {
+        let libc = libc.display();
         let m = tool(&r, "mallocstat");
         assert_eq!(m["method"], Value::Null, "{m}");
         assert_eq!(
@@ -283,7 +283,7 @@ fn probe_without_root_says_it_needs_root() {
 /// Debian's python3.11, which has USDT probes with semaphores (absent in the VM images).
 const PYTHON: &str = "/usr/bin/python3.11";
 /// Where libstdc++'s probes are (no semaphores).
-const LIBSTDCXX: &str = "/usr/lib/x86_64-linux-gnu/libstdc++.so.6";
+const LIBSTDCXX: &str = "/lib/x86_64-linux-gnu/libstdc++.so.6";
 
 /// `probe --usdt FILE --json`: the rows by `provider:name`.
 fn usdt_rows(file: &str) -> Vec<Value> {
@@ -338,11 +338,11 @@ fn probe_usdt_lists_probes_with_semaphores_and_arguments() {
 
 #[test]
 fn probe_usdt_says_a_file_has_no_probes() {
-    let libc = "/usr/lib/x86_64-linux-gnu/libc.so.6";
-    let out = std::process::Command::new("readelf").args(["-n", libc]).output().unwrap();
-    if String::from_utf8_lossy(&out.stdout).contains("stapsdt") {
+    let libc = system_libc();
+    if has_usdt_notes(&libc) {
         return not_run("probe_usdt_says_a_file_has_no_probes", "this libc has USDT probes");
     }
+    let libc = libc.to_str().unwrap();
     let out = run(&["probe", "--usdt", libc], Duration::from_secs(30));
     assert!(out.status.success());
     assert_eq!(

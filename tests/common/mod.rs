@@ -529,3 +529,30 @@ pub fn events_and_final(stdout: &str) -> (Vec<Value>, Value) {
     assert_eq!(last["final"], true, "the last object is not the final one: {last}");
     (lines, last)
 }
+
+/// The system's glibc where `memtrace probe` looks for it (merged /usr first).
+pub fn system_libc() -> PathBuf {
+    [
+        "/usr/lib/x86_64-linux-gnu/libc.so.6",
+        "/lib/x86_64-linux-gnu/libc.so.6",
+        "/usr/lib64/libc.so.6",
+        "/lib64/libc.so.6",
+    ]
+    .into_iter()
+    .map(PathBuf::from)
+    .find(|p| p.exists())
+    .expect("a libc.so.6")
+}
+
+/// Whether the ELF file at `path` has USDT probes: a `.note.stapsdt` section named in it.
+pub fn has_usdt_notes(path: &Path) -> bool {
+    let bytes = std::fs::read(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    bytes.windows(b".note.stapsdt".len()).any(|w| w == b".note.stapsdt")
+}
+
+/// The libc.so.6 process `pid` maps, by the path in its /proc/PID/maps.
+pub fn mapped_libc(pid: u32) -> String {
+    let maps = std::fs::read_to_string(format!("/proc/{pid}/maps")).unwrap();
+    let line = maps.lines().find(|l| l.ends_with("/libc.so.6")).unwrap_or_else(|| panic!("no libc in {maps}"));
+    line.split_whitespace().last().unwrap().to_string()
+}
