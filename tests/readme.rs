@@ -12,6 +12,7 @@ mod memcg;
 use std::{
     collections::{BTreeSet, HashSet},
     os::unix::process::ExitStatusExt,
+    path::Path,
     process::{Command, Output, Stdio},
     time::Duration,
 };
@@ -35,6 +36,8 @@ const CHECKED: &[&str] = &[
     "faults",
     "brkstack",
     "segv",
+    "mallocstat",
+    "probe-usdt",
     "json-frame",
     "json-memleak",
     "json-blind-spots",
@@ -402,6 +405,30 @@ fn probe() {
     assert!(out.status.success(), "{}", out.status);
     let (stdout, stderr) = (String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
     compare("probe", &example, &stdout, &stderr, shape, &["kernel "]);
+}
+
+/// `probe --usdt` on Debian's python3.11: its probes, semaphores and arguments.
+#[test]
+fn probe_usdt() {
+    if !Path::new("/usr/bin/python3.11").exists() {
+        return not_run("probe_usdt", "no /usr/bin/python3.11 here");
+    }
+    let example = example("probe-usdt");
+    let out = output(command(&example, None, false), Duration::from_secs(30));
+    assert!(out.status.success(), "{}", out.status);
+    let (stdout, stderr) = (String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    compare("probe-usdt", &example, &stdout, &stderr, Shape::Exact, &[]);
+}
+
+/// mallocstat on a program that fires glibc's malloc probes from its own notes.
+#[test]
+fn mallocstat() {
+    if !bpf_available("mallocstat") {
+        return;
+    }
+    let example = example("mallocstat");
+    let (stdout, stderr) = on_gated(&example, "mallocstat_probes", 0);
+    compare("mallocstat", &example, &stdout, &stderr, Shape::Numbers, &[]);
 }
 
 /// A glibc double free: memtrace's report with its three stacks is out before the abort,
