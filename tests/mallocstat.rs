@@ -74,6 +74,30 @@ fn mallocstat_counts_glibc_probes_exactly() {
     assert_detached("mallocstat");
 }
 
+/// -c: the command is held after its exec until its probes are in, so every hit counts,
+/// including those of code that runs before main would have let a -p attach.
+#[test]
+fn mallocstat_runs_a_command() {
+    if !bpf_available("mallocstat_runs_a_command") {
+        return;
+    }
+    let program = prog("mallocstat_probes");
+    let mut cmd = memtrace();
+    cmd.args(["--ready-fd", "3", "mallocstat", "--json", "-c", program.to_str().unwrap()]);
+    cmd.stdin(std::process::Stdio::null());
+    let mt = Running::spawn(cmd);
+    let (status, stdout, stderr) = mt.finish(Duration::from_secs(30));
+    assert!(status.success(), "{status}: {stderr}");
+    let report = final_report(&stdout);
+    assert_eq!(report["hits"], 12, "{report:#}");
+    assert_eq!(report["probes"]["memory_sbrk_more"], json!({"hits": 3, "bytes": 12288}), "{report:#}");
+    assert_eq!(report["stacks"].as_array().unwrap().len(), 5, "{report:#}");
+    for field in ["events_lost", "stacks_lost", "unknown_sites"] {
+        assert_eq!(report[field], 0, "blind spot {field}: {report:#}");
+    }
+    assert_detached("mallocstat");
+}
+
 /// Debian's glibc has no `libc:memory_*` notes: one line naming the libc the process maps.
 #[test]
 fn mallocstat_says_when_libc_has_no_probes() {
@@ -102,5 +126,8 @@ fn mallocstat_says_when_libc_has_no_probes() {
 
 #[test]
 fn mallocstat_needs_a_process() {
-    assert_exact_error(&["mallocstat"], "mallocstat needs -p PID: the probes are in the libc that process maps");
+    assert_exact_error(
+        &["mallocstat"],
+        "mallocstat needs -p PID or -c CMD: the probes are in the libc that process maps",
+    );
 }

@@ -221,7 +221,7 @@ impl CommonArgs {
 
 /// The options of a tool that counts per stack in the kernel and reports per interval
 /// (brkstack, faults), taken and checked the same way.
-#[derive(clap::Args, Debug)]
+#[derive(clap::Args, Debug, Clone)]
 pub struct StackReportArgs {
     #[command(flatten)]
     pub common: CommonArgs,

@@ -7,7 +7,7 @@
 use std::{collections::BTreeMap, fmt::Write as _, path::PathBuf};
 
 use anyhow::{Result, bail};
-use aya::maps::HashMap;
+use aya::maps::{HashMap, MapData};
 use memtrace_common::{
     mallocstat::{Event, STAT_NO_SPEC, STAT_STACK_COLLISION, STAT_STACK_LOST, WITH_STACK},
     names,
@@ -24,13 +24,15 @@ use crate::{
     symbolize::Frame,
     target,
     tools::{
+        Ctx, End, Flow, Stream,
         args::StackReportArgs,
         c_str, read_event,
         registry::{Plan, ToolSpec},
-        stack_report::{ShowsFrames, StackReport, StackRun, StackTool},
+        stack_report::{ShowsFrames, StackReport, StackRun},
         stacks,
-        tracer::Tracer,
+        tracer::{Run, Tracer},
     },
+    tracee::{Command, CommandEvent},
     unwind::Unwinder,
 };
 
@@ -104,22 +106,35 @@ fn meaning(name: &str) -> (Meaning, bool) {
 pub struct Args {
     #[command(flatten)]
     pub report: StackReportArgs,
+    /// Run this command and trace its first process (instead of -p).
+    #[arg(short = 'c', long = "command", value_name = "CMD", conflicts_with = "pid")]
+    pub command: Option<String>,
 }
 
 impl Args {
     pub fn validate(&self) -> Result<()> {
         self.report.validate()?;
-        if self.report.common.target.pid.is_none() {
-            bail!("mallocstat needs -p PID: the probes are in the libc that process maps");
+        if self.report.common.target.pid.is_none() && self.command.is_none() {
+            bail!("mallocstat needs -p PID or -c CMD: the probes are in the libc that process maps");
+        }
+        if let Some(cmd) = &self.command {
+            argv(cmd)?;
         }
         self.report.common.validate_user_target()
     }
 }
 
+fn argv(cmd: &str) -> Result<Vec<String>> {
+    shlex::split(cmd)
+        .filter(|a| !a.is_empty() && !a[0].is_empty())
+        .ok_or_else(|| anyhow::anyhow!("-c needs a command, e.g. -c \"./prog arg\""))
+}
+
 /// The `libc:memory_*` probes of `pid`'s libc and executable, with the file of each; the
 /// libc looked at is named when neither has any.
-fn find_probes(pid: u32) -> Result<Vec<(PathBuf, UsdtProbe)>> {
-    let alloc = target::allocator_of_pid(pid)?;
+fn find_probes(pid: u32, just_exec: bool) -> Result<Vec<(PathBuf, UsdtProbe)>> {
+    // Right after an exec the loader has mapped no library yet: the one it will map.
+    let alloc = if just_exec { target::allocator_after_exec(pid)? } else { target::allocator_of_pid(pid)? };
     let libc = alloc.libc.clone().unwrap_or(alloc.primary.clone());
     let exe = crate::procfs::exe(pid)?;
     let mut found = Vec::new();
@@ -135,40 +150,76 @@ fn find_probes(pid: u32) -> Result<Vec<(PathBuf, UsdtProbe)>> {
 
 pub async fn run(args: Args) -> Result<()> {
     kernel::require_root()?;
-    let pid = args.report.common.target.pid.expect("validated");
-    let probes = find_probes(pid)?;
-    let mut specs: Vec<(u64, Spec)> = Vec::new();
-    for (id, (file, p)) in probes.iter().enumerate() {
-        let mut spec = p.spec(id as u32)?;
-        if meaning(&p.name).1 {
-            spec.id |= WITH_STACK;
+    // A command is held right after its exec, until its probes are in.
+    let (pid, mut command, exec_ack) = match &args.command {
+        Some(cmd) => {
+            let mut command = Command::spawn(&argv(cmd)?, &[], None)?;
+            match command.events.recv().await {
+                Some(CommandEvent::Exec { pid, ack, .. }) => (pid, Some(command), Some(ack)),
+                _ => bail!("{cmd}: the command ended before it ran"),
+            }
         }
-        specs.push((usdt_notes::address_in(pid, file, p)?, spec));
-    }
-    let tick = args.report.reports.every();
-    let filter = args.report.common.filter()?;
+        None => (args.report.common.target.pid.expect("validated"), None, None),
+    };
+    let started = start(&args, pid, command.is_some()).await;
+    let (mut tracer, mut state) = match started {
+        Ok(started) => started,
+        Err(e) => {
+            if let Some(c) = &command {
+                c.signal(libc::SIGKILL);
+            }
+            return Err(e);
+        }
+    };
+    drop(exec_ack);
+    state.command = command.take();
+    let ready = format!("tracing {} libc:memory_* probes of pid {pid} ({})", state.names.len(), target::comm(pid));
+    let watch = state.command.is_none().then_some(pid);
+    let run = Run {
+        duration: args.report.common.run.duration,
+        watch,
+        ready_pid: Some(pid),
+        tick: args.report.reports.every(),
+        max_ticks: args.report.reports.count(),
+        ready: &ready,
+    };
+    tracer.run(run, &mut state).await?;
+    Ok(())
+}
+
+/// Loads the object and attaches to every probe of `pid`; the probes of a library not mapped
+/// yet get their addresses when it is (`State::mapped`).
+async fn start(args: &Args, pid: u32, just_exec: bool) -> Result<(Tracer, State)> {
+    let probes = find_probes(pid, just_exec)?;
+    let filter = memtrace_common::Filter { pid, ..memtrace_common::Filter::ALL };
     let mut tracer = Tracer::load(&SPEC, |loader| {
         loader.override_global(names::FILTER, &filter, true).map_max_entries("STACKS", args.report.max_stacks);
         args.report.unwind.configure(loader);
     })?;
-    {
-        let map = tracer.bpf.map_mut(SPECS).ok_or_else(|| anyhow::anyhow!("internal: no map {SPECS}"))?;
-        let mut map: HashMap<_, u64, Spec> = HashMap::try_from(map)?;
-        for (address, spec) in &specs {
-            map.insert(address, spec, 0)?;
-        }
-    }
-    let unwinder = Unwinder::start(&mut tracer.bpf, &args.report.unwind, &args.report.common)?;
+    let specs: HashMap<MapData, u64, Spec> = tracer.map(SPECS)?;
+    // The process traced, however it was given: what the unwinder loads and the report names.
+    let mut report = args.report.clone();
+    report.common.target.pid = Some(pid);
+    let unwinder = Unwinder::start(&mut tracer.bpf, &report.unwind, &report.common)?;
     for (file, p) in &probes {
         usdt_notes::attach(&mut tracer.bpf, PROG, file, p, Some(pid))?;
     }
     let header = format!("{:>7} {:>7} {:<16} {:<36} ARGUMENTS", "PID", "TID", "COMM", "PROBE");
-    let run = StackRun::new(&mut tracer, &args.report, unwinder, false, header)?;
+    let run = StackRun::new(&mut tracer, &report, unwinder, false, header)?;
     let names = probes.iter().map(|(_, p)| p.name.clone()).collect();
-    let ready = format!("tracing {} libc:memory_* probes of pid {pid} ({})", probes.len(), target::comm(pid));
-    let mut state = State { run, names, interval: BTreeMap::new(), total: BTreeMap::new(), stacks: BTreeMap::new() };
-    tracer.stream(&args.report.common, tick, args.report.reports.count(), &ready, &mut state).await?;
-    Ok(())
+    let mut state = State {
+        run,
+        names,
+        interval: BTreeMap::new(),
+        total: BTreeMap::new(),
+        stacks: BTreeMap::new(),
+        pid,
+        specs,
+        unplaced: probes.into_iter().enumerate().map(|(id, (file, p))| (id as u32, file, p)).collect(),
+        command: None,
+    };
+    state.place()?;
+    Ok((tracer, state))
 }
 
 /// Hits of one probe.
@@ -201,6 +252,34 @@ struct State {
     total: BTreeMap<String, Hits>,
     /// (pid, probe, stack id) of heap growth, with its hits and comm.
     stacks: BTreeMap<(u32, String, u64), (Hits, [u8; 16])>,
+    pid: u32,
+    /// Each probe's spec by its address in the process, for the eBPF side.
+    specs: HashMap<MapData, u64, Spec>,
+    /// Probes (id, file, probe) whose file the process has not mapped yet.
+    unplaced: Vec<(u32, PathBuf, UsdtProbe)>,
+    /// The command of -c, held at each mapping of new code until its probes are placed.
+    command: Option<Command>,
+}
+
+impl State {
+    /// Gives the eBPF side the spec of each probe whose file the process maps now.
+    fn place(&mut self) -> Result<()> {
+        let mut left = Vec::new();
+        for (id, file, p) in std::mem::take(&mut self.unplaced) {
+            match usdt_notes::address_in(self.pid, &file, &p) {
+                Ok(address) => {
+                    let mut spec = p.spec(id)?;
+                    if meaning(&p.name).1 {
+                        spec.id |= WITH_STACK;
+                    }
+                    self.specs.insert(address, spec, 0)?;
+                }
+                Err(_) => left.push((id, file, p)),
+            }
+        }
+        self.unplaced = left;
+        Ok(())
+    }
 }
 
 #[derive(Serialize)]
@@ -242,12 +321,65 @@ struct HitEvent<'a> {
     args: &'a [i64],
 }
 
-impl StackTool for State {
-    fn run(&mut self) -> &mut StackRun {
-        &mut self.run
+impl Stream for State {
+    type Side = Option<CommandEvent>;
+
+    fn unwinder(&mut self) -> Option<&mut Unwinder> {
+        self.run.stacks.unwinder.as_mut()
     }
 
-    fn on_event(&mut self, data: &[u8]) -> Result<()> {
+    async fn side(&mut self) -> Option<CommandEvent> {
+        match &mut self.command {
+            Some(c) => c.events.recv().await,
+            None => std::future::pending().await,
+        }
+    }
+
+    fn on_side(&mut self, _ctx: &mut Ctx<'_>, event: Option<CommandEvent>) -> Result<Flow> {
+        match event {
+            Some(CommandEvent::Mapped { ack, .. }) => {
+                // Held until its probes are placed and its tables loaded: none of the new code
+                // has run.
+                self.place()?;
+                if let Some(unwinder) = self.run.stacks.unwinder.as_mut() {
+                    unwinder.load(self.pid);
+                }
+                let _ = ack.send(());
+            }
+            Some(CommandEvent::Exec { ack, .. })
+            | Some(CommandEvent::Fork { ack, .. })
+            | Some(CommandEvent::Exiting { ack, .. }) => {
+                let _ = ack.send(());
+            }
+            Some(CommandEvent::Exited { pid, .. }) if pid == self.pid => {
+                eprintln!("memtrace: mallocstat: process {pid} exited");
+            }
+            Some(CommandEvent::Exited { .. }) | Some(CommandEvent::PtraceRefused { .. }) => {}
+            Some(CommandEvent::Done) | None => return Ok(Flow::Done),
+        }
+        Ok(Flow::Go)
+    }
+
+    fn stopping(&mut self, _ctx: &mut Ctx<'_>, _why: End) -> Result<bool> {
+        // The command cannot go on without memtrace (its seccomp filter needs a tracer).
+        if let Some(c) = &self.command {
+            c.signal(libc::SIGKILL);
+        }
+        Ok(true)
+    }
+
+    fn tick(&mut self) -> Result<()> {
+        self.report(false)?;
+        self.run.stacks.forget_exited();
+        Ok(())
+    }
+
+    fn finish(&mut self, lost: u64) -> Result<()> {
+        self.run.set_lost(lost);
+        self.report(true)
+    }
+
+    fn event(&mut self, data: &[u8]) -> Result<()> {
         let Some(e) = read_event::<Event>(data) else { return Ok(()) };
         let Some(name) = self.names.get(e.id as usize).cloned() else { return Ok(()) };
         let (meaning, stack) = meaning(&name);
@@ -269,7 +401,9 @@ impl StackTool for State {
         }
         Ok(())
     }
+}
 
+impl State {
     fn report(&mut self, is_final: bool) -> Result<()> {
         let counts = if is_final { &self.total } else { &self.interval };
         let counts = Counts { hits: counts.values().map(|h| h.hits).sum(), probes: counts };

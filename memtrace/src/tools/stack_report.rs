@@ -68,6 +68,11 @@ impl StackRun {
         })
     }
 
+    /// Events lost on the ring buffer, for the final report.
+    pub fn set_lost(&mut self, lost: u64) {
+        self.lost = Some(lost);
+    }
+
     pub fn stat(&self, index: u32) -> u64 {
         crate::kernel::maps::sum(&self.stats, index)
     }
@@ -187,7 +192,7 @@ impl<T: StackTool> Stream for T {
     }
 
     fn finish(&mut self, lost: u64) -> Result<()> {
-        self.run().lost = Some(lost);
+        self.run().set_lost(lost);
         self.report(true)
     }
 }
