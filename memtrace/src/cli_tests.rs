@@ -98,7 +98,14 @@ const TOOLS: &[(&str, Options, bool)] = &[
     ("shmsnoop", &[("--failed", Flag), ("--timestamp", Flag), ("-T", Flag)], false),
     (
         "mallocstat",
-        &[("-T", Text), ("--folded", Path), ("--max-stacks", Number), ("--unwind", Text), ("--unwind-rows", Number)],
+        &[
+            ("-c", Text),
+            ("-T", Text),
+            ("--folded", Path),
+            ("--max-stacks", Number),
+            ("--unwind", Text),
+            ("--unwind-rows", Number),
+        ],
         true,
     ),
     ("probe", &[("--json", Flag), ("--usdt", Path), ("--trace", Text), ("-p", Number), ("-d", Seconds)], false),
