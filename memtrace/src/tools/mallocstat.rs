@@ -4,32 +4,31 @@
 //! frees each as it happens. The probes are looked for in the libc the process maps and in its
 //! executable. Debian builds glibc without them: mallocstat then says so and stops.
 
-use std::{collections::BTreeMap, fmt::Write as _, path::PathBuf};
+mod report;
+
+use std::{collections::BTreeMap, path::PathBuf};
 
 use anyhow::{Result, bail};
 use aya::maps::{HashMap, MapData};
 use memtrace_common::{
-    mallocstat::{Event, STAT_NO_SPEC, STAT_STACK_COLLISION, STAT_STACK_LOST, WITH_STACK},
+    mallocstat::{Event, WITH_STACK},
     names,
     usdt::{SPECS, Spec},
 };
-use serde::Serialize;
+use report::{HitEvent, Hits, Meaning, meaning};
 
 use crate::{
     kernel::{
         self,
         usdt::{self as usdt_notes, UsdtProbe},
     },
-    output,
-    symbolize::Frame,
     target,
     tools::{
         Ctx, End, Flow, Stream,
         args::StackReportArgs,
         c_str, read_event,
         registry::{Plan, ToolSpec},
-        stack_report::{ShowsFrames, StackReport, StackRun},
-        stacks,
+        stack_report::StackRun,
         tracer::{Run, Tracer},
     },
     tracee::{Command, CommandEvent},
@@ -57,46 +56,6 @@ pub const SPEC: ToolSpec = ToolSpec {
 const PROG: &str = "mallocstat_hit";
 const PROVIDER: &str = "libc";
 const PREFIX: &str = "memory_";
-
-/// What a probe's hits mean, by its name (glibc's manual/probes.texi).
-#[derive(Clone, Copy, PartialEq, Eq, Debug)]
-enum Meaning {
-    /// Argument `.0` is an amount of bytes: summed (sbrk growth, a new heap's size).
-    Bytes(usize),
-    /// Argument `.0` is a heap's size after the change: the last one is kept.
-    Size(usize),
-    /// Printed as it happens, with its arguments (tunables, retries, double frees).
-    Event,
-    /// Counted only.
-    Count,
-}
-
-/// (name, meaning, whether a hit takes the user stack) of the probes glibc 2.26-2.40 declares.
-const KNOWN: &[(&str, Meaning, bool)] = &[
-    ("memory_sbrk_more", Meaning::Bytes(1), true),
-    ("memory_sbrk_less", Meaning::Bytes(1), false),
-    ("memory_heap_new", Meaning::Bytes(1), true),
-    ("memory_heap_free", Meaning::Bytes(1), false),
-    ("memory_heap_more", Meaning::Size(1), true),
-    ("memory_heap_less", Meaning::Size(1), false),
-    ("memory_arena_new", Meaning::Bytes(1), true),
-    ("memory_arena_reuse", Meaning::Count, false),
-    ("memory_arena_reuse_free_list", Meaning::Count, false),
-    ("memory_arena_reuse_wait", Meaning::Count, false),
-];
-
-fn meaning(name: &str) -> (Meaning, bool) {
-    if let Some((_, m, stack)) = KNOWN.iter().find(|(n, ..)| *n == name) {
-        return (*m, *stack);
-    }
-    // Tunables, retries and tcache double frees: rare, and each worth seeing.
-    let events = ["memory_mallopt", "memory_tunable_", "_retry", "memory_tcache_double_free"];
-    if events.iter().any(|e| name.starts_with(e) || name.ends_with(e)) {
-        (Meaning::Event, false)
-    } else {
-        (Meaning::Count, false)
-    }
-}
 
 /// Count glibc's allocator events (libc:memory_* USDT probes) of one process.
 #[derive(clap::Args, Debug)]
@@ -222,28 +181,6 @@ async fn start(args: &Args, pid: u32, just_exec: bool) -> Result<(Tracer, State)
     Ok((tracer, state))
 }
 
-/// Hits of one probe.
-#[derive(Serialize, Clone, Default)]
-struct Hits {
-    hits: u64,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    bytes: Option<u64>,
-    /// The heap's size after its last change.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    last_size: Option<u64>,
-}
-
-impl Hits {
-    fn add(&mut self, meaning: Meaning, args: &[i64]) {
-        self.hits += 1;
-        match meaning {
-            Meaning::Bytes(i) => *self.bytes.get_or_insert(0) += args[i] as u64,
-            Meaning::Size(i) => self.last_size = Some(args[i] as u64),
-            Meaning::Event | Meaning::Count => {}
-        }
-    }
-}
-
 struct State {
     run: StackRun,
     /// Probe names by id.
@@ -280,45 +217,6 @@ impl State {
         self.unplaced = left;
         Ok(())
     }
-}
-
-#[derive(Serialize)]
-struct Counts<'a> {
-    hits: u64,
-    probes: &'a BTreeMap<String, Hits>,
-}
-
-#[derive(Serialize)]
-struct StackRow {
-    pid: u32,
-    comm: String,
-    probe: String,
-    #[serde(flatten)]
-    hits: Hits,
-    stack_id: Option<String>,
-    frames: Vec<Frame>,
-}
-
-impl ShowsFrames for StackRow {
-    fn shown_frames(&self) -> impl Iterator<Item = &Frame> {
-        self.frames.iter()
-    }
-}
-
-#[derive(Serialize)]
-struct Spots {
-    /// Hits at an address without a spec: a probe the process mapped elsewhere.
-    unknown_sites: u64,
-}
-
-#[derive(Serialize)]
-struct HitEvent<'a> {
-    event: &'a str,
-    pid: u32,
-    tid: u32,
-    comm: String,
-    probe: &'a str,
-    args: &'a [i64],
 }
 
 impl Stream for State {
@@ -401,60 +299,4 @@ impl Stream for State {
         }
         Ok(())
     }
-}
-
-impl State {
-    fn report(&mut self, is_final: bool) -> Result<()> {
-        let counts = if is_final { &self.total } else { &self.interval };
-        let counts = Counts { hits: counts.values().map(|h| h.hits).sum(), probes: counts };
-        let mut rows: Vec<_> = self.stacks.iter().collect();
-        rows.sort_by(|a, b| b.1.0.hits.cmp(&a.1.0.hits).then_with(|| a.0.cmp(b.0)));
-        let shown = self.run.shown(is_final);
-        let stack_rows: Vec<StackRow> = rows
-            .iter()
-            .take(shown)
-            .map(|((pid, probe, id), (hits, comm))| StackRow {
-                pid: *pid,
-                comm: c_str(comm),
-                probe: probe.clone(),
-                hits: hits.clone(),
-                stack_id: stacks::id_json(*id),
-                frames: self.run.stacks.user(*pid, *id, false),
-            })
-            .collect();
-        if let Some(path) = self.run.folded(is_final) {
-            let folded =
-                stack_rows.iter().map(|s| (output::process_root(s.pid, &s.comm), s.frames.as_slice(), s.hits.hits));
-            stacks::write_folded(path, folded)?;
-        }
-        let run = &self.run;
-        let stacks_lost = run.stat(STAT_STACK_LOST) + run.stat(STAT_STACK_COLLISION);
-        let spots = Spots { unknown_sites: run.stat(STAT_NO_SPEC) };
-        run.report(is_final, counts, stack_rows, stacks_lost, spots, render)?;
-        self.interval.clear();
-        Ok(())
-    }
-}
-
-fn render(r: &StackReport<Counts<'_>, StackRow, Spots>) -> String {
-    let mut out = format!("{}{} libc:memory_* probe hits\n", r.title(), r.counts.hits);
-    if !r.counts.probes.is_empty() {
-        let _ = writeln!(out, "  {:<36} {:>8} {:>12} {:>12}", "PROBE", "HITS", "BYTES", "LAST SIZE");
-    }
-    let opt = |v: Option<u64>| v.map_or("-".to_string(), |v| v.to_string());
-    for (name, h) in r.counts.probes {
-        let _ = writeln!(out, "  {name:<36} {:>8} {:>12} {:>12}", h.hits, opt(h.bytes), opt(h.last_size));
-    }
-    for s in &r.stacks {
-        let bytes = s.hits.bytes.map(|b| format!(", {b} bytes")).unwrap_or_default();
-        let _ = writeln!(out, "  {} x {}{bytes}: pid {} ({})", s.hits.hits, s.probe, s.pid, s.comm);
-        output::write_stack(&mut out, &s.frames, "      ");
-    }
-    let (store_full, store) = r.store_full();
-    out += &r.blind_spots(&[
-        (r.stacks_lost, "heap growths without a stack"),
-        (store_full, &store),
-        (r.spots.unknown_sites, "hits at probe sites not set up"),
-    ]);
-    out
 }
