@@ -3,6 +3,7 @@
 //! Tools ask this module; none of them probes the kernel by itself.
 
 pub mod btf;
+pub mod cgroup;
 pub mod fentry;
 pub mod kallsyms;
 pub mod maps;
@@ -11,6 +12,7 @@ pub mod pidns;
 pub mod placement;
 pub mod tracefs;
 mod uprobes;
+pub mod vmstat;
 
 use std::path::Path;
 

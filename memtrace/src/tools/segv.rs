@@ -130,7 +130,7 @@ pub async fn run(args: Args) -> Result<()> {
         seen,
         json: args.common.run.json,
         mmap_min_addr,
-        cgroups: decode::Cgroups::default(),
+        cgroups: crate::kernel::cgroup::Cgroups::default(),
         unnamed: UnnamedFrames::default(),
         unseen: 0,
         unclassified: 0,
@@ -153,7 +153,7 @@ struct State {
     seen: HashSet<u32>,
     json: bool,
     mmap_min_addr: u64,
-    cgroups: decode::Cgroups,
+    cgroups: crate::kernel::cgroup::Cgroups,
     unnamed: UnnamedFrames,
     /// Crashes of processes whose mappings memtrace never saw (gone before it looked).
     unseen: u64,
