@@ -5,10 +5,12 @@
 #![no_std]
 
 pub mod brkstack;
+pub mod compaction;
 pub mod drsnoop;
 pub mod faults;
 pub mod hfaults;
 pub mod memleak;
+pub mod migrate;
 pub mod mmapsnoop;
 pub mod oomkill;
 pub mod segv;
@@ -121,6 +123,17 @@ mod tests {
         assert_eq!(size_of::<faults::Event>(), 4 * 4 + 8 * 5 + 16);
         assert_eq!(size_of::<swapin::SwapKey>(), 4 + 4 + 8 + 16);
         assert_eq!(size_of::<swapin::NewStack>(), 4 + 4 + 8);
+    }
+
+    #[test]
+    fn compaction_and_migrate_records_have_no_implicit_padding() {
+        use crate::{compaction, migrate};
+        assert_eq!(size_of::<compaction::Offsets>(), 4 * 8);
+        assert_eq!(size_of::<compaction::Running>(), 8 * 3 + 4 * 4);
+        assert_eq!(size_of::<compaction::Event>(), 4 * 2 + 16 + 8 * 5 + 4 * 6);
+        assert_eq!(size_of::<migrate::Offsets>(), 4 * (migrate::COUNTERS + 1));
+        assert_eq!(size_of::<migrate::ProcKey>(), 4 + 4);
+        assert_eq!(size_of::<migrate::Counts>(), 8 * migrate::COUNTERS + 16);
     }
 
     #[test]

@@ -91,6 +91,8 @@ const TOOLS: &[(&str, Options, bool)] = &[
         true,
     ),
     ("hfaults", &[], true),
+    ("migrate", &[], true),
+    ("compaction", &[("--timestamp", Flag), ("-T", Flag)], false),
     ("drsnoop", &[("-t", Number), ("-n", Text), ("--timestamp", Flag), ("-T", Flag), ("--memcg", Flag)], false),
     ("oomkill", &[("--unwind", Text), ("--unwind-rows", Number)], false),
     ("segv", &[("--all", Flag), ("--unwind", Text), ("--unwind-rows", Number)], false),
@@ -218,7 +220,7 @@ fn intervals_and_counts_are_checked_the_same_in_every_tool() {
         (["1", "0"], "the count must be at least 1"),
         (["1", "many"], "the count is a number of reports of at least 1, not \"many\""),
     ];
-    for tool in ["memleak", "brkstack", "faults", "vmscan", "swapin", "hfaults"] {
+    for tool in ["memleak", "brkstack", "faults", "vmscan", "swapin", "hfaults", "migrate"] {
         for (positionals, message) in &cases {
             let cli = Cli::try_parse_from(["memtrace", tool, positionals[0], positionals[1]]).expect("parses");
             let err = cli.tool.validate().expect_err(tool).to_string();
@@ -238,7 +240,7 @@ fn capital_t_is_top_everywhere_and_timestamps_are_spelled_out() {
         let cli = Cli::try_parse_from(["memtrace", tool, "--top", "3"]).expect("parses");
         cli.tool.validate().unwrap_or_else(|e| panic!("{tool} --top 3: {e}"));
     }
-    for tool in ["drsnoop", "mmapsnoop", "shmsnoop", "swapin"] {
+    for tool in ["drsnoop", "mmapsnoop", "shmsnoop", "swapin", "compaction"] {
         let cli = Cli::try_parse_from(["memtrace", tool, "-T"]).expect("parses");
         let err = cli.tool.validate().expect_err(tool).to_string();
         assert_eq!(

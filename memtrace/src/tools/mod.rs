@@ -6,10 +6,12 @@ pub mod args;
 #[cfg(feature = "bench")]
 pub mod benchfloor;
 pub mod brkstack;
+pub mod compaction;
 pub mod drsnoop;
 pub mod faults;
 pub mod hfaults;
 pub mod memleak;
+pub mod migrate;
 pub mod mmapsnoop;
 pub mod oomkill;
 pub mod probe;

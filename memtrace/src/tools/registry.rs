@@ -4,7 +4,10 @@
 
 use anyhow::Result;
 
-use super::{brkstack, drsnoop, faults, hfaults, memleak, mmapsnoop, oomkill, probe, segv, shmsnoop, swapin, vmscan};
+use super::{
+    brkstack, compaction, drsnoop, faults, hfaults, memleak, migrate, mmapsnoop, oomkill, probe, segv, shmsnoop,
+    swapin, vmscan,
+};
 use crate::kernel::{AttachPoint, Object, Probe};
 
 /// How a tracer (or one mode of it) attaches, as `memtrace probe` checks it.
@@ -107,6 +110,10 @@ registry! {
     Vmscan => vmscan,
     /// Each direct reclaim: who stalled and for how long.
     Drsnoop => drsnoop,
+    /// Each zone compaction: direct, kcompactd, proactive or manual, with latency and result.
+    Compaction => compaction,
+    /// Page migrations per reason and process per interval, beside /proc/vmstat's counts.
+    Migrate => migrate,
     /// Swap-ins per process per interval.
     Swapin => swapin,
     /// Hugetlb page faults per process and file.
@@ -176,7 +183,7 @@ mod tests {
                 names::EVENTS,
                 names::LOST
             );
-            assert!(events || spec.name == "vmscan", "{}: no {}", spec.name, names::EVENTS);
+            assert!(events || ["vmscan", "migrate"].contains(&spec.name), "{}: no {}", spec.name, names::EVENTS);
         }
     }
 }
