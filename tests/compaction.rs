@@ -141,6 +141,7 @@ fn compaction_shows_direct_compaction_of_a_huge_page_allocation() {
         return;
     }
     assert!(!direct.is_empty(), "{stalled} compact_stall, no direct compaction shown: {stdout}");
+    eprintln!("{test}: compact_stall +{stalled}, {} direct compactions of compact_frag shown", direct.len());
     for e in direct {
         assert_eq!(e["comm"], "compact_frag", "{e}");
         assert_eq!(e["order"], compact::HUGE_ORDER, "{e}");

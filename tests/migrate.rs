@@ -52,6 +52,7 @@ fn migrate_totals_equal_vmstat_deltas() {
     assert_eq!(totals["agree"], true, "{last}");
     let moved = totals["succeeded"].as_u64().unwrap() + totals["failed"].as_u64().unwrap();
     assert!(moved > 0, "compaction of memory in pieces migrated nothing: {last}");
+    eprintln!("migrate_totals_equal_vmstat_deltas: {totals}");
     // The reports add up to the totals, per reason.
     let in_reports = |key: &str| sum(reports.iter().flat_map(|r| r["reasons"].as_array().unwrap().clone()), key);
     let in_totals = |key: &str| sum(last["reasons"].as_array().unwrap().iter().cloned(), key);
