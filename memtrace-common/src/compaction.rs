@@ -3,6 +3,12 @@
 
 use crate::user_pod;
 
+/// The object's globals and maps beyond `crate::names`, by the names user space finds them.
+pub mod names {
+    pub const OFFSETS: &str = "OFFSETS";
+    pub const RUNNING: &str = "RUNNING";
+}
+
 /// Field offsets in the compaction tracepoints, from the running kernel's format files.
 #[repr(C)]
 #[derive(Copy, Clone, Debug, Default)]

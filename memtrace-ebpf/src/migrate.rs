@@ -62,12 +62,12 @@ pub fn migrate_pages(ctx: TracePointContext) -> u32 {
         return 0;
     }
     let key = ProcKey { pid: current_pid(), reason };
-    if lookup(&key).is_none() {
+    if PROCS.get_ptr_mut(&key).is_none() {
         let fresh = Counts { n: [0; COUNTERS], comm: bpf_get_current_comm().unwrap_or_default() };
         // Another CPU may have added the key meanwhile: then its entry is used.
         let _ = PROCS.insert(key, fresh, BPF_NOEXIST);
     }
-    let Some(counts) = lookup(&key) else {
+    let Some(counts) = PROCS.get_ptr_mut(&key) else {
         bump(&STATS, STAT_PROCS_FULL);
         return 0;
     };
@@ -76,9 +76,4 @@ pub fn migrate_pages(ctx: TracePointContext) -> u32 {
         atomic_add(unsafe { &raw mut (*counts).n[i] }, *value);
     }
     0
-}
-
-#[inline(always)]
-fn lookup(key: &ProcKey) -> Option<*mut Counts> {
-    PROCS.get_ptr_mut(key)
 }

@@ -3,7 +3,7 @@
 //! it was.
 
 use anyhow::Result;
-use memtrace_common::compaction::{Event, Offsets, UNKNOWN};
+use memtrace_common::compaction::{self, Event, Offsets, UNKNOWN};
 use memtrace_common::names;
 use serde::Serialize;
 
@@ -76,7 +76,11 @@ pub async fn run(args: Args) -> Result<()> {
         _pad: 0,
     };
     let mut tracer = Tracer::load(&SPEC, |loader| {
-        loader.override_global(names::FILTER, &filter, true).override_global("OFFSETS", &offsets, true);
+        loader.override_global(names::FILTER, &filter, true).override_global(
+            compaction::names::OFFSETS,
+            &offsets,
+            true,
+        );
     })?;
     tracer.attach(ATTACH)?;
     let header = format!(
@@ -200,7 +204,14 @@ impl tools::Stream for State {
 
 #[cfg(test)]
 mod tests {
-    use super::kind;
+    use memtrace_common::{compaction::names, names::FILTER};
+
+    use super::{SPEC, kind};
+
+    #[test]
+    fn names_user_space_uses_are_in_the_object() {
+        crate::tools::registry::assert_names(&SPEC, &[FILTER, names::OFFSETS, names::RUNNING]);
+    }
 
     #[test]
     fn kinds_follow_the_thread_and_the_order() {

@@ -4,7 +4,7 @@
 use anyhow::{Result, bail};
 use aya::maps::{HashMap, MapData, PerCpuArray};
 use memtrace_common::migrate::{
-    CALLS, COUNTERS, Counts, FAILED, FIELD_ABSENT, LARGE_SPLIT, MAX_REASON, Offsets, ProcKey, REASON_ROWS,
+    self, CALLS, COUNTERS, Counts, FAILED, FIELD_ABSENT, LARGE_SPLIT, MAX_REASON, Offsets, ProcKey, REASON_ROWS,
     STAT_PROCS_FULL, SUCCEEDED, THP_FAILED, THP_SPLIT, THP_SUCCEEDED,
 };
 use memtrace_common::names;
@@ -70,14 +70,14 @@ pub async fn run(args: Args) -> Result<()> {
         tracing::warn!("migrate: {TRACEPOINT}'s format names no reasons: they are shown as numbers");
     }
     let mut tracer = Tracer::load(&SPEC, |loader| {
-        loader.override_global(names::FILTER, &filter, true).override_global("OFFSETS", &offsets, true);
+        loader.override_global(names::FILTER, &filter, true).override_global(migrate::names::OFFSETS, &offsets, true);
     })?;
     tracer.attach(ATTACH)?;
     let mut state = State {
         reasons,
-        totals: tracer.map("TOTALS")?,
-        procs: tracer.map("PROCS")?,
-        stats: tracer.map("STATS")?,
+        totals: tracer.map(migrate::names::TOTALS)?,
+        procs: tracer.map(migrate::names::PROCS)?,
+        stats: tracer.map(migrate::names::STATS)?,
         last: Reading::default(),
         start: Reading::default(),
         seen: std::collections::HashMap::new(),
@@ -391,5 +391,49 @@ impl State {
             },
             || State::table(&report),
         )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use memtrace_common::{migrate::names, names::FILTER};
+
+    use super::*;
+
+    #[test]
+    fn names_user_space_uses_are_in_the_object() {
+        crate::tools::registry::assert_names(
+            &SPEC,
+            &[FILTER, names::OFFSETS, names::TOTALS, names::PROCS, names::STATS],
+        );
+    }
+
+    const FORMAT_5_10: &str = "format:
+\tfield:unsigned long succeeded;\toffset:8;\tsize:8;\tsigned:0;
+\tfield:unsigned long failed;\toffset:16;\tsize:8;\tsigned:0;
+\tfield:unsigned long thp_succeeded;\toffset:24;\tsize:8;\tsigned:0;
+\tfield:unsigned long thp_failed;\toffset:32;\tsize:8;\tsigned:0;
+\tfield:unsigned long thp_split;\toffset:40;\tsize:8;\tsigned:0;
+\tfield:enum migrate_mode mode;\toffset:48;\tsize:4;\tsigned:0;
+\tfield:int reason;\toffset:52;\tsize:4;\tsigned:1;
+";
+
+    #[test]
+    fn a_field_the_kernel_lacks_is_left_out() {
+        let offsets = offsets(&Format::parse("migrate:mm_migrate_pages", FORMAT_5_10)).unwrap();
+        assert_eq!(offsets.counts[..LARGE_SPLIT], [8, 16, 24, 32, 40]);
+        assert_eq!(offsets.counts[LARGE_SPLIT], FIELD_ABSENT);
+        assert_eq!(offsets.counts[CALLS], FIELD_ABSENT);
+        assert_eq!(offsets.reason, 52);
+    }
+
+    #[test]
+    fn a_layout_it_cannot_read_is_refused_in_one_line() {
+        let narrow = FORMAT_5_10.replace("offset:8;\tsize:8;", "offset:8;\tsize:4;");
+        let err = offsets(&Format::parse("migrate:mm_migrate_pages", &narrow)).unwrap_err().to_string();
+        assert_eq!(
+            err,
+            "migrate:mm_migrate_pages's succeeded is 4 bytes, not 8: this kernel's layout is not supported"
+        );
     }
 }

@@ -122,6 +122,20 @@ registry! {
     Segv => segv,
 }
 
+/// Asserts that every build of `spec`'s object declares each of `names` (maps and globals
+/// user space finds by name), as the registry's test does for programs.
+#[cfg(test)]
+pub fn assert_names(spec: &ToolSpec, names: &[&str]) {
+    use object::{Object as _, ObjectSymbol as _};
+    for build in spec.object.builds() {
+        let file = object::File::parse(build).unwrap_or_else(|e| panic!("{}: {e}", spec.name));
+        let symbols: Vec<&str> = file.symbols().filter_map(|s| s.name().ok()).collect();
+        for name in names {
+            assert!(symbols.contains(name), "{}: no {name} in its object", spec.name);
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use object::{Object as _, ObjectSymbol as _};
