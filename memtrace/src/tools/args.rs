@@ -69,7 +69,7 @@ fn check_comm(comm: &str) -> Result<()> {
 /// bad value gets memtrace's own one-line error, the same in every tool.
 #[derive(clap::Args, Debug, Clone, Default)]
 pub struct Reports {
-    /// Seconds between reports, 1 to 31536000 (default: 5 in memleak, 1 in vmscan and swapin;
+    /// Seconds between reports, 1 to 31536000 (default: 5 in memleak, 1 in vmscan, swapin and migrate;
     /// one report at the end in the others).
     #[arg(value_name = "INTERVAL")]
     interval: Option<String>,
