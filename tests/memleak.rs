@@ -477,7 +477,7 @@ fn memleak_names_the_cause_when_malloc_is_probed_incompatibly() {
     let _ = target.wait();
 }
 
-/// Why bcc's memleak -p once failed "although no tracer was running" (issue 8, item 19):
+/// Why bcc's memleak -p once failed "although no tracer was running", and why memtrace is not to blame:
 /// memtrace detaches everything, but while a thread of its target sits inside malloc with a
 /// return pending through memtrace's return probe (here: stopped there), newer kernels keep
 /// that uprobe, reference-counter offset 0, at malloc+0 until the thread returns, and refuse

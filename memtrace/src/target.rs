@@ -209,7 +209,7 @@ pub fn contradicts(mapped: &Allocator, probed: &Allocator) -> bool {
     id(mapped_libc) != id(probed_libc)
 }
 
-fn reach(pid: u32, m: &procfs::MappedFile) -> Result<PathBuf> {
+fn reach(pid: u32, m: &procfs::Mapping) -> Result<PathBuf> {
     procfs::reach(pid, m).with_context(|| {
         format!(
             "cannot open the {} that process {pid} maps (deleted or replaced, and /proc/{pid}/map_files is unreadable): give the library with -O",

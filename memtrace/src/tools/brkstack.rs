@@ -110,10 +110,8 @@ fn current_breaks(only: Option<u32>, comm: Option<&str>) -> Vec<(u32, u64)> {
 }
 
 fn current_break(pid: u32) -> Option<u64> {
-    let maps = std::fs::read_to_string(format!("/proc/{pid}/maps")).ok()?;
-    if let Some(line) = maps.lines().find(|l| l.ends_with("[heap]")) {
-        let end = line.split_whitespace().next()?.split_once('-')?.1;
-        return u64::from_str_radix(end, 16).ok();
+    if let Some(heap) = crate::procfs::mappings(pid).ok()?.into_iter().find(|m| m.path == "[heap]") {
+        return Some(heap.end);
     }
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
     // start_brk is field 47; fields after the comm start at field 3.

@@ -169,15 +169,13 @@ fn hugetlb_mappings(smaps: &str) -> Vec<Mapping> {
     let mut out = Vec::new();
     let mut current: Option<Mapping> = None;
     for line in smaps.lines() {
+        if let Some(m) = crate::procfs::Mapping::parse(line) {
+            current = Some(Mapping { start: m.start, end: m.end, file: m.shown_path() });
+            continue;
+        }
         let mut words = line.split_whitespace();
         let first = words.next().unwrap_or("");
-        if let Some((start, end)) = first.split_once('-').filter(|_| !first.ends_with(':')) {
-            let (Ok(start), Ok(end)) = (u64::from_str_radix(start, 16), u64::from_str_radix(end, 16)) else {
-                continue;
-            };
-            let file = words.nth(4).map(|_| line.split_whitespace().skip(5).collect::<Vec<_>>().join(" "));
-            current = Some(Mapping { start, end, file: file.unwrap_or_default() });
-        } else if first == "KernelPageSize:" && words.next() != Some("4") {
+        if first == "KernelPageSize:" && words.next() != Some("4") {
             out.extend(current.take());
         }
     }

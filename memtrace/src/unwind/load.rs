@@ -23,7 +23,7 @@ use memtrace_common::unwind::{
 use serde::Serialize;
 
 use super::{Limits, mapping_bias};
-use crate::procfs::{self, MappedFile};
+use crate::procfs;
 
 /// `--unwind`: how tools walk user stacks.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum, Serialize)]
@@ -231,7 +231,7 @@ impl CutStacks {
 struct Loaded {
     keys: HashSet<(u32, MappingKey)>,
     /// The executable mappings loaded: a request with the same ones needs no reload.
-    exec_maps: Vec<MappedFile>,
+    exec_maps: Vec<procfs::Mapping>,
 }
 
 pub struct Unwinder {
@@ -400,7 +400,7 @@ impl Unwinder {
 
     /// The entry for mapping `m` of `pid`, building its file's table the first time. Code no
     /// file backs (a JIT's, the vdso) has no table memtrace reads: frame pointers there.
-    fn mapping_of(&mut self, pid: u32, m: &MappedFile) -> Mapping {
+    fn mapping_of(&mut self, pid: u32, m: &procfs::Mapping) -> Mapping {
         if !m.is_file() {
             return Mapping::new(MAPPING_NO_TABLE, 0, 0, 0);
         }
@@ -419,7 +419,7 @@ impl Unwinder {
         Mapping::new(module.kind, bias, module.start, module.rows)
     }
 
-    fn build(&mut self, pid: u32, m: &MappedFile) -> Module {
+    fn build(&mut self, pid: u32, m: &procfs::Mapping) -> Module {
         let compiled = super::module::compile(pid, m, &self.limits);
         let mut module = Module {
             path: m.path.clone(),

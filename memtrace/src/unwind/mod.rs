@@ -1,4 +1,5 @@
-//! Unwind tables for user stacks without frame pointers (issue 9, user-space step).
+//! Unwind tables for user stacks without frame pointers, compiled in user space for the eBPF
+//! walker and for the preloaded recorder.
 //!
 //! Compiles a module's `.eh_frame` (and `.debug_frame` when present) into a sorted array of
 //! 16-byte rows: from each row's PC up to the next, how to find the CFA (RSP+N, RBP+N or the

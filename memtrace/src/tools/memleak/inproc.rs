@@ -26,7 +26,7 @@ use memtrace_common::{
 
 use super::dropped::Dropped;
 use crate::{
-    procfs::{self, MappedFile},
+    procfs,
     unwind::{CutStacks, Limits, Segment, mapping_bias, module::Compiled},
 };
 
@@ -260,7 +260,7 @@ impl Shim {
     }
 
     /// Whether the process maps the object.
-    pub(super) fn mapped_in(&self, pid: u32) -> Option<MappedFile> {
+    pub(super) fn mapped_in(&self, pid: u32) -> Option<procfs::Mapping> {
         let maps = procfs::mapped_files(pid).ok()?;
         maps.into_iter().find(|m| (libc::makedev(m.dev.0, m.dev.1), m.inode) == self.id && m.offset == 0)
     }
@@ -309,7 +309,7 @@ pub(super) struct Tables {
 }
 
 impl Tables {
-    fn get(&mut self, pid: u32, m: &MappedFile) -> Rc<Compiled> {
+    fn get(&mut self, pid: u32, m: &procfs::Mapping) -> Rc<Compiled> {
         let id = (m.dev.0, m.dev.1, m.inode);
         self.files.entry(id).or_insert_with(|| Rc::new(crate::unwind::module::compile(pid, m, &self.limits))).clone()
     }
@@ -463,7 +463,7 @@ impl Recorder {
 
     /// Where `m`'s file's rows sit in the process, writing them there the first time; None
     /// when its row region is full.
-    fn rows_of(&mut self, pid: u32, m: &MappedFile, compiled: &Compiled) -> Result<Option<(u32, u32)>> {
+    fn rows_of(&mut self, pid: u32, m: &procfs::Mapping, compiled: &Compiled) -> Result<Option<(u32, u32)>> {
         let id = (m.dev.0, m.dev.1, m.inode);
         if let Some(&at) = self.files.get(&id) {
             return Ok(Some(at));
