@@ -305,7 +305,7 @@ pub async fn exited(pid: u32) -> Result<()> {
         bail!("no such process: {pid}");
     }
     // SAFETY: pidfd_open returned a new fd that nothing else owns.
-    let fd = crate::tools::async_readable(unsafe { OwnedFd::from_raw_fd(fd as i32) })?;
+    let fd = crate::sys::async_readable(unsafe { OwnedFd::from_raw_fd(fd as i32) })?;
     let _ready = fd.readable().await?;
     Ok(())
 }

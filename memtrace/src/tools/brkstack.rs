@@ -24,7 +24,6 @@ use crate::{
         stack_report::{ShowsFrames, StackReport, StackRun, StackTool},
         stacks,
     },
-    unwind::Unwinder,
 };
 
 const OBJECT: crate::kernel::Object = crate::ebpf_object!("brkstack", walking_user_stacks);
@@ -83,7 +82,7 @@ pub async fn run(args: Args) -> Result<()> {
         args.report.unwind.configure(loader);
     })?;
     // Tables before the probes: the selected processes' first calls get whole stacks.
-    let unwinder = Unwinder::start(&mut tracer.bpf, &args.report.unwind, &args.report.common)?;
+    let unwinder = args.report.unwind.start(&mut tracer.bpf, &args.report.common)?;
     tracer.attach(ATTACH)?;
     let totals = tracer.map("TOTALS")?;
     let mut last_brk: HashMap<MapData, u32, u64> = tracer.map("LAST_BRK")?;

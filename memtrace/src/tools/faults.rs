@@ -24,7 +24,6 @@ use crate::{
         stack_report::{ShowsFrames, StackReport, StackRun, StackTool},
         stacks,
     },
-    unwind::Unwinder,
 };
 
 const OBJECT: crate::kernel::Object = crate::ebpf_object!("faults", walking_user_stacks);
@@ -89,7 +88,7 @@ pub async fn run(args: Args) -> Result<()> {
         args.report.unwind.configure(loader);
     })?;
     // Tables before the probes: the selected processes' first faults get whole stacks.
-    let unwinder = Unwinder::start(&mut tracer.bpf, &args.report.unwind, &args.report.common)?;
+    let unwinder = args.report.unwind.start(&mut tracer.bpf, &args.report.common)?;
     let mut how = vec![tracer.attach(&[USER])?];
     if args.kernel {
         how.push(tracer.attach(&[KERNEL])?);

@@ -23,7 +23,7 @@ use crate::{
     tools::registry::{Plan, ToolSpec},
     tools::tracer::{Run, Tracer},
     tracee::{Command, RunAs},
-    unwind::{UnwindArgs, UnwindMode, Unwinder},
+    unwind::{UnwindMode, Unwinder},
 };
 use attach::DutyCycle;
 use live::Live;
@@ -147,7 +147,7 @@ pub struct Args {
     #[arg(long, default_value_t = 65_536, value_name = "N")]
     pub freed_record: u32,
     #[command(flatten)]
-    pub unwind: UnwindArgs,
+    pub unwind: super::args::UnwindArgs,
 }
 
 impl Args {

@@ -178,15 +178,6 @@ pub fn c_str(bytes: &[u8]) -> String {
     String::from_utf8_lossy(&bytes[..end]).into_owned()
 }
 
-/// Monotonic clock in nanoseconds, the clock of `bpf_ktime_get_ns`.
-pub fn monotonic_ns() -> u64 {
-    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
-    // SAFETY: clock_gettime writes into the timespec we pass.
-    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
-    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
-}
-
-/// Registers an fd-owning value (ring buffer, pidfd) with tokio for readiness.
 /// The ring buffer's next readiness (only polled when there is a ring).
 async fn ring_ready(
     ring: &mut Option<tokio::io::unix::AsyncFd<RingBuf<MapData>>>,
@@ -197,8 +188,43 @@ async fn ring_ready(
     }
 }
 
-pub fn async_readable<T: std::os::fd::AsRawFd>(inner: T) -> Result<tokio::io::unix::AsyncFd<T>> {
-    // SAFETY: `inner` owns its fd, and the AsyncFd owns `inner`, so the fd outlives the registration.
-    unsafe { tokio::io::unix::AsyncFd::register_with_interest(inner, tokio::io::Interest::READABLE) }
-        .map_err(|e| anyhow::anyhow!("cannot poll fd: {}", e.into_parts().1))
+#[cfg(test)]
+mod tests {
+    /// The layers below `tools/` (output, unwind, symbolize, kernel, target, ...) import
+    /// nothing from it: what a tool and a lower layer share lives in the lower layer.
+    #[test]
+    fn lower_layers_import_nothing_from_tools() {
+        let src = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("src");
+        let mut files = Vec::new();
+        let mut dirs = vec![src.clone()];
+        while let Some(dir) = dirs.pop() {
+            for entry in std::fs::read_dir(&dir).unwrap().map(Result::unwrap) {
+                let path = entry.path();
+                let top = path.strip_prefix(&src).unwrap().components().next().unwrap().as_os_str().to_owned();
+                if top == "tools" || top == "main.rs" || top == "cli_tests.rs" {
+                    continue;
+                }
+                if path.is_dir() {
+                    dirs.push(path);
+                } else if path.extension().is_some_and(|e| e == "rs") {
+                    files.push(path);
+                }
+            }
+        }
+        assert!(files.len() > 20, "{files:?}");
+        for file in files {
+            let text = std::fs::read_to_string(&file).unwrap();
+            for (n, line) in text.lines().enumerate() {
+                let code = line.split("//").next().unwrap();
+                let names_tools = code.split(|c: char| !c.is_alphanumeric() && c != '_').any(|w| w == "tools");
+                let imports = code.contains("use ") || code.contains("::") || code.trim().ends_with(',');
+                assert!(
+                    !(names_tools && imports),
+                    "{}:{}: a lower layer reaches up into tools/: {line}",
+                    file.display(),
+                    n + 1
+                );
+            }
+        }
+    }
 }

@@ -26,7 +26,7 @@ use crate::{
         self, CommonArgs, c_str,
         stacks::{self, StackStore},
     },
-    unwind::{UnwindArgs, Unwinder},
+    unwind::Unwinder,
 };
 
 mod memcg;
@@ -57,7 +57,7 @@ pub struct Args {
     #[command(flatten)]
     pub common: CommonArgs,
     #[command(flatten)]
-    pub unwind: UnwindArgs,
+    pub unwind: tools::args::UnwindArgs,
 }
 
 impl Args {
@@ -86,7 +86,7 @@ pub async fn run(args: Args) -> Result<()> {
             .override_global("MEMCG", &chain, true);
         args.unwind.configure(loader);
     })?;
-    let unwinder = Unwinder::start(&mut tracer.bpf, &args.unwind, &args.common)?;
+    let unwinder = args.unwind.start(&mut tracer.bpf, &args.common)?;
     let how = tracer.attach(ATTACH_POINTS)?;
     let stacks = StackStore::take(&mut tracer.bpf, None)?;
     let mut state = State {

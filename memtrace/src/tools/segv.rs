@@ -23,7 +23,7 @@ use crate::{
     tools::registry::{Plan, ToolSpec},
     tools::tracer::Tracer,
     tools::{self, CommonArgs, c_str, stacks::StackStore},
-    unwind::{UnwindArgs, Unwinder},
+    unwind::Unwinder,
 };
 
 mod decode;
@@ -50,7 +50,7 @@ pub struct Args {
     #[command(flatten)]
     pub common: CommonArgs,
     #[command(flatten)]
-    pub unwind: UnwindArgs,
+    pub unwind: tools::args::UnwindArgs,
     /// Every such signal delivered, also those a handler catches (not only those that kill).
     #[arg(long)]
     pub all: bool,
@@ -100,7 +100,7 @@ pub async fn run(args: Args) -> Result<()> {
             .override_global("OFFSETS", &offsets, true);
         args.unwind.configure(loader);
     })?;
-    let unwinder = Unwinder::start(&mut tracer.bpf, &args.unwind, &args.common)?;
+    let unwinder = args.unwind.start(&mut tracer.bpf, &args.common)?;
     // The selected processes' mappings now: at the crash they are gone with the process.
     let mut symbolizer = UserSymbolizer::new();
     let mut seen = HashSet::new();

@@ -20,7 +20,7 @@ use crate::{
         c_str, read_event,
         stacks::{StackStore, Stacks},
     },
-    unwind::{UnwindArgs, Unwinder},
+    unwind::Unwinder,
 };
 
 const OBJECT: crate::kernel::Object = crate::ebpf_object!("swapin", walking_user_stacks);
@@ -46,7 +46,7 @@ pub struct Args {
     #[arg(long)]
     pub stack: bool,
     #[command(flatten)]
-    pub unwind: UnwindArgs,
+    pub unwind: tools::args::UnwindArgs,
     #[command(flatten)]
     pub common: CommonArgs,
 }
@@ -73,7 +73,7 @@ pub async fn run(args: Args) -> Result<()> {
         loader.override_global(names::FILTER, &filter, true).override_global("CONFIG", &config, true);
         args.unwind.configure(loader);
     })?;
-    let unwinder = Unwinder::start(&mut tracer.bpf, &args.unwind, &args.common)?;
+    let unwinder = args.unwind.start(&mut tracer.bpf, &args.common)?;
     let how = tracer.attach(ATTACH)?;
     let counts = tracer.map("COUNTS")?;
     let stats = tracer.map("STATS")?;

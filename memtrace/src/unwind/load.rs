@@ -38,50 +38,30 @@ pub enum UnwindMode {
     Fp,
 }
 
-/// The options of every tool that shows user stacks.
-#[derive(clap::Args, Debug, Clone)]
-pub struct UnwindArgs {
-    /// How user stacks are walked.
-    #[arg(long, value_enum, default_value_t = UnwindMode::Auto, value_name = "HOW")]
-    pub unwind: UnwindMode,
-    /// Rows of unwind tables that may be loaded (16 bytes of kernel memory each, reserved at
-    /// start); -v shows what each module takes.
-    #[arg(long, default_value_t = DEFAULT_ROWS, value_name = "N")]
-    pub unwind_rows: u32,
+/// The mode this kernel can do: without `bpf_loop` (before 5.17) the walker cannot load, so
+/// stacks come from frame pointers, as a one-line warning says once the tool is live.
+pub fn mode_on_this_kernel(asked: UnwindMode) -> UnwindMode {
+    let Some(why) = crate::kernel::no_bpf_loop().filter(|_| asked != UnwindMode::Fp) else {
+        return asked;
+    };
+    crate::output::ready::warn_when_live(why);
+    UnwindMode::Fp
 }
 
-impl UnwindArgs {
-    /// The mode this kernel can do: without `bpf_loop` (before 5.17) the walker cannot load,
-    /// so stacks come from frame pointers, as a one-line warning says once the tool is live.
-    pub fn mode(&self) -> UnwindMode {
-        let Some(why) = crate::kernel::no_bpf_loop().filter(|_| self.unwind != UnwindMode::Fp) else {
-            return self.unwind;
-        };
-        crate::output::ready::warn_when_live(why);
-        UnwindMode::Fp
-    }
+/// The most rows of unwind tables one object can hold: what its binary search reaches.
+pub const MAX_ROWS: u32 = 1 << BINARY_STEPS;
 
-    pub fn validate(&self) -> Result<()> {
-        crate::tools::args::in_range("--unwind-rows", self.unwind_rows.into(), 1024..=1 << BINARY_STEPS)
-    }
-
-    /// Sets the unwinder's globals and map sizes on a loader, before the object is loaded.
-    pub fn configure(&self, loader: &mut EbpfLoader<'_>) {
-        self.configure_as(loader, self.mode());
-    }
-
-    /// `configure` with another mode (memleak's kernel mode walks no user stack: `Fp` saves
-    /// the row map's memory).
-    pub fn configure_as(&self, loader: &mut EbpfLoader<'_>, mode: UnwindMode) {
-        let mode_value: &'static u32 = match mode {
-            UnwindMode::Auto => &MODE_AUTO,
-            UnwindMode::Dwarf => &MODE_DWARF,
-            UnwindMode::Fp => &MODE_FP,
-        };
-        loader.override_global("UNWIND_MODE", mode_value, false);
-        loader.override_global("UNWIND_TRAMPOLINE", trampoline_offsets(), false);
-        loader.map_max_entries("UNWIND_ROWS", if mode == UnwindMode::Fp { 1 } else { self.unwind_rows });
-    }
+/// Sets the unwinder's globals and map sizes on a loader, before the object is loaded: `rows`
+/// rows of tables for `mode` (none for `Fp`, which saves the row map's memory).
+pub fn configure(loader: &mut EbpfLoader<'_>, mode: UnwindMode, rows: u32) {
+    let mode_value: &'static u32 = match mode {
+        UnwindMode::Auto => &MODE_AUTO,
+        UnwindMode::Dwarf => &MODE_DWARF,
+        UnwindMode::Fp => &MODE_FP,
+    };
+    loader.override_global("UNWIND_MODE", mode_value, false);
+    loader.override_global("UNWIND_TRAMPOLINE", trampoline_offsets(), false);
+    loader.map_max_entries("UNWIND_ROWS", if mode == UnwindMode::Fp { 1 } else { rows });
 }
 
 /// Where this kernel keeps uretprobes' real return addresses, from its BTF; all zero (the
@@ -278,10 +258,10 @@ impl Unwinder {
     /// Takes the maps and loads the tables of the processes a `-p` or `--comm` filter selects
     /// now, so their stacks are whole from the start. Without a filter, processes are loaded
     /// as the walker meets them.
-    pub fn start(bpf: &mut Ebpf, args: &UnwindArgs, common: &crate::tools::CommonArgs) -> Result<Unwinder> {
-        let mut unwinder = Unwinder::take(bpf, args.mode())?;
-        if common.target.pid.is_some() || common.comm.is_some() {
-            for pid in crate::target::matching(common.target.pid, common.comm.as_deref()) {
+    pub fn start(bpf: &mut Ebpf, mode: UnwindMode, pid: Option<u32>, comm: Option<&str>) -> Result<Unwinder> {
+        let mut unwinder = Unwinder::take(bpf, mode)?;
+        if pid.is_some() || comm.is_some() {
+            for pid in crate::target::matching(pid, comm) {
                 unwinder.load(pid);
             }
         }

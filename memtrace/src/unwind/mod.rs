@@ -35,7 +35,7 @@ use object::{
 
 pub use build::{Sections, build};
 #[cfg(not(fuzzing))]
-pub use load::{CutStacks, POLL, UnwindArgs, UnwindMode, Unwinder};
+pub use load::{CutStacks, DEFAULT_ROWS, MAX_ROWS, POLL, UnwindMode, Unwinder, configure, mode_on_this_kernel};
 #[cfg(test)]
 pub use row::{CfaRule, RbpRule, Unsupported};
 pub use row::{PackedRow, RowRule, Rule};

@@ -169,7 +169,7 @@ impl<'a> Live<'a> {
                     // The kernel side cannot name the child here: track it from user space.
                     self.procs.track_child(child, parent, shared)?;
                 }
-                let now = crate::tools::monotonic_ns();
+                let now = crate::sys::monotonic_ns();
                 self.procs.fork(ctx.bpf, self.session.allocs_mut(), parent, child, now, true);
                 let _ = self.session.user_sym.refresh(child);
                 self.session.unwinder.load(child);

@@ -32,11 +32,9 @@ use crate::{
     kernel,
     output::{self, reports::ReportPrinter},
     symbolize::{Frame, KernelSymbolizer, UnnamedFrames, UserSymbolizer},
+    sys::monotonic_ns,
+    tools::stacks::{self, StackStore},
     tools::tracer::Tracer,
-    tools::{
-        monotonic_ns,
-        stacks::{self, StackStore},
-    },
     unwind::Unwinder,
 };
 

@@ -91,7 +91,7 @@ impl Watcher {
             .try_into()?;
         kernel::perf::load_breakpoint_program(prog, "--watch")?;
         let prog = prog.fd()?.try_clone()?;
-        let seed = crate::tools::monotonic_ns() ^ u64::from(std::process::id()) << 32;
+        let seed = crate::sys::monotonic_ns() ^ u64::from(std::process::id()) << 32;
         Ok(Watcher {
             prog,
             watches: tracer.map("WATCHES")?,
