@@ -52,7 +52,7 @@ fn memleak_command_reports_every_entry_point_exactly() {
         assert!(stderr.contains(said), "{how}: {stderr}");
         let report = final_report(&stdout);
         assert_leaks(&report, "leaky.c", LEAKY_C, "no_leak");
-        let dropped = &report["dropped"];
+        let dropped = &report["blind_spots"];
         for field in ["map_full", "stacks_lost", "stacks_full", "events_lost", "replaced", "unknown_frees"] {
             assert_eq!(dropped[field], 0, "{how}: blind spot {field}: {dropped}");
         }
@@ -74,7 +74,7 @@ fn memleak_counts_failed_allocations() {
     let report = final_report(&String::from_utf8_lossy(&out.stdout));
     assert_eq!(report["failed"], 3, "{report}");
     assert_eq!(report["total_bytes"], 100, "{report}");
-    assert_eq!(report["dropped"]["replaced"], 0, "{report}");
+    assert_eq!(report["blind_spots"]["replaced"], 0, "{report}");
     let out = run(&["memleak", "-c", target.to_str().unwrap()], Duration::from_secs(60));
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(text.contains("\n  3 allocation calls failed (returned NULL)\n  blind spots: none"), "{text}");

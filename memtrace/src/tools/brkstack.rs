@@ -97,7 +97,7 @@ pub async fn run(args: Args) -> Result<()> {
         Some(pid) => format!("tracing brk calls of pid {pid} ({})", crate::target::comm(pid)),
         None => "tracing brk calls".to_string(),
     };
-    let mut state = State { totals, run };
+    let mut state = Live { totals, run };
     tracer.stream(&args.report.common, tick, args.report.reports.count(), &ready, &mut state).await?;
     Ok(())
 }
@@ -118,7 +118,7 @@ fn current_break(pid: u32) -> Option<u64> {
     (start_brk != 0).then_some(start_brk)
 }
 
-struct State {
+struct Live {
     totals: HashMap<MapData, BrkKey, BrkTotal>,
     run: StackRun,
 }
@@ -146,13 +146,13 @@ struct Totals {
 }
 
 #[derive(Serialize)]
-struct Spots {
+struct BlindSpots {
     stacks_full: u64,
     growth_unknown: u64,
     exits_without_entry: u64,
 }
 
-type Report = StackReport<Totals, StackRow, Spots>;
+type Report = StackReport<Totals, StackRow, BlindSpots>;
 
 #[derive(Serialize)]
 struct StackRow {
@@ -170,7 +170,7 @@ impl ShowsFrames for StackRow {
     }
 }
 
-impl State {
+impl Live {
     /// A walked stack, symbolized: the syscall's return address first, then its callers.
     fn frames(&mut self, pid: u32, stack_id: u64) -> Vec<Frame> {
         self.run.stacks.user(pid, stack_id, false)
@@ -203,7 +203,7 @@ impl State {
     }
 }
 
-impl StackTool for State {
+impl StackTool for Live {
     fn run(&mut self) -> &mut StackRun {
         &mut self.run
     }
@@ -244,12 +244,12 @@ impl StackTool for State {
             Totals { calls: rows.iter().map(|r| r.1.calls).sum(), bytes: rows.iter().map(|r| r.1.bytes as i64).sum() };
         let run = &self.run;
         let stacks_lost = run.stat(STAT_STACK_LOST) + run.stat(STAT_STACK_COLLISION);
-        let spots = Spots {
+        let blind_spots = BlindSpots {
             stacks_full: run.stat(STAT_TOTALS_FULL),
             growth_unknown: run.stat(STAT_UNKNOWN_PREV),
             exits_without_entry: run.stat(STAT_NO_ENTRY),
         };
-        run.report(is_final, totals, stacks, stacks_lost, spots, |r| render(r, rows.len()))
+        run.report(is_final, totals, stacks, stacks_lost, blind_spots, |r| render(r, rows.len()))
     }
 }
 
@@ -268,12 +268,12 @@ fn render(r: &Report, rows: usize) -> String {
         output::write_stack(&mut out, &s.frames, "      ");
     }
     let (store_full, store) = r.store_full();
-    out += &r.blind_spots(&[
+    out += &r.blind_spots_line(&[
         (r.stacks_lost, "calls without a stack"),
         (store_full, &store),
-        (r.spots.stacks_full, "calls uncounted (per-stack map full)"),
-        (r.spots.growth_unknown, "calls with unknown growth (previous break not seen)"),
-        (r.spots.exits_without_entry, "calls seen leaving but not entering"),
+        (r.blind_spots.stacks_full, "calls uncounted (per-stack map full)"),
+        (r.blind_spots.growth_unknown, "calls with unknown growth (previous break not seen)"),
+        (r.blind_spots.exits_without_entry, "calls seen leaving but not entering"),
     ]);
     out
 }

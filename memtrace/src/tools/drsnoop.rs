@@ -106,7 +106,7 @@ pub async fn run(args: Args) -> Result<()> {
         tracer.attach(MEMCG)?;
     }
     let header = format!("{:<16} {:>7} {:>7} {:<6} {:>10} {:>7}", "COMM", "PID", "TID", "KIND", "LAT(ms)", "PAGES");
-    let mut state = State { out: Events::new(args.common.run.json, args.timestamp.timestamp, header) };
+    let mut state = Live { out: Events::new(args.common.run.json, args.timestamp.timestamp, header) };
     let ready = if args.memcg { "tracing direct and memcg reclaim" } else { "tracing direct reclaim" };
     tracer.stream(&args.common, None, None, ready, &mut state).await?;
     Ok(())
@@ -133,7 +133,7 @@ fn check_tid(tid: u32) -> Result<()> {
     Ok(())
 }
 
-struct State {
+struct Live {
     out: Events,
 }
 
@@ -151,7 +151,7 @@ struct Reclaim {
     pages: u64,
 }
 
-impl tools::Stream for State {
+impl tools::Stream for Live {
     type Side = ();
 
     fn event(&mut self, data: &[u8]) -> Result<()> {

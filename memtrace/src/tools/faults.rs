@@ -105,7 +105,7 @@ pub async fn run(args: Args) -> Result<()> {
         None => String::new(),
     };
     let ready = format!("tracing page faults{whose} ({})", how.join(", "));
-    let mut state = State { counts, procs, run };
+    let mut state = Live { counts, procs, run };
     tracer.stream(&args.report.common, tick, args.report.reports.count(), &ready, &mut state).await?;
     Ok(())
 }
@@ -132,7 +132,7 @@ pub fn decode_error(code: u64) -> String {
     parts.join("|")
 }
 
-struct State {
+struct Live {
     counts: HashMap<MapData, FaultKey, u64>,
     procs: HashMap<MapData, u32, ProcFaults>,
     run: StackRun,
@@ -162,13 +162,13 @@ struct Totals {
 }
 
 #[derive(Serialize)]
-struct Spots {
+struct BlindSpots {
     kernel_stacks_lost: u64,
     stacks_full: u64,
     processes_full: u64,
 }
 
-type Report = StackReport<Totals, StackRow, Spots>;
+type Report = StackReport<Totals, StackRow, BlindSpots>;
 
 #[derive(Serialize)]
 struct ProcRow {
@@ -204,7 +204,7 @@ fn mode_name(mode: u32) -> &'static str {
     if mode == KIND_KERNEL { "kernel" } else { "user" }
 }
 
-impl State {
+impl Live {
     /// Symbolizes a stack key; user frames start at the faulting instruction for user faults,
     /// at a syscall's return address for kernel ones.
     fn frames(&mut self, pid: u32, user: u64, kernel: u64, mode: u32) -> (Vec<Frame>, Vec<Frame>) {
@@ -237,7 +237,7 @@ impl State {
     }
 }
 
-impl StackTool for State {
+impl StackTool for Live {
     fn run(&mut self) -> &mut StackRun {
         &mut self.run
     }
@@ -297,14 +297,14 @@ impl StackTool for State {
             stacks::write_folded(path, folded.iter().map(|(r, f, n)| (r.clone(), f.as_slice(), *n)))?;
         }
         let run = &self.run;
-        let spots = Spots {
+        let blind_spots = BlindSpots {
             kernel_stacks_lost: run.stat(STAT_KSTACK_LOST),
             stacks_full: run.stat(STAT_COUNTS_FULL),
             processes_full: run.stat(STAT_PROCS_FULL),
         };
         let totals = Totals { faults, processes: procs };
         let table = |r: &Report| render(r, proc_count, rows.len(), no_stack);
-        run.report(is_final, totals, stacks, run.stat(STAT_USTACK_LOST), spots, table)
+        run.report(is_final, totals, stacks, run.stat(STAT_USTACK_LOST), blind_spots, table)
     }
 }
 
@@ -347,11 +347,11 @@ fn render(r: &Report, procs: usize, rows: usize, no_stack: u64) -> String {
         output::write_stack(&mut out, &s.frames, "      ");
     }
     let (store_full, store) = r.store_full();
-    out += &r.blind_spots(&[
+    out += &r.blind_spots_line(&[
         (r.stacks_lost, "faults without a user stack"),
-        (r.spots.kernel_stacks_lost, "kernel faults without a kernel stack"),
-        (r.spots.stacks_full, "faults not counted per stack (counts map full: raise --max-stacks)"),
-        (r.spots.processes_full, "faults not counted per process (map full)"),
+        (r.blind_spots.kernel_stacks_lost, "kernel faults without a kernel stack"),
+        (r.blind_spots.stacks_full, "faults not counted per stack (counts map full: raise --max-stacks)"),
+        (r.blind_spots.processes_full, "faults not counted per process (map full)"),
         (store_full, &store),
         (no_stack, "faults without their stack in all (per process: NO STACK column)"),
     ]);

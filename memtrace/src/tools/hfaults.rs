@@ -83,7 +83,7 @@ pub async fn run(args: Args) -> Result<()> {
     let how = tracer.attach(ATTACH)?;
     let (ranges, dropped) =
         if how == KPROBE { (None, None) } else { (Some(tracer.map("RANGES")?), Some(tracer.map("DROPPED")?)) };
-    let mut state = State {
+    let mut state = Live {
         args: &args,
         ranges,
         dropped,
@@ -208,7 +208,7 @@ fn short_name(path: &str) -> String {
     path.rsplit('/').next().unwrap_or(path).to_string()
 }
 
-struct State<'a> {
+struct Live<'a> {
     args: &'a Args,
     /// The fallback's ranges map and its counter of ranges not kept; None with the kprobe.
     ranges: Option<HashMap<MapData, u32, Ranges>>,
@@ -237,7 +237,7 @@ struct FileRow<'a> {
     faults: u64,
 }
 
-impl State<'_> {
+impl Live<'_> {
     /// Fallback: compares the kernel side's ranges of the traced process, or of every
     /// process, with /proc/PID/smaps, and fixes them where they differ (hugetlbfs files and
     /// SysV segments mapped since, processes that existed before the start). The kernel side
@@ -350,7 +350,7 @@ impl State<'_> {
     }
 }
 
-impl tools::Stream for State<'_> {
+impl tools::Stream for Live<'_> {
     type Side = ();
 
     fn event(&mut self, data: &[u8]) -> Result<()> {

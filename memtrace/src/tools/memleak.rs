@@ -2,7 +2,7 @@
 //! allocator) or for the kernel (kmem and percpu tracepoints).
 
 mod attach;
-mod dropped;
+mod blind_spots;
 mod errors;
 mod inproc;
 mod live;

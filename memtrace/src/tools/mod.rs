@@ -60,9 +60,10 @@ impl Signals {
     }
 }
 
-/// What a streaming tracer does with its events. Most tools need `event` alone; memleak also
-/// brings sources of its own (`side`: a command's ptrace stops, timers, exits) and decides how
-/// a stop goes (`stopping`: a command is ended before the run is).
+/// What a streaming tracer does with its events; each tool's implementor is its `Live`, the
+/// state of a run as it goes. Most tools need `event` alone; memleak also brings sources of
+/// its own (`side`: a command's ptrace stops, timers, exits) and decides how a stop goes
+/// (`stopping`: a command is ended before the run is).
 pub trait Stream {
     /// What the tool's own sources yield (`()` for a tool without any).
     type Side;

@@ -89,7 +89,7 @@ pub async fn run(args: Args) -> Result<()> {
     let unwinder = args.unwind.start(&mut tracer.bpf, &args.common)?;
     let how = tracer.attach(ATTACH_POINTS)?;
     let stacks = StackStore::take(&mut tracer.bpf, None)?;
-    let mut state = State {
+    let mut state = Live {
         json: args.common.run.json,
         present,
         memcgs,
@@ -193,7 +193,7 @@ fn limited_level(margins: &[u64], levels: usize, chain_reaches_root: bool) -> Op
     (0..last).filter(|&i| margins[i] < NO_LIMIT_PAGES).min_by_key(|&i| (margins[i], i))
 }
 
-struct State {
+struct Live {
     json: bool,
     present: Present,
     memcgs: memcg::Counters,
@@ -242,7 +242,7 @@ struct Kill {
     trigger_stack: Vec<Frame>,
 }
 
-impl State {
+impl Live {
     fn memcg_oom(&mut self, e: &Event) -> Option<bool> {
         let syms = self.kallsyms.get_or_insert_with(|| Kallsyms::load().ok()).as_ref()?;
         let len = (e.kstack_len as usize).min(KSTACK_DEPTH);
@@ -312,7 +312,7 @@ impl State {
     }
 }
 
-impl tools::Stream for State {
+impl tools::Stream for Live {
     type Side = ();
 
     fn unwinder(&mut self) -> Option<&mut Unwinder> {

@@ -122,7 +122,7 @@ pub async fn run(args: Args) -> Result<()> {
     };
     let what = if args.all { "SIGSEGV, SIGBUS and SIGABRT delivered" } else { "crashes (SIGSEGV, SIGBUS, SIGABRT)" };
     let ready = format!("tracing {what}{whose} ({})", how.join(", "));
-    let mut state = State {
+    let mut state = Live {
         stacks,
         stats,
         unwinder,
@@ -144,7 +144,7 @@ pub async fn run(args: Args) -> Result<()> {
     Ok(())
 }
 
-struct State {
+struct Live {
     stacks: StackStore,
     stats: aya::maps::PerCpuArray<aya::maps::MapData, u64>,
     unwinder: Unwinder,
@@ -188,7 +188,7 @@ struct Crash {
     frames: Vec<Frame>,
 }
 
-impl State {
+impl Live {
     fn crash(&mut self, e: &Event) -> Crash {
         let mut class = e.class;
         let mut vma = (e.has_vma != 0).then_some(e.vma);
@@ -261,7 +261,7 @@ impl State {
     }
 }
 
-impl tools::Stream for State {
+impl tools::Stream for Live {
     type Side = ();
 
     fn unwinder(&mut self) -> Option<&mut Unwinder> {

@@ -84,14 +84,14 @@ pub async fn run(args: Args) -> Result<()> {
     }
     let out = ReportPrinter::new("swapin", args.common.run.json).with_timestamp(args.timestamp.timestamp);
     let unnamed = UnnamedFrames::default();
-    let mut state = State { args: &args, counts, stats, stacks, total: 0, seen: Default::default(), unnamed, out };
+    let mut state = Live { args: &args, counts, stats, stacks, total: 0, seen: Default::default(), unnamed, out };
     let ready = format!("counting swap-ins ({how})");
     let tick = Some(args.reports.every_or(1));
     tracer.stream(&args.common, tick, args.reports.count(), &ready, &mut state).await?;
     Ok(())
 }
 
-struct State<'a> {
+struct Live<'a> {
     args: &'a Args,
     counts: HashMap<MapData, SwapKey, u64>,
     stats: PerCpuArray<MapData, u64>,
@@ -113,7 +113,7 @@ struct Row {
     stack: Option<Vec<Frame>>,
 }
 
-impl State<'_> {
+impl Live<'_> {
     /// The swap-ins since the last report. The kernel side only ever adds to its counters;
     /// deleting a row it may be adding to would lose the increment, so the interval's figure
     /// is the difference from the previous read.
@@ -155,7 +155,7 @@ impl State<'_> {
     }
 }
 
-impl tools::Stream for State<'_> {
+impl tools::Stream for Live<'_> {
     type Side = ();
 
     fn unwinder(&mut self) -> Option<&mut Unwinder> {

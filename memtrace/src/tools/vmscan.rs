@@ -81,7 +81,7 @@ pub async fn run(args: Args) -> Result<()> {
         bail!("this kernel has none of the vmscan tracepoints (CONFIG_TRACEPOINTS off?)");
     }
     let every = args.reports.every_or(1);
-    let mut state = State {
+    let mut state = Live {
         interval: every.as_secs(),
         stats: tracer.map("STATS")?,
         hist: tracer.map("HIST")?,
@@ -103,7 +103,7 @@ fn reclaimed_offset(name: &str) -> Result<u32> {
     Format::read("vmscan", name)?.offset("nr_reclaimed")
 }
 
-struct State {
+struct Live {
     interval: u64,
     stats: PerCpuArray<MapData, u64>,
     hist: PerCpuArray<MapData, u64>,
@@ -151,7 +151,7 @@ impl Activity {
     }
 }
 
-impl State {
+impl Live {
     fn totals(&self) -> [u64; STAT_COUNT as usize] {
         std::array::from_fn(|i| crate::kernel::maps::sum(&self.stats, i as u32))
     }
@@ -161,7 +161,7 @@ impl State {
     }
 }
 
-impl tools::Stream for State {
+impl tools::Stream for Live {
     type Side = ();
 
     fn event(&mut self, _data: &[u8]) -> Result<()> {
