@@ -423,3 +423,25 @@ user_pod!(
     MemError,
     Freed
 );
+
+/// The maps and globals user space finds by name in the object.
+pub mod names {
+    crate::names!(
+        CONFIG,
+        FORK,
+        EXEC,
+        KMEM,
+        ALLOCS,
+        SEEN,
+        STACKS,
+        FREED,
+        WINDOW,
+        TRACKED,
+        COPYING,
+        EARLY_FREES,
+        STATS,
+        WATCHES,
+        LIVE_PICKS,
+        FREED_PICKS
+    );
+}

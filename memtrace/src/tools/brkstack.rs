@@ -28,8 +28,13 @@ use crate::{
 
 const OBJECT: crate::kernel::Object = crate::ebpf_object!("brkstack", walking_user_stacks);
 
-pub const SPEC: ToolSpec =
-    ToolSpec { name: "brkstack", object: OBJECT, modes: &[("brkstack", Plan::Points(ATTACH))], optional: &[] };
+pub const SPEC: ToolSpec = ToolSpec {
+    names: memtrace_common::brkstack::names::ALL,
+    name: "brkstack",
+    object: OBJECT,
+    modes: &[("brkstack", Plan::Points(ATTACH))],
+    optional: &[],
+};
 
 /// Count brk calls (heap growth) per user stack.
 #[derive(clap::Args, Debug)]
@@ -75,17 +80,17 @@ pub async fn run(args: Args) -> Result<()> {
     let mut tracer = Tracer::load(&SPEC, |loader| {
         loader
             .override_global(names::FILTER, &filter, true)
-            .override_global("CONFIG", &config, true)
-            .override_global("OFFSETS", &offsets, true)
-            .map_max_entries("STACKS", args.report.max_stacks)
-            .map_max_entries("TOTALS", args.report.max_stacks);
+            .override_global(memtrace_common::brkstack::names::CONFIG, &config, true)
+            .override_global(memtrace_common::brkstack::names::OFFSETS, &offsets, true)
+            .map_max_entries(memtrace_common::brkstack::names::STACKS, args.report.max_stacks)
+            .map_max_entries(memtrace_common::brkstack::names::TOTALS, args.report.max_stacks);
         args.report.unwind.configure(loader);
     })?;
     // Tables before the probes: the selected processes' first calls get whole stacks.
     let unwinder = args.report.unwind.start(&mut tracer.bpf, &args.report.common)?;
     tracer.attach(ATTACH)?;
-    let totals = tracer.map("TOTALS")?;
-    let mut last_brk: HashMap<MapData, u32, u64> = tracer.map("LAST_BRK")?;
+    let totals = tracer.map(memtrace_common::brkstack::names::TOTALS)?;
+    let mut last_brk: HashMap<MapData, u32, u64> = tracer.map(memtrace_common::brkstack::names::LAST_BRK)?;
     let header =
         format!("{:>7} {:>7} {:<16} {:>18} {:>18} {:>10}", "PID", "TID", "COMM", "REQUESTED", "RESULT", "GROWTH");
     let run = StackRun::new(&mut tracer, &args.report, unwinder, false, header)?;

@@ -43,6 +43,7 @@ const MEMCG: &[AttachPoint] = &[AttachPoint {
 }];
 
 pub const SPEC: ToolSpec = ToolSpec {
+    names: memtrace_common::drsnoop::names::ALL,
     name: "drsnoop",
     object: OBJECT,
     modes: &[("drsnoop", Plan::Points(ATTACH))],
@@ -99,7 +100,11 @@ pub async fn run(args: Args) -> Result<()> {
         config.memcg_end_reclaimed = Format::read("vmscan", "mm_vmscan_memcg_reclaim_end")?.offset("nr_reclaimed")?;
     }
     let mut tracer = Tracer::load(&SPEC, |loader| {
-        loader.override_global(names::FILTER, &filter, true).override_global("CONFIG", &config, true);
+        loader.override_global(names::FILTER, &filter, true).override_global(
+            memtrace_common::drsnoop::names::CONFIG,
+            &config,
+            true,
+        );
     })?;
     tracer.attach(DIRECT)?;
     if args.memcg {

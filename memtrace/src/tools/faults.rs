@@ -54,8 +54,13 @@ const KERNEL: AttachPoint = AttachPoint {
 /// How faults attaches by default (--kernel adds KERNEL), as `memtrace probe` reports it.
 pub const ATTACH: &[AttachPoint] = &[USER];
 
-pub const SPEC: ToolSpec =
-    ToolSpec { name: "faults", object: OBJECT, modes: &[("faults", Plan::Points(ATTACH))], optional: KERNEL.probes };
+pub const SPEC: ToolSpec = ToolSpec {
+    names: memtrace_common::faults::names::ALL,
+    name: "faults",
+    object: OBJECT,
+    modes: &[("faults", Plan::Points(ATTACH))],
+    optional: KERNEL.probes,
+};
 
 impl Args {
     /// Everything that can be checked before loading anything (and without root).
@@ -81,10 +86,10 @@ pub async fn run(args: Args) -> Result<()> {
     let mut tracer = Tracer::load(&SPEC, |loader| {
         loader
             .override_global(names::FILTER, &filter, true)
-            .override_global("CONFIG", &config, true)
-            .override_global("OFFSETS", &offsets, true)
-            .map_max_entries("STACKS", args.report.max_stacks)
-            .map_max_entries("COUNTS", args.report.max_stacks);
+            .override_global(memtrace_common::faults::names::CONFIG, &config, true)
+            .override_global(memtrace_common::faults::names::OFFSETS, &offsets, true)
+            .map_max_entries(memtrace_common::faults::names::STACKS, args.report.max_stacks)
+            .map_max_entries(memtrace_common::faults::names::COUNTS, args.report.max_stacks);
         args.report.unwind.configure(loader);
     })?;
     // Tables before the probes: the selected processes' first faults get whole stacks.
@@ -93,8 +98,8 @@ pub async fn run(args: Args) -> Result<()> {
     if args.kernel {
         how.push(tracer.attach(&[KERNEL])?);
     }
-    let counts = tracer.map("COUNTS")?;
-    let procs = tracer.map("PROCS")?;
+    let counts = tracer.map(memtrace_common::faults::names::COUNTS)?;
+    let procs = tracer.map(memtrace_common::faults::names::PROCS)?;
     let header = format!(
         "{:>7} {:>7} {:<16} {:<6} {:>18} {:>18} {:<6} FLAGS",
         "PID", "TID", "COMM", "MODE", "ADDRESS", "IP", "ERROR"

@@ -26,8 +26,13 @@ use crate::{
 
 const OBJECT: crate::kernel::Object = crate::ebpf_object!("hfaults");
 
-pub const SPEC: ToolSpec =
-    ToolSpec { name: "hfaults", object: OBJECT, modes: &[("hfaults", Plan::Points(ATTACH))], optional: &[] };
+pub const SPEC: ToolSpec = ToolSpec {
+    names: memtrace_common::hfaults::names::ALL,
+    name: "hfaults",
+    object: OBJECT,
+    modes: &[("hfaults", Plan::Points(ATTACH))],
+    optional: &[],
+};
 
 const KPROBE: &str = "kprobe hugetlb_fault";
 pub const ATTACH: &[AttachPoint] = &[
@@ -78,11 +83,21 @@ pub async fn run(args: Args) -> Result<()> {
     let filter = args.common.filter()?;
     let offsets = offsets();
     let mut tracer = Tracer::load(&SPEC, |loader| {
-        loader.override_global(names::FILTER, &filter, true).override_global("OFFSETS", &offsets, true);
+        loader.override_global(names::FILTER, &filter, true).override_global(
+            memtrace_common::hfaults::names::OFFSETS,
+            &offsets,
+            true,
+        );
     })?;
     let how = tracer.attach(ATTACH)?;
-    let (ranges, dropped) =
-        if how == KPROBE { (None, None) } else { (Some(tracer.map("RANGES")?), Some(tracer.map("DROPPED")?)) };
+    let (ranges, dropped) = if how == KPROBE {
+        (None, None)
+    } else {
+        (
+            Some(tracer.map(memtrace_common::hfaults::names::RANGES)?),
+            Some(tracer.map(memtrace_common::hfaults::names::DROPPED)?),
+        )
+    };
     let mut state = Live {
         args: &args,
         ranges,

@@ -24,8 +24,13 @@ use crate::{
 
 const OBJECT: crate::kernel::Object = crate::ebpf_object!("mmapsnoop");
 
-pub const SPEC: ToolSpec =
-    ToolSpec { name: "mmapsnoop", object: OBJECT, modes: &[("mmapsnoop", Plan::Points(ATTACH))], optional: &[] };
+pub const SPEC: ToolSpec = ToolSpec {
+    names: memtrace_common::syscalls::names::ALL,
+    name: "mmapsnoop",
+    object: OBJECT,
+    modes: &[("mmapsnoop", Plan::Points(ATTACH))],
+    optional: &[],
+};
 
 pub type Args = SnoopArgs;
 

@@ -33,8 +33,13 @@ mod memcg;
 
 const OBJECT: crate::kernel::Object = crate::ebpf_object!("oomkill", walking_user_stacks);
 
-pub const SPEC: ToolSpec =
-    ToolSpec { name: "oomkill", object: OBJECT, modes: &[("oomkill", Plan::Points(ATTACH))], optional: &[] };
+pub const SPEC: ToolSpec = ToolSpec {
+    names: memtrace_common::oomkill::names::ALL,
+    name: "oomkill",
+    object: OBJECT,
+    modes: &[("oomkill", Plan::Points(ATTACH))],
+    optional: &[],
+};
 
 const VICTIM_TP: Probe = Probe::Tracepoint { prog: "oomkill_victim", category: "oom", names: &["mark_victim"] };
 
@@ -82,8 +87,8 @@ pub async fn run(args: Args) -> Result<()> {
     let mut tracer = Tracer::load(&SPEC, |loader| {
         loader
             .override_global(names::FILTER, &filter, true)
-            .override_global("VICTIM", &offsets, true)
-            .override_global("MEMCG", &chain, true);
+            .override_global(memtrace_common::oomkill::names::VICTIM, &offsets, true)
+            .override_global(memtrace_common::oomkill::names::MEMCG, &chain, true);
         args.unwind.configure(loader);
     })?;
     let unwinder = args.unwind.start(&mut tracer.bpf, &args.common)?;

@@ -27,6 +27,10 @@ pub struct ToolSpec {
     pub modes: &'static [(&'static str, Plan)],
     /// Probes used when present or asked for (optional columns, `--memcg`, `--kernel`).
     pub optional: &'static [Probe],
+    /// The maps and globals of the object user space finds by name (its common module's
+    /// `names::ALL`), beside those of `memtrace_common::names` that shared code finds.
+    #[cfg_attr(not(test), expect(dead_code, reason = "held against the object by the registry test"))]
+    pub names: &'static [&'static str],
 }
 
 impl ToolSpec {
@@ -154,6 +158,7 @@ mod tests {
     }
 
     fn check_object(spec: &ToolSpec, build: &[u8]) {
+        use memtrace_common::names;
         let file = object::File::parse(build).unwrap_or_else(|e| panic!("{}: {e}", spec.name));
         let symbols: Vec<&str> = file.symbols().filter_map(|s| s.name().ok()).collect();
         let programs = spec.programs();
@@ -162,10 +167,17 @@ mod tests {
             assert!(prog.starts_with(spec.name), "{}: program {prog} not named after its tool", spec.name);
             assert!(symbols.contains(&prog), "{}: no program {prog} in its object", spec.name);
         }
+        for name in spec.names.iter().chain([&names::PID_NS, &names::OUTSIDE_PID_NS]) {
+            assert!(symbols.contains(name), "{}: no map or global {name} in its object", spec.name);
+        }
+        if spec.object.walks_user_stacks() {
+            for name in [names::UNWIND_MODE, names::UNWIND_TRAMPOLINE, names::UNWIND_ROWS, names::UNWIND_STATS] {
+                assert!(symbols.contains(&name), "{}: no {name} in its object", spec.name);
+            }
+        }
         // What user space finds by name in every tracer but memleak (which has no -p/--comm
         // filter in the kernel and counts lost events in its STATS).
         if spec.name != "memleak" {
-            use memtrace_common::names;
             assert!(symbols.contains(&names::FILTER), "{}: no {}", spec.name, names::FILTER);
             let events = symbols.contains(&names::EVENTS);
             assert_eq!(

@@ -38,8 +38,13 @@ const DELIVER: AttachPoint = AttachPoint {
 /// How segv attaches, as `memtrace probe` reports it (plus a uprobe on glibc's malloc_printerr).
 pub const ATTACH: &[AttachPoint] = &[DELIVER];
 
-pub const SPEC: ToolSpec =
-    ToolSpec { name: "segv", object: OBJECT, modes: &[("segv", Plan::Points(ATTACH))], optional: &[] };
+pub const SPEC: ToolSpec = ToolSpec {
+    names: memtrace_common::segv::names::ALL,
+    name: "segv",
+    object: OBJECT,
+    modes: &[("segv", Plan::Points(ATTACH))],
+    optional: &[],
+};
 
 /// Trace crashes: SIGSEGV, SIGBUS and SIGABRT, classified, with the stack at the fault.
 #[derive(clap::Args, Debug)]
@@ -96,8 +101,8 @@ pub async fn run(args: Args) -> Result<()> {
     let mut tracer = Tracer::load(&SPEC, |loader| {
         loader
             .override_global(names::FILTER, &filter, true)
-            .override_global("CONFIG", &config, true)
-            .override_global("OFFSETS", &offsets, true);
+            .override_global(memtrace_common::segv::names::CONFIG, &config, true)
+            .override_global(memtrace_common::segv::names::OFFSETS, &offsets, true);
         args.unwind.configure(loader);
     })?;
     let unwinder = args.unwind.start(&mut tracer.bpf, &args.common)?;
@@ -115,7 +120,7 @@ pub async fn run(args: Args) -> Result<()> {
         Err(e) => eprintln!("memtrace: segv: heap aborts shown without glibc's message: {e:#}"),
     }
     let stacks = StackStore::take(&mut tracer.bpf, None)?;
-    let stats = tracer.map("STATS")?;
+    let stats = tracer.map(memtrace_common::segv::names::STATS)?;
     let whose = match args.common.target.pid {
         Some(pid) => format!(" of pid {pid} ({})", crate::target::comm(pid)),
         None => String::new(),

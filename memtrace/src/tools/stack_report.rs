@@ -49,7 +49,7 @@ impl StackRun {
         kernel: bool,
         header: String,
     ) -> Result<StackRun> {
-        let stats = tracer.map("STATS")?;
+        let stats = tracer.map(memtrace_common::names::STATS)?;
         let mut stacks = Stacks::new(StackStore::take(&mut tracer.bpf, Some("--max-stacks"))?, kernel)?;
         stacks.unwinder = Some(unwinder);
         if let Some(pid) = args.common.target.pid {

@@ -25,8 +25,13 @@ use crate::{
 
 const OBJECT: crate::kernel::Object = crate::ebpf_object!("swapin", walking_user_stacks);
 
-pub const SPEC: ToolSpec =
-    ToolSpec { name: "swapin", object: OBJECT, modes: &[("swapin", Plan::Points(ATTACH))], optional: &[] };
+pub const SPEC: ToolSpec = ToolSpec {
+    names: memtrace_common::swapin::names::ALL,
+    name: "swapin",
+    object: OBJECT,
+    modes: &[("swapin", Plan::Points(ATTACH))],
+    optional: &[],
+};
 
 /// No tracepoint fires on swap-in (6.1 to 6.18), so a kernel without kprobes cannot run this.
 pub const ATTACH: &[AttachPoint] = &[AttachPoint {
@@ -70,13 +75,17 @@ pub async fn run(args: Args) -> Result<()> {
     }
     let config = Config { stacks: args.stack.into(), _pad: 0 };
     let mut tracer = Tracer::load(&SPEC, |loader| {
-        loader.override_global(names::FILTER, &filter, true).override_global("CONFIG", &config, true);
+        loader.override_global(names::FILTER, &filter, true).override_global(
+            memtrace_common::swapin::names::CONFIG,
+            &config,
+            true,
+        );
         args.unwind.configure(loader);
     })?;
     let unwinder = args.unwind.start(&mut tracer.bpf, &args.common)?;
     let how = tracer.attach(ATTACH)?;
-    let counts = tracer.map("COUNTS")?;
-    let stats = tracer.map("STATS")?;
+    let counts = tracer.map(memtrace_common::swapin::names::COUNTS)?;
+    let stats = tracer.map(memtrace_common::swapin::names::STATS)?;
     let mut stacks = Stacks::new(StackStore::take(&mut tracer.bpf, None)?, false)?;
     stacks.unwinder = Some(unwinder);
     if let Some(pid) = args.common.target.pid {

@@ -59,9 +59,9 @@ pub fn configure(loader: &mut EbpfLoader<'_>, mode: UnwindMode, rows: u32) {
         UnwindMode::Dwarf => &MODE_DWARF,
         UnwindMode::Fp => &MODE_FP,
     };
-    loader.override_global("UNWIND_MODE", mode_value, false);
-    loader.override_global("UNWIND_TRAMPOLINE", trampoline_offsets(), false);
-    loader.map_max_entries("UNWIND_ROWS", if mode == UnwindMode::Fp { 1 } else { rows });
+    loader.override_global(memtrace_common::names::UNWIND_MODE, mode_value, false);
+    loader.override_global(memtrace_common::names::UNWIND_TRAMPOLINE, trampoline_offsets(), false);
+    loader.map_max_entries(memtrace_common::names::UNWIND_ROWS, if mode == UnwindMode::Fp { 1 } else { rows });
 }
 
 /// Where this kernel keeps uretprobes' real return addresses, from its BTF; all zero (the
@@ -232,13 +232,13 @@ impl Unwinder {
     /// Takes the unwinder's maps from an object configured with `configure`.
     pub fn take(bpf: &mut Ebpf, mode: UnwindMode) -> Result<Unwinder> {
         let mut take = |name: &str| bpf.take_map(name).with_context(|| format!("internal: no map {name}"));
-        let rows = take("UNWIND_ROWS")?;
+        let rows = take(memtrace_common::names::UNWIND_ROWS)?;
         // Programs loaded later (a new process's probes) name this map by its descriptor even
         // when no walk reads it: it must stay open, or the descriptor is gone (the kernel
         // refuses the program) or, worse, reused by another object.
-        let mappings = LpmTrie::try_from(take("UNWIND_MAPPINGS")?)?;
-        let wanted = HashMap::try_from(take("UNWIND_WANTED")?)?;
-        let stats = PerCpuArray::try_from(take("UNWIND_STATS")?)?;
+        let mappings = LpmTrie::try_from(take(memtrace_common::names::UNWIND_MAPPINGS)?)?;
+        let wanted = HashMap::try_from(take(memtrace_common::names::UNWIND_WANTED)?)?;
+        let stats = PerCpuArray::try_from(take(memtrace_common::names::UNWIND_STATS)?)?;
         let (rows_map, rows_unused) =
             if mode == UnwindMode::Fp { (None, Some(rows)) } else { (Some(RowMap::new(rows)?), None) };
         Ok(Unwinder {

@@ -46,7 +46,8 @@ pub(super) struct Maps {
 
 impl Maps {
     pub(super) fn take(tracer: &mut Tracer) -> Result<Maps> {
-        let (allocs, stats) = (tracer.map("ALLOCS")?, tracer.map("STATS")?);
+        let (allocs, stats) =
+            (tracer.map(memtrace_common::memleak::names::ALLOCS)?, tracer.map(memtrace_common::memleak::names::STATS)?);
         let stacks = StackStore::take(&mut tracer.bpf, Some("--max-stacks"))?;
         Ok(Maps { allocs, stacks, stats })
     }
