@@ -11,7 +11,7 @@ use memtrace_common::{
 use crate::{
     kernel::{self, AttachPoint, tracefs::Format},
     output::events::Events,
-    tools::{self, CommonArgs, args::Timestamp, registry::ToolSpec, tracer::Tracer},
+    tools::{self, CommonArgs, args::Timestamp, spec::ToolSpec, tracer::Tracer},
 };
 
 #[derive(clap::Args, Debug)]

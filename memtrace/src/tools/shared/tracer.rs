@@ -11,7 +11,7 @@ use aya::{
 };
 use memtrace_common::names;
 
-use super::{CommonArgs, Ctx, End, Flow, Signals, Stream, registry::ToolSpec, ring_ready, stdout_closed, watch_stdout};
+use super::{CommonArgs, Ctx, End, Flow, Signals, Stream, ring_ready, spec::ToolSpec, stdout_closed, watch_stdout};
 use crate::{
     kernel::{self, AttachPoint},
     target,
