@@ -709,7 +709,7 @@ fn json_memleak() {
     let mut all = BTreeSet::new();
     let reports = memleak_json("-a");
     for line in reports.iter().chain(&memleak_json("-t")) {
-        keys(line, &["frames", "dropped"], &mut all);
+        keys(line, &["frames", "blind_spots"], &mut all);
     }
     let missing: Vec<String> = all.difference(&documented("json-memleak")).cloned().collect();
     assert!(missing.is_empty(), "the README's memleak JSON lacks {missing:?}");
@@ -727,7 +727,7 @@ fn json_blind_spots() {
     }
     let reports = memleak_json("-a");
     let mut all = BTreeSet::new();
-    keys(&reports.last().unwrap()["dropped"], &[], &mut all);
+    keys(&reports.last().unwrap()["blind_spots"], &[], &mut all);
     assert!(all.contains("cut_stacks"), "{all:?}");
     let missing: Vec<String> = all.difference(&documented("json-blind-spots")).cloned().collect();
     assert!(missing.is_empty(), "the README's blind spots lack {missing:?}");

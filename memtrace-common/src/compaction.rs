@@ -3,10 +3,9 @@
 
 use crate::user_pod;
 
-/// The object's globals and maps beyond `crate::names`, by the names user space finds them.
+/// The maps and globals user space finds by name in the object.
 pub mod names {
-    pub const OFFSETS: &str = "OFFSETS";
-    pub const RUNNING: &str = "RUNNING";
+    crate::names!(OFFSETS);
 }
 
 /// Field offsets in the compaction tracepoints, from the running kernel's format files.

@@ -24,12 +24,41 @@ pub mod vmscan;
 /// Names by which user space finds what every tracer's object declares the same way (the
 /// eBPF side declares them through `memtrace_ebpf::filter!` and `memtrace_ebpf::events!`).
 pub mod names {
-    /// The `Filter` global.
-    pub const FILTER: &str = "FILTER";
-    /// The tool's ring buffer of events.
-    pub const EVENTS: &str = "EVENTS";
-    /// Per-CPU count of events the ring buffer could not take.
-    pub const LOST: &str = "LOST";
+    crate::names!(
+        /// The `Filter` global.
+        FILTER,
+        /// The tool's ring buffer of events.
+        EVENTS,
+        /// Per-CPU count of events the ring buffer could not take.
+        LOST,
+        /// memtrace's pid namespace (`PidNs`), and the per-CPU count of tasks outside it.
+        PID_NS,
+        OUTSIDE_PID_NS,
+        /// A tool's per-CPU counters.
+        STATS,
+        /// The stack store (`stack` module) and its counters.
+        STACKS,
+        STACK_STATS,
+        /// The user-stack walker's globals, tables and counters (`unwind` module).
+        UNWIND_MODE,
+        UNWIND_TRAMPOLINE,
+        UNWIND_ROWS,
+        UNWIND_MAPPINGS,
+        UNWIND_WANTED,
+        UNWIND_STATS,
+    );
+}
+
+/// Declares the names of an object's maps and globals that user space finds by name: each
+/// constant is its own identifier, as is the eBPF side's `static`, so a misspelt name does
+/// not compile, and `ALL` lets a test hold every one against the object.
+#[macro_export]
+macro_rules! names {
+    ($($(#[$doc:meta])* $name:ident),+ $(,)?) => {
+        $($(#[$doc])* pub const $name: &str = stringify!($name);)+
+        /// Every name above.
+        pub const ALL: &[&str] = &[$($name),+];
+    };
 }
 
 /// Which tasks a tracer reports, set by user space before load (`-p`, `--comm`).

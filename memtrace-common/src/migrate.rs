@@ -5,10 +5,7 @@ use crate::user_pod;
 
 /// The object's globals and maps beyond `crate::names`, by the names user space finds them.
 pub mod names {
-    pub const OFFSETS: &str = "OFFSETS";
-    pub const TOTALS: &str = "TOTALS";
-    pub const PROCS: &str = "PROCS";
-    pub const STATS: &str = "STATS";
+    crate::names!(OFFSETS, TOTALS, PROCS, STATS);
 }
 
 /// What one mm_migrate_pages record adds to, in this order in `Counts::n` and in `TOTALS`.

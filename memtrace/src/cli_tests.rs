@@ -56,6 +56,9 @@ const TOOLS: &[(&str, Options, bool)] = &[
             ("--errors-only", Flag),
             ("--freed-record", Number),
             ("--watch", Number),
+            ("--children", Flag),
+            ("--user", Text),
+            ("--uprobes", Flag),
         ],
         true,
     ),
@@ -276,4 +279,38 @@ fn benchfloor_is_not_in_the_product() {
         panic!("benchfloor parsed in a build without the bench feature");
     };
     assert_eq!(err.kind(), clap::error::ErrorKind::InvalidSubcommand);
+}
+
+/// The table above is the fuzzer's whole view of the command line: every subcommand and every
+/// option of each is in it, so a new tool or option is fuzzed from the day it comes.
+#[test]
+fn the_option_table_covers_every_tool_and_option() {
+    use clap::CommandFactory as _;
+    let cli = Cli::command();
+    let globals: Vec<&str> = cli.get_arguments().filter_map(|a| a.get_id().as_str().into()).collect();
+    let subs: Vec<&str> = cli.get_subcommands().map(|s| s.get_name()).filter(|n| *n != "help").collect();
+    let tabled: Vec<&str> = TOOLS.iter().map(|(name, _, _)| *name).collect();
+    let mut missing = Vec::new();
+    for sub in cli.get_subcommands().filter(|s| s.get_name() != "help") {
+        let Some((_, own, _)) = TOOLS.iter().find(|(name, _, _)| *name == sub.get_name()) else {
+            missing.push(format!("subcommand {}", sub.get_name()));
+            continue;
+        };
+        let common = !matches!(sub.get_name(), "memleak" | "probe" | "benchfloor");
+        let known = |flag: &str| own.iter().chain(if common { COMMON } else { &[][..] }).any(|(f, _)| *f == flag);
+        for arg in sub.get_arguments() {
+            if arg.is_positional() || globals.contains(&arg.get_id().as_str()) || arg.get_id() == "help" {
+                continue;
+            }
+            let short = arg.get_short().map(|c| format!("-{c}"));
+            let long = arg.get_long().map(|l| format!("--{l}"));
+            if !short.iter().chain(&long).any(|f| known(f)) {
+                missing.push(format!("{} {}", sub.get_name(), long.or(short).unwrap_or_default()));
+            }
+        }
+    }
+    assert!(missing.is_empty(), "not in cli_tests' TOOLS: {missing:?}");
+    let no_subcommand: Vec<&&str> =
+        tabled.iter().filter(|t| !(subs.contains(t) || **t == "benchfloor" && cfg!(not(feature = "bench")))).collect();
+    assert!(no_subcommand.is_empty(), "in TOOLS but no subcommand: {no_subcommand:?}");
 }

@@ -33,8 +33,13 @@ pub const ATTACH: &[AttachPoint] = &[AttachPoint {
     probes: &[Probe::Tracepoint { prog: "migrate_pages", category: CATEGORY, names: &[TRACEPOINT] }],
 }];
 
-pub const SPEC: ToolSpec =
-    ToolSpec { name: "migrate", object: OBJECT, modes: &[("migrate", Plan::Points(ATTACH))], optional: &[] };
+pub const SPEC: ToolSpec = ToolSpec {
+    names: memtrace_common::migrate::names::ALL,
+    name: "migrate",
+    object: OBJECT,
+    modes: &[("migrate", Plan::Points(ATTACH))],
+    optional: &[],
+};
 
 /// The record's field of each counter, in `COUNTERS` order (CALLS is no field), oldest name
 /// last.
@@ -396,17 +401,7 @@ impl State {
 
 #[cfg(test)]
 mod tests {
-    use memtrace_common::{migrate::names, names::FILTER};
-
     use super::*;
-
-    #[test]
-    fn names_user_space_uses_are_in_the_object() {
-        crate::tools::registry::assert_names(
-            &SPEC,
-            &[FILTER, names::OFFSETS, names::TOTALS, names::PROCS, names::STATS],
-        );
-    }
 
     const FORMAT_5_10: &str = "format:
 \tfield:unsigned long succeeded;\toffset:8;\tsize:8;\tsigned:0;

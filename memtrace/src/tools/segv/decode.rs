@@ -66,20 +66,14 @@ pub fn class_name(class: u32) -> (&'static str, &'static str) {
 /// The class of a fault the kernel could not look up, from the process's maps if it is still
 /// there; None when it is gone. Racy by nature: the process is dying.
 pub fn classify_from_maps(pid: u32, fault: &Fault) -> Option<(u32, Option<Vma>)> {
-    let maps = std::fs::read_to_string(format!("/proc/{pid}/maps")).ok().filter(|m| !m.is_empty())?;
-    let mut found = None;
-    for line in maps.lines() {
-        let mut fields = line.split_whitespace();
-        let (Some(range), Some(perms)) = (fields.next(), fields.next()) else { continue };
-        let Some((start, end)) = range.split_once('-') else { continue };
-        let (Ok(start), Ok(end)) = (u64::from_str_radix(start, 16), u64::from_str_radix(end, 16)) else { continue };
-        if !(start..end).contains(&fault.address) {
-            continue;
-        }
-        let bit = |c: char, flag: u64| if perms.contains(c) { flag } else { 0 };
-        let file = fields.nth(3).is_some_and(|p| p.starts_with('/')) as u64;
-        found = Some(Vma { start, end, flags: bit('r', VM_READ) | bit('w', VM_WRITE) | bit('x', VM_EXEC), file });
-    }
+    let maps = crate::procfs::mappings(pid).ok().filter(|m| !m.is_empty())?;
+    let flag = |on: bool, flag: u64| if on { flag } else { 0 };
+    let found = crate::procfs::holding(&maps, fault.address).map(|m| Vma {
+        start: m.start,
+        end: m.end,
+        flags: flag(m.read, VM_READ) | flag(m.write, VM_WRITE) | flag(m.exec, VM_EXEC),
+        file: m.is_file() as u64,
+    });
     Some((classify(fault, found.as_ref()), found))
 }
 
