@@ -52,7 +52,7 @@ fn memleak_command_reports_every_entry_point_exactly() {
         assert!(stderr.contains(said), "{how}: {stderr}");
         let report = final_report(&stdout);
         assert_leaks(&report, "leaky.c", LEAKY_C, "no_leak");
-        let dropped = &report["dropped"];
+        let dropped = &report["blind_spots"];
         for field in ["map_full", "stacks_lost", "stacks_full", "events_lost", "replaced", "unknown_frees"] {
             assert_eq!(dropped[field], 0, "{how}: blind spot {field}: {dropped}");
         }
@@ -74,7 +74,7 @@ fn memleak_counts_failed_allocations() {
     let report = final_report(&String::from_utf8_lossy(&out.stdout));
     assert_eq!(report["failed"], 3, "{report}");
     assert_eq!(report["total_bytes"], 100, "{report}");
-    assert_eq!(report["dropped"]["replaced"], 0, "{report}");
+    assert_eq!(report["blind_spots"]["replaced"], 0, "{report}");
     let out = run(&["memleak", "-c", target.to_str().unwrap()], Duration::from_secs(60));
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(text.contains("\n  3 allocation calls failed (returned NULL)\n  blind spots: none"), "{text}");
@@ -477,7 +477,7 @@ fn memleak_names_the_cause_when_malloc_is_probed_incompatibly() {
     let _ = target.wait();
 }
 
-/// Why bcc's memleak -p once failed "although no tracer was running" (issue 8, item 19):
+/// Why bcc's memleak -p once failed "although no tracer was running", and why memtrace is not to blame:
 /// memtrace detaches everything, but while a thread of its target sits inside malloc with a
 /// return pending through memtrace's return probe (here: stopped there), newer kernels keep
 /// that uprobe, reference-counter offset 0, at malloc+0 until the thread returns, and refuse

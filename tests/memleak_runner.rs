@@ -307,7 +307,7 @@ fn memleak_command_follows_an_exec_from_another_thread() {
         assert_eq!(out.status.code(), Some(0), "{stderr}");
         let report = final_report(&String::from_utf8_lossy(&out.stdout));
         assert_thread_exec_leak(&report, report["pid"].as_u64().unwrap());
-        assert_eq!(report["dropped"]["late_processes"], 0, "{}", report["dropped"]);
+        assert_eq!(report["blind_spots"]["late_processes"], 0, "{}", report["blind_spots"]);
     }
 
     let out = Command::new("unshare")
@@ -405,10 +405,10 @@ fn memleak_command_killed_by_sigkill_keeps_its_last_blocks() {
     let stack = stacks_with(&report, "leak_tick")[0];
     let allocs = stack["allocs"].as_u64().unwrap();
     assert_eq!(stack["bytes"].as_u64().unwrap(), 100 * allocs, "{stack:#}");
-    match report["dropped"]["unread_exits"].as_u64() {
+    match report["blind_spots"]["unread_exits"].as_u64() {
         Some(0) => assert!(allocs == ticked || allocs == ticked + 1, "{allocs} blocks after {ticked} ticks"),
         Some(1) => assert!(allocs > 0 && allocs <= ticked, "{allocs} blocks after {ticked} ticks"),
-        other => panic!("unread_exits {other:?}: {}", report["dropped"]),
+        other => panic!("unread_exits {other:?}: {}", report["blind_spots"]),
     }
     assert_detached("memleak");
 }

@@ -23,7 +23,7 @@ fn stacks_of<'a>(report: &'a Value, pid: u64, func: &str) -> Vec<&'a Value> {
 fn assert_stack(report: &Value, pid: u64, func: &str, bytes: u64, allocs: u64) {
     let stacks = stacks_of(report, pid, func);
     assert_eq!(stacks.len(), 1, "pid {pid} {func}: expected one stack: {report:#}");
-    let (stack, dropped) = (stacks[0], &report["dropped"]);
+    let (stack, dropped) = (stacks[0], &report["blind_spots"]);
     assert_eq!(stack["bytes"], bytes, "pid {pid} {func}: {stack:#}, dropped: {dropped}");
     assert_eq!(stack["allocs"], allocs, "pid {pid} {func}: {stack:#}, dropped: {dropped}");
 }
@@ -124,7 +124,7 @@ fn memleak_command_live_reports_are_exact_under_churn_in_process() {
     assert!(counted.len() >= 5, "expected live reports and a final one with the leak: {}", counted.len());
     for report in &counted {
         assert_stack(report, pid, "leak_once", 3000 * 64, 3000);
-        assert_eq!(report["dropped"]["replaced"], 0, "{}", report["dropped"]);
+        assert_eq!(report["blind_spots"]["replaced"], 0, "{}", report["blind_spots"]);
     }
     assert_eq!(reports.last().unwrap()["final"], true);
     assert_detached("memleak");
@@ -263,7 +263,7 @@ fn memleak_command_follows_exec_through_shells_env_and_scripts() {
             assert_stack(&report, pid, func, bytes, allocs);
         }
         assert!(stacks_with(&report, "no_leak").is_empty(), "{cmd}: freed memory reported");
-        assert_eq!(report["dropped"]["late_processes"], 0, "{cmd}: {}", report["dropped"]);
+        assert_eq!(report["blind_spots"]["late_processes"], 0, "{cmd}: {}", report["blind_spots"]);
     }
     // A shell that runs the program as a child: the child is followed too.
     let (report, _) = run_command(&format!("/bin/sh -c '{leaky}; true'"));
@@ -283,7 +283,7 @@ fn memleak_command_follows_exec_through_shells_env_and_scripts() {
     for (func, bytes, allocs) in leaky_leaks() {
         assert_stack(&report, pid, func, bytes, allocs);
     }
-    assert_eq!(report["dropped"]["unprobed_images"], 1, "the launcher: {}", report["dropped"]);
+    assert_eq!(report["blind_spots"]["unprobed_images"], 1, "the launcher: {}", report["blind_spots"]);
     assert_detached("memleak");
 }
 
@@ -354,7 +354,7 @@ fn assert_family(report: &Value) {
     assert_stack(&report, grandchild, "leak_parent", 1000, 10);
     assert_stack(&report, grandchild, "leak_child", 2000, 20);
     assert_stack(&report, grandchild, "leak_grandchild", 3000, 30);
-    let dropped = &report["dropped"];
+    let dropped = &report["blind_spots"];
     for field in ["late_processes", "unknown_frees", "map_full", "stacks_lost"] {
         assert_eq!(dropped[field], 0, "{field}: {dropped}");
     }
@@ -454,6 +454,6 @@ fn memleak_pid_children_follows_new_processes() {
     assert!(stacks_of(&report, child, "inherited").is_empty(), "{report:#}");
     assert_stack(&report, grandchild, "leak_child", 2000, 20);
     assert_stack(&report, grandchild, "leak_grandchild", 3000, 30);
-    assert_eq!(report["dropped"]["late_processes"], 2, "{}", report["dropped"]);
+    assert_eq!(report["blind_spots"]["late_processes"], 2, "{}", report["blind_spots"]);
     assert_detached("memleak");
 }

@@ -232,7 +232,7 @@ fn probe_picks_the_attach_method_each_tool_would_use() {
     let swapin = tool(&r, "swapin");
     assert_eq!(swapin["method"], Value::Null, "{swapin}");
     assert!(swapin["unusable"][0].as_str().unwrap().contains("CONFIG_KPROBES"), "{swapin}");
-    for name in ["mmapsnoop", "brkstack", "shmsnoop", "faults", "vmscan", "drsnoop"] {
+    for name in ["mmapsnoop", "brkstack", "shmsnoop", "faults", "vmscan", "drsnoop", "compaction", "migrate"] {
         assert!(tool(&r, name)["method"].as_str().is_some_and(|m| m.starts_with("tracepoint")), "{name}: {r}");
     }
 }
@@ -256,6 +256,8 @@ fn probe_text_lists_every_tool_once() {
             "faults",
             "vmscan",
             "drsnoop",
+            "compaction",
+            "migrate",
             "swapin",
             "hfaults",
             "segv",

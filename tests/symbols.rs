@@ -43,7 +43,7 @@ fn symbols_every_frame_of_300_dlopened_libraries_is_named_or_counted() {
             stripped += 1;
         }
     }
-    let counts = &report["dropped"]["unnamed_frames"];
+    let counts = &report["blind_spots"]["unnamed_frames"];
     assert_unnamed_counted(&report, counts);
     assert_eq!(counts["no_symbol"], stripped, "{counts}");
     assert_detached("memleak");

@@ -100,7 +100,7 @@ fn memleak_command(unwind: Option<&str>, command: &str, extra: &[&str]) -> Value
     assert!(stderr.contains("command exited with status 0"), "{stderr}");
     let report = final_report(&String::from_utf8_lossy(&out.stdout));
     for field in ["map_full", "stacks_lost", "events_lost"] {
-        assert_eq!(report["dropped"][field], 0, "blind spot {field}: {}", report["dropped"]);
+        assert_eq!(report["blind_spots"][field], 0, "blind spot {field}: {}", report["blind_spots"]);
     }
     assert_detached("memleak");
     report
@@ -254,7 +254,7 @@ fn unwind_fp_cpp_stops_short_of_main() {
     }
     // What that loses is counted: every walk was a frame-pointer walk, and every stack shown
     // ends short of the program's entry.
-    let cut = &report["dropped"]["cut_stacks"];
+    let cut = &report["blind_spots"]["cut_stacks"];
     assert!(cut["walks"].as_u64().unwrap() > 0, "{cut}");
     assert_eq!(cut["fp_walks"], cut["walks"], "{cut}");
     assert_eq!(cut["fp_short"], stacks.len(), "{cut}");
@@ -275,7 +275,7 @@ fn unwind_goes_through_jit_code_by_frame_pointer() {
     assert_eq!(stacks[0]["bytes"], 5 * 777, "{}", brief(stacks[0]));
     assert_eq!(stacks[0]["allocs"], 5, "{}", brief(stacks[0]));
     assert_path(stacks[0], &["leak_from_jit", "run_jit", "main", "__libc_start_call_main", "_start"]);
-    let cut = &report["dropped"]["cut_stacks"];
+    let cut = &report["blind_spots"]["cut_stacks"];
     assert_eq!(cut["not_loaded"], 0, "{cut}");
     assert!(cut["fp_frames"].as_u64().unwrap() >= 5, "the stub's frames come from its frame pointer: {cut}");
 }
@@ -297,7 +297,7 @@ fn unwind_names_a_malformed_table_as_unusable() {
     assert_eq!(stacks.len(), 1, "{}", brief_all(&report));
     assert_eq!(stacks[0]["bytes"], 3 * 555, "{}", brief(stacks[0]));
     assert_eq!(stacks[0]["allocs"], 3, "{}", brief(stacks[0]));
-    let cut = &report["dropped"]["cut_stacks"];
+    let cut = &report["blind_spots"]["cut_stacks"];
     assert_eq!(cut["unusable_table"], 3, "{cut}");
     assert_eq!(cut["not_loaded"], 0, "{cut}");
     assert_eq!(cut["no_table"], 0, "{cut}");

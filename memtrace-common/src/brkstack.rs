@@ -81,3 +81,8 @@ pub const STAT_STACK_COLLISION: u32 = 4;
 pub const STAT_COUNT: u32 = 5;
 
 user_pod!(BrkKey, BrkTotal, Config, Offsets, Event);
+
+/// The maps and globals user space finds by name in the object.
+pub mod names {
+    crate::names!(CONFIG, OFFSETS, STACKS, TOTALS, LAST_BRK, STATS);
+}

@@ -36,3 +36,8 @@ pub struct Event {
 }
 
 user_pod!(Config, Event);
+
+/// The maps and globals user space finds by name in the object.
+pub mod names {
+    crate::names!(CONFIG);
+}

@@ -80,3 +80,8 @@ pub const STAT_PROCS_FULL: u32 = 3;
 pub const STAT_COUNT: u32 = 4;
 
 user_pod!(FaultKey, ProcFaults, Config, Offsets, Event);
+
+/// The maps and globals user space finds by name in the object.
+pub mod names {
+    crate::names!(CONFIG, OFFSETS, STACKS, COUNTS, PROCS, STATS);
+}

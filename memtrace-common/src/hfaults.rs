@@ -110,6 +110,11 @@ pub struct Event {
 
 user_pod!(Ranges, KernelOffsets, Call, Event);
 
+/// The maps and globals user space finds by name in the object.
+pub mod names {
+    crate::names!(OFFSETS, RANGES, DROPPED);
+}
+
 #[cfg(test)]
 mod tests {
     use core::mem::size_of;

@@ -5,11 +5,13 @@
 #![no_std]
 
 pub mod brkstack;
+pub mod compaction;
 pub mod drsnoop;
 pub mod faults;
 pub mod hfaults;
 pub mod mallocstat;
 pub mod memleak;
+pub mod migrate;
 pub mod mmapsnoop;
 pub mod oomkill;
 pub mod segv;
@@ -24,12 +26,43 @@ pub mod vmscan;
 /// Names by which user space finds what every tracer's object declares the same way (the
 /// eBPF side declares them through `memtrace_ebpf::filter!` and `memtrace_ebpf::events!`).
 pub mod names {
-    /// The `Filter` global.
-    pub const FILTER: &str = "FILTER";
-    /// The tool's ring buffer of events.
-    pub const EVENTS: &str = "EVENTS";
-    /// Per-CPU count of events the ring buffer could not take.
-    pub const LOST: &str = "LOST";
+    crate::names!(
+        /// The `Filter` global.
+        FILTER,
+        /// The tool's ring buffer of events.
+        EVENTS,
+        /// Per-CPU count of events the ring buffer could not take.
+        LOST,
+        /// memtrace's pid namespace (`PidNs`), and the per-CPU count of tasks outside it.
+        PID_NS,
+        OUTSIDE_PID_NS,
+        /// A tool's per-CPU counters.
+        STATS,
+        /// The stack store (`stack` module) and its counters.
+        STACKS,
+        STACK_STATS,
+        /// The user-stack walker's globals, tables and counters (`unwind` module).
+        UNWIND_MODE,
+        UNWIND_TRAMPOLINE,
+        UNWIND_ROWS,
+        UNWIND_MAPPINGS,
+        UNWIND_WANTED,
+        UNWIND_STATS,
+        /// USDT argument specs by probe address (`usdt` module).
+        USDT_SPECS,
+    );
+}
+
+/// Declares the names of an object's maps and globals that user space finds by name: each
+/// constant is its own identifier, as is the eBPF side's `static`, so a misspelt name does
+/// not compile, and `ALL` lets a test hold every one against the object.
+#[macro_export]
+macro_rules! names {
+    ($($(#[$doc:meta])* $name:ident),+ $(,)?) => {
+        $($(#[$doc])* pub const $name: &str = stringify!($name);)+
+        /// Every name above.
+        pub const ALL: &[&str] = &[$($name),+];
+    };
 }
 
 /// Which tasks a tracer reports, set by user space before load (`-p`, `--comm`).
@@ -127,6 +160,17 @@ mod tests {
         assert_eq!(size_of::<faults::Event>(), 4 * 4 + 8 * 5 + 16);
         assert_eq!(size_of::<swapin::SwapKey>(), 4 + 4 + 8 + 16);
         assert_eq!(size_of::<swapin::NewStack>(), 4 + 4 + 8);
+    }
+
+    #[test]
+    fn compaction_and_migrate_records_have_no_implicit_padding() {
+        use crate::{compaction, migrate};
+        assert_eq!(size_of::<compaction::Offsets>(), 4 * 8);
+        assert_eq!(size_of::<compaction::Running>(), 8 * 3 + 4 * 4);
+        assert_eq!(size_of::<compaction::Event>(), 4 * 2 + 16 + 8 * 5 + 4 * 6);
+        assert_eq!(size_of::<migrate::Offsets>(), 4 * (migrate::COUNTERS + 1));
+        assert_eq!(size_of::<migrate::ProcKey>(), 4 + 4);
+        assert_eq!(size_of::<migrate::Counts>(), 8 * migrate::COUNTERS + 16);
     }
 
     #[test]

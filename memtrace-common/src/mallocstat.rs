@@ -34,3 +34,8 @@ pub const STAT_NO_SPEC: u32 = 0;
 pub const STAT_STACK_LOST: u32 = 1;
 pub const STAT_STACK_COLLISION: u32 = 2;
 pub const STAT_COUNT: u32 = 3;
+
+/// The maps and globals user space finds by name in the object.
+pub mod names {
+    crate::names!(STACKS, STATS, USDT_SPECS);
+}

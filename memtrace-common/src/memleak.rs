@@ -178,11 +178,30 @@ pub const EV_ALLOC: u32 = 1;
 pub const EV_FREE: u32 = 2;
 /// First allocation seen from a (pid, stack): user space symbolizes it while the process lives.
 pub const EV_NEW_STACK: u32 = 3;
-/// A tracked process forked a child (`pid`); `addr` holds the parent, `size` the clone flags.
+/// A tracked process forked a child: the record is a `ProcEvent`.
 pub const EV_FORK: u32 = 4;
-/// A tracked process (`pid`) called exec; `size` holds its new generation, `addr` is 1 when a
-/// thread other than the process's first made the exec (see `ExecOffsets`), else 0.
+/// A tracked process called exec: the record is a `ProcEvent`.
 pub const EV_EXEC: u32 = 5;
+
+/// A tracked process's fork or exec (`kind` = `EV_FORK` or `EV_EXEC`), on the same ring as
+/// `Event`, whose `kind` it shares.
+#[repr(C)]
+#[derive(Copy, Clone, Debug, Default)]
+pub struct ProcEvent {
+    pub kind: u32,
+    /// The child (fork) or the process that exec'd.
+    pub pid: u32,
+    /// Fork: the parent.
+    pub parent: u32,
+    /// Exec: the process's new image (`AllocKey::image`).
+    pub image: u32,
+    /// Fork: the clone flags.
+    pub clone_flags: u64,
+    /// Exec: 1 when a thread other than the process's first made it (see `ExecOffsets`).
+    pub from_thread: u32,
+    pub _pad: u32,
+    pub timestamp_ns: u64,
+}
 
 /// memleak found a memory error: the record is a `MemError`.
 pub const EV_ERROR: u32 = 6;
@@ -400,6 +419,29 @@ user_pod!(
     Config,
     KmemOffsets,
     Event,
+    ProcEvent,
     MemError,
     Freed
 );
+
+/// The maps and globals user space finds by name in the object.
+pub mod names {
+    crate::names!(
+        CONFIG,
+        FORK,
+        EXEC,
+        KMEM,
+        ALLOCS,
+        SEEN,
+        STACKS,
+        FREED,
+        WINDOW,
+        TRACKED,
+        COPYING,
+        EARLY_FREES,
+        STATS,
+        WATCHES,
+        LIVE_PICKS,
+        FREED_PICKS
+    );
+}

@@ -181,6 +181,11 @@ impl Default for Event {
 
 user_pod!(VictimOffsets, MemcgOffsets, Event);
 
+/// The maps and globals user space finds by name in the object.
+pub mod names {
+    crate::names!(VICTIM, MEMCG);
+}
+
 #[cfg(test)]
 mod tests {
     use core::mem::size_of;

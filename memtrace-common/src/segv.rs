@@ -193,6 +193,11 @@ pub const STAT_COUNT: u32 = 2;
 
 user_pod!(Vma, Offsets, Config, Message, Event);
 
+/// The maps and globals user space finds by name in the object.
+pub mod names {
+    crate::names!(CONFIG, OFFSETS, STATS);
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -36,3 +36,8 @@ pub const STAT_STACK_LOST: u32 = 1;
 pub const STAT_COUNT: u32 = 2;
 
 user_pod!(SwapKey, Config, NewStack);
+
+/// The maps and globals user space finds by name in the object.
+pub mod names {
+    crate::names!(CONFIG, COUNTS, STATS);
+}

@@ -49,3 +49,8 @@ pub struct Config {
 }
 
 user_pod!(Event, Offsets, Config);
+
+/// The maps and globals user space finds by name in the object.
+pub mod names {
+    crate::names!(CONFIG, OFFSETS);
+}

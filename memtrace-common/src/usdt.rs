@@ -6,10 +6,9 @@ use crate::user_pod;
 /// Most arguments `<sys/sdt.h>` lets a probe have.
 pub const MAX_ARGS: usize = 12;
 
-/// Name of the hash map from a probe's address in the traced process to its `Spec`: the
-/// kernel passes no per-probe value to a uprobe program before 5.15 (attach cookies), so the
-/// program finds its probe by the instruction pointer.
-pub const SPECS: &str = "USDT_SPECS";
+// `names::USDT_SPECS` is the hash map from a probe's address in the traced process to its
+// `Spec`: the kernel passes no per-probe value to a uprobe program before 5.15 (attach
+// cookies), so the program finds its probe by the instruction pointer.
 
 /// The argument is a constant (`-4@$5`): `value`.
 pub const ARG_CONST: u32 = 1;

@@ -32,3 +32,8 @@ pub struct Offsets {
 }
 
 user_pod!(Offsets);
+
+/// The maps and globals user space finds by name in the object.
+pub mod names {
+    crate::names!(OFFSETS, STATS, HIST);
+}

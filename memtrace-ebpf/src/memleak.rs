@@ -17,10 +17,10 @@ use memtrace_common::{
         EV_ALLOC, EV_ERROR, EV_EXEC, EV_FORK, EV_FREE, EV_NEW_STACK, Event, ExecOffsets, FN_ALIGNED_ALLOC, FN_CALLOC,
         FN_FREE, FN_KFREE, FN_KMALLOC, FN_KMEM_CACHE_ALLOC, FN_MALLOC, FN_MEMALIGN, FN_MMAP, FN_MMAP_FILE, FN_MUNMAP,
         FN_PAGE_ALLOC, FN_PERCPU_ALLOC, FN_POSIX_MEMALIGN, FN_PVALLOC, FN_REALLOC, FN_REALLOC_FREE, FN_REALLOCARRAY,
-        FN_VALLOC, ForkOffsets, Freed, KmemOffsets, MAP_ANONYMOUS, MemError, Pending, STAT_COUNT, STAT_EARLY_FULL,
-        STAT_EVENTS_LOST, STAT_FAILED, STAT_FREE_CALLS, STAT_FREE_CALLS_IN_WINDOW, STAT_FREED, STAT_FREED_RECORDED,
-        STAT_FREED_REUSED, STAT_INVALID_FREES, STAT_MAP_FULL, STAT_REPLACED, STAT_STACK_LOST, STAT_STACKS_FULL,
-        STAT_TRACKED, STAT_UNKNOWN_FREE, STAT_UNTRACKED_CHILDREN, StackKey, Tracked,
+        FN_VALLOC, ForkOffsets, Freed, KmemOffsets, MAP_ANONYMOUS, MemError, Pending, ProcEvent, STAT_COUNT,
+        STAT_EARLY_FULL, STAT_EVENTS_LOST, STAT_FAILED, STAT_FREE_CALLS, STAT_FREE_CALLS_IN_WINDOW, STAT_FREED,
+        STAT_FREED_RECORDED, STAT_FREED_REUSED, STAT_INVALID_FREES, STAT_MAP_FULL, STAT_REPLACED, STAT_STACK_LOST,
+        STAT_STACKS_FULL, STAT_TRACKED, STAT_UNKNOWN_FREE, STAT_UNTRACKED_CHILDREN, StackKey, Tracked,
     },
 };
 use memtrace_ebpf::{BPF_NOEXIST, EEXIST, bump, current_pid_tgid, tp_u32, tp_u64, unwind::UserRegs};
@@ -122,6 +122,15 @@ fn emit(kind: u32, pid: u32, image: u32, tid: u32, stack_id: u64, addr: u64, siz
         _pad: 0,
     };
     if EVENTS.output(&event, 0).is_err() {
+        bump(&STATS, STAT_EVENTS_LOST);
+    }
+}
+
+/// Sends a process's fork or exec, stamped now.
+fn emit_proc(mut event: ProcEvent) {
+    // SAFETY: helper without preconditions.
+    event.timestamp_ns = unsafe { bpf_ktime_get_ns() };
+    if EVENTS.output_untyped::<ProcEvent>(&event, 0).is_err() {
         bump(&STATS, STAT_EVENTS_LOST);
     }
 }
@@ -533,7 +542,7 @@ pub fn memleak_newtask(ctx: TracePointContext) -> u32 {
     if flags & CLONE_VM == 0 && COPYING.insert(&child, &0, 0).is_err() {
         bump(&STATS, STAT_EARLY_FULL);
     }
-    emit(EV_FORK, child, 0, 0, STACK_LOST, parent as u64, flags, 0);
+    emit_proc(ProcEvent { kind: EV_FORK, pid: child, parent, clone_flags: flags, ..Default::default() });
     0
 }
 
@@ -550,7 +559,7 @@ pub fn memleak_exec(ctx: TracePointContext) -> u32 {
         let offsets = EXEC.load();
         // Another thread's exec: probes tied to the process's first thread are gone with it.
         let from_thread = tp_u32(&ctx, offsets.pid) != tp_u32(&ctx, offsets.old_pid);
-        emit(EV_EXEC, pid, image, 0, STACK_LOST, from_thread as u64, image as u64, 0);
+        emit_proc(ProcEvent { kind: EV_EXEC, pid, image, from_thread: from_thread as u32, ..Default::default() });
     }
     0
 }

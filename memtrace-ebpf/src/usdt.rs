@@ -9,7 +9,7 @@ use aya_ebpf::{
 };
 use memtrace_common::usdt::{ARG_CONST, ARG_DEREF, ARG_REG, MAX_ARGS, Spec};
 
-/// Declares `USDT_SPECS` (`memtrace_common::usdt::SPECS`): the probes' specs by address.
+/// Declares `USDT_SPECS` (`memtrace_common::names::USDT_SPECS`): the probes' specs by address.
 #[macro_export]
 macro_rules! usdt_specs {
     () => {

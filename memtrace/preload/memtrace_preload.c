@@ -472,11 +472,27 @@ static const struct mt_module *find_module(uint64_t pc) {
 	return pc < m->end ? m : 0;
 }
 
+/* A program calls the allocator from few places, so walks look the same return addresses up
+ * again and again, and the binary search over a library's rows was half of the recorder's
+ * time. This direct-mapped cache keeps the row found for an address (its index in the
+ * module's rows, low 32 bits) under a tag of the address (high 32 bits). A hit is checked
+ * against the rows themselves, so a colliding or stale entry costs a search, never a row. */
+#define ROW_CACHE_BITS 14
+static uint64_t row_cache[1 << ROW_CACHE_BITS];
+
 static const struct mt_row *find_row(const struct mt_module *m, uint64_t vaddr) {
 	struct mt_state *s = &memtrace_preload_state;
 	if (!m->rows_len || (uint64_t)m->rows_start + m->rows_len > s->rows_cap)
 		return 0;
 	const struct mt_row *rows = (const struct mt_row *)s->rows + m->rows_start;
+	uint64_t h = (vaddr ^ (uint64_t)m->rows_start << 40) * 0x9e3779b97f4a7c15ull;
+	uint64_t *cached = &row_cache[h >> (64 - ROW_CACHE_BITS)], tag = (h >> 18) & 0xffffffffull;
+	uint64_t e = __atomic_load_n(cached, __ATOMIC_RELAXED);
+	if (e >> 32 == tag) {
+		uint64_t r = (uint32_t)e;
+		if (r < m->rows_len && rows[r].pc <= vaddr && (r + 1 == m->rows_len || rows[r + 1].pc > vaddr))
+			return &rows[r];
+	}
 	uint64_t lo = 0, hi = m->rows_len;
 	while (lo < hi) {
 		uint64_t mid = (lo + hi) / 2;
@@ -485,7 +501,10 @@ static const struct mt_row *find_row(const struct mt_module *m, uint64_t vaddr) 
 		else
 			hi = mid;
 	}
-	return lo ? &rows[lo - 1] : 0;
+	if (!lo)
+		return 0;
+	__atomic_store_n(cached, tag << 32 | (lo - 1), __ATOMIC_RELAXED);
+	return &rows[lo - 1];
 }
 
 struct walk {

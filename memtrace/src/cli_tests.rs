@@ -56,6 +56,9 @@ const TOOLS: &[(&str, Options, bool)] = &[
             ("--errors-only", Flag),
             ("--freed-record", Number),
             ("--watch", Number),
+            ("--children", Flag),
+            ("--user", Text),
+            ("--uprobes", Flag),
         ],
         true,
     ),
@@ -91,6 +94,8 @@ const TOOLS: &[(&str, Options, bool)] = &[
         true,
     ),
     ("hfaults", &[], true),
+    ("migrate", &[], true),
+    ("compaction", &[("--timestamp", Flag), ("-T", Flag)], false),
     ("drsnoop", &[("-t", Number), ("-n", Text), ("--timestamp", Flag), ("-T", Flag), ("--memcg", Flag)], false),
     ("oomkill", &[("--unwind", Text), ("--unwind-rows", Number)], false),
     ("segv", &[("--all", Flag), ("--unwind", Text), ("--unwind-rows", Number)], false),
@@ -230,7 +235,7 @@ fn intervals_and_counts_are_checked_the_same_in_every_tool() {
         (["1", "0"], "the count must be at least 1"),
         (["1", "many"], "the count is a number of reports of at least 1, not \"many\""),
     ];
-    for tool in ["memleak", "brkstack", "faults", "vmscan", "swapin", "hfaults"] {
+    for tool in ["memleak", "brkstack", "faults", "vmscan", "swapin", "hfaults", "migrate"] {
         for (positionals, message) in &cases {
             let cli = Cli::try_parse_from(["memtrace", tool, positionals[0], positionals[1]]).expect("parses");
             let err = cli.tool.validate().expect_err(tool).to_string();
@@ -250,7 +255,7 @@ fn capital_t_is_top_everywhere_and_timestamps_are_spelled_out() {
         let cli = Cli::try_parse_from(["memtrace", tool, "--top", "3"]).expect("parses");
         cli.tool.validate().unwrap_or_else(|e| panic!("{tool} --top 3: {e}"));
     }
-    for tool in ["drsnoop", "mmapsnoop", "shmsnoop", "swapin"] {
+    for tool in ["drsnoop", "mmapsnoop", "shmsnoop", "swapin", "compaction"] {
         let cli = Cli::try_parse_from(["memtrace", tool, "-T"]).expect("parses");
         let err = cli.tool.validate().expect_err(tool).to_string();
         assert_eq!(
@@ -286,4 +291,38 @@ fn benchfloor_is_not_in_the_product() {
         panic!("benchfloor parsed in a build without the bench feature");
     };
     assert_eq!(err.kind(), clap::error::ErrorKind::InvalidSubcommand);
+}
+
+/// The table above is the fuzzer's whole view of the command line: every subcommand and every
+/// option of each is in it, so a new tool or option is fuzzed from the day it comes.
+#[test]
+fn the_option_table_covers_every_tool_and_option() {
+    use clap::CommandFactory as _;
+    let cli = Cli::command();
+    let globals: Vec<&str> = cli.get_arguments().filter_map(|a| a.get_id().as_str().into()).collect();
+    let subs: Vec<&str> = cli.get_subcommands().map(|s| s.get_name()).filter(|n| *n != "help").collect();
+    let tabled: Vec<&str> = TOOLS.iter().map(|(name, _, _)| *name).collect();
+    let mut missing = Vec::new();
+    for sub in cli.get_subcommands().filter(|s| s.get_name() != "help") {
+        let Some((_, own, _)) = TOOLS.iter().find(|(name, _, _)| *name == sub.get_name()) else {
+            missing.push(format!("subcommand {}", sub.get_name()));
+            continue;
+        };
+        let common = !matches!(sub.get_name(), "memleak" | "probe" | "benchfloor");
+        let known = |flag: &str| own.iter().chain(if common { COMMON } else { &[][..] }).any(|(f, _)| *f == flag);
+        for arg in sub.get_arguments() {
+            if arg.is_positional() || globals.contains(&arg.get_id().as_str()) || arg.get_id() == "help" {
+                continue;
+            }
+            let short = arg.get_short().map(|c| format!("-{c}"));
+            let long = arg.get_long().map(|l| format!("--{l}"));
+            if !short.iter().chain(&long).any(|f| known(f)) {
+                missing.push(format!("{} {}", sub.get_name(), long.or(short).unwrap_or_default()));
+            }
+        }
+    }
+    assert!(missing.is_empty(), "not in cli_tests' TOOLS: {missing:?}");
+    let no_subcommand: Vec<&&str> =
+        tabled.iter().filter(|t| !(subs.contains(t) || **t == "benchfloor" && cfg!(not(feature = "bench")))).collect();
+    assert!(no_subcommand.is_empty(), "in TOOLS but no subcommand: {no_subcommand:?}");
 }

@@ -5,6 +5,7 @@ mod loader;
 mod output;
 mod procfs;
 mod symbolize;
+mod sys;
 mod target;
 mod tools;
 mod tracee;

@@ -11,9 +11,10 @@ use std::{
 
 use anyhow::{Context as _, Result};
 
-/// One file-backed line of /proc/PID/maps.
+/// One line of /proc/PID/maps (and each mapping's first line in smaps): the one parser of
+/// that format.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct MappedFile {
+pub struct Mapping {
     pub start: u64,
     pub end: u64,
     /// (major, minor) of the device, as maps prints it.
@@ -21,70 +22,92 @@ pub struct MappedFile {
     pub inode: u64,
     /// Offset in the file of the mapping's first byte.
     pub offset: u64,
+    pub read: bool,
+    pub write: bool,
     /// Mapped with execute permission: code, which the unwinder needs tables for.
     pub exec: bool,
-    /// The path in the process's own mount namespace, without " (deleted)".
+    /// The path in the process's own mount namespace, without " (deleted)"; a kernel name
+    /// such as `[heap]` or `[stack]`; empty for anonymous memory.
     pub path: String,
     pub deleted: bool,
 }
 
 /// The file-backed mappings of `pid`.
-pub fn mapped_files(pid: u32) -> Result<Vec<MappedFile>> {
-    Ok(maps(pid)?.into_iter().filter(MappedFile::is_file).collect())
+pub fn mapped_files(pid: u32) -> Result<Vec<Mapping>> {
+    Ok(mappings(pid)?.into_iter().filter(Mapping::is_file).collect())
 }
 
 /// Every executable mapping of `pid`: files, and code no file backs (a JIT's, `[vdso]`),
 /// whose `path` is empty or the kernel's bracketed name.
-pub fn exec_mappings(pid: u32) -> Result<Vec<MappedFile>> {
-    Ok(maps(pid)?.into_iter().filter(|m| m.exec).collect())
+pub fn exec_mappings(pid: u32) -> Result<Vec<Mapping>> {
+    Ok(mappings(pid)?.into_iter().filter(|m| m.exec).collect())
 }
 
 /// The mapping of `pid` that holds `addr`, file-backed or not (`[stack]`, anonymous).
-pub fn mapping_at(pid: u32, addr: u64) -> Result<Option<MappedFile>> {
-    Ok(maps(pid)?.into_iter().find(|m| m.start <= addr && addr < m.end))
+pub fn mapping_at(pid: u32, addr: u64) -> Result<Option<Mapping>> {
+    Ok(holding(&mappings(pid)?, addr).cloned())
 }
 
-fn maps(pid: u32) -> Result<Vec<MappedFile>> {
+/// The mapping among `maps` that holds `addr`.
+pub fn holding(maps: &[Mapping], addr: u64) -> Option<&Mapping> {
+    maps.iter().find(|m| m.start <= addr && addr < m.end)
+}
+
+/// Every mapping of `pid`; empty for a zombie, whose maps are empty.
+pub fn mappings(pid: u32) -> Result<Vec<Mapping>> {
     let maps =
         fs::read_to_string(format!("/proc/{pid}/maps")).with_context(|| format!("cannot read /proc/{pid}/maps"))?;
-    Ok(maps.lines().filter_map(parse_maps_line).collect())
+    Ok(parse_maps(&maps))
 }
 
-impl MappedFile {
+/// The mappings of a /proc/PID/maps text; lines that do not parse are left out.
+pub fn parse_maps(text: &str) -> Vec<Mapping> {
+    text.lines().filter_map(Mapping::parse).collect()
+}
+
+impl Mapping {
     /// Backed by a file (its path is absolute), not anonymous memory or a kernel page.
     pub fn is_file(&self) -> bool {
         self.path.starts_with('/')
     }
-}
 
-fn parse_maps_line(line: &str) -> Option<MappedFile> {
-    let mut fields = line.splitn(6, ' ');
-    let (start, end) = fields.next()?.split_once('-')?;
-    let perms = fields.next()?;
-    let offset = fields.next()?;
-    let (major, minor) = fields.next()?.split_once(':')?;
-    let inode = fields.next()?.parse().ok()?;
-    let path = fields.next().unwrap_or("").trim_start();
-    let (path, deleted) = match path.strip_suffix(" (deleted)") {
-        Some(p) => (p, true),
-        None => (path, false),
-    };
-    let hex64 = |s: &str| u64::from_str_radix(s, 16).ok();
-    let hex32 = |s: &str| u32::from_str_radix(s, 16).ok();
-    Some(MappedFile {
-        start: hex64(start)?,
-        end: hex64(end)?,
-        dev: (hex32(major)?, hex32(minor)?),
-        inode,
-        offset: hex64(offset)?,
-        exec: perms.as_bytes().get(2) == Some(&b'x'),
-        path: path.to_string(),
-        deleted,
-    })
+    /// The path as maps shows it: " (deleted)" after a file that is gone.
+    pub fn shown_path(&self) -> String {
+        if self.deleted { format!("{} (deleted)", self.path) } else { self.path.clone() }
+    }
+
+    /// One line of maps: `start-end perms offset major:minor inode   path`.
+    pub fn parse(line: &str) -> Option<Mapping> {
+        let mut fields = line.splitn(6, ' ');
+        let (start, end) = fields.next()?.split_once('-')?;
+        let perms = fields.next()?;
+        let offset = fields.next()?;
+        let (major, minor) = fields.next()?.split_once(':')?;
+        let inode = fields.next()?.parse().ok()?;
+        let path = fields.next().unwrap_or("").trim_start();
+        let (path, deleted) = match path.strip_suffix(" (deleted)") {
+            Some(p) => (p, true),
+            None => (path, false),
+        };
+        let hex64 = |s: &str| u64::from_str_radix(s, 16).ok();
+        let hex32 = |s: &str| u32::from_str_radix(s, 16).ok();
+        Some(Mapping {
+            start: hex64(start)?,
+            end: hex64(end)?,
+            dev: (hex32(major)?, hex32(minor)?),
+            inode,
+            offset: hex64(offset)?,
+            read: perms.as_bytes().first() == Some(&b'r'),
+            write: perms.as_bytes().get(1) == Some(&b'w'),
+            exec: perms.as_bytes().get(2) == Some(&b'x'),
+            path: path.to_string(),
+            deleted,
+        })
+    }
 }
 
 /// Whether `path` opens the file that `m` maps.
-fn is_same_file(path: &Path, m: &MappedFile) -> bool {
+fn is_same_file(path: &Path, m: &Mapping) -> bool {
     fs::metadata(path).is_ok_and(|meta| {
         meta.ino() == m.inode && (libc::major(meta.dev()), libc::minor(meta.dev())) == (m.dev.0, m.dev.1)
     })
@@ -94,7 +117,7 @@ fn is_same_file(path: &Path, m: &MappedFile) -> bool {
 /// when memtrace sees that file there (no container), else the path through the process's
 /// root, else its map_files link (which reaches even a deleted or replaced file). None when
 /// none does, as when map_files is unreadable and the file was replaced.
-pub fn reach(pid: u32, m: &MappedFile) -> Option<PathBuf> {
+pub fn reach(pid: u32, m: &Mapping) -> Option<PathBuf> {
     let plain = PathBuf::from(&m.path);
     if !m.deleted && is_same_file(&plain, m) {
         return Some(plain);
@@ -134,18 +157,23 @@ mod tests {
 
     #[test]
     fn parses_maps_lines() {
-        let m = parse_maps_line(
+        let m = Mapping::parse(
             "7f1c2a400000-7f1c2a428000 r--p 00000000 fd:01 1835057                    /usr/lib/x86_64-linux-gnu/libc.so.6",
         )
         .unwrap();
         assert_eq!((m.start, m.end, m.dev, m.inode), (0x7f1c2a400000, 0x7f1c2a428000, (0xfd, 1), 1835057));
         assert_eq!((m.path.as_str(), m.deleted), ("/usr/lib/x86_64-linux-gnu/libc.so.6", false));
-        let gone = parse_maps_line("7f00-7f10 r-xp 00001000 08:02 42 /tmp/lib x.so (deleted)").unwrap();
+        let gone = Mapping::parse("7f00-7f10 r-xp 00001000 08:02 42 /tmp/lib x.so (deleted)").unwrap();
         assert_eq!((gone.path.as_str(), gone.deleted), ("/tmp/lib x.so", true));
-        let stack = parse_maps_line("7ffd-7ffe rw-p 00000000 00:00 0                          [stack]").unwrap();
-        assert!(!stack.is_file() && !stack.exec && stack.path == "[stack]");
-        let jit = parse_maps_line("7ffd-7ffe r-xp 00000000 00:00 0").unwrap();
+        let stack = Mapping::parse("7ffd-7ffe rw-p 00000000 00:00 0                          [stack]").unwrap();
+        assert!(!stack.is_file() && (stack.read, stack.write, stack.exec) == (true, true, false));
+        assert_eq!(stack.path, "[stack]");
+        let jit = Mapping::parse("7ffd-7ffe r-xp 00000000 00:00 0").unwrap();
         assert!(!jit.is_file() && jit.exec && jit.path.is_empty());
+        let vdso = Mapping::parse("7ffd6a1e5000-7ffd6a1e7000 r-xp 00000000 00:00 0                          [vdso]");
+        assert_eq!(vdso.unwrap().path, "[vdso]");
+        assert_eq!(Mapping::parse("55d0c0a00000-55d0c0a21000 rw-p 00000000 00:00 0 ").unwrap().path, "");
+        assert_eq!(Mapping::parse("55d0 rw-p"), None);
     }
 
     #[test]
@@ -154,7 +182,7 @@ mod tests {
         let libc = mapped_files(me).unwrap().into_iter().find(|m| m.path.contains("libc.so")).unwrap();
         assert_eq!(reach(me, &libc), Some(PathBuf::from(&libc.path)));
         // A mapping whose file is not at its path is reached through map_files.
-        let moved = MappedFile { inode: libc.inode + 1, ..libc.clone() };
+        let moved = Mapping { inode: libc.inode + 1, ..libc.clone() };
         let link = reach(me, &moved).unwrap();
         assert!(link.starts_with(format!("/proc/{me}/map_files/")), "{}", link.display());
         assert!(exe(me).unwrap().is_file());

@@ -221,7 +221,7 @@ pub fn contradicts(mapped: &Allocator, probed: &Allocator) -> bool {
     id(mapped_libc) != id(probed_libc)
 }
 
-fn reach(pid: u32, m: &procfs::MappedFile) -> Result<PathBuf> {
+fn reach(pid: u32, m: &procfs::Mapping) -> Result<PathBuf> {
     procfs::reach(pid, m).with_context(|| {
         format!(
             "cannot open the {} that process {pid} maps (deleted or replaced, and /proc/{pid}/map_files is unreadable): give the library with -O",
@@ -317,7 +317,7 @@ pub async fn exited(pid: u32) -> Result<()> {
         bail!("no such process: {pid}");
     }
     // SAFETY: pidfd_open returned a new fd that nothing else owns.
-    let fd = crate::tools::async_readable(unsafe { OwnedFd::from_raw_fd(fd as i32) })?;
+    let fd = crate::sys::async_readable(unsafe { OwnedFd::from_raw_fd(fd as i32) })?;
     let _ready = fd.readable().await?;
     Ok(())
 }

@@ -224,17 +224,6 @@ impl Drop for ZramSwap {
     }
 }
 
-/// Whether the tests run on a machine of their own (the VM suite sets MEMTRACE_VM), where
-/// they may put the whole machine under memory pressure. Elsewhere that test says so and
-/// does nothing: global reclaim on a shared host would slow everything on it.
-pub fn machine_of_its_own(test: &str) -> bool {
-    let own = std::env::var_os("MEMTRACE_VM").is_some();
-    if !own {
-        eprintln!("{test}: not run: global memory pressure only on a machine of its own (cargo xtask vm-test)");
-    }
-    own
-}
-
 /// The kernel's count of direct reclaims outside memory cgroups (the allocstall_* lines of
 /// /proc/vmstat, one per zone type): one per mm_vmscan_direct_reclaim_begin.
 pub fn allocstalls() -> u64 {
@@ -275,7 +264,7 @@ pub fn global_pressure(vm_mem: &Path) -> u64 {
 /// Runs memtrace `args` while `global_pressure` runs, in the VM suite only (see
 /// `machine_of_its_own`); returns (the direct reclaims the kernel counted, memtrace's stdout).
 pub fn trace_global_pressure(test: &str, args: &[&str]) -> Option<(u64, String)> {
-    if !super::bpf_available(test) || !machine_of_its_own(test) {
+    if !super::bpf_available(test) || !super::machine_of_its_own(test) {
         return None;
     }
     let _swap = ZramSwap::on(test)?;

@@ -140,6 +140,17 @@ pub fn not_run(test: &str, why: &str) {
     std::fs::write(&file, list).unwrap();
 }
 
+/// Whether the tests run on a machine of their own (the VM suite sets MEMTRACE_VM), where
+/// they may put the whole machine under memory pressure. Elsewhere that test says so and
+/// does nothing: global reclaim or compaction on a shared host would slow everything on it.
+pub fn machine_of_its_own(test: &str) -> bool {
+    let own = std::env::var_os("MEMTRACE_VM").is_some();
+    if !own {
+        eprintln!("{test}: not run: global memory pressure only on a machine of its own (cargo xtask vm-test)");
+    }
+    own
+}
+
 /// For tests of stacks through code built without frame pointers: true where memtrace can
 /// use unwind tables. Without `bpf_loop` (before 5.17) it cannot, and says so in one warning
 /// (`tests/probe.rs` checks that); the test is listed as not run.

@@ -727,7 +727,7 @@ fn kernel_events(memtrace: &Path) -> Result<Value> {
     let report: Value =
         stdout.lines().rfind(|l| l.starts_with('{')).map(serde_json::from_str).transpose()?.unwrap_or_default();
     let tracked = report["tracked"].as_u64().unwrap_or(0);
-    let d = &report["dropped"];
+    let d = &report["blind_spots"];
     let lost = d["map_full"].as_u64().unwrap_or(0)
         + d["stacks_full"].as_u64().unwrap_or(0)
         + d["events_lost"].as_u64().unwrap_or(0);

@@ -3,6 +3,7 @@
 //! Tools ask this module; none of them probes the kernel by itself.
 
 pub mod btf;
+pub mod cgroup;
 pub mod fentry;
 pub mod kallsyms;
 pub mod maps;
@@ -12,6 +13,7 @@ pub mod placement;
 pub mod tracefs;
 mod uprobes;
 pub mod usdt;
+pub mod vmstat;
 
 use std::path::Path;
 

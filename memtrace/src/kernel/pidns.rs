@@ -81,7 +81,7 @@ pub fn configure(loader: &mut EbpfLoader<'_>) {
         }
     }
     // Objects whose programs never read the current pid have no such global.
-    loader.override_global("PID_NS", ns, false);
+    loader.override_global(memtrace_common::names::PID_NS, ns, false);
 }
 
 /// The skip counters of the objects loaded, read once at exit by `report_outside`.
@@ -92,7 +92,7 @@ pub fn watch(bpf: &Ebpf) {
     if current().dev == 0 {
         return;
     }
-    let Some(map) = bpf.map("OUTSIDE_PID_NS") else { return };
+    let Some(map) = bpf.map(memtrace_common::names::OUTSIDE_PID_NS) else { return };
     let data = match map {
         Map::PerCpuArray(data) => data.info().and_then(|info| MapData::from_id(info.id())),
         _ => return,

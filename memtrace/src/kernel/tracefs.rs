@@ -55,6 +55,8 @@ pub struct Field {
 pub struct Format {
     pub tracepoint: String,
     pub fields: Vec<Field>,
+    /// The `print fmt:` line's text, where the kernel names the values of enum fields.
+    pub print_fmt: String,
 }
 
 impl Format {
@@ -85,7 +87,32 @@ impl Format {
                 Some(Field { name: field_name(decl?)?.to_string(), offset: offset?, size: size? })
             })
             .collect();
-        Format { tracepoint: tracepoint.to_string(), fields }
+        let print_fmt = text.lines().find_map(|l| l.strip_prefix("print fmt:")).unwrap_or_default().trim().to_string();
+        Format { tracepoint: tracepoint.to_string(), fields, print_fmt }
+    }
+
+    /// The names `print fmt` gives the values of `field` through
+    /// `__print_symbolic(REC->field, {0, "name"}, ...)`: enum values differ between kernels,
+    /// so tools decode them with the running kernel's table. Empty when the format has none.
+    pub fn symbols(&self, field: &str) -> Symbols {
+        let open = format!("__print_symbolic(REC->{field},");
+        let Some(at) = self.print_fmt.find(&open) else { return Symbols::default() };
+        let mut rest = &self.print_fmt[at + open.len()..];
+        let mut out = Vec::new();
+        // Pairs `{value, "name"}` up to the call's closing parenthesis.
+        loop {
+            rest = rest.trim_start_matches([' ', ',']);
+            let Some(body) = rest.strip_prefix('{') else { break };
+            let Some(close) = body.find('}') else { break };
+            let (pair, after) = (&body[..close], &body[close + 1..]);
+            rest = after;
+            let Some((value, name)) = pair.split_once(',') else { continue };
+            let name = name.trim().trim_matches('"');
+            if let Some(value) = parse_int(value.trim()) {
+                out.push((value, name.to_string()));
+            }
+        }
+        Symbols(out)
     }
 
     pub fn field(&self, name: &str) -> Option<&Field> {
@@ -103,6 +130,29 @@ impl Format {
 
     pub fn offset(&self, name: &str) -> Result<u32> {
         self.offset_of_any(&[name])
+    }
+}
+
+/// The names of an enum field's values, as the running kernel prints them.
+#[derive(Clone, Debug, Default)]
+pub struct Symbols(pub Vec<(i64, String)>);
+
+impl Symbols {
+    /// The kernel's name for `value`; None for a value its table lacks.
+    pub fn get(&self, value: i64) -> Option<&str> {
+        self.0.iter().find(|(v, _)| *v == value).map(|(_, name)| name.as_str())
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+}
+
+/// A decimal or `0x` integer, as `print fmt` tables write them.
+fn parse_int(text: &str) -> Option<i64> {
+    match text.strip_prefix("0x") {
+        Some(hex) => i64::from_str_radix(hex, 16).ok(),
+        None => text.parse().ok(),
     }
 }
 
@@ -149,6 +199,24 @@ print fmt: \"call_site=%pS ptr=%p\", (void *)REC->call_site, REC->ptr
         assert_eq!(f.field("name").unwrap().offset, 68);
         assert_eq!(f.field("common_pid").unwrap().offset, 4);
         assert_eq!(f.fields.len(), 11);
+    }
+
+    #[test]
+    fn reads_enum_names_from_print_fmt() {
+        let text = "format:
+\tfield:int nid;\toffset:8;\tsize:4;\tsigned:1;
+\tfield:enum zone_type idx;\toffset:12;\tsize:4;\tsigned:0;
+\tfield:int ret;\toffset:20;\tsize:4;\tsigned:1;
+
+print fmt: \"node=%d zone=%-8s ret=%s\", REC->nid, __print_symbolic(REC->idx, {0, \"DMA\"}, {1, \"DMA32\"}, {2, \"Normal\"}), __print_symbolic(REC->ret, {1, \"skipped\"}, {8, \"success\"}, {0, \"not_suitable_zone\"})
+";
+        let f = Format::parse("compaction:mm_compaction_finished", text);
+        let names = |v: &Symbols| v.0.iter().map(|(n, s)| format!("{n}={s}")).collect::<Vec<_>>().join(" ");
+        assert_eq!(names(&f.symbols("idx")), "0=DMA 1=DMA32 2=Normal");
+        assert_eq!(names(&f.symbols("ret")), "1=skipped 8=success 0=not_suitable_zone");
+        assert!(f.symbols("nid").is_empty());
+        assert_eq!(f.symbols("ret").get(8), Some("success"));
+        assert_eq!(f.symbols("ret").get(3), None);
     }
 
     #[test]

@@ -22,7 +22,7 @@ pub struct Events {
 
 impl Events {
     pub fn new(json: bool, timestamp: bool, header: impl Into<String>) -> Events {
-        let start_ns = crate::tools::monotonic_ns();
+        let start_ns = crate::sys::monotonic_ns();
         Events { json, start_ns, timestamp, header: header.into(), headed: false, count: 0 }
     }
 

@@ -13,6 +13,7 @@ use blazesym::symbolize::source::{Elf, Source};
 use blazesym::symbolize::{CodeInfo, Input, Sym, Symbolized, Symbolizer};
 
 use crate::kernel::kallsyms::Kallsyms;
+use crate::procfs;
 
 mod parts;
 mod unnamed;
@@ -196,15 +197,12 @@ impl UserSymbolizer {
             })
             .collect();
         let mut maps = Vec::new();
-        for line in text.lines() {
-            let Some((start, end, perms, offset, inode, path)) = parse_maps_line(line) else {
-                continue;
-            };
-            let exec = perms.contains('x');
-            let kind = if path == "[vdso]" {
+        for m in procfs::parse_maps(&text) {
+            let procfs::Mapping { start, end, offset, inode, exec, .. } = m;
+            let kind = if m.path == "[vdso]" {
                 Kind::Vdso
-            } else if path.starts_with('/') {
-                let path: Rc<str> = path.strip_suffix(" (deleted)").unwrap_or(path).into();
+            } else if m.is_file() {
+                let path: Rc<str> = m.path.as_str().into();
                 let module: Rc<str> = match &exe_label {
                     Some((exe, label)) if **exe == *path => label.clone(),
                     _ => path.rsplit('/').next().unwrap_or_default().into(),
@@ -411,19 +409,6 @@ fn exe_label(pid: u32) -> Option<(Rc<str>, Rc<str>)> {
     let same = |a: &std::fs::Metadata, b: &std::fs::Metadata| a.dev() == b.dev() && a.ino() == b.ino();
     let (named, running) = (std::fs::metadata(through).ok()?, std::fs::metadata(format!("/proc/{pid}/exe")).ok()?);
     same(&named, &running).then(|| (exe.into(), name.into()))
-}
-
-/// Parses `start-end perms offset dev inode [path]` into its fields.
-fn parse_maps_line(line: &str) -> Option<(u64, u64, &str, u64, u64, &str)> {
-    let mut fields = line.splitn(6, ' ');
-    let (start, end) = fields.next()?.split_once('-')?;
-    let perms = fields.next()?;
-    let offset = fields.next()?;
-    let _dev = fields.next()?;
-    let inode = fields.next()?.parse().ok()?;
-    let path = fields.next().unwrap_or("").trim_start();
-    let hex = |s: &str| u64::from_str_radix(s, 16).ok();
-    Some((hex(start)?, hex(end)?, perms, hex(offset)?, inode, path))
 }
 
 /// blazesym lists inlined functions outermost first; frames go innermost first.
@@ -874,19 +859,6 @@ mod tests {
         let real = frames.last().unwrap();
         assert!(name(real).ends_with("tests::probe_target") && !real.inlined, "{frames:?}");
         assert_eq!(real.module.as_deref(), Some(module.as_str()));
-    }
-
-    #[test]
-    fn parses_maps_lines() {
-        let line = "7f0a1c400000-7f0a1c428000 r-xp 00028000 fd:01 1835 /usr/lib/x86_64-linux-gnu/libc.so.6";
-        assert_eq!(
-            parse_maps_line(line),
-            Some((0x7f0a1c400000, 0x7f0a1c428000, "r-xp", 0x28000, 1835, "/usr/lib/x86_64-linux-gnu/libc.so.6"))
-        );
-        let anon = "7ffd6a1e5000-7ffd6a1e7000 r-xp 00000000 00:00 0                          [vdso]";
-        assert_eq!(parse_maps_line(anon).unwrap().5, "[vdso]");
-        assert_eq!(parse_maps_line("55d0c0a00000-55d0c0a21000 rw-p 00000000 00:00 0 ").unwrap().5, "");
-        assert!(parse_maps_line("55d0 rw-p").is_none());
     }
 
     #[test]

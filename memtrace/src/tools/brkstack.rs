@@ -24,13 +24,17 @@ use crate::{
         stack_report::{ShowsFrames, StackReport, StackRun, StackTool},
         stacks,
     },
-    unwind::Unwinder,
 };
 
 const OBJECT: crate::kernel::Object = crate::ebpf_object!("brkstack", walking_user_stacks);
 
-pub const SPEC: ToolSpec =
-    ToolSpec { name: "brkstack", object: OBJECT, modes: &[("brkstack", Plan::Points(ATTACH))], optional: &[] };
+pub const SPEC: ToolSpec = ToolSpec {
+    names: memtrace_common::brkstack::names::ALL,
+    name: "brkstack",
+    object: OBJECT,
+    modes: &[("brkstack", Plan::Points(ATTACH))],
+    optional: &[],
+};
 
 /// Count brk calls (heap growth) per user stack.
 #[derive(clap::Args, Debug)]
@@ -76,17 +80,17 @@ pub async fn run(args: Args) -> Result<()> {
     let mut tracer = Tracer::load(&SPEC, |loader| {
         loader
             .override_global(names::FILTER, &filter, true)
-            .override_global("CONFIG", &config, true)
-            .override_global("OFFSETS", &offsets, true)
-            .map_max_entries("STACKS", args.report.max_stacks)
-            .map_max_entries("TOTALS", args.report.max_stacks);
+            .override_global(memtrace_common::brkstack::names::CONFIG, &config, true)
+            .override_global(memtrace_common::brkstack::names::OFFSETS, &offsets, true)
+            .map_max_entries(memtrace_common::brkstack::names::STACKS, args.report.max_stacks)
+            .map_max_entries(memtrace_common::brkstack::names::TOTALS, args.report.max_stacks);
         args.report.unwind.configure(loader);
     })?;
     // Tables before the probes: the selected processes' first calls get whole stacks.
-    let unwinder = Unwinder::start(&mut tracer.bpf, &args.report.unwind, &args.report.common)?;
+    let unwinder = args.report.unwind.start(&mut tracer.bpf, &args.report.common)?;
     tracer.attach(ATTACH)?;
-    let totals = tracer.map("TOTALS")?;
-    let mut last_brk: HashMap<MapData, u32, u64> = tracer.map("LAST_BRK")?;
+    let totals = tracer.map(memtrace_common::brkstack::names::TOTALS)?;
+    let mut last_brk: HashMap<MapData, u32, u64> = tracer.map(memtrace_common::brkstack::names::LAST_BRK)?;
     let header =
         format!("{:>7} {:>7} {:<16} {:>18} {:>18} {:>10}", "PID", "TID", "COMM", "REQUESTED", "RESULT", "GROWTH");
     let run = StackRun::new(&mut tracer, &args.report, unwinder, false, header)?;
@@ -98,7 +102,7 @@ pub async fn run(args: Args) -> Result<()> {
         Some(pid) => format!("tracing brk calls of pid {pid} ({})", crate::target::comm(pid)),
         None => "tracing brk calls".to_string(),
     };
-    let mut state = State { totals, run };
+    let mut state = Live { totals, run };
     tracer.stream(&args.report.common, tick, args.report.reports.count(), &ready, &mut state).await?;
     Ok(())
 }
@@ -110,10 +114,8 @@ fn current_breaks(only: Option<u32>, comm: Option<&str>) -> Vec<(u32, u64)> {
 }
 
 fn current_break(pid: u32) -> Option<u64> {
-    let maps = std::fs::read_to_string(format!("/proc/{pid}/maps")).ok()?;
-    if let Some(line) = maps.lines().find(|l| l.ends_with("[heap]")) {
-        let end = line.split_whitespace().next()?.split_once('-')?.1;
-        return u64::from_str_radix(end, 16).ok();
+    if let Some(heap) = crate::procfs::mappings(pid).ok()?.into_iter().find(|m| m.path == "[heap]") {
+        return Some(heap.end);
     }
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
     // start_brk is field 47; fields after the comm start at field 3.
@@ -121,7 +123,7 @@ fn current_break(pid: u32) -> Option<u64> {
     (start_brk != 0).then_some(start_brk)
 }
 
-struct State {
+struct Live {
     totals: HashMap<MapData, BrkKey, BrkTotal>,
     run: StackRun,
 }
@@ -149,13 +151,13 @@ struct Totals {
 }
 
 #[derive(Serialize)]
-struct Spots {
+struct BlindSpots {
     stacks_full: u64,
     growth_unknown: u64,
     exits_without_entry: u64,
 }
 
-type Report = StackReport<Totals, StackRow, Spots>;
+type Report = StackReport<Totals, StackRow, BlindSpots>;
 
 #[derive(Serialize)]
 struct StackRow {
@@ -173,7 +175,7 @@ impl ShowsFrames for StackRow {
     }
 }
 
-impl State {
+impl Live {
     /// A walked stack, symbolized: the syscall's return address first, then its callers.
     fn frames(&mut self, pid: u32, stack_id: u64) -> Vec<Frame> {
         self.run.stacks.user(pid, stack_id, false)
@@ -206,7 +208,7 @@ impl State {
     }
 }
 
-impl StackTool for State {
+impl StackTool for Live {
     fn run(&mut self) -> &mut StackRun {
         &mut self.run
     }
@@ -247,12 +249,12 @@ impl StackTool for State {
             Totals { calls: rows.iter().map(|r| r.1.calls).sum(), bytes: rows.iter().map(|r| r.1.bytes as i64).sum() };
         let run = &self.run;
         let stacks_lost = run.stat(STAT_STACK_LOST) + run.stat(STAT_STACK_COLLISION);
-        let spots = Spots {
+        let blind_spots = BlindSpots {
             stacks_full: run.stat(STAT_TOTALS_FULL),
             growth_unknown: run.stat(STAT_UNKNOWN_PREV),
             exits_without_entry: run.stat(STAT_NO_ENTRY),
         };
-        run.report(is_final, totals, stacks, stacks_lost, spots, |r| render(r, rows.len()))
+        run.report(is_final, totals, stacks, stacks_lost, blind_spots, |r| render(r, rows.len()))
     }
 }
 
@@ -271,12 +273,12 @@ fn render(r: &Report, rows: usize) -> String {
         output::write_stack(&mut out, &s.frames, "      ");
     }
     let (store_full, store) = r.store_full();
-    out += &r.blind_spots(&[
+    out += &r.blind_spots_line(&[
         (r.stacks_lost, "calls without a stack"),
         (store_full, &store),
-        (r.spots.stacks_full, "calls uncounted (per-stack map full)"),
-        (r.spots.growth_unknown, "calls with unknown growth (previous break not seen)"),
-        (r.spots.exits_without_entry, "calls seen leaving but not entering"),
+        (r.blind_spots.stacks_full, "calls uncounted (per-stack map full)"),
+        (r.blind_spots.growth_unknown, "calls with unknown growth (previous break not seen)"),
+        (r.blind_spots.exits_without_entry, "calls seen leaving but not entering"),
     ]);
     out
 }

@@ -43,6 +43,7 @@ const MEMCG: &[AttachPoint] = &[AttachPoint {
 }];
 
 pub const SPEC: ToolSpec = ToolSpec {
+    names: memtrace_common::drsnoop::names::ALL,
     name: "drsnoop",
     object: OBJECT,
     modes: &[("drsnoop", Plan::Points(ATTACH))],
@@ -99,14 +100,18 @@ pub async fn run(args: Args) -> Result<()> {
         config.memcg_end_reclaimed = Format::read("vmscan", "mm_vmscan_memcg_reclaim_end")?.offset("nr_reclaimed")?;
     }
     let mut tracer = Tracer::load(&SPEC, |loader| {
-        loader.override_global(names::FILTER, &filter, true).override_global("CONFIG", &config, true);
+        loader.override_global(names::FILTER, &filter, true).override_global(
+            memtrace_common::drsnoop::names::CONFIG,
+            &config,
+            true,
+        );
     })?;
     tracer.attach(DIRECT)?;
     if args.memcg {
         tracer.attach(MEMCG)?;
     }
     let header = format!("{:<16} {:>7} {:>7} {:<6} {:>10} {:>7}", "COMM", "PID", "TID", "KIND", "LAT(ms)", "PAGES");
-    let mut state = State { out: Events::new(args.common.run.json, args.timestamp.timestamp, header) };
+    let mut state = Live { out: Events::new(args.common.run.json, args.timestamp.timestamp, header) };
     let ready = if args.memcg { "tracing direct and memcg reclaim" } else { "tracing direct reclaim" };
     tracer.stream(&args.common, None, None, ready, &mut state).await?;
     Ok(())
@@ -133,7 +138,7 @@ fn check_tid(tid: u32) -> Result<()> {
     Ok(())
 }
 
-struct State {
+struct Live {
     out: Events,
 }
 
@@ -151,7 +156,7 @@ struct Reclaim {
     pages: u64,
 }
 
-impl tools::Stream for State {
+impl tools::Stream for Live {
     type Side = ();
 
     fn event(&mut self, data: &[u8]) -> Result<()> {

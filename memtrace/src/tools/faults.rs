@@ -24,7 +24,6 @@ use crate::{
         stack_report::{ShowsFrames, StackReport, StackRun, StackTool},
         stacks,
     },
-    unwind::Unwinder,
 };
 
 const OBJECT: crate::kernel::Object = crate::ebpf_object!("faults", walking_user_stacks);
@@ -55,8 +54,13 @@ const KERNEL: AttachPoint = AttachPoint {
 /// How faults attaches by default (--kernel adds KERNEL), as `memtrace probe` reports it.
 pub const ATTACH: &[AttachPoint] = &[USER];
 
-pub const SPEC: ToolSpec =
-    ToolSpec { name: "faults", object: OBJECT, modes: &[("faults", Plan::Points(ATTACH))], optional: KERNEL.probes };
+pub const SPEC: ToolSpec = ToolSpec {
+    names: memtrace_common::faults::names::ALL,
+    name: "faults",
+    object: OBJECT,
+    modes: &[("faults", Plan::Points(ATTACH))],
+    optional: KERNEL.probes,
+};
 
 impl Args {
     /// Everything that can be checked before loading anything (and without root).
@@ -82,20 +86,20 @@ pub async fn run(args: Args) -> Result<()> {
     let mut tracer = Tracer::load(&SPEC, |loader| {
         loader
             .override_global(names::FILTER, &filter, true)
-            .override_global("CONFIG", &config, true)
-            .override_global("OFFSETS", &offsets, true)
-            .map_max_entries("STACKS", args.report.max_stacks)
-            .map_max_entries("COUNTS", args.report.max_stacks);
+            .override_global(memtrace_common::faults::names::CONFIG, &config, true)
+            .override_global(memtrace_common::faults::names::OFFSETS, &offsets, true)
+            .map_max_entries(memtrace_common::faults::names::STACKS, args.report.max_stacks)
+            .map_max_entries(memtrace_common::faults::names::COUNTS, args.report.max_stacks);
         args.report.unwind.configure(loader);
     })?;
     // Tables before the probes: the selected processes' first faults get whole stacks.
-    let unwinder = Unwinder::start(&mut tracer.bpf, &args.report.unwind, &args.report.common)?;
+    let unwinder = args.report.unwind.start(&mut tracer.bpf, &args.report.common)?;
     let mut how = vec![tracer.attach(&[USER])?];
     if args.kernel {
         how.push(tracer.attach(&[KERNEL])?);
     }
-    let counts = tracer.map("COUNTS")?;
-    let procs = tracer.map("PROCS")?;
+    let counts = tracer.map(memtrace_common::faults::names::COUNTS)?;
+    let procs = tracer.map(memtrace_common::faults::names::PROCS)?;
     let header = format!(
         "{:>7} {:>7} {:<16} {:<6} {:>18} {:>18} {:<6} FLAGS",
         "PID", "TID", "COMM", "MODE", "ADDRESS", "IP", "ERROR"
@@ -106,7 +110,7 @@ pub async fn run(args: Args) -> Result<()> {
         None => String::new(),
     };
     let ready = format!("tracing page faults{whose} ({})", how.join(", "));
-    let mut state = State { counts, procs, run };
+    let mut state = Live { counts, procs, run };
     tracer.stream(&args.report.common, tick, args.report.reports.count(), &ready, &mut state).await?;
     Ok(())
 }
@@ -133,7 +137,7 @@ pub fn decode_error(code: u64) -> String {
     parts.join("|")
 }
 
-struct State {
+struct Live {
     counts: HashMap<MapData, FaultKey, u64>,
     procs: HashMap<MapData, u32, ProcFaults>,
     run: StackRun,
@@ -163,13 +167,13 @@ struct Totals {
 }
 
 #[derive(Serialize)]
-struct Spots {
+struct BlindSpots {
     kernel_stacks_lost: u64,
     stacks_full: u64,
     processes_full: u64,
 }
 
-type Report = StackReport<Totals, StackRow, Spots>;
+type Report = StackReport<Totals, StackRow, BlindSpots>;
 
 #[derive(Serialize)]
 struct ProcRow {
@@ -205,7 +209,7 @@ fn mode_name(mode: u32) -> &'static str {
     if mode == KIND_KERNEL { "kernel" } else { "user" }
 }
 
-impl State {
+impl Live {
     /// Symbolizes a stack key; user frames start at the faulting instruction for user faults,
     /// at a syscall's return address for kernel ones.
     fn frames(&mut self, pid: u32, user: u64, kernel: u64, mode: u32) -> (Vec<Frame>, Vec<Frame>) {
@@ -238,7 +242,7 @@ impl State {
     }
 }
 
-impl StackTool for State {
+impl StackTool for Live {
     fn run(&mut self) -> &mut StackRun {
         &mut self.run
     }
@@ -298,14 +302,14 @@ impl StackTool for State {
             stacks::write_folded(path, folded.iter().map(|(r, f, n)| (r.clone(), f.as_slice(), *n)))?;
         }
         let run = &self.run;
-        let spots = Spots {
+        let blind_spots = BlindSpots {
             kernel_stacks_lost: run.stat(STAT_KSTACK_LOST),
             stacks_full: run.stat(STAT_COUNTS_FULL),
             processes_full: run.stat(STAT_PROCS_FULL),
         };
         let totals = Totals { faults, processes: procs };
         let table = |r: &Report| render(r, proc_count, rows.len(), no_stack);
-        run.report(is_final, totals, stacks, run.stat(STAT_USTACK_LOST), spots, table)
+        run.report(is_final, totals, stacks, run.stat(STAT_USTACK_LOST), blind_spots, table)
     }
 }
 
@@ -348,11 +352,11 @@ fn render(r: &Report, procs: usize, rows: usize, no_stack: u64) -> String {
         output::write_stack(&mut out, &s.frames, "      ");
     }
     let (store_full, store) = r.store_full();
-    out += &r.blind_spots(&[
+    out += &r.blind_spots_line(&[
         (r.stacks_lost, "faults without a user stack"),
-        (r.spots.kernel_stacks_lost, "kernel faults without a kernel stack"),
-        (r.spots.stacks_full, "faults not counted per stack (counts map full: raise --max-stacks)"),
-        (r.spots.processes_full, "faults not counted per process (map full)"),
+        (r.blind_spots.kernel_stacks_lost, "kernel faults without a kernel stack"),
+        (r.blind_spots.stacks_full, "faults not counted per stack (counts map full: raise --max-stacks)"),
+        (r.blind_spots.processes_full, "faults not counted per process (map full)"),
         (store_full, &store),
         (no_stack, "faults without their stack in all (per process: NO STACK column)"),
     ]);

@@ -26,8 +26,13 @@ use crate::{
 
 const OBJECT: crate::kernel::Object = crate::ebpf_object!("hfaults");
 
-pub const SPEC: ToolSpec =
-    ToolSpec { name: "hfaults", object: OBJECT, modes: &[("hfaults", Plan::Points(ATTACH))], optional: &[] };
+pub const SPEC: ToolSpec = ToolSpec {
+    names: memtrace_common::hfaults::names::ALL,
+    name: "hfaults",
+    object: OBJECT,
+    modes: &[("hfaults", Plan::Points(ATTACH))],
+    optional: &[],
+};
 
 const KPROBE: &str = "kprobe hugetlb_fault";
 pub const ATTACH: &[AttachPoint] = &[
@@ -78,12 +83,22 @@ pub async fn run(args: Args) -> Result<()> {
     let filter = args.common.filter()?;
     let offsets = offsets();
     let mut tracer = Tracer::load(&SPEC, |loader| {
-        loader.override_global(names::FILTER, &filter, true).override_global("OFFSETS", &offsets, true);
+        loader.override_global(names::FILTER, &filter, true).override_global(
+            memtrace_common::hfaults::names::OFFSETS,
+            &offsets,
+            true,
+        );
     })?;
     let how = tracer.attach(ATTACH)?;
-    let (ranges, dropped) =
-        if how == KPROBE { (None, None) } else { (Some(tracer.map("RANGES")?), Some(tracer.map("DROPPED")?)) };
-    let mut state = State {
+    let (ranges, dropped) = if how == KPROBE {
+        (None, None)
+    } else {
+        (
+            Some(tracer.map(memtrace_common::hfaults::names::RANGES)?),
+            Some(tracer.map(memtrace_common::hfaults::names::DROPPED)?),
+        )
+    };
+    let mut state = Live {
         args: &args,
         ranges,
         dropped,
@@ -169,15 +184,13 @@ fn hugetlb_mappings(smaps: &str) -> Vec<Mapping> {
     let mut out = Vec::new();
     let mut current: Option<Mapping> = None;
     for line in smaps.lines() {
+        if let Some(m) = crate::procfs::Mapping::parse(line) {
+            current = Some(Mapping { start: m.start, end: m.end, file: m.shown_path() });
+            continue;
+        }
         let mut words = line.split_whitespace();
         let first = words.next().unwrap_or("");
-        if let Some((start, end)) = first.split_once('-').filter(|_| !first.ends_with(':')) {
-            let (Ok(start), Ok(end)) = (u64::from_str_radix(start, 16), u64::from_str_radix(end, 16)) else {
-                continue;
-            };
-            let file = words.nth(4).map(|_| line.split_whitespace().skip(5).collect::<Vec<_>>().join(" "));
-            current = Some(Mapping { start, end, file: file.unwrap_or_default() });
-        } else if first == "KernelPageSize:" && words.next() != Some("4") {
+        if first == "KernelPageSize:" && words.next() != Some("4") {
             out.extend(current.take());
         }
     }
@@ -210,7 +223,7 @@ fn short_name(path: &str) -> String {
     path.rsplit('/').next().unwrap_or(path).to_string()
 }
 
-struct State<'a> {
+struct Live<'a> {
     args: &'a Args,
     /// The fallback's ranges map and its counter of ranges not kept; None with the kprobe.
     ranges: Option<HashMap<MapData, u32, Ranges>>,
@@ -239,7 +252,7 @@ struct FileRow<'a> {
     faults: u64,
 }
 
-impl State<'_> {
+impl Live<'_> {
     /// Fallback: compares the kernel side's ranges of the traced process, or of every
     /// process, with /proc/PID/smaps, and fixes them where they differ (hugetlbfs files and
     /// SysV segments mapped since, processes that existed before the start). The kernel side
@@ -352,7 +365,7 @@ impl State<'_> {
     }
 }
 
-impl tools::Stream for State<'_> {
+impl tools::Stream for Live<'_> {
     type Side = ();
 
     fn event(&mut self, data: &[u8]) -> Result<()> {

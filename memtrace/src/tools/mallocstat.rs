@@ -13,7 +13,8 @@ use aya::maps::{HashMap, MapData};
 use memtrace_common::{
     mallocstat::{Event, WITH_STACK},
     names,
-    usdt::{SPECS, Spec},
+    names::USDT_SPECS as SPECS,
+    usdt::Spec,
 };
 use report::{HitEvent, Hits, Meaning, meaning};
 
@@ -38,6 +39,7 @@ use crate::{
 const OBJECT: crate::kernel::Object = crate::ebpf_object!("mallocstat", walking_user_stacks);
 
 pub const SPEC: ToolSpec = ToolSpec {
+    names: memtrace_common::mallocstat::names::ALL,
     name: "mallocstat",
     object: OBJECT,
     modes: &[(
@@ -147,26 +149,26 @@ pub async fn run(args: Args) -> Result<()> {
 }
 
 /// Loads the object and attaches to every probe of `pid`; the probes of a library not mapped
-/// yet get their addresses when it is (`State::mapped`).
-async fn start(args: &Args, pid: u32, just_exec: bool) -> Result<(Tracer, State)> {
+/// yet get their addresses when it is (`Live::mapped`).
+async fn start(args: &Args, pid: u32, just_exec: bool) -> Result<(Tracer, Live)> {
     let probes = find_probes(pid, just_exec)?;
     let filter = memtrace_common::Filter { pid, ..memtrace_common::Filter::ALL };
     let mut tracer = Tracer::load(&SPEC, |loader| {
-        loader.override_global(names::FILTER, &filter, true).map_max_entries("STACKS", args.report.max_stacks);
+        loader.override_global(names::FILTER, &filter, true).map_max_entries(names::STACKS, args.report.max_stacks);
         args.report.unwind.configure(loader);
     })?;
     let specs: HashMap<MapData, u64, Spec> = tracer.map(SPECS)?;
     // The process traced, however it was given: what the unwinder loads and the report names.
     let mut report = args.report.clone();
     report.common.target.pid = Some(pid);
-    let unwinder = Unwinder::start(&mut tracer.bpf, &report.unwind, &report.common)?;
+    let unwinder = report.unwind.start(&mut tracer.bpf, &report.common)?;
     for (file, p) in &probes {
         usdt_notes::attach(&mut tracer.bpf, PROG, file, p, Some(pid))?;
     }
     let header = format!("{:>7} {:>7} {:<16} {:<36} ARGUMENTS", "PID", "TID", "COMM", "PROBE");
     let run = StackRun::new(&mut tracer, &report, unwinder, false, header)?;
     let names = probes.iter().map(|(_, p)| p.name.clone()).collect();
-    let mut state = State {
+    let mut state = Live {
         run,
         names,
         interval: BTreeMap::new(),
@@ -181,7 +183,7 @@ async fn start(args: &Args, pid: u32, just_exec: bool) -> Result<(Tracer, State)
     Ok((tracer, state))
 }
 
-struct State {
+struct Live {
     run: StackRun,
     /// Probe names by id.
     names: Vec<String>,
@@ -198,7 +200,7 @@ struct State {
     command: Option<Command>,
 }
 
-impl State {
+impl Live {
     /// Gives the eBPF side the spec of each probe whose file the process maps now.
     fn place(&mut self) -> Result<()> {
         let mut left = Vec::new();
@@ -219,7 +221,7 @@ impl State {
     }
 }
 
-impl Stream for State {
+impl Stream for Live {
     type Side = Option<CommandEvent>;
 
     fn unwinder(&mut self) -> Option<&mut Unwinder> {

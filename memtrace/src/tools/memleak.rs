@@ -2,7 +2,7 @@
 //! allocator) or for the kernel (kmem and percpu tracepoints).
 
 mod attach;
-mod dropped;
+mod blind_spots;
 mod errors;
 mod inproc;
 mod live;
@@ -23,7 +23,7 @@ use crate::{
     tools::registry::{Plan, ToolSpec},
     tools::tracer::{Run, Tracer},
     tracee::{Command, RunAs},
-    unwind::{UnwindArgs, UnwindMode, Unwinder},
+    unwind::{UnwindMode, Unwinder},
 };
 use attach::DutyCycle;
 use live::Live;
@@ -33,6 +33,7 @@ use report::{Maps, Session};
 const OBJECT: crate::kernel::Object = crate::ebpf_object!("memleak", walking_user_stacks);
 
 pub const SPEC: ToolSpec = ToolSpec {
+    names: memtrace_common::memleak::names::ALL,
     name: "memleak",
     object: OBJECT,
     modes: &[
@@ -147,7 +148,7 @@ pub struct Args {
     #[arg(long, default_value_t = 65_536, value_name = "N")]
     pub freed_record: u32,
     #[command(flatten)]
-    pub unwind: UnwindArgs,
+    pub unwind: super::args::UnwindArgs,
 }
 
 impl Args {
@@ -323,20 +324,23 @@ pub async fn run(args: Args) -> Result<Status> {
     let exec = if user { Some(attach::exec_offsets()?) } else { None };
     let mut tracer = Tracer::load_caught(&SPEC, signals, |loader| {
         loader
-            .override_global("CONFIG", &config, true)
-            .map_max_entries("ALLOCS", args.max_allocs)
-            .map_max_entries("SEEN", args.max_stacks)
-            .map_max_entries("STACKS", args.max_stacks)
-            .map_max_entries("FREED", if user && !args.no_errors { args.freed_record } else { 1 });
+            .override_global(memtrace_common::memleak::names::CONFIG, &config, true)
+            .map_max_entries(memtrace_common::memleak::names::ALLOCS, args.max_allocs)
+            .map_max_entries(memtrace_common::memleak::names::SEEN, args.max_stacks)
+            .map_max_entries(memtrace_common::memleak::names::STACKS, args.max_stacks)
+            .map_max_entries(
+                memtrace_common::memleak::names::FREED,
+                if user && !args.no_errors { args.freed_record } else { 1 },
+            );
         args.unwind.configure_as(loader, unwind);
         if let Some(k) = &kmem {
-            loader.override_global("KMEM", k, true);
+            loader.override_global(memtrace_common::memleak::names::KMEM, k, true);
         }
         if let Some(f) = &fork {
-            loader.override_global("FORK", f, true);
+            loader.override_global(memtrace_common::memleak::names::FORK, f, true);
         }
         if let Some(e) = &exec {
-            loader.override_global("EXEC", e, true);
+            loader.override_global(memtrace_common::memleak::names::EXEC, e, true);
         }
     })?;
     let skip = if args.duty_cycle.is_some() { DutyCycle::HOT } else { &[] };
@@ -358,7 +362,7 @@ pub async fn run(args: Args) -> Result<Status> {
             let probes = procs.start(&mut tracer.bpf, pid, alloc)?;
             if let Some(pct) = args.duty_cycle {
                 let period = Duration::from_millis(args.duty_period_ms.max(10));
-                let window = tracer.map("WINDOW")?;
+                let window = tracer.map(memtrace_common::memleak::names::WINDOW)?;
                 let mut cycle = DutyCycle::new(obj.clone(), &args.symbols_prefix, pid, window, pct, period);
                 cycle.open(&mut tracer.bpf)?;
                 duty = Some(cycle);

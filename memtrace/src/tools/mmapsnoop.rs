@@ -14,6 +14,7 @@ use crate::{
         decode::{errno_name, errno_of, flag_names},
         hex::hex,
     },
+    procfs,
     tools::{
         self,
         registry::{Plan, ToolSpec},
@@ -23,8 +24,13 @@ use crate::{
 
 const OBJECT: crate::kernel::Object = crate::ebpf_object!("mmapsnoop");
 
-pub const SPEC: ToolSpec =
-    ToolSpec { name: "mmapsnoop", object: OBJECT, modes: &[("mmapsnoop", Plan::Points(ATTACH))], optional: &[] };
+pub const SPEC: ToolSpec = ToolSpec {
+    names: memtrace_common::syscalls::names::ALL,
+    name: "mmapsnoop",
+    object: OBJECT,
+    modes: &[("mmapsnoop", Plan::Points(ATTACH))],
+    optional: &[],
+};
 
 pub type Args = SnoopArgs;
 
@@ -149,8 +155,8 @@ impl Call {
             return FilePath::Known { path: path.to_string_lossy().into_owned(), source: "fd" };
         }
         if errno_of(ret).is_none()
-            && let Ok(maps) = fs::read_to_string(format!("/proc/{pid}/maps"))
-            && let Some(path) = mapping_path(&maps, ret as u64)
+            && let Ok(maps) = procfs::mappings(pid)
+            && let Some(path) = file_at(&maps, ret as u64)
         {
             return FilePath::Known { path, source: "maps" };
         }
@@ -287,19 +293,10 @@ pub fn mremap_flags_str(flags: u64) -> String {
     flag_names(flags, NAMES, "0")
 }
 
-/// The file of the mapping that holds `addr` in a /proc/PID/maps text, if it is a file.
-fn mapping_path(maps: &str, addr: u64) -> Option<String> {
-    maps.lines().find_map(|line| {
-        let mut cols = line.splitn(6, ' ');
-        let (start, end) = cols.next()?.split_once('-')?;
-        let (start, end) = (u64::from_str_radix(start, 16).ok()?, u64::from_str_radix(end, 16).ok()?);
-        if !(start..end).contains(&addr) {
-            return None;
-        }
-        // Anonymous mappings have no path, or a pseudo-name such as [heap]: not a file.
-        let path = cols.nth(4)?.trim_start();
-        path.starts_with('/').then(|| path.to_string())
-    })
+/// The file mapped at `addr`, as maps names it. Anonymous mappings have no path, or a kernel
+/// name such as [heap]: not a file.
+fn file_at(maps: &[procfs::Mapping], addr: u64) -> Option<String> {
+    procfs::holding(maps, addr).filter(|m| m.is_file()).map(procfs::Mapping::shown_path)
 }
 
 #[cfg(test)]
@@ -367,6 +364,8 @@ mod tests {
 
     #[test]
     fn mapping_paths_from_maps() {
+        let maps = procfs::parse_maps(MAPS);
+        let mapping_path = |_: &str, addr| file_at(&maps, addr);
         assert_eq!(mapping_path(MAPS, 0x7f12_0000_1000).as_deref(), Some("/tmp/with space (deleted)"));
         assert_eq!(mapping_path(MAPS, 0x7f12_0000_4000).as_deref(), Some("/usr/lib/libc.so.6"));
         assert_eq!(mapping_path(MAPS, 0x7f12_0000_6000), None, "end is exclusive");

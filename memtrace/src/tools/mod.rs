@@ -1,205 +1,66 @@
 //! One module per tracer; each has its eBPF half in memtrace-ebpf and its event types in
-//! memtrace-common under the same name. What tracers share lives here: common options,
-//! signals, and what the run loop (`tracer::Tracer::stream`) needs.
+//! memtrace-common under the same name, and `registry` lists them. What tracers share lives in
+//! `shared/`, re-exported here so that a tracer reaches it as `tools::...`.
 
-pub mod args;
 #[cfg(feature = "bench")]
 pub mod benchfloor;
 pub mod brkstack;
+pub mod compaction;
 pub mod drsnoop;
 pub mod faults;
 pub mod hfaults;
 pub mod mallocstat;
 pub mod memleak;
+pub mod migrate;
 pub mod mmapsnoop;
 pub mod oomkill;
 pub mod probe;
 pub mod registry;
 pub mod segv;
+pub mod shared;
 pub mod shmsnoop;
-pub mod stack_report;
-pub mod stacks;
 pub mod swapin;
-pub mod syscalls;
-pub mod tracer;
 pub mod vmscan;
 
-use anyhow::Result;
-use aya::maps::{MapData, RingBuf};
-use tokio::signal::unix::{Signal, SignalKind, signal};
+pub use shared::*;
 
-pub use self::args::CommonArgs;
-
-/// What memtrace exits with after a run that did not fail: 0, or with `-c` the status of the
-/// command it ran (its exit code, or 128 + the signal that ended it), as `time` and `strace`
-/// pass it on to scripts.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub struct Status(pub u8);
-
-impl From<()> for Status {
-    fn from(_: ()) -> Status {
-        Status(0)
-    }
-}
-
-/// SIGINT and SIGTERM, caught from the start of a run so that any later one ends it cleanly.
-pub struct Signals {
-    int: Signal,
-    term: Signal,
-}
-
-impl Signals {
-    pub fn catch() -> Result<Signals> {
-        Ok(Signals { int: signal(SignalKind::interrupt())?, term: signal(SignalKind::terminate())? })
-    }
-
-    pub async fn recv(&mut self) {
-        tokio::select! {
-            _ = self.int.recv() => {}
-            _ = self.term.recv() => {}
+#[cfg(test)]
+mod tests {
+    /// The layers below `tools/` (output, unwind, symbolize, kernel, target, ...) import
+    /// nothing from it: what a tool and a lower layer share lives in the lower layer.
+    #[test]
+    fn lower_layers_import_nothing_from_tools() {
+        let src = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("src");
+        let mut files = Vec::new();
+        let mut dirs = vec![src.clone()];
+        while let Some(dir) = dirs.pop() {
+            for entry in std::fs::read_dir(&dir).unwrap().map(Result::unwrap) {
+                let path = entry.path();
+                let top = path.strip_prefix(&src).unwrap().components().next().unwrap().as_os_str().to_owned();
+                if top == "tools" || top == "main.rs" || top == "cli_tests.rs" {
+                    continue;
+                }
+                if path.is_dir() {
+                    dirs.push(path);
+                } else if path.extension().is_some_and(|e| e == "rs") {
+                    files.push(path);
+                }
+            }
+        }
+        assert!(files.len() > 20, "{files:?}");
+        for file in files {
+            let text = std::fs::read_to_string(&file).unwrap();
+            for (n, line) in text.lines().enumerate() {
+                let code = line.split("//").next().unwrap();
+                let names_tools = code.split(|c: char| !c.is_alphanumeric() && c != '_').any(|w| w == "tools");
+                let imports = code.contains("use ") || code.contains("::") || code.trim().ends_with(',');
+                assert!(
+                    !(names_tools && imports),
+                    "{}:{}: a lower layer reaches up into tools/: {line}",
+                    file.display(),
+                    n + 1
+                );
+            }
         }
     }
-}
-
-/// What a streaming tracer does with its events. Most tools need `event` alone; memleak also
-/// brings sources of its own (`side`: a command's ptrace stops, timers, exits) and decides how
-/// a stop goes (`stopping`: a command is ended before the run is).
-pub trait Stream {
-    /// What the tool's own sources yield (`()` for a tool without any).
-    type Side;
-    /// One record from the `EVENTS` ring buffer.
-    fn event(&mut self, data: &[u8]) -> Result<()>;
-    /// Every record waiting in the ring buffer.
-    fn drain(&mut self, ctx: &mut Ctx<'_>) -> Result<()> {
-        while let Some(item) = ctx.ring.as_mut().and_then(|r| r.next()) {
-            self.event(&item)?;
-        }
-        Ok(())
-    }
-    /// Called every `tick` (interval reports).
-    fn tick(&mut self) -> Result<()> {
-        Ok(())
-    }
-    /// The tool's user-stack unwinder, served while the run goes on.
-    fn unwinder(&mut self) -> Option<&mut crate::unwind::Unwinder> {
-        None
-    }
-    /// Loads the tables of processes that mapped new code since the last call.
-    fn poll_unwinder(&mut self, watch: Option<u32>) {
-        if let Some(unwinder) = self.unwinder() {
-            unwinder.poll(|pid| watch.is_none_or(|w| w == pid));
-        }
-    }
-    /// The next news from the tool's own sources; never, by default.
-    fn side(&mut self) -> impl std::future::Future<Output = Self::Side> {
-        std::future::pending()
-    }
-    /// Acts on what `side` yielded.
-    fn on_side(&mut self, _ctx: &mut Ctx<'_>, _side: Self::Side) -> Result<Flow> {
-        Ok(Flow::Go)
-    }
-    /// The run was asked to end: true to end it now, false to go on (the tool winds down, and
-    /// ends the run with `Flow::Done`).
-    fn stopping(&mut self, _ctx: &mut Ctx<'_>, _why: End) -> Result<bool> {
-        Ok(true)
-    }
-    /// While true, no more ticks, and `--duration` no longer counts.
-    fn winding_down(&self) -> bool {
-        false
-    }
-    /// Called once at the end, with the number of events lost on the way.
-    fn finish(&mut self, _lost: u64) -> Result<()> {
-        Ok(())
-    }
-}
-
-/// What a tool's hooks may use of the run: its object and its ring buffer.
-pub struct Ctx<'a> {
-    pub bpf: &'a mut aya::Ebpf,
-    pub ring: Option<&'a mut RingBuf<MapData>>,
-}
-
-/// What the run does after a tool's news.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Flow {
-    Go,
-    /// The run is over: nothing is left to trace.
-    Done,
-}
-
-/// Why a run ended.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum End {
-    Signal,
-    Duration,
-    TargetExited,
-    Count,
-    /// Whoever read stdout went away (`| head -1`): nothing more can be shown.
-    OutputClosed,
-}
-
-/// File descriptor 1, borrowed for readiness only (never closed here).
-struct Stdout;
-
-impl std::os::fd::AsRawFd for Stdout {
-    fn as_raw_fd(&self) -> std::os::fd::RawFd {
-        libc::STDOUT_FILENO
-    }
-}
-
-/// Stdout registered for error readiness: the write end of a pipe reports EPOLLERR as soon as
-/// the reader closes its end, without anything written. None when stdout cannot be polled (a
-/// regular file, /dev/null, closed): such an output never goes away.
-fn watch_stdout() -> Option<tokio::io::unix::AsyncFd<Stdout>> {
-    // SAFETY: fd 1 stays open for the whole process, so it outlives the registration.
-    unsafe { tokio::io::unix::AsyncFd::register_with_interest(Stdout, tokio::io::Interest::ERROR) }.ok()
-}
-
-/// Resolves once the reader of stdout is gone; never without a watch.
-async fn stdout_closed(watch: Option<&tokio::io::unix::AsyncFd<Stdout>>) {
-    let Some(watch) = watch else { return std::future::pending().await };
-    loop {
-        match watch.ready(tokio::io::Interest::ERROR).await {
-            Ok(guard) if guard.ready().is_error() || guard.ready().is_write_closed() => return,
-            Ok(mut guard) => guard.clear_ready(),
-            Err(_) => return std::future::pending().await,
-        }
-    }
-}
-
-/// Reads a `#[repr(C)]` event out of a ring-buffer record.
-pub fn read_event<T: Copy>(data: &[u8]) -> Option<T> {
-    // SAFETY: length checked; the eBPF side writes whole `T`s; read unaligned.
-    (data.len() >= size_of::<T>()).then(|| unsafe { std::ptr::read_unaligned(data.as_ptr().cast::<T>()) })
-}
-
-/// A NUL-terminated byte array (comm, path) as text.
-pub fn c_str(bytes: &[u8]) -> String {
-    let end = bytes.iter().position(|&b| b == 0).unwrap_or(bytes.len());
-    String::from_utf8_lossy(&bytes[..end]).into_owned()
-}
-
-/// Monotonic clock in nanoseconds, the clock of `bpf_ktime_get_ns`.
-pub fn monotonic_ns() -> u64 {
-    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
-    // SAFETY: clock_gettime writes into the timespec we pass.
-    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
-    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
-}
-
-/// Registers an fd-owning value (ring buffer, pidfd) with tokio for readiness.
-/// The ring buffer's next readiness (only polled when there is a ring).
-async fn ring_ready(
-    ring: &mut Option<tokio::io::unix::AsyncFd<RingBuf<MapData>>>,
-) -> std::io::Result<tokio::io::unix::AsyncFdReadyMutGuard<'_, RingBuf<MapData>>> {
-    match ring {
-        Some(ring) => ring.readable_mut().await,
-        None => std::future::pending().await,
-    }
-}
-
-pub fn async_readable<T: std::os::fd::AsRawFd>(inner: T) -> Result<tokio::io::unix::AsyncFd<T>> {
-    // SAFETY: `inner` owns its fd, and the AsyncFd owns `inner`, so the fd outlives the registration.
-    unsafe { tokio::io::unix::AsyncFd::register_with_interest(inner, tokio::io::Interest::READABLE) }
-        .map_err(|e| anyhow::anyhow!("cannot poll fd: {}", e.into_parts().1))
 }

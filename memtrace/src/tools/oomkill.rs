@@ -26,15 +26,20 @@ use crate::{
         self, CommonArgs, c_str,
         stacks::{self, StackStore},
     },
-    unwind::{UnwindArgs, Unwinder},
+    unwind::Unwinder,
 };
 
 mod memcg;
 
 const OBJECT: crate::kernel::Object = crate::ebpf_object!("oomkill", walking_user_stacks);
 
-pub const SPEC: ToolSpec =
-    ToolSpec { name: "oomkill", object: OBJECT, modes: &[("oomkill", Plan::Points(ATTACH))], optional: &[] };
+pub const SPEC: ToolSpec = ToolSpec {
+    names: memtrace_common::oomkill::names::ALL,
+    name: "oomkill",
+    object: OBJECT,
+    modes: &[("oomkill", Plan::Points(ATTACH))],
+    optional: &[],
+};
 
 const VICTIM_TP: Probe = Probe::Tracepoint { prog: "oomkill_victim", category: "oom", names: &["mark_victim"] };
 
@@ -57,7 +62,7 @@ pub struct Args {
     #[command(flatten)]
     pub common: CommonArgs,
     #[command(flatten)]
-    pub unwind: UnwindArgs,
+    pub unwind: tools::args::UnwindArgs,
 }
 
 impl Args {
@@ -82,14 +87,14 @@ pub async fn run(args: Args) -> Result<()> {
     let mut tracer = Tracer::load(&SPEC, |loader| {
         loader
             .override_global(names::FILTER, &filter, true)
-            .override_global("VICTIM", &offsets, true)
-            .override_global("MEMCG", &chain, true);
+            .override_global(memtrace_common::oomkill::names::VICTIM, &offsets, true)
+            .override_global(memtrace_common::oomkill::names::MEMCG, &chain, true);
         args.unwind.configure(loader);
     })?;
-    let unwinder = Unwinder::start(&mut tracer.bpf, &args.unwind, &args.common)?;
+    let unwinder = args.unwind.start(&mut tracer.bpf, &args.common)?;
     let how = tracer.attach(ATTACH_POINTS)?;
     let stacks = StackStore::take(&mut tracer.bpf, None)?;
-    let mut state = State {
+    let mut state = Live {
         json: args.common.run.json,
         present,
         memcgs,
@@ -193,7 +198,7 @@ fn limited_level(margins: &[u64], levels: usize, chain_reaches_root: bool) -> Op
     (0..last).filter(|&i| margins[i] < NO_LIMIT_PAGES).min_by_key(|&i| (margins[i], i))
 }
 
-struct State {
+struct Live {
     json: bool,
     present: Present,
     memcgs: memcg::Counters,
@@ -242,7 +247,7 @@ struct Kill {
     trigger_stack: Vec<Frame>,
 }
 
-impl State {
+impl Live {
     fn memcg_oom(&mut self, e: &Event) -> Option<bool> {
         let syms = self.kallsyms.get_or_insert_with(|| Kallsyms::load().ok()).as_ref()?;
         let len = (e.kstack_len as usize).min(KSTACK_DEPTH);
@@ -312,7 +317,7 @@ impl State {
     }
 }
 
-impl tools::Stream for State {
+impl tools::Stream for Live {
     type Side = ();
 
     fn unwinder(&mut self) -> Option<&mut Unwinder> {

@@ -4,61 +4,11 @@
 
 use anyhow::Result;
 
+pub use super::shared::spec::{Plan, ToolSpec};
 use super::{
-    brkstack, drsnoop, faults, hfaults, mallocstat, memleak, mmapsnoop, oomkill, probe, segv, shmsnoop, swapin, vmscan,
+    brkstack, compaction, drsnoop, faults, hfaults, mallocstat, memleak, migrate, mmapsnoop, oomkill, probe, segv,
+    shmsnoop, swapin, vmscan,
 };
-use crate::kernel::{AttachPoint, Object, Probe};
-
-/// How a tracer (or one mode of it) attaches, as `memtrace probe` checks it.
-pub enum Plan {
-    /// Uprobes found per target at run time (memleak's allocator): only the feature is checked.
-    Uprobes(&'static str),
-    /// Attach points in order of preference: the first that resolves is used.
-    Points(&'static [AttachPoint]),
-    /// Uprobes running `prog` on the USDT probes `provider:prefix*` of the system's libc: a
-    /// row says when that libc was built without them.
-    Usdt {
-        label: &'static str,
-        #[cfg_attr(not(test), expect(dead_code, reason = "the registry test holds it against the object"))]
-        prog: &'static str,
-        provider: &'static str,
-        prefix: &'static str,
-    },
-    /// Each tracepoint optional (a missing one leaves its column at 0), at least one needed:
-    /// (label, category, [(program, names newest first)]).
-    AnyOf(&'static str, &'static str, &'static [(&'static str, &'static [&'static str])]),
-}
-
-/// What a tracer is, beyond its options: the eBPF object it loads and how it attaches.
-pub struct ToolSpec {
-    /// The subcommand; also the eBPF object's name and the memtrace-common module's.
-    pub name: &'static str,
-    pub object: Object,
-    /// (row name in `memtrace probe`, plan): one per mode that attaches differently.
-    pub modes: &'static [(&'static str, Plan)],
-    /// Probes used when present or asked for (optional columns, `--memcg`, `--kernel`).
-    pub optional: &'static [Probe],
-}
-
-impl ToolSpec {
-    /// Every program the spec names, for checking against the object.
-    #[cfg(test)]
-    pub fn programs(&self) -> Vec<&'static str> {
-        let prog = |p: &Probe| match *p {
-            Probe::Kprobe { prog, .. } | Probe::Tracepoint { prog, .. } => prog,
-        };
-        let mut all: Vec<&str> = self.optional.iter().map(prog).collect();
-        for (_, plan) in self.modes {
-            match plan {
-                Plan::Uprobes(_) => {}
-                Plan::Usdt { prog, .. } => all.push(prog),
-                Plan::Points(points) => all.extend(points.iter().flat_map(|p| p.probes).map(prog)),
-                Plan::AnyOf(_, _, list) => all.extend(list.iter().map(|(prog, _)| *prog)),
-            }
-        }
-        all
-    }
-}
 
 /// Declares the subcommands: `Variant => module` per tracer, with the variant's doc comment
 /// as its one-line help.
@@ -119,6 +69,10 @@ registry! {
     Vmscan => vmscan,
     /// Each direct reclaim: who stalled and for how long.
     Drsnoop => drsnoop,
+    /// Each zone compaction: direct, kcompactd, proactive or manual, with latency and result.
+    Compaction => compaction,
+    /// Page migrations per reason and process per interval, beside /proc/vmstat's counts.
+    Migrate => migrate,
     /// Swap-ins per process per interval.
     Swapin => swapin,
     /// Hugetlb page faults per process and file.
@@ -172,6 +126,7 @@ mod tests {
     }
 
     fn check_object(spec: &ToolSpec, build: &[u8]) {
+        use memtrace_common::names;
         let file = object::File::parse(build).unwrap_or_else(|e| panic!("{}: {e}", spec.name));
         let symbols: Vec<&str> = file.symbols().filter_map(|s| s.name().ok()).collect();
         let programs = spec.programs();
@@ -180,10 +135,17 @@ mod tests {
             assert!(prog.starts_with(spec.name), "{}: program {prog} not named after its tool", spec.name);
             assert!(symbols.contains(&prog), "{}: no program {prog} in its object", spec.name);
         }
+        for name in spec.names.iter().chain([&names::PID_NS, &names::OUTSIDE_PID_NS]) {
+            assert!(symbols.contains(name), "{}: no map or global {name} in its object", spec.name);
+        }
+        if spec.object.walks_user_stacks() {
+            for name in [names::UNWIND_MODE, names::UNWIND_TRAMPOLINE, names::UNWIND_ROWS, names::UNWIND_STATS] {
+                assert!(symbols.contains(&name), "{}: no {name} in its object", spec.name);
+            }
+        }
         // What user space finds by name in every tracer but memleak (which has no -p/--comm
         // filter in the kernel and counts lost events in its STATS).
         if spec.name != "memleak" {
-            use memtrace_common::names;
             assert!(symbols.contains(&names::FILTER), "{}: no {}", spec.name, names::FILTER);
             let events = symbols.contains(&names::EVENTS);
             assert_eq!(
@@ -194,10 +156,10 @@ mod tests {
                 names::EVENTS,
                 names::LOST
             );
-            assert!(events || spec.name == "vmscan", "{}: no {}", spec.name, names::EVENTS);
+            assert!(events || ["vmscan", "migrate"].contains(&spec.name), "{}: no {}", spec.name, names::EVENTS);
         }
         let usdt = spec.modes.iter().any(|(_, p)| matches!(p, Plan::Usdt { .. }));
-        let specs = memtrace_common::usdt::SPECS;
+        let specs = names::USDT_SPECS;
         assert_eq!(symbols.contains(&specs), usdt, "{}: {specs} where USDT probes are used", spec.name);
     }
 }

@@ -23,7 +23,7 @@ use crate::{
     tools::registry::{Plan, ToolSpec},
     tools::tracer::Tracer,
     tools::{self, CommonArgs, c_str, stacks::StackStore},
-    unwind::{UnwindArgs, Unwinder},
+    unwind::Unwinder,
 };
 
 mod decode;
@@ -38,8 +38,13 @@ const DELIVER: AttachPoint = AttachPoint {
 /// How segv attaches, as `memtrace probe` reports it (plus a uprobe on glibc's malloc_printerr).
 pub const ATTACH: &[AttachPoint] = &[DELIVER];
 
-pub const SPEC: ToolSpec =
-    ToolSpec { name: "segv", object: OBJECT, modes: &[("segv", Plan::Points(ATTACH))], optional: &[] };
+pub const SPEC: ToolSpec = ToolSpec {
+    names: memtrace_common::segv::names::ALL,
+    name: "segv",
+    object: OBJECT,
+    modes: &[("segv", Plan::Points(ATTACH))],
+    optional: &[],
+};
 
 /// Trace crashes: SIGSEGV, SIGBUS and SIGABRT, classified, with the stack at the fault.
 #[derive(clap::Args, Debug)]
@@ -50,7 +55,7 @@ pub struct Args {
     #[command(flatten)]
     pub common: CommonArgs,
     #[command(flatten)]
-    pub unwind: UnwindArgs,
+    pub unwind: tools::args::UnwindArgs,
     /// Every such signal delivered, also those a handler catches (not only those that kill).
     #[arg(long)]
     pub all: bool,
@@ -96,11 +101,11 @@ pub async fn run(args: Args) -> Result<()> {
     let mut tracer = Tracer::load(&SPEC, |loader| {
         loader
             .override_global(names::FILTER, &filter, true)
-            .override_global("CONFIG", &config, true)
-            .override_global("OFFSETS", &offsets, true);
+            .override_global(memtrace_common::segv::names::CONFIG, &config, true)
+            .override_global(memtrace_common::segv::names::OFFSETS, &offsets, true);
         args.unwind.configure(loader);
     })?;
-    let unwinder = Unwinder::start(&mut tracer.bpf, &args.unwind, &args.common)?;
+    let unwinder = args.unwind.start(&mut tracer.bpf, &args.common)?;
     // The selected processes' mappings now: at the crash they are gone with the process.
     let mut symbolizer = UserSymbolizer::new();
     let mut seen = HashSet::new();
@@ -115,14 +120,14 @@ pub async fn run(args: Args) -> Result<()> {
         Err(e) => eprintln!("memtrace: segv: heap aborts shown without glibc's message: {e:#}"),
     }
     let stacks = StackStore::take(&mut tracer.bpf, None)?;
-    let stats = tracer.map("STATS")?;
+    let stats = tracer.map(memtrace_common::segv::names::STATS)?;
     let whose = match args.common.target.pid {
         Some(pid) => format!(" of pid {pid} ({})", crate::target::comm(pid)),
         None => String::new(),
     };
     let what = if args.all { "SIGSEGV, SIGBUS and SIGABRT delivered" } else { "crashes (SIGSEGV, SIGBUS, SIGABRT)" };
     let ready = format!("tracing {what}{whose} ({})", how.join(", "));
-    let mut state = State {
+    let mut state = Live {
         stacks,
         stats,
         unwinder,
@@ -130,7 +135,7 @@ pub async fn run(args: Args) -> Result<()> {
         seen,
         json: args.common.run.json,
         mmap_min_addr,
-        cgroups: decode::Cgroups::default(),
+        cgroups: crate::kernel::cgroup::Cgroups::default(),
         unnamed: UnnamedFrames::default(),
         unseen: 0,
         unclassified: 0,
@@ -144,7 +149,7 @@ pub async fn run(args: Args) -> Result<()> {
     Ok(())
 }
 
-struct State {
+struct Live {
     stacks: StackStore,
     stats: aya::maps::PerCpuArray<aya::maps::MapData, u64>,
     unwinder: Unwinder,
@@ -153,7 +158,7 @@ struct State {
     seen: HashSet<u32>,
     json: bool,
     mmap_min_addr: u64,
-    cgroups: decode::Cgroups,
+    cgroups: crate::kernel::cgroup::Cgroups,
     unnamed: UnnamedFrames,
     /// Crashes of processes whose mappings memtrace never saw (gone before it looked).
     unseen: u64,
@@ -188,7 +193,7 @@ struct Crash {
     frames: Vec<Frame>,
 }
 
-impl State {
+impl Live {
     fn crash(&mut self, e: &Event) -> Crash {
         let mut class = e.class;
         let mut vma = (e.has_vma != 0).then_some(e.vma);
@@ -261,7 +266,7 @@ impl State {
     }
 }
 
-impl tools::Stream for State {
+impl tools::Stream for Live {
     type Side = ();
 
     fn unwinder(&mut self) -> Option<&mut Unwinder> {

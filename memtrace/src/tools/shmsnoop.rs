@@ -21,8 +21,13 @@ use crate::{
 
 const OBJECT: crate::kernel::Object = crate::ebpf_object!("shmsnoop");
 
-pub const SPEC: ToolSpec =
-    ToolSpec { name: "shmsnoop", object: OBJECT, modes: &[("shmsnoop", Plan::Points(ATTACH))], optional: &[] };
+pub const SPEC: ToolSpec = ToolSpec {
+    names: memtrace_common::syscalls::names::ALL,
+    name: "shmsnoop",
+    object: OBJECT,
+    modes: &[("shmsnoop", Plan::Points(ATTACH))],
+    optional: &[],
+};
 
 pub type Args = SnoopArgs;
 

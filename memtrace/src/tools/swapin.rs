@@ -20,13 +20,18 @@ use crate::{
         c_str, read_event,
         stacks::{StackStore, Stacks},
     },
-    unwind::{UnwindArgs, Unwinder},
+    unwind::Unwinder,
 };
 
 const OBJECT: crate::kernel::Object = crate::ebpf_object!("swapin", walking_user_stacks);
 
-pub const SPEC: ToolSpec =
-    ToolSpec { name: "swapin", object: OBJECT, modes: &[("swapin", Plan::Points(ATTACH))], optional: &[] };
+pub const SPEC: ToolSpec = ToolSpec {
+    names: memtrace_common::swapin::names::ALL,
+    name: "swapin",
+    object: OBJECT,
+    modes: &[("swapin", Plan::Points(ATTACH))],
+    optional: &[],
+};
 
 /// No tracepoint fires on swap-in (6.1 to 6.18), so a kernel without kprobes cannot run this.
 pub const ATTACH: &[AttachPoint] = &[AttachPoint {
@@ -46,7 +51,7 @@ pub struct Args {
     #[arg(long)]
     pub stack: bool,
     #[command(flatten)]
-    pub unwind: UnwindArgs,
+    pub unwind: tools::args::UnwindArgs,
     #[command(flatten)]
     pub common: CommonArgs,
 }
@@ -70,13 +75,17 @@ pub async fn run(args: Args) -> Result<()> {
     }
     let config = Config { stacks: args.stack.into(), _pad: 0 };
     let mut tracer = Tracer::load(&SPEC, |loader| {
-        loader.override_global(names::FILTER, &filter, true).override_global("CONFIG", &config, true);
+        loader.override_global(names::FILTER, &filter, true).override_global(
+            memtrace_common::swapin::names::CONFIG,
+            &config,
+            true,
+        );
         args.unwind.configure(loader);
     })?;
-    let unwinder = Unwinder::start(&mut tracer.bpf, &args.unwind, &args.common)?;
+    let unwinder = args.unwind.start(&mut tracer.bpf, &args.common)?;
     let how = tracer.attach(ATTACH)?;
-    let counts = tracer.map("COUNTS")?;
-    let stats = tracer.map("STATS")?;
+    let counts = tracer.map(memtrace_common::swapin::names::COUNTS)?;
+    let stats = tracer.map(memtrace_common::swapin::names::STATS)?;
     let mut stacks = Stacks::new(StackStore::take(&mut tracer.bpf, None)?, false)?;
     stacks.unwinder = Some(unwinder);
     if let Some(pid) = args.common.target.pid {
@@ -84,14 +93,14 @@ pub async fn run(args: Args) -> Result<()> {
     }
     let out = ReportPrinter::new("swapin", args.common.run.json).with_timestamp(args.timestamp.timestamp);
     let unnamed = UnnamedFrames::default();
-    let mut state = State { args: &args, counts, stats, stacks, total: 0, seen: Default::default(), unnamed, out };
+    let mut state = Live { args: &args, counts, stats, stacks, total: 0, seen: Default::default(), unnamed, out };
     let ready = format!("counting swap-ins ({how})");
     let tick = Some(args.reports.every_or(1));
     tracer.stream(&args.common, tick, args.reports.count(), &ready, &mut state).await?;
     Ok(())
 }
 
-struct State<'a> {
+struct Live<'a> {
     args: &'a Args,
     counts: HashMap<MapData, SwapKey, u64>,
     stats: PerCpuArray<MapData, u64>,
@@ -113,7 +122,7 @@ struct Row {
     stack: Option<Vec<Frame>>,
 }
 
-impl State<'_> {
+impl Live<'_> {
     /// The swap-ins since the last report. The kernel side only ever adds to its counters;
     /// deleting a row it may be adding to would lose the increment, so the interval's figure
     /// is the difference from the previous read.
@@ -155,7 +164,7 @@ impl State<'_> {
     }
 }
 
-impl tools::Stream for State<'_> {
+impl tools::Stream for Live<'_> {
     type Side = ();
 
     fn unwinder(&mut self) -> Option<&mut Unwinder> {

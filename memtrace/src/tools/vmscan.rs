@@ -21,6 +21,7 @@ use crate::{
 const OBJECT: crate::kernel::Object = crate::ebpf_object!("vmscan");
 
 pub const SPEC: ToolSpec = ToolSpec {
+    names: memtrace_common::vmscan::names::ALL,
     name: "vmscan",
     object: OBJECT,
     modes: &[("vmscan", Plan::AnyOf("tracepoints vmscan:*", "vmscan", TRACEPOINTS))],
@@ -65,7 +66,11 @@ pub async fn run(args: Args) -> Result<()> {
         memcg_end_reclaimed: reclaimed_offset("mm_vmscan_memcg_reclaim_end")?,
     };
     let mut tracer = Tracer::load(&SPEC, |loader| {
-        loader.override_global(names::FILTER, &filter, true).override_global("OFFSETS", &offsets, true);
+        loader.override_global(names::FILTER, &filter, true).override_global(
+            memtrace_common::vmscan::names::OFFSETS,
+            &offsets,
+            true,
+        );
     })?;
     let mut attached = Vec::new();
     for &(prog, names) in TRACEPOINTS {
@@ -81,10 +86,10 @@ pub async fn run(args: Args) -> Result<()> {
         bail!("this kernel has none of the vmscan tracepoints (CONFIG_TRACEPOINTS off?)");
     }
     let every = args.reports.every_or(1);
-    let mut state = State {
+    let mut state = Live {
         interval: every.as_secs(),
-        stats: tracer.map("STATS")?,
-        hist: tracer.map("HIST")?,
+        stats: tracer.map(memtrace_common::vmscan::names::STATS)?,
+        hist: tracer.map(memtrace_common::vmscan::names::HIST)?,
         last: [0; STAT_COUNT as usize],
         rows: 0,
         out: ReportPrinter::new("vmscan", args.common.run.json),
@@ -103,7 +108,7 @@ fn reclaimed_offset(name: &str) -> Result<u32> {
     Format::read("vmscan", name)?.offset("nr_reclaimed")
 }
 
-struct State {
+struct Live {
     interval: u64,
     stats: PerCpuArray<MapData, u64>,
     hist: PerCpuArray<MapData, u64>,
@@ -151,7 +156,7 @@ impl Activity {
     }
 }
 
-impl State {
+impl Live {
     fn totals(&self) -> [u64; STAT_COUNT as usize] {
         std::array::from_fn(|i| crate::kernel::maps::sum(&self.stats, i as u32))
     }
@@ -161,7 +166,7 @@ impl State {
     }
 }
 
-impl tools::Stream for State {
+impl tools::Stream for Live {
     type Side = ();
 
     fn event(&mut self, _data: &[u8]) -> Result<()> {

@@ -23,7 +23,7 @@ use memtrace_common::unwind::{
 use serde::Serialize;
 
 use super::{Limits, mapping_bias};
-use crate::procfs::{self, MappedFile};
+use crate::procfs;
 
 /// `--unwind`: how tools walk user stacks.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum, Serialize)]
@@ -38,50 +38,30 @@ pub enum UnwindMode {
     Fp,
 }
 
-/// The options of every tool that shows user stacks.
-#[derive(clap::Args, Debug, Clone)]
-pub struct UnwindArgs {
-    /// How user stacks are walked.
-    #[arg(long, value_enum, default_value_t = UnwindMode::Auto, value_name = "HOW")]
-    pub unwind: UnwindMode,
-    /// Rows of unwind tables that may be loaded (16 bytes of kernel memory each, reserved at
-    /// start); -v shows what each module takes.
-    #[arg(long, default_value_t = DEFAULT_ROWS, value_name = "N")]
-    pub unwind_rows: u32,
+/// The mode this kernel can do: without `bpf_loop` (before 5.17) the walker cannot load, so
+/// stacks come from frame pointers, as a one-line warning says once the tool is live.
+pub fn mode_on_this_kernel(asked: UnwindMode) -> UnwindMode {
+    let Some(why) = crate::kernel::no_bpf_loop().filter(|_| asked != UnwindMode::Fp) else {
+        return asked;
+    };
+    crate::output::ready::warn_when_live(why);
+    UnwindMode::Fp
 }
 
-impl UnwindArgs {
-    /// The mode this kernel can do: without `bpf_loop` (before 5.17) the walker cannot load,
-    /// so stacks come from frame pointers, as a one-line warning says once the tool is live.
-    pub fn mode(&self) -> UnwindMode {
-        let Some(why) = crate::kernel::no_bpf_loop().filter(|_| self.unwind != UnwindMode::Fp) else {
-            return self.unwind;
-        };
-        crate::output::ready::warn_when_live(why);
-        UnwindMode::Fp
-    }
+/// The most rows of unwind tables one object can hold: what its binary search reaches.
+pub const MAX_ROWS: u32 = 1 << BINARY_STEPS;
 
-    pub fn validate(&self) -> Result<()> {
-        crate::tools::args::in_range("--unwind-rows", self.unwind_rows.into(), 1024..=1 << BINARY_STEPS)
-    }
-
-    /// Sets the unwinder's globals and map sizes on a loader, before the object is loaded.
-    pub fn configure(&self, loader: &mut EbpfLoader<'_>) {
-        self.configure_as(loader, self.mode());
-    }
-
-    /// `configure` with another mode (memleak's kernel mode walks no user stack: `Fp` saves
-    /// the row map's memory).
-    pub fn configure_as(&self, loader: &mut EbpfLoader<'_>, mode: UnwindMode) {
-        let mode_value: &'static u32 = match mode {
-            UnwindMode::Auto => &MODE_AUTO,
-            UnwindMode::Dwarf => &MODE_DWARF,
-            UnwindMode::Fp => &MODE_FP,
-        };
-        loader.override_global("UNWIND_MODE", mode_value, false);
-        loader.override_global("UNWIND_TRAMPOLINE", trampoline_offsets(), false);
-        loader.map_max_entries("UNWIND_ROWS", if mode == UnwindMode::Fp { 1 } else { self.unwind_rows });
-    }
+/// Sets the unwinder's globals and map sizes on a loader, before the object is loaded: `rows`
+/// rows of tables for `mode` (none for `Fp`, which saves the row map's memory).
+pub fn configure(loader: &mut EbpfLoader<'_>, mode: UnwindMode, rows: u32) {
+    let mode_value: &'static u32 = match mode {
+        UnwindMode::Auto => &MODE_AUTO,
+        UnwindMode::Dwarf => &MODE_DWARF,
+        UnwindMode::Fp => &MODE_FP,
+    };
+    loader.override_global(memtrace_common::names::UNWIND_MODE, mode_value, false);
+    loader.override_global(memtrace_common::names::UNWIND_TRAMPOLINE, trampoline_offsets(), false);
+    loader.map_max_entries(memtrace_common::names::UNWIND_ROWS, if mode == UnwindMode::Fp { 1 } else { rows });
 }
 
 /// Where this kernel keeps uretprobes' real return addresses, from its BTF; all zero (the
@@ -231,7 +211,7 @@ impl CutStacks {
 struct Loaded {
     keys: HashSet<(u32, MappingKey)>,
     /// The executable mappings loaded: a request with the same ones needs no reload.
-    exec_maps: Vec<MappedFile>,
+    exec_maps: Vec<procfs::Mapping>,
 }
 
 pub struct Unwinder {
@@ -252,13 +232,13 @@ impl Unwinder {
     /// Takes the unwinder's maps from an object configured with `configure`.
     pub fn take(bpf: &mut Ebpf, mode: UnwindMode) -> Result<Unwinder> {
         let mut take = |name: &str| bpf.take_map(name).with_context(|| format!("internal: no map {name}"));
-        let rows = take("UNWIND_ROWS")?;
+        let rows = take(memtrace_common::names::UNWIND_ROWS)?;
         // Programs loaded later (a new process's probes) name this map by its descriptor even
         // when no walk reads it: it must stay open, or the descriptor is gone (the kernel
         // refuses the program) or, worse, reused by another object.
-        let mappings = LpmTrie::try_from(take("UNWIND_MAPPINGS")?)?;
-        let wanted = HashMap::try_from(take("UNWIND_WANTED")?)?;
-        let stats = PerCpuArray::try_from(take("UNWIND_STATS")?)?;
+        let mappings = LpmTrie::try_from(take(memtrace_common::names::UNWIND_MAPPINGS)?)?;
+        let wanted = HashMap::try_from(take(memtrace_common::names::UNWIND_WANTED)?)?;
+        let stats = PerCpuArray::try_from(take(memtrace_common::names::UNWIND_STATS)?)?;
         let (rows_map, rows_unused) =
             if mode == UnwindMode::Fp { (None, Some(rows)) } else { (Some(RowMap::new(rows)?), None) };
         Ok(Unwinder {
@@ -278,10 +258,10 @@ impl Unwinder {
     /// Takes the maps and loads the tables of the processes a `-p` or `--comm` filter selects
     /// now, so their stacks are whole from the start. Without a filter, processes are loaded
     /// as the walker meets them.
-    pub fn start(bpf: &mut Ebpf, args: &UnwindArgs, common: &crate::tools::CommonArgs) -> Result<Unwinder> {
-        let mut unwinder = Unwinder::take(bpf, args.mode())?;
-        if common.target.pid.is_some() || common.comm.is_some() {
-            for pid in crate::target::matching(common.target.pid, common.comm.as_deref()) {
+    pub fn start(bpf: &mut Ebpf, mode: UnwindMode, pid: Option<u32>, comm: Option<&str>) -> Result<Unwinder> {
+        let mut unwinder = Unwinder::take(bpf, mode)?;
+        if pid.is_some() || comm.is_some() {
+            for pid in crate::target::matching(pid, comm) {
                 unwinder.load(pid);
             }
         }
@@ -400,7 +380,7 @@ impl Unwinder {
 
     /// The entry for mapping `m` of `pid`, building its file's table the first time. Code no
     /// file backs (a JIT's, the vdso) has no table memtrace reads: frame pointers there.
-    fn mapping_of(&mut self, pid: u32, m: &MappedFile) -> Mapping {
+    fn mapping_of(&mut self, pid: u32, m: &procfs::Mapping) -> Mapping {
         if !m.is_file() {
             return Mapping::new(MAPPING_NO_TABLE, 0, 0, 0);
         }
@@ -419,7 +399,7 @@ impl Unwinder {
         Mapping::new(module.kind, bias, module.start, module.rows)
     }
 
-    fn build(&mut self, pid: u32, m: &MappedFile) -> Module {
+    fn build(&mut self, pid: u32, m: &procfs::Mapping) -> Module {
         let compiled = super::module::compile(pid, m, &self.limits);
         let mut module = Module {
             path: m.path.clone(),

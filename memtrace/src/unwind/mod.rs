@@ -1,4 +1,5 @@
-//! Unwind tables for user stacks without frame pointers (issue 9, user-space step).
+//! Unwind tables for user stacks without frame pointers, compiled in user space for the eBPF
+//! walker and for the preloaded recorder.
 //!
 //! Compiles a module's `.eh_frame` (and `.debug_frame` when present) into a sorted array of
 //! 16-byte rows: from each row's PC up to the next, how to find the CFA (RSP+N, RBP+N or the
@@ -34,7 +35,7 @@ use object::{
 
 pub use build::{Sections, build};
 #[cfg(not(fuzzing))]
-pub use load::{CutStacks, POLL, UnwindArgs, UnwindMode, Unwinder};
+pub use load::{CutStacks, DEFAULT_ROWS, MAX_ROWS, POLL, UnwindMode, Unwinder, configure, mode_on_this_kernel};
 #[cfg(test)]
 pub use row::{CfaRule, RbpRule, Unsupported};
 pub use row::{PackedRow, RowRule, Rule};

@@ -8,7 +8,7 @@ use memtrace_common::unwind::{KIND_NO_TABLE, MAPPING_NO_TABLE, MAPPING_TABLE, MA
 use object::ReadCache;
 
 use super::{Limits, Segment, UnwindTable, load_segments};
-use crate::procfs::{self, MappedFile};
+use crate::procfs;
 
 /// A file's table: `kind` is `MAPPING_TABLE` with its rows, else `MAPPING_NO_TABLE` or
 /// `MAPPING_UNUSABLE` with the reason in `missing`.
@@ -20,7 +20,7 @@ pub struct Compiled {
 }
 
 /// Compiles the table of the file that mapping `m` of `pid` maps.
-pub fn compile(pid: u32, m: &MappedFile, limits: &Limits) -> Compiled {
+pub fn compile(pid: u32, m: &procfs::Mapping, limits: &Limits) -> Compiled {
     let mut out = Compiled { kind: MAPPING_NO_TABLE, rows: Vec::new(), segments: Vec::new(), missing: None };
     let began = std::time::Instant::now();
     let Some(path) = procfs::reach(pid, m) else {

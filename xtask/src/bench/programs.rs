@@ -382,7 +382,7 @@ fn counts(mode: Mode, stdout: &str, heaptrack_out: &Path, run: &mut Run) -> Resu
         run.outstanding = report["total_bytes"].as_u64();
         run.file_mapped = report["file_mappings"]["bytes"].as_u64();
         run.alloc_calls = report["tracked"].as_u64();
-        let d = &report["dropped"];
+        let d = &report["blind_spots"];
         let mut lost = vec!["map_full", "stacks_lost", "events_lost", "stacks_full", "stack_store_full"];
         // Attached by pid, frees of blocks allocated before the attach are expected.
         if mode != Mode::MemtraceP {

@@ -7,7 +7,7 @@ use anyhow::Result;
 use memtrace_common::mallocstat::{STAT_NO_SPEC, STAT_STACK_COLLISION, STAT_STACK_LOST};
 use serde::Serialize;
 
-use super::State;
+use super::Live;
 use crate::{
     output,
     symbolize::Frame,
@@ -104,7 +104,7 @@ impl ShowsFrames for StackRow {
 }
 
 #[derive(Serialize)]
-struct Spots {
+struct BlindSpots {
     /// Hits at an address without a spec: a probe the process mapped elsewhere.
     unknown_sites: u64,
 }
@@ -119,7 +119,7 @@ pub(super) struct HitEvent<'a> {
     pub(super) args: &'a [i64],
 }
 
-impl State {
+impl Live {
     pub(super) fn report(&mut self, is_final: bool) -> Result<()> {
         let counts = if is_final { &self.total } else { &self.interval };
         let counts = Counts { hits: counts.values().map(|h| h.hits).sum(), probes: counts };
@@ -145,14 +145,14 @@ impl State {
         }
         let run = &self.run;
         let stacks_lost = run.stat(STAT_STACK_LOST) + run.stat(STAT_STACK_COLLISION);
-        let spots = Spots { unknown_sites: run.stat(STAT_NO_SPEC) };
-        run.report(is_final, counts, stack_rows, stacks_lost, spots, render)?;
+        let blind_spots = BlindSpots { unknown_sites: run.stat(STAT_NO_SPEC) };
+        run.report(is_final, counts, stack_rows, stacks_lost, blind_spots, render)?;
         self.interval.clear();
         Ok(())
     }
 }
 
-fn render(r: &StackReport<Counts<'_>, StackRow, Spots>) -> String {
+fn render(r: &StackReport<Counts<'_>, StackRow, BlindSpots>) -> String {
     let mut out = format!("{}{} libc:memory_* probe hits\n", r.title(), r.counts.hits);
     if !r.counts.probes.is_empty() {
         let _ = writeln!(out, "  {:<36} {:>8} {:>12} {:>12}", "PROBE", "HITS", "BYTES", "LAST SIZE");
@@ -167,10 +167,10 @@ fn render(r: &StackReport<Counts<'_>, StackRow, Spots>) -> String {
         output::write_stack(&mut out, &s.frames, "      ");
     }
     let (store_full, store) = r.store_full();
-    out += &r.blind_spots(&[
+    out += &r.blind_spots_line(&[
         (r.stacks_lost, "heap growths without a stack"),
         (store_full, &store),
-        (r.spots.unknown_sites, "hits at probe sites not set up"),
+        (r.blind_spots.unknown_sites, "hits at probe sites not set up"),
     ]);
     out
 }

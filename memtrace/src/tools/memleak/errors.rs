@@ -114,7 +114,7 @@ pub(super) fn address_is(e: &MemError, interior: Option<(u64, u64)>, horizon: bo
     let Ok(mapping) = procfs::mapping_at(e.pid, e.addr) else {
         return "of an unknown kind (the process was gone before memtrace looked)".into();
     };
-    let own_stack = |m: &procfs::MappedFile| m.start <= e.sp && e.sp < m.end && e.addr >= e.sp;
+    let own_stack = |m: &procfs::Mapping| m.start <= e.sp && e.sp < m.end && e.addr >= e.sp;
     match mapping {
         None => "in no mapping".into(),
         Some(m) if own_stack(&m) => "on the calling thread's stack".into(),

@@ -24,9 +24,9 @@ use memtrace_common::{
     unwind::{MAPPING_NO_TABLE, MAPPING_TABLE, MAPPING_TABLE_FULL, PackedRow},
 };
 
-use super::dropped::Dropped;
+use super::blind_spots::BlindSpots;
 use crate::{
-    procfs::{self, MappedFile},
+    procfs,
     unwind::{CutStacks, Limits, Segment, mapping_bias, module::Compiled},
 };
 
@@ -54,7 +54,7 @@ const C_INVALID_FREES: usize = 24;
 /// `struct mt_state`.
 #[repr(C)]
 #[derive(Clone, Copy, Default, Debug)]
-struct State {
+struct RecorderState {
     magic: u64,
     version: u32,
     ready: u32,
@@ -142,7 +142,7 @@ struct Module {
 /// Implement only for `#[repr(C)]` types of integers laid out without implicit padding.
 unsafe trait Plain: Copy {}
 // SAFETY: repr(C) structs of u32/u64 fields, padding made explicit.
-unsafe impl Plain for State {}
+unsafe impl Plain for RecorderState {}
 unsafe impl Plain for Part {}
 unsafe impl Plain for Block {}
 unsafe impl Plain for StackSlot {}
@@ -260,7 +260,7 @@ impl Shim {
     }
 
     /// Whether the process maps the object.
-    pub(super) fn mapped_in(&self, pid: u32) -> Option<MappedFile> {
+    pub(super) fn mapped_in(&self, pid: u32) -> Option<procfs::Mapping> {
         let maps = procfs::mapped_files(pid).ok()?;
         maps.into_iter().find(|m| (libc::makedev(m.dev.0, m.dev.1), m.inode) == self.id && m.offset == 0)
     }
@@ -309,7 +309,7 @@ pub(super) struct Tables {
 }
 
 impl Tables {
-    fn get(&mut self, pid: u32, m: &MappedFile) -> Rc<Compiled> {
+    fn get(&mut self, pid: u32, m: &procfs::Mapping) -> Rc<Compiled> {
         let id = (m.dev.0, m.dev.1, m.inode);
         self.files.entry(id).or_insert_with(|| Rc::new(crate::unwind::module::compile(pid, m, &self.limits))).clone()
     }
@@ -362,16 +362,16 @@ impl Counts {
         sum
     }
 
-    /// `dropped` with these processes' blind spots added.
-    pub(super) fn add_to(&self, mut dropped: Dropped) -> Dropped {
-        dropped.replaced += self.replaced;
+    /// `spots` with these processes' blind spots added.
+    pub(super) fn add_to(&self, mut spots: BlindSpots) -> BlindSpots {
+        spots.replaced += self.replaced;
         // Invalid frees are errors, reported as such, not blind spots.
-        dropped.unknown_frees += self.unknown_frees - self.invalid_frees;
-        dropped.freed_evicted += self.freed_evicted;
-        dropped.map_full += self.map_full;
-        dropped.stacks_lost += self.stacks_lost;
-        dropped.stack_store_full += self.stack_store_full;
-        dropped
+        spots.unknown_frees += self.unknown_frees - self.invalid_frees;
+        spots.freed_evicted += self.freed_evicted;
+        spots.map_full += self.map_full;
+        spots.stacks_lost += self.stacks_lost;
+        spots.stack_store_full += self.stack_store_full;
+        spots
     }
 }
 
@@ -379,7 +379,7 @@ impl Counts {
 #[derive(Clone)]
 pub(super) struct Recorder {
     state_addr: u64,
-    state: State,
+    state: RecorderState,
     /// Rows already in the process's row region, by file: (first row, rows).
     files: HashMap<(u32, u32, u64), (u32, u32)>,
     rows_used: u64,
@@ -404,7 +404,7 @@ impl Recorder {
         let m = shim.mapped_in(pid)?;
         let bias = mapping_bias(&shim.segments, m.start, m.offset)?;
         let state_addr = shim.state_vaddr.wrapping_add(bias);
-        let state: State = read(pid, state_addr).ok()?;
+        let state: RecorderState = read(pid, state_addr).ok()?;
         if state.magic != MAGIC || state.version != VERSION || state.parts == 0 {
             return None;
         }
@@ -458,12 +458,12 @@ impl Recorder {
             self.state.modslots + (self.generation % MODSLOTS) * (8 + (MODULES_PER_SLOT * size_of::<Module>()) as u64);
         write(pid, slot + 8, &modules)?;
         write(pid, slot, &[modules.len() as u64])?;
-        write(pid, self.state_addr + std::mem::offset_of!(State, mod_gen) as u64, &[self.generation])
+        write(pid, self.state_addr + std::mem::offset_of!(RecorderState, mod_gen) as u64, &[self.generation])
     }
 
     /// Where `m`'s file's rows sit in the process, writing them there the first time; None
     /// when its row region is full.
-    fn rows_of(&mut self, pid: u32, m: &MappedFile, compiled: &Compiled) -> Result<Option<(u32, u32)>> {
+    fn rows_of(&mut self, pid: u32, m: &procfs::Mapping, compiled: &Compiled) -> Result<Option<(u32, u32)>> {
         let id = (m.dev.0, m.dev.1, m.inode);
         if let Some(&at) = self.files.get(&id) {
             return Ok(Some(at));
@@ -482,7 +482,7 @@ impl Recorder {
     /// Reads the live blocks and counters, each partition consistently (its sequence number
     /// the same and even before and after), and the stacks stored since the last read.
     pub(super) fn snapshot(&mut self, pid: u32) -> Result<&Snapshot> {
-        let state: State = read(pid, self.state_addr)?;
+        let state: RecorderState = read(pid, self.state_addr)?;
         let part_size = size_of::<Part>() as u64;
         let mut snap = Snapshot {
             stack_store_full: state.stack_store_full,
@@ -527,7 +527,7 @@ impl Recorder {
 
     /// Reads the errors written since the last read (and the stacks they name) into `errors`.
     pub(super) fn poll_errors(&mut self, pid: u32) -> Result<()> {
-        let state: State = read(pid, self.state_addr)?;
+        let state: RecorderState = read(pid, self.state_addr)?;
         if state.errors_written != self.errors_read {
             if state.stacks_stored != self.stacks_read {
                 self.read_stacks(pid, &state)?;
@@ -542,7 +542,7 @@ impl Recorder {
         Ok(())
     }
 
-    fn read_errors(&mut self, pid: u32, state: &State) -> Result<()> {
+    fn read_errors(&mut self, pid: u32, state: &RecorderState) -> Result<()> {
         if state.errors == 0 || state.errors_written == self.errors_read {
             return Ok(());
         }
@@ -562,7 +562,7 @@ impl Recorder {
         Ok(())
     }
 
-    fn read_stacks(&mut self, pid: u32, state: &State) -> Result<()> {
+    fn read_stacks(&mut self, pid: u32, state: &RecorderState) -> Result<()> {
         let index: Vec<StackSlot> = read_vec(pid, state.stack_index, state.stack_index_cap as usize)?;
         let arena: Vec<u64> = read_vec(pid, state.stack_arena, state.stack_arena_used as usize)?;
         for slot in index.iter().filter(|s| s.id != 0) {

@@ -6,7 +6,7 @@ use std::{pin::Pin, time::Duration};
 
 use anyhow::Result;
 use aya::Ebpf;
-use memtrace_common::memleak::{EV_ERROR, EV_EXEC, EV_FORK, Event, MemError};
+use memtrace_common::memleak::{EV_ERROR, EV_EXEC, EV_FORK, Event, MemError, ProcEvent};
 use tokio::{signal::unix::Signal, task::JoinSet, time::Sleep};
 
 use super::{attach::DutyCycle, procs::Procs, report::Session};
@@ -113,11 +113,11 @@ impl<'a> Live<'a> {
     }
 
     /// Acts on the kernel side's news of a tracked process forking or exec'ing.
-    fn lifecycle(&mut self, bpf: &mut Ebpf, event: &Event) -> Result<()> {
+    fn lifecycle(&mut self, bpf: &mut Ebpf, event: &ProcEvent) -> Result<()> {
         let held = self.held;
         match event.kind {
             EV_FORK => {
-                let (parent, child) = (event.addr as u32, event.pid);
+                let (parent, child) = (event.parent, event.pid);
                 // Under -c the child waits at its fork until the command's event is handled.
                 self.procs.fork(bpf, self.session.allocs_mut(), parent, child, event.timestamp_ns, held);
                 let _ = self.session.user_sym.refresh(child);
@@ -130,8 +130,8 @@ impl<'a> Live<'a> {
                 }
             }
             EV_EXEC if !held => {
-                let image = event.size as u32;
-                let from_thread = event.addr != 0;
+                let image = event.image;
+                let from_thread = event.from_thread != 0;
                 if let Some(how) = self.procs.exec(bpf, event.pid, image, false, from_thread)? {
                     tracing::info!("pid {} {}", event.pid, how.describe());
                 }
@@ -169,7 +169,7 @@ impl<'a> Live<'a> {
                     // The kernel side cannot name the child here: track it from user space.
                     self.procs.track_child(child, parent, shared)?;
                 }
-                let now = crate::tools::monotonic_ns();
+                let now = crate::sys::monotonic_ns();
                 self.procs.fork(ctx.bpf, self.session.allocs_mut(), parent, child, now, true);
                 let _ = self.session.user_sym.refresh(child);
                 self.session.unwinder.load(child);
@@ -219,23 +219,27 @@ impl Stream for Live<'_> {
     }
 
     fn drain(&mut self, ctx: &mut Ctx<'_>) -> Result<()> {
-        let Some(ring) = ctx.ring.as_mut() else { return Ok(()) };
-        let mut events = Vec::new();
-        while let Some(item) = ring.next() {
-            let Some(event) = crate::tools::read_event::<Event>(&item) else { continue };
-            if event.kind == EV_ERROR {
-                events.extend(crate::tools::read_event::<MemError>(&item).map(Err));
-            } else {
-                events.push(Ok(event));
-            }
+        /// The ring's records, told apart by the `kind` they all start with.
+        enum Item {
+            Block(Event),
+            Proc(ProcEvent),
+            Error(MemError),
         }
-        for event in &events {
-            match event {
-                Ok(event) => {
-                    self.lifecycle(ctx.bpf, event)?;
-                    self.session.on_event(event)?;
-                }
-                Err(error) => self.session.on_error(error)?,
+        let Some(ring) = ctx.ring.as_mut() else { return Ok(()) };
+        let mut items = Vec::new();
+        while let Some(item) = ring.next() {
+            let Some(kind) = crate::tools::read_event::<u32>(&item) else { continue };
+            items.extend(match kind {
+                EV_ERROR => crate::tools::read_event(&item).map(Item::Error),
+                EV_FORK | EV_EXEC => crate::tools::read_event(&item).map(Item::Proc),
+                _ => crate::tools::read_event(&item).map(Item::Block),
+            });
+        }
+        for item in &items {
+            match item {
+                Item::Block(event) => self.session.on_event(event)?,
+                Item::Proc(event) => self.lifecycle(ctx.bpf, event)?,
+                Item::Error(error) => self.session.on_error(error)?,
             }
         }
         Ok(())

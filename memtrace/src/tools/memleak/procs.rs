@@ -94,9 +94,9 @@ impl Procs {
         skip: &'static [&'static str],
     ) -> Result<Procs> {
         Ok(Procs {
-            tracked: tracer.map("TRACKED")?,
-            copying: tracer.map("COPYING")?,
-            early: tracer.map("EARLY_FREES")?,
+            tracked: tracer.map(memtrace_common::memleak::names::TRACKED)?,
+            copying: tracer.map(memtrace_common::memleak::names::COPYING)?,
+            early: tracer.map(memtrace_common::memleak::names::EARLY_FREES)?,
             list: BTreeMap::new(),
             prefix: prefix.to_string(),
             obj,

@@ -20,7 +20,7 @@ use memtrace_common::{
 };
 use serde::Serialize;
 
-use super::dropped::Dropped;
+use super::blind_spots::BlindSpots;
 use super::{
     Args,
     errors::{self, ErrorReport},
@@ -32,11 +32,9 @@ use crate::{
     kernel,
     output::{self, reports::ReportPrinter},
     symbolize::{Frame, KernelSymbolizer, UnnamedFrames, UserSymbolizer},
+    sys::monotonic_ns,
+    tools::stacks::{self, StackStore},
     tools::tracer::Tracer,
-    tools::{
-        monotonic_ns,
-        stacks::{self, StackStore},
-    },
     unwind::Unwinder,
 };
 
@@ -48,7 +46,8 @@ pub(super) struct Maps {
 
 impl Maps {
     pub(super) fn take(tracer: &mut Tracer) -> Result<Maps> {
-        let (allocs, stats) = (tracer.map("ALLOCS")?, tracer.map("STATS")?);
+        let (allocs, stats) =
+            (tracer.map(memtrace_common::memleak::names::ALLOCS)?, tracer.map(memtrace_common::memleak::names::STATS)?);
         let stacks = StackStore::take(&mut tracer.bpf, Some("--max-stacks"))?;
         Ok(Maps { allocs, stacks, stats })
     }
@@ -64,8 +63,8 @@ impl Maps {
         kept.saturating_sub(capacity)
     }
 
-    fn dropped(&self, procs: &Procs, freed_capacity: u64) -> Dropped {
-        Dropped {
+    fn blind_spots(&self, procs: &Procs, freed_capacity: u64) -> BlindSpots {
+        BlindSpots {
             map_full: self.stat(STAT_MAP_FULL),
             stacks_lost: self.stat(STAT_STACK_LOST),
             // Invalid frees are errors, reported as such.
@@ -187,7 +186,7 @@ struct Report {
     failed: u64,
     /// File mappings still in place, not counted in `total_bytes`.
     file_mappings: FileMappings,
-    stacks: Vec<StackReport>,
+    stacks: Vec<OutstandingStack>,
     /// `--errors-only`: `stacks` is empty, as leaks are not reported.
     #[serde(skip_serializing_if = "std::ops::Not::not")]
     errors_only: bool,
@@ -200,7 +199,7 @@ struct Report {
     /// With --watch: what was watched, for how long, and what it could not see.
     #[serde(skip_serializing_if = "Option::is_none")]
     watch: Option<watch::Summary>,
-    dropped: Dropped,
+    blind_spots: BlindSpots,
 }
 
 #[derive(Serialize)]
@@ -217,7 +216,7 @@ struct ProcessReport {
 }
 
 #[derive(Serialize)]
-struct StackReport {
+struct OutstandingStack {
     pid: u32,
     stack_id: Option<String>,
     bytes: u64,
@@ -568,7 +567,7 @@ impl<'a> Session<'a> {
                 if fp_walked && !stacks::reaches_entry(&frames) {
                     cut_stacks.fp_short += 1;
                 }
-                stacks.push(StackReport {
+                stacks.push(OutstandingStack {
                     pid: row.key.pid,
                     stack_id: stacks::id_json(row.key.stack_id),
                     bytes: row.bytes,
@@ -603,11 +602,11 @@ impl<'a> Session<'a> {
                 allocator_writes: w.summary.allocator_writes + self.maps.stat(STAT_WATCH_IN_ALLOCATOR),
                 ..w.summary.clone()
             }),
-            dropped: in_process.add_to(Dropped {
+            blind_spots: in_process.add_to(BlindSpots {
                 cut_stacks,
                 unnamed_frames,
                 errors_lost: self.errors_lost,
-                ..self.maps.dropped(procs, u64::from(self.args.freed_record))
+                ..self.maps.blind_spots(procs, u64::from(self.args.freed_record))
             }),
         };
         let report = self.out.titled(report, |r| render(r, self.args.sample_rate))?;
@@ -644,7 +643,7 @@ fn render(report: &Report, sample_rate: u32) -> String {
                 let _ = writeln!(out, "    {line}");
             }
         }
-        let _ = write!(out, "  {}", report.dropped);
+        let _ = write!(out, "  {}", report.blind_spots);
         return out;
     }
     let _ = writeln!(
@@ -658,7 +657,8 @@ fn render(report: &Report, sample_rate: u32) -> String {
     let groups: Vec<Option<&ProcessReport>> =
         if several { report.processes.iter().map(Some).collect() } else { vec![None] };
     for group in groups {
-        let stacks: Vec<&StackReport> = report.stacks.iter().filter(|s| group.is_none_or(|p| p.pid == s.pid)).collect();
+        let stacks: Vec<&OutstandingStack> =
+            report.stacks.iter().filter(|s| group.is_none_or(|p| p.pid == s.pid)).collect();
         if let Some(p) = group {
             let state = match (p.exited, p.exit_code) {
                 (true, Some(code)) => format!(", exited with status {code}"),
@@ -707,7 +707,7 @@ fn render(report: &Report, sample_rate: u32) -> String {
             files.mappings
         );
     }
-    let _ = write!(out, "  {}", report.dropped);
+    let _ = write!(out, "  {}", report.blind_spots);
     out
 }
 

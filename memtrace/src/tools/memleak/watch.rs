@@ -91,13 +91,13 @@ impl Watcher {
             .try_into()?;
         kernel::perf::load_breakpoint_program(prog, "--watch")?;
         let prog = prog.fd()?.try_clone()?;
-        let seed = crate::tools::monotonic_ns() ^ u64::from(std::process::id()) << 32;
+        let seed = crate::sys::monotonic_ns() ^ u64::from(std::process::id()) << 32;
         Ok(Watcher {
             prog,
-            watches: tracer.map("WATCHES")?,
-            live_picks: tracer.map("LIVE_PICKS")?,
-            freed_picks: tracer.map("FREED_PICKS")?,
-            freed: tracer.map("FREED")?,
+            watches: tracer.map(memtrace_common::memleak::names::WATCHES)?,
+            live_picks: tracer.map(memtrace_common::memleak::names::LIVE_PICKS)?,
+            freed_picks: tracer.map(memtrace_common::memleak::names::FREED_PICKS)?,
+            freed: tracer.map(memtrace_common::memleak::names::FREED)?,
             armed: Vec::new(),
             rounds: 0,
             rng: seed | 1,

@@ -8,7 +8,8 @@ use anyhow::{Result, bail};
 use aya::maps::HashMap;
 use memtrace_common::{
     Filter, names,
-    usdt::{Hit, SPECS, STRING_ARGS, Spec},
+    names::USDT_SPECS as SPECS,
+    usdt::{Hit, STRING_ARGS, Spec},
 };
 
 use crate::{
@@ -33,6 +34,7 @@ pub static SPEC: ToolSpec = ToolSpec {
         Plan::Usdt { label: "uprobes on a file's USDT probes", prog: PROG, provider: "", prefix: "" },
     )],
     optional: &[],
+    names: &[],
 };
 
 /// The program attached to every traced probe.

@@ -1,8 +1,5 @@
-//! Names for what segv's kernel side records: signals, si_code values and classes; the
-//! cgroup by id; and, where the kernel cannot look up a mapping (before 5.17), the class
-//! from /proc/PID/maps.
-
-use std::{collections::HashMap, os::unix::fs::MetadataExt as _, path::PathBuf};
+//! Names for what segv's kernel side records: signals, si_code values and classes; and,
+//! where the kernel cannot look up a mapping (before 5.17), the class from /proc/PID/maps.
 
 use memtrace_common::segv::*;
 
@@ -69,68 +66,15 @@ pub fn class_name(class: u32) -> (&'static str, &'static str) {
 /// The class of a fault the kernel could not look up, from the process's maps if it is still
 /// there; None when it is gone. Racy by nature: the process is dying.
 pub fn classify_from_maps(pid: u32, fault: &Fault) -> Option<(u32, Option<Vma>)> {
-    let maps = std::fs::read_to_string(format!("/proc/{pid}/maps")).ok().filter(|m| !m.is_empty())?;
-    let mut found = None;
-    for line in maps.lines() {
-        let mut fields = line.split_whitespace();
-        let (Some(range), Some(perms)) = (fields.next(), fields.next()) else { continue };
-        let Some((start, end)) = range.split_once('-') else { continue };
-        let (Ok(start), Ok(end)) = (u64::from_str_radix(start, 16), u64::from_str_radix(end, 16)) else { continue };
-        if !(start..end).contains(&fault.address) {
-            continue;
-        }
-        let bit = |c: char, flag: u64| if perms.contains(c) { flag } else { 0 };
-        let file = fields.nth(3).is_some_and(|p| p.starts_with('/')) as u64;
-        found = Some(Vma { start, end, flags: bit('r', VM_READ) | bit('w', VM_WRITE) | bit('x', VM_EXEC), file });
-    }
+    let maps = crate::procfs::mappings(pid).ok().filter(|m| !m.is_empty())?;
+    let flag = |on: bool, flag: u64| if on { flag } else { 0 };
+    let found = crate::procfs::holding(&maps, fault.address).map(|m| Vma {
+        start: m.start,
+        end: m.end,
+        flags: flag(m.read, VM_READ) | flag(m.write, VM_WRITE) | flag(m.exec, VM_EXEC),
+        file: m.is_file() as u64,
+    });
     Some((classify(fault, found.as_ref()), found))
-}
-
-/// Paths of cgroup v2 groups by id (the kernfs inode, what bpf_get_current_cgroup_id returns).
-#[derive(Default)]
-pub struct Cgroups {
-    root: Option<Option<PathBuf>>,
-    known: HashMap<u64, String>,
-}
-
-impl Cgroups {
-    /// The group's path below the cgroup2 mount; None without one, or once the group is gone.
-    pub fn path(&mut self, id: u64) -> Option<String> {
-        if let Some(path) = self.known.get(&id) {
-            return Some(path.clone());
-        }
-        let root = self.root.get_or_insert_with(cgroup2_mount).clone()?;
-        let mut dirs = vec![root.clone()];
-        // Bounded: a machine has at most a few thousand groups.
-        let mut seen = 0;
-        while let Some(dir) = dirs.pop() {
-            seen += 1;
-            if seen > 100_000 {
-                break;
-            }
-            let Ok(meta) = std::fs::metadata(&dir) else { continue };
-            let path = format!("/{}", dir.strip_prefix(&root).ok()?.display());
-            self.known.insert(meta.ino(), path);
-            if meta.ino() == id {
-                break;
-            }
-            if let Ok(entries) = std::fs::read_dir(&dir) {
-                dirs.extend(entries.flatten().filter(|e| e.file_type().is_ok_and(|t| t.is_dir())).map(|e| e.path()));
-            }
-        }
-        self.known.get(&id).cloned()
-    }
-}
-
-fn cgroup2_mount() -> Option<PathBuf> {
-    let mounts = std::fs::read_to_string("/proc/self/mountinfo").ok()?;
-    mounts.lines().find_map(|l| {
-        let (left, right) = l.split_once(" - ")?;
-        if !right.starts_with("cgroup2 ") {
-            return None;
-        }
-        left.split(' ').nth(4).map(PathBuf::from)
-    })
 }
 
 #[cfg(test)]

@@ -11,7 +11,7 @@ use memtrace_common::{
 use crate::{
     kernel::{self, AttachPoint, tracefs::Format},
     output::events::Events,
-    tools::{self, CommonArgs, args::Timestamp, registry::ToolSpec, tracer::Tracer},
+    tools::{self, CommonArgs, args::Timestamp, spec::ToolSpec, tracer::Tracer},
 };
 
 #[derive(clap::Args, Debug)]
@@ -77,8 +77,8 @@ pub async fn run(
     let mut tracer = Tracer::load(spec, |loader| {
         loader
             .override_global(names::FILTER, &filter, true)
-            .override_global("OFFSETS", &offsets, true)
-            .override_global("CONFIG", &config, true);
+            .override_global(memtrace_common::syscalls::names::OFFSETS, &offsets, true)
+            .override_global(memtrace_common::syscalls::names::CONFIG, &config, true);
     })?;
     tracer.attach(attach)?;
     let mut snoop = Snoop { out: Events::new(args.common.run.json, args.timestamp.timestamp, header), show };

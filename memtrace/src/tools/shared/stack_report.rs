@@ -49,7 +49,7 @@ impl StackRun {
         kernel: bool,
         header: String,
     ) -> Result<StackRun> {
-        let stats = tracer.map("STATS")?;
+        let stats = tracer.map(memtrace_common::names::STATS)?;
         let mut stacks = Stacks::new(StackStore::take(&mut tracer.bpf, Some("--max-stacks"))?, kernel)?;
         stacks.unwinder = Some(unwinder);
         if let Some(pid) = args.common.target.pid {
@@ -93,14 +93,14 @@ impl StackRun {
     }
 
     /// Prints a report of `counts` and the top `stacks`, with the tool's blind-spot counts
-    /// `spots`; `table` renders it after its `[TIME] `.
+    /// `blind_spots`; `table` renders it after its `[TIME] `.
     pub fn report<C: Serialize, S: Serialize + ShowsFrames, B: Serialize>(
         &self,
         is_final: bool,
         counts: C,
         mut stacks: Vec<S>,
         stacks_lost: u64,
-        spots: B,
+        blind_spots: B,
         table: impl FnOnce(&StackReport<C, S, B>) -> String,
     ) -> Result<()> {
         stacks.truncate(self.top);
@@ -115,7 +115,7 @@ impl StackRun {
             stacks_lost,
             cut_stacks: self.stacks.cut(),
             unnamed_frames,
-            spots,
+            blind_spots,
             stack_store_full: self.stacks.store.full(),
             stack_store_capacity: self.stacks.store.capacity(),
         };
@@ -142,7 +142,7 @@ pub struct StackReport<C, S, B> {
     unnamed_frames: UnnamedFrames,
     /// The tool's own blind spots.
     #[serde(flatten)]
-    pub spots: B,
+    pub blind_spots: B,
     /// Stacks the stack store had no room for, and its capacity (`--max-stacks`).
     stack_store_full: u64,
     stack_store_capacity: u32,
@@ -159,10 +159,11 @@ impl<C, S, B> StackReport<C, S, B> {
         (self.stack_store_full, output::stack_store_full(self.stack_store_capacity))
     }
 
-    /// The table's last line: lost events, then the tool's `spots`, then the walks' cuts.
-    pub fn blind_spots(&self, spots: &[(u64, &str)]) -> String {
+    /// The table's last line: lost events, then the tool's own blind spots, then the walks'
+    /// cuts.
+    pub fn blind_spots_line(&self, own: &[(u64, &str)]) -> String {
         let lost = (self.events_lost.unwrap_or(0), "events lost (ring buffer full)");
-        let all: Vec<(u64, &str)> = std::iter::once(lost).chain(spots.iter().copied()).collect();
+        let all: Vec<(u64, &str)> = std::iter::once(lost).chain(own.iter().copied()).collect();
         format!("  {}", output::stack_blind_spots(&all, &self.cut_stacks, &self.unnamed_frames))
     }
 }

@@ -11,10 +11,7 @@ use aya::{
 };
 use memtrace_common::names;
 
-use super::{
-    CommonArgs, Ctx, End, Flow, Signals, Stream, async_readable, registry::ToolSpec, ring_ready, stdout_closed,
-    watch_stdout,
-};
+use super::{CommonArgs, Ctx, End, Flow, Signals, Stream, ring_ready, spec::ToolSpec, stdout_closed, watch_stdout};
 use crate::{
     kernel::{self, AttachPoint},
     target,
@@ -84,7 +81,7 @@ impl Tracer {
         let name = self.spec.name;
         // A tool that reports from its maps alone (vmscan) has no ring buffer.
         let mut ring = match self.bpf.take_map(names::EVENTS) {
-            Some(map) => Some(async_readable(RingBuf::try_from(map)?)?),
+            Some(map) => Some(crate::sys::async_readable(RingBuf::try_from(map)?)?),
             None => None,
         };
         let lost = match self.bpf.take_map(names::LOST) {

@@ -7,7 +7,7 @@ use crate::output::{stack_blind_spots, stack_store_full};
 
 /// memleak's blind spots.
 #[derive(Clone, Copy, Debug, Default, Serialize, PartialEq, Eq)]
-pub struct Dropped {
+pub struct BlindSpots {
     /// Allocations not tracked because the per-address map was full.
     pub map_full: u64,
     /// Allocations recorded without their stack.
@@ -49,7 +49,7 @@ pub struct Dropped {
     pub unnamed_frames: crate::symbolize::UnnamedFrames,
 }
 
-impl std::fmt::Display for Dropped {
+impl std::fmt::Display for BlindSpots {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         let store_full = stack_store_full(self.stack_store_capacity);
         let spots = [
@@ -84,14 +84,14 @@ mod tests {
 
     #[test]
     fn blind_spots_are_named() {
-        assert_eq!(Dropped::default().to_string(), "blind spots: none");
-        let d = Dropped { unknown_frees: 3, map_full: 2, ..Default::default() };
+        assert_eq!(BlindSpots::default().to_string(), "blind spots: none");
+        let d = BlindSpots { unknown_frees: 3, map_full: 2, ..Default::default() };
         let s = d.to_string();
         assert!(s.starts_with("blind spots: 2 allocations untracked"), "{s}");
         assert!(s.contains("3 frees of addresses not seen allocated"), "{s}");
-        let d = Dropped { replaced: 2, ..Default::default() };
+        let d = BlindSpots { replaced: 2, ..Default::default() };
         assert_eq!(d.to_string(), "blind spots: 2 frees missed (an address allocated again without one)");
-        let d = Dropped { stacks_lost: 5, stack_store_full: 4, stack_store_capacity: 64, ..Default::default() };
+        let d = BlindSpots { stacks_lost: 5, stack_store_full: 4, stack_store_capacity: 64, ..Default::default() };
         assert_eq!(
             d.to_string(),
             "blind spots: 5 allocations without a stack, 4 stacks not stored (stack store of 64 full: raise \
@@ -99,7 +99,7 @@ mod tests {
         );
         // A frame without a name is a blind spot: "none" is never said over one.
         let unnamed_frames = crate::symbolize::UnnamedFrames { frames: 40, no_symbol: 3, ..Default::default() };
-        let d = Dropped { unnamed_frames, ..Default::default() };
+        let d = BlindSpots { unnamed_frames, ..Default::default() };
         assert_eq!(d.to_string(), "blind spots: 3 frames without a name (no symbol in their file)");
     }
 }

@@ -37,11 +37,11 @@ impl StackStore {
     /// sizes it (`--max-stacks`), if the tool has one.
     pub fn take(bpf: &mut Ebpf, option: Option<&'static str>) -> Result<StackStore> {
         let mut take = |name: &str| bpf.take_map(name).with_context(|| format!("internal: no map {name}"));
-        let map: HashMap<MapData, u64, Stack> = HashMap::try_from(take("STACKS")?)?;
+        let map: HashMap<MapData, u64, Stack> = HashMap::try_from(take(memtrace_common::names::STACKS)?)?;
         let capacity = map.map().info()?.max_entries();
         Ok(StackStore {
             map,
-            stats: PerCpuArray::try_from(take("STACK_STATS")?)?,
+            stats: PerCpuArray::try_from(take(memtrace_common::names::STACK_STATS)?)?,
             capacity,
             option,
             warned: Cell::new(false),

@@ -8,7 +8,10 @@ use std::{ops::RangeInclusive, time::Duration};
 use anyhow::{Result, bail};
 use memtrace_common::Filter;
 
-use crate::target;
+use crate::{
+    target,
+    unwind::{self, UnwindMode},
+};
 
 /// Options every tracer takes, the same way.
 #[derive(clap::Args, Debug, Clone, Default)]
@@ -69,7 +72,7 @@ fn check_comm(comm: &str) -> Result<()> {
 /// bad value gets memtrace's own one-line error, the same in every tool.
 #[derive(clap::Args, Debug, Clone, Default)]
 pub struct Reports {
-    /// Seconds between reports, 1 to 31536000 (default: 5 in memleak, 1 in vmscan and swapin;
+    /// Seconds between reports, 1 to 31536000 (default: 5 in memleak, 1 in vmscan, swapin and migrate;
     /// one report at the end in the others).
     #[arg(value_name = "INTERVAL")]
     interval: Option<String>,
@@ -237,7 +240,7 @@ pub struct StackReportArgs {
     #[arg(long, default_value_t = 65_536, value_name = "N")]
     pub max_stacks: u32,
     #[command(flatten)]
-    pub unwind: crate::unwind::UnwindArgs,
+    pub unwind: UnwindArgs,
 }
 
 impl StackReportArgs {
@@ -250,6 +253,45 @@ impl StackReportArgs {
             crate::output::check_writable("--folded", path)?;
         }
         self.unwind.validate()
+    }
+}
+
+/// The options of every tool that shows user stacks.
+#[derive(clap::Args, Debug, Clone)]
+pub struct UnwindArgs {
+    /// How user stacks are walked.
+    #[arg(long, value_enum, default_value_t = UnwindMode::Auto, value_name = "HOW")]
+    pub unwind: UnwindMode,
+    /// Rows of unwind tables that may be loaded (16 bytes of kernel memory each, reserved at
+    /// start); -v shows what each module takes.
+    #[arg(long, default_value_t = unwind::DEFAULT_ROWS, value_name = "N")]
+    pub unwind_rows: u32,
+}
+
+impl UnwindArgs {
+    /// The mode asked for, as this kernel can do it.
+    pub fn mode(&self) -> UnwindMode {
+        unwind::mode_on_this_kernel(self.unwind)
+    }
+
+    pub fn validate(&self) -> Result<()> {
+        in_range("--unwind-rows", self.unwind_rows.into(), 1024..=unwind::MAX_ROWS.into())
+    }
+
+    /// Sets the unwinder's globals and map sizes on a loader, before the object is loaded.
+    pub fn configure(&self, loader: &mut aya::EbpfLoader<'_>) {
+        self.configure_as(loader, self.mode());
+    }
+
+    /// `configure` with another mode (memleak's kernel mode walks no user stack).
+    pub fn configure_as(&self, loader: &mut aya::EbpfLoader<'_>, mode: UnwindMode) {
+        unwind::configure(loader, mode, self.unwind_rows);
+    }
+
+    /// The unwinder of a loaded object, with the tables of the processes `common` selects
+    /// loaded now, so their stacks are whole from the start.
+    pub fn start(&self, bpf: &mut aya::Ebpf, common: &CommonArgs) -> Result<unwind::Unwinder> {
+        unwind::Unwinder::start(bpf, self.mode(), common.target.pid, common.comm.as_deref())
     }
 }
 
