@@ -143,6 +143,53 @@ fn memleak_pid_follows_a_process_until_it_exits() {
     assert_eq!(assert_leaky_final(&stdout)["pid"], pid.parse::<u32>().unwrap());
 }
 
+/// `-p` on a program that has only just started, still in its loader with no library mapped:
+/// memleak waits for the loader and probes the libc it maps, not the executable (which has
+/// no malloc, as memleak once said of the shell the bench starts programs from).
+#[test]
+fn memleak_pid_of_a_program_still_in_its_loader_probes_its_libc() {
+    if !bpf_available("memleak_pid_of_a_program_still_in_its_loader_probes_its_libc") {
+        return;
+    }
+    use std::{
+        io::{BufRead as _, BufReader},
+        os::unix::process::CommandExt as _,
+    };
+    let mut cmd = Command::new(prog("leaky"));
+    cmd.arg("wait").stdin(Stdio::piped()).stdout(Stdio::piped());
+    // SAFETY: ptrace is async-signal-safe; the child stops at its exec, before the loader runs.
+    unsafe {
+        cmd.pre_exec(|| {
+            if libc::ptrace(libc::PTRACE_TRACEME, 0, 0, 0) == 0 { Ok(()) } else { Err(std::io::Error::last_os_error()) }
+        });
+    }
+    let mut child = cmd.spawn().unwrap();
+    let pid = child.id() as i32;
+    let mut status = 0;
+    // SAFETY: waiting for our own child's exec stop.
+    assert_eq!(unsafe { libc::waitpid(pid, &mut status, 0) }, pid);
+    assert!(libc::WIFSTOPPED(status) && libc::WSTOPSIG(status) == libc::SIGTRAP, "status {status:#x}");
+    let maps = std::fs::read_to_string(format!("/proc/{pid}/maps")).unwrap();
+    assert!(!maps.contains("libc.so"), "libc already mapped at the exec stop:\n{maps}");
+    let mut mt = Running::start(&["memleak", "--json", "-T", "100", "-o", "0", "-p", &pid.to_string()]);
+    std::thread::sleep(Duration::from_millis(300));
+    // SAFETY: detaching from our own stopped tracee; it goes on into its loader.
+    assert_eq!(unsafe { libc::ptrace(libc::PTRACE_DETACH, pid, 0, 0) }, 0);
+    mt.wait_ready();
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    assert_eq!(lines.next().unwrap().unwrap(), "ready");
+    let mut stdin = child.stdin.take().unwrap();
+    writeln!(stdin).unwrap();
+    assert_eq!(lines.next().unwrap().unwrap(), "leaked");
+    drop(stdin);
+    assert!(child.wait().unwrap().success());
+    let (status, stdout, stderr) = mt.finish(Duration::from_secs(20));
+    assert!(status.success(), "{status}: {stderr}");
+    let probed = stderr.lines().find(|l| l.contains(" through ")).unwrap_or_else(|| panic!("{stderr}"));
+    assert!(probed.contains("/libc.so.6 with"), "{probed}");
+    assert_leaky_final(&stdout);
+}
+
 #[test]
 fn memleak_kernel_mode_shows_kmalloc_stacks() {
     if !bpf_available("memleak_kernel_mode_shows_kmalloc_stacks") {
