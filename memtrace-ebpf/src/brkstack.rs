@@ -17,7 +17,7 @@ use memtrace_common::{
         STAT_STACK_COLLISION, STAT_STACK_LOST, STAT_TOTALS_FULL, STAT_UNKNOWN_PREV,
     },
 };
-use memtrace_ebpf::{BPF_NOEXIST, EEXIST, atomic_add, bump, current_pid_tgid, stack::Lost, submit, tp_u64, wanted};
+use memtrace_ebpf::{BPF_NOEXIST, EEXIST, atomic_add, bump, current_pid_tgid, submit, tp_u64, wanted};
 
 memtrace_ebpf::license!();
 
@@ -111,17 +111,12 @@ pub fn brkstack_exit(ctx: TracePointContext) -> u32 {
 /// `--unwind fp`). Returns its id in the stack store, or STACK_LOST.
 #[inline(always)]
 fn user_stack(ctx: &TracePointContext, pid: u32) -> u64 {
-    match stacks().user_walked(ctx, None, pid) {
-        Ok(id) => id,
-        Err(Lost::Collided) => {
-            bump(&STATS, STAT_STACK_COLLISION);
-            STACK_LOST
-        }
-        Err(_) => {
-            bump(&STATS, STAT_STACK_LOST);
-            STACK_LOST
-        }
-    }
+    memtrace_ebpf::stack::id_or_counted(
+        stacks().user_walked(ctx, None, pid),
+        &STATS,
+        STAT_STACK_COLLISION,
+        STAT_STACK_LOST,
+    )
 }
 
 #[inline(always)]

@@ -14,7 +14,7 @@ use memtrace_common::{
     STACK_LOST,
     mallocstat::{ARGS, Event, STAT_COUNT, STAT_NO_SPEC, STAT_STACK_COLLISION, STAT_STACK_LOST, WITH_STACK},
 };
-use memtrace_ebpf::{bump, current_pid_tgid, stack::Lost, submit, unwind::UserRegs, usdt, wanted};
+use memtrace_ebpf::{bump, current_pid_tgid, submit, unwind::UserRegs, usdt, wanted};
 
 memtrace_ebpf::license!();
 
@@ -60,15 +60,10 @@ pub fn mallocstat_hit(ctx: ProbeContext) -> u32 {
 #[inline(always)]
 fn user_stack(ctx: &ProbeContext, pid: u32) -> u64 {
     let regs = UserRegs::from_probe(ctx.as_ptr().cast());
-    match stacks().user_walked(ctx, regs, pid) {
-        Ok(id) => id,
-        Err(Lost::Collided) => {
-            bump(&STATS, STAT_STACK_COLLISION);
-            STACK_LOST
-        }
-        Err(_) => {
-            bump(&STATS, STAT_STACK_LOST);
-            STACK_LOST
-        }
-    }
+    memtrace_ebpf::stack::id_or_counted(
+        stacks().user_walked(ctx, regs, pid),
+        &STATS,
+        STAT_STACK_COLLISION,
+        STAT_STACK_LOST,
+    )
 }

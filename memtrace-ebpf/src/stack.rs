@@ -39,6 +39,24 @@ pub enum Lost {
     Collided,
 }
 
+/// A capture's id, or `STACK_LOST` counted in `stats`: a collision at `collided`, any other
+/// loss at `lost`.
+#[inline(always)]
+pub fn id_or_counted<const N: usize>(
+    capture: Result<u64, Lost>,
+    stats: &PerCpuArray<u64, N>,
+    collided: u32,
+    lost: u32,
+) -> u64 {
+    match capture {
+        Ok(id) => id,
+        Err(why) => {
+            bump(stats, if why == Lost::Collided { collided } else { lost });
+            memtrace_common::STACK_LOST
+        }
+    }
+}
+
 /// The three maps of one tool's store, by reference (see `stack_store!`).
 pub struct Store<const N: usize> {
     pub stacks: &'static HashMap<u64, Stack, N, STORE_FLAGS>,
