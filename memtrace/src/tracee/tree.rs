@@ -263,7 +263,12 @@ impl Tree {
             }
             // A signal on its way to the command: deliver it (a stop signal then starts a
             // group-stop, reported as PTRACE_EVENT_STOP).
-            0 => resume(tid, sig),
+            0 => {
+                if sig == libc::SIGTRAP {
+                    say_trap(tid);
+                }
+                resume(tid, sig)
+            }
             event => self.event(tid, event),
         }
     }
@@ -363,6 +368,31 @@ fn lock(tasks: &Mutex<Tasks>) -> MutexGuard<'_, Tasks> {
 fn resume(tid: u32, sig: i32) {
     // SAFETY: resuming a stopped tracee of this thread.
     unsafe { libc::ptrace(libc::PTRACE_CONT, tid as libc::pid_t, 0, sig) };
+}
+
+/// A SIGTRAP the kernel sends a traced command can come from memtrace's own probes and
+/// watchpoints: say where and why, before it is delivered (it ends most programs).
+fn say_trap(tid: u32) {
+    // SAFETY: siginfo_t is plain data; PTRACE_GETSIGINFO fills it for a stopped tracee.
+    let mut info: libc::siginfo_t = unsafe { std::mem::zeroed() };
+    // SAFETY: reading the pending signal of a stopped tracee of this thread.
+    if unsafe { libc::ptrace(libc::PTRACE_GETSIGINFO, tid as libc::pid_t, 0, &mut info) } != 0 {
+        return;
+    }
+    let cause = match info.si_code {
+        1 => "a breakpoint instruction (TRAP_BRKPT)",
+        2 => "single-stepping (TRAP_TRACE)",
+        4 => "a hardware breakpoint (TRAP_HWBKPT)",
+        0x80 => "the kernel (SI_KERNEL: an int3 where no probe is registered)",
+        0 => "a process (SI_USER)",
+        _ => "another cause",
+    };
+    // SAFETY: si_addr is meaningful for the kernel's traps and 0 otherwise.
+    let addr = unsafe { info.si_addr() } as u64;
+    eprintln!(
+        "memtrace: thread {tid} of the command gets SIGTRAP from {cause} (si_code {}, address {addr:#x})",
+        info.si_code
+    );
 }
 
 fn event_msg(tid: u32) -> u32 {
