@@ -96,6 +96,13 @@ fn memleak_command_exit_status_is_passed_through() {
         assert!(stderr.contains(&format!("memtrace: memleak: command exited with status {code}\n")), "{stderr}");
         final_report(&String::from_utf8_lossy(&out.stdout));
     }
+    // A SIGTRAP the kernel sends the command is said, with its cause, before it ends it.
+    let cmd = format!("{} int3", exit_with.display());
+    let out = run(&["memleak", "--json", "-c", &cmd], Duration::from_secs(60));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(128 + libc::SIGTRAP), "{cmd}: {stderr}");
+    let said = stderr.lines().find(|l| l.contains("gets SIGTRAP")).unwrap_or_else(|| panic!("{stderr}"));
+    assert!(said.contains("from the kernel (SI_KERNEL: an int3 where no probe is registered) (si_code 128"), "{said}");
     // -p leaves the target's status alone: memtrace succeeded.
     let mut target = Command::new(&exit_with).args(["5", "read"]).stdin(Stdio::piped()).spawn().unwrap();
     let mut mt = Running::start(&["memleak", "--json", "-p", &target.id().to_string()]);
