@@ -18,6 +18,7 @@ use crate::cmd;
 /// libc6-dbg: names libc's local functions (`__libc_start_call_main`), which the unwind tests
 /// look for at the root of each stack. python3.11: the unwind tests' interpreter (and its USDT
 /// probes, probe's). systemtap-sdt-dev: <sys/sdt.h>, for mallocstat's program with glibc's probes.
+/// golang-go: `go tool pprof`, which the pprof tests read memtrace's profiles with.
 const APT_PACKAGES: &[&str] = &[
     "gcc",
     "g++",
@@ -31,6 +32,7 @@ const APT_PACKAGES: &[&str] = &[
     "stress-ng",
     "python3.11",
     "systemtap-sdt-dev",
+    "golang-go",
 ];
 
 /// Programs and peers only `cargo xtask bench` runs (never the tests): the real workloads

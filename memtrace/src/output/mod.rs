@@ -1,5 +1,5 @@
 //! What every tool prints: timestamps, stacks, the tool's own blind spots, and the
-//! formats side by side (table and JSON lines here, folded stacks for flame graphs).
+//! formats side by side (table and JSON lines here, folded stacks for flame graphs, pprof).
 
 use std::{
     fmt::Write as _,
@@ -18,6 +18,7 @@ pub mod decode;
 pub mod events;
 pub mod hex;
 pub mod histogram;
+pub mod pprof;
 pub mod ready;
 pub mod reports;
 

@@ -90,6 +90,20 @@ impl fmt::Display for Frame {
 /// Identity of an opened ELF file: (st_dev, st_ino).
 type FileKey = (u64, u64);
 
+/// A file mapping that held code of a symbolized stack, as the process mapped it: what a
+/// profile needs for another tool to symbolize its addresses later.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct MappedFile {
+    pub start: u64,
+    pub limit: u64,
+    /// Offset in the file of `start`.
+    pub offset: u64,
+    /// The path as /proc/PID/maps shows it.
+    pub path: String,
+    /// The GNU build-id note, in hex, when the file has one.
+    pub build_id: Option<String>,
+}
+
 #[derive(Clone)]
 enum Kind {
     /// File-backed mapping; `file` is None when it could not be opened or is not executable.
@@ -135,6 +149,11 @@ pub struct UserSymbolizer {
     unreachable: HashSet<(u32, Rc<str>)>,
     /// Processes that mapped code since their snapshot: re-read before the next lookup.
     outdated: HashSet<u32>,
+    /// Per process, the file mappings its symbolized stacks ran through, kept as long as the
+    /// callers keep those stacks' frames (past `forget`), for a final report after the exit.
+    placed: HashMap<u32, Vec<Rc<MappedFile>>>,
+    /// Each opened file's build id, read once.
+    build_ids: HashMap<FileKey, Option<String>>,
 }
 
 impl Default for UserSymbolizer {
@@ -161,6 +180,8 @@ impl UserSymbolizer {
             comms: HashMap::new(),
             unreachable: Default::default(),
             outdated: HashSet::new(),
+            placed: HashMap::new(),
+            build_ids: HashMap::new(),
         }
     }
 
@@ -300,12 +321,42 @@ impl UserSymbolizer {
                 Kind::Other => frames.push(Frame::unnamed(addr, module, Unnamed::Anonymous)),
                 Kind::Vdso => frames.push(Frame::unnamed(addr, module, Unnamed::Vdso)),
                 Kind::File { file: None, .. } => frames.push(Frame::unnamed(addr, module, Unnamed::Unreadable)),
-                Kind::File { ref module, file: Some(key), .. } => {
+                Kind::File { ref module, ref path, file: Some(key), .. } => {
+                    self.place(pid, addr, key, path);
                     frames.extend(self.symbolize_file(key, file_off, module, addr))
                 }
             }
         }
         frames
+    }
+
+    /// The file mapping that held `addr` of `pid` when a stack through it was symbolized.
+    pub fn mapping(&self, pid: u32, addr: u64) -> Option<&MappedFile> {
+        let placed = self.placed.get(&pid)?;
+        placed.iter().find(|m| (m.start..m.limit).contains(&addr)).map(|m| &**m)
+    }
+
+    /// Remembers the mapping of `addr` (a code address just found in `file`) for `mapping`.
+    fn place(&mut self, pid: u32, addr: u64, key: FileKey, path: &str) {
+        if self.mapping(pid, addr).is_some() {
+            return;
+        }
+        let Some(m) = self.maps.get(&pid).and_then(|maps| maps.iter().find(|m| (m.start..m.end).contains(&addr))) else {
+            return;
+        };
+        let (start, limit, offset) = (m.start, m.end, m.offset);
+        let files = &self.files;
+        let build_id = self
+            .build_ids
+            .entry(key)
+            .or_insert_with(|| {
+                let fd = files.get(&key)?.as_raw_fd();
+                let id = blazesym::helper::read_elf_build_id(&format!("/proc/self/fd/{fd}")).ok()??;
+                Some(id.iter().map(|b| format!("{b:02x}")).collect())
+            })
+            .clone();
+        let mapped = MappedFile { start, limit, offset, path: path.to_string(), build_id };
+        self.placed.entry(pid).or_default().push(Rc::new(mapped));
     }
 
     /// How many mapped files could not be opened: a blind spot for reports to state.

@@ -15,7 +15,7 @@ use memtrace_common::{
 };
 
 use crate::{
-    symbolize::{Frame, KernelSymbolizer, UserSymbolizer},
+    symbolize::{Frame, KernelSymbolizer, MappedFile, UserSymbolizer},
     unwind::{CutStacks, Unwinder},
 };
 
@@ -179,6 +179,11 @@ impl Stacks {
         if gone > 0 {
             tracing::debug!("forgot the maps of {gone} exited processes");
         }
+    }
+
+    /// The file mapping that held a user address of a symbolized stack of `pid`.
+    pub fn mapping(&self, pid: u32, addr: u64) -> Option<MappedFile> {
+        self.user.mapping(pid, addr).cloned()
     }
 
     /// A user stack of process `pid`, innermost first (see `user_frames`).
