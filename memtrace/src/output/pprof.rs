@@ -399,15 +399,17 @@ mod tests {
         };
         assert_eq!(p.sample.len(), 2);
         assert_eq!(p.sample[0].value, [2, 300]);
-        assert_eq!(lines(&p.sample[0].location_id), [vec!["leaf /src/a.c:3", "mid /src/a.c:9"], vec!["main /src/m.c:20"]]);
+        assert_eq!(
+            lines(&p.sample[0].location_id),
+            [vec!["leaf /src/a.c:3", "mid /src/a.c:9"], vec!["main /src/m.c:20"]]
+        );
         assert_eq!(p.sample[1].value, [1, 50]);
         assert_eq!(lines(&p.sample[1].location_id), [vec!["main /src/m.c:20"], vec!["do_brk :0"]]);
         // The same address in the same process is one location, and the same function one function.
         assert_eq!(p.sample[0].location_id[1], p.sample[1].location_id[0]);
         assert_eq!(p.location.len(), 3);
         assert_eq!(p.function.len(), 4);
-        let labels: Vec<(&str, i64, &str)> =
-            p.sample[0].label.iter().map(|l| (s(l.key), l.num, s(l.str))).collect();
+        let labels: Vec<(&str, i64, &str)> = p.sample[0].label.iter().map(|l| (s(l.key), l.num, s(l.str))).collect();
         assert_eq!(labels, [("pid", 7, ""), ("process", 0, "app (7)")]);
 
         // Addresses and mappings: the file's with its range, offset and build id; the kernel's by name.
@@ -419,7 +421,9 @@ mod tests {
             .map(|m| (m.id, m.memory_start, m.memory_limit, m.file_offset, s(m.filename), s(m.build_id)))
             .collect();
         assert_eq!(maps, [(1, 0x1000, 0x2000, 0x400, "/usr/bin/app", "abcd"), (2, 0, 0, 0, "[kernel]", "")]);
-        assert!(p.mapping.iter().all(|m| m.has_functions && m.has_filenames && m.has_line_numbers && m.has_inline_frames));
+        assert!(
+            p.mapping.iter().all(|m| m.has_functions && m.has_filenames && m.has_line_numbers && m.has_inline_frames)
+        );
     }
 
     #[test]

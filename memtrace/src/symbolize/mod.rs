@@ -341,7 +341,8 @@ impl UserSymbolizer {
         if self.mapping(pid, addr).is_some() {
             return;
         }
-        let Some(m) = self.maps.get(&pid).and_then(|maps| maps.iter().find(|m| (m.start..m.end).contains(&addr))) else {
+        let Some(m) = self.maps.get(&pid).and_then(|maps| maps.iter().find(|m| (m.start..m.end).contains(&addr)))
+        else {
             return;
         };
         let (start, limit, offset) = (m.start, m.end, m.offset);

@@ -245,6 +245,17 @@ impl StackTool for Live {
             let folded = stacks.iter().map(|s| (output::process_root(s.pid, &s.comm), s.frames.as_slice(), s.calls));
             stacks::write_folded(path, folded)?;
         }
+        let samples: Vec<output::pprof::Sample> = stacks
+            .iter()
+            .map(|s| output::pprof::Sample {
+                pid: s.pid,
+                process: output::process_root(s.pid, &s.comm),
+                frames: &s.frames,
+                values: vec![s.bytes, s.calls as i64],
+            })
+            .collect();
+        // Calls last, shown by default: the table sorts by them too.
+        self.run.write_pprof(is_final, &[("growth", "bytes"), ("calls", "count")], &samples)?;
         let totals =
             Totals { calls: rows.iter().map(|r| r.1.calls).sum(), bytes: rows.iter().map(|r| r.1.bytes as i64).sum() };
         let run = &self.run;

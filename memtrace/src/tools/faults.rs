@@ -293,14 +293,25 @@ impl StackTool for Live {
                 frames,
             });
         }
+        let root = |pid: u32| output::process_root(pid, comms.get(&pid).map_or("", String::as_str));
+        let whole: Vec<(String, Vec<Frame>, u64)> = stacks
+            .iter()
+            .map(|s| (root(s.pid), [s.kernel_frames.clone(), s.frames.clone()].concat(), s.faults))
+            .collect();
         if let Some(path) = self.run.folded(is_final) {
-            let root = |pid: u32| output::process_root(pid, comms.get(&pid).map_or("", String::as_str));
-            let folded: Vec<(String, Vec<Frame>, u64)> = stacks
-                .iter()
-                .map(|s| (root(s.pid), [s.kernel_frames.clone(), s.frames.clone()].concat(), s.faults))
-                .collect();
-            stacks::write_folded(path, folded.iter().map(|(r, f, n)| (r.clone(), f.as_slice(), *n)))?;
+            stacks::write_folded(path, whole.iter().map(|(r, f, n)| (r.clone(), f.as_slice(), *n)))?;
         }
+        let samples: Vec<output::pprof::Sample> = stacks
+            .iter()
+            .zip(&whole)
+            .map(|(s, (process, frames, n))| output::pprof::Sample {
+                pid: s.pid,
+                process: process.clone(),
+                frames,
+                values: vec![*n as i64],
+            })
+            .collect();
+        self.run.write_pprof(is_final, &[("faults", "count")], &samples)?;
         let run = &self.run;
         let blind_spots = BlindSpots {
             kernel_stacks_lost: run.stat(STAT_KSTACK_LOST),

@@ -114,6 +114,10 @@ pub struct Args {
     /// Also write the final report as folded stacks (weight: bytes) to this file, for flame graphs.
     #[arg(long, value_name = "FILE")]
     pub folded: Option<PathBuf>,
+    /// Also write the final report as a gzipped pprof profile (inuse_space in bytes,
+    /// inuse_objects in blocks) to this file, for `go tool pprof` and profile servers.
+    #[arg(long, value_name = "FILE")]
+    pub pprof: Option<PathBuf>,
     /// Low-overhead estimate: probe malloc, calloc and realloc only PCT% of the time (free stays
     /// probed); outstanding bytes are scaled by the share of activity recorded.
     #[arg(long, value_name = "PCT", value_parser = clap::value_parser!(u32).range(1..100))]
@@ -135,7 +139,7 @@ pub struct Args {
     /// User mode: report memory errors only, no leaks; an allocation keeps only its call site
     /// (the stack walk at each allocation is saved, so a double free's "allocated at" is the
     /// caller alone).
-    #[arg(long, conflicts_with_all = ["no_errors", "trace", "show_allocs", "folded"])]
+    #[arg(long, conflicts_with_all = ["no_errors", "trace", "show_allocs", "folded", "pprof"])]
     pub errors_only: bool,
     /// User mode: watch for writes past the end of live blocks and into freed ones with N of
     /// the CPU's 4 hardware breakpoints (debug registers), moved to other blocks every 250 ms or so,
@@ -245,6 +249,9 @@ impl Args {
         self.unwind.validate()?;
         if let Some(path) = &self.folded {
             crate::output::check_writable("--folded", path)?;
+        }
+        if let Some(path) = &self.pprof {
+            crate::output::check_writable("--pprof", path)?;
         }
         Ok(())
     }

@@ -143,6 +143,16 @@ impl Live {
                 stack_rows.iter().map(|s| (output::process_root(s.pid, &s.comm), s.frames.as_slice(), s.hits.hits));
             stacks::write_folded(path, folded)?;
         }
+        let samples: Vec<output::pprof::Sample> = stack_rows
+            .iter()
+            .map(|s| output::pprof::Sample {
+                pid: s.pid,
+                process: output::process_root(s.pid, &s.comm),
+                frames: &s.frames,
+                values: vec![s.hits.hits as i64],
+            })
+            .collect();
+        self.run.write_pprof(is_final, &[("hits", "count")], &samples)?;
         let run = &self.run;
         let stacks_lost = run.stat(STAT_STACK_LOST) + run.stat(STAT_STACK_COLLISION);
         let blind_spots = BlindSpots { unknown_sites: run.stat(STAT_NO_SPEC) };

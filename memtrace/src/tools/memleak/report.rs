@@ -610,11 +610,25 @@ impl<'a> Session<'a> {
             }),
         };
         let report = self.out.titled(report, |r| render(r, self.args.sample_rate))?;
+        let root = |pid: u32| match pid {
+            NO_PID => "[kernel]".to_string(),
+            pid => output::process_root(pid, self.user_sym.comm(pid).unwrap_or_default()),
+        };
+        if is_final && let Some(path) = &self.args.pprof {
+            let samples: Vec<output::pprof::Sample> = report
+                .stacks
+                .iter()
+                .map(|s| output::pprof::Sample {
+                    pid: s.pid,
+                    process: root(s.pid),
+                    frames: &s.frames,
+                    values: vec![s.allocs as i64, s.bytes as i64],
+                })
+                .collect();
+            let types = [("inuse_objects", "count"), ("inuse_space", "bytes")];
+            output::pprof::write(path, &types, &samples, |pid, addr| self.user_sym.mapping(pid, addr).cloned())?;
+        }
         if is_final && let Some(path) = &self.args.folded {
-            let root = |pid: u32| match pid {
-                NO_PID => "[kernel]".to_string(),
-                pid => output::process_root(pid, self.user_sym.comm(pid).unwrap_or_default()),
-            };
             let folded = report.stacks.iter().map(|s| (root(s.pid), s.frames.as_slice(), s.bytes));
             crate::tools::stacks::write_folded(path, folded)?;
         }

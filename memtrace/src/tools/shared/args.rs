@@ -235,6 +235,10 @@ pub struct StackReportArgs {
     /// Also write the final report's stacks as folded stacks to this file, for flame graphs.
     #[arg(long, value_name = "FILE")]
     pub folded: Option<std::path::PathBuf>,
+    /// Also write the final report's stacks as a gzipped pprof profile to this file, for
+    /// `go tool pprof` and profile servers.
+    #[arg(long, value_name = "FILE")]
+    pub pprof: Option<std::path::PathBuf>,
     /// Capacity of the stack store and the per-stack counts (a full map is reported as a blind
     /// spot). Stacks take memory only when stored, about 1 KiB each.
     #[arg(long, default_value_t = 65_536, value_name = "N")]
@@ -251,6 +255,9 @@ impl StackReportArgs {
         in_range("--max-stacks", self.max_stacks.into(), MAP_ENTRIES)?;
         if let Some(path) = &self.folded {
             crate::output::check_writable("--folded", path)?;
+        }
+        if let Some(path) = &self.pprof {
+            crate::output::check_writable("--pprof", path)?;
         }
         self.unwind.validate()
     }

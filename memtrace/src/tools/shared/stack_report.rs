@@ -1,6 +1,6 @@
 //! What the tools that count per stack in the kernel and report per interval (brkstack, faults)
 //! share past their probes: the stack store and its walks, the kernel's counters, the printers,
-//! `--folded`, and the report's frame (its end, its lost events and stacks, the stack store).
+//! `--folded` and `--pprof`, and the report's frame (its end, its lost events and stacks, the stack store).
 
 use std::path::{Path, PathBuf};
 
@@ -28,6 +28,7 @@ pub trait ShowsFrames {
 pub struct StackRun {
     top: usize,
     folded: Option<PathBuf>,
+    pprof: Option<PathBuf>,
     pid: Option<u32>,
     stats: PerCpuArray<MapData, u64>,
     pub stacks: Stacks,
@@ -59,6 +60,7 @@ impl StackRun {
         Ok(StackRun {
             top: args.top.get(),
             folded: args.folded.clone(),
+            pprof: args.pprof.clone(),
             pid: args.common.target.pid,
             stats,
             stacks,
@@ -82,9 +84,25 @@ impl StackRun {
         self.top
     }
 
-    /// How many of the sorted stacks a report symbolizes: all for the final one's `--folded`.
+    /// How many of the sorted stacks a report symbolizes: all for the final one's `--folded`
+    /// and `--pprof`.
     pub fn shown(&self, is_final: bool) -> usize {
-        if self.folded(is_final).is_some() { usize::MAX } else { self.top }
+        let files = self.folded(is_final).is_some() || (is_final && self.pprof.is_some());
+        if files { usize::MAX } else { self.top }
+    }
+
+    /// Writes the final report's stacks to the `--pprof` file, if any; `sample_types` are
+    /// pprof's (type, unit) pairs, the last shown by default.
+    pub fn write_pprof(
+        &self,
+        is_final: bool,
+        sample_types: &[(&str, &str)],
+        samples: &[output::pprof::Sample<'_>],
+    ) -> Result<()> {
+        match self.pprof.as_deref().filter(|_| is_final) {
+            Some(path) => output::pprof::write(path, sample_types, samples, |pid, addr| self.stacks.mapping(pid, addr)),
+            None => Ok(()),
+        }
     }
 
     /// The `--folded` file, for the final report.

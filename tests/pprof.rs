@@ -1,0 +1,101 @@
+//! `--pprof` read back by the real pprof (`go tool pprof`, Debian's golang-go): memleak's
+//! profile of leaky names each leaking function at its file:line with its exact bytes and
+//! blocks; bad paths are one-line errors before anything is attached.
+
+#[path = "common/mod.rs"]
+mod common;
+
+use std::{path::Path, process::Command, time::Duration};
+
+use common::*;
+
+/// `go tool pprof ARGS FILE`'s stdout; pprof's own failure fails the test.
+fn go_pprof(args: &[&str], file: &Path) -> String {
+    let out = Command::new("go")
+        .args(["tool", "pprof"])
+        .args(args)
+        .arg(file)
+        .output()
+        .expect("go tool pprof runs (golang-go; cargo xtask setup installs it)");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "go tool pprof {args:?}: {}: {stderr}", out.status);
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// The rows of `-top -lines`: (flat value as printed, function, file:line).
+fn top_rows(text: &str) -> Vec<(String, String, String)> {
+    text.lines()
+        .skip_while(|l| !l.trim_start().starts_with("flat"))
+        .skip(1)
+        .filter_map(|l| {
+            let cols: Vec<&str> = l.split_whitespace().collect();
+            (cols.len() >= 7).then(|| (cols[0].to_string(), cols[5].to_string(), cols[6].to_string()))
+        })
+        .collect()
+}
+
+#[test]
+fn memleak_pprof_of_leaky_reads_back_in_go_pprof_exactly() {
+    if !bpf_available("memleak_pprof_of_leaky_reads_back_in_go_pprof_exactly") {
+        return;
+    }
+    let file = std::env::temp_dir().join(format!("memleak-pprof-{}.pb.gz", std::process::id()));
+    let leaky = prog("leaky");
+    let args = ["memleak", "--json", "-T", "100", "--pprof", file.to_str().unwrap(), "-c", leaky.to_str().unwrap()];
+    let out = run(&args, Duration::from_secs(60));
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let report = final_report(&String::from_utf8_lossy(&out.stdout));
+    assert_leaks(&report, "leaky.c", LEAKY_C, "no_leak");
+    assert_detached("memleak");
+
+    let space = go_pprof(&["-top", "-lines", "-nodecount=1000", "-sample_index=inuse_space", "-unit=B"], &file);
+    let objects = go_pprof(&["-top", "-lines", "-nodecount=1000", "-sample_index=inuse_objects"], &file);
+    let raw = go_pprof(&["-raw"], &file);
+    std::fs::remove_file(&file).unwrap();
+    let (space, objects) = (top_rows(&space), top_rows(&objects));
+    for &(func, bytes, blocks) in LEAKY_C {
+        let at = format!("leaky.c:{}", marker_line("leaky.c", func));
+        let row = |rows: &[(String, String, String)]| {
+            let found: Vec<&(String, String, String)> = rows.iter().filter(|r| r.1 == func).collect();
+            assert_eq!(found.len(), 1, "{func}: one line: {rows:?}");
+            assert!(found[0].2.ends_with(&at), "{func}: at {at}: {:?}", found[0]);
+            found[0].0.clone()
+        };
+        assert_eq!(row(&space), format!("{bytes}B"), "{func}: bytes");
+        assert_eq!(row(&objects), blocks.to_string(), "{func}: blocks");
+    }
+    assert!(!space.iter().any(|r| r.1 == "no_leak"), "freed memory in the profile: {space:?}");
+    // The executable's mapping, with its build id, for a server to symbolize again.
+    let build_id = elf_build_id(&leaky);
+    assert!(raw.contains(&format!("{} [{build_id}]", leaky.display())) || raw.contains(&build_id), "{raw}");
+}
+
+/// The GNU build id of an ELF file in hex, as `readelf -n` prints it.
+fn elf_build_id(path: &Path) -> String {
+    let out = Command::new("readelf").arg("-n").arg(path).output().expect("readelf (binutils) runs");
+    let text = String::from_utf8_lossy(&out.stdout);
+    let line = text.lines().find_map(|l| l.trim().strip_prefix("Build ID: ")).unwrap_or_else(|| panic!("{text}"));
+    line.trim().to_string()
+}
+
+#[test]
+fn pprof_paths_that_cannot_be_written_are_one_line_errors() {
+    let leaky = prog("leaky");
+    for (args, said) in [
+        (
+            vec!["memleak", "--pprof", "/nonexistent/p.pb.gz", "-c", leaky.to_str().unwrap()],
+            "memtrace: error: --pprof /nonexistent/p.pb.gz: directory /nonexistent does not exist",
+        ),
+        (vec!["brkstack", "--pprof", "/tmp"], "memtrace: error: --pprof /tmp is a directory: give a file path"),
+        (
+            vec!["faults", "--pprof", "/proc/version"],
+            "memtrace: error: --pprof /proc/version: cannot write /proc/version: Input/output error (os error 5)",
+        ),
+    ] {
+        let out = run(&args, Duration::from_secs(20));
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{args:?}: {stderr}");
+        assert_eq!(stderr.trim_end(), said, "{args:?}");
+    }
+    assert_detached("memleak");
+}
