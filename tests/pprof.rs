@@ -5,7 +5,7 @@
 #[path = "common/mod.rs"]
 mod common;
 
-use std::{path::Path, process::Command, time::Duration};
+use std::{io::Write as _, path::Path, process::Command, time::Duration};
 
 use common::*;
 
@@ -22,16 +22,39 @@ fn go_pprof(args: &[&str], file: &Path) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
-/// The rows of `-top -lines`: (flat value as printed, function, file:line).
-fn top_rows(text: &str) -> Vec<(String, String, String)> {
+/// A row of `-top -lines`: the flat and cumulative values as printed, the function and its
+/// file:line.
+#[derive(Debug)]
+struct Row {
+    flat: String,
+    cum: String,
+    func: String,
+    at: String,
+}
+
+fn top_rows(text: &str) -> Vec<Row> {
     text.lines()
         .skip_while(|l| !l.trim_start().starts_with("flat"))
         .skip(1)
         .filter_map(|l| {
             let cols: Vec<&str> = l.split_whitespace().collect();
-            (cols.len() >= 7).then(|| (cols[0].to_string(), cols[5].to_string(), cols[6].to_string()))
+            (cols.len() >= 7).then(|| Row {
+                flat: cols[0].into(),
+                cum: cols[3].into(),
+                func: cols[5].into(),
+                at: cols[6].into(),
+            })
         })
         .collect()
+}
+
+/// The one row of `func`, which must be at `file`'s line marked `LEAK:func`.
+fn row_of<'a>(rows: &'a [Row], func: &str, file: &str) -> &'a Row {
+    let found: Vec<&Row> = rows.iter().filter(|r| r.func == func).collect();
+    assert_eq!(found.len(), 1, "{func}: one line: {rows:#?}");
+    let at = format!("/{file}:{}", marker_line(file, func));
+    assert!(found[0].at.ends_with(&at), "{func}: at {at}: {:?}", found[0]);
+    found[0]
 }
 
 #[test]
@@ -53,21 +76,43 @@ fn memleak_pprof_of_leaky_reads_back_in_go_pprof_exactly() {
     let raw = go_pprof(&["-raw"], &file);
     std::fs::remove_file(&file).unwrap();
     let (space, objects) = (top_rows(&space), top_rows(&objects));
+    // Each leak function is its stack's innermost frame: its own (flat) bytes and blocks.
     for &(func, bytes, blocks) in LEAKY_C {
-        let at = format!("leaky.c:{}", marker_line("leaky.c", func));
-        let row = |rows: &[(String, String, String)]| {
-            let found: Vec<&(String, String, String)> = rows.iter().filter(|r| r.1 == func).collect();
-            assert_eq!(found.len(), 1, "{func}: one line: {rows:?}");
-            assert!(found[0].2.ends_with(&at), "{func}: at {at}: {:?}", found[0]);
-            found[0].0.clone()
-        };
-        assert_eq!(row(&space), format!("{bytes}B"), "{func}: bytes");
-        assert_eq!(row(&objects), blocks.to_string(), "{func}: blocks");
+        assert_eq!(row_of(&space, func, "leaky.c").flat, format!("{bytes}B"), "{func}: bytes");
+        assert_eq!(row_of(&objects, func, "leaky.c").flat, blocks.to_string(), "{func}: blocks");
     }
-    assert!(!space.iter().any(|r| r.1 == "no_leak"), "freed memory in the profile: {space:?}");
+    assert!(!space.iter().any(|r| r.func == "no_leak"), "freed memory in the profile: {space:#?}");
     // The executable's mapping, with its build id, for a server to symbolize again.
-    let build_id = elf_build_id(&leaky);
-    assert!(raw.contains(&format!("{} [{build_id}]", leaky.display())) || raw.contains(&build_id), "{raw}");
+    let mapping = format!(" {} {} [FN][FL][LN][IN]", leaky.canonicalize().unwrap().display(), elf_build_id(&leaky));
+    assert!(raw.lines().skip_while(|l| *l != "Mappings").any(|l| l.ends_with(&mapping)), "{mapping}: {raw}");
+}
+
+#[test]
+fn brkstack_pprof_reads_back_in_go_pprof_exactly() {
+    if !unwind_tables("brkstack_pprof_reads_back_in_go_pprof_exactly") {
+        return;
+    }
+    // tests/progs/brkstack_grow.c: sbrk(4096) this many times from grow_heap.
+    const GROWS: u64 = 5;
+    let file = std::env::temp_dir().join(format!("brkstack-pprof-{}.pb.gz", std::process::id()));
+    let Ready { mut child, mut stdin, mut lines } = Ready::start(&mut Command::new(prog("brkstack_grow")));
+    let pid = child.id().to_string();
+    let mut mt = Running::start(&["brkstack", "-p", &pid, "--pprof", file.to_str().unwrap()]);
+    mt.wait_ready();
+    writeln!(stdin).unwrap();
+    assert_eq!(lines.next().unwrap().unwrap(), "grown");
+    drop(stdin);
+    assert!(child.wait().unwrap().success());
+    let (status, _, stderr) = mt.finish(Duration::from_secs(20));
+    assert!(status.success(), "{status}: {stderr}");
+    assert_detached("brkstack");
+
+    let calls = top_rows(&go_pprof(&["-top", "-lines", "-sample_index=calls"], &file));
+    let growth = top_rows(&go_pprof(&["-top", "-lines", "-sample_index=growth", "-unit=B"], &file));
+    std::fs::remove_file(&file).unwrap();
+    // grow_heap calls sbrk in libc: its calls and growth are cumulative.
+    assert_eq!(row_of(&calls, "grow_heap", "brkstack_grow.c").cum, GROWS.to_string(), "{calls:#?}");
+    assert_eq!(row_of(&growth, "grow_heap", "brkstack_grow.c").cum, format!("{}B", GROWS * 4096), "{growth:#?}");
 }
 
 /// The GNU build id of an ELF file in hex, as `readelf -n` prints it.
