@@ -558,9 +558,15 @@ impl<'a> Session<'a> {
         let top = if self.args.errors_only { 0 } else { self.args.top.get() };
         let mut cut_stacks = self.unwinder.cut();
         cut_stacks.add(&in_process.cut);
+        // A heap profile is the whole heap: the stacks past the table's top go into it too.
+        let whole_profile = is_final && self.args.pprof.is_some() && !self.args.errors_only;
+        let mut beyond_top = Vec::new();
         for row in rows.iter() {
             let (trend, rate) = self.trends.observe(row.key, row.bytes, now);
-            if stacks.len() < top {
+            if stacks.len() >= top && whole_profile {
+                let frames = self.frames(row.key, recorder(row.key.pid).map(|r| &**r));
+                beyond_top.push((row.key.pid, frames, row.allocs, row.bytes));
+            } else if stacks.len() < top {
                 let recorder = recorder(row.key.pid);
                 let frames = self.frames(row.key, recorder.map(|r| &**r));
                 let fp_walked = row.key.pid != NO_PID && self.unwinder.mode() == crate::unwind::UnwindMode::Fp;
@@ -615,14 +621,14 @@ impl<'a> Session<'a> {
             pid => output::process_root(pid, self.user_sym.comm(pid).unwrap_or_default()),
         };
         if is_final && let Some(path) = &self.args.pprof {
-            let samples: Vec<output::pprof::Sample> = report
-                .stacks
-                .iter()
-                .map(|s| output::pprof::Sample {
-                    pid: s.pid,
-                    process: root(s.pid),
-                    frames: &s.frames,
-                    values: vec![s.allocs as i64, s.bytes as i64],
+            let shown = report.stacks.iter().map(|s| (s.pid, &s.frames, s.allocs, s.bytes));
+            let samples: Vec<output::pprof::Sample> = shown
+                .chain(beyond_top.iter().map(|(pid, frames, allocs, bytes)| (*pid, frames, *allocs, *bytes)))
+                .map(|(pid, frames, allocs, bytes)| output::pprof::Sample {
+                    pid,
+                    process: root(pid),
+                    frames,
+                    values: vec![allocs as i64, bytes as i64],
                 })
                 .collect();
             let types = [("inuse_objects", "count"), ("inuse_space", "bytes")];
