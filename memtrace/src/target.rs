@@ -174,18 +174,20 @@ pub fn allocator_of_pid(pid: u32) -> Result<Allocator> {
     // A dynamic program started a moment ago may still be in its loader, with no library
     // mapped yet: its allocator is not the executable, so wait for the loader (a bounded
     // while; a program that never maps a libc is then taken as static).
-    let exe = procfs::exe(pid)?;
-    let dynamic = crate::loader::Dynamic::read(&exe).is_ok_and(|d| d.interp.is_some());
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(2);
-    loop {
-        if let Some(alloc) = from_maps(pid)? {
-            return Ok(alloc);
-        }
-        if !dynamic || std::time::Instant::now() >= deadline {
-            return Ok(Allocator { primary: exe, libc: None });
-        }
-        std::thread::sleep(std::time::Duration::from_millis(5));
+    if let Some(alloc) = from_maps(pid)? {
+        return Ok(alloc);
     }
+    let exe = procfs::exe(pid)?;
+    if crate::loader::Dynamic::read(&exe).is_ok_and(|d| d.interp.is_some()) {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(2);
+        while std::time::Instant::now() < deadline {
+            std::thread::sleep(std::time::Duration::from_millis(5));
+            if let Some(alloc) = from_maps(pid)? {
+                return Ok(alloc);
+            }
+        }
+    }
+    Ok(Allocator { primary: exe, libc: None })
 }
 
 /// The allocator a process has mapped so far: None while it maps neither a libc nor an
