@@ -4,73 +4,13 @@
 
 #[path = "common/mod.rs"]
 mod common;
+#[path = "common/pprof.rs"]
+mod pprof;
 
 use std::{io::Write as _, path::Path, process::Command, time::Duration};
 
 use common::*;
-
-/// Whether `go tool pprof` is here to read the profile back. The VM suite's image has no Go
-/// toolchain: there the test says so and is not run (the host runs it, where setup installs
-/// golang-go and its absence fails the test).
-fn pprof_tool(test: &str) -> bool {
-    if Command::new("go").arg("version").output().is_ok_and(|o| o.status.success()) {
-        return true;
-    }
-    assert!(
-        std::env::var_os("MEMTRACE_VM").is_some(),
-        "{test}: go is not installed (cargo xtask setup installs golang-go)"
-    );
-    not_run(test, "go tool pprof is not in the VM's image (the host runs this test)");
-    false
-}
-
-/// `go tool pprof ARGS FILE`'s stdout; pprof's own failure fails the test.
-fn go_pprof(args: &[&str], file: &Path) -> String {
-    let out = Command::new("go")
-        .args(["tool", "pprof"])
-        .args(args)
-        .arg(file)
-        .output()
-        .expect("go tool pprof runs (golang-go; cargo xtask setup installs it)");
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(out.status.success(), "go tool pprof {args:?}: {}: {stderr}", out.status);
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
-/// A row of `-top -lines`: the flat and cumulative values as printed, the function and its
-/// file:line.
-#[derive(Debug)]
-struct Row {
-    flat: String,
-    cum: String,
-    func: String,
-    at: String,
-}
-
-fn top_rows(text: &str) -> Vec<Row> {
-    text.lines()
-        .skip_while(|l| !l.trim_start().starts_with("flat"))
-        .skip(1)
-        .filter_map(|l| {
-            let cols: Vec<&str> = l.split_whitespace().collect();
-            (cols.len() >= 7).then(|| Row {
-                flat: cols[0].into(),
-                cum: cols[3].into(),
-                func: cols[5].into(),
-                at: cols[6].into(),
-            })
-        })
-        .collect()
-}
-
-/// The one row of `func`, which must be at `file`'s line marked `LEAK:func`.
-fn row_of<'a>(rows: &'a [Row], func: &str, file: &str) -> &'a Row {
-    let found: Vec<&Row> = rows.iter().filter(|r| r.func == func).collect();
-    assert_eq!(found.len(), 1, "{func}: one line: {rows:#?}");
-    let at = format!("/{file}:{}", marker_line(file, func));
-    assert!(found[0].at.ends_with(&at), "{func}: at {at}: {:?}", found[0]);
-    found[0]
-}
+use pprof::{go_pprof, pprof_tool, row_of, top_rows};
 
 #[test]
 fn memleak_pprof_of_leaky_reads_back_in_go_pprof_exactly() {

@@ -15,6 +15,7 @@ pub mod migrate;
 pub mod mmapsnoop;
 pub mod oomkill;
 pub mod segv;
+pub mod serve;
 pub mod shmsnoop;
 pub mod stack;
 pub mod swapin;

@@ -19,6 +19,7 @@ use crate::cmd;
 /// look for at the root of each stack. python3.11: the unwind tests' interpreter (and its USDT
 /// probes, probe's). systemtap-sdt-dev: <sys/sdt.h>, for mallocstat's program with glibc's probes.
 /// golang-go: `go tool pprof`, which the pprof tests read memtrace's profiles with.
+/// prometheus: the real server that scrapes `memtrace serve` in its test.
 const APT_PACKAGES: &[&str] = &[
     "gcc",
     "g++",
@@ -33,6 +34,7 @@ const APT_PACKAGES: &[&str] = &[
     "python3.11",
     "systemtap-sdt-dev",
     "golang-go",
+    "prometheus",
 ];
 
 /// Programs and peers only `cargo xtask bench` runs (never the tests): the real workloads

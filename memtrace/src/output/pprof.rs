@@ -29,8 +29,21 @@ pub fn write(
     mapping: impl FnMut(u32, u64) -> Option<MappedFile>,
 ) -> Result<()> {
     let write = || -> Result<()> {
-        let file = std::fs::File::create(path)?;
-        write_to(std::io::BufWriter::new(file), sample_types, samples, mapping)
+        // A regular file is replaced whole (written aside, then renamed), so whoever reads it
+        // while a run goes on (`memtrace serve`) never sees half a profile.
+        let regular = path.metadata().map_or(true, |m| m.is_file());
+        let aside = path.with_file_name(format!(
+            ".{}.{}.tmp",
+            path.file_name().unwrap_or_default().to_string_lossy(),
+            std::process::id()
+        ));
+        let target = if regular { aside.as_path() } else { path };
+        let file = std::fs::File::create(target)?;
+        write_to(std::io::BufWriter::new(file), sample_types, samples, mapping)?;
+        if regular {
+            std::fs::rename(&aside, path)?;
+        }
+        Ok(())
     };
     write().with_context(|| format!("cannot write {}", path.display()))
 }

@@ -114,8 +114,8 @@ pub struct Args {
     /// Also write the final report as folded stacks (weight: bytes) to this file, for flame graphs.
     #[arg(long, value_name = "FILE")]
     pub folded: Option<PathBuf>,
-    /// Also write the final report as a gzipped pprof profile (inuse_space in bytes,
-    /// inuse_objects in blocks) to this file, for `go tool pprof` and profile servers.
+    /// Also write each report as a gzipped pprof profile (inuse_space in bytes, inuse_objects
+    /// in blocks) to this file, replaced at each report, for `go tool pprof` and profile servers.
     #[arg(long, value_name = "FILE")]
     pub pprof: Option<PathBuf>,
     /// Low-overhead estimate: probe malloc, calloc and realloc only PCT% of the time (free stays

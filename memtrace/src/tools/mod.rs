@@ -17,6 +17,7 @@ pub mod oomkill;
 pub mod probe;
 pub mod registry;
 pub mod segv;
+pub mod serve;
 pub mod shared;
 pub mod shmsnoop;
 pub mod swapin;

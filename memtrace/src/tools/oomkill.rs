@@ -29,7 +29,7 @@ use crate::{
     unwind::Unwinder,
 };
 
-mod memcg;
+pub(crate) mod memcg;
 
 const OBJECT: crate::kernel::Object = crate::ebpf_object!("oomkill", walking_user_stacks);
 
@@ -152,7 +152,7 @@ fn victim_offsets() -> Result<(VictimOffsets, Present)> {
 }
 
 /// BTF offsets for the kernel side's walk up the trigger's memory cgroup chain.
-fn memcg_offsets(v1: bool) -> Result<MemcgOffsets> {
+pub(crate) fn memcg_offsets(v1: bool) -> Result<MemcgOffsets> {
     let id = memcg::memory_subsys_id(&std::fs::read_to_string("/proc/cgroups")?)
         .context("no memory controller in /proc/cgroups")?;
     let off = btf::member_offset;

@@ -7,7 +7,7 @@ use anyhow::Result;
 pub use super::shared::spec::{Plan, ToolSpec};
 use super::{
     brkstack, compaction, drsnoop, faults, hfaults, mallocstat, memleak, migrate, mmapsnoop, oomkill, probe, segv,
-    shmsnoop, swapin, vmscan,
+    serve, shmsnoop, swapin, vmscan,
 };
 
 /// Declares the subcommands: `Variant => module` per tracer, with the variant's doc comment
@@ -81,6 +81,8 @@ registry! {
     Segv => segv,
     /// glibc's allocator events (libc:memory_* USDT probes): heap growth, arenas, tunables.
     Mallocstat => mallocstat,
+    /// A long-running agent: Prometheus metrics per memory cgroup and heap profiles over HTTP.
+    Serve => serve,
 }
 
 #[cfg(test)]

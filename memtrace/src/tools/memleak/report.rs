@@ -178,6 +178,8 @@ struct Report {
     /// All free() calls over those made while recording (1 when everything is recorded).
     scale: f64,
     total_bytes: u64,
+    /// Stacks whose outstanding bytes grew over the last reports, of all (not only those shown).
+    growing_stacks: u64,
     /// Allocations recorded and frees matched since the start.
     tracked: u64,
     freed: u64,
@@ -559,10 +561,13 @@ impl<'a> Session<'a> {
         let mut cut_stacks = self.unwinder.cut();
         cut_stacks.add(&in_process.cut);
         // A heap profile is the whole heap: the stacks past the table's top go into it too.
-        let whole_profile = is_final && self.args.pprof.is_some() && !self.args.errors_only;
+        // Each report replaces the profile, so a long run's file is always the latest heap.
+        let whole_profile = self.args.pprof.is_some() && !self.args.errors_only;
         let mut beyond_top = Vec::new();
+        let mut growing_stacks = 0;
         for row in rows.iter() {
             let (trend, rate) = self.trends.observe(row.key, row.bytes, now);
+            growing_stacks += u64::from(trend == "growing");
             if stacks.len() >= top && whole_profile {
                 let frames = self.frames(row.key, recorder(row.key.pid).map(|r| &**r));
                 beyond_top.push((row.key.pid, frames, row.allocs, row.bytes));
@@ -595,6 +600,7 @@ impl<'a> Session<'a> {
             estimated,
             scale,
             total_bytes,
+            growing_stacks,
             tracked: self.maps.stat(STAT_TRACKED) + in_process.tracked,
             freed: self.maps.stat(STAT_FREED) + in_process.freed,
             failed: self.maps.stat(STAT_FAILED) + in_process.failed,
@@ -620,7 +626,7 @@ impl<'a> Session<'a> {
             NO_PID => "[kernel]".to_string(),
             pid => output::process_root(pid, self.user_sym.comm(pid).unwrap_or_default()),
         };
-        if is_final && let Some(path) = &self.args.pprof {
+        if let Some(path) = self.args.pprof.as_ref().filter(|_| !self.args.errors_only) {
             let shown = report.stacks.iter().map(|s| (s.pid, &s.frames, s.allocs, s.bytes));
             let samples: Vec<output::pprof::Sample> = shown
                 .chain(beyond_top.iter().map(|(pid, frames, allocs, bytes)| (*pid, frames, *allocs, *bytes)))

@@ -1,0 +1,182 @@
+//! serve: the agent's per-memory-cgroup counters, summed per CPU in the kernel: page faults,
+//! swap-ins (kprobe, where the kernel has kprobes), kswapd wake-ups, and the latency of
+//! direct and memcg reclaim as log2 histograms. Keyed by the kernfs id of the current
+//! task's memory cgroup, which user space turns into a path at each scrape.
+#![cfg_attr(target_arch = "bpf", no_std)]
+#![cfg_attr(target_arch = "bpf", no_main)]
+
+use aya_ebpf::{
+    Global,
+    btf_maps::{HashMap, PerCpuArray, PerCpuHashMap},
+    helpers::{bpf_get_current_task, bpf_ktime_get_ns, bpf_probe_read_kernel},
+    macros::{btf_map, kprobe, tracepoint},
+    programs::{ProbeContext, TracePointContext},
+};
+use memtrace_common::{
+    oomkill::MemcgOffsets,
+    serve::{
+        CgroupStats, HIST_SLOTS, KIND_DIRECT, KIND_MEMCG, MAX_CGROUPS, STAT_CGROUPS_FULL, STAT_COUNT,
+        STAT_KSWAPD_WAKEUPS, STAT_NO_CGROUP, STAT_STARTS_FULL,
+    },
+};
+use memtrace_ebpf::{BPF_NOEXIST, bump, current_pid_tgid};
+
+memtrace_ebpf::license!();
+
+#[unsafe(no_mangle)]
+static MEMCG: Global<MemcgOffsets> = Global::new(MemcgOffsets::UNSET);
+
+#[btf_map]
+static CGROUPS: PerCpuHashMap<u64, CgroupStats, { MAX_CGROUPS as usize }> = PerCpuHashMap::new();
+/// Reclaim start per (thread, kind).
+#[btf_map]
+static STARTS: HashMap<u64, u64, 16_384> = HashMap::new();
+#[btf_map]
+static STATS: PerCpuArray<u64, { STAT_COUNT as usize }> = PerCpuArray::new();
+
+#[inline(always)]
+fn read_u64(base: u64, offset: u32) -> u64 {
+    // SAFETY: the helper checks the read; offsets come from the kernel's BTF.
+    unsafe { bpf_probe_read_kernel((base + offset as u64) as *const u64) }.unwrap_or(0)
+}
+
+/// The kernfs id of the current task's memory cgroup (task->cgroups->subsys[memory]->cgroup
+/// ->kn->id), 0 when unreadable. The task's own group, not `active_memcg`: a fault or a
+/// reclaim stall is the task's, whoever its pages are charged to.
+#[inline(always)]
+fn current_memcg() -> u64 {
+    let off = MEMCG.load();
+    if off.valid == 0 {
+        return 0;
+    }
+    // SAFETY: helper without preconditions; the task is read through checked helpers only.
+    let task = unsafe { bpf_get_current_task() };
+    let cgroups = read_u64(task, off.task_cgroups);
+    let css = if cgroups != 0 { read_u64(cgroups, off.css_set_memory) } else { 0 };
+    let cgroup = if css != 0 { read_u64(css, off.css_cgroup) } else { 0 };
+    let kn = if cgroup != 0 { read_u64(cgroup, off.cgroup_kn) } else { 0 };
+    if kn != 0 { read_u64(kn, off.kn_id) } else { 0 }
+}
+
+/// The current task's group's counters on this CPU, created at its first event.
+#[inline(always)]
+fn row() -> Option<*mut CgroupStats> {
+    let id = current_memcg();
+    if id == 0 {
+        bump(&STATS, STAT_NO_CGROUP);
+        return None;
+    }
+    if let Some(row) = CGROUPS.get_ptr_mut(id) {
+        return Some(row);
+    }
+    // EEXIST (another CPU made it first) is fine: each CPU has its own value.
+    let _ = CGROUPS.insert(id, CgroupStats::ZERO, BPF_NOEXIST);
+    let row = CGROUPS.get_ptr_mut(id);
+    if row.is_none() {
+        bump(&STATS, STAT_CGROUPS_FULL);
+    }
+    row
+}
+
+#[tracepoint]
+pub fn serve_fault_user(_ctx: TracePointContext) -> u32 {
+    if let Some(row) = row() {
+        // SAFETY: this CPU's copy of the row; programs do not preempt each other on a CPU.
+        unsafe { (*row).faults_user += 1 };
+    }
+    0
+}
+
+#[tracepoint]
+pub fn serve_fault_kernel(_ctx: TracePointContext) -> u32 {
+    if let Some(row) = row() {
+        // SAFETY: as above.
+        unsafe { (*row).faults_kernel += 1 };
+    }
+    0
+}
+
+/// swap_read_folio (6.10+) or swap_readpage: one call per page or folio read from swap, in
+/// the task that waits for it.
+#[kprobe]
+pub fn serve_swapin(_ctx: ProbeContext) -> u32 {
+    if let Some(row) = row() {
+        // SAFETY: as above.
+        unsafe { (*row).swapins += 1 };
+    }
+    0
+}
+
+#[tracepoint]
+pub fn serve_kswapd(_ctx: TracePointContext) -> u32 {
+    bump(&STATS, STAT_KSWAPD_WAKEUPS);
+    0
+}
+
+#[inline(always)]
+fn start_key(kind: u32) -> u64 {
+    (current_pid_tgid() << 1) | kind as u64
+}
+
+#[inline(always)]
+fn begin(kind: u32) -> u32 {
+    // SAFETY: helper without preconditions.
+    let now = unsafe { bpf_ktime_get_ns() };
+    if STARTS.insert(start_key(kind), now, 0).is_err() {
+        bump(&STATS, STAT_STARTS_FULL);
+    }
+    0
+}
+
+/// Floor of log2, 0 for 0 and 1, without loops.
+#[inline(always)]
+fn log2(mut v: u64) -> u32 {
+    let mut r = 0;
+    for shift in [32u32, 16, 8, 4, 2, 1] {
+        if v >= 1u64 << shift {
+            v >>= shift;
+            r += shift;
+        }
+    }
+    r
+}
+
+#[inline(always)]
+fn end(kind: u32) -> u32 {
+    let key = start_key(kind);
+    // SAFETY: value copied out of the map at once.
+    let Some(start) = (unsafe { STARTS.get(&key) }).copied() else { return 0 };
+    let _ = STARTS.remove(&key);
+    // SAFETY: helper without preconditions.
+    let ns = unsafe { bpf_ktime_get_ns() }.saturating_sub(start);
+    let Some(row) = row() else { return 0 };
+    let slot = log2(ns / 1000).min(HIST_SLOTS - 1) as usize;
+    let k = kind as usize & 1;
+    // SAFETY: this CPU's copy of the row; k and slot are bounded above.
+    unsafe {
+        (*row).reclaim_ns[k] += ns;
+        (*row).reclaims[k] += 1;
+        (*row).hist[k][slot] += 1;
+    }
+    0
+}
+
+#[tracepoint]
+pub fn serve_direct_begin(_ctx: TracePointContext) -> u32 {
+    begin(KIND_DIRECT)
+}
+
+#[tracepoint]
+pub fn serve_direct_end(_ctx: TracePointContext) -> u32 {
+    end(KIND_DIRECT)
+}
+
+#[tracepoint]
+pub fn serve_memcg_begin(_ctx: TracePointContext) -> u32 {
+    begin(KIND_MEMCG)
+}
+
+#[tracepoint]
+pub fn serve_memcg_end(_ctx: TracePointContext) -> u32 {
+    end(KIND_MEMCG)
+}
