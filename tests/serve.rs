@@ -229,3 +229,55 @@ fn serve_bad_input_gets_one_line_errors_and_leaves_nothing_attached() {
     assert_one_line_error(&["serve", "--selection", sel.to_str().unwrap()], "line 2");
     assert_all_detached();
 }
+
+/// Whether `/metrics` at `addr` shows the process `pid` traced (1), gone (0) or not at all.
+fn traced(addr: &str, pid: u32, comm: &str) -> Option<f64> {
+    series(&http::get_text(addr, "/metrics")?, &format!("memtrace_heap_traced{{pid=\"{pid}\",comm=\"{comm}\"}}"))
+}
+
+#[test]
+fn serve_follows_a_name_through_restarts_and_sighup_reloads_the_selection() {
+    if !bpf_available("serve_follows_a_name_through_restarts_and_sighup_reloads_the_selection") {
+        return;
+    }
+    let sel = tempdir("serve-selection").join("selection");
+    std::fs::write(&sel, "# nothing yet\n").unwrap();
+    let first = Ready::start(Command::new(prog("leaky")).arg("wait"));
+    let (mt, addr) =
+        start_serve(&["--memleak-comm", "leaky", "--selection", sel.to_str().unwrap(), "--interval", "1"]);
+    let a = first.child.id();
+    // Start-up waits for the heaps it was given: traced from the first scrape.
+    assert_eq!(traced(&addr, a, "leaky"), Some(1.0));
+    let Ready { mut child, mut stdin, mut lines } = first;
+    writeln!(stdin).unwrap();
+    assert_eq!(lines.next().unwrap().unwrap(), "leaked");
+    drop(stdin);
+    assert!(child.wait().unwrap().success());
+    poll(Duration::from_secs(30), "the first leaky gone", || (traced(&addr, a, "leaky")? == 0.0).then_some(()));
+    // The same program started again is a new process with the same name: traced too.
+    let mut second = Ready::start(Command::new(prog("leaky")).arg("wait"));
+    let b = second.child.id();
+    poll(Duration::from_secs(30), "the restarted leaky traced", || (traced(&addr, b, "leaky")? == 1.0).then_some(()));
+
+    // A process only the selection file names: traced after SIGHUP, not before.
+    let mut sleeper = Command::new("sleep").arg("120").spawn().unwrap();
+    let c = sleeper.id();
+    std::thread::sleep(Duration::from_secs(2));
+    assert_eq!(traced(&addr, c, "sleep"), None, "traced before it was selected");
+    std::fs::write(&sel, format!("pid {c}\n")).unwrap();
+    mt.signal(libc::SIGHUP);
+    poll(Duration::from_secs(30), "sleep traced after SIGHUP", || (traced(&addr, c, "sleep")? == 1.0).then_some(()));
+    // Out of the selection again: no longer traced, and its heap is refused.
+    std::fs::write(&sel, "").unwrap();
+    mt.signal(libc::SIGHUP);
+    poll(Duration::from_secs(30), "sleep dropped after SIGHUP", || traced(&addr, c, "sleep").is_none().then_some(()));
+    assert_eq!(http::get(&addr, &format!("/debug/pprof/heap?pid={c}")).unwrap().0, 403);
+    let stderr = stop_serve(mt);
+    assert_eq!(stderr.matches("SIGHUP: selection reloaded").count(), 2, "{stderr}");
+    let _ = sleeper.kill();
+    let _ = sleeper.wait();
+    writeln!(second.stdin).unwrap();
+    assert_eq!(second.lines.next().unwrap().unwrap(), "leaked");
+    drop(second.stdin);
+    assert!(second.child.wait().unwrap().success());
+}

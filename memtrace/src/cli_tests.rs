@@ -117,6 +117,11 @@ const TOOLS: &[(&str, Options, bool)] = &[
         ],
         true,
     ),
+    (
+        "serve",
+        &[("--listen", Text), ("--memleak-pid", Number), ("--memleak-comm", Text), ("--selection", Path), ("--interval", Seconds)],
+        false,
+    ),
     ("probe", &[("--json", Flag), ("--usdt", Path), ("--trace", Text), ("-p", Number), ("-d", Seconds)], false),
     ("benchfloor", &[("-p", Number), ("--naive", Flag)], false),
 ];
@@ -312,7 +317,7 @@ fn the_option_table_covers_every_tool_and_option() {
             missing.push(format!("subcommand {}", sub.get_name()));
             continue;
         };
-        let common = !matches!(sub.get_name(), "memleak" | "probe" | "benchfloor");
+        let common = !matches!(sub.get_name(), "memleak" | "probe" | "benchfloor" | "serve");
         let known = |flag: &str| own.iter().chain(if common { COMMON } else { &[][..] }).any(|(f, _)| *f == flag);
         for arg in sub.get_arguments() {
             if arg.is_positional() || globals.contains(&arg.get_id().as_str()) || arg.get_id() == "help" {
