@@ -281,3 +281,42 @@ fn serve_follows_a_name_through_restarts_and_sighup_reloads_the_selection() {
     drop(second.stdin);
     assert!(second.child.wait().unwrap().success());
 }
+
+/// The command lines the repository ships (systemd unit, Kubernetes DaemonSet) start serve:
+/// each runs as written, with only its selection file and port put somewhere a test may use.
+#[test]
+fn the_shipped_unit_and_daemonset_command_lines_start_serve() {
+    if !bpf_available("the_shipped_unit_and_daemonset_command_lines_start_serve") {
+        return;
+    }
+    let deploy = repo().join("deploy");
+    let unit = std::fs::read_to_string(deploy.join("memtrace-serve.service")).unwrap();
+    let exec = unit.lines().find_map(|l| l.strip_prefix("ExecStart=")).expect("the unit has ExecStart");
+    let unit_args: Vec<String> = exec.split_whitespace().skip(1).map(String::from).collect();
+    assert_eq!(exec.split_whitespace().next(), Some("/usr/local/bin/memtrace"));
+    let daemonset = std::fs::read_to_string(deploy.join("memtrace-daemonset.yaml")).unwrap();
+    let line = daemonset.lines().find_map(|l| l.trim().strip_prefix("args: ")).expect("the DaemonSet has args");
+    // The args are written as a JSON-compatible flow sequence.
+    let ds_args: Vec<String> = serde_json::from_str(line).unwrap();
+    let sel = tempdir("serve-deploy").join("selection");
+    std::fs::write(&sel, "# none\n").unwrap();
+    for (what, args, listen) in [("unit", unit_args, "127.0.0.1:9464"), ("DaemonSet", ds_args, "0.0.0.0:9464")] {
+        let shown = args.join(" ");
+        assert!(shown.contains(&format!("--listen {listen}")), "{what}: {shown}");
+        let port = http::free_port();
+        let args: Vec<String> = args
+            .iter()
+            .map(|a| match a.as_str() {
+                "/etc/memtrace/selection" => sel.to_str().unwrap().to_string(),
+                a if a.ends_with(":9464") => format!("127.0.0.1:{port}"),
+                a => a.to_string(),
+            })
+            .collect();
+        let argv: Vec<&str> = args.iter().map(String::as_str).collect();
+        let mut mt = Running::start(&argv);
+        mt.wait_ready();
+        let text = http::get_text(&format!("127.0.0.1:{port}"), "/metrics").unwrap();
+        assert!(text.contains("# TYPE memtrace_kswapd_wakeups counter"), "{what}: {text}");
+        stop_serve(mt);
+    }
+}

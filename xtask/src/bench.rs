@@ -6,6 +6,7 @@
 //! times memleak -c up to the command's first instruction.
 
 mod programs;
+mod serve;
 mod startup;
 
 use std::{
@@ -59,6 +60,8 @@ enum Part {
     Programs,
     /// memleak -c up to the command's first instruction, and memleak -c /bin/true in all.
     Startup,
+    /// memtrace serve's CPU and memory over 60 s idle and under a page-fault load.
+    Serve,
 }
 
 struct Opts {
@@ -96,6 +99,12 @@ pub fn run(options: &Options) -> Result<u8> {
         let startup = startup::run(opts.runs, &memtrace)?;
         startup::print(&startup);
         report["startup"] = startup;
+    }
+    if wants(Part::Serve) {
+        let window = std::time::Duration::from_secs(if options.quick { 10 } else { 60 });
+        let serve = serve::run(window, if options.quick { 1 } else { 2 }, &memtrace)?;
+        serve::print(&serve);
+        report["serve"] = serve;
     }
     let (machine, own, t0) = busy_at_start;
     let other = ((machine_cpu_s() - machine) - (own_cpu_s() - own)).max(0.0);

@@ -291,8 +291,12 @@ impl Children {
                     heap.growing_stacks = num("growing_stacks").unwrap_or_default();
                     heap.oom_killed |= v.get("oom_killed").and_then(Value::as_bool).unwrap_or(false);
                     if let Some(spots) = v.get("blind_spots").and_then(Value::as_object) {
-                        heap.blind_spots =
-                            spots.iter().filter_map(|(k, v)| v.as_u64().map(|n| (k.clone(), n))).collect();
+                        // Counts of what memleak missed; a capacity is a size, not a miss.
+                        heap.blind_spots = spots
+                            .iter()
+                            .filter(|(k, _)| !k.ends_with("_capacity"))
+                            .filter_map(|(k, v)| v.as_u64().map(|n| (k.clone(), n)))
+                            .collect();
                     }
                 }
                 if let Some(lost) = num("events_lost") {
