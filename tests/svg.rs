@@ -169,3 +169,23 @@ fn svg_paths_that_cannot_be_written_are_one_line_errors() {
         ],
     );
 }
+
+/// The flame graph the README shows is memtrace's, of the demo, with the bytes the README says.
+#[test]
+fn the_readme_shows_memleaks_flame_graph_of_the_demo() {
+    if std::env::var_os("MEMTRACE_VM").is_some() {
+        not_run(
+            "the_readme_shows_memleaks_flame_graph_of_the_demo",
+            "docs/ is not in the VM's image (the host runs this test)",
+        );
+        return;
+    }
+    let readme = std::fs::read_to_string(repo().join("README.md")).unwrap();
+    assert!(readme.contains("](docs/memleak-flamegraph.svg)"), "README.md does not show the flame graph");
+    assert!(readme.contains("`memtrace memleak --svg docs/memleak-flamegraph.svg -c target/progs/demo`"));
+    let (title, frames) = read_svg(&repo().join("docs/memleak-flamegraph.svg"));
+    assert_eq!(title, "memleak: outstanding bytes");
+    let bytes = |name: &str| frame(&frames, name).value;
+    assert_eq!((bytes("all"), bytes("cache_insert"), bytes("parse_header")), (35_584, 30_720, 768));
+    assert!(readme.contains("holds 30,720 of the 35,584 outstanding bytes"), "the README's numbers are the image's");
+}
