@@ -47,6 +47,7 @@ const TOOLS: &[(&str, Options, bool)] = &[
             ("--json", Flag),
             ("--folded", Path),
             ("--pprof", Path),
+            ("--svg", Path),
             ("--duty-cycle", Number),
             ("--duty-period-ms", Number),
             ("--max-allocs", Number),
@@ -70,6 +71,7 @@ const TOOLS: &[(&str, Options, bool)] = &[
             ("--events", Flag),
             ("--folded", Path),
             ("--pprof", Path),
+            ("--svg", Path),
             ("--max-stacks", Number),
             ("--unwind", Text),
             ("--unwind-rows", Number),
@@ -84,6 +86,7 @@ const TOOLS: &[(&str, Options, bool)] = &[
             ("--kernel", Flag),
             ("--folded", Path),
             ("--pprof", Path),
+            ("--svg", Path),
             ("--max-stacks", Number),
             ("--unwind", Text),
             ("--unwind-rows", Number),
@@ -111,6 +114,7 @@ const TOOLS: &[(&str, Options, bool)] = &[
             ("-T", Text),
             ("--folded", Path),
             ("--pprof", Path),
+            ("--svg", Path),
             ("--max-stacks", Number),
             ("--unwind", Text),
             ("--unwind-rows", Number),
@@ -124,7 +128,12 @@ const TOOLS: &[(&str, Options, bool)] = &[
     ),
     ("probe", &[("--json", Flag), ("--usdt", Path), ("--trace", Text), ("-p", Number), ("-d", Seconds)], false),
     ("benchfloor", &[("-p", Number), ("--naive", Flag)], false),
+    ("completions", &[], false),
+    ("man", &[], false),
 ];
+
+/// The subcommands that take no tracer's common options.
+const OWN_OPTIONS_ONLY: &[&str] = &["probe", "benchfloor", "completions", "man", "serve"];
 
 fn number() -> impl Strategy<Value = String> {
     prop_oneof![
@@ -173,7 +182,7 @@ fn argv() -> impl Strategy<Value = (Vec<String>, Vec<String>)> {
         let memleak = name == "memleak";
         let options: Vec<(&str, Kind)> = own
             .iter()
-            .chain(if memleak || name == "probe" || name == "benchfloor" { &[][..] } else { COMMON })
+            .chain(if memleak || OWN_OPTIONS_ONLY.contains(&name) { &[][..] } else { COMMON })
             .copied()
             .collect();
         let picks: Vec<_> = options
@@ -208,7 +217,7 @@ proptest! {
     #[test]
     fn parse_and_validate_never_panic((args, seconds) in argv()) {
         let Ok(cli) = Cli::try_parse_from(&args) else { return Ok(()) };
-        if cli.tool.validate().is_ok() {
+        if cli.command.validate().is_ok() {
             for s in seconds {
                 let n: u64 = s.parse().expect("an accepted number of seconds parses");
                 prop_assert!((1..=MAX_SECONDS).contains(&n), "{args:?} accepted {n} s");
@@ -247,7 +256,7 @@ fn intervals_and_counts_are_checked_the_same_in_every_tool() {
     for tool in ["memleak", "brkstack", "faults", "vmscan", "swapin", "hfaults", "migrate"] {
         for (positionals, message) in &cases {
             let cli = Cli::try_parse_from(["memtrace", tool, positionals[0], positionals[1]]).expect("parses");
-            let err = cli.tool.validate().expect_err(tool).to_string();
+            let err = cli.command.validate().expect_err(tool).to_string();
             assert_eq!(&err, message, "{tool} {positionals:?}");
         }
     }
@@ -259,21 +268,21 @@ fn intervals_and_counts_are_checked_the_same_in_every_tool() {
 fn capital_t_is_top_everywhere_and_timestamps_are_spelled_out() {
     for tool in ["memleak", "brkstack", "faults"] {
         let cli = Cli::try_parse_from(["memtrace", tool, "-T", "0"]).expect("parses");
-        let err = cli.tool.validate().expect_err(tool).to_string();
+        let err = cli.command.validate().expect_err(tool).to_string();
         assert_eq!(err, "-T/--top takes a number of rows of at least 1, not \"0\"", "{tool}");
         let cli = Cli::try_parse_from(["memtrace", tool, "--top", "3"]).expect("parses");
-        cli.tool.validate().unwrap_or_else(|e| panic!("{tool} --top 3: {e}"));
+        cli.command.validate().unwrap_or_else(|e| panic!("{tool} --top 3: {e}"));
     }
     for tool in ["drsnoop", "mmapsnoop", "shmsnoop", "swapin", "compaction"] {
         let cli = Cli::try_parse_from(["memtrace", tool, "-T"]).expect("parses");
-        let err = cli.tool.validate().expect_err(tool).to_string();
+        let err = cli.command.validate().expect_err(tool).to_string();
         assert_eq!(
             err,
             "-T is not a timestamp option: use --timestamp (memtrace's -T is --top, rows per table, in memleak, brkstack and faults)",
             "{tool}"
         );
         let cli = Cli::try_parse_from(["memtrace", tool, "--timestamp"]).expect("parses");
-        cli.tool.validate().unwrap_or_else(|e| panic!("{tool} --timestamp: {e}"));
+        cli.command.validate().unwrap_or_else(|e| panic!("{tool} --timestamp: {e}"));
     }
 }
 
@@ -281,11 +290,11 @@ fn capital_t_is_top_everywhere_and_timestamps_are_spelled_out() {
 fn unwind_options_are_checked_in_every_tool_that_walks_user_stacks() {
     for tool in ["memleak", "brkstack", "faults", "swapin", "oomkill", "segv"] {
         let cli = Cli::try_parse_from(["memtrace", tool, "--unwind-rows", "1000"]).expect("parses");
-        let err = cli.tool.validate().expect_err(tool).to_string();
+        let err = cli.command.validate().expect_err(tool).to_string();
         assert_eq!(err, "--unwind-rows takes 1024 to 16777216, not 1000", "{tool}");
         for mode in ["auto", "dwarf", "fp"] {
             let cli = Cli::try_parse_from(["memtrace", tool, "--unwind", mode]).expect("parses");
-            cli.tool.validate().unwrap_or_else(|e| panic!("{tool} --unwind {mode}: {e}"));
+            cli.command.validate().unwrap_or_else(|e| panic!("{tool} --unwind {mode}: {e}"));
         }
         let err = Cli::try_parse_from(["memtrace", tool, "--unwind", "frame"]).expect_err(tool);
         assert_eq!(err.kind(), clap::error::ErrorKind::InvalidValue, "{tool}");
@@ -317,7 +326,7 @@ fn the_option_table_covers_every_tool_and_option() {
             missing.push(format!("subcommand {}", sub.get_name()));
             continue;
         };
-        let common = !matches!(sub.get_name(), "memleak" | "probe" | "benchfloor" | "serve");
+        let common = !(sub.get_name() == "memleak" || OWN_OPTIONS_ONLY.contains(&sub.get_name()));
         let known = |flag: &str| own.iter().chain(if common { COMMON } else { &[][..] }).any(|(f, _)| *f == flag);
         for arg in sub.get_arguments() {
             if arg.is_positional() || globals.contains(&arg.get_id().as_str()) || arg.get_id() == "help" {

@@ -1,5 +1,6 @@
 //! memtrace: Linux memory debugging with eBPF, one subcommand per tracer.
 
+mod docs;
 mod kernel;
 mod loader;
 mod output;
@@ -25,7 +26,7 @@ compile_error!(
 
 use std::process::ExitCode;
 
-use clap::Parser;
+use clap::{CommandFactory as _, Parser};
 
 #[derive(Parser, Debug)]
 #[command(
@@ -42,7 +43,38 @@ struct Cli {
     #[arg(long, global = true, value_name = "FD")]
     ready_fd: Option<i32>,
     #[command(subcommand)]
-    tool: tools::registry::Tool,
+    command: Command,
+}
+
+/// The tracers, then what is no tracer: the shell's completions and the man pages.
+#[derive(clap::Subcommand, Debug)]
+#[expect(clippy::large_enum_variant, reason = "parsed once per run")]
+enum Command {
+    #[command(flatten)]
+    Tool(tools::registry::Tool),
+    /// Print the completion script for SHELL on stdout (bash: save it as
+    /// /usr/share/bash-completion/completions/memtrace).
+    Completions {
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
+    /// Write memtrace's man pages (memtrace.1 and one per subcommand) into DIR: what
+    /// `cargo xtask build` leaves beside the binary.
+    #[command(hide = true)]
+    Man {
+        #[arg(value_name = "DIR")]
+        dir: std::path::PathBuf,
+    },
+}
+
+impl Command {
+    /// Checks a tracer's arguments before anything is loaded (see `Tool::validate`).
+    fn validate(&self) -> anyhow::Result<()> {
+        match self {
+            Command::Tool(tool) => tool.validate(),
+            Command::Completions { .. } | Command::Man { .. } => Ok(()),
+        }
+    }
 }
 
 fn main() -> ExitCode {
@@ -63,9 +95,14 @@ fn main() -> ExitCode {
         .without_time()
         .with_env_filter(tracing_subscriber::EnvFilter::try_from_env("MEMTRACE_LOG").unwrap_or_else(|_| level.into()))
         .init();
-    if let Err(e) = cli.tool.validate() {
+    if let Err(e) = cli.command.validate() {
         return fail(&e);
     }
+    let tool = match cli.command {
+        Command::Tool(tool) => tool,
+        Command::Completions { shell } => return done(docs::completions(shell, Cli::command())),
+        Command::Man { dir } => return done(docs::man_pages(&dir, Cli::command())),
+    };
     if let Some(fd) = cli.ready_fd
         && let Err(e) = output::ready::set_fd(fd)
     {
@@ -75,7 +112,7 @@ fn main() -> ExitCode {
         Ok(rt) => rt,
         Err(e) => return fail(&e.into()),
     };
-    let result = runtime.block_on(cli.tool.run());
+    let result = runtime.block_on(tool.run());
     // After the tool's last report, on success or error: one grace period, not one per probe.
     kernel::detach_all_fast();
     kernel::pidns::report_outside();
@@ -100,6 +137,14 @@ fn usage_error(e: clap::Error) -> ExitCode {
     let message = if details.is_empty() { message.to_string() } else { format!("{message} {}", details.join(", ")) };
     eprintln!("memtrace: error: {message} (see --help)");
     ExitCode::FAILURE
+}
+
+/// The exit of a command that runs no tracer.
+fn done(result: anyhow::Result<()>) -> ExitCode {
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => fail(&e),
+    }
 }
 
 /// One line with the cause chain; a closed stdout (`| head`) is not an error.

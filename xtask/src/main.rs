@@ -28,7 +28,8 @@ struct Cli {
 enum Task {
     /// Install what building and testing memtrace needs (root; safe to re-run).
     Setup,
-    /// Set up, then build the release binary target/release/memtrace.
+    /// Set up, then build the release binary target/release/memtrace, and its man pages beside it
+    /// (memtrace.1, memtrace-memleak.1, ...).
     Build {
         /// Build a static (musl) binary instead, stripped, at target/static/memtrace: the machine
         /// it is copied to needs no Rust and no particular C library.

@@ -29,10 +29,21 @@ pub fn build_static() -> Result<()> {
     Ok(())
 }
 
-/// `build` with extra cargo arguments, e.g. `--features bench`.
+/// `build` with extra cargo arguments, e.g. `--features bench`; leaves the man pages beside
+/// the binary.
 pub fn build_with(extra: &[&str]) -> Result<()> {
     setup::run()?;
-    cmd::run(cmd::cargo().args(["build", "--release", "-p", "memtrace"]).args(extra))
+    cmd::run(cmd::cargo().args(["build", "--release", "-p", "memtrace"]).args(extra))?;
+    cmd::run(&mut man_pages())
+}
+
+/// target/release/memtrace.1 and its subcommands' pages, written by the binary just built from
+/// its own command line (so xtask needs none of memtrace's code).
+fn man_pages() -> Command {
+    let dir = cmd::root().join("target/release");
+    let mut man = cmd::new(dir.join("memtrace"));
+    man.arg("man").arg(dir);
+    man
 }
 
 /// Builds memtrace and the demo, runs `memleak` on it and returns memtrace's exit code.
@@ -123,5 +134,15 @@ mod tests {
         assert_eq!(args(&own), ["test", "-p", "xtask", "--", "filter"]);
         assert_eq!(args(&host).last().map(String::as_str), Some("filter"));
         assert!(args(&host).contains(&"--workspace".to_string()));
+    }
+
+    /// The build's last step: the binary writes its man pages beside itself.
+    #[test]
+    fn the_build_leaves_the_man_pages_beside_the_binary() {
+        let man = super::man_pages();
+        let release = crate::cmd::root().join("target/release");
+        assert_eq!(std::path::Path::new(man.get_program()), release.join("memtrace"));
+        let args: Vec<&std::ffi::OsStr> = man.get_args().collect();
+        assert_eq!(args, [std::ffi::OsStr::new("man"), release.as_os_str()]);
     }
 }

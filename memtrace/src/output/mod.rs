@@ -1,5 +1,5 @@
 //! What every tool prints: timestamps, stacks, the tool's own blind spots, and the
-//! formats side by side (table and JSON lines here, folded stacks for flame graphs, pprof).
+//! formats side by side (table and JSON lines here, folded stacks for flame graphs, pprof, SVG).
 
 use std::{
     fmt::Write as _,
@@ -21,6 +21,7 @@ pub mod histogram;
 pub mod pprof;
 pub mod ready;
 pub mod reports;
+pub mod svg;
 
 /// Writes one line to stdout. A closed pipe surfaces as an io::Error that `main` turns
 /// into a quiet exit.

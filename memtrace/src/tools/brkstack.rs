@@ -241,10 +241,12 @@ impl StackTool for Live {
                 frames: self.frames(k.pid, k.stack_id),
             })
             .collect();
-        if let Some(path) = self.run.folded(is_final) {
-            let folded = stacks.iter().map(|s| (output::process_root(s.pid, &s.comm), s.frames.as_slice(), s.calls));
-            stacks::write_folded(path, folded)?;
-        }
+        let folded = stacks.iter().map(|s| (output::process_root(s.pid, &s.comm), s.frames.as_slice(), s.calls));
+        self.run.write_flame_graphs(
+            is_final,
+            &output::svg::Chart { title: "brkstack: brk calls", unit: "calls" },
+            folded,
+        )?;
         let samples: Vec<output::pprof::Sample> = stacks
             .iter()
             .map(|s| output::pprof::Sample {

@@ -298,9 +298,12 @@ impl StackTool for Live {
             .iter()
             .map(|s| (root(s.pid), [s.kernel_frames.clone(), s.frames.clone()].concat(), s.faults))
             .collect();
-        if let Some(path) = self.run.folded(is_final) {
-            stacks::write_folded(path, whole.iter().map(|(r, f, n)| (r.clone(), f.as_slice(), *n)))?;
-        }
+        let folded = whole.iter().map(|(r, f, n)| (r.clone(), f.as_slice(), *n));
+        self.run.write_flame_graphs(
+            is_final,
+            &output::svg::Chart { title: "faults: page faults", unit: "faults" },
+            folded,
+        )?;
         let samples: Vec<output::pprof::Sample> = stacks
             .iter()
             .zip(&whole)

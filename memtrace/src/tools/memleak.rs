@@ -118,6 +118,9 @@ pub struct Args {
     /// in blocks) to this file, replaced at each report, for `go tool pprof` and profile servers.
     #[arg(long, value_name = "FILE")]
     pub pprof: Option<PathBuf>,
+    /// Also draw the final report as a flame graph (SVG, widths in outstanding bytes) in this file.
+    #[arg(long, value_name = "FILE")]
+    pub svg: Option<PathBuf>,
     /// Low-overhead estimate: probe malloc, calloc and realloc only PCT% of the time (free stays
     /// probed); outstanding bytes are scaled by the share of activity recorded.
     #[arg(long, value_name = "PCT", value_parser = clap::value_parser!(u32).range(1..100))]
@@ -139,7 +142,7 @@ pub struct Args {
     /// User mode: report memory errors only, no leaks; an allocation keeps only its call site
     /// (the stack walk at each allocation is saved, so a double free's "allocated at" is the
     /// caller alone).
-    #[arg(long, conflicts_with_all = ["no_errors", "trace", "show_allocs", "folded", "pprof"])]
+    #[arg(long, conflicts_with_all = ["no_errors", "trace", "show_allocs", "folded", "pprof", "svg"])]
     pub errors_only: bool,
     /// User mode: watch for writes past the end of live blocks and into freed ones with N of
     /// the CPU's 4 hardware breakpoints (debug registers), moved to other blocks every 250 ms or so,
@@ -252,6 +255,9 @@ impl Args {
         }
         if let Some(path) = &self.pprof {
             crate::output::check_writable("--pprof", path)?;
+        }
+        if let Some(path) = &self.svg {
+            crate::output::check_writable("--svg", path)?;
         }
         Ok(())
     }

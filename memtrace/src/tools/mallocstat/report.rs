@@ -138,11 +138,10 @@ impl Live {
                 frames: self.run.stacks.user(*pid, *id, false),
             })
             .collect();
-        if let Some(path) = self.run.folded(is_final) {
-            let folded =
-                stack_rows.iter().map(|s| (output::process_root(s.pid, &s.comm), s.frames.as_slice(), s.hits.hits));
-            stacks::write_folded(path, folded)?;
-        }
+        let folded =
+            stack_rows.iter().map(|s| (output::process_root(s.pid, &s.comm), s.frames.as_slice(), s.hits.hits));
+        let chart = output::svg::Chart { title: "mallocstat: allocator probe hits", unit: "hits" };
+        self.run.write_flame_graphs(is_final, &chart, folded)?;
         let samples: Vec<output::pprof::Sample> = stack_rows
             .iter()
             .map(|s| output::pprof::Sample {

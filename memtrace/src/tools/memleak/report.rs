@@ -560,9 +560,11 @@ impl<'a> Session<'a> {
         let top = if self.args.errors_only { 0 } else { self.args.top.get() };
         let mut cut_stacks = self.unwinder.cut();
         cut_stacks.add(&in_process.cut);
-        // A heap profile is the whole heap: the stacks past the table's top go into it too.
-        // Each report replaces the profile, so a long run's file is always the latest heap.
-        let whole_profile = self.args.pprof.is_some() && !self.args.errors_only;
+        // A heap profile or flame graph is the whole heap: the stacks past the table's top go
+        // into it too. Each report replaces the profile, so a long run's file is always the
+        // latest heap; the flame graphs are the final report's.
+        let graphs = self.args.folded.is_some() || self.args.svg.is_some();
+        let whole_profile = (self.args.pprof.is_some() || is_final && graphs) && !self.args.errors_only;
         let mut beyond_top = Vec::new();
         let mut growing_stacks = 0;
         for row in rows.iter() {
@@ -626,10 +628,11 @@ impl<'a> Session<'a> {
             NO_PID => "[kernel]".to_string(),
             pid => output::process_root(pid, self.user_sym.comm(pid).unwrap_or_default()),
         };
-        if let Some(path) = self.args.pprof.as_ref().filter(|_| !self.args.errors_only) {
-            let shown = report.stacks.iter().map(|s| (s.pid, &s.frames, s.allocs, s.bytes));
-            let samples: Vec<output::pprof::Sample> = shown
-                .chain(beyond_top.iter().map(|(pid, frames, allocs, bytes)| (*pid, frames, *allocs, *bytes)))
+        let shown = report.stacks.iter().map(|s| (s.pid, &s.frames, s.allocs, s.bytes));
+        let whole = shown.chain(beyond_top.iter().map(|(pid, frames, allocs, bytes)| (*pid, frames, *allocs, *bytes)));
+        if let Some(path) = &self.args.pprof {
+            let samples: Vec<output::pprof::Sample> = whole
+                .clone()
                 .map(|(pid, frames, allocs, bytes)| output::pprof::Sample {
                     pid,
                     process: root(pid),
@@ -640,9 +643,16 @@ impl<'a> Session<'a> {
             let types = [("inuse_objects", "count"), ("inuse_space", "bytes")];
             output::pprof::write(path, &types, &samples, |pid, addr| self.user_sym.mapping(pid, addr).cloned())?;
         }
+        let folded = whole.map(|(pid, frames, _, bytes)| (root(pid), frames.as_slice(), bytes));
         if is_final && let Some(path) = &self.args.folded {
-            let folded = report.stacks.iter().map(|s| (root(s.pid), s.frames.as_slice(), s.bytes));
-            crate::tools::stacks::write_folded(path, folded)?;
+            crate::tools::stacks::write_folded(path, folded.clone())?;
+        }
+        if is_final && let Some(path) = &self.args.svg {
+            output::svg::write(
+                path,
+                &output::svg::Chart { title: "memleak: outstanding bytes", unit: "bytes" },
+                folded,
+            )?;
         }
         Ok(())
     }

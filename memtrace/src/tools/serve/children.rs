@@ -27,6 +27,9 @@ use super::metrics::Snapshot;
 
 /// Heaps of processes that are gone, kept for `/debug/pprof/heap` (the oldest goes first).
 const KEPT_GONE: usize = 32;
+/// Processes traced at once (each has a memleak of its own): a name that matches more is
+/// traced for the first this many, and the rest are said in the log.
+const MAX_TRACED: usize = 64;
 /// How long start-up waits for a child to attach its probes.
 const READY_WAIT: Duration = Duration::from_secs(30);
 
@@ -131,6 +134,8 @@ pub struct Children {
     tx: mpsc::UnboundedSender<News>,
     heaps: BTreeMap<u32, Heap>,
     gone_order: VecDeque<u32>,
+    /// Pids past MAX_TRACED, said once each.
+    refused: BTreeSet<u32>,
     /// OOM kills by (memory cgroup, victim comm).
     kills: BTreeMap<(String, String), u64>,
     oomkill: Option<u32>,
@@ -156,6 +161,7 @@ impl Children {
             tx,
             heaps: BTreeMap::new(),
             gone_order: VecDeque::new(),
+            refused: BTreeSet::new(),
             kills: BTreeMap::new(),
             oomkill: None,
             oomkill_restarts: 0,
@@ -220,7 +226,15 @@ impl Children {
         let own: BTreeSet<u32> = self.running.iter().filter_map(Child::id).chain([std::process::id()]).collect();
         let mut readies = Vec::new();
         for pid in wanted.difference(&own) {
-            if self.heaps.get(pid).is_some_and(|h| !h.gone) {
+            // Known already: traced, gone, or one memleak could not trace (not tried again
+            // every interval; a pid reused that soon is rare).
+            if self.heaps.contains_key(pid) {
+                continue;
+            }
+            if self.heaps.values().filter(|h| !h.gone).count() >= MAX_TRACED {
+                if self.refused.insert(*pid) {
+                    eprintln!("memtrace: serve: pid {pid} not traced: {MAX_TRACED} processes are traced already");
+                }
                 continue;
             }
             match self.start_memleak(*pid) {

@@ -239,6 +239,9 @@ pub struct StackReportArgs {
     /// `go tool pprof` and profile servers.
     #[arg(long, value_name = "FILE")]
     pub pprof: Option<std::path::PathBuf>,
+    /// Also draw the final report's stacks as a flame graph (SVG) in this file.
+    #[arg(long, value_name = "FILE")]
+    pub svg: Option<std::path::PathBuf>,
     /// Capacity of the stack store and the per-stack counts (a full map is reported as a blind
     /// spot). Stacks take memory only when stored, about 1 KiB each.
     #[arg(long, default_value_t = 65_536, value_name = "N")]
@@ -258,6 +261,9 @@ impl StackReportArgs {
         }
         if let Some(path) = &self.pprof {
             crate::output::check_writable("--pprof", path)?;
+        }
+        if let Some(path) = &self.svg {
+            crate::output::check_writable("--svg", path)?;
         }
         self.unwind.validate()
     }

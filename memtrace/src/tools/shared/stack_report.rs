@@ -1,8 +1,8 @@
 //! What the tools that count per stack in the kernel and report per interval (brkstack, faults)
 //! share past their probes: the stack store and its walks, the kernel's counters, the printers,
-//! `--folded` and `--pprof`, and the report's frame (its end, its lost events and stacks, the stack store).
+//! `--folded`, `--pprof` and `--svg`, and the report's frame (its end, its lost events and stacks, the stack store).
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 use anyhow::Result;
 use aya::maps::{MapData, PerCpuArray};
@@ -11,7 +11,7 @@ use serde::Serialize;
 use super::{
     Stream,
     args::StackReportArgs,
-    stacks::{StackStore, Stacks},
+    stacks::{StackStore, Stacks, write_folded},
     tracer::Tracer,
 };
 use crate::{
@@ -29,6 +29,7 @@ pub struct StackRun {
     top: usize,
     folded: Option<PathBuf>,
     pprof: Option<PathBuf>,
+    svg: Option<PathBuf>,
     pid: Option<u32>,
     stats: PerCpuArray<MapData, u64>,
     pub stacks: Stacks,
@@ -61,6 +62,7 @@ impl StackRun {
             top: args.top.get(),
             folded: args.folded.clone(),
             pprof: args.pprof.clone(),
+            svg: args.svg.clone(),
             pid: args.common.target.pid,
             stats,
             stacks,
@@ -84,11 +86,11 @@ impl StackRun {
         self.top
     }
 
-    /// How many of the sorted stacks a report symbolizes: all for the final one's `--folded`
-    /// and `--pprof`.
+    /// How many of the sorted stacks a report symbolizes: all for the final one's `--folded`,
+    /// `--pprof` and `--svg`.
     pub fn shown(&self, is_final: bool) -> usize {
-        let files = self.folded(is_final).is_some() || (is_final && self.pprof.is_some());
-        if files { usize::MAX } else { self.top }
+        let files = self.folded.is_some() || self.pprof.is_some() || self.svg.is_some();
+        if is_final && files { usize::MAX } else { self.top }
     }
 
     /// Writes the final report's stacks to the `--pprof` file, if any; `sample_types` are
@@ -105,9 +107,24 @@ impl StackRun {
         }
     }
 
-    /// The `--folded` file, for the final report.
-    pub fn folded(&self, is_final: bool) -> Option<&Path> {
-        self.folded.as_deref().filter(|_| is_final)
+    /// Writes the final report's stacks (root, frames, the value `chart` names) to the
+    /// `--folded` and `--svg` files, if any.
+    pub fn write_flame_graphs<'a>(
+        &self,
+        is_final: bool,
+        chart: &output::svg::Chart<'_>,
+        stacks: impl Iterator<Item = (String, &'a [Frame], u64)> + Clone,
+    ) -> Result<()> {
+        if !is_final {
+            return Ok(());
+        }
+        if let Some(path) = &self.folded {
+            write_folded(path, stacks.clone())?;
+        }
+        if let Some(path) = &self.svg {
+            output::svg::write(path, chart, stacks)?;
+        }
+        Ok(())
     }
 
     /// Prints a report of `counts` and the top `stacks`, with the tool's blind-spot counts
