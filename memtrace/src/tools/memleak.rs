@@ -6,6 +6,7 @@ mod blind_spots;
 mod errors;
 mod inproc;
 mod live;
+mod oom;
 mod procs;
 mod report;
 mod watch;
@@ -27,6 +28,7 @@ use crate::{
 };
 use attach::DutyCycle;
 use live::Live;
+pub use oom::HeapAtKill;
 use procs::Procs;
 use report::{Maps, Session};
 
@@ -47,6 +49,7 @@ pub const SPEC: ToolSpec = ToolSpec {
         attach::PERCPU[1],
         attach::LIFECYCLE[0],
         attach::LIFECYCLE[1],
+        attach::OOM,
     ],
 };
 
@@ -329,6 +332,7 @@ pub async fn run(args: Args) -> Result<Status> {
     let unwind = if user { args.unwind.mode() } else { UnwindMode::Fp };
     let fork = if user { Some(attach::fork_offsets()?) } else { None };
     let exec = if user { Some(attach::exec_offsets()?) } else { None };
+    let oom = if user { attach::oom_offsets() } else { None };
     let mut tracer = Tracer::load_caught(&SPEC, signals, |loader| {
         loader
             .override_global(memtrace_common::memleak::names::CONFIG, &config, true)
@@ -348,6 +352,9 @@ pub async fn run(args: Args) -> Result<Status> {
         }
         if let Some(e) = &exec {
             loader.override_global(memtrace_common::memleak::names::EXEC, e, true);
+        }
+        if let Some(o) = &oom {
+            loader.override_global(memtrace_common::memleak::names::OOM, o, true);
         }
     })?;
     let skip = if args.duty_cycle.is_some() { DutyCycle::HOT } else { &[] };
