@@ -271,7 +271,17 @@ enum Mode {
     Kernel,
 }
 
+/// Where `run_keeping` sends the heap of each traced process the OOM killer chooses, at its
+/// kill (what `serve` keeps after the process is gone).
+pub type KillSink = tokio::sync::mpsc::UnboundedSender<HeapAtKill>;
+
 pub async fn run(args: Args) -> Result<Status> {
+    run_keeping(args, None).await
+}
+
+/// `run`, also sending each heap at an OOM kill to `kills` once it is reported.
+#[allow(dead_code, reason = "for `memtrace serve`, which keeps the heaps; the CLI reports them only")]
+pub async fn run_keeping(args: Args, kills: Option<KillSink>) -> Result<Status> {
     kernel::require_root()?;
     if args.watch.is_some() {
         watch::available()?;
@@ -419,6 +429,7 @@ pub async fn run(args: Args) -> Result<Status> {
     let mut session = Session::new(&args, root, maps, unwinder, user_sym)?;
     session.watch = watcher;
     let mut live = Live::new(procs, session, command, duty, root, own_pid_ns, args.reports.count())?;
+    live.keep_kills(kills);
     let run = Run {
         duration: args.run.duration,
         // Exits are memleak's own news (`Live`): a command's, or each followed process's.

@@ -9,7 +9,7 @@ use aya::Ebpf;
 use memtrace_common::memleak::{EV_ERROR, EV_EXEC, EV_FORK, EV_OOM, Event, MemError, ProcEvent};
 use tokio::{signal::unix::Signal, task::JoinSet, time::Sleep};
 
-use super::{HeapAtKill, attach::DutyCycle, procs::Procs, report::Session};
+use super::{KillSink, attach::DutyCycle, procs::Procs, report::Session};
 use crate::{
     target,
     tools::{Ctx, End, Flow, Stream},
@@ -49,8 +49,8 @@ pub(super) struct Live<'a> {
     report_count: Option<u64>,
     /// The final report is out (the last of `-r`, or before a command is ended).
     reported_final: bool,
-    /// The heap of each process the OOM killer chose, at its kill, in the order of the kills.
-    pub kills: Vec<HeapAtKill>,
+    /// Where the heap of each process the OOM killer chose goes once reported (`run_keeping`).
+    kills: Option<KillSink>,
 }
 
 /// News from memleak's own sources.
@@ -104,8 +104,13 @@ impl<'a> Live<'a> {
             reports: 0,
             report_count,
             reported_final: false,
-            kills: Vec::new(),
+            kills: None,
         })
+    }
+
+    /// Sends the heap of each process the OOM killer chooses to `sink`.
+    pub fn keep_kills(&mut self, sink: Option<KillSink>) {
+        self.kills = sink;
     }
 
     /// Says how a process of the tree is now traced: the command's own images are news, its
@@ -150,8 +155,12 @@ impl<'a> Live<'a> {
                 // Before its exit is handled: the kernel frees nothing of the heap memleak
                 // knows, so its blocks are still all there (in the maps, or in the process).
                 let Some(read) = self.procs.read_at_kill(event.pid) else { return Ok(()) };
-                let heap = self.session.heap_at_kill(&self.procs, event.pid, read)?;
-                self.kills.push(heap);
+                if let (Some(heap), Some(sink)) =
+                    (self.session.heap_at_kill(&self.procs, event.pid, read)?, &self.kills)
+                {
+                    // Whoever keeps them may be gone already: the report is out anyway.
+                    let _ = sink.send(heap);
+                }
             }
             _ => {}
         }

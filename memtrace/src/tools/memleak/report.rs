@@ -493,8 +493,12 @@ impl<'a> Session<'a> {
 
     /// `pid`'s outstanding blocks now, every one whatever its age, per stack: its heap at its OOM
     /// kill, printed as a report of its own and written to `--pprof`/`--folded`'s files for
-    /// it. `read_at_kill`: false when its recorder could not be read at the kill.
-    pub(super) fn heap_at_kill(&mut self, procs: &Procs, pid: u32, read_at_kill: bool) -> Result<HeapAtKill> {
+    /// it. `read_at_kill`: false when its recorder could not be read at the kill. None under
+    /// --errors-only, which keeps call sites, not stacks.
+    pub(super) fn heap_at_kill(&mut self, procs: &Procs, pid: u32, read_at_kill: bool) -> Result<Option<HeapAtKill>> {
+        if self.args.errors_only {
+            return Ok(None);
+        }
         let _ = self.user_sym.refresh(pid);
         let proc = procs.list.get(&pid);
         let recorder = proc.and_then(|p| match &p.recording {
@@ -539,7 +543,7 @@ impl<'a> Session<'a> {
         for path in heap.write_files(self.args.pprof.as_deref(), self.args.folded.as_deref())? {
             eprintln!("memtrace: memleak: pid {pid}'s heap at its OOM kill written to {}", path.display());
         }
-        Ok(heap)
+        Ok(Some(heap))
     }
 
     /// Builds and prints one report. After the targets exited, no age cut-off applies.
