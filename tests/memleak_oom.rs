@@ -99,7 +99,7 @@ fn memleak_oom_c_reports_the_heap_at_the_kill() {
     let at = file.with_file_name(format!("memleak-oom-{}.oom-{pid}.pb.gz", std::process::id()));
     let said = format!("memtrace: memleak: pid {pid}'s heap at its OOM kill written to {}", at.display());
     assert!(stderr.lines().any(|l| l == said), "{said:?} in {stderr}");
-    let tops = gopprof::pprof_tool(TEST).then(|| (pprof_top(&at), pprof_top(&file)));
+    let tops = gopprof::has_go(TEST).then(|| (pprof_top(&at), pprof_top(&file)));
     std::fs::remove_file(&at).unwrap();
     std::fs::remove_file(&file).unwrap();
     if let Some((at_kill, at_end)) = tops {
