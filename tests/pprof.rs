@@ -4,38 +4,13 @@
 
 #[path = "common/mod.rs"]
 mod common;
+#[path = "common/gopprof.rs"]
+mod gopprof;
 
 use std::{io::Write as _, path::Path, process::Command, time::Duration};
 
 use common::*;
-
-/// Whether `go tool pprof` is here to read the profile back. The VM suite's image has no Go
-/// toolchain: there the test says so and is not run (the host runs it, where setup installs
-/// golang-go and its absence fails the test).
-fn pprof_tool(test: &str) -> bool {
-    if Command::new("go").arg("version").output().is_ok_and(|o| o.status.success()) {
-        return true;
-    }
-    assert!(
-        std::env::var_os("MEMTRACE_VM").is_some(),
-        "{test}: go is not installed (cargo xtask setup installs golang-go)"
-    );
-    not_run(test, "go tool pprof is not in the VM's image (the host runs this test)");
-    false
-}
-
-/// `go tool pprof ARGS FILE`'s stdout; pprof's own failure fails the test.
-fn go_pprof(args: &[&str], file: &Path) -> String {
-    let out = Command::new("go")
-        .args(["tool", "pprof"])
-        .args(args)
-        .arg(file)
-        .output()
-        .expect("go tool pprof runs (golang-go; cargo xtask setup installs it)");
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(out.status.success(), "go tool pprof {args:?}: {}: {stderr}", out.status);
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
+use gopprof::{go_pprof, pprof_tool};
 
 /// A row of `-top -lines`: the flat and cumulative values as printed, the function and its
 /// file:line.
