@@ -4,13 +4,13 @@
 
 #[path = "common/mod.rs"]
 mod common;
-#[path = "common/pprof.rs"]
-mod pprof;
+#[path = "common/gopprof.rs"]
+mod gopprof;
 
 use std::{io::Write as _, path::Path, process::Command, time::Duration};
 
 use common::*;
-use pprof::{go_pprof, pprof_tool, row_of, top_rows};
+use gopprof::{go_pprof, pprof_tool, row_of, top_rows};
 
 #[test]
 fn memleak_pprof_of_leaky_reads_back_in_go_pprof_exactly() {

@@ -9,8 +9,8 @@ mod common;
 mod http;
 #[path = "common/memcg.rs"]
 mod memcg;
-#[path = "common/pprof.rs"]
-mod pprof;
+#[path = "common/gopprof.rs"]
+mod gopprof;
 
 use std::{
     io::Write as _,
@@ -70,7 +70,7 @@ fn series(text: &str, name_and_labels: &str) -> Option<f64> {
 #[test]
 fn serve_heap_profile_over_http_reads_back_in_go_pprof_exactly() {
     const TEST: &str = "serve_heap_profile_over_http_reads_back_in_go_pprof_exactly";
-    if !bpf_available(TEST) || !pprof::pprof_tool(TEST) {
+    if !bpf_available(TEST) || !gopprof::pprof_tool(TEST) {
         return;
     }
     let Ready { mut child, mut stdin, mut lines } = Ready::start(Command::new(prog("leaky")).arg("wait"));
@@ -87,10 +87,10 @@ fn serve_heap_profile_over_http_reads_back_in_go_pprof_exactly() {
 
     // go tool pprof fetches the profile itself, as it does from a Go program's endpoint.
     let url = format!("http://{addr}/debug/pprof/heap?pid={pid}");
-    let space = pprof::go_pprof(&["-top", "-lines", "-nodecount=1000", "-sample_index=inuse_space", "-unit=B"], &url);
-    let rows = pprof::top_rows(&space);
+    let space = gopprof::go_pprof(&["-top", "-lines", "-nodecount=1000", "-sample_index=inuse_space", "-unit=B"], &url);
+    let rows = gopprof::top_rows(&space);
     for &(func, bytes, _) in LEAKY_C {
-        assert_eq!(pprof::row_of(&rows, func, "leaky.c").flat, format!("{bytes}B"), "{func}: {space}");
+        assert_eq!(gopprof::row_of(&rows, func, "leaky.c").flat, format!("{bytes}B"), "{func}: {space}");
     }
     assert!(!rows.iter().any(|r| r.func == "no_leak"), "freed memory in the profile: {space}");
 
@@ -108,7 +108,7 @@ fn serve_heap_profile_over_http_reads_back_in_go_pprof_exactly() {
     poll(Duration::from_secs(30), "the heap marked gone", || {
         (series(&http::get_text(&addr, "/metrics")?, &traced)? == 0.0).then_some(())
     });
-    let again = pprof::top_rows(&pprof::go_pprof(&["-top", "-lines", "-sample_index=inuse_space", "-unit=B"], &url));
+    let again = gopprof::top_rows(&gopprof::go_pprof(&["-top", "-lines", "-sample_index=inuse_space", "-unit=B"], &url));
     assert!(again.iter().any(|r| r.func == "leak_pvalloc" && r.flat == "6000B"), "{again:#?}");
     stop_serve(mt);
 }

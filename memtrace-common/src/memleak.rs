@@ -49,6 +49,18 @@ pub struct ExecOffsets {
     pub old_pid: u32,
 }
 
+/// Byte offset of `oom:mark_victim`'s `pid`, the one field every kernel records (5.10 has no
+/// other; newer ones add comm and memory):
+/// ```text
+/// field:int pid; offset:8; size:4; signed:1;
+/// ```
+#[repr(C)]
+#[derive(Copy, Clone, Debug, Default)]
+pub struct OomOffsets {
+    pub pid: u32,
+    pub _pad: u32,
+}
+
 #[repr(C)]
 #[derive(Copy, Clone, Debug, Default)]
 pub struct AllocInfo {
@@ -205,6 +217,9 @@ pub struct ProcEvent {
 
 /// memleak found a memory error: the record is a `MemError`.
 pub const EV_ERROR: u32 = 6;
+/// The OOM killer chose a tracked process (`oom:mark_victim`): the record is a `ProcEvent`
+/// whose `pid` is the victim, sent before the kill's SIGKILL.
+pub const EV_OOM: u32 = 7;
 
 /// A free of a block that was freed and not allocated again since.
 pub const ERR_DOUBLE_FREE: u32 = 1;
@@ -415,6 +430,7 @@ user_pod!(
     Tracked,
     ForkOffsets,
     ExecOffsets,
+    OomOffsets,
     Pending,
     Config,
     KmemOffsets,
@@ -430,6 +446,7 @@ pub mod names {
         CONFIG,
         FORK,
         EXEC,
+        OOM,
         KMEM,
         ALLOCS,
         SEEN,

@@ -14,13 +14,14 @@ use memtrace_common::{
     NO_PID, STACK_LOST,
     memleak::{
         AllocInfo, AllocKey, CLONE_THREAD, CLONE_VM, Config, ERR_DOUBLE_FREE, ERR_INVALID_FREE, ERR_REALLOC_FREED,
-        EV_ALLOC, EV_ERROR, EV_EXEC, EV_FORK, EV_FREE, EV_NEW_STACK, Event, ExecOffsets, FN_ALIGNED_ALLOC, FN_CALLOC,
-        FN_FREE, FN_KFREE, FN_KMALLOC, FN_KMEM_CACHE_ALLOC, FN_MALLOC, FN_MEMALIGN, FN_MMAP, FN_MMAP_FILE, FN_MUNMAP,
-        FN_PAGE_ALLOC, FN_PERCPU_ALLOC, FN_POSIX_MEMALIGN, FN_PVALLOC, FN_REALLOC, FN_REALLOC_FREE, FN_REALLOCARRAY,
-        FN_VALLOC, ForkOffsets, Freed, KmemOffsets, MAP_ANONYMOUS, MemError, Pending, ProcEvent, STAT_COUNT,
-        STAT_EARLY_FULL, STAT_EVENTS_LOST, STAT_FAILED, STAT_FREE_CALLS, STAT_FREE_CALLS_IN_WINDOW, STAT_FREED,
-        STAT_FREED_RECORDED, STAT_FREED_REUSED, STAT_INVALID_FREES, STAT_MAP_FULL, STAT_REPLACED, STAT_STACK_LOST,
-        STAT_STACKS_FULL, STAT_TRACKED, STAT_UNKNOWN_FREE, STAT_UNTRACKED_CHILDREN, StackKey, Tracked,
+        EV_ALLOC, EV_ERROR, EV_EXEC, EV_FORK, EV_FREE, EV_NEW_STACK, EV_OOM, Event, ExecOffsets, FN_ALIGNED_ALLOC,
+        FN_CALLOC, FN_FREE, FN_KFREE, FN_KMALLOC, FN_KMEM_CACHE_ALLOC, FN_MALLOC, FN_MEMALIGN, FN_MMAP, FN_MMAP_FILE,
+        FN_MUNMAP, FN_PAGE_ALLOC, FN_PERCPU_ALLOC, FN_POSIX_MEMALIGN, FN_PVALLOC, FN_REALLOC, FN_REALLOC_FREE,
+        FN_REALLOCARRAY, FN_VALLOC, ForkOffsets, Freed, KmemOffsets, MAP_ANONYMOUS, MemError, OomOffsets, Pending,
+        ProcEvent, STAT_COUNT, STAT_EARLY_FULL, STAT_EVENTS_LOST, STAT_FAILED, STAT_FREE_CALLS,
+        STAT_FREE_CALLS_IN_WINDOW, STAT_FREED, STAT_FREED_RECORDED, STAT_FREED_REUSED, STAT_INVALID_FREES,
+        STAT_MAP_FULL, STAT_REPLACED, STAT_STACK_LOST, STAT_STACKS_FULL, STAT_TRACKED, STAT_UNKNOWN_FREE,
+        STAT_UNTRACKED_CHILDREN, StackKey, Tracked,
     },
 };
 use memtrace_ebpf::{BPF_NOEXIST, EEXIST, bump, current_pid_tgid, tp_u32, tp_u64, unwind::UserRegs};
@@ -39,6 +40,9 @@ static FORK: Global<ForkOffsets> = Global::new(ForkOffsets { pid: 0, clone_flags
 
 #[unsafe(no_mangle)]
 static EXEC: Global<ExecOffsets> = Global::new(ExecOffsets { pid: 0, old_pid: 0 });
+
+#[unsafe(no_mangle)]
+static OOM: Global<OomOffsets> = Global::new(OomOffsets { pid: 0, _pad: 0 });
 
 #[unsafe(no_mangle)]
 static KMEM: Global<KmemOffsets> = Global::new(KmemOffsets {
@@ -560,6 +564,18 @@ pub fn memleak_exec(ctx: TracePointContext) -> u32 {
         // Another thread's exec: probes tied to the process's first thread are gone with it.
         let from_thread = tp_u32(&ctx, offsets.pid) != tp_u32(&ctx, offsets.old_pid);
         emit_proc(ProcEvent { kind: EV_EXEC, pid, image, from_thread: from_thread as u32, ..Default::default() });
+    }
+    0
+}
+
+/// The OOM killer chose a victim: when it is a tracked process, user space reads its heap now,
+/// before the SIGKILL that follows ends it. The current task is the one whose allocation
+/// failed, not the victim.
+#[tracepoint]
+pub fn memleak_oom_victim(ctx: TracePointContext) -> u32 {
+    let pid = tp_u32(&ctx, OOM.load().pid);
+    if TRACKED.get_ptr(&pid).is_some() {
+        emit_proc(ProcEvent { kind: EV_OOM, pid, ..Default::default() });
     }
     0
 }

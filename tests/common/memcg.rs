@@ -63,6 +63,24 @@ impl Memcg {
         Some(group)
     }
 
+    /// Keeps a v1 group's pages out of swap too (v2 groups are made so): swappiness 0, and
+    /// memory+swap limited to the memory limit where the kernel counts swap.
+    pub fn no_swap(&self) {
+        if self.v2 {
+            return;
+        }
+        self.write("memory.swappiness", "0");
+        if self.dir.join("memory.memsw.limit_in_bytes").exists() {
+            let limit = self.read("memory.limit_in_bytes");
+            self.write("memory.memsw.limit_in_bytes", limit.trim());
+        }
+    }
+
+    /// The file a process writes "0" into to join the group.
+    pub fn procs_file(&self) -> PathBuf {
+        self.dir.join("cgroup.procs")
+    }
+
     /// Lets the group's pages go to swap (v2 groups are made without; v1 ones always may).
     pub fn allow_swap(&self) {
         if self.v2 {

@@ -6,6 +6,7 @@ mod blind_spots;
 mod errors;
 mod inproc;
 mod live;
+mod oom;
 mod procs;
 mod report;
 mod watch;
@@ -27,6 +28,7 @@ use crate::{
 };
 use attach::DutyCycle;
 use live::Live;
+pub use oom::HeapAtKill;
 use procs::Procs;
 use report::{Maps, Session};
 
@@ -47,6 +49,7 @@ pub const SPEC: ToolSpec = ToolSpec {
         attach::PERCPU[1],
         attach::LIFECYCLE[0],
         attach::LIFECYCLE[1],
+        attach::OOM,
     ],
 };
 
@@ -274,7 +277,17 @@ enum Mode {
     Kernel,
 }
 
+/// Where `run_keeping` sends the heap of each traced process the OOM killer chooses, at its
+/// kill (what `serve` keeps after the process is gone).
+pub type KillSink = tokio::sync::mpsc::UnboundedSender<HeapAtKill>;
+
 pub async fn run(args: Args) -> Result<Status> {
+    run_keeping(args, None).await
+}
+
+/// `run`, also sending each heap at an OOM kill to `kills` once it is reported.
+#[allow(dead_code, reason = "for `memtrace serve`, which keeps the heaps; the CLI reports them only")]
+pub async fn run_keeping(args: Args, kills: Option<KillSink>) -> Result<Status> {
     kernel::require_root()?;
     if args.watch.is_some() {
         watch::available()?;
@@ -335,6 +348,7 @@ pub async fn run(args: Args) -> Result<Status> {
     let unwind = if user { args.unwind.mode() } else { UnwindMode::Fp };
     let fork = if user { Some(attach::fork_offsets()?) } else { None };
     let exec = if user { Some(attach::exec_offsets()?) } else { None };
+    let oom = if user { attach::oom_offsets() } else { None };
     let mut tracer = Tracer::load_caught(&SPEC, signals, |loader| {
         loader
             .override_global(memtrace_common::memleak::names::CONFIG, &config, true)
@@ -354,6 +368,9 @@ pub async fn run(args: Args) -> Result<Status> {
         }
         if let Some(e) = &exec {
             loader.override_global(memtrace_common::memleak::names::EXEC, e, true);
+        }
+        if let Some(o) = &oom {
+            loader.override_global(memtrace_common::memleak::names::OOM, o, true);
         }
     })?;
     let skip = if args.duty_cycle.is_some() { DutyCycle::HOT } else { &[] };
@@ -418,6 +435,7 @@ pub async fn run(args: Args) -> Result<Status> {
     let mut session = Session::new(&args, root, maps, unwinder, user_sym)?;
     session.watch = watcher;
     let mut live = Live::new(procs, session, command, duty, root, own_pid_ns, args.reports.count())?;
+    live.keep_kills(kills);
     let run = Run {
         duration: args.run.duration,
         // Exits are memleak's own news (`Live`): a command's, or each followed process's.

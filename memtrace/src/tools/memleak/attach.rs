@@ -8,7 +8,7 @@ use aya::{
     Ebpf,
     maps::{Array, MapData},
 };
-use memtrace_common::memleak::{ExecOffsets, ForkOffsets, KmemOffsets};
+use memtrace_common::memleak::{ExecOffsets, ForkOffsets, KmemOffsets, OomOffsets};
 
 use crate::{
     kernel::{self, AttachPoint, Probe, UProbeLinkId, UprobeError, placement::Placement, tracefs::Format},
@@ -266,6 +266,9 @@ pub(super) const PERCPU: &[Probe] = &[
 pub(super) const LIFECYCLE: &[Probe] =
     &[tp("memleak_newtask", "task", &["task_newtask"]), tp("memleak_exec", "sched", &["sched_process_exec"])];
 
+/// The OOM killer's choice of a victim: a traced process's heap is read at its kill.
+pub(super) const OOM: Probe = tp("memleak_oom_victim", "oom", &["mark_victim"]);
+
 fn attach(bpf: &mut Ebpf, probe: &Probe) -> Result<&'static str> {
     let Probe::Tracepoint { prog, category, names: &[name] } = *probe else {
         unreachable!("memleak's kernel probes are single tracepoints")
@@ -303,10 +306,25 @@ pub(super) fn exec_offsets() -> Result<ExecOffsets> {
     Ok(ExecOffsets { pid: f.offset("pid")?, old_pid: f.offset("old_pid")? })
 }
 
-/// The tracepoints that follow processes: forks (for `-c` and `--children`) and execs.
+/// Offset of `oom:mark_victim`'s pid; None where the kernel lacks the tracepoint.
+pub(super) fn oom_offsets() -> Option<OomOffsets> {
+    let f = Format::read("oom", "mark_victim").ok()?;
+    Some(OomOffsets { pid: f.offset("pid").ok()?, _pad: 0 })
+}
+
+/// Attaches the OOM victim tracepoint; without it (no such tracepoint) a process the OOM
+/// killer ends is reported as any SIGKILLed one.
+pub(super) fn oom(bpf: &mut Ebpf) {
+    if let Err(e) = attach(bpf, &OOM) {
+        tracing::warn!("no heap at OOM kills: cannot attach tracepoint oom:mark_victim: {e:#}");
+    }
+}
+
+/// The tracepoints that follow processes: forks (for `-c` and `--children`), execs and OOM kills.
 pub(super) fn lifecycle(bpf: &mut Ebpf) -> Result<()> {
     for probe in LIFECYCLE {
         attach(bpf, probe)?;
     }
+    oom(bpf);
     Ok(())
 }

@@ -483,6 +483,10 @@ impl Recorder {
     /// the same and even before and after), and the stacks stored since the last read.
     pub(super) fn snapshot(&mut self, pid: u32) -> Result<&Snapshot> {
         let state: RecorderState = read(pid, self.state_addr)?;
+        // A dying process's memory may be reclaimed under memtrace (the OOM reaper): zeros.
+        if state.magic != MAGIC {
+            bail!("its recorder's memory is gone");
+        }
         let part_size = size_of::<Part>() as u64;
         let mut snap = Snapshot {
             stack_store_full: state.stack_store_full,

@@ -6,10 +6,10 @@ use std::{pin::Pin, time::Duration};
 
 use anyhow::Result;
 use aya::Ebpf;
-use memtrace_common::memleak::{EV_ERROR, EV_EXEC, EV_FORK, Event, MemError, ProcEvent};
+use memtrace_common::memleak::{EV_ERROR, EV_EXEC, EV_FORK, EV_OOM, Event, MemError, ProcEvent};
 use tokio::{signal::unix::Signal, task::JoinSet, time::Sleep};
 
-use super::{attach::DutyCycle, procs::Procs, report::Session};
+use super::{KillSink, attach::DutyCycle, procs::Procs, report::Session};
 use crate::{
     target,
     tools::{Ctx, End, Flow, Stream},
@@ -49,6 +49,8 @@ pub(super) struct Live<'a> {
     report_count: Option<u64>,
     /// The final report is out (the last of `-r`, or before a command is ended).
     reported_final: bool,
+    /// Where the heap of each process the OOM killer chose goes once reported (`run_keeping`).
+    kills: Option<KillSink>,
 }
 
 /// News from memleak's own sources.
@@ -102,7 +104,13 @@ impl<'a> Live<'a> {
             reports: 0,
             report_count,
             reported_final: false,
+            kills: None,
         })
+    }
+
+    /// Sends the heap of each process the OOM killer chooses to `sink`.
+    pub fn keep_kills(&mut self, sink: Option<KillSink>) {
+        self.kills = sink;
     }
 
     /// Says how a process of the tree is now traced: the command's own images are news, its
@@ -112,7 +120,8 @@ impl<'a> Live<'a> {
         if Some(pid) == self.root { eprintln!("memtrace: memleak: {line}") } else { tracing::info!("{line}") }
     }
 
-    /// Acts on the kernel side's news of a tracked process forking or exec'ing.
+    /// Acts on the kernel side's news of a tracked process forking, exec'ing or chosen by the
+    /// OOM killer.
     fn lifecycle(&mut self, bpf: &mut Ebpf, event: &ProcEvent) -> Result<()> {
         let held = self.held;
         match event.kind {
@@ -141,6 +150,17 @@ impl<'a> Live<'a> {
                 tracing::info!("pid {}: exec into image {image} followed", event.pid);
                 self.session.user_sym.forget(event.pid);
                 self.session.unwinder.load(event.pid);
+            }
+            EV_OOM => {
+                // Before its exit is handled: the kernel frees nothing of the heap memleak
+                // knows, so its blocks are still all there (in the maps, or in the process).
+                let Some(read) = self.procs.read_at_kill(event.pid) else { return Ok(()) };
+                if let (Some(heap), Some(sink)) =
+                    (self.session.heap_at_kill(&self.procs, event.pid, read)?, &self.kills)
+                {
+                    // Whoever keeps them may be gone already: the report is out anyway.
+                    let _ = sink.send(heap);
+                }
             }
             _ => {}
         }
@@ -197,6 +217,7 @@ impl<'a> Live<'a> {
                 let _ = ack.send(());
             }
             Some(CommandEvent::Exited { pid, code }) => {
+                self.drain(ctx)?;
                 if Some(pid) == self.root {
                     eprintln!("memtrace: memleak: command exited with status {code}");
                     self.ending.status = Some(code);
@@ -231,7 +252,7 @@ impl Stream for Live<'_> {
             let Some(kind) = crate::tools::read_event::<u32>(&item) else { continue };
             items.extend(match kind {
                 EV_ERROR => crate::tools::read_event(&item).map(Item::Error),
-                EV_FORK | EV_EXEC => crate::tools::read_event(&item).map(Item::Proc),
+                EV_FORK | EV_EXEC | EV_OOM => crate::tools::read_event(&item).map(Item::Proc),
                 _ => crate::tools::read_event(&item).map(Item::Block),
             });
         }
@@ -291,6 +312,8 @@ impl Stream for Live<'_> {
             Side::Command(event) => return self.on_command(ctx, event),
             Side::Exit(pid, res) => {
                 res?;
+                // An OOM kill's news comes first: the heap at the kill before the exit.
+                self.drain(ctx)?;
                 if Some(pid) == self.root {
                     eprintln!("memtrace: memleak: process {pid} exited");
                 }

@@ -36,6 +36,8 @@ pub(super) struct Proc {
     /// Set once the process is gone: its outstanding blocks are final, no age cut-off applies.
     pub exit_code: Option<i32>,
     pub exited: bool,
+    /// The OOM killer chose it.
+    pub oom_killed: bool,
     /// How its allocations are recorded: by probes (`alloc`), or in the process.
     pub recording: Recording,
 }
@@ -366,6 +368,22 @@ impl Procs {
         }
     }
 
+    /// The OOM killer chose `pid`: its recorder, when it records in itself, is read now, as its
+    /// memory goes with it. False when that read failed (the kernel was quicker) and the read
+    /// before stands. None when memleak does not follow `pid`.
+    pub(super) fn read_at_kill(&mut self, pid: u32) -> Option<bool> {
+        let proc = self.list.get_mut(&pid)?;
+        proc.oom_killed = true;
+        let Recording::InProcess(recorder) = &mut proc.recording else { return Some(true) };
+        match recorder.snapshot(pid) {
+            Ok(_) => Some(true),
+            Err(e) => {
+                tracing::warn!("pid {pid}: cannot read its recorder at its OOM kill: {e:#}");
+                Some(false)
+            }
+        }
+    }
+
     /// Reads the recorders of the processes still running (the others keep their last read).
     pub(super) fn read_recorders(&mut self) {
         for (&pid, proc) in &mut self.list {
@@ -427,6 +445,7 @@ impl Proc {
             comm: target::comm(pid),
             exit_code: None,
             exited: false,
+            oom_killed: false,
             recording: Recording::Probes,
         }
     }

@@ -25,6 +25,7 @@ use super::{
     Args,
     errors::{self, ErrorReport},
     inproc::{self, Snapshot},
+    oom::{HeapAtKill, KillStack},
     procs::{Procs, Recording},
     watch::{self, Watcher},
 };
@@ -212,6 +213,8 @@ struct ProcessReport {
     comm: String,
     exited: bool,
     exit_code: Option<i32>,
+    /// The OOM killer chose it (its heap at that moment was reported then).
+    oom_killed: bool,
     /// Its outstanding bytes and allocations, over all its stacks.
     bytes: u64,
     allocs: u64,
@@ -490,6 +493,61 @@ impl<'a> Session<'a> {
         frames
     }
 
+    /// `pid`'s outstanding blocks now, every one whatever its age, per stack: its heap at its OOM
+    /// kill, printed as a report of its own and written to `--pprof`/`--folded`'s files for
+    /// it. `read_at_kill`: false when its recorder could not be read at the kill. None under
+    /// --errors-only, which keeps call sites, not stacks.
+    pub(super) fn heap_at_kill(&mut self, procs: &Procs, pid: u32, read_at_kill: bool) -> Result<Option<HeapAtKill>> {
+        if self.args.errors_only {
+            return Ok(None);
+        }
+        let _ = self.user_sym.refresh(pid);
+        let proc = procs.list.get(&pid);
+        let recorder = proc.and_then(|p| match &p.recording {
+            Recording::InProcess(r) => Some(&**r),
+            _ => None,
+        });
+        let recorded: Vec<(u32, u32, &Snapshot)> = recorder
+            .and_then(|r| r.last.as_ref())
+            .map(|snap| (pid, proc.map_or(0, |p| p.image), snap))
+            .into_iter()
+            .collect();
+        let (rows, _) = self.maps.rows(0, false, &procs.images(), &|_| true, &recorded);
+        let mut stacks = Vec::new();
+        let mut mappings: Vec<crate::symbolize::MappedFile> = Vec::new();
+        for row in rows.iter().filter(|r| r.key.pid == pid) {
+            let frames = self.frames(row.key, recorder);
+            for f in &frames {
+                if let Some(m) = self.user_sym.mapping(pid, f.addr)
+                    && !mappings.contains(m)
+                {
+                    mappings.push(m.clone());
+                }
+            }
+            stacks.push(KillStack { bytes: row.bytes, allocs: row.allocs, frames });
+        }
+        let comm = proc.map(|p| p.comm.clone()).unwrap_or_default();
+        let top = self.args.top.get();
+        let heap = self.out.titled(
+            |time| HeapAtKill {
+                time,
+                pid,
+                comm,
+                oom_killed: true,
+                read_at_kill,
+                total_bytes: stacks.iter().map(|s| s.bytes).sum(),
+                allocs: stacks.iter().map(|s| s.allocs).sum(),
+                stacks,
+                mappings,
+            },
+            |h| h.render(top),
+        )?;
+        for path in heap.write_files(self.args.pprof.as_deref(), self.args.folded.as_deref())? {
+            eprintln!("memtrace: memleak: pid {pid}'s heap at its OOM kill written to {}", path.display());
+        }
+        Ok(Some(heap))
+    }
+
     /// Builds and prints one report. After the targets exited, no age cut-off applies.
     pub(super) fn report(&mut self, procs: &mut Procs, is_final: bool, target_gone: bool) -> Result<()> {
         if is_final && let Some(w) = &mut self.watch {
@@ -549,6 +607,7 @@ impl<'a> Session<'a> {
                     comm: p.comm.clone(),
                     exited: p.exited,
                     exit_code: p.exit_code,
+                    oom_killed: p.oom_killed,
                     bytes,
                     allocs,
                 }
@@ -690,6 +749,9 @@ fn render(report: &Report, sample_rate: u32) -> String {
     );
     // One process: its stacks as they come. Several (a command's tree): grouped by process.
     let several = report.processes.len() > 1;
+    for p in report.processes.iter().filter(|p| p.oom_killed && !several) {
+        let _ = writeln!(out, "  pid {} ({}) was killed by the OOM killer", p.pid, p.comm);
+    }
     let groups: Vec<Option<&ProcessReport>> =
         if several { report.processes.iter().map(Some).collect() } else { vec![None] };
     for group in groups {
@@ -697,6 +759,7 @@ fn render(report: &Report, sample_rate: u32) -> String {
             report.stacks.iter().filter(|s| group.is_none_or(|p| p.pid == s.pid)).collect();
         if let Some(p) = group {
             let state = match (p.exited, p.exit_code) {
+                _ if p.oom_killed => ", killed by the OOM killer".into(),
                 (true, Some(code)) => format!(", exited with status {code}"),
                 (true, None) => ", exited".into(),
                 _ => String::new(),
