@@ -320,3 +320,34 @@ fn the_shipped_unit_and_daemonset_command_lines_start_serve() {
         stop_serve(mt);
     }
 }
+
+/// A traced process killed by the OOM killer: serve counts the kill, marks the heap, and
+/// keeps serving the heap memleak read at the kill, whose top is the function that grew.
+#[test]
+fn serve_keeps_the_heap_of_an_oom_killed_process() {
+    const TEST: &str = "serve_keeps_the_heap_of_an_oom_killed_process";
+    if !bpf_available(TEST) {
+        return;
+    }
+    let Some(group) = Memcg::new("serve-oom", 64) else { return };
+    group.no_swap();
+    let mut hog = group.spawn(&prog_nofp("oom_grow"), &[]);
+    let pid = hog.pid;
+    let (mt, addr) = start_serve(&["--memleak-pid", &pid.to_string(), "--interval", "1"]);
+    hog.go();
+    let status = hog.wait(Duration::from_secs(120));
+    assert_eq!(status.signal(), Some(libc::SIGKILL), "oom_grow was not OOM-killed: {status}");
+    let killed = format!("memtrace_heap_oom_killed{{pid=\"{pid}\",comm=\"oom_grow\"}}");
+    poll(Duration::from_secs(30), "the heap marked as killed", || {
+        (series(&http::get_text(&addr, "/metrics")?, &killed)? == 1.0).then_some(())
+    });
+    let kills = format!("memtrace_oom_kills_total{{memcg=\"{}\",comm=\"oom_grow\"}}", group.path);
+    assert_eq!(series(&http::get_text(&addr, "/metrics").unwrap(), &kills), Some(1.0), "{kills}");
+    if gopprof::has_go(TEST) {
+        let url = format!("http://{addr}/debug/pprof/heap?pid={pid}");
+        let top = gopprof::go_pprof(&["-top", "-sample_index=inuse_space", "-unit=B"], &url);
+        let first = top.lines().skip_while(|l| !l.trim_start().starts_with("flat")).nth(1).unwrap_or_default();
+        assert_eq!(first.split_whitespace().nth(5), Some("grow"), "{top}");
+    }
+    stop_serve(mt);
+}

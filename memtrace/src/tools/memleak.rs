@@ -6,7 +6,7 @@ mod blind_spots;
 mod errors;
 mod inproc;
 mod live;
-mod oom;
+pub(crate) mod oom;
 mod procs;
 mod report;
 mod watch;

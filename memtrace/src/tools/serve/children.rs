@@ -174,6 +174,13 @@ impl Children {
         self.dir.0.join(format!("heap.{pid}.pb.gz"))
     }
 
+    /// A forgotten process's profiles: its last report's and the one at its OOM kill.
+    fn remove_profiles(&self, pid: u32) {
+        let path = self.profile_path(pid);
+        let _ = std::fs::remove_file(crate::tools::memleak::oom::oom_path(&path, pid));
+        let _ = std::fs::remove_file(path);
+    }
+
     /// Starts `memtrace ARGS` with its stdout read line by line into `news`; returns the
     /// child's pid and the read end of its `--ready-fd` pipe.
     fn spawn(&mut self, args: &[String], news: impl Fn(String) -> News + 'static, end: News) -> Result<(u32, OwnedFd)> {
@@ -255,7 +262,7 @@ impl Children {
             if let Some(child) = self.heaps.remove(&pid).and_then(|h| h.child) {
                 terminate(child);
             }
-            let _ = std::fs::remove_file(self.profile_path(pid));
+            self.remove_profiles(pid);
         }
         if self.oomkill.is_none() {
             // It ended on its own: counting kills matters more than a quiet log.
@@ -331,7 +338,7 @@ impl Children {
         while self.gone_order.len() > KEPT_GONE {
             if let Some(old) = self.gone_order.pop_front() {
                 self.heaps.remove(&old);
-                let _ = std::fs::remove_file(self.profile_path(old));
+                self.remove_profiles(old);
             }
         }
     }
@@ -357,7 +364,11 @@ impl Children {
                 format!("pid {pid} is not traced by this agent: it serves the processes chosen by --memleak-pid, --memleak-comm and --selection"),
             ));
         };
-        match std::fs::read(self.profile_path(pid)) {
+        // The heap memleak read at the OOM kill, where there was one; else its last report's.
+        let at_kill = crate::tools::memleak::oom::oom_path(&self.profile_path(pid), pid);
+        let read = if heap.oom_killed { std::fs::read(at_kill).or_else(|_| std::fs::read(self.profile_path(pid))) }
+            else { std::fs::read(self.profile_path(pid)) };
+        match read {
             Ok(bytes) => Ok(bytes),
             Err(_) if heap.failed => Err((503, format!("memleak could not trace pid {pid}: see the agent's log"))),
             Err(_) => Err((
