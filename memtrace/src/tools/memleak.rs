@@ -8,6 +8,7 @@ mod inproc;
 mod live;
 mod procs;
 mod report;
+mod sampling;
 mod watch;
 
 use std::{path::PathBuf, time::Duration};
@@ -84,9 +85,16 @@ pub struct Args {
     /// Ignore allocations larger than this many bytes.
     #[arg(short = 'Z', long, value_name = "BYTES")]
     pub max_size: Option<u64>,
-    /// Record one allocation in N (lower overhead, partial counts).
+    /// Record one allocation in N, at random (lower overhead); bytes and counts are reported
+    /// times N, marked as estimates.
     #[arg(short, long, default_value_t = 1, value_name = "N")]
     pub sample_rate: u32,
+    /// Record allocations by bytes, as tcmalloc and jemalloc sample: one every N bytes
+    /// allocated on average (a random geometric interval). Allocations left out cost no map
+    /// update and no stack walk; bytes and counts are unbiased estimates, marked as such.
+    /// With -c, the processes are probed with uprobes.
+    #[arg(long, value_name = "N")]
+    pub sample_bytes: Option<u64>,
     /// List the address and size of each outstanding allocation.
     #[arg(short = 'a', long)]
     pub show_allocs: bool,
@@ -166,7 +174,12 @@ impl Args {
             && self.symbols_prefix.is_empty()
             && !self.trace
             && self.sample_rate <= 1
+            && self.sample_bytes.is_none()
             && self.watch.is_none()
+    }
+
+    fn sampling(&self) -> sampling::Sampling {
+        sampling::Sampling::new(self.sample_rate, self.sample_bytes)
     }
 
     fn recorder_config(&self) -> inproc::Config {
@@ -222,6 +235,15 @@ impl Args {
         }
         if self.sample_rate == 0 {
             bail!("--sample-rate must be at least 1");
+        }
+        if let Some(n) = self.sample_bytes {
+            if self.sample_rate != 1 {
+                bail!("--sample-bytes and -s/--sample-rate are two ways to sample: give one of them");
+            }
+            in_range("--sample-bytes", n, 1..=1 << 40)?;
+            if self.errors_only || self.watch.is_some() {
+                bail!("--sample-bytes samples leaks: memory errors (--errors-only, --watch) need every block recorded");
+            }
         }
         let user = self.target.pid.is_some() || self.command.is_some();
         if self.percpu && user {
@@ -314,15 +336,17 @@ pub async fn run(args: Args) -> Result<Status> {
         // In a pid namespace of its own, memtrace learns of a command's children through
         // ptrace only (the fork tracepoint names them by pids it cannot see).
         children: (args.children || (args.command.is_some() && !own_pid_ns)) as u32,
-        errors: (user && !args.no_errors) as u32,
+        // Sampling by bytes keeps the unsampled path cheap: no stack walk at each free.
+        errors: (user && !args.no_errors && args.sample_bytes.is_none()) as u32,
         // Only a command is seen from its first allocation, and only if nothing is left out.
         judge_invalid: (args.command.is_some()
-            && args.sample_rate <= 1
+            && !args.sampling().is_sampled()
             && args.min_size.is_none()
             && args.max_size.is_none()
             && args.duty_cycle.is_none()) as u32,
         call_sites: (user && args.errors_only) as u32,
         watch: args.watch.is_some() as u32,
+        sample_bytes: args.sample_bytes.unwrap_or(0),
     };
     let kmem = if user { None } else { Some(attach::kmem_offsets()?) };
     // Kernel mode walks no user stack.
@@ -350,6 +374,9 @@ pub async fn run(args: Args) -> Result<Status> {
             loader.override_global(memtrace_common::memleak::names::EXEC, e, true);
         }
     })?;
+    if let Some(n) = args.sample_bytes {
+        sampling::fill(&mut tracer.map(memtrace_common::memleak::names::SAMPLE_INTERVALS)?, n)?;
+    }
     let skip = if args.duty_cycle.is_some() { DutyCycle::HOT } else { &[] };
     let mut procs = Procs::new(&mut tracer, &args.symbols_prefix, args.obj.clone(), skip)?;
     let maps = Maps::take(&mut tracer)?;
