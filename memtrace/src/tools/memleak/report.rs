@@ -90,7 +90,6 @@ impl Maps {
     /// Records of an image a process has exec'd away from are void, and deleted.
     /// `recorded`: each process recording in itself, its image, and its recorder's last read.
     /// Sampled: each stack's bytes and count are estimates, each block weighed by `sampling`.
-    #[expect(clippy::too_many_arguments, reason = "one call site, each argument a different input")]
     fn rows(
         &mut self,
         sampling: Sampling,
