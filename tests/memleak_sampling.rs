@@ -11,7 +11,7 @@
 //! - leak_large, n = 768 blocks of s = 96 KiB: p = 0.777, sd = sqrt(0.223 / 597) = 1.93%,
 //!   10% is 5.2 sd.
 //!   Each check fails by chance with probability under 4e-7 (normal tails; the binomial's are
-//!   thinner still at these n p), under 2e-6 for the four checks of a run of this file.
+//!   thinner still at these n p), under 2e-6 for the six of a run of this file (-c, -c --uprobes, -p).
 //!   Under `-s 10`: leak_small's k is binomial(40,000, 0.1), sd = sqrt(0.9 / 4000) = 1.5%,
 //!   10% is 6.7 sd. leak_large's 768 blocks give only 77 samples there (sd 10.8%): not checked.
 
@@ -67,8 +67,10 @@ fn sampled_run(how: &str, args: &[&str]) -> Value {
         let out = run(&common, Duration::from_secs(300));
         let stderr = String::from_utf8_lossy(&out.stderr);
         assert!(out.status.success(), "{how} {args:?}: exit {}: {stderr}", out.status);
-        // Sampling is the probes': the in-process recorder records every block.
-        assert!(stderr.contains("probed through"), "{how} {args:?}: {stderr}");
+        // -s is the probes' alone; --sample-bytes is the in-process recorder's too.
+        let probed = args.contains(&"--uprobes") || args.contains(&"-s");
+        let said = if probed { "probed through" } else { "recorded in the process" };
+        assert!(stderr.contains(said), "{how} {args:?}: {stderr}");
         String::from_utf8_lossy(&out.stdout).into_owned()
     } else {
         let mut cmd = Command::new(&prog);
@@ -86,6 +88,8 @@ fn sampled_run(how: &str, args: &[&str]) -> Value {
     };
     let report = final_report(&stdout);
     assert_detached("memleak");
+    // Frees of blocks left out are not blind spots.
+    assert_eq!(report["blind_spots"]["unknown_frees"], 0, "{how} {args:?}: {:#}", report["blind_spots"]);
     report
 }
 
@@ -94,8 +98,10 @@ fn memleak_sample_bytes_estimates_each_leak_within_10_percent() {
     if !bpf_available("memleak_sample_bytes_estimates_each_leak_within_10_percent") {
         return;
     }
-    for how in ["-c", "-p"] {
-        let report = sampled_run(how, &["--sample-bytes", "65536"]);
+    for (how, extra) in [("-c", None), ("-c", Some("--uprobes")), ("-p", None)] {
+        let args: Vec<&str> = ["--sample-bytes", "65536"].into_iter().chain(extra).collect();
+        let report = sampled_run(how, &args);
+        let how = &format!("{how} {}", extra.unwrap_or_default());
         assert_eq!(report["estimated"], true, "{how}: {report:#}");
         assert_eq!(report["sampling"], json!({"by": "bytes", "mean_bytes": 65536}), "{how}");
         assert_estimates(how, &report, SMALL);

@@ -289,6 +289,14 @@ fn ids() -> (u32, u32) {
     ((id >> 32) as u32, id as u32)
 }
 
+/// Whether allocations are sampled: a free of an unknown address is then mostly one of a
+/// block left out, not a blind spot.
+#[inline(always)]
+fn sampling() -> bool {
+    let config = CONFIG.load();
+    config.sample_bytes != 0 || config.sample_rate > 1
+}
+
 #[inline(always)]
 fn sampled_in(size: u64) -> bool {
     let config = CONFIG.load();
@@ -360,7 +368,7 @@ fn realloc_enter(ctx: &ProbeContext, old: u64, size: u64, func: u32) -> u32 {
     }
     if old != 0 {
         let key = AllocKey { pid, image, addr: old };
-        if errors { free_checked(ctx, key, tid, func) } else { forget(key, tid, func, true) }
+        if errors { free_checked(ctx, key, tid, func) } else { forget(key, tid, func, !sampling()) }
     }
     if size == 0 && old != 0 {
         // realloc(p, 0) frees p and returns NULL: not a failed allocation. Pending all the
@@ -421,7 +429,9 @@ fn free_checked(ctx: &ProbeContext, key: AllocKey, tid: u32, func: u32) {
         Some(_) if func == FN_FREE => ERR_DOUBLE_FREE,
         Some(_) => ERR_REALLOC_FREED,
         None => {
-            bump(&STATS, STAT_UNKNOWN_FREE);
+            if !sampling() {
+                bump(&STATS, STAT_UNKNOWN_FREE);
+            }
             let unseen = UNSEEN.get(0).is_some_and(|u| *u != 0);
             if CONFIG.load().judge_invalid == 0 || unseen {
                 return;
@@ -546,7 +556,7 @@ pub fn memleak_free(ctx: ProbeContext) -> u32 {
     {
         let (key, tid) = (AllocKey { pid, image, addr }, ids().1);
         if CONFIG.load().errors == 0 {
-            forget(key, tid, FN_FREE, true);
+            forget(key, tid, FN_FREE, !sampling());
         } else if unsafe { PENDING.get(&tid) }.is_some() {
             // SAFETY (above): presence check only. A free inside an allocator call (glibc's
             // realloc(p, 0) frees p through free) is the outer call's.

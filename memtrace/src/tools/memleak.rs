@@ -92,7 +92,6 @@ pub struct Args {
     /// Record allocations by bytes, as tcmalloc and jemalloc sample: one every N bytes
     /// allocated on average (a random geometric interval). Allocations left out cost no map
     /// update and no stack walk; bytes and counts are unbiased estimates, marked as such.
-    /// With -c, the processes are probed with uprobes.
     #[arg(long, value_name = "N")]
     pub sample_bytes: Option<u64>,
     /// List the address and size of each outstanding allocation.
@@ -174,7 +173,6 @@ impl Args {
             && self.symbols_prefix.is_empty()
             && !self.trace
             && self.sample_rate <= 1
-            && self.sample_bytes.is_none()
             && self.watch.is_none()
     }
 
@@ -187,7 +185,9 @@ impl Args {
             max_allocs: self.max_allocs,
             max_stacks: self.max_stacks,
             rows: self.unwind.unwind_rows,
-            freed: if self.no_errors { 0 } else { self.freed_record.into() },
+            // Sampled: no memory-error checks, as with probes (a walk at each free).
+            freed: if self.no_errors || self.sample_bytes.is_some() { 0 } else { self.freed_record.into() },
+            sample_bytes: self.sample_bytes.unwrap_or(0),
             call_sites: self.errors_only,
             min_size: self.min_size.unwrap_or(0),
             max_size: self.max_size.unwrap_or(u64::MAX),
@@ -327,6 +327,9 @@ pub async fn run(args: Args) -> Result<Status> {
         );
     }
 
+    // A sampled run checks no memory errors: most frees are of blocks it left out, and the
+    // unsampled path stays cheap (no stack walk at each free).
+    let checks_errors = user && !args.no_errors && !args.sampling().is_sampled();
     let config = Config {
         min_size: args.min_size.unwrap_or(0),
         max_size: args.max_size.unwrap_or(u64::MAX),
@@ -336,8 +339,7 @@ pub async fn run(args: Args) -> Result<Status> {
         // In a pid namespace of its own, memtrace learns of a command's children through
         // ptrace only (the fork tracepoint names them by pids it cannot see).
         children: (args.children || (args.command.is_some() && !own_pid_ns)) as u32,
-        // Sampling by bytes keeps the unsampled path cheap: no stack walk at each free.
-        errors: (user && !args.no_errors && args.sample_bytes.is_none()) as u32,
+        errors: checks_errors as u32,
         // Only a command is seen from its first allocation, and only if nothing is left out.
         judge_invalid: (args.command.is_some()
             && !args.sampling().is_sampled()
@@ -359,10 +361,7 @@ pub async fn run(args: Args) -> Result<Status> {
             .map_max_entries(memtrace_common::memleak::names::ALLOCS, args.max_allocs)
             .map_max_entries(memtrace_common::memleak::names::SEEN, args.max_stacks)
             .map_max_entries(memtrace_common::memleak::names::STACKS, args.max_stacks)
-            .map_max_entries(
-                memtrace_common::memleak::names::FREED,
-                if user && !args.no_errors { args.freed_record } else { 1 },
-            );
+            .map_max_entries(memtrace_common::memleak::names::FREED, if checks_errors { args.freed_record } else { 1 });
         args.unwind.configure_as(loader, unwind);
         if let Some(k) = &kmem {
             loader.override_global(memtrace_common::memleak::names::KMEM, k, true);
@@ -375,7 +374,10 @@ pub async fn run(args: Args) -> Result<Status> {
         }
     })?;
     if let Some(n) = args.sample_bytes {
-        sampling::fill(&mut tracer.map(memtrace_common::memleak::names::SAMPLE_INTERVALS)?, n)?;
+        // Borrowed, not taken: a map taken and dropped before its programs load closes the fd they refer to.
+        let name = memtrace_common::memleak::names::SAMPLE_INTERVALS;
+        let map = tracer.bpf.map_mut(name).with_context(|| format!("internal: no map {name} in memleak"))?;
+        sampling::fill(&mut aya::maps::Array::try_from(map)?, n)?;
     }
     let skip = if args.duty_cycle.is_some() { DutyCycle::HOT } else { &[] };
     let mut procs = Procs::new(&mut tracer, &args.symbols_prefix, args.obj.clone(), skip)?;

@@ -98,7 +98,7 @@ pub(super) fn interval_table(mean: u64) -> Vec<u64> {
 }
 
 /// Writes the table into the loaded object, before any probe is attached.
-pub(super) fn fill(map: &mut Array<MapData, u64>, mean: u64) -> Result<()> {
+pub(super) fn fill<T: std::borrow::BorrowMut<MapData>>(map: &mut Array<T, u64>, mean: u64) -> Result<()> {
     for (i, v) in interval_table(mean).into_iter().enumerate() {
         map.set(i as u32, v, 0)?;
     }
