@@ -107,9 +107,9 @@ pub(super) struct Env {
 pub(super) struct Batch {
     pub(super) name: &'static str,
     pub(super) what: String,
-    argv: Vec<String>,
+    pub(super) argv: Vec<String>,
     /// Options every memtrace mode gets for this program.
-    memtrace_args: &'static [&'static str],
+    pub(super) memtrace_args: &'static [&'static str],
 }
 
 /// jq holds about 1.6M blocks at its peak: memleak's default map (262,144 entries) would drop
