@@ -25,7 +25,7 @@ pub fn run(runs: usize, memtrace: &Path) -> Result<Value> {
     let mut out = Vec::new();
     // sqlite3 and jq free nearly everything by their exit (4,841 and 0 bytes outstanding): the
     // time is theirs, the error sample_leak's, whose 228 MiB leak is the same each run.
-    let leak = crate::progs::build(&cmd::root(), "sample_leak", crate::progs::Flavour::NoFramePointers);
+    let leak = crate::progs::build(cmd::root(), "sample_leak", crate::progs::Flavour::NoFramePointers);
     let leaker = programs::Batch {
         name: "sample_leak",
         what: "tests/progs/sample_leak.c: 228 MiB leaked in 4 KiB and 96 KiB blocks, 4 GiB churned".into(),
