@@ -6,6 +6,7 @@
 //! times memleak -c up to the command's first instruction.
 
 mod programs;
+mod sampling;
 mod startup;
 
 use std::{
@@ -59,6 +60,9 @@ enum Part {
     Programs,
     /// memleak -c up to the command's first instruction, and memleak -c /bin/true in all.
     Startup,
+    /// sqlite3 and jq under memleak -c --sample-bytes 512 KiB and 64 KiB: added time, and the
+    /// estimate's error against an unsampled run.
+    Sampling,
 }
 
 struct Opts {
@@ -91,6 +95,11 @@ pub fn run(options: &Options) -> Result<u8> {
         let programs = programs::run(opts.runs, options.quick, &memtrace)?;
         programs::print(&programs);
         report["programs"] = programs;
+    }
+    if wants(Part::Sampling) {
+        let sampled = sampling::run(opts.runs, &memtrace)?;
+        sampling::print(&sampled);
+        report["sampling"] = sampled;
     }
     if wants(Part::Startup) {
         let startup = startup::run(opts.runs, &memtrace)?;
