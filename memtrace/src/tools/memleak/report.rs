@@ -213,6 +213,8 @@ struct ProcessReport {
     /// Its outstanding bytes and allocations, over all its stacks.
     bytes: u64,
     allocs: u64,
+    #[serde(flatten)]
+    cgroup: kernel::cgroup::Attribution,
 }
 
 #[derive(Serialize)]
@@ -500,6 +502,7 @@ impl<'a> Session<'a> {
         if self.args.errors_only && !is_final {
             return Ok(());
         }
+        procs.read_cgroups();
         let procs: &Procs = procs;
         let older_ns = if target_gone { 0 } else { self.args.older * 1_000_000 };
         let images = procs.images();
@@ -549,6 +552,7 @@ impl<'a> Session<'a> {
                     exit_code: p.exit_code,
                     bytes,
                     allocs,
+                    cgroup: p.cgroup.clone(),
                 }
             })
             .collect();
@@ -688,9 +692,10 @@ fn render(report: &Report, sample_rate: u32) -> String {
             let parent = p.parent.map(|pp| format!(", child of {pp}")).unwrap_or_default();
             let _ = writeln!(
                 out,
-                "  pid {} ({}{parent}{state}): {} outstanding in {} allocations",
+                "  pid {} ({}{parent}{state}, cgroup {}): {} outstanding in {} allocations",
                 p.pid,
                 p.comm,
+                p.cgroup.short(),
                 output::bytes(p.bytes),
                 p.allocs
             );
