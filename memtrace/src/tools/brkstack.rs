@@ -108,7 +108,12 @@ pub async fn run(args: Args) -> Result<()> {
         Some(pid) => format!("tracing brk calls of pid {pid} ({})", crate::target::comm(pid)),
         None => "tracing brk calls".to_string(),
     };
-    let mut state = Live { totals, run, cgroups: MemcgPaths::new() };
+    let mut cgroups = MemcgPaths::new();
+    // Read while it runs: the final report may come after it exits.
+    if let Some(pid) = args.report.common.target.pid {
+        cgroups.of_pid(pid);
+    }
+    let mut state = Live { totals, run, cgroups };
     tracer.stream(&args.report.common, tick, args.report.reports.count(), &ready, &mut state).await?;
     Ok(())
 }

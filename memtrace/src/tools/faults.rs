@@ -114,7 +114,12 @@ pub async fn run(args: Args) -> Result<()> {
         None => String::new(),
     };
     let ready = format!("tracing page faults{whose} ({})", how.join(", "));
-    let mut state = Live { counts, procs, run, cgroups: MemcgPaths::new(), ids: StdHashMap::new() };
+    let mut cgroups = MemcgPaths::new();
+    // Read while it runs: its events may be printed after it exits.
+    if let Some(pid) = args.report.common.target.pid {
+        cgroups.of_pid(pid);
+    }
+    let mut state = Live { counts, procs, run, cgroups, ids: StdHashMap::new() };
     tracer.stream(&args.report.common, tick, args.report.reports.count(), &ready, &mut state).await?;
     Ok(())
 }
@@ -275,6 +280,7 @@ impl StackTool for Live {
             // Symbolize while the process lives; reports use the cached frames.
             EV_NEW_STACK => {
                 self.frames(e.pid, e.user_stack, e.kernel_stack, e.mode);
+                self.cgroups.of_pid(e.pid);
             }
             EV_FAULT => self.print_fault(&e)?,
             _ => {}
