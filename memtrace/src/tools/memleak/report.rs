@@ -238,6 +238,8 @@ struct ProcessReport {
     /// Its outstanding bytes and allocations, over all its stacks.
     bytes: u64,
     allocs: u64,
+    #[serde(flatten)]
+    cgroup: kernel::cgroup::Attribution,
 }
 
 #[derive(Serialize)]
@@ -582,6 +584,7 @@ impl<'a> Session<'a> {
         if self.args.errors_only && !is_final {
             return Ok(());
         }
+        procs.read_cgroups();
         let procs: &Procs = procs;
         let older_ns = if target_gone { 0 } else { self.args.older * 1_000_000 };
         let images = procs.images();
@@ -634,6 +637,7 @@ impl<'a> Session<'a> {
                     oom_killed: p.oom_killed,
                     bytes,
                     allocs,
+                    cgroup: p.cgroup.clone(),
                 }
             })
             .collect();
@@ -808,9 +812,10 @@ fn render(report: &Report, sampling: Sampling) -> String {
             let parent = p.parent.map(|pp| format!(", child of {pp}")).unwrap_or_default();
             let _ = writeln!(
                 out,
-                "  pid {} ({}{parent}{state}): {about}{} outstanding in {about}{} allocations",
+                "  pid {} ({}{parent}{state}, cgroup {}): {about}{} outstanding in {about}{} allocations",
                 p.pid,
                 p.comm,
+                p.cgroup.short(),
                 output::bytes(p.bytes),
                 p.allocs
             );
