@@ -171,7 +171,7 @@ mod tests {
         assert_eq!(size_of::<Tracked>(), 4 + 4);
         assert_eq!(size_of::<ForkOffsets>(), 4 + 4);
         assert_eq!(size_of::<Pending>(), 8 + 8 + 4 + 4);
-        assert_eq!(size_of::<Config>(), 8 + 8 + 4 * 8);
+        assert_eq!(size_of::<Config>(), 8 + 8 + 4 * 8 + 8);
         assert_eq!(size_of::<Event>(), 4 * 4 + 8 * 4 + 4 + 4);
         assert_eq!(size_of::<KmemOffsets>(), 18 * 4);
         assert_eq!(size_of::<Freed>(), 8 * 4 + 4 + 4);
