@@ -276,6 +276,17 @@ fn glob(pattern: &[String], text: &[String]) -> Result<(), usize> {
     if go(pattern, text, 0, 0, &mut best, &mut HashSet::new()) { Ok(()) } else { Err(best) }
 }
 
+/// `text` with this process's memory cgroup (as memtrace shows it) made the root's.
+fn in_root_memcg(text: &str) -> String {
+    let cgroups = std::fs::read_to_string("/proc/self/cgroup").unwrap_or_default();
+    let v1 = cgroups.lines().find_map(|l| l.split_once(":memory:").map(|(_, p)| p.to_string()));
+    let own = v1.or_else(|| cgroups.lines().find_map(|l| l.strip_prefix("0::").map(str::to_string)));
+    match own {
+        Some(own) if own != "/" => text.replace(&format!(" {own}"), " /").replace(&format!("={own} "), "=/ "),
+        _ => text.to_string(),
+    }
+}
+
 /// Whether a line of a block is memtrace's stderr: its own lines and its log's.
 fn is_stderr(line: &str) -> bool {
     let t = line.trim_start();
@@ -286,6 +297,9 @@ fn is_stderr(line: &str) -> bool {
 /// Compares what `example` shows with what its command printed. The block interleaves the two
 /// streams as a terminal does; each is compared with its own lines (a `...` stands in both).
 fn compare(name: &str, example: &Example, stdout: &str, stderr: &str, shape: Shape, vary: &[&str]) {
+    // The examples' processes run in the memory cgroup of whoever runs the tests, which the
+    // README shows as the root.
+    let (stdout, stderr) = (&in_root_memcg(stdout), &in_root_memcg(stderr));
     // For writing a block: what the command printed, to paste (`--nocapture`).
     if std::env::var_os("MEMTRACE_README_PRINT").is_some() {
         let stderr =

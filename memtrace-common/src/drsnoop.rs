@@ -33,6 +33,8 @@ pub struct Event {
     pub start_ns: u64,
     pub latency_ns: u64,
     pub nr_reclaimed: u64,
+    /// The reclaiming task's memory cgroup (`current_memcg_id`).
+    pub memcg_id: u64,
 }
 
 user_pod!(Config, Event);

@@ -23,6 +23,9 @@ pub struct ProcFaults {
     /// the counts map full. The process's stacked rows sum to `user + kernel - no_stack`.
     pub no_stack: u64,
     pub comm: [u8; 16],
+    /// The process's memory cgroup at its first fault (`current_memcg_id`), for reports on a
+    /// process that has exited since.
+    pub memcg_id: u64,
 }
 
 #[repr(C)]

@@ -37,6 +37,8 @@ pub mod names {
         /// memtrace's pid namespace (`PidNs`), and the per-CPU count of tasks outside it.
         PID_NS,
         OUTSIDE_PID_NS,
+        /// How the kernel side finds the current task's memory cgroup (`MemcgId`).
+        MEMCG_ID,
         /// A tool's per-CPU counters.
         STATS,
         /// The stack store (`stack` module) and its counters.
@@ -97,6 +99,33 @@ pub struct PidNs {
 
 user_pod!(PidNs);
 
+/// How the kernel side names the current task's memory cgroup, set by user space before load:
+/// offsets from the kernel's BTF for `task->cgroups->subsys[memory_cgrp_id]->cgroup->kn->id`,
+/// the kernfs id of the group's directory (its inode number in the memory hierarchy's mount,
+/// on cgroup v1 and v2 alike).
+#[repr(C)]
+#[derive(Copy, Clone, Debug, Default, PartialEq, Eq)]
+pub struct MemcgId {
+    /// MEMCG_BY_* below.
+    pub how: u32,
+    pub task_cgroups: u32,
+    /// `css_set.subsys` plus 8 * memory_cgrp_id.
+    pub css_set_memory: u32,
+    pub css_cgroup: u32,
+    pub cgroup_kn: u32,
+    pub kn_id: u32,
+}
+
+/// No memory cgroup is read (0 is recorded).
+pub const MEMCG_BY_NONE: u32 = 0;
+/// Walked from the task through the offsets.
+pub const MEMCG_BY_BTF: u32 = 1;
+/// No BTF, but the memory controller is on cgroup v2: the task's own v2 group
+/// (bpf_get_current_cgroup_id), which is its memory cgroup or a child of it.
+pub const MEMCG_BY_V2_ID: u32 = 2;
+
+user_pod!(MemcgId);
+
 /// Set in both halves of the id of a task outside memtrace's pid namespace, which has no pid
 /// there: the rest is its global id, so per-thread keys stay unique, and no real pid has it.
 pub const FOREIGN_PID: u32 = 1 << 31;
@@ -132,6 +161,7 @@ mod tests {
     fn shared_structs_have_no_implicit_padding() {
         assert_eq!(size_of::<Filter>(), 4 + 4 + 16);
         assert_eq!(size_of::<crate::PidNs>(), 8 + 8);
+        assert_eq!(size_of::<crate::MemcgId>(), 4 * 6);
         assert_eq!(size_of::<crate::usdt::Arg>(), 8 + 4 * 4);
         assert_eq!(size_of::<crate::mallocstat::Event>(), 4 * 4 + 8 * 4 + 8 + 16);
         assert_eq!(size_of::<crate::usdt::Spec>(), 24 * 12 + 4 + 4);
@@ -142,7 +172,7 @@ mod tests {
         assert_eq!(size_of::<Tracked>(), 4 + 4);
         assert_eq!(size_of::<ForkOffsets>(), 4 + 4);
         assert_eq!(size_of::<Pending>(), 8 + 8 + 4 + 4);
-        assert_eq!(size_of::<Config>(), 8 + 8 + 4 * 8);
+        assert_eq!(size_of::<Config>(), 8 + 8 + 4 * 8 + 8);
         assert_eq!(size_of::<Event>(), 4 * 4 + 8 * 4 + 4 + 4);
         assert_eq!(size_of::<KmemOffsets>(), 18 * 4);
         assert_eq!(size_of::<Freed>(), 8 * 4 + 4 + 4);
@@ -157,7 +187,7 @@ mod tests {
         assert_eq!(size_of::<brkstack::BrkKey>(), 4 + 4 + 8);
         assert_eq!(size_of::<brkstack::Event>(), 4 * 4 + 8 * 4 + 16);
         assert_eq!(size_of::<faults::FaultKey>(), 4 + 4 + 8 + 8);
-        assert_eq!(size_of::<faults::ProcFaults>(), 8 * 3 + 16);
+        assert_eq!(size_of::<faults::ProcFaults>(), 8 * 3 + 16 + 8);
         assert_eq!(size_of::<faults::Event>(), 4 * 4 + 8 * 5 + 16);
         assert_eq!(size_of::<swapin::SwapKey>(), 4 + 4 + 8 + 16);
         assert_eq!(size_of::<swapin::NewStack>(), 4 + 4 + 8);
@@ -171,7 +201,7 @@ mod tests {
         assert_eq!(size_of::<compaction::Event>(), 4 * 2 + 16 + 8 * 5 + 4 * 6);
         assert_eq!(size_of::<migrate::Offsets>(), 4 * (migrate::COUNTERS + 1));
         assert_eq!(size_of::<migrate::ProcKey>(), 4 + 4);
-        assert_eq!(size_of::<migrate::Counts>(), 8 * migrate::COUNTERS + 16);
+        assert_eq!(size_of::<migrate::Counts>(), 8 * migrate::COUNTERS + 16 + 8);
     }
 
     #[test]

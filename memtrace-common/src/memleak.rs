@@ -117,7 +117,7 @@ pub struct Pending {
 pub struct Config {
     pub min_size: u64,
     pub max_size: u64,
-    /// Record one allocation in `sample_rate`; 1 records all.
+    /// Record one allocation in `sample_rate` (at random); 1 records all.
     pub sample_rate: u32,
     /// Non-zero: send every call to user space (`--trace`).
     pub trace: u32,
@@ -136,7 +136,14 @@ pub struct Config {
     /// Non-zero: `--watch`: offer allocated and freed blocks to user space as candidates
     /// for a watchpoint (`LIVE_PICKS`, `FREED_PICKS`).
     pub watch: u32,
+    /// Non-zero: `--sample-bytes`: record an allocation when a countdown of bytes, drawn from
+    /// `SAMPLE_INTERVALS` with this mean, crosses zero.
+    pub sample_bytes: u64,
 }
+
+/// Entries of `SAMPLE_INTERVALS`: quantiles of an exponential distribution, which the kernel
+/// side picks from at random (it has no logarithm).
+pub const SAMPLE_TABLE_LEN: u32 = 1024;
 
 impl Config {
     /// Everything recorded, nothing checked: what the object holds until user space writes.
@@ -151,6 +158,7 @@ impl Config {
         judge_invalid: 0,
         call_sites: 0,
         watch: 0,
+        sample_bytes: 0,
     };
 }
 
@@ -459,6 +467,7 @@ pub mod names {
         STATS,
         WATCHES,
         LIVE_PICKS,
-        FREED_PICKS
+        FREED_PICKS,
+        SAMPLE_INTERVALS
     );
 }

@@ -58,6 +58,8 @@ pub struct Counts {
     pub n: [u64; COUNTERS],
     /// The comm of the thread that first migrated for this key.
     pub comm: [u8; 16],
+    /// Its memory cgroup then (`current_memcg_id`), for a process gone by the report.
+    pub memcg_id: u64,
 }
 
 user_pod!(Offsets, ProcKey, Counts);

@@ -53,5 +53,5 @@ user_pod!(CgroupStats);
 
 /// The maps and globals user space finds by name in the object.
 pub mod names {
-    crate::names!(CGROUPS, MEMCG);
+    crate::names!(CGROUPS);
 }

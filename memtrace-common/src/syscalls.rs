@@ -23,6 +23,8 @@ pub struct Event {
     /// The syscall's return value: an id, an address, 0, or a negated errno.
     pub ret: i64,
     pub comm: [u8; 16],
+    /// The caller's memory cgroup, read at entry (`current_memcg_id`).
+    pub memcg_id: u64,
 }
 
 /// Byte offsets, per call number, of the fields read from its syscalls tracepoints, from the

@@ -6,7 +6,7 @@
 use aya_ebpf::{
     Global,
     btf_maps::HashMap,
-    helpers::{bpf_get_current_cgroup_id, bpf_get_current_comm, bpf_ktime_get_ns},
+    helpers::{bpf_get_current_comm, bpf_ktime_get_ns},
     macros::{btf_map, tracepoint},
     programs::TracePointContext,
 };
@@ -88,8 +88,7 @@ pub fn compaction_end(ctx: TracePointContext) -> u32 {
         pid: (id >> 32) as u32,
         tid,
         comm: bpf_get_current_comm().unwrap_or_default(),
-        // SAFETY: helper without preconditions.
-        cgroup_id: unsafe { bpf_get_current_cgroup_id() },
+        cgroup_id: memtrace_ebpf::current_memcg_id(),
         start_ns: running.start_ns,
         // SAFETY: helper without preconditions.
         latency_ns: unsafe { bpf_ktime_get_ns() }.saturating_sub(running.start_ns),

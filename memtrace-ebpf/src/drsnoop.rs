@@ -87,6 +87,7 @@ fn end(ctx: &TracePointContext, kind: u32, reclaimed_offset: u32) -> u32 {
         // SAFETY: helper without preconditions.
         latency_ns: unsafe { bpf_ktime_get_ns() }.saturating_sub(start),
         nr_reclaimed: tp_u64(ctx, reclaimed_offset),
+        memcg_id: memtrace_ebpf::current_memcg_id(),
     };
     submit(&EVENTS, &event, &LOST);
     0

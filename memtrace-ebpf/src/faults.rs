@@ -153,6 +153,8 @@ fn count_process(pid: u32, mode: u32, comm: [u8; 16], missing: bool) {
         kernel: (mode == KIND_KERNEL) as u64,
         no_stack: missing as u64,
         comm,
+        // Once per process: a fault's hot path does not read its cgroup.
+        memcg_id: memtrace_ebpf::current_memcg_id(),
     };
     match PROCS.insert(pid, &first, BPF_NOEXIST) {
         Ok(()) => {}

@@ -8,10 +8,13 @@ use aya_ebpf::{
     Global,
     bindings::bpf_pidns_info,
     btf_maps::{PerCpuArray, RingBuf},
-    helpers::{bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_get_ns_current_pid_tgid},
+    helpers::{
+        bpf_get_current_cgroup_id, bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_get_current_task,
+        bpf_get_ns_current_pid_tgid, bpf_probe_read_kernel,
+    },
     macros::btf_map,
 };
-use memtrace_common::{FOREIGN_PID, Filter, PidNs};
+use memtrace_common::{FOREIGN_PID, Filter, MEMCG_BY_BTF, MEMCG_BY_V2_ID, MemcgId, PidNs};
 
 pub mod stack;
 pub mod syscalls;
@@ -65,6 +68,44 @@ pub fn current_pid_tgid() -> u64 {
     // The helper only answers for tasks whose own namespace is memtrace's.
     let global = bpf_get_current_pid_tgid();
     global | ((FOREIGN_PID as u64) << 32 | FOREIGN_PID as u64)
+}
+
+/// How to find the current task's memory cgroup (see `MemcgId`); one global per object.
+#[unsafe(no_mangle)]
+static MEMCG_ID: Global<MemcgId> =
+    Global::new(MemcgId { how: 0, task_cgroups: 0, css_set_memory: 0, css_cgroup: 0, cgroup_kn: 0, kn_id: 0 });
+
+/// The kernfs id of the current task's memory cgroup (the inode number of its directory in
+/// the memory hierarchy), which user space turns into a path; 0 when unknown. Four checked
+/// reads (bpf_probe_read_kernel, 5.5+), so it is cheap enough for every event.
+#[inline(always)]
+pub fn current_memcg_id() -> u64 {
+    let off = MEMCG_ID.load();
+    if off.how == MEMCG_BY_V2_ID {
+        // SAFETY: helper without preconditions.
+        return unsafe { bpf_get_current_cgroup_id() };
+    }
+    if off.how != MEMCG_BY_BTF {
+        return 0;
+    }
+    // SAFETY: the helper checks each read; offsets come from the kernel's BTF.
+    let read = |base: u64, at: u32| unsafe { bpf_probe_read_kernel((base + at as u64) as *const u64) }.unwrap_or(0);
+    // SAFETY: helper without preconditions; the task is only read through checked helpers.
+    let task = unsafe { bpf_get_current_task() };
+    let cgroups = read(task, off.task_cgroups);
+    if cgroups == 0 {
+        return 0;
+    }
+    let css = read(cgroups, off.css_set_memory);
+    if css == 0 {
+        return 0;
+    }
+    let cgroup = read(css, off.css_cgroup);
+    if cgroup == 0 {
+        return 0;
+    }
+    let kn = read(cgroup, off.cgroup_kn);
+    if kn == 0 { 0 } else { read(kn, off.kn_id) }
 }
 
 /// The current process id (tgid) as memtrace sees it; see `current_pid_tgid`.

@@ -18,7 +18,7 @@ use memtrace_common::{
         FN_CALLOC, FN_FREE, FN_KFREE, FN_KMALLOC, FN_KMEM_CACHE_ALLOC, FN_MALLOC, FN_MEMALIGN, FN_MMAP, FN_MMAP_FILE,
         FN_MUNMAP, FN_PAGE_ALLOC, FN_PERCPU_ALLOC, FN_POSIX_MEMALIGN, FN_PVALLOC, FN_REALLOC, FN_REALLOC_FREE,
         FN_REALLOCARRAY, FN_VALLOC, ForkOffsets, Freed, KmemOffsets, MAP_ANONYMOUS, MemError, OomOffsets, Pending,
-        ProcEvent, STAT_COUNT, STAT_EARLY_FULL, STAT_EVENTS_LOST, STAT_FAILED, STAT_FREE_CALLS,
+        ProcEvent, SAMPLE_TABLE_LEN, STAT_COUNT, STAT_EARLY_FULL, STAT_EVENTS_LOST, STAT_FAILED, STAT_FREE_CALLS,
         STAT_FREE_CALLS_IN_WINDOW, STAT_FREED, STAT_FREED_RECORDED, STAT_FREED_REUSED, STAT_INVALID_FREES,
         STAT_MAP_FULL, STAT_REPLACED, STAT_STACK_LOST, STAT_STACKS_FULL, STAT_TRACKED, STAT_UNKNOWN_FREE,
         STAT_UNTRACKED_CHILDREN, StackKey, Tracked,
@@ -104,6 +104,52 @@ static UNSEEN: Array<u32, 1> = Array::new();
 /// Set by user space while the recording window of `--duty-cycle` is open.
 #[btf_map]
 static WINDOW: Array<u32, 1> = Array::new();
+
+/// `--sample-bytes`: bytes left until the next sampled allocation, per CPU. Per CPU rather
+/// than per thread because an exponential countdown is memoryless: whoever consumed the bytes
+/// before, what is left is again exponential, so each allocation is sampled with the same
+/// probability 1 - exp(-size/N) either way. A per-CPU slot is a plain write with no map
+/// update, needs no task storage (absent on 5.10) and nothing to clean up when threads end.
+#[btf_map]
+static COUNTDOWN: PerCpuArray<Countdown, 1> = PerCpuArray::new();
+/// The countdown's intervals: the means of `SAMPLE_TABLE_LEN` equally likely slices of an
+/// exponential distribution of mean N, written by user space (tools/memleak/sampling.rs).
+#[btf_map]
+static SAMPLE_INTERVALS: Array<u64, { SAMPLE_TABLE_LEN as usize }> = Array::new();
+
+#[derive(Clone, Copy)]
+struct Countdown {
+    left: u64,
+    /// 0 until this CPU drew its first interval.
+    armed: u64,
+}
+
+#[inline(always)]
+fn next_interval(mean: u64) -> u64 {
+    // SAFETY: helper without preconditions.
+    let slice = unsafe { bpf_get_prandom_u32() } % SAMPLE_TABLE_LEN;
+    SAMPLE_INTERVALS.get(slice).copied().unwrap_or(mean)
+}
+
+/// Whether an allocation of `size` bytes is sampled under `--sample-bytes` (mean `mean`):
+/// the countdown goes down by its size; crossing zero samples it and draws a new interval.
+#[inline(always)]
+fn sampled_by_bytes(size: u64, mean: u64) -> bool {
+    let Some(c) = COUNTDOWN.get_ptr_mut(0) else { return false };
+    // SAFETY: pointer from the map lookup, this CPU's own slot.
+    unsafe {
+        if (*c).armed == 0 {
+            (*c).left = next_interval(mean);
+            (*c).armed = 1;
+        }
+        if (*c).left > size {
+            (*c).left -= size;
+            return false;
+        }
+        (*c).left = next_interval(mean);
+    }
+    true
+}
 
 #[inline(always)]
 fn window_open() -> bool {
@@ -247,11 +293,22 @@ fn ids() -> (u32, u32) {
     ((id >> 32) as u32, id as u32)
 }
 
+/// Whether allocations are sampled: a free of an unknown address is then mostly one of a
+/// block left out, not a blind spot.
+#[inline(always)]
+fn sampling() -> bool {
+    let config = CONFIG.load();
+    config.sample_bytes != 0 || config.sample_rate > 1
+}
+
 #[inline(always)]
 fn sampled_in(size: u64) -> bool {
     let config = CONFIG.load();
     if size < config.min_size || size > config.max_size {
         return false;
+    }
+    if config.sample_bytes != 0 {
+        return sampled_by_bytes(size, config.sample_bytes);
     }
     // SAFETY: helper without preconditions.
     config.sample_rate <= 1 || unsafe { bpf_get_prandom_u32() } % config.sample_rate == 0
@@ -315,7 +372,7 @@ fn realloc_enter(ctx: &ProbeContext, old: u64, size: u64, func: u32) -> u32 {
     }
     if old != 0 {
         let key = AllocKey { pid, image, addr: old };
-        if errors { free_checked(ctx, key, tid, func) } else { forget(key, tid, func, true) }
+        if errors { free_checked(ctx, key, tid, func) } else { forget(key, tid, func, !sampling()) }
     }
     if size == 0 && old != 0 {
         // realloc(p, 0) frees p and returns NULL: not a failed allocation. Pending all the
@@ -376,7 +433,9 @@ fn free_checked(ctx: &ProbeContext, key: AllocKey, tid: u32, func: u32) {
         Some(_) if func == FN_FREE => ERR_DOUBLE_FREE,
         Some(_) => ERR_REALLOC_FREED,
         None => {
-            bump(&STATS, STAT_UNKNOWN_FREE);
+            if !sampling() {
+                bump(&STATS, STAT_UNKNOWN_FREE);
+            }
             let unseen = UNSEEN.get(0).is_some_and(|u| *u != 0);
             if CONFIG.load().judge_invalid == 0 || unseen {
                 return;
@@ -501,7 +560,7 @@ pub fn memleak_free(ctx: ProbeContext) -> u32 {
     {
         let (key, tid) = (AllocKey { pid, image, addr }, ids().1);
         if CONFIG.load().errors == 0 {
-            forget(key, tid, FN_FREE, true);
+            forget(key, tid, FN_FREE, !sampling());
         } else if unsafe { PENDING.get(&tid) }.is_some() {
             // SAFETY (above): presence check only. A free inside an allocator call (glibc's
             // realloc(p, 0) frees p through free) is the outer call's.

@@ -63,7 +63,11 @@ pub fn migrate_pages(ctx: TracePointContext) -> u32 {
     }
     let key = ProcKey { pid: current_pid(), reason };
     if PROCS.get_ptr_mut(&key).is_none() {
-        let fresh = Counts { n: [0; COUNTERS], comm: bpf_get_current_comm().unwrap_or_default() };
+        let fresh = Counts {
+            n: [0; COUNTERS],
+            comm: bpf_get_current_comm().unwrap_or_default(),
+            memcg_id: memtrace_ebpf::current_memcg_id(),
+        };
         // Another CPU may have added the key meanwhile: then its entry is used.
         let _ = PROCS.insert(key, fresh, BPF_NOEXIST);
     }

@@ -8,9 +8,7 @@
 use aya_ebpf::{
     Global,
     btf_maps::{HashMap, PerCpuArray},
-    helpers::{
-        bpf_get_current_cgroup_id, bpf_get_current_comm, bpf_probe_read_kernel, generated::bpf_probe_read_user_str,
-    },
+    helpers::{bpf_get_current_comm, bpf_probe_read_kernel, generated::bpf_probe_read_user_str},
     macros::{btf_map, tracepoint, uprobe},
     programs::{ProbeContext, TracePointContext},
 };
@@ -108,8 +106,7 @@ pub fn segv_deliver(ctx: TracePointContext) -> u32 {
     event.code = tp_u32(&ctx, o.code) as i32;
     event.fatal = fatal as u32;
     event.comm = bpf_get_current_comm().unwrap_or_default();
-    // SAFETY: helper without preconditions.
-    event.cgroup = unsafe { bpf_get_current_cgroup_id() };
+    event.cgroup = memtrace_ebpf::current_memcg_id();
     // SAFETY: helper without preconditions.
     let task = unsafe { aya_ebpf::helpers::bpf_get_current_task() };
     let (ip, sp) = user_ip_sp(task, &o);

@@ -1,30 +1,23 @@
 //! serve: the agent's per-memory-cgroup counters, summed per CPU in the kernel: page faults,
 //! swap-ins (kprobe, where the kernel has kprobes), kswapd wake-ups, and the latency of
 //! direct and memcg reclaim as log2 histograms. Keyed by the kernfs id of the current
-//! task's memory cgroup, which user space turns into a path at each scrape.
+//! task's memory cgroup (`current_memcg_id`), which user space turns into a path at each scrape.
 #![cfg_attr(target_arch = "bpf", no_std)]
 #![cfg_attr(target_arch = "bpf", no_main)]
 
 use aya_ebpf::{
-    Global,
     btf_maps::{HashMap, PerCpuArray, PerCpuHashMap},
-    helpers::{bpf_get_current_task, bpf_ktime_get_ns, bpf_probe_read_kernel},
+    helpers::bpf_ktime_get_ns,
     macros::{btf_map, kprobe, tracepoint},
     programs::{ProbeContext, TracePointContext},
 };
-use memtrace_common::{
-    oomkill::MemcgOffsets,
-    serve::{
-        CgroupStats, HIST_SLOTS, KIND_DIRECT, KIND_MEMCG, MAX_CGROUPS, STAT_CGROUPS_FULL, STAT_COUNT,
-        STAT_KSWAPD_WAKEUPS, STAT_NO_CGROUP, STAT_STARTS_FULL,
-    },
+use memtrace_common::serve::{
+    CgroupStats, HIST_SLOTS, KIND_DIRECT, KIND_MEMCG, MAX_CGROUPS, STAT_CGROUPS_FULL, STAT_COUNT, STAT_KSWAPD_WAKEUPS,
+    STAT_NO_CGROUP, STAT_STARTS_FULL,
 };
-use memtrace_ebpf::{BPF_NOEXIST, bump, current_pid_tgid};
+use memtrace_ebpf::{BPF_NOEXIST, bump, current_memcg_id, current_pid_tgid};
 
 memtrace_ebpf::license!();
-
-#[unsafe(no_mangle)]
-static MEMCG: Global<MemcgOffsets> = Global::new(MemcgOffsets::UNSET);
 
 #[btf_map]
 static CGROUPS: PerCpuHashMap<u64, CgroupStats, { MAX_CGROUPS as usize }> = PerCpuHashMap::new();
@@ -34,34 +27,10 @@ static STARTS: HashMap<u64, u64, 16_384> = HashMap::new();
 #[btf_map]
 static STATS: PerCpuArray<u64, { STAT_COUNT as usize }> = PerCpuArray::new();
 
-#[inline(always)]
-fn read_u64(base: u64, offset: u32) -> u64 {
-    // SAFETY: the helper checks the read; offsets come from the kernel's BTF.
-    unsafe { bpf_probe_read_kernel((base + offset as u64) as *const u64) }.unwrap_or(0)
-}
-
-/// The kernfs id of the current task's memory cgroup (task->cgroups->subsys[memory]->cgroup
-/// ->kn->id), 0 when unreadable. The task's own group, not `active_memcg`: a fault or a
-/// reclaim stall is the task's, whoever its pages are charged to.
-#[inline(always)]
-fn current_memcg() -> u64 {
-    let off = MEMCG.load();
-    if off.valid == 0 {
-        return 0;
-    }
-    // SAFETY: helper without preconditions; the task is read through checked helpers only.
-    let task = unsafe { bpf_get_current_task() };
-    let cgroups = read_u64(task, off.task_cgroups);
-    let css = if cgroups != 0 { read_u64(cgroups, off.css_set_memory) } else { 0 };
-    let cgroup = if css != 0 { read_u64(css, off.css_cgroup) } else { 0 };
-    let kn = if cgroup != 0 { read_u64(cgroup, off.cgroup_kn) } else { 0 };
-    if kn != 0 { read_u64(kn, off.kn_id) } else { 0 }
-}
-
 /// The current task's group's counters on this CPU, created at its first event.
 #[inline(always)]
 fn row() -> Option<*mut CgroupStats> {
-    let id = current_memcg();
+    let id = current_memcg_id();
     if id == 0 {
         bump(&STATS, STAT_NO_CGROUP);
         return None;

@@ -45,6 +45,7 @@ macro_rules! syscall_snoop {
                 args: [0; MAX_ARGS],
                 ret: 0,
                 comm: aya_ebpf::helpers::bpf_get_current_comm().unwrap_or([0; 16]),
+                memcg_id: $crate::current_memcg_id(),
             };
             let mut i = 0;
             while i < MAX_ARGS && i < offsets.nargs[index] as usize {

@@ -200,6 +200,7 @@ static TLS uint32_t my_tid;             /* 0 until asked; cleared in a forked ch
 
 static volatile int init_state; /* 0 not started, 1 starting, 2 ready, 3 failed */
 static int call_sites;          /* an allocation keeps its call site only (--errors-only) */
+static uint64_t sample_bytes;   /* --sample-bytes: the mean interval; 0 records every block */
 static char boot_arena[16384];  /* what dlsym allocates while we look the allocator up */
 static uint64_t boot_used;
 /* Blocks the allocator returned to the starting thread while this object started (its own
@@ -290,6 +291,7 @@ static void init(void) {
 	s->unwind = parse_u64(config, "unwind", MODE_AUTO);
 	uint64_t freed = parse_u64(config, "freed", 0);
 	call_sites = parse_u64(config, "call_sites", 0) != 0;
+	sample_bytes = parse_u64(config, "sample", 0);
 	s->stack_index_cap = stacks;
 	s->stack_arena_cap = stacks / 2 * 48; /* frames: 48 per stack on average before it is full */
 	s->parts = (uint64_t)raw_mmap(PARTS * sizeof(struct mt_part), PROT_READ | PROT_WRITE);
@@ -727,6 +729,61 @@ static uint64_t now_ns(void) {
 
 static void freed_drop(struct mt_part *pt, uint64_t home, uint64_t addr); /* errors.h */
 
+/* ---- sampling by bytes (--sample-bytes) ---- */
+
+/* Per thread, as tcmalloc keeps it: bytes left until the next sampled block (0: none drawn
+ * yet), and the generator the intervals are drawn from. */
+static TLS uint64_t sample_left;
+static TLS uint64_t sample_rng;
+
+/* -ln(u) for u in (0, 1), without libm: u = m 2^e with m in [1, 2), and ln m = 2 atanh(z)
+ * with z = (m - 1) / (m + 1) <= 1/3, whose odd series has converged to double precision by
+ * its 20th term. */
+static double neg_ln(double u) {
+	union {
+		double d;
+		uint64_t b;
+	} x = {.d = u};
+	int e = (int)((x.b >> 52) & 0x7ff) - 1023;
+	x.b = (x.b & ~(0x7ffull << 52)) | (1023ull << 52);
+	double z = (x.d - 1) / (x.d + 1), z2 = z * z, term = z, sum = 0;
+	for (int k = 1; k < 40; k += 2) {
+		sum += term / k;
+		term *= z2;
+	}
+	return -((double)e * 0.6931471805599453 + 2 * sum);
+}
+
+/* An exponential interval of mean `mean` bytes, at least 1. */
+static uint64_t draw_interval(uint64_t mean) {
+	if (!sample_rng)
+		/* The clock, and this thread's own address of the countdown. */
+		sample_rng = (now_ns() * 0x9E3779B97F4A7C15ull ^ (uint64_t)&sample_left) | 1;
+	/* xorshift64* */
+	sample_rng ^= sample_rng >> 12;
+	sample_rng ^= sample_rng << 25;
+	sample_rng ^= sample_rng >> 27;
+	uint64_t r = sample_rng * 0x2545F4914F6CDD1Dull;
+	double u = ((double)(r >> 11) + 0.5) / 9007199254740992.0; /* in (0, 1) */
+	double v = (double)mean * neg_ln(u);
+	return v < 1 ? 1 : (uint64_t)v;
+}
+
+/* Whether a block of `size` bytes is left out: the countdown goes down by its size, and the
+ * block that crosses zero is sampled (a new interval drawn). */
+static int sampled_out(uint64_t size) {
+	if (!sample_bytes)
+		return 0;
+	if (!sample_left)
+		sample_left = draw_interval(sample_bytes);
+	if (sample_left > size) {
+		sample_left -= size;
+		return 1;
+	}
+	sample_left = draw_interval(sample_bytes);
+	return 0;
+}
+
 /* Records a block with the stack walked from the caller's frame (ra, sp, bp): the stack's id. */
 static MT_NOINLINE uint64_t record(void *p, uint64_t size, uint32_t func, uint64_t ra, uint64_t sp, uint64_t bp) {
 	struct mt_state *s = &memtrace_preload_state;
@@ -744,6 +801,9 @@ static MT_NOINLINE uint64_t record(void *p, uint64_t size, uint32_t func, uint64
 		__atomic_fetch_add(&s->unseen, 1, __ATOMIC_RELAXED);
 		return 0;
 	}
+	/* A sampled run records no errors (memleak turns them off): nothing to note in `unseen`. */
+	if (sampled_out(size))
+		return 0;
 	struct walk w;
 	if (call_sites) { /* --errors-only: the caller alone, no walk */
 		w.ips[0] = ra;
@@ -912,7 +972,7 @@ MT_EXPORT void free(void *p) {
 	if (memtrace_preload_state.errors)
 		free_checked((uint64_t)p, CALLER());
 	else
-		forget((uint64_t)p, 0, 1);
+		forget((uint64_t)p, 0, !sample_bytes); /* sampled: most frees are of blocks left out */
 	real_free(p);
 	LEAVE();
 }
@@ -939,7 +999,7 @@ static void *realloc_as(void *old, size_t n, uint32_t func, void *(*call)(void *
 	/* The old block's record goes first: once freed, its address may be another thread's. */
 	struct mt_block was;
 	int checked = memtrace_preload_state.errors != 0;
-	int had = old && (checked ? realloc_checked((uint64_t)old, func, &was, ra, sp, bp) : forget((uint64_t)old, &was, 1));
+	int had = old && (checked ? realloc_checked((uint64_t)old, func, &was, ra, sp, bp) : forget((uint64_t)old, &was, !sample_bytes));
 	void *p = call(old, a, b);
 	if (!p && old && n) {
 		if (had)

@@ -38,6 +38,7 @@ const TOOLS: &[(&str, Options, bool)] = &[
             ("-z", Number),
             ("-Z", Number),
             ("-s", Number),
+            ("--sample-bytes", Number),
             ("-a", Flag),
             ("-t", Flag),
             ("-O", Path),

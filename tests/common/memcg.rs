@@ -24,12 +24,20 @@ pub struct Memcg {
     pub path: String,
     /// cgroup v2: memory.max and memory.events instead of v1's files.
     v2: bool,
+    /// The groups made above `dir` (`nested`), removed after it, deepest first.
+    above: Vec<PathBuf>,
 }
 
 impl Memcg {
     /// Creates the group with a limit of `limit_mib` MiB. Without a memory controller (v1,
     /// or v2 at /sys/fs/cgroup) the test cannot run: see `not_run`.
     pub fn new(tag: &str, limit_mib: u64) -> Option<Memcg> {
+        Memcg::nested(tag, "", limit_mib)
+    }
+
+    /// As `new`, with the group at `below` ("a/b/c") inside the uniquely named one, the way a
+    /// container runtime nests its groups (`docker/<id>`); every level is removed on drop.
+    pub fn nested(tag: &str, below: &str, limit_mib: u64) -> Option<Memcg> {
         static SEQ: AtomicU32 = AtomicU32::new(0);
         let v1 = Path::new(MEMORY_ROOT).join("cgroup.procs").exists();
         let controllers = std::fs::read_to_string(Path::new(UNIFIED_ROOT).join("cgroup.controllers"));
@@ -45,10 +53,20 @@ impl Memcg {
             std::fs::write(&control, "+memory").unwrap_or_else(|e| panic!("{}: {e}", control.display()));
         }
         let name = format!("memtrace-test-{tag}-{}-{}", std::process::id(), SEQ.fetch_add(1, Ordering::Relaxed));
-        let dir = Path::new(root).join(&name);
+        let mut dir = Path::new(root).join(&name);
         std::fs::create_dir(&dir).unwrap_or_else(|e| panic!("cannot create {}: {e}", dir.display()));
         // From here on Drop removes the group, whatever fails next.
-        let group = Memcg { dir, path: format!("/{name}"), v2 };
+        let mut group = Memcg { dir: dir.clone(), path: format!("/{name}"), v2, above: Vec::new() };
+        for part in below.split('/').filter(|p| !p.is_empty()) {
+            if v2 {
+                group.write("cgroup.subtree_control", "+memory");
+            }
+            group.above.push(dir.clone());
+            dir = dir.join(part);
+            std::fs::create_dir(&dir).unwrap_or_else(|e| panic!("cannot create {}: {e}", dir.display()));
+            group.dir = dir.clone();
+            group.path = format!("{}/{part}", group.path);
+        }
         let limit = (limit_mib << 20).to_string();
         if v2 {
             group.write("memory.max", &limit);
@@ -173,6 +191,11 @@ impl Drop for Memcg {
         }
         if self.dir.exists() {
             eprintln!("warning: could not remove {}", self.dir.display());
+        }
+        for dir in self.above.iter().rev() {
+            if std::fs::remove_dir(dir).is_err() {
+                eprintln!("warning: could not remove {}", dir.display());
+            }
         }
     }
 }

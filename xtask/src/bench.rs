@@ -6,6 +6,7 @@
 //! times memleak -c up to the command's first instruction.
 
 mod programs;
+mod sampling;
 mod serve;
 mod startup;
 
@@ -60,6 +61,9 @@ enum Part {
     Programs,
     /// memleak -c up to the command's first instruction, and memleak -c /bin/true in all.
     Startup,
+    /// sqlite3 and jq under memleak -c --sample-bytes 512 KiB and 64 KiB: added time, and the
+    /// estimate's error against an unsampled run.
+    Sampling,
     /// memtrace serve's CPU and memory over 60 s idle and under a page-fault load.
     Serve,
 }
@@ -94,6 +98,11 @@ pub fn run(options: &Options) -> Result<u8> {
         let programs = programs::run(opts.runs, options.quick, &memtrace)?;
         programs::print(&programs);
         report["programs"] = programs;
+    }
+    if wants(Part::Sampling) {
+        let sampled = sampling::run(opts.runs, &memtrace)?;
+        sampling::print(&sampled);
+        report["sampling"] = sampled;
     }
     if wants(Part::Startup) {
         let startup = startup::run(opts.runs, &memtrace)?;

@@ -4,6 +4,7 @@
 
 pub mod btf;
 pub mod cgroup;
+mod container;
 pub mod fentry;
 pub mod kallsyms;
 pub mod maps;
@@ -114,6 +115,7 @@ pub fn load<'a>(object: &'static [u8], configure: impl FnOnce(&mut EbpfLoader<'a
     lift_memlock();
     let mut loader = EbpfLoader::new();
     pidns::configure(&mut loader);
+    cgroup::configure(&mut loader);
     configure(&mut loader);
     let bpf = loader.load(object).map_err(|e| {
         let hint = match std::io::Error::last_os_error().raw_os_error() {

@@ -38,6 +38,13 @@ pub fn json_line<T: Serialize>(value: &T) -> Result<()> {
     line(&serde_json::to_string(value)?)
 }
 
+/// Adds the fields of `extra` (a struct serialized as an object) to the JSON object `record`.
+pub fn add_fields(record: &mut serde_json::Value, extra: &impl Serialize) {
+    if let (Some(obj), Ok(serde_json::Value::Object(more))) = (record.as_object_mut(), serde_json::to_value(extra)) {
+        obj.extend(more);
+    }
+}
+
 /// The last JSON line of a run: `{"final": true, "events_lost": L}` plus `extra`'s fields.
 pub fn final_line(lost: u64, extra: serde_json::Value) -> Result<()> {
     let mut end = serde_json::Map::new();

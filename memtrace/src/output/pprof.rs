@@ -19,6 +19,16 @@ pub struct Sample<'a> {
     pub values: Vec<i64>,
 }
 
+/// What a profile says of itself beyond its samples.
+#[derive(Default)]
+pub struct Notes {
+    /// Free text a reader of the profile sees (`go tool pprof -comments`).
+    pub comments: Vec<String>,
+    /// For a sampled profile: (type, unit, period), e.g. ("space", "bytes", 524288) for one
+    /// sample every 512 KiB, as Go's heap profiles give it.
+    pub period: Option<(&'static str, &'static str, i64)>,
+}
+
 /// Writes the gzipped profile of `samples` to `path`. `sample_types` are (type, unit) pairs in
 /// the order of each sample's values; the last one is what pprof shows by default. `mapping`
 /// gives the file mapping of a process's user address.
@@ -26,6 +36,17 @@ pub fn write(
     path: &Path,
     sample_types: &[(&str, &str)],
     samples: &[Sample<'_>],
+    mapping: impl FnMut(u32, u64) -> Option<MappedFile>,
+) -> Result<()> {
+    write_noted(path, sample_types, samples, &Notes::default(), mapping)
+}
+
+/// `write`, with `notes` in the profile.
+pub fn write_noted(
+    path: &Path,
+    sample_types: &[(&str, &str)],
+    samples: &[Sample<'_>],
+    notes: &Notes,
     mapping: impl FnMut(u32, u64) -> Option<MappedFile>,
 ) -> Result<()> {
     let write = || -> Result<()> {
@@ -39,7 +60,8 @@ pub fn write(
         ));
         let target = if regular { aside.as_path() } else { path };
         let file = std::fs::File::create(target)?;
-        write_to(std::io::BufWriter::new(file), sample_types, samples, mapping)?;
+        let profile = Builder::new(mapping).build(sample_types, samples, notes);
+        encode(std::io::BufWriter::new(file), &profile)?;
         if regular {
             std::fs::rename(&aside, path)?;
         }
@@ -55,7 +77,10 @@ pub fn write_to(
     samples: &[Sample<'_>],
     mapping: impl FnMut(u32, u64) -> Option<MappedFile>,
 ) -> Result<()> {
-    let profile = Builder::new(mapping).build(sample_types, samples);
+    encode(out, &Builder::new(mapping).build(sample_types, samples, &Notes::default()))
+}
+
+fn encode(out: impl Write, profile: &proto::Profile) -> Result<()> {
     let mut gz = flate2::write::GzEncoder::new(out, flate2::Compression::default());
     gz.write_all(&profile.encode_to_vec())?;
     gz.finish()?.flush()?;
@@ -89,7 +114,15 @@ impl<M: FnMut(u32, u64) -> Option<MappedFile>> Builder<M> {
         b
     }
 
-    fn build(mut self, sample_types: &[(&str, &str)], samples: &[Sample<'_>]) -> proto::Profile {
+    fn build(mut self, sample_types: &[(&str, &str)], samples: &[Sample<'_>], notes: &Notes) -> proto::Profile {
+        for comment in &notes.comments {
+            let id = self.string(comment);
+            self.profile.comment.push(id);
+        }
+        if let Some((kind, unit, period)) = notes.period {
+            self.profile.period_type = Some(proto::ValueType { r#type: self.string(kind), unit: self.string(unit) });
+            self.profile.period = period;
+        }
         for (name, unit) in sample_types {
             let value_type = proto::ValueType { r#type: self.string(name), unit: self.string(unit) };
             self.profile.sample_type.push(value_type);
@@ -437,6 +470,18 @@ mod tests {
         assert!(
             p.mapping.iter().all(|m| m.has_functions && m.has_filenames && m.has_line_numbers && m.has_inline_frames)
         );
+    }
+
+    #[test]
+    fn notes_are_the_profiles_comments_and_period() {
+        let frames = [Frame::unknown(0x42)];
+        let samples = [Sample { pid: 1, process: "[pid 1]".into(), frames: &frames, values: vec![5] }];
+        let notes = Notes { comments: vec!["estimated".into()], period: Some(("space", "bytes", 65_536)) };
+        let p = Builder::new(|_, _| None).build(&[("inuse_space", "bytes")], &samples, &notes);
+        let s = |i: i64| p.string_table[i as usize].as_str();
+        assert_eq!(p.comment.iter().map(|&c| s(c)).collect::<Vec<_>>(), ["estimated"]);
+        let period = p.period_type.as_ref().map(|t| (s(t.r#type), s(t.unit)));
+        assert_eq!((period, p.period), (Some(("space", "bytes")), 65_536));
     }
 
     #[test]

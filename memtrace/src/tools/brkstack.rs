@@ -13,7 +13,11 @@ use memtrace_common::names;
 use serde::Serialize;
 
 use crate::{
-    kernel::{self, AttachPoint, Probe, tracefs::Format},
+    kernel::{
+        self, AttachPoint, Probe,
+        cgroup::{Attribution, MemcgPaths},
+        tracefs::Format,
+    },
     output,
     symbolize::Frame,
     tools::registry::{Plan, ToolSpec},
@@ -91,8 +95,10 @@ pub async fn run(args: Args) -> Result<()> {
     tracer.attach(ATTACH)?;
     let totals = tracer.map(memtrace_common::brkstack::names::TOTALS)?;
     let mut last_brk: HashMap<MapData, u32, u64> = tracer.map(memtrace_common::brkstack::names::LAST_BRK)?;
-    let header =
-        format!("{:>7} {:>7} {:<16} {:>18} {:>18} {:>10}", "PID", "TID", "COMM", "REQUESTED", "RESULT", "GROWTH");
+    let header = format!(
+        "{:>7} {:>7} {:<16} {:>18} {:>18} {:>10} CGROUP",
+        "PID", "TID", "COMM", "REQUESTED", "RESULT", "GROWTH"
+    );
     let run = StackRun::new(&mut tracer, &args.report, unwinder, false, header)?;
     // After attach, and only where the kernel has not seen a call yet: it knows better.
     for (pid, brk) in current_breaks(args.report.common.target.pid, args.report.common.comm.as_deref()) {
@@ -102,7 +108,12 @@ pub async fn run(args: Args) -> Result<()> {
         Some(pid) => format!("tracing brk calls of pid {pid} ({})", crate::target::comm(pid)),
         None => "tracing brk calls".to_string(),
     };
-    let mut state = Live { totals, run };
+    let mut cgroups = MemcgPaths::new();
+    // Read while it runs: the final report may come after it exits.
+    if let Some(pid) = args.report.common.target.pid {
+        cgroups.of_pid(pid);
+    }
+    let mut state = Live { totals, run, cgroups };
     tracer.stream(&args.report.common, tick, args.report.reports.count(), &ready, &mut state).await?;
     Ok(())
 }
@@ -126,6 +137,9 @@ fn current_break(pid: u32) -> Option<u64> {
 struct Live {
     totals: HashMap<MapData, BrkKey, BrkTotal>,
     run: StackRun,
+    /// Processes' memory cgroups, from /proc (calls are counted per process in the kernel; a
+    /// process gone by the report shows none).
+    cgroups: MemcgPaths,
 }
 
 #[derive(Serialize)]
@@ -142,6 +156,8 @@ struct CallEvent {
     /// Signed bytes; null when the previous break of the process was unknown.
     growth: Option<i64>,
     stack_id: Option<String>,
+    #[serde(flatten)]
+    cgroup: Attribution,
 }
 
 #[derive(Serialize)]
@@ -166,6 +182,8 @@ struct StackRow {
     stack_id: Option<String>,
     calls: u64,
     bytes: i64,
+    #[serde(flatten)]
+    cgroup: Attribution,
     frames: Vec<Frame>,
 }
 
@@ -193,6 +211,7 @@ impl Live {
             result: e.result,
             growth,
             stack_id: stacks::id_json(e.stack_id),
+            cgroup: self.cgroups.attribution_of_pid(e.pid),
         };
         self.run.events.record(
             0,
@@ -200,8 +219,13 @@ impl Live {
             || {
                 let growth = growth.map_or("?".to_string(), |g| format!("{g:+}"));
                 format!(
-                    "{:>7} {:>7} {:<16} {:>#18x} {:>#18x} {growth:>10}",
-                    e.pid, e.tid, call.comm, e.requested, e.result
+                    "{:>7} {:>7} {:<16} {:>#18x} {:>#18x} {growth:>10} {}",
+                    e.pid,
+                    e.tid,
+                    call.comm,
+                    e.requested,
+                    e.result,
+                    call.cgroup.short()
                 )
             },
         )
@@ -219,6 +243,8 @@ impl StackTool for Live {
             // Symbolize while the process lives; reports use the cached frames.
             EV_NEW_STACK => {
                 self.frames(e.pid, e.stack_id);
+                // Read while it runs: the report may come after it exits.
+                self.cgroups.of_pid(e.pid);
             }
             EV_CALL => self.print_call(&e)?,
             _ => {}
@@ -233,6 +259,7 @@ impl StackTool for Live {
             .iter()
             .take(self.run.shown(is_final))
             .map(|(k, t)| StackRow {
+                cgroup: self.cgroups.attribution_of_pid(k.pid),
                 pid: k.pid,
                 comm: c_str(&t.comm),
                 stack_id: stacks::id_json(k.stack_id),
@@ -282,7 +309,8 @@ fn render(r: &Report, rows: usize) -> String {
         if rows > r.stacks.len() { format!(" (top {} shown)", r.stacks.len()) } else { String::new() }
     );
     for s in &r.stacks {
-        let _ = writeln!(out, "  {} calls, {:+} bytes: pid {} ({})", s.calls, s.bytes, s.pid, s.comm);
+        let (calls, bytes, pid, comm, cgroup) = (s.calls, s.bytes, s.pid, &s.comm, s.cgroup.short());
+        let _ = writeln!(out, "  {calls} calls, {bytes:+} bytes: pid {pid} ({comm}) cgroup {cgroup}");
         output::write_stack(&mut out, &s.frames, "      ");
     }
     let (store_full, store) = r.store_full();

@@ -10,7 +10,7 @@ use serde::Serialize;
 use crate::{
     kernel::{
         self, AttachPoint, Probe,
-        cgroup::Cgroups,
+        cgroup::{Attribution, MemcgPaths},
         tracefs::{Format, Symbols},
     },
     output::{self, events::Events},
@@ -96,7 +96,7 @@ pub async fn run(args: Args) -> Result<()> {
         out: Events::new(args.common.run.json, args.timestamp.timestamp, header),
         zones: finished.symbols("idx"),
         statuses: end.symbols("status"),
-        cgroups: Cgroups::default(),
+        cgroups: MemcgPaths::new(),
     };
     tracer.stream(&args.common, None, None, "tracing compaction", &mut state).await?;
     Ok(())
@@ -120,7 +120,7 @@ struct Live {
     /// The running kernel's names of zones and of compaction results.
     zones: Symbols,
     statuses: Symbols,
-    cgroups: Cgroups,
+    cgroups: MemcgPaths,
 }
 
 #[derive(Serialize)]
@@ -141,7 +141,10 @@ struct Compaction {
     latency_ns: u64,
     status: String,
     status_code: i32,
-    cgroup: Option<String>,
+    /// The memory cgroup of the task that ran the compaction, read at its end.
+    #[serde(flatten)]
+    cgroup: Attribution,
+    /// Its kernfs id (inode number in the memory hierarchy).
     cgroup_id: u64,
     zone_start_pfn: u64,
     zone_end_pfn: u64,
@@ -166,7 +169,7 @@ impl Live {
             latency_ns: e.latency_ns,
             status: self.statuses.get(e.status.into()).map_or_else(|| format!("status{}", e.status), str::to_string),
             status_code: e.status,
-            cgroup: self.cgroups.path(e.cgroup_id),
+            cgroup: self.cgroups.attribution_of_id(e.cgroup_id),
             cgroup_id: e.cgroup_id,
             zone_start_pfn: e.zone_start,
             zone_end_pfn: e.zone_end,
@@ -195,7 +198,7 @@ impl tools::Stream for Live {
                     c.kind,
                     c.latency_ms,
                     c.status,
-                    c.cgroup.as_deref().unwrap_or("-")
+                    c.cgroup.short()
                 )
             },
         )

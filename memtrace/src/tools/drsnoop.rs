@@ -7,7 +7,11 @@ use memtrace_common::names;
 use serde::Serialize;
 
 use crate::{
-    kernel::{self, AttachPoint, Probe, tracefs::Format},
+    kernel::{
+        self, AttachPoint, Probe,
+        cgroup::{Attribution, MemcgPaths},
+        tracefs::Format,
+    },
     output::{self, events::Events},
     tools::registry::{Plan, ToolSpec},
     tools::tracer::Tracer,
@@ -110,8 +114,10 @@ pub async fn run(args: Args) -> Result<()> {
     if args.memcg {
         tracer.attach(MEMCG)?;
     }
-    let header = format!("{:<16} {:>7} {:>7} {:<6} {:>10} {:>7}", "COMM", "PID", "TID", "KIND", "LAT(ms)", "PAGES");
-    let mut state = Live { out: Events::new(args.common.run.json, args.timestamp.timestamp, header) };
+    let header =
+        format!("{:<16} {:>7} {:>7} {:<6} {:>10} {:>7} {}", "COMM", "PID", "TID", "KIND", "LAT(ms)", "PAGES", "CGROUP");
+    let mut state =
+        Live { out: Events::new(args.common.run.json, args.timestamp.timestamp, header), cgroups: MemcgPaths::new() };
     let ready = if args.memcg { "tracing direct and memcg reclaim" } else { "tracing direct reclaim" };
     tracer.stream(&args.common, None, None, ready, &mut state).await?;
     Ok(())
@@ -140,6 +146,7 @@ fn check_tid(tid: u32) -> Result<()> {
 
 struct Live {
     out: Events,
+    cgroups: MemcgPaths,
 }
 
 #[derive(Serialize)]
@@ -154,6 +161,9 @@ struct Reclaim {
     latency_ms: f64,
     latency_ns: u64,
     pages: u64,
+    /// The reclaiming task's memory cgroup, read by the kernel side at the reclaim.
+    #[serde(flatten)]
+    cgroup: Attribution,
 }
 
 impl tools::Stream for Live {
@@ -171,11 +181,23 @@ impl tools::Stream for Live {
             latency_ms: e.latency_ns as f64 / 1e6,
             latency_ns: e.latency_ns,
             pages: e.nr_reclaimed,
+            cgroup: self.cgroups.attribution_of_id(e.memcg_id),
         };
         self.out.record(
             e.start_ns,
             || &r,
-            || format!("{:<16} {:>7} {:>7} {:<6} {:>10.3} {:>7}", r.comm, r.pid, r.tid, r.kind, r.latency_ms, r.pages),
+            || {
+                format!(
+                    "{:<16} {:>7} {:>7} {:<6} {:>10.3} {:>7} {}",
+                    r.comm,
+                    r.pid,
+                    r.tid,
+                    r.kind,
+                    r.latency_ms,
+                    r.pages,
+                    r.cgroup.short()
+                )
+            },
         )
     }
 

@@ -1,7 +1,7 @@
 //! faults: page faults counted in the kernel per process and per stack (user stack, plus the
 //! kernel stack for faults taken in kernel mode with `--kernel`), or each fault (`--events`).
 
-use std::fmt::Write as _;
+use std::{collections::HashMap as StdHashMap, fmt::Write as _};
 
 use anyhow::Result;
 use aya::maps::{HashMap, MapData};
@@ -13,7 +13,11 @@ use memtrace_common::names;
 use serde::Serialize;
 
 use crate::{
-    kernel::{self, AttachPoint, Probe, tracefs::Format},
+    kernel::{
+        self, AttachPoint, Probe,
+        cgroup::{Attribution, MemcgPaths},
+        tracefs::Format,
+    },
     output,
     symbolize::Frame,
     tools::registry::{Plan, ToolSpec},
@@ -101,8 +105,8 @@ pub async fn run(args: Args) -> Result<()> {
     let counts = tracer.map(memtrace_common::faults::names::COUNTS)?;
     let procs = tracer.map(memtrace_common::faults::names::PROCS)?;
     let header = format!(
-        "{:>7} {:>7} {:<16} {:<6} {:>18} {:>18} {:<6} FLAGS",
-        "PID", "TID", "COMM", "MODE", "ADDRESS", "IP", "ERROR"
+        "{:>7} {:>7} {:<16} {:<6} {:>18} {:>18} {:<6} {:<14} FLAGS",
+        "PID", "TID", "COMM", "MODE", "ADDRESS", "IP", "ERROR", "CGROUP"
     );
     let run = StackRun::new(&mut tracer, &args.report, unwinder, args.kernel, header)?;
     let whose = match args.report.common.target.pid {
@@ -110,7 +114,12 @@ pub async fn run(args: Args) -> Result<()> {
         None => String::new(),
     };
     let ready = format!("tracing page faults{whose} ({})", how.join(", "));
-    let mut state = Live { counts, procs, run };
+    let mut cgroups = MemcgPaths::new();
+    // Read while it runs: its events may be printed after it exits.
+    if let Some(pid) = args.report.common.target.pid {
+        cgroups.of_pid(pid);
+    }
+    let mut state = Live { counts, procs, run, cgroups, ids: StdHashMap::new() };
     tracer.stream(&args.report.common, tick, args.report.reports.count(), &ready, &mut state).await?;
     Ok(())
 }
@@ -141,6 +150,9 @@ struct Live {
     counts: HashMap<MapData, FaultKey, u64>,
     procs: HashMap<MapData, u32, ProcFaults>,
     run: StackRun,
+    cgroups: MemcgPaths,
+    /// Memory cgroup ids the kernel side recorded, by process, as of the last report.
+    ids: StdHashMap<u32, u64>,
 }
 
 #[derive(Serialize)]
@@ -158,6 +170,8 @@ struct FaultEvent {
     #[serde(serialize_with = "crate::output::hex::serialize")]
     error_code: u64,
     flags: String,
+    #[serde(flatten)]
+    cgroup: Attribution,
 }
 
 #[derive(Serialize)]
@@ -184,6 +198,8 @@ struct ProcRow {
     kernel_faults: u64,
     /// Faults of this process counted in no stack row with their stack (lost stack or full map).
     no_stack: u64,
+    #[serde(flatten)]
+    cgroup: Attribution,
 }
 
 #[derive(Serialize)]
@@ -193,6 +209,8 @@ struct StackRow {
     faults: u64,
     user_stack_id: Option<String>,
     kernel_stack_id: Option<String>,
+    #[serde(flatten)]
+    cgroup: Attribution,
     /// Kernel frames (kernel-mode faults), innermost first.
     kernel_frames: Vec<Frame>,
     /// User frames, innermost first: the faulting instruction, then its callers.
@@ -228,14 +246,23 @@ impl Live {
             ip: e.ip,
             error_code: e.error_code,
             flags: decode_error(e.error_code),
+            cgroup: self.cgroups.attribution_of(e.pid, self.ids.get(&e.pid).copied().unwrap_or(0)),
         };
         self.run.events.record(
             0,
             || &ev,
             || {
                 format!(
-                    "{:>7} {:>7} {:<16} {:<6} {:>#18x} {:>#18x} {:<#6x} {}",
-                    ev.pid, ev.tid, ev.comm, ev.mode, ev.address, ev.ip, ev.error_code, ev.flags
+                    "{:>7} {:>7} {:<16} {:<6} {:>#18x} {:>#18x} {:<#6x} {:<14} {}",
+                    ev.pid,
+                    ev.tid,
+                    ev.comm,
+                    ev.mode,
+                    ev.address,
+                    ev.ip,
+                    ev.error_code,
+                    ev.cgroup.short(),
+                    ev.flags
                 )
             },
         )
@@ -253,6 +280,7 @@ impl StackTool for Live {
             // Symbolize while the process lives; reports use the cached frames.
             EV_NEW_STACK => {
                 self.frames(e.pid, e.user_stack, e.kernel_stack, e.mode);
+                self.cgroups.of_pid(e.pid);
             }
             EV_FAULT => self.print_fault(&e)?,
             _ => {}
@@ -261,9 +289,12 @@ impl StackTool for Live {
     }
 
     fn report(&mut self, is_final: bool) -> Result<()> {
-        let mut procs: Vec<ProcRow> = crate::kernel::maps::dump(&self.procs)
+        let dumped = crate::kernel::maps::dump(&self.procs);
+        self.ids = dumped.iter().map(|(pid, p)| (*pid, p.memcg_id)).collect();
+        let mut procs: Vec<ProcRow> = dumped
             .into_iter()
             .map(|(pid, p)| ProcRow {
+                cgroup: self.cgroups.attribution_of(pid, p.memcg_id),
                 pid,
                 comm: c_str(&p.comm),
                 faults: p.user + p.kernel,
@@ -283,7 +314,9 @@ impl StackTool for Live {
         let mut stacks = Vec::new();
         for &(k, n) in rows.iter().take(self.run.shown(is_final)) {
             let (frames, kernel_frames) = self.frames(k.pid, k.user_stack, k.kernel_stack, k.kind);
+            let id = self.ids.get(&k.pid).copied().unwrap_or(0);
             stacks.push(StackRow {
+                cgroup: self.cgroups.attribution_of(k.pid, id),
                 pid: k.pid,
                 mode: mode_name(k.kind),
                 faults: n,
@@ -344,16 +377,21 @@ fn render(r: &Report, procs: usize, rows: usize, no_stack: u64) -> String {
     // The NO STACK column appears only when some fault lost its stack.
     let missing = |p: &ProcRow| if no_stack > 0 { format!(" {:>10}", p.no_stack) } else { String::new() };
     let head = if no_stack > 0 { format!(" {:>10}", "NO STACK") } else { String::new() };
-    let _ = writeln!(out, "  {:>7} {:<16} {:>10} {:>10} {:>10}{head}", "PID", "COMM", "FAULTS", "USER", "KERNEL");
+    let _ = writeln!(
+        out,
+        "  {:>7} {:<16} {:>10} {:>10} {:>10} {:<14}{head}",
+        "PID", "COMM", "FAULTS", "USER", "KERNEL", "CGROUP"
+    );
     for p in &r.counts.processes {
         let _ = writeln!(
             out,
-            "  {:>7} {:<16} {:>10} {:>10} {:>10}{}",
+            "  {:>7} {:<16} {:>10} {:>10} {:>10} {:<14}{}",
             p.pid,
             p.comm,
             p.faults,
             p.user_faults,
             p.kernel_faults,
+            p.cgroup.short(),
             missing(p)
         );
     }

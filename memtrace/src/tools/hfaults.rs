@@ -17,7 +17,11 @@ use memtrace_common::names;
 use serde::Serialize;
 
 use crate::{
-    kernel::{self, AttachPoint, Probe, btf, tracefs::Format},
+    kernel::{
+        self, AttachPoint, Probe, btf,
+        cgroup::{Attribution, MemcgPaths},
+        tracefs::Format,
+    },
     output::{self, reports::ReportPrinter},
     tools::registry::{Plan, ToolSpec},
     tools::tracer::Tracer,
@@ -104,6 +108,7 @@ pub async fn run(args: Args) -> Result<()> {
         dropped,
         untracked: std::collections::HashSet::new(),
         procs: BTreeMap::new(),
+        cgroups: MemcgPaths::new(),
         files: BTreeMap::new(),
         known: StdHashMap::new(),
         ticks: 0,
@@ -230,7 +235,10 @@ struct Live<'a> {
     dropped: Option<PerCpuArray<MapData, u64>>,
     /// Hugetlb mappings found in smaps beyond MAX_RANGES for their process: (pid, start).
     untracked: std::collections::HashSet<(u32, u64)>,
-    procs: BTreeMap<u32, (String, u64)>,
+    /// Faults by process this interval, with its name and memory cgroup (read from /proc at
+    /// its first fault of the interval, while it runs).
+    procs: BTreeMap<u32, (String, u64, Attribution)>,
+    cgroups: MemcgPaths,
     files: BTreeMap<String, u64>,
     /// Hugetlb mappings per pid as of the last rescan: names faults of processes gone since.
     known: StdHashMap<u32, Vec<Mapping>>,
@@ -244,6 +252,8 @@ struct ProcRow<'a> {
     pid: u32,
     comm: &'a str,
     faults: u64,
+    #[serde(flatten)]
+    cgroup: &'a Attribution,
 }
 
 #[derive(Serialize)]
@@ -336,21 +346,23 @@ impl Live<'_> {
     }
 
     fn report(&mut self) -> Result<()> {
-        let mut procs: Vec<(u32, &(String, u64))> = self.procs.iter().map(|(p, v)| (*p, v)).collect();
+        let mut procs: Vec<(u32, &(String, u64, Attribution))> = self.procs.iter().map(|(p, v)| (*p, v)).collect();
         procs.sort_by(|a, b| b.1.1.cmp(&a.1.1).then(a.0.cmp(&b.0)));
         let mut files: Vec<(&String, &u64)> = self.files.iter().collect();
         files.sort_by(|a, b| b.1.cmp(a.1));
         self.out.interval(
             |time| {
-                let procs: Vec<ProcRow> =
-                    procs.iter().map(|(pid, (comm, n))| ProcRow { pid: *pid, comm, faults: *n }).collect();
+                let procs: Vec<ProcRow> = procs
+                    .iter()
+                    .map(|(pid, (comm, n, cgroup))| ProcRow { pid: *pid, comm, faults: *n, cgroup })
+                    .collect();
                 let files: Vec<FileRow> = files.iter().map(|(f, n)| FileRow { file: f, faults: **n }).collect();
                 serde_json::json!({ "time": time, "processes": procs, "files": files })
             },
             || {
-                let mut text = format!("{:>7} {:<16} {:>8}\n", "PID", "COMM", "HFAULTS");
-                for (pid, (comm, n)) in &procs {
-                    text += &format!("{pid:>7} {comm:<16} {n:>8}\n");
+                let mut text = format!("{:>7} {:<16} {:>8} CGROUP\n", "PID", "COMM", "HFAULTS");
+                for (pid, (comm, n, cgroup)) in &procs {
+                    text += &format!("{pid:>7} {comm:<16} {n:>8} {}\n", cgroup.short());
                 }
                 text += &format!("\n{:<40} {:>8}", "FILE", "HFAULTS");
                 for (file, n) in &files {
@@ -371,7 +383,8 @@ impl tools::Stream for Live<'_> {
     fn event(&mut self, data: &[u8]) -> Result<()> {
         let Some(ev) = read_event::<Event>(data) else { return Ok(()) };
         let file = self.file_of(&ev);
-        let row = self.procs.entry(ev.pid).or_insert_with(|| (c_str(&ev.comm), 0));
+        let cgroups = &mut self.cgroups;
+        let row = self.procs.entry(ev.pid).or_insert_with(|| (c_str(&ev.comm), 0, cgroups.attribution_of_pid(ev.pid)));
         row.1 += 1;
         *self.files.entry(file).or_default() += 1;
         self.total += 1;

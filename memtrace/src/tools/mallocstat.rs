@@ -21,6 +21,7 @@ use report::{HitEvent, Hits, Meaning, meaning};
 use crate::{
     kernel::{
         self,
+        cgroup::{Attribution, MemcgPaths},
         usdt::{self as usdt_notes, UsdtProbe},
     },
     target,
@@ -165,7 +166,7 @@ async fn start(args: &Args, pid: u32, just_exec: bool) -> Result<(Tracer, Live)>
     for (file, p) in &probes {
         usdt_notes::attach(&mut tracer.bpf, PROG, file, p, Some(pid))?;
     }
-    let header = format!("{:>7} {:>7} {:<16} {:<36} ARGUMENTS", "PID", "TID", "COMM", "PROBE");
+    let header = format!("{:>7} {:>7} {:<16} {:<14} {:<36} ARGUMENTS", "PID", "TID", "COMM", "CGROUP", "PROBE");
     let run = StackRun::new(&mut tracer, &report, unwinder, false, header)?;
     let names = probes.iter().map(|(_, p)| p.name.clone()).collect();
     let mut state = Live {
@@ -178,7 +179,10 @@ async fn start(args: &Args, pid: u32, just_exec: bool) -> Result<(Tracer, Live)>
         specs,
         unplaced: probes.into_iter().enumerate().map(|(id, (file, p))| (id as u32, file, p)).collect(),
         command: None,
+        cgroups: MemcgPaths::new(),
+        cgroup: Attribution::default(),
     };
+    state.cgroup(pid);
     state.place()?;
     Ok((tracer, state))
 }
@@ -198,9 +202,21 @@ struct Live {
     unplaced: Vec<(u32, PathBuf, UsdtProbe)>,
     /// The command of -c, held at each mapping of new code until its probes are placed.
     command: Option<Command>,
+    /// The traced process's memory cgroup, from /proc: as last read while it ran.
+    cgroups: MemcgPaths,
+    cgroup: Attribution,
 }
 
 impl Live {
+    /// The memory cgroup of the traced process (one process: its last reading stands once
+    /// it has exited).
+    fn cgroup(&mut self, pid: u32) -> Attribution {
+        if let Some(path) = self.cgroups.of_pid(pid) {
+            self.cgroup = Attribution::of_path(Some(path));
+        }
+        self.cgroup.clone()
+    }
+
     /// Gives the eBPF side the spec of each probe whose file the process maps now.
     fn place(&mut self) -> Result<()> {
         let mut left = Vec::new();
@@ -294,9 +310,28 @@ impl Stream for Live {
         if meaning == Meaning::Event {
             let comm = c_str(&e.comm);
             let args = &e.args[..(e.count as usize).min(e.args.len())];
-            let value = || HitEvent { event: "probe", pid: e.pid, tid: e.tid, comm: comm.clone(), probe: &name, args };
+            let cgroup = self.cgroup(e.pid);
+            let value = || HitEvent {
+                event: "probe",
+                pid: e.pid,
+                tid: e.tid,
+                comm: comm.clone(),
+                probe: &name,
+                args,
+                cgroup: &cgroup,
+            };
             let shown: Vec<String> = args.iter().map(i64::to_string).collect();
-            let row = || format!("{:>7} {:>7} {:<16} {:<36} {}", e.pid, e.tid, comm, name, shown.join(" "));
+            let row = || {
+                format!(
+                    "{:>7} {:>7} {:<16} {:<14} {:<36} {}",
+                    e.pid,
+                    e.tid,
+                    comm,
+                    cgroup.short(),
+                    name,
+                    shown.join(" ")
+                )
+            };
             self.run.events.record(0, value, row)?;
         }
         Ok(())

@@ -9,6 +9,7 @@ mod live;
 pub(crate) mod oom;
 mod procs;
 mod report;
+mod sampling;
 mod watch;
 
 use std::{path::PathBuf, time::Duration};
@@ -87,9 +88,15 @@ pub struct Args {
     /// Ignore allocations larger than this many bytes.
     #[arg(short = 'Z', long, value_name = "BYTES")]
     pub max_size: Option<u64>,
-    /// Record one allocation in N (lower overhead, partial counts).
+    /// Record one allocation in N, at random (lower overhead); bytes and counts are reported
+    /// times N, marked as estimates.
     #[arg(short, long, default_value_t = 1, value_name = "N")]
     pub sample_rate: u32,
+    /// Record allocations by bytes, as tcmalloc and jemalloc sample: one every N bytes
+    /// allocated on average (a random geometric interval). Allocations left out cost no map
+    /// update and no stack walk; bytes and counts are unbiased estimates, marked as such.
+    #[arg(long, value_name = "N")]
+    pub sample_bytes: Option<u64>,
     /// List the address and size of each outstanding allocation.
     #[arg(short = 'a', long)]
     pub show_allocs: bool,
@@ -175,12 +182,18 @@ impl Args {
             && self.watch.is_none()
     }
 
+    fn sampling(&self) -> sampling::Sampling {
+        sampling::Sampling::new(self.sample_rate, self.sample_bytes)
+    }
+
     fn recorder_config(&self) -> inproc::Config {
         inproc::Config {
             max_allocs: self.max_allocs,
             max_stacks: self.max_stacks,
             rows: self.unwind.unwind_rows,
-            freed: if self.no_errors { 0 } else { self.freed_record.into() },
+            // Sampled: no memory-error checks, as with probes (a walk at each free).
+            freed: if self.no_errors || self.sample_bytes.is_some() { 0 } else { self.freed_record.into() },
+            sample_bytes: self.sample_bytes.unwrap_or(0),
             call_sites: self.errors_only,
             min_size: self.min_size.unwrap_or(0),
             max_size: self.max_size.unwrap_or(u64::MAX),
@@ -228,6 +241,15 @@ impl Args {
         }
         if self.sample_rate == 0 {
             bail!("--sample-rate must be at least 1");
+        }
+        if let Some(n) = self.sample_bytes {
+            if self.sample_rate != 1 {
+                bail!("--sample-bytes and -s/--sample-rate are two ways to sample: give one of them");
+            }
+            in_range("--sample-bytes", n, 1..=1 << 40)?;
+            if self.errors_only || self.watch.is_some() {
+                bail!("--sample-bytes samples leaks: memory errors (--errors-only, --watch) need every block recorded");
+            }
         }
         let user = self.target.pid.is_some() || self.command.is_some();
         if self.percpu && user {
@@ -324,6 +346,9 @@ pub async fn run_keeping(args: Args, kills: Option<KillSink>) -> Result<Status> 
         );
     }
 
+    // A sampled run checks no memory errors: most frees are of blocks it left out, and the
+    // unsampled path stays cheap (no stack walk at each free).
+    let checks_errors = user && !args.no_errors && !args.sampling().is_sampled();
     let config = Config {
         min_size: args.min_size.unwrap_or(0),
         max_size: args.max_size.unwrap_or(u64::MAX),
@@ -333,15 +358,16 @@ pub async fn run_keeping(args: Args, kills: Option<KillSink>) -> Result<Status> 
         // In a pid namespace of its own, memtrace learns of a command's children through
         // ptrace only (the fork tracepoint names them by pids it cannot see).
         children: (args.children || (args.command.is_some() && !own_pid_ns)) as u32,
-        errors: (user && !args.no_errors) as u32,
+        errors: checks_errors as u32,
         // Only a command is seen from its first allocation, and only if nothing is left out.
         judge_invalid: (args.command.is_some()
-            && args.sample_rate <= 1
+            && !args.sampling().is_sampled()
             && args.min_size.is_none()
             && args.max_size.is_none()
             && args.duty_cycle.is_none()) as u32,
         call_sites: (user && args.errors_only) as u32,
         watch: args.watch.is_some() as u32,
+        sample_bytes: args.sample_bytes.unwrap_or(0),
     };
     let kmem = if user { None } else { Some(attach::kmem_offsets()?) };
     // Kernel mode walks no user stack.
@@ -355,10 +381,7 @@ pub async fn run_keeping(args: Args, kills: Option<KillSink>) -> Result<Status> 
             .map_max_entries(memtrace_common::memleak::names::ALLOCS, args.max_allocs)
             .map_max_entries(memtrace_common::memleak::names::SEEN, args.max_stacks)
             .map_max_entries(memtrace_common::memleak::names::STACKS, args.max_stacks)
-            .map_max_entries(
-                memtrace_common::memleak::names::FREED,
-                if user && !args.no_errors { args.freed_record } else { 1 },
-            );
+            .map_max_entries(memtrace_common::memleak::names::FREED, if checks_errors { args.freed_record } else { 1 });
         args.unwind.configure_as(loader, unwind);
         if let Some(k) = &kmem {
             loader.override_global(memtrace_common::memleak::names::KMEM, k, true);
@@ -373,6 +396,12 @@ pub async fn run_keeping(args: Args, kills: Option<KillSink>) -> Result<Status> 
             loader.override_global(memtrace_common::memleak::names::OOM, o, true);
         }
     })?;
+    if let Some(n) = args.sample_bytes {
+        // Borrowed, not taken: a map taken and dropped before its programs load closes the fd they refer to.
+        let name = memtrace_common::memleak::names::SAMPLE_INTERVALS;
+        let map = tracer.bpf.map_mut(name).with_context(|| format!("internal: no map {name} in memleak"))?;
+        sampling::fill(&mut aya::maps::Array::try_from(map)?, n)?;
+    }
     let skip = if args.duty_cycle.is_some() { DutyCycle::HOT } else { &[] };
     let mut procs = Procs::new(&mut tracer, &args.symbols_prefix, args.obj.clone(), skip)?;
     let maps = Maps::take(&mut tracer)?;

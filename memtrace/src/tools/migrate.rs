@@ -13,6 +13,7 @@ use serde::Serialize;
 use crate::{
     kernel::{
         self, AttachPoint, Probe,
+        cgroup::{Attribution, MemcgPaths},
         tracefs::{Format, Symbols},
         vmstat::{self, Migrations},
     },
@@ -86,6 +87,7 @@ pub async fn run(args: Args) -> Result<()> {
         last: Reading::default(),
         start: Reading::default(),
         seen: std::collections::HashMap::new(),
+        cgroups: MemcgPaths::new(),
         out: ReportPrinter::new("migrate", args.common.run.json),
     };
     // After attaching: from here on every migration is in both the maps and vmstat.
@@ -142,6 +144,9 @@ struct Live {
     last: Reading,
     /// Each process row's counts at the last report: each report shows the increase.
     seen: std::collections::HashMap<ProcKey, [u64; COUNTERS]>,
+    /// Processes' memory cgroups: from /proc at each report, else (gone by then) as the
+    /// kernel side read it at the process's first migration.
+    cgroups: MemcgPaths,
     out: ReportPrinter,
 }
 
@@ -202,6 +207,8 @@ struct ProcRow {
     reason_code: u32,
     #[serde(flatten)]
     tally: Tally,
+    #[serde(flatten)]
+    cgroup: Attribution,
 }
 
 /// memtrace's totals over all tasks beside /proc/vmstat's over the same span.
@@ -310,6 +317,7 @@ impl Live {
                 reason: self.reason_name(key.reason.min(MAX_REASON)),
                 reason_code: key.reason,
                 tally: Tally::of(&delta),
+                cgroup: self.cgroups.attribution_of(key.pid, counts.memcg_id),
             });
         }
         rows.sort_by(|a, b| b.tally.succeeded.cmp(&a.tally.succeeded).then(a.pid.cmp(&b.pid)));
@@ -325,9 +333,10 @@ impl Live {
             }
         }
         if !report.processes.is_empty() {
-            text += &format!("\n{:<7} {:<16} {:<18}{COLUMNS}", "PID", "COMM", "REASON");
+            text += &format!("\n{:<7} {:<16} {:<18}{COLUMNS} CGROUP", "PID", "COMM", "REASON");
             for row in &report.processes {
-                text += &format!("\n{:<7} {:<16} {:<18}{}", row.pid, row.comm, row.reason, row.tally.columns());
+                let (pid, comm, reason, cgroup) = (row.pid, &row.comm, &row.reason, row.cgroup.short());
+                text += &format!("\n{pid:<7} {comm:<16} {reason:<18}{} {cgroup}", row.tally.columns());
             }
         }
         text

@@ -8,7 +8,7 @@ use memtrace_common::mmapsnoop::{CALL_MMAP, CALL_MREMAP, CALL_MUNMAP, Event};
 use serde_json::{Value, json};
 
 use crate::{
-    kernel::{AttachPoint, Probe},
+    kernel::{AttachPoint, Probe, cgroup::Attribution},
     output::{
         self,
         decode::{errno_name, errno_of, flag_names},
@@ -56,23 +56,23 @@ const CALLS: &[Syscall] = &[
 pub async fn run(args: Args) -> Result<()> {
     let what =
         if args.failed { "tracing failed mmap, munmap and mremap calls" } else { "tracing mmap, munmap and mremap" };
-    syscalls::run(&SPEC, ATTACH, CALLS, &args, header(), what, |out, e| {
+    syscalls::run(&SPEC, ATTACH, CALLS, &args, header(), what, |out, e, cgroup| {
         let call = Call::of(e);
         let path = call.file_path(e.pid, e.ret);
-        out.record(e.ts_ns, || to_json(e, &call, &path), || row(e, &call, &path))
+        out.record(e.ts_ns, || to_json(e, &call, &path, cgroup), || row(e, &call, &path, cgroup))
     })
     .await
 }
 
 fn header() -> String {
     format!(
-        "{:<7} {:<16} {:<6} {:>14} {:>14} {:>10} {:<20} {:<40} {:>4} PATH",
-        "PID", "COMM", "CALL", "RET", "ADDR", "LEN", "PROT", "FLAGS", "FD"
+        "{:<7} {:<16} {:<6} {:>14} {:>14} {:>10} {:<20} {:<40} {:>4} {:<14} PATH",
+        "PID", "COMM", "CALL", "RET", "ADDR", "LEN", "PROT", "FLAGS", "FD", "CGROUP"
     )
 }
 
 /// The table's columns after TIME.
-fn row(e: &Event, call: &Call, path: &FilePath) -> String {
+fn row(e: &Event, call: &Call, path: &FilePath, cgroup: &Attribution) -> String {
     let ret = match errno_of(e.ret) {
         Some(n) => errno_name(n),
         None if e.call == CALL_MUNMAP => e.ret.to_string(),
@@ -94,7 +94,7 @@ fn row(e: &Event, call: &Call, path: &FilePath) -> String {
         FilePath::Unknown => "[unknown]".into(),
     };
     format!(
-        "{:<7} {:<16} {:<6} {:>14} {:>14} {:>10} {:<20} {:<40} {:>4} {path}",
+        "{:<7} {:<16} {:<6} {:>14} {:>14} {:>10} {:<20} {:<40} {:>4} {:<14} {path}",
         e.pid,
         tools::c_str(&e.comm),
         call.name(),
@@ -103,7 +103,8 @@ fn row(e: &Event, call: &Call, path: &FilePath) -> String {
         len,
         prot,
         flags,
-        fd
+        fd,
+        cgroup.short()
     )
 }
 
@@ -175,7 +176,7 @@ enum FilePath {
     Unknown,
 }
 
-fn to_json(e: &Event, call: &Call, path: &FilePath) -> Value {
+fn to_json(e: &Event, call: &Call, path: &FilePath, cgroup: &Attribution) -> Value {
     let error = errno_of(e.ret).map(errno_name);
     let mut v = json!({
         "time": output::now_ms(),
@@ -212,6 +213,7 @@ fn to_json(e: &Event, call: &Call, path: &FilePath) -> Value {
     if let (Some(obj), Value::Object(extra)) = (v.as_object_mut(), fields) {
         obj.extend(extra);
     }
+    output::add_fields(&mut v, cgroup);
     v
 }
 

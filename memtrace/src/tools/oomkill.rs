@@ -9,7 +9,7 @@
 
 use std::collections::HashMap;
 
-use anyhow::{Context as _, Result};
+use anyhow::Result;
 use memtrace_common::names;
 use memtrace_common::oomkill::{
     EV_TRIGGER, EV_VICTIM, Event, FIELD_ABSENT, KSTACK_DEPTH, MEMCG_LEVELS, MemcgOffsets, VictimOffsets,
@@ -17,7 +17,12 @@ use memtrace_common::oomkill::{
 use serde::Serialize;
 
 use crate::{
-    kernel::{self, AttachPoint, Probe, btf, kallsyms::Kallsyms, tracefs::Format},
+    kernel::{
+        self, AttachPoint, Probe, btf,
+        cgroup::{self, Attribution},
+        kallsyms::Kallsyms,
+        tracefs::Format,
+    },
     output::{self, events::Events},
     symbolize::{Frame, UnnamedFrames, UserSymbolizer},
     tools::registry::{Plan, ToolSpec},
@@ -152,9 +157,9 @@ fn victim_offsets() -> Result<(VictimOffsets, Present)> {
 }
 
 /// BTF offsets for the kernel side's walk up the trigger's memory cgroup chain.
-pub(crate) fn memcg_offsets(v1: bool) -> Result<MemcgOffsets> {
-    let id = memcg::memory_subsys_id(&std::fs::read_to_string("/proc/cgroups")?)
-        .context("no memory controller in /proc/cgroups")?;
+fn memcg_offsets(v1: bool) -> Result<MemcgOffsets> {
+    // The walk to the group's id is every tool's (kernel::cgroup); the counters are oomkill's.
+    let id = cgroup::memcg_id_offsets()?;
     let off = btf::member_offset;
     anyhow::ensure!(off("mem_cgroup", "css")? == 0, "struct mem_cgroup does not start with its css");
     // v1's memory+swap limit also ends in an OOM; v2 keeps a swap counter in the same place,
@@ -162,12 +167,12 @@ pub(crate) fn memcg_offsets(v1: bool) -> Result<MemcgOffsets> {
     let memsw = |field: &str| if v1 { off("mem_cgroup", &format!("memsw.{field}")).ok() } else { None };
     Ok(MemcgOffsets {
         valid: 1,
-        task_cgroups: off("task_struct", "cgroups")?,
-        css_set_memory: off("css_set", "subsys")? + 8 * id,
-        css_cgroup: off("cgroup_subsys_state", "cgroup")?,
+        task_cgroups: id.task_cgroups,
+        css_set_memory: id.css_set_memory,
+        css_cgroup: id.css_cgroup,
         css_parent: off("cgroup_subsys_state", "parent")?,
-        cgroup_kn: off("cgroup", "kn")?,
-        kn_id: off("kernfs_node", "id")?,
+        cgroup_kn: id.cgroup_kn,
+        kn_id: id.kn_id,
         memory_usage: off("mem_cgroup", "memory.usage")?,
         memory_max: off("mem_cgroup", "memory.max")?,
         memsw_usage: memsw("usage").unwrap_or(FIELD_ABSENT),
@@ -242,6 +247,9 @@ struct Kill {
     memcg: Option<String>,
     /// The victim's memory cgroup, when it is not the root.
     victim_memcg: Option<String>,
+    /// The victim's memory cgroup (the root too) and its container.
+    #[serde(flatten)]
+    cgroup: Attribution,
     loadavg: String,
     #[serde(skip_serializing_if = "Vec::is_empty")]
     trigger_stack: Vec<Frame>,
@@ -294,6 +302,9 @@ impl Live {
             // The stack was not recorded: the counters are all there is.
             None => (if found.limited.is_some() { "memcg" } else { "global" }, found.limited),
         };
+        // The victim is another task than the current one: its group is the one whose kill
+        // counter rose, else (a kill not counted in any group below the root) /proc's.
+        let cgroup = Attribution::of_path(found.victim.clone().or_else(|| self.memcgs.group_of(e.victim_pid)));
         Kill {
             time: output::now_ms(),
             trigger_pid: e.trigger_pid,
@@ -311,6 +322,7 @@ impl Live {
             constraint,
             memcg,
             victim_memcg: found.victim,
+            cgroup,
             loadavg: std::fs::read_to_string("/proc/loadavg").map(|s| s.trim().to_string()).unwrap_or_default(),
             trigger_stack: self.triggers.remove(&e.trigger_tid).map(|t| t.frames).unwrap_or_default(),
         }
@@ -384,7 +396,8 @@ fn render(k: &Kill) -> String {
         (None, "memcg") => s.push_str(" memcg=[removed]"),
         (None, _) => s.push_str(" global"),
     }
-    let _ = write!(s, " loadavg: {}", k.loadavg);
+    // The victim's group, or its container's short id.
+    let _ = write!(s, " cgroup={} loadavg: {}", k.cgroup.short(), k.loadavg);
     for frame in &k.trigger_stack {
         let _ = write!(s, "\n        {frame}");
     }

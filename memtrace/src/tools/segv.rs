@@ -17,7 +17,11 @@ use memtrace_common::{
 use serde::Serialize;
 
 use crate::{
-    kernel::{self, AttachPoint, Probe, btf, tracefs::Format},
+    kernel::{
+        self, AttachPoint, Probe, btf,
+        cgroup::{Attribution, MemcgPaths},
+        tracefs::Format,
+    },
     output::{self, events::Events},
     symbolize::{Frame, UnnamedFrames, UserSymbolizer},
     tools::registry::{Plan, ToolSpec},
@@ -135,7 +139,7 @@ pub async fn run(args: Args) -> Result<()> {
         seen,
         json: args.common.run.json,
         mmap_min_addr,
-        cgroups: crate::kernel::cgroup::Cgroups::default(),
+        cgroups: MemcgPaths::new(),
         unnamed: UnnamedFrames::default(),
         unseen: 0,
         unclassified: 0,
@@ -158,7 +162,7 @@ struct Live {
     seen: HashSet<u32>,
     json: bool,
     mmap_min_addr: u64,
-    cgroups: crate::kernel::cgroup::Cgroups,
+    cgroups: MemcgPaths,
     unnamed: UnnamedFrames,
     /// Crashes of processes whose mappings memtrace never saw (gone before it looked).
     unseen: u64,
@@ -174,7 +178,9 @@ struct Crash {
     pid: u32,
     tid: u32,
     comm: String,
-    cgroup: Option<String>,
+    /// The crashing task's memory cgroup, read by the kernel side at the crash.
+    #[serde(flatten)]
+    cgroup: Attribution,
     signal: String,
     code: String,
     fatal: bool,
@@ -222,7 +228,7 @@ impl Live {
             pid: e.pid,
             tid: e.tid,
             comm: c_str(&e.comm),
-            cgroup: self.cgroups.path(e.cgroup),
+            cgroup: self.cgroups.attribution_of_id(e.cgroup),
             signal: decode::signal_name(e.sig),
             code: decode::code_name(e.sig, e.code),
             fatal: e.fatal != 0,
@@ -332,7 +338,7 @@ fn render(c: &Crash) -> String {
     if let Some(m) = &c.mapping {
         let _ = write!(s, " mapping {m}");
     }
-    let _ = write!(s, " cgroup {}", c.cgroup.as_deref().unwrap_or("-"));
+    let _ = write!(s, " cgroup {}", c.cgroup.short());
     // A recursion fills the stack with one frame: shown once, with its count.
     let mut i = 0;
     while i < c.frames.len() {

@@ -19,8 +19,7 @@ use aya::maps::{MapData, PerCpuArray, PerCpuHashMap};
 use memtrace_common::serve::{CgroupStats, STAT_COUNT};
 
 use crate::{
-    kernel::{self, AttachPoint, Probe},
-    tools::oomkill::{self, memcg},
+    kernel::{self, AttachPoint, Probe, cgroup::MemcgPaths},
     tools::registry::{Plan, ToolSpec},
     tools::tracer::Tracer,
 };
@@ -118,7 +117,7 @@ fn listen_addr(text: &str) -> Result<SocketAddr> {
 pub(crate) struct State {
     cgroups: PerCpuHashMap<MapData, u64, CgroupStats>,
     stats: PerCpuArray<MapData, u64>,
-    memcgs: memcg::Counters,
+    memcgs: MemcgPaths,
     /// Why swap-ins are not counted, when they are not.
     swapin_missing: Option<String>,
     children: children::Children,
@@ -134,12 +133,9 @@ pub async fn run(args: Args) -> Result<()> {
     listener.set_nonblocking(true)?;
     let listener = tokio::net::TcpListener::from_std(listener)?;
     let selection = args.selection()?;
-    let memcgs = memcg::Counters::snapshot();
-    let offsets = oomkill::memcg_offsets(memcgs.is_v1())
-        .context("cannot read memory cgroups from this kernel's BTF: serve needs /sys/kernel/btf/vmlinux")?;
-    let mut tracer = Tracer::load(&SPEC, |loader| {
-        loader.override_global(memtrace_common::serve::names::MEMCG, &offsets, true);
-    })?;
+    let memcgs = MemcgPaths::new();
+    // The kernel side keys its counters by the task's memory cgroup (kernel::load sets how).
+    let mut tracer = Tracer::load(&SPEC, |_| {})?;
     let how = tracer.attach(ATTACH)?;
     let swapin_missing = match kernel::resolve(&AttachPoint { label: "swap-ins", probes: &[SWAPIN] }) {
         Ok(_) => kernel::attach_preferred(&mut tracer.bpf, "serve", &[AttachPoint { label: "kprobe", probes: &[SWAPIN] }])
@@ -228,7 +224,7 @@ impl State {
             .map(|(id, per_cpu)| (id, metrics::sum_cpus(&per_cpu)))
             .collect();
         for (id, row) in rows {
-            match self.memcgs.path_of(id) {
+            match self.memcgs.path_of_id(id) {
                 Some(path) => snap.cgroup(&path, &row),
                 None => gone.push(id),
             }

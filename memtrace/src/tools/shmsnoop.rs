@@ -6,7 +6,7 @@ use memtrace_common::shmsnoop::{CALL_SHMAT, CALL_SHMCTL, CALL_SHMDT, CALL_SHMGET
 use serde_json::{Value, json};
 
 use crate::{
-    kernel::{AttachPoint, Probe},
+    kernel::{AttachPoint, Probe, cgroup::Attribution},
     output::{
         self,
         decode::{errno_name, errno_of, flag_names},
@@ -58,20 +58,21 @@ const CALLS: &[Syscall] = &[
 ];
 
 pub async fn run(args: Args) -> Result<()> {
-    let header = format!("{:<7} {:<16} {:<7} {:>14} ARGS", "PID", "COMM", "SYSCALL", "RET");
+    let header = format!("{:<7} {:<16} {:<7} {:>14} {:<14} ARGS", "PID", "COMM", "SYSCALL", "RET", "CGROUP");
     let what = if args.failed { "tracing failed shm* calls" } else { "tracing shmget, shmat, shmdt and shmctl" };
-    syscalls::run(&SPEC, ATTACH, CALLS, &args, header, what, |out, e| {
+    syscalls::run(&SPEC, ATTACH, CALLS, &args, header, what, |out, e, cgroup| {
         let call = Call::of(e);
         out.record(
             e.ts_ns,
-            || to_json(e, &call),
+            || to_json(e, &call, cgroup),
             || {
                 let ret = match errno_of(e.ret) {
                     Some(n) => errno_name(n),
                     None if matches!(call, Call::Shmat { .. }) => format!("{:#x}", e.ret),
                     None => e.ret.to_string(),
                 };
-                format!("{:<7} {:<16} {:<7} {ret:>14} {}", e.pid, tools::c_str(&e.comm), call.name(), call.args())
+                let (comm, name, args) = (tools::c_str(&e.comm), call.name(), call.args());
+                format!("{:<7} {comm:<16} {name:<7} {ret:>14} {:<14} {args}", e.pid, cgroup.short())
             },
         )
     })
@@ -123,7 +124,7 @@ impl Call {
     }
 }
 
-fn to_json(e: &Event, call: &Call) -> Value {
+fn to_json(e: &Event, call: &Call, cgroup: &Attribution) -> Value {
     let ok = errno_of(e.ret).is_none();
     let mut v = json!({
         "time": output::now_ms(),
@@ -153,6 +154,7 @@ fn to_json(e: &Event, call: &Call) -> Value {
     if let (Some(obj), Value::Object(extra)) = (v.as_object_mut(), fields) {
         obj.extend(extra);
     }
+    output::add_fields(&mut v, cgroup);
     v
 }
 

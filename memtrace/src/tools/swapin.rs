@@ -9,7 +9,10 @@ use memtrace_common::swapin::{Config, NewStack, STAT_COUNTS_FULL, STAT_STACK_LOS
 use serde::Serialize;
 
 use crate::{
-    kernel::{self, AttachPoint, Probe},
+    kernel::{
+        self, AttachPoint, Probe,
+        cgroup::{Attribution, MemcgPaths},
+    },
     output::{self, reports::ReportPrinter},
     symbolize::{Frame, UnnamedFrames},
     tools::registry::{Plan, ToolSpec},
@@ -93,7 +96,9 @@ pub async fn run(args: Args) -> Result<()> {
     }
     let out = ReportPrinter::new("swapin", args.common.run.json).with_timestamp(args.timestamp.timestamp);
     let unnamed = UnnamedFrames::default();
-    let mut state = Live { args: &args, counts, stats, stacks, total: 0, seen: Default::default(), unnamed, out };
+    let cgroups = MemcgPaths::new();
+    let mut state =
+        Live { args: &args, counts, stats, stacks, total: 0, seen: Default::default(), unnamed, cgroups, out };
     let ready = format!("counting swap-ins ({how})");
     let tick = Some(args.reports.every_or(1));
     tracer.stream(&args.common, tick, args.reports.count(), &ready, &mut state).await?;
@@ -110,6 +115,9 @@ struct Live<'a> {
     seen: std::collections::HashMap<SwapKey, u64>,
     /// The frames the reports showed so far, and those without a name.
     unnamed: UnnamedFrames,
+    /// Processes' memory cgroups, from /proc at each report (swap-ins are counted per
+    /// process in the kernel; a process gone by the report shows none).
+    cgroups: MemcgPaths,
     out: ReportPrinter,
 }
 
@@ -118,6 +126,8 @@ struct Row {
     pid: u32,
     comm: String,
     count: u64,
+    #[serde(flatten)]
+    cgroup: Attribution,
     #[serde(skip_serializing_if = "Option::is_none")]
     stack: Option<Vec<Frame>>,
 }
@@ -135,7 +145,8 @@ impl Live<'_> {
                 continue;
             }
             let stack = self.args.stack.then(|| self.stacks.user(key.pid, key.stack_id, true));
-            rows.push(Row { pid: key.pid, comm: c_str(&key.comm), count, stack });
+            let cgroup = self.cgroups.attribution_of_pid(key.pid);
+            rows.push(Row { pid: key.pid, comm: c_str(&key.comm), count, cgroup, stack });
         }
         rows.sort_by(|a, b| b.count.cmp(&a.count).then(a.pid.cmp(&b.pid)));
         self.total += rows.iter().map(|r| r.count).sum::<u64>();
@@ -151,9 +162,9 @@ impl Live<'_> {
         self.out.interval(
             |time| serde_json::json!({ "time": time, "swapins": rows }),
             || {
-                let mut text = format!("{:<16} {:>7} {:>8}\n", "COMM", "PID", "COUNT");
+                let mut text = format!("{:<16} {:>7} {:>8} CGROUP\n", "COMM", "PID", "COUNT");
                 for row in &rows {
-                    text += &format!("{:<16} {:>7} {:>8}\n", row.comm, row.pid, row.count);
+                    text += &format!("{:<16} {:>7} {:>8} {}\n", row.comm, row.pid, row.count, row.cgroup.short());
                     if let Some(frames) = &row.stack {
                         output::write_stack(&mut text, frames, "    ");
                     }
@@ -175,6 +186,7 @@ impl tools::Stream for Live<'_> {
         // Symbolize a new stack while its process lives; the result is cached.
         if let Some(new) = read_event::<NewStack>(data) {
             let _ = self.stacks.user(new.pid, new.stack_id, true);
+            self.cgroups.of_pid(new.pid);
         }
         Ok(())
     }

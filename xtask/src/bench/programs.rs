@@ -32,7 +32,7 @@ const BCC_LAST_REPORT: Duration = Duration::from_millis(1500);
 
 /// How a program is run.
 #[derive(Clone, Copy, PartialEq)]
-enum Mode {
+pub(super) enum Mode {
     Untraced,
     /// `memtrace memleak --json ARGS -c CMD`.
     MemtraceC(&'static [&'static str]),
@@ -47,13 +47,16 @@ enum Mode {
 
 impl Mode {
     /// The name ratios and other programs use for this mode's row.
-    fn key(self) -> &'static str {
+    pub(super) fn key(self) -> &'static str {
         match self {
             Mode::Untraced => "untraced",
             Mode::MemtraceC([]) => "memtrace_c",
             Mode::MemtraceC(["--no-errors"]) => "memtrace_c_no_errors",
             Mode::MemtraceC(["--errors-only"]) => "memtrace_c_errors_only",
             Mode::MemtraceC(["--watch", "4"]) => "memtrace_c_watch",
+            Mode::MemtraceC(["--uprobes", "--no-errors"]) => "memtrace_c_uprobes_no_errors",
+            Mode::MemtraceC(["--sample-bytes", "524288"]) => "memtrace_c_sample_512k",
+            Mode::MemtraceC(["--sample-bytes", "65536"]) => "memtrace_c_sample_64k",
             Mode::MemtraceC(_) => "memtrace_c_uprobes",
             Mode::MemtraceP => "memtrace_p",
             Mode::Heaptrack => "heaptrack",
@@ -61,7 +64,7 @@ impl Mode {
         }
     }
 
-    fn label(self, server: bool) -> String {
+    pub(super) fn label(self, server: bool) -> String {
         let when = if server { "once it serves" } else { "before it runs" };
         match self {
             Mode::Untraced => "untraced".into(),
@@ -92,21 +95,21 @@ const ERRORS_ONLY: Mode = Mode::MemtraceC(&["--errors-only"]);
 /// probes are uprobes, so compare it with the `--uprobes` row).
 const WATCH: Mode = Mode::MemtraceC(&["--watch", "4"]);
 
-struct Env {
-    memtrace: PathBuf,
+pub(super) struct Env {
+    pub(super) memtrace: PathBuf,
     /// Generated inputs and heaptrack's files.
-    dir: PathBuf,
+    pub(super) dir: PathBuf,
     /// memtrace has `memleak --uprobes`.
-    uprobes: bool,
+    pub(super) uprobes: bool,
 }
 
 /// A program that runs to its end.
-struct Batch {
-    name: &'static str,
-    what: String,
-    argv: Vec<String>,
+pub(super) struct Batch {
+    pub(super) name: &'static str,
+    pub(super) what: String,
+    pub(super) argv: Vec<String>,
     /// Options every memtrace mode gets for this program.
-    memtrace_args: &'static [&'static str],
+    pub(super) memtrace_args: &'static [&'static str],
 }
 
 /// jq holds about 1.6M blocks at its peak: memleak's default map (262,144 entries) would drop
@@ -114,19 +117,19 @@ struct Batch {
 const JQ_MEMTRACE_ARGS: &[&str] = &["--max-allocs", "2097152"];
 
 /// A mode's runs, or why it has none.
-type Outcome = Result<Vec<Run>, String>;
+pub(super) type Outcome = Result<Vec<Run>, String>;
 
 /// One run's figures; what does not apply stays None or empty.
 #[derive(Default)]
-struct Run {
+pub(super) struct Run {
     /// Batch: seconds from the start (attached modes: from letting the program run) to its end.
-    wall_s: f64,
+    pub(super) wall_s: f64,
     /// Server: requests per second of each of REDIS_TESTS.
     rps: Vec<f64>,
     /// Attached modes: seconds from starting the tracer to its being ready.
     startup_s: Option<f64>,
     /// memtrace: total_bytes of the final report; heaptrack: its leaked bytes.
-    outstanding: Option<u64>,
+    pub(super) outstanding: Option<u64>,
     /// memtrace: file mappings still in place, apart from the total.
     file_mapped: Option<u64>,
     /// memtrace: allocations tracked; heaptrack: calls to allocation functions.
@@ -180,7 +183,7 @@ pub fn run(runs: usize, quick: bool, memtrace: &Path) -> Result<Value> {
 
 /// Every mode's runs, interleaved (run 1 of each mode, then run 2...) so that a change in the
 /// machine's load touches all modes alike. A mode that fails once is not run again.
-fn each_run(modes: &[Mode], runs: usize, mut one: impl FnMut(Mode) -> Result<Run>) -> Vec<(Mode, Outcome)> {
+pub(super) fn each_run(modes: &[Mode], runs: usize, mut one: impl FnMut(Mode) -> Result<Run>) -> Vec<(Mode, Outcome)> {
     let mut results: Vec<_> = modes.iter().map(|&m| (m, Ok(Vec::new()))).collect();
     for _ in 0..runs {
         for (mode, result) in &mut results {
@@ -195,7 +198,7 @@ fn each_run(modes: &[Mode], runs: usize, mut one: impl FnMut(Mode) -> Result<Run
     results
 }
 
-fn sqlite(dir: &Path) -> Result<Batch> {
+pub(super) fn sqlite(dir: &Path) -> Result<Batch> {
     let script = dir.join("insert.sql");
     let mut sql = String::from("CREATE TABLE t(id INTEGER PRIMARY KEY, name TEXT, value REAL);\nBEGIN;\n");
     for i in 0..SQLITE_ROWS {
@@ -211,7 +214,7 @@ fn sqlite(dir: &Path) -> Result<Batch> {
     })
 }
 
-fn jq(dir: &Path) -> Result<Batch> {
+pub(super) fn jq(dir: &Path) -> Result<Batch> {
     let data = dir.join("data.json");
     let mut json = String::from("[");
     for i in 0..JQ_OBJECTS {
@@ -262,7 +265,7 @@ fn launch(env: &Env, mode: Mode, argv: &[String], extra: &[&str], heaptrack_out:
     Ok(c)
 }
 
-fn run_batch(env: &Env, p: &Batch, mode: Mode) -> Result<Run> {
+pub(super) fn run_batch(env: &Env, p: &Batch, mode: Mode) -> Result<Run> {
     if matches!(mode, Mode::MemtraceP | Mode::Bcc) {
         return run_attached(env, p, mode);
     }

@@ -9,6 +9,7 @@ use serde::Serialize;
 
 use super::Live;
 use crate::{
+    kernel::cgroup::Attribution,
     output,
     symbolize::Frame,
     tools::{
@@ -94,6 +95,8 @@ struct StackRow {
     #[serde(flatten)]
     hits: Hits,
     stack_id: Option<String>,
+    #[serde(flatten)]
+    cgroup: Attribution,
     frames: Vec<Frame>,
 }
 
@@ -117,10 +120,13 @@ pub(super) struct HitEvent<'a> {
     pub(super) comm: String,
     pub(super) probe: &'a str,
     pub(super) args: &'a [i64],
+    #[serde(flatten)]
+    pub(super) cgroup: &'a Attribution,
 }
 
 impl Live {
     pub(super) fn report(&mut self, is_final: bool) -> Result<()> {
+        let cgroup = self.cgroup(self.pid);
         let counts = if is_final { &self.total } else { &self.interval };
         let counts = Counts { hits: counts.values().map(|h| h.hits).sum(), probes: counts };
         let mut rows: Vec<_> = self.stacks.iter().collect();
@@ -130,6 +136,7 @@ impl Live {
             .iter()
             .take(shown)
             .map(|((pid, probe, id), (hits, comm))| StackRow {
+                cgroup: cgroup.clone(),
                 pid: *pid,
                 comm: c_str(comm),
                 probe: probe.clone(),
@@ -172,7 +179,8 @@ fn render(r: &StackReport<Counts<'_>, StackRow, BlindSpots>) -> String {
     }
     for s in &r.stacks {
         let bytes = s.hits.bytes.map(|b| format!(", {b} bytes")).unwrap_or_default();
-        let _ = writeln!(out, "  {} x {}{bytes}: pid {} ({})", s.hits.hits, s.probe, s.pid, s.comm);
+        let (hits, probe, pid, comm, cgroup) = (s.hits.hits, &s.probe, s.pid, &s.comm, s.cgroup.short());
+        let _ = writeln!(out, "  {hits} x {probe}{bytes}: pid {pid} ({comm}) cgroup {cgroup}");
         output::write_stack(&mut out, &s.frames, "      ");
     }
     let (store_full, store) = r.store_full();

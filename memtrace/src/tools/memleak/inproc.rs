@@ -246,7 +246,7 @@ impl Shim {
             format!("{} {theirs}", self.path.display())
         };
         let config = format!(
-            "allocs={} stacks={} rows={} min={} max={} unwind={} freed={} call_sites={}",
+            "allocs={} stacks={} rows={} min={} max={} unwind={} freed={} call_sites={} sample={}",
             config.max_allocs,
             config.max_stacks,
             config.rows,
@@ -254,7 +254,8 @@ impl Shim {
             config.max_size,
             config.unwind,
             config.freed,
-            u8::from(config.call_sites)
+            u8::from(config.call_sites),
+            config.sample_bytes
         );
         vec![("LD_PRELOAD".into(), preload), ("MEMTRACE_PRELOAD".into(), config)]
     }
@@ -297,6 +298,8 @@ pub(super) struct Config {
     pub unwind: u32,
     /// Slots of the record of freed blocks; 0: memory errors are not checked (`--no-errors`).
     pub freed: u64,
+    /// `--sample-bytes`: the mean interval of each thread's countdown; 0 records every block.
+    pub sample_bytes: u64,
     /// An allocation keeps its call site only, unwalked (`--errors-only`).
     pub call_sites: bool,
 }

@@ -30,6 +30,10 @@ pub struct HeapAtKill {
     pub read_at_kill: bool,
     pub total_bytes: u64,
     pub allocs: u64,
+    /// How the numbers were estimated, in a sampled run (--sample-bytes, -s): then bytes and
+    /// counts are estimates, as the run's reports are.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub estimated_from: Option<String>,
     /// Every outstanding stack, largest first.
     pub stacks: Vec<KillStack>,
     /// The file mappings of the stacks' addresses, as they were at the kill (for pprof).
@@ -57,6 +61,9 @@ impl HeapAtKill {
             output::bytes(self.total_bytes),
             self.stacks.len()
         );
+        if let Some(how) = &self.estimated_from {
+            let _ = writeln!(out, "  {how}");
+        }
         for s in self.stacks.iter().take(top) {
             let _ = writeln!(out, "  {} bytes in {} allocations from stack", s.bytes, s.allocs);
             output::write_stack(&mut out, &s.frames, "      ");

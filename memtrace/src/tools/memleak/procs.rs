@@ -19,7 +19,10 @@ use memtrace_common::memleak::{AllocInfo, AllocKey, Tracked};
 
 use super::attach;
 use crate::{
-    kernel::{self, UProbeLinkId},
+    kernel::{
+        self, UProbeLinkId,
+        cgroup::{Attribution, MemcgPaths},
+    },
     target,
     target::Allocator,
     tools::tracer::Tracer,
@@ -40,6 +43,8 @@ pub(super) struct Proc {
     pub oom_killed: bool,
     /// How its allocations are recorded: by probes (`alloc`), or in the process.
     pub recording: Recording,
+    /// Its memory cgroup as last read from /proc (`Procs::read_cgroups`), kept after it exits.
+    pub cgroup: Attribution,
 }
 
 /// How a process's allocations are recorded.
@@ -86,9 +91,21 @@ pub(super) struct Procs {
     /// The in-process recorder, when `-c` preloads it, and the tables it is given.
     shim: Option<Shim>,
     tables: Tables,
+    cgroups: MemcgPaths,
 }
 
 impl Procs {
+    /// Reads the memory cgroup of each process still running: a process may be moved into
+    /// its group after memleak found it (a container runtime moves its init before exec), and
+    /// once it has exited /proc has nothing, so the last reading stays.
+    pub(super) fn read_cgroups(&mut self) {
+        for (&pid, p) in self.list.iter_mut().filter(|(_, p)| !p.exited) {
+            if let Some(path) = self.cgroups.of_pid(pid) {
+                p.cgroup = Attribution::of_path(Some(path));
+            }
+        }
+    }
+
     pub(super) fn new(
         tracer: &mut Tracer,
         prefix: &str,
@@ -106,6 +123,7 @@ impl Procs {
             late: 0,
             unprobed: 0,
             unread_exits: 0,
+            cgroups: MemcgPaths::new(),
             shim: None,
             tables: Tables::default(),
         })
@@ -447,6 +465,8 @@ impl Proc {
             exited: false,
             oom_killed: false,
             recording: Recording::Probes,
+            // Read again at each report while it runs (`read_cgroups`).
+            cgroup: Attribution::of_path(MemcgPaths::new().of_pid(pid)),
         }
     }
 }

@@ -27,6 +27,7 @@ use super::{
     inproc::{self, Snapshot},
     oom::{HeapAtKill, KillStack},
     procs::{Procs, Recording},
+    sampling::{Sampling, SamplingJson},
     watch::{self, Watcher},
 };
 use crate::{
@@ -89,8 +90,10 @@ impl Maps {
     /// Blocks younger than `older_ns` are left out, except in processes that have exited.
     /// Records of an image a process has exec'd away from are void, and deleted.
     /// `recorded`: each process recording in itself, its image, and its recorder's last read.
+    /// Sampled: each stack's bytes and count are estimates, each block weighed by `sampling`.
     fn rows(
         &mut self,
+        sampling: Sampling,
         older_ns: u64,
         with_allocs: bool,
         images: &StdHashMap<u32, u32>,
@@ -125,15 +128,28 @@ impl Maps {
                 continue;
             }
             let skey = StackKey { pid: key.pid, image: key.image, stack_id: info.stack_id };
-            let row =
-                rows.entry(skey).or_insert_with(|| Row { key: skey, bytes: 0, allocs: 0, allocations: Vec::new() });
+            let row = rows.entry(skey).or_insert_with(|| Row {
+                key: skey,
+                bytes: 0,
+                allocs: 0,
+                estimate: (0.0, 0.0),
+                allocations: Vec::new(),
+            });
             row.bytes += info.size;
             row.allocs += 1;
+            let weight = sampling.weight(info.size);
+            row.estimate.0 += info.size as f64 * weight;
+            row.estimate.1 += weight;
             if with_allocs {
                 row.allocations.push(Allocation { addr: key.addr, size: info.size, age_ms: age / 1_000_000 });
             }
         }
         let mut rows: Vec<Row> = rows.into_values().collect();
+        if sampling.is_sampled() {
+            for row in &mut rows {
+                (row.bytes, row.allocs) = (row.estimate.0.round() as u64, row.estimate.1.round() as u64);
+            }
+        }
         rows.sort_by(|a, b| b.bytes.cmp(&a.bytes).then(b.allocs.cmp(&a.allocs)).then(a.key.pid.cmp(&b.key.pid)));
         (rows, files)
     }
@@ -151,6 +167,8 @@ struct Row {
     key: StackKey,
     bytes: u64,
     allocs: u64,
+    /// The bytes and count the sampled blocks stand for.
+    estimate: (f64, f64),
     allocations: Vec<Allocation>,
 }
 
@@ -172,10 +190,14 @@ struct Report {
     /// True for the last report (target exited, Ctrl-C, count or duration reached).
     #[serde(rename = "final")]
     is_final: bool,
-    /// Sampling rate: with N > 1 the numbers are those of one allocation in N.
+    /// Sampling rate: with N > 1 one allocation in N is recorded (and the numbers estimated).
     sample_rate: u32,
-    /// True under --duty-cycle: bytes and counts are the recorded ones times `scale`.
+    /// True when allocations are sampled (-s, --sample-bytes: see `sampling`) or under
+    /// --duty-cycle (the recorded ones times `scale`): bytes and counts are estimates.
     estimated: bool,
+    /// How allocations were sampled; absent when every one is recorded.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    sampling: Option<SamplingJson>,
     /// All free() calls over those made while recording (1 when everything is recorded).
     scale: f64,
     total_bytes: u64,
@@ -218,6 +240,8 @@ struct ProcessReport {
     /// Its outstanding bytes and allocations, over all its stacks.
     bytes: u64,
     allocs: u64,
+    #[serde(flatten)]
+    cgroup: kernel::cgroup::Attribution,
 }
 
 #[derive(Serialize)]
@@ -512,7 +536,8 @@ impl<'a> Session<'a> {
             .map(|snap| (pid, proc.map_or(0, |p| p.image), snap))
             .into_iter()
             .collect();
-        let (rows, _) = self.maps.rows(0, false, &procs.images(), &|_| true, &recorded);
+        let sampling = self.args.sampling();
+        let (rows, _) = self.maps.rows(sampling, 0, false, &procs.images(), &|_| true, &recorded);
         let mut stacks = Vec::new();
         let mut mappings: Vec<crate::symbolize::MappedFile> = Vec::new();
         for row in rows.iter().filter(|r| r.key.pid == pid) {
@@ -537,6 +562,7 @@ impl<'a> Session<'a> {
                 read_at_kill,
                 total_bytes: stacks.iter().map(|s| s.bytes).sum(),
                 allocs: stacks.iter().map(|s| s.allocs).sum(),
+                estimated_from: sampling.describe(),
                 stacks,
                 mappings,
             },
@@ -560,6 +586,7 @@ impl<'a> Session<'a> {
         if self.args.errors_only && !is_final {
             return Ok(());
         }
+        procs.read_cgroups();
         let procs: &Procs = procs;
         let older_ns = if target_gone { 0 } else { self.args.older * 1_000_000 };
         let images = procs.images();
@@ -580,13 +607,15 @@ impl<'a> Session<'a> {
         for (_, _, snap) in &recorded {
             self.maps.stacks.warn_if_over(snap.stacks_stored);
         }
-        let (mut rows, file_mappings) = self.maps.rows(older_ns, self.args.show_allocs, &images, &exited, &recorded);
+        let sampling = self.args.sampling();
+        let (mut rows, file_mappings) =
+            self.maps.rows(sampling, older_ns, self.args.show_allocs, &images, &exited, &recorded);
         // Under --duty-cycle only part of the activity is recorded; free() is always probed, so
         // the share of frees seen while recording estimates the share of allocations recorded.
-        let estimated = self.args.duty_cycle.is_some();
+        let duty = self.args.duty_cycle.is_some();
+        let estimated = duty || sampling.is_sampled();
         let in_window = self.maps.stat(STAT_FREE_CALLS_IN_WINDOW);
-        let scale =
-            if estimated && in_window > 0 { self.maps.stat(STAT_FREE_CALLS) as f64 / in_window as f64 } else { 1.0 };
+        let scale = if duty && in_window > 0 { self.maps.stat(STAT_FREE_CALLS) as f64 / in_window as f64 } else { 1.0 };
         if scale != 1.0 {
             for row in &mut rows {
                 row.bytes = (row.bytes as f64 * scale).round() as u64;
@@ -610,6 +639,7 @@ impl<'a> Session<'a> {
                     oom_killed: p.oom_killed,
                     bytes,
                     allocs,
+                    cgroup: p.cgroup.clone(),
                 }
             })
             .collect();
@@ -659,6 +689,7 @@ impl<'a> Session<'a> {
             is_final,
             sample_rate: self.args.sample_rate,
             estimated,
+            sampling: sampling.json(),
             scale,
             total_bytes,
             growing_stacks,
@@ -682,13 +713,19 @@ impl<'a> Session<'a> {
                 ..self.maps.blind_spots(procs, u64::from(self.args.freed_record))
             }),
         };
-        let report = self.out.titled(report, |r| render(r, self.args.sample_rate))?;
+        let report = self.out.titled(report, |r| render(r, sampling))?;
         let root = |pid: u32| match pid {
             NO_PID => "[kernel]".to_string(),
             pid => output::process_root(pid, self.user_sym.comm(pid).unwrap_or_default()),
         };
         let shown = report.stacks.iter().map(|s| (s.pid, &s.frames, s.allocs, s.bytes));
         let whole = shown.chain(beyond_top.iter().map(|(pid, frames, allocs, bytes)| (*pid, frames, *allocs, *bytes)));
+        // Folded stacks and flame graphs have no header: the root frame says when its
+        // weights are estimates.
+        let folded_root = |pid: u32| match sampling.describe() {
+            Some(how) => format!("{} [{how}]", root(pid)),
+            None => root(pid),
+        };
         if let Some(path) = &self.args.pprof {
             let samples: Vec<output::pprof::Sample> = whole
                 .clone()
@@ -700,9 +737,18 @@ impl<'a> Session<'a> {
                 })
                 .collect();
             let types = [("inuse_objects", "count"), ("inuse_space", "bytes")];
-            output::pprof::write(path, &types, &samples, |pid, addr| self.user_sym.mapping(pid, addr).cloned())?;
+            let notes = output::pprof::Notes {
+                comments: sampling.describe().into_iter().collect(),
+                period: match sampling {
+                    Sampling::Bytes(n) => Some(("space", "bytes", n as i64)),
+                    Sampling::EveryNth(n) => Some(("objects", "count", n.into())),
+                    Sampling::All => None,
+                },
+            };
+            let mapping = |pid, addr| self.user_sym.mapping(pid, addr).cloned();
+            output::pprof::write_noted(path, &types, &samples, &notes, mapping)?;
         }
-        let folded = whole.map(|(pid, frames, _, bytes)| (root(pid), frames.as_slice(), bytes));
+        let folded = whole.map(|(pid, frames, _, bytes)| (folded_root(pid), frames.as_slice(), bytes));
         if is_final && let Some(path) = &self.args.folded {
             crate::tools::stacks::write_folded(path, folded.clone())?;
         }
@@ -717,17 +763,19 @@ impl<'a> Session<'a> {
     }
 }
 
-fn render(report: &Report, sample_rate: u32) -> String {
+fn render(report: &Report, sampling: Sampling) -> String {
     use std::fmt::Write as _;
     let mut out = String::new();
     let whose = match report.pid {
         Some(pid) => format!("pid {pid}"),
         None => "kernel".into(),
     };
-    let mut sampled = if sample_rate > 1 { format!(", sampled 1 in {sample_rate}") } else { String::new() };
-    if report.estimated {
+    let mut sampled = String::new();
+    if report.estimated && (report.scale != 1.0 || !sampling.is_sampled()) {
         sampled += &format!(", estimated: recorded share x{:.1}", report.scale);
     }
+    // An estimate's numbers carry a `~`.
+    let about = if report.estimated { "~" } else { "" };
     let title = if report.is_final { "final report, " } else { "" };
     if report.errors_only {
         let n = report.errors.len();
@@ -743,10 +791,13 @@ fn render(report: &Report, sample_rate: u32) -> String {
     }
     let _ = writeln!(
         out,
-        "{title}{whose}: {} outstanding in {} stacks{sampled}",
+        "{title}{whose}: {about}{} outstanding in {} stacks{sampled}",
         output::bytes(report.total_bytes),
         report.stacks.len()
     );
+    if let Some(how) = sampling.describe() {
+        let _ = writeln!(out, "  {how}");
+    }
     // One process: its stacks as they come. Several (a command's tree): grouped by process.
     let several = report.processes.len() > 1;
     for p in report.processes.iter().filter(|p| p.oom_killed && !several) {
@@ -767,16 +818,21 @@ fn render(report: &Report, sample_rate: u32) -> String {
             let parent = p.parent.map(|pp| format!(", child of {pp}")).unwrap_or_default();
             let _ = writeln!(
                 out,
-                "  pid {} ({}{parent}{state}): {} outstanding in {} allocations",
+                "  pid {} ({}{parent}{state}, cgroup {}): {about}{} outstanding in {about}{} allocations",
                 p.pid,
                 p.comm,
+                p.cgroup.short(),
                 output::bytes(p.bytes),
                 p.allocs
             );
         }
         for s in stacks {
             let rate = if s.trend == "new" { String::new() } else { format!(", {:+.0} B/s", s.growth_bytes_per_sec) };
-            let _ = writeln!(out, "  {} bytes in {} allocations from stack [{}{rate}]", s.bytes, s.allocs, s.trend);
+            let _ = writeln!(
+                out,
+                "  {about}{} bytes in {about}{} allocations from stack [{}{rate}]",
+                s.bytes, s.allocs, s.trend
+            );
             output::write_stack(&mut out, &s.frames, "      ");
             for a in s.allocations.iter().take(16) {
                 let _ = writeln!(out, "      addr {:#x} size {} age {} ms", a.addr, a.size, a.age_ms);

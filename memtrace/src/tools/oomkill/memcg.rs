@@ -13,6 +13,8 @@ use std::{
     path::{Path, PathBuf},
 };
 
+use crate::kernel::cgroup::{self, MemcgPaths};
+
 #[derive(Clone, Copy, Default, PartialEq, Eq, Debug)]
 struct Reading {
     kills: u64,
@@ -39,11 +41,7 @@ pub struct Counters {
 
 impl Counters {
     pub fn snapshot() -> Counters {
-        let mounts = fs::read_to_string("/proc/self/mounts").unwrap_or_default();
-        let root = memory_root(&mounts, |dir| fs::read_to_string(dir.join("cgroup.controllers")).ok());
-        if root.is_none() {
-            tracing::info!("oomkill: no memory cgroup hierarchy mounted: kills will show no memcg");
-        }
+        let root = MemcgPaths::new().root().map(|(p, v2)| (p.to_path_buf(), v2));
         let mut counters = Counters { root, last: HashMap::new(), paths: HashMap::new() };
         counters.last = counters.read_all();
         counters
@@ -60,7 +58,7 @@ impl Counters {
         if !self.paths.contains_key(&id) {
             self.paths.clear();
             if let Some((root, _)) = &self.root {
-                inodes(root, root, &mut self.paths);
+                cgroup::inodes(root, root, &mut self.paths, &mut 0);
             }
         }
         self.paths.get(&id).cloned()
@@ -72,6 +70,11 @@ impl Counters {
             walk(root, root, *v2, &mut all);
         }
         all
+    }
+
+    /// The memory cgroup of a process from /proc/PID/cgroup, while it is there.
+    pub fn group_of(&self, pid: u32) -> Option<String> {
+        group_of(pid, self.root.as_ref()?.1)
     }
 
     /// Re-reads every group and attributes what rose since the last reading to the kill of
@@ -99,66 +102,11 @@ impl Counters {
 
 /// The memory cgroup of a process from /proc/PID/cgroup.
 fn group_of(pid: u32, v2: bool) -> Option<String> {
-    group_in(&fs::read_to_string(format!("/proc/{pid}/cgroup")).ok()?, v2)
-}
-
-/// The memory cgroup in a /proc/PID/cgroup text ("4:memory:/a/b" on v1, "0::/a/b" on v2).
-fn group_in(text: &str, v2: bool) -> Option<String> {
-    text.lines().find_map(|line| {
-        let mut parts = line.splitn(3, ':');
-        let (_, controllers, path) = (parts.next()?, parts.next()?, parts.next()?);
-        let ours = if v2 { controllers.is_empty() } else { controllers.split(',').any(|c| c == "memory") };
-        ours.then(|| path.to_string())
-    })
+    cgroup::group_in(&fs::read_to_string(format!("/proc/{pid}/cgroup")).ok()?, v2)
 }
 
 fn is_ancestor_or_self(group: &str, of: &str) -> bool {
     of == group || of.starts_with(&format!("{}/", group.trim_end_matches('/')))
-}
-
-/// The v1 memory hierarchy's mount point in a /proc/self/mounts text, or else the v2 one
-/// whose `cgroup.controllers` (read by `controllers`) has the memory controller.
-fn memory_root(mounts: &str, controllers: impl Fn(&Path) -> Option<String>) -> Option<(PathBuf, bool)> {
-    let mut v2 = None;
-    for line in mounts.lines() {
-        let fields: Vec<&str> = line.split_whitespace().collect();
-        let [_, dir, kind, opts, ..] = fields[..] else { continue };
-        if kind == "cgroup" && opts.split(',').any(|o| o == "memory") {
-            return Some((PathBuf::from(dir), false));
-        }
-        if kind == "cgroup2"
-            && v2.is_none()
-            && controllers(Path::new(dir)).is_some_and(|c| c.split_whitespace().any(|x| x == "memory"))
-        {
-            v2 = Some((PathBuf::from(dir), true));
-        }
-    }
-    v2
-}
-
-/// The memory controller's subsystem id: its row in /proc/cgroups, which lists the
-/// subsystems in id order (the index of `css_set.subsys`).
-pub fn memory_subsys_id(proc_cgroups: &str) -> Option<u32> {
-    proc_cgroups
-        .lines()
-        .filter(|l| !l.starts_with('#') && !l.trim().is_empty())
-        .position(|l| l.split_whitespace().next() == Some("memory"))
-        .map(|i| i as u32)
-}
-
-/// Every group's path under `root` ("/" for the root) by its directory's inode number, which
-/// is the kernfs id of the group on both cgroup versions.
-fn inodes(root: &Path, dir: &Path, out: &mut HashMap<u64, String>) {
-    use std::os::unix::fs::MetadataExt as _;
-    let Ok(meta) = fs::metadata(dir) else { return };
-    let rel = dir.strip_prefix(root).unwrap_or(dir).display().to_string();
-    out.insert(meta.ino(), format!("/{rel}"));
-    let Ok(entries) = fs::read_dir(dir) else { return };
-    for entry in entries.filter_map(Result::ok) {
-        if entry.file_type().is_ok_and(|t| t.is_dir()) {
-            inodes(root, &entry.path(), out);
-        }
-    }
 }
 
 /// Reads every group below `dir` (the root group itself has no limit and is skipped).
@@ -202,50 +150,6 @@ mod tests {
         assert_eq!(key_value(oom_control, "oom_kill_disable"), Some(0));
         assert_eq!(key_value("low 0\nhigh 0\nmax 12\noom 1\n", "max"), Some(12));
         assert_eq!(key_value("low 0\n", "max"), None);
-    }
-
-    #[test]
-    fn finds_the_memory_hierarchy_on_either_version() {
-        let v1 = "cgroup /sys/fs/cgroup/cpu cgroup rw,relatime,cpu 0 0\n\
-                  cgroup /sys/fs/cgroup/memory cgroup rw,relatime,memory 0 0\n\
-                  cgroup2 /sys/fs/cgroup/unified cgroup2 rw,relatime 0 0\n";
-        let no_memory = |_: &Path| Some("cpu io pids".to_string());
-        assert_eq!(memory_root(v1, no_memory), Some((PathBuf::from("/sys/fs/cgroup/memory"), false)));
-        let v2 = "sysfs /sys sysfs rw 0 0\ncgroup2 /sys/fs/cgroup cgroup2 rw,nsdelegate 0 0\n";
-        let with_memory = |d: &Path| (d == Path::new("/sys/fs/cgroup")).then(|| "cpuset cpu io memory pids".into());
-        assert_eq!(memory_root(v2, with_memory), Some((PathBuf::from("/sys/fs/cgroup"), true)));
-        assert_eq!(memory_root(v2, no_memory), None);
-    }
-
-    #[test]
-    fn reads_a_process_group_on_either_version() {
-        let v1 = "12:pids:/x\n4:memory:/memtrace-test-a/b\n1:name=systemd:/\n0::/\n";
-        assert_eq!(group_in(v1, false).as_deref(), Some("/memtrace-test-a/b"));
-        assert_eq!(group_in("0::/system.slice/app.service\n", true).as_deref(), Some("/system.slice/app.service"));
-        assert_eq!(group_in("4:cpu,memory:/c\n", false).as_deref(), Some("/c"));
-        assert_eq!(group_in("4:cpu:/c\n", false), None);
-    }
-
-    #[test]
-    fn memory_subsystem_id_is_its_row() {
-        let text = "#subsys_name\thierarchy\tnum_cgroups\tenabled\ncpuset\t3\t1\t1\ncpu\t1\t1\t1\n\
-                    cpuacct\t2\t1\t1\nblkio\t7\t1\t1\nmemory\t4\t52\t1\ndevices\t5\t1\t1\n";
-        assert_eq!(memory_subsys_id(text), Some(4));
-        assert_eq!(memory_subsys_id("#subsys_name\nmemory\t0\t1\t1\n"), Some(0));
-        assert_eq!(memory_subsys_id("#subsys_name\ncpu\t0\t1\t1\n"), None);
-    }
-
-    #[test]
-    fn names_groups_by_inode() {
-        use std::os::unix::fs::MetadataExt as _;
-        let root = std::env::temp_dir().join(format!("memtrace-inodes-{}", std::process::id()));
-        fs::create_dir_all(root.join("a/b")).unwrap();
-        let mut paths = HashMap::new();
-        inodes(&root, &root, &mut paths);
-        let ino = |p: &Path| fs::metadata(p).unwrap().ino();
-        assert_eq!(paths.get(&ino(&root)).map(String::as_str), Some("/"));
-        assert_eq!(paths.get(&ino(&root.join("a/b"))).map(String::as_str), Some("/a/b"));
-        fs::remove_dir_all(&root).unwrap();
     }
 
     #[test]

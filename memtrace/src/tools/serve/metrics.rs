@@ -62,10 +62,7 @@ impl Snapshot {
 
     /// One memory cgroup's counters.
     pub fn cgroup(&mut self, path: &str, row: &CgroupStats) {
-        let mut base = labels(&[("memcg", path)]);
-        if let Some(id) = container_of(path) {
-            base.push(("container".into(), id));
-        }
+        let base = with_container(labels(&[("memcg", path)]), path);
         let with = |extra: &[(&str, &str)]| -> Labels { base.iter().cloned().chain(labels(extra)).collect() };
         for (mode, n) in [("user", row.faults_user), ("kernel", row.faults_kernel)] {
             self.add("memtrace_page_faults", "Page faults taken by the group's tasks.", None, with(&[("mode", mode)]), Value::Counter(n));
@@ -123,10 +120,7 @@ impl Snapshot {
     }
 
     pub fn oom_kill(&mut self, memcg: &str, comm: &str, n: u64) {
-        let mut l = labels(&[("memcg", memcg), ("comm", comm)]);
-        if let Some(id) = container_of(memcg) {
-            l.push(("container".into(), id));
-        }
+        let l = with_container(labels(&[("memcg", memcg), ("comm", comm)]), memcg);
         self.add("memtrace_oom_kills", "OOM kills, by the memory cgroup whose limit was hit (the victim's for a global OOM) and victim name.", None, l, Value::Counter(n));
     }
 
@@ -197,9 +191,16 @@ pub fn sum_cpus(per_cpu: &PerCpuValues<CgroupStats>) -> CgroupStats {
     sum
 }
 
-/// The container id of a memory cgroup path, where it follows a known convention.
-fn container_of(_path: &str) -> Option<String> {
-    None
+/// A group's labels, with its container's id (and pod) where its path names one, as every
+/// tool's records carry them (`kernel::container`).
+fn with_container(mut labels: Labels, path: &str) -> Labels {
+    if let Some(c) = crate::kernel::cgroup::container_id(path) {
+        labels.push(("container".into(), c.id));
+        if let Some(pod) = c.pod {
+            labels.push(("pod".into(), pod));
+        }
+    }
+    labels
 }
 
 #[cfg(test)]

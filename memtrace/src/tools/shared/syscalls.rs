@@ -9,7 +9,11 @@ use memtrace_common::{
 };
 
 use crate::{
-    kernel::{self, AttachPoint, tracefs::Format},
+    kernel::{
+        self, AttachPoint,
+        cgroup::{Attribution, MemcgPaths},
+        tracefs::Format,
+    },
     output::events::Events,
     tools::{self, CommonArgs, args::Timestamp, spec::ToolSpec, tracer::Tracer},
 };
@@ -60,7 +64,8 @@ fn offsets(calls: &[Syscall]) -> Result<Offsets> {
 }
 
 /// Loads `spec` for `calls`, attaches `attach`, and hands each finished call to `show`, which
-/// prints it through the `Events` printer (`header`: the table's columns).
+/// prints it through the `Events` printer (`header`: the table's columns) with the caller's
+/// memory cgroup (read by the kernel side at the call).
 pub async fn run(
     spec: &'static ToolSpec,
     attach: &[AttachPoint],
@@ -68,7 +73,7 @@ pub async fn run(
     args: &SnoopArgs,
     header: String,
     what: &str,
-    show: impl FnMut(&mut Events, &Event) -> Result<()>,
+    show: impl FnMut(&mut Events, &Event, &Attribution) -> Result<()>,
 ) -> Result<()> {
     kernel::require_root()?;
     let filter = args.common.filter()?;
@@ -81,7 +86,8 @@ pub async fn run(
             .override_global(memtrace_common::syscalls::names::CONFIG, &config, true);
     })?;
     tracer.attach(attach)?;
-    let mut snoop = Snoop { out: Events::new(args.common.run.json, args.timestamp.timestamp, header), show };
+    let out = Events::new(args.common.run.json, args.timestamp.timestamp, header);
+    let mut snoop = Snoop { out, show, cgroups: MemcgPaths::new() };
     tracer.stream(&args.common, None, None, what, &mut snoop).await?;
     Ok(())
 }
@@ -89,14 +95,16 @@ pub async fn run(
 struct Snoop<F> {
     out: Events,
     show: F,
+    cgroups: MemcgPaths,
 }
 
-impl<F: FnMut(&mut Events, &Event) -> Result<()>> tools::Stream for Snoop<F> {
+impl<F: FnMut(&mut Events, &Event, &Attribution) -> Result<()>> tools::Stream for Snoop<F> {
     type Side = ();
 
     fn event(&mut self, data: &[u8]) -> Result<()> {
         let Some(e) = tools::read_event::<Event>(data) else { return Ok(()) };
-        (self.show)(&mut self.out, &e)
+        let cgroup = self.cgroups.attribution_of_id(e.memcg_id);
+        (self.show)(&mut self.out, &e, &cgroup)
     }
 
     fn finish(&mut self, lost: u64) -> Result<()> {
