@@ -5,12 +5,12 @@
 
 #[path = "common/mod.rs"]
 mod common;
+#[path = "common/gopprof.rs"]
+mod gopprof;
 #[path = "common/http.rs"]
 mod http;
 #[path = "common/memcg.rs"]
 mod memcg;
-#[path = "common/gopprof.rs"]
-mod gopprof;
 
 use std::{
     io::Write as _,
@@ -108,7 +108,8 @@ fn serve_heap_profile_over_http_reads_back_in_go_pprof_exactly() {
     poll(Duration::from_secs(30), "the heap marked gone", || {
         (series(&http::get_text(&addr, "/metrics")?, &traced)? == 0.0).then_some(())
     });
-    let again = gopprof::top_rows(&gopprof::go_pprof(&["-top", "-lines", "-sample_index=inuse_space", "-unit=B"], &url));
+    let again =
+        gopprof::top_rows(&gopprof::go_pprof(&["-top", "-lines", "-sample_index=inuse_space", "-unit=B"], &url));
     assert!(again.iter().any(|r| r.func == "leak_pvalloc" && r.flat == "6000B"), "{again:#?}");
     stop_serve(mt);
 }
@@ -169,7 +170,10 @@ fn prometheus_scrapes_the_oom_kill_and_reclaim_of_a_memcg() {
     }
     if Command::new("prometheus").arg("--version").output().is_err() {
         // The VM suite's image has no Prometheus; the host has it from setup (and fails here without it).
-        assert!(std::env::var_os("MEMTRACE_VM").is_some(), "{TEST}: prometheus is not installed (cargo xtask setup installs it)");
+        assert!(
+            std::env::var_os("MEMTRACE_VM").is_some(),
+            "{TEST}: prometheus is not installed (cargo xtask setup installs it)"
+        );
         not_run(TEST, "prometheus is not in the VM's image (the host runs this test)");
         return;
     }
@@ -220,7 +224,9 @@ fn serve_bad_input_gets_one_line_errors_and_leaves_nothing_attached() {
     let addr = taken.local_addr().unwrap().to_string();
     assert_exact_error(
         &["serve", "--listen", &addr],
-        &format!("--listen {addr}: cannot listen there: Address already in use (os error 98) (another memtrace serve or exporter? choose another port)"),
+        &format!(
+            "--listen {addr}: cannot listen there: Address already in use (os error 98) (another memtrace serve or exporter? choose another port)"
+        ),
     );
     assert_one_line_error(&["serve", "--memleak-comm", "a-name-longer-than-15"], "the kernel keeps 1 to 15 bytes");
     assert_one_line_error(&["serve", "--memleak-pid", "999999999"], "999999999");
@@ -243,8 +249,7 @@ fn serve_follows_a_name_through_restarts_and_sighup_reloads_the_selection() {
     let sel = tempdir("serve-selection").join("selection");
     std::fs::write(&sel, "# nothing yet\n").unwrap();
     let first = Ready::start(Command::new(prog("leaky")).arg("wait"));
-    let (mt, addr) =
-        start_serve(&["--memleak-comm", "leaky", "--selection", sel.to_str().unwrap(), "--interval", "1"]);
+    let (mt, addr) = start_serve(&["--memleak-comm", "leaky", "--selection", sel.to_str().unwrap(), "--interval", "1"]);
     let a = first.child.id();
     // Start-up waits for the heaps it was given: traced from the first scrape.
     assert_eq!(traced(&addr, a, "leaky"), Some(1.0));

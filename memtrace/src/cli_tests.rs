@@ -124,7 +124,13 @@ const TOOLS: &[(&str, Options, bool)] = &[
     ),
     (
         "serve",
-        &[("--listen", Text), ("--memleak-pid", Number), ("--memleak-comm", Text), ("--selection", Path), ("--interval", Seconds)],
+        &[
+            ("--listen", Text),
+            ("--memleak-pid", Number),
+            ("--memleak-comm", Text),
+            ("--selection", Path),
+            ("--interval", Seconds),
+        ],
         false,
     ),
     ("probe", &[("--json", Flag), ("--usdt", Path), ("--trace", Text), ("-p", Number), ("-d", Seconds)], false),

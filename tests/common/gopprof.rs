@@ -83,4 +83,3 @@ pub fn row_of<'a>(rows: &'a [Row], func: &str, file: &str) -> &'a Row {
     assert!(found[0].at.ends_with(&at), "{func}: at {at}: {:?}", found[0]);
     found[0]
 }
-

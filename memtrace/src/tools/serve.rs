@@ -128,7 +128,9 @@ pub async fn run(args: Args) -> Result<()> {
     let addr = listen_addr(&args.listen)?;
     // Bound before anything is attached: an address in use ends the run with nothing to undo.
     let listener = std::net::TcpListener::bind(addr).map_err(|e| {
-        anyhow::anyhow!("--listen {addr}: cannot listen there: {e} (another memtrace serve or exporter? choose another port)")
+        anyhow::anyhow!(
+            "--listen {addr}: cannot listen there: {e} (another memtrace serve or exporter? choose another port)"
+        )
     })?;
     listener.set_nonblocking(true)?;
     let listener = tokio::net::TcpListener::from_std(listener)?;
@@ -138,9 +140,11 @@ pub async fn run(args: Args) -> Result<()> {
     let mut tracer = Tracer::load(&SPEC, |_| {})?;
     let how = tracer.attach(ATTACH)?;
     let swapin_missing = match kernel::resolve(&AttachPoint { label: "swap-ins", probes: &[SWAPIN] }) {
-        Ok(_) => kernel::attach_preferred(&mut tracer.bpf, "serve", &[AttachPoint { label: "kprobe", probes: &[SWAPIN] }])
-            .err()
-            .map(|e| format!("{e:#}")),
+        Ok(_) => {
+            kernel::attach_preferred(&mut tracer.bpf, "serve", &[AttachPoint { label: "kprobe", probes: &[SWAPIN] }])
+                .err()
+                .map(|e| format!("{e:#}"))
+        }
         Err(why) => Some(why),
     };
     if let Some(why) = &swapin_missing {
@@ -171,7 +175,8 @@ pub async fn run(args: Args) -> Result<()> {
         })
         .await?;
     // Children are asked to stop and waited for: their probes are gone when serve exits.
-    state.borrow_mut().children.stop_all().await;
+    let running = state.borrow_mut().children.take_running();
+    children::stop_all(running).await;
     Ok(())
 }
 
@@ -217,12 +222,8 @@ impl State {
     fn snapshot(&mut self) -> metrics::Snapshot {
         let mut snap = metrics::Snapshot::default();
         let mut gone = Vec::new();
-        let rows: Vec<(u64, CgroupStats)> = self
-            .cgroups
-            .iter()
-            .filter_map(Result::ok)
-            .map(|(id, per_cpu)| (id, metrics::sum_cpus(&per_cpu)))
-            .collect();
+        let rows: Vec<(u64, CgroupStats)> =
+            self.cgroups.iter().filter_map(Result::ok).map(|(id, per_cpu)| (id, metrics::sum_cpus(&per_cpu))).collect();
         for (id, row) in rows {
             match self.memcgs.path_of_id(id) {
                 Some(path) => snap.cgroup(&path, &row),

@@ -157,10 +157,7 @@ fn cpu_s(pid: u32) -> f64 {
 
 fn rss_kib(pid: u32) -> u64 {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:")?.split_whitespace().next()?.parse().ok())
-        .unwrap_or(0)
+    status.lines().find_map(|l| l.strip_prefix("VmRSS:")?.split_whitespace().next()?.parse().ok()).unwrap_or(0)
 }
 
 /// GET /metrics; its size in bytes.
@@ -177,7 +174,10 @@ fn scrape() -> Result<usize> {
 
 pub fn print(s: &Value) {
     println!("\nmemtrace serve's own cost over {} s windows, scraped every 5 s", s["window_s"]);
-    println!("{:<12} {:>10} {:>14} {:>10} {:>12} {:>12}", "", "CPU s", "% of a core", "RSS MiB", "scrape ms", "scrape KiB");
+    println!(
+        "{:<12} {:>10} {:>14} {:>10} {:>12} {:>12}",
+        "", "CPU s", "% of a core", "RSS MiB", "scrape ms", "scrape KiB"
+    );
     for (name, m) in [("idle", &s["idle"]), ("under load", &s["under_load"])] {
         let f = |k: &str| m[k].as_f64().unwrap_or(f64::NAN);
         println!(

@@ -43,8 +43,8 @@ pub struct Selection {
 impl Selection {
     /// A selection file: `pid N` or `comm NAME` per line; `#` comments and blank lines.
     pub fn read(path: &Path) -> Result<Selection> {
-        let text = std::fs::read_to_string(path)
-            .with_context(|| format!("--selection {}: cannot read it", path.display()))?;
+        let text =
+            std::fs::read_to_string(path).with_context(|| format!("--selection {}: cannot read it", path.display()))?;
         Selection::parse(&text).map_err(|e| anyhow::anyhow!("--selection {}: {e}", path.display()))
     }
 
@@ -253,9 +253,7 @@ impl Children {
         let dropped: Vec<u32> = self
             .heaps
             .iter()
-            .filter(|(pid, h)| {
-                !h.gone && !self.selection.pids.contains(pid) && !self.selection.comms.contains(&h.comm)
-            })
+            .filter(|(pid, h)| !h.gone && !self.selection.pids.contains(pid) && !self.selection.comms.contains(&h.comm))
             .map(|(&pid, _)| pid)
             .collect();
         for pid in dropped {
@@ -278,8 +276,15 @@ impl Children {
     fn start_memleak(&mut self, pid: u32) -> Result<OwnedFd> {
         let path = self.profile_path(pid);
         let args: Vec<String> = [
-            "memleak", "-p", &pid.to_string(), "--json", "-T", "1", "--pprof",
-            path.to_str().context("internal: non-UTF-8 state directory")?, &self.interval.as_secs().to_string(),
+            "memleak",
+            "-p",
+            &pid.to_string(),
+            "--json",
+            "-T",
+            "1",
+            "--pprof",
+            path.to_str().context("internal: non-UTF-8 state directory")?,
+            &self.interval.as_secs().to_string(),
         ]
         .iter()
         .map(|s| s.to_string())
@@ -361,19 +366,27 @@ impl Children {
         let Some(heap) = self.heaps.get(&pid) else {
             return Err((
                 403,
-                format!("pid {pid} is not traced by this agent: it serves the processes chosen by --memleak-pid, --memleak-comm and --selection"),
+                format!(
+                    "pid {pid} is not traced by this agent: it serves the processes chosen by --memleak-pid, --memleak-comm and --selection"
+                ),
             ));
         };
         // The heap memleak read at the OOM kill, where there was one; else its last report's.
         let at_kill = crate::tools::memleak::oom::oom_path(&self.profile_path(pid), pid);
-        let read = if heap.oom_killed { std::fs::read(at_kill).or_else(|_| std::fs::read(self.profile_path(pid))) }
-            else { std::fs::read(self.profile_path(pid)) };
+        let read = if heap.oom_killed {
+            std::fs::read(at_kill).or_else(|_| std::fs::read(self.profile_path(pid)))
+        } else {
+            std::fs::read(self.profile_path(pid))
+        };
         match read {
             Ok(bytes) => Ok(bytes),
             Err(_) if heap.failed => Err((503, format!("memleak could not trace pid {pid}: see the agent's log"))),
             Err(_) => Err((
                 503,
-                format!("no heap report for pid {pid} yet: the first comes {} s after it is traced", self.interval.as_secs()),
+                format!(
+                    "no heap report for pid {pid} yet: the first comes {} s after it is traced",
+                    self.interval.as_secs()
+                ),
             )),
         }
     }
@@ -397,23 +410,29 @@ impl Children {
         snap.restarts("oomkill", self.oomkill_restarts);
     }
 
-    /// Every child asked to stop (SIGTERM: each detaches and ends), then waited for.
-    pub async fn stop_all(&mut self) {
-        for child in &self.running {
-            if let Some(pid) = child.id() {
-                terminate(pid);
-            }
-        }
-        for mut child in self.running.drain(..) {
-            if tokio::time::timeout(Duration::from_secs(10), child.wait()).await.is_err() {
-                let _ = child.kill().await;
-            }
-        }
+    /// The children still running, for `stop_all` (taken out so that no borrow of the state
+    /// is held while they are waited for).
+    pub fn take_running(&mut self) -> Vec<Child> {
+        std::mem::take(&mut self.running)
     }
 
     /// Forgets children that have ended (their exit was already news).
     fn reap(&mut self) {
         self.running.retain_mut(|c| matches!(c.try_wait(), Ok(None)));
+    }
+}
+
+/// Every child asked to stop (SIGTERM: each detaches and ends), then waited for.
+pub async fn stop_all(mut running: Vec<Child>) {
+    for child in &running {
+        if let Some(pid) = child.id() {
+            terminate(pid);
+        }
+    }
+    for child in &mut running {
+        if tokio::time::timeout(Duration::from_secs(10), child.wait()).await.is_err() {
+            let _ = child.kill().await;
+        }
     }
 }
 
@@ -431,9 +450,7 @@ fn processes_named(comms: &BTreeSet<String>) -> Vec<u32> {
     let Ok(dir) = std::fs::read_dir("/proc") else { return Vec::new() };
     dir.filter_map(Result::ok)
         .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
-        .filter(|pid| {
-            std::fs::read_to_string(format!("/proc/{pid}/comm")).is_ok_and(|c| comms.contains(c.trim_end()))
-        })
+        .filter(|pid| std::fs::read_to_string(format!("/proc/{pid}/comm")).is_ok_and(|c| comms.contains(c.trim_end())))
         .collect()
 }
 

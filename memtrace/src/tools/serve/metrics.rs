@@ -6,8 +6,10 @@
 //! address or stack.
 
 use aya::maps::PerCpuValues;
-use memtrace_common::serve::{CgroupStats, HIST_SLOTS, KIND_NAMES, KINDS, STAT_CGROUPS_FULL, STAT_KSWAPD_WAKEUPS,
-    STAT_NO_CGROUP, STAT_STARTS_FULL};
+use memtrace_common::serve::{
+    CgroupStats, HIST_SLOTS, KIND_NAMES, KINDS, STAT_CGROUPS_FULL, STAT_KSWAPD_WAKEUPS, STAT_NO_CGROUP,
+    STAT_STARTS_FULL,
+};
 use prometheus_client::{
     collector::Collector,
     encoding::{DescriptorEncoder, NoLabelSet},
@@ -65,10 +67,22 @@ impl Snapshot {
         let base = with_container(labels(&[("memcg", path)]), path);
         let with = |extra: &[(&str, &str)]| -> Labels { base.iter().cloned().chain(labels(extra)).collect() };
         for (mode, n) in [("user", row.faults_user), ("kernel", row.faults_kernel)] {
-            self.add("memtrace_page_faults", "Page faults taken by the group's tasks.", None, with(&[("mode", mode)]), Value::Counter(n));
+            self.add(
+                "memtrace_page_faults",
+                "Page faults taken by the group's tasks.",
+                None,
+                with(&[("mode", mode)]),
+                Value::Counter(n),
+            );
         }
-        self.add("memtrace_swapins", "Pages or folios read from swap for the group's tasks.", None, base.clone(), Value::Counter(row.swapins));
-        for kind in 0..KINDS as usize {
+        self.add(
+            "memtrace_swapins",
+            "Pages or folios read from swap for the group's tasks.",
+            None,
+            base.clone(),
+            Value::Counter(row.swapins),
+        );
+        for (kind, name) in KIND_NAMES.iter().enumerate() {
             if row.reclaims[kind] == 0 {
                 // A group that never stalled in reclaim has no histogram: 15 series saved per group.
                 continue;
@@ -89,7 +103,7 @@ impl Snapshot {
                 "memtrace_reclaim_latency",
                 "Time the group's tasks spent in direct reclaim (global memory short) or memcg reclaim (at the group's limit).",
                 Some(Unit::Seconds),
-                with(&[("kind", KIND_NAMES[kind])]),
+                with(&[("kind", name)]),
                 Value::Histogram { sum: row.reclaim_ns[kind] as f64 / 1e9, count: row.reclaims[kind], buckets },
             );
         }
@@ -97,7 +111,13 @@ impl Snapshot {
 
     /// serve's own counters: kswapd, and what its kernel side could not see.
     pub fn own(&mut self, stats: &[u64], swapins_missing: bool) {
-        self.add("memtrace_kswapd_wakeups", "Times kswapd was woken to reclaim.", None, Vec::new(), Value::Counter(stats[STAT_KSWAPD_WAKEUPS as usize]));
+        self.add(
+            "memtrace_kswapd_wakeups",
+            "Times kswapd was woken to reclaim.",
+            None,
+            Vec::new(),
+            Value::Counter(stats[STAT_KSWAPD_WAKEUPS as usize]),
+        );
         let spots = [
             ("cgroups_over_limit", stats[STAT_CGROUPS_FULL as usize]),
             ("reclaim_starts_lost", stats[STAT_STARTS_FULL as usize]),
@@ -121,16 +141,46 @@ impl Snapshot {
 
     pub fn oom_kill(&mut self, memcg: &str, comm: &str, n: u64) {
         let l = with_container(labels(&[("memcg", memcg), ("comm", comm)]), memcg);
-        self.add("memtrace_oom_kills", "OOM kills, by the memory cgroup whose limit was hit (the victim's for a global OOM) and victim name.", None, l, Value::Counter(n));
+        self.add(
+            "memtrace_oom_kills",
+            "OOM kills, by the memory cgroup whose limit was hit (the victim's for a global OOM) and victim name.",
+            None,
+            l,
+            Value::Counter(n),
+        );
     }
 
     pub fn heap(&mut self, pid: u32, comm: &str, bytes: u64, growing: u64, live: bool, oom_killed: bool) {
         let pid = pid.to_string();
         let l = labels(&[("pid", &pid), ("comm", comm)]);
-        self.add("memtrace_heap_outstanding_bytes", "Bytes allocated and not freed by a chosen process, at its last report.", None, l.clone(), Value::Gauge(bytes as i64));
-        self.add("memtrace_heap_growing_stacks", "Allocation stacks whose outstanding bytes kept growing over the last reports.", None, l.clone(), Value::Gauge(growing as i64));
-        self.add("memtrace_heap_traced", "1 while the process is traced, 0 once it is gone (its last heap is kept).", None, l.clone(), Value::Gauge(live as i64));
-        self.add("memtrace_heap_oom_killed", "1 when the process was killed by the OOM killer.", None, l, Value::Gauge(oom_killed as i64));
+        self.add(
+            "memtrace_heap_outstanding_bytes",
+            "Bytes allocated and not freed by a chosen process, at its last report.",
+            None,
+            l.clone(),
+            Value::Gauge(bytes as i64),
+        );
+        self.add(
+            "memtrace_heap_growing_stacks",
+            "Allocation stacks whose outstanding bytes kept growing over the last reports.",
+            None,
+            l.clone(),
+            Value::Gauge(growing as i64),
+        );
+        self.add(
+            "memtrace_heap_traced",
+            "1 while the process is traced, 0 once it is gone (its last heap is kept).",
+            None,
+            l.clone(),
+            Value::Gauge(live as i64),
+        );
+        self.add(
+            "memtrace_heap_oom_killed",
+            "1 when the process was killed by the OOM killer.",
+            None,
+            l,
+            Value::Gauge(oom_killed as i64),
+        );
     }
 
     pub fn heap_blind_spot(&mut self, pid: u32, comm: &str, kind: &str, n: u64) {
@@ -138,11 +188,23 @@ impl Snapshot {
     }
 
     pub fn events_lost(&mut self, source: &str, n: u64) {
-        self.add("memtrace_events_lost", "Events a tracer's ring buffer could not take.", None, labels(&[("source", source)]), Value::Counter(n));
+        self.add(
+            "memtrace_events_lost",
+            "Events a tracer's ring buffer could not take.",
+            None,
+            labels(&[("source", source)]),
+            Value::Counter(n),
+        );
     }
 
     pub fn restarts(&mut self, source: &str, n: u64) {
-        self.add("memtrace_tracer_restarts", "Times a tracer serve runs had to be started again.", None, labels(&[("source", source)]), Value::Counter(n));
+        self.add(
+            "memtrace_tracer_restarts",
+            "Times a tracer serve runs had to be started again.",
+            None,
+            labels(&[("source", source)]),
+            Value::Counter(n),
+        );
     }
 
     /// The text exposition, as prometheus-client writes it.
@@ -165,7 +227,9 @@ impl Collector for Snapshot {
                 match value {
                     Value::Counter(n) => m.encode_counter::<NoLabelSet, _, u64>(n, None)?,
                     Value::Gauge(n) => m.encode_gauge(n)?,
-                    Value::Histogram { sum, count, buckets } => m.encode_histogram::<NoLabelSet>(*sum, *count, buckets, None)?,
+                    Value::Histogram { sum, count, buckets } => {
+                        m.encode_histogram::<NoLabelSet>(*sum, *count, buckets, None)?
+                    }
                 }
             }
         }
@@ -220,8 +284,14 @@ mod tests {
         let text = snap.encode();
         assert!(text.contains("memtrace_page_faults_total{memcg=\"/small\",mode=\"user\"} 7"), "{text}");
         assert!(text.contains("memtrace_oom_kills_total{memcg=\"/small\",comm=\"hog\"} 1"), "{text}");
-        assert!(text.contains("memtrace_reclaim_latency_seconds_bucket{le=\"0.000004\",memcg=\"/small\",kind=\"memcg\"} 0"), "{text}");
-        assert!(text.contains("memtrace_reclaim_latency_seconds_bucket{le=\"0.000016\",memcg=\"/small\",kind=\"memcg\"} 2"), "{text}");
+        assert!(
+            text.contains("memtrace_reclaim_latency_seconds_bucket{le=\"0.000004\",memcg=\"/small\",kind=\"memcg\"} 0"),
+            "{text}"
+        );
+        assert!(
+            text.contains("memtrace_reclaim_latency_seconds_bucket{le=\"0.000016\",memcg=\"/small\",kind=\"memcg\"} 2"),
+            "{text}"
+        );
         // No reclaim of the direct kind: no histogram for it.
         assert!(!text.contains("kind=\"direct\""), "{text}");
         assert!(text.contains("memtrace_reclaim_latency_seconds_count{memcg=\"/small\",kind=\"memcg\"} 2"), "{text}");
