@@ -115,26 +115,8 @@ fn faults_pprof_reads_back_in_go_pprof_as_the_report_counts() {
     {
         return;
     }
-    // tests/progs/faults_touch.c writes one byte to each of this many fresh pages.
-    const PAGES: u64 = 256;
     let file = std::env::temp_dir().join(format!("faults-pprof-{}.pb.gz", std::process::id()));
-    let Ready { mut child, mut stdin, lines } = Ready::start(&mut Command::new(prog("faults_touch")));
-    let pid = child.id().to_string();
-    let mut mt = Running::start(&["faults", "--json", "-p", &pid, "--pprof", file.to_str().unwrap()]);
-    mt.wait_ready();
-    writeln!(stdin).unwrap();
-    let said: Vec<String> = lines.map(Result::unwrap).take_while(|l| l != "done").collect();
-    assert_eq!(said.len(), 2, "{said:?}");
-    drop(stdin);
-    child.wait().unwrap();
-    let (status, stdout, stderr) = mt.finish(Duration::from_secs(20));
-    assert!(status.success(), "{status}: {stderr}");
-    assert_detached("faults");
-    let report = final_report(&stdout);
-    let stacks = stacks_with(&report, "touch_pages");
-    assert_eq!(stacks.len(), 1, "{report:#}");
-    let faults = stacks[0]["faults"].as_u64().unwrap();
-    assert!(faults >= PAGES, "{report:#}");
+    let (_, faults) = faults_of_touch_pages(&["--pprof", file.to_str().unwrap()]);
 
     let rows = top_rows(&go_pprof(&["-top", "-lines", "-sample_index=faults"], &file));
     std::fs::remove_file(&file).unwrap();

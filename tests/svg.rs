@@ -6,7 +6,7 @@
 #[path = "common/mod.rs"]
 mod common;
 
-use std::{io::Write as _, path::Path, process::Command, time::Duration};
+use std::{path::Path, time::Duration};
 
 use common::*;
 
@@ -119,26 +119,8 @@ fn faults_svg_counts_touch_pages_as_the_report_does() {
     if !bpf_available("faults_svg_counts_touch_pages_as_the_report_does") {
         return;
     }
-    // tests/progs/faults_touch.c writes one byte to each of this many fresh pages.
-    const PAGES: u64 = 256;
     let file = std::env::temp_dir().join(format!("faults-svg-{}.svg", std::process::id()));
-    let Ready { mut child, mut stdin, lines } = Ready::start(&mut Command::new(prog("faults_touch")));
-    let pid = child.id().to_string();
-    let mut mt = Running::start(&["faults", "--json", "-T", "1000", "-p", &pid, "--svg", file.to_str().unwrap()]);
-    mt.wait_ready();
-    writeln!(stdin).unwrap();
-    let said: Vec<String> = lines.map(Result::unwrap).take_while(|l| l != "done").collect();
-    assert_eq!(said.len(), 2, "{said:?}");
-    drop(stdin);
-    child.wait().unwrap();
-    let (status, stdout, stderr) = mt.finish(Duration::from_secs(20));
-    assert!(status.success(), "{status}: {stderr}");
-    assert_detached("faults");
-    let report = final_report(&stdout);
-    let stacks = stacks_with(&report, "touch_pages");
-    assert_eq!(stacks.len(), 1, "{report:#}");
-    let faults = stacks[0]["faults"].as_u64().unwrap();
-    assert!(faults >= PAGES, "{report:#}");
+    let (report, faults) = faults_of_touch_pages(&["-T", "1000", "--svg", file.to_str().unwrap()]);
     let (title, frames) = read_svg(&file);
     std::fs::remove_file(&file).unwrap();
 

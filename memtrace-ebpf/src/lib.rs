@@ -33,6 +33,20 @@ pub fn atomic_add(counter: *mut u64, delta: u64) {
     unsafe { core::intrinsics::atomic_xadd::<u64, u64, { core::intrinsics::AtomicOrdering::Relaxed }>(counter, delta) };
 }
 
+/// Floor of log2, 0 for 0 and 1, without loops (the verifier prefers straight code): the
+/// slot of a latency histogram.
+#[inline(always)]
+pub fn log2(mut v: u64) -> u32 {
+    let mut r = 0;
+    for shift in [32u32, 16, 8, 4, 2, 1] {
+        if v >= 1u64 << shift {
+            v >>= shift;
+            r += shift;
+        }
+    }
+    r
+}
+
 /// Bumps a per-CPU counter: no atomics needed, each CPU owns its slot.
 #[inline(always)]
 pub fn bump<const N: usize>(stats: &PerCpuArray<u64, N>, index: u32) {

@@ -15,7 +15,7 @@ use memtrace_common::serve::{
     CgroupStats, HIST_SLOTS, KIND_DIRECT, KIND_MEMCG, MAX_CGROUPS, STAT_CGROUPS_FULL, STAT_COUNT, STAT_KSWAPD_WAKEUPS,
     STAT_NO_CGROUP, STAT_STARTS_FULL,
 };
-use memtrace_ebpf::{BPF_NOEXIST, bump, current_memcg_id, current_pid_tgid};
+use memtrace_ebpf::{BPF_NOEXIST, bump, current_memcg_id, current_pid_tgid, log2};
 
 memtrace_ebpf::license!();
 
@@ -95,19 +95,6 @@ fn begin(kind: u32) -> u32 {
         bump(&STATS, STAT_STARTS_FULL);
     }
     0
-}
-
-/// Floor of log2, 0 for 0 and 1, without loops.
-#[inline(always)]
-fn log2(mut v: u64) -> u32 {
-    let mut r = 0;
-    for shift in [32u32, 16, 8, 4, 2, 1] {
-        if v >= 1u64 << shift {
-            v >>= shift;
-            r += shift;
-        }
-    }
-    r
 }
 
 #[inline(always)]

@@ -14,7 +14,7 @@ use memtrace_common::vmscan::{
     HIST_SLOTS, KIND_DIRECT, KIND_MEMCG, KIND_SLAB, KINDS, Offsets, STAT_CALLS, STAT_COUNT, STAT_KSWAPD_WAKEUPS,
     STAT_NS, STAT_PAGES_WRITTEN, STAT_RECLAIMED,
 };
-use memtrace_ebpf::{bump, current_pid_tgid, tp_u64, wanted};
+use memtrace_ebpf::{bump, current_pid_tgid, log2, tp_u64, wanted};
 
 memtrace_ebpf::license!();
 
@@ -42,19 +42,6 @@ fn add(index: u32, delta: u64) {
         // SAFETY: the slot belongs to this CPU and programs do not preempt each other on it.
         unsafe { *slot += delta };
     }
-}
-
-/// Floor of log2, 0 for 0 and 1, without loops (the verifier prefers straight code).
-#[inline(always)]
-fn log2(mut v: u64) -> u32 {
-    let mut r = 0;
-    for shift in [32u32, 16, 8, 4, 2, 1] {
-        if v >= 1u64 << shift {
-            v >>= shift;
-            r += shift;
-        }
-    }
-    r
 }
 
 #[inline(always)]

@@ -567,3 +567,31 @@ pub fn mapped_libc(pid: u32) -> String {
     let line = maps.lines().find(|l| l.ends_with("/libc.so.6")).unwrap_or_else(|| panic!("no libc in {maps}"));
     line.split_whitespace().last().unwrap().to_string()
 }
+
+/// `memtrace faults --json -p PID EXTRA...` on tests/progs/faults_touch, which writes one byte
+/// to each of 256 fresh pages: the final report, and touch_pages's faults (one stack, at
+/// least one fault per page).
+pub fn faults_of_touch_pages(extra: &[&str]) -> (Value, u64) {
+    const PAGES: u64 = 256;
+    use std::io::Write as _;
+    let Ready { mut child, mut stdin, lines } = Ready::start(&mut Command::new(prog("faults_touch")));
+    let pid = child.id().to_string();
+    let mut args = vec!["faults", "--json", "-p", &pid];
+    args.extend_from_slice(extra);
+    let mut mt = Running::start(&args);
+    mt.wait_ready();
+    writeln!(stdin).unwrap();
+    let said: Vec<String> = lines.map(Result::unwrap).take_while(|l| l != "done").collect();
+    assert_eq!(said.len(), 2, "{said:?}");
+    drop(stdin);
+    child.wait().unwrap();
+    let (status, stdout, stderr) = mt.finish(Duration::from_secs(20));
+    assert!(status.success(), "{status}: {stderr}");
+    assert_detached("faults");
+    let report = final_report(&stdout);
+    let stacks = stacks_with(&report, "touch_pages");
+    assert_eq!(stacks.len(), 1, "{report:#}");
+    let faults = stacks[0]["faults"].as_u64().unwrap();
+    assert!(faults >= PAGES, "{report:#}");
+    (report, faults)
+}
