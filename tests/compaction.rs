@@ -12,14 +12,20 @@ use std::time::Duration;
 use common::*;
 use serde_json::Value;
 
-/// The cgroup v2 group of a live process, when a cgroup2 hierarchy is mounted.
-fn cgroup_v2(pid: u32) -> Option<String> {
-    let mountinfo = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
-    if !mountinfo.lines().any(|l| l.split_once(" - ").is_some_and(|(_, r)| r.starts_with("cgroup2 "))) {
-        return None;
-    }
+/// The memory cgroup of a live process, as records carry it: the `memory` line of
+/// /proc/PID/cgroup on cgroup v1, the `0::` line on v2; None without a memory hierarchy.
+fn memory_cgroup(pid: u32) -> Option<String> {
     let text = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).unwrap();
-    text.lines().find_map(|l| l.strip_prefix("0::")).map(str::to_string)
+    let v1 = text.lines().find_map(|l| {
+        let (_, rest) = l.split_once(':')?;
+        let (controllers, path) = rest.split_once(':')?;
+        controllers.split(',').any(|c| c == "memory").then(|| path.to_string())
+    });
+    v1.or_else(|| {
+        let v2_memory = std::fs::read_to_string("/sys/fs/cgroup/cgroup.controllers")
+            .is_ok_and(|c| c.split_whitespace().any(|c| c == "memory"));
+        if v2_memory { text.lines().find_map(|l| l.strip_prefix("0::")).map(str::to_string) } else { None }
+    })
 }
 
 /// memtrace `args` while a shell writes compact_memory; (the shell's pid, the JSON events,
@@ -52,7 +58,7 @@ fn compaction_shows_each_zone_compact_memory_compacts() {
         mine.iter().map(|e| (e["node"].as_i64().unwrap(), e["zone"].as_str().unwrap().to_string())).collect();
     assert_eq!(zones, compact::populated_zones(), "{events:?}");
     // The writer's cgroup is the test's (a child stays in its parent's group).
-    let cgroup = cgroup_v2(std::process::id());
+    let cgroup = memory_cgroup(std::process::id());
     for e in &mine {
         assert_eq!(e["tid"], pid, "{e}");
         assert_eq!(e["comm"], "sh", "{e}");

@@ -125,12 +125,13 @@ fn drsnoop_table_with_timestamps_and_name() {
     let lines: Vec<&str> = stdout.lines().collect();
     assert_eq!(
         lines[0].split_whitespace().collect::<Vec<_>>(),
-        ["TIME(s)", "TIME", "COMM", "PID", "TID", "KIND", "LAT(ms)", "PAGES"]
+        ["TIME(s)", "TIME", "COMM", "PID", "TID", "KIND", "LAT(ms)", "PAGES", "CGROUP"]
     );
     assert!(lines.len() > 1, "{stdout}");
     for row in &lines[1..] {
         let cols: Vec<&str> = row.split_whitespace().collect();
-        assert_eq!(cols.len(), 8, "{row}");
+        assert_eq!(cols.len(), 9, "{row}");
+        assert_eq!(cols[8], group.path, "{row}");
         assert!(cols[0].parse::<f64>().is_ok(), "{row}");
         assert_eq!((cols[2], cols[3], cols[5]), ("oomkill_hog", hog.pid.to_string().as_str(), "memcg"), "{row}");
     }

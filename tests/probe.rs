@@ -261,7 +261,8 @@ fn probe_text_lists_every_tool_once() {
             "swapin",
             "hfaults",
             "segv",
-            "mallocstat"
+            "mallocstat",
+            "serve"
         ]
     );
     assert!(text.contains("\n  kprobes "), "{text}");

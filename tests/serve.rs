@@ -295,6 +295,12 @@ fn the_shipped_unit_and_daemonset_command_lines_start_serve() {
         return;
     }
     let deploy = repo().join("deploy");
+    if !deploy.exists() {
+        // The VM suite's image carries the tests, not the repository's other files.
+        assert!(std::env::var_os("MEMTRACE_VM").is_some(), "{} is missing", deploy.display());
+        not_run("the_shipped_unit_and_daemonset_command_lines_start_serve", "deploy/ is not in the VM's image");
+        return;
+    }
     let unit = std::fs::read_to_string(deploy.join("memtrace-serve.service")).unwrap();
     let exec = unit.lines().find_map(|l| l.strip_prefix("ExecStart=")).expect("the unit has ExecStart");
     let unit_args: Vec<String> = exec.split_whitespace().skip(1).map(String::from).collect();

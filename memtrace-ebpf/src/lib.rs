@@ -33,6 +33,15 @@ pub fn atomic_add(counter: *mut u64, delta: u64) {
     unsafe { core::intrinsics::atomic_xadd::<u64, u64, { core::intrinsics::AtomicOrdering::Relaxed }>(counter, delta) };
 }
 
+/// A pointer to a global's value, so that a program reads the fields it needs
+/// (`core::ptr::read_volatile`) instead of copying a large global onto its 512-byte stack,
+/// as `Global::load` does.
+#[inline(always)]
+pub fn global_ptr<T>(global: &Global<T>) -> *const T {
+    // Global<T> is repr(transparent) over a MaybeUninit<T> the loader always initialises.
+    (global as *const Global<T>).cast()
+}
+
 /// Floor of log2, 0 for 0 and 1, without loops (the verifier prefers straight code): the
 /// slot of a latency histogram.
 #[inline(always)]

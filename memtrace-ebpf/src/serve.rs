@@ -21,6 +21,10 @@ memtrace_ebpf::license!();
 
 #[btf_map]
 static CGROUPS: PerCpuHashMap<u64, CgroupStats, { MAX_CGROUPS as usize }> = PerCpuHashMap::new();
+/// A zeroed row to create groups from: a CgroupStats on the stack would leave too little of
+/// the 512 bytes for the calls beside it on older kernels.
+#[btf_map]
+static ZERO: PerCpuArray<CgroupStats, 1> = PerCpuArray::new();
 /// Reclaim start per (thread, kind).
 #[btf_map]
 static STARTS: HashMap<u64, u64, 16_384> = HashMap::new();
@@ -39,7 +43,9 @@ fn row() -> Option<*mut CgroupStats> {
         return Some(row);
     }
     // EEXIST (another CPU made it first) is fine: each CPU has its own value.
-    let _ = CGROUPS.insert(id, CgroupStats::ZERO, BPF_NOEXIST);
+    let zero = ZERO.get_ptr(0)?;
+    // SAFETY: the map's own (never written) zeroed slot.
+    let _ = CGROUPS.insert(id, unsafe { &*zero }, BPF_NOEXIST);
     let row = CGROUPS.get_ptr_mut(id);
     if row.is_none() {
         bump(&STATS, STAT_CGROUPS_FULL);

@@ -33,8 +33,11 @@ macro_rules! syscall_snoop {
             if pid == CONFIG.load().self_pid || !$crate::wanted(&FILTER.load()) {
                 return 0;
             }
-            let offsets = OFFSETS.load();
+            // Field by field: the whole table would not fit on the stack beside the event.
+            let offsets = $crate::global_ptr(&OFFSETS);
             let index = call as usize % MAX_CALLS;
+            // SAFETY: a field of the global, read in place; index < MAX_CALLS.
+            let nargs = unsafe { core::ptr::read_volatile(core::ptr::addr_of!((*offsets).nargs[index])) } as usize;
             let mut event = Event {
                 // SAFETY: helper without preconditions.
                 ts_ns: unsafe { aya_ebpf::helpers::bpf_ktime_get_ns() },
@@ -48,8 +51,10 @@ macro_rules! syscall_snoop {
                 memcg_id: $crate::current_memcg_id(),
             };
             let mut i = 0;
-            while i < MAX_ARGS && i < offsets.nargs[index] as usize {
-                event.args[i] = $crate::tp_u64(ctx, offsets.args[index][i]);
+            while i < MAX_ARGS && i < nargs {
+                // SAFETY: as above; i < MAX_ARGS.
+                let at = unsafe { core::ptr::read_volatile(core::ptr::addr_of!((*offsets).args[index][i])) };
+                event.args[i] = $crate::tp_u64(ctx, at);
                 i += 1;
             }
             let _ = PENDING.insert(tid, event, 0);
@@ -70,7 +75,10 @@ macro_rules! syscall_snoop {
                 return 0;
             }
             let index = call as usize % memtrace_common::syscalls::MAX_CALLS;
-            event.ret = $crate::tp_u64(ctx, OFFSETS.load().ret[index]) as i64;
+            // SAFETY: a field of the global, read in place; index < MAX_CALLS.
+            let at =
+                unsafe { core::ptr::read_volatile(core::ptr::addr_of!((*$crate::global_ptr(&OFFSETS)).ret[index])) };
+            event.ret = $crate::tp_u64(ctx, at) as i64;
             // Errors are -4095..-1; no address or id a call returns is that high.
             if CONFIG.load().failed_only != 0 && !(-4095..0).contains(&event.ret) {
                 return 0;
