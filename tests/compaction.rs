@@ -12,22 +12,6 @@ use std::time::Duration;
 use common::*;
 use serde_json::Value;
 
-/// The memory cgroup of a live process, as records carry it: the `memory` line of
-/// /proc/PID/cgroup on cgroup v1, the `0::` line on v2; None without a memory hierarchy.
-fn memory_cgroup(pid: u32) -> Option<String> {
-    let text = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).unwrap();
-    let v1 = text.lines().find_map(|l| {
-        let (_, rest) = l.split_once(':')?;
-        let (controllers, path) = rest.split_once(':')?;
-        controllers.split(',').any(|c| c == "memory").then(|| path.to_string())
-    });
-    v1.or_else(|| {
-        let v2_memory = std::fs::read_to_string("/sys/fs/cgroup/cgroup.controllers")
-            .is_ok_and(|c| c.split_whitespace().any(|c| c == "memory"));
-        if v2_memory { text.lines().find_map(|l| l.strip_prefix("0::")).map(str::to_string) } else { None }
-    })
-}
-
 /// memtrace `args` while a shell writes compact_memory; (the shell's pid, the JSON events,
 /// the final line).
 fn trace_compact_memory(args: &[&str]) -> (u32, Vec<Value>, Value) {

@@ -101,7 +101,10 @@ fn mmapsnoop_failed_only_in_a_table() {
     let lines: Vec<&str> = stdout.lines().collect();
     assert_eq!(lines.len(), 2, "a header and one failed call expected:\n{stdout}");
     let header: Vec<&str> = lines[0].split_whitespace().collect();
-    assert_eq!(header, ["TIME(s)", "TIME", "PID", "COMM", "CALL", "RET", "ADDR", "LEN", "PROT", "FLAGS", "FD", "PATH"]);
+    assert_eq!(
+        header,
+        ["TIME(s)", "TIME", "PID", "COMM", "CALL", "RET", "ADDR", "LEN", "PROT", "FLAGS", "FD", "CGROUP", "PATH"]
+    );
     let row: Vec<&str> = lines[1].split_whitespace().collect();
     assert!(row[0].parse::<f64>().is_ok_and(|s| s > 0.0) && row[1].len() == 8, "{}", lines[1]);
     assert_eq!(
@@ -116,6 +119,7 @@ fn mmapsnoop_failed_only_in_a_table() {
             "PROT_READ",
             "MAP_PRIVATE",
             "1000",
+            memory_cgroup(std::process::id()).as_deref().unwrap_or("-"),
             "[unknown]"
         ],
         "{}",

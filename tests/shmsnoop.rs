@@ -76,7 +76,7 @@ fn shmsnoop_failed_only_in_a_table() {
     let lines: Vec<&str> = stdout.lines().collect();
     assert_eq!(lines.len(), 2, "a header and one failed call expected:\n{stdout}");
     let header: Vec<&str> = lines[0].split_whitespace().collect();
-    assert_eq!(header, ["TIME(s)", "TIME", "PID", "COMM", "SYSCALL", "RET", "ARGS"]);
+    assert_eq!(header, ["TIME(s)", "TIME", "PID", "COMM", "SYSCALL", "RET", "CGROUP", "ARGS"]);
     let cols: Vec<&str> = lines[1].split_whitespace().take(6).collect();
     assert!(cols[0].parse::<f64>().is_ok_and(|s| s > 0.0) && cols[1].len() == 8, "{}", lines[1]);
     assert_eq!(cols[2..], [&pid.to_string(), "shmsnoop_shm", "shmget", "EEXIST"], "{}", lines[1]);

@@ -595,3 +595,19 @@ pub fn faults_of_touch_pages(extra: &[&str]) -> (Value, u64) {
     assert!(faults >= PAGES, "{report:#}");
     (report, faults)
 }
+
+/// The memory cgroup of a live process, as records carry it: the `memory` line of
+/// /proc/PID/cgroup on cgroup v1, the `0::` line on v2; None without a memory hierarchy.
+pub fn memory_cgroup(pid: u32) -> Option<String> {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).unwrap();
+    let v1 = text.lines().find_map(|l| {
+        let (_, rest) = l.split_once(':')?;
+        let (controllers, path) = rest.split_once(':')?;
+        controllers.split(',').any(|c| c == "memory").then(|| path.to_string())
+    });
+    v1.or_else(|| {
+        let v2_memory = std::fs::read_to_string("/sys/fs/cgroup/cgroup.controllers")
+            .is_ok_and(|c| c.split_whitespace().any(|c| c == "memory"));
+        if v2_memory { text.lines().find_map(|l| l.strip_prefix("0::")).map(str::to_string) } else { None }
+    })
+}

@@ -116,7 +116,8 @@ fn host_suites(args: &[String]) -> [Command; 2] {
     let mut own = cmd::cargo();
     own.args(["test", "-p", "xtask", "--"]).args(args);
     let mut host = cmd::cargo();
-    host.args(["test", "--release", "--workspace"])
+    // Every suite runs, whatever fails before it: the summary counts them all.
+    host.args(["test", "--release", "--workspace", "--no-fail-fast"])
         .args(["--exclude", "memtrace-ebpf", "--exclude", "xtask"])
         // Tests attach to the one shared kernel, so they run one at a time.
         .args(["--", "--test-threads=1"])

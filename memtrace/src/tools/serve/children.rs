@@ -80,13 +80,15 @@ pub fn check_comm(comm: &str) -> Result<()> {
 }
 
 /// serve's private directory for the profiles: $RUNTIME_DIRECTORY under systemd, else one
-/// of its own under /run; removed when serve ends.
+/// of its own under /run (or the temporary directory); removed when serve ends.
 pub struct StateDir(PathBuf);
 
 impl StateDir {
     pub fn create() -> Result<StateDir> {
         use std::os::unix::fs::DirBuilderExt as _;
-        let base = std::env::var_os("RUNTIME_DIRECTORY").map(PathBuf::from).unwrap_or_else(|| "/run".into());
+        // /run where the system has one (a minimal image may not): the temporary directory else.
+        let run = Some(PathBuf::from("/run")).filter(|r| r.is_dir()).unwrap_or_else(std::env::temp_dir);
+        let base = std::env::var_os("RUNTIME_DIRECTORY").map(PathBuf::from).unwrap_or(run);
         let dir = base.join(format!("memtrace-serve.{}", std::process::id()));
         std::fs::DirBuilder::new()
             .mode(0o700)
