@@ -51,13 +51,25 @@ fn stop_serve(mt: Running) -> String {
 }
 
 /// Polls until `check` gives a value, at most `limit`.
-fn poll<T>(limit: Duration, what: &str, mut check: impl FnMut() -> Option<T>) -> T {
+fn poll<T>(limit: Duration, what: &str, check: impl FnMut() -> Option<T>) -> T {
+    poll_within(limit, check).unwrap_or_else(|| panic!("{what}: not within {limit:?}"))
+}
+
+/// `poll` for something serve must do: a failure shows what serve (and its children) said.
+fn poll_serve<T>(mt: &mut Running, limit: Duration, what: &str, check: impl FnMut() -> Option<T>) -> T {
+    poll_within(limit, check)
+        .unwrap_or_else(|| panic!("{what}: not within {limit:?}; serve said:\n{}", mt.stderr_so_far()))
+}
+
+fn poll_within<T>(limit: Duration, mut check: impl FnMut() -> Option<T>) -> Option<T> {
     let deadline = Instant::now() + limit;
     loop {
         if let Some(v) = check() {
-            return v;
+            return Some(v);
         }
-        assert!(Instant::now() < deadline, "{what}: not within {limit:?}");
+        if Instant::now() >= deadline {
+            return None;
+        }
         std::thread::sleep(Duration::from_millis(250));
     }
 }
@@ -75,13 +87,13 @@ fn serve_heap_profile_over_http_reads_back_in_go_pprof_exactly() {
     }
     let Ready { mut child, mut stdin, mut lines } = Ready::start(Command::new(prog("leaky")).arg("wait"));
     let pid = child.id();
-    let (mt, addr) = start_serve(&["--memleak-pid", &pid.to_string(), "--interval", "1"]);
+    let (mut mt, addr) = start_serve(&["--memleak-pid", &pid.to_string(), "--interval", "1"]);
     writeln!(stdin).unwrap();
     assert_eq!(lines.next().unwrap().unwrap(), "leaked");
     let leaked: u64 = LEAKY_C.iter().map(|l| l.1).sum();
     // The metrics say when a report has seen every leak.
     let heap = format!("memtrace_heap_outstanding_bytes{{pid=\"{pid}\",comm=\"leaky\"}}");
-    poll(Duration::from_secs(30), "the heap's report", || {
+    poll_serve(&mut mt, Duration::from_secs(30), "the heap's report", || {
         series(&http::get_text(&addr, "/metrics")?, &heap).filter(|&b| b >= leaked as f64)
     });
 
@@ -105,7 +117,7 @@ fn serve_heap_profile_over_http_reads_back_in_go_pprof_exactly() {
     drop(stdin);
     assert!(child.wait().unwrap().success());
     let traced = format!("memtrace_heap_traced{{pid=\"{pid}\",comm=\"leaky\"}}");
-    poll(Duration::from_secs(30), "the heap marked gone", || {
+    poll_serve(&mut mt, Duration::from_secs(30), "the heap marked gone", || {
         (series(&http::get_text(&addr, "/metrics")?, &traced)? == 0.0).then_some(())
     });
     let again =
@@ -251,20 +263,25 @@ fn serve_follows_a_name_through_restarts_and_sighup_reloads_the_selection() {
     let sel = tempdir("serve-selection").join("selection");
     std::fs::write(&sel, "# nothing yet\n").unwrap();
     let first = Ready::start(Command::new(prog("leaky")).arg("wait"));
-    let (mt, addr) = start_serve(&["--memleak-comm", "leaky", "--selection", sel.to_str().unwrap(), "--interval", "1"]);
+    let (mut mt, addr) =
+        start_serve(&["--memleak-comm", "leaky", "--selection", sel.to_str().unwrap(), "--interval", "1"]);
     let a = first.child.id();
     // Start-up waits for the heaps it was given: traced from the first scrape.
-    assert_eq!(traced(&addr, a, "leaky"), Some(1.0));
+    assert_eq!(traced(&addr, a, "leaky"), Some(1.0), "serve said:\n{}", mt.stderr_so_far());
     let Ready { mut child, mut stdin, mut lines } = first;
     writeln!(stdin).unwrap();
     assert_eq!(lines.next().unwrap().unwrap(), "leaked");
     drop(stdin);
     assert!(child.wait().unwrap().success());
-    poll(Duration::from_secs(30), "the first leaky gone", || (traced(&addr, a, "leaky")? == 0.0).then_some(()));
+    poll_serve(&mut mt, Duration::from_secs(30), "the first leaky gone", || {
+        (traced(&addr, a, "leaky")? == 0.0).then_some(())
+    });
     // The same program started again is a new process with the same name: traced too.
     let mut second = Ready::start(Command::new(prog("leaky")).arg("wait"));
     let b = second.child.id();
-    poll(Duration::from_secs(30), "the restarted leaky traced", || (traced(&addr, b, "leaky")? == 1.0).then_some(()));
+    poll_serve(&mut mt, Duration::from_secs(30), "the restarted leaky traced", || {
+        (traced(&addr, b, "leaky")? == 1.0).then_some(())
+    });
 
     // A process only the selection file names: traced after SIGHUP, not before.
     let mut sleeper = Command::new("sleep").arg("120").spawn().unwrap();
@@ -273,11 +290,15 @@ fn serve_follows_a_name_through_restarts_and_sighup_reloads_the_selection() {
     assert_eq!(traced(&addr, c, "sleep"), None, "traced before it was selected");
     std::fs::write(&sel, format!("pid {c}\n")).unwrap();
     mt.signal(libc::SIGHUP);
-    poll(Duration::from_secs(30), "sleep traced after SIGHUP", || (traced(&addr, c, "sleep")? == 1.0).then_some(()));
+    poll_serve(&mut mt, Duration::from_secs(30), "sleep traced after SIGHUP", || {
+        (traced(&addr, c, "sleep")? == 1.0).then_some(())
+    });
     // Out of the selection again: no longer traced, and its heap is refused.
     std::fs::write(&sel, "").unwrap();
     mt.signal(libc::SIGHUP);
-    poll(Duration::from_secs(30), "sleep dropped after SIGHUP", || traced(&addr, c, "sleep").is_none().then_some(()));
+    poll_serve(&mut mt, Duration::from_secs(30), "sleep dropped after SIGHUP", || {
+        traced(&addr, c, "sleep").is_none().then_some(())
+    });
     assert_eq!(http::get(&addr, &format!("/debug/pprof/heap?pid={c}")).unwrap().0, 403);
     let stderr = stop_serve(mt);
     assert_eq!(stderr.matches("SIGHUP: selection reloaded").count(), 2, "{stderr}");
@@ -346,17 +367,19 @@ fn serve_keeps_the_heap_of_an_oom_killed_process() {
     group.no_swap();
     let mut hog = group.spawn(&prog_nofp("oom_grow"), &[]);
     let pid = hog.pid;
-    let (mt, addr) = start_serve(&["--memleak-pid", &pid.to_string(), "--interval", "1"]);
+    let (mut mt, addr) = start_serve(&["--memleak-pid", &pid.to_string(), "--interval", "1"]);
     hog.go();
     let status = hog.wait(Duration::from_secs(120));
     assert_eq!(status.signal(), Some(libc::SIGKILL), "oom_grow was not OOM-killed: {status}");
     let killed = format!("memtrace_heap_oom_killed{{pid=\"{pid}\",comm=\"oom_grow\"}}");
-    poll(Duration::from_secs(30), "the heap marked as killed", || {
+    poll_serve(&mut mt, Duration::from_secs(30), "the heap marked as killed", || {
         (series(&http::get_text(&addr, "/metrics")?, &killed)? == 1.0).then_some(())
     });
     let kills = format!("memtrace_oom_kills_total{{memcg=\"{}\",comm=\"oom_grow\"}}", group.path);
     // oomkill's line and memleak's come through different children: either may be first.
-    let n = poll(Duration::from_secs(30), "the kill counted", || series(&http::get_text(&addr, "/metrics")?, &kills));
+    let n = poll_serve(&mut mt, Duration::from_secs(30), "the kill counted", || {
+        series(&http::get_text(&addr, "/metrics")?, &kills)
+    });
     assert_eq!(n, 1.0, "{kills}");
     if gopprof::has_go(TEST) {
         let url = format!("http://{addr}/debug/pprof/heap?pid={pid}");

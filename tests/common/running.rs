@@ -123,6 +123,12 @@ impl Running {
         self.stderr.extend(self.err.try_iter());
     }
 
+    /// Everything on stderr so far, for a failure's message.
+    pub fn stderr_so_far(&mut self) -> String {
+        self.drain();
+        self.stderr.join("\n")
+    }
+
     /// Waits (30 s at most) until `done` holds for the stdout and stderr lines so far.
     pub fn wait_for(&mut self, what: &str, done: impl Fn(&[String], &[String]) -> bool) {
         let deadline = Instant::now() + Duration::from_secs(30);

@@ -57,8 +57,8 @@ fn load_modules() {
     }
 }
 
-/// The host file system the tests expect: procfs, sysfs, tracefs, memcg v1, a tmpfs /tmp, and
-/// busybox's applets where scripts look for them.
+/// The host file system the tests expect: procfs, sysfs, tracefs, memcg v1, a tmpfs /tmp,
+/// busybox's applets where scripts look for them, and loopback up.
 fn set_up() {
     for (source, target, fstype) in [
         ("proc", "/proc", "proc"),
@@ -81,6 +81,11 @@ fn set_up() {
     }
     load_modules();
     let _ = Command::new("/bin/busybox").args(["--install", "-s", "/bin"]).status();
+    // Nothing else brings loopback up here: without it 127.0.0.1 binds but nothing connects
+    // (serve's tests scrape it there).
+    if !Command::new("/bin/busybox").args(["ip", "link", "set", "lo", "up"]).status().is_ok_and(|s| s.success()) {
+        println!("vm-init: could not bring up lo");
+    }
     // The host's programs (util-linux, coreutils, bash) were copied to /usr/bin; busybox
     // stands in for the rest.
     let _ = fs::create_dir_all("/usr/bin");
