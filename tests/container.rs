@@ -11,7 +11,6 @@ mod memcg;
 
 use std::{
     io::Write as _,
-    os::unix::process::ExitStatusExt,
     path::Path,
     process::{Command, Stdio},
     time::Duration,
@@ -36,6 +35,12 @@ fn unshared(group: &Memcg, program: &Path, args: &[&str]) -> Command {
     cmd
 }
 
+/// oomkill_hog (512 MiB) in `group`, in new namespaces as `unshared`, waiting for `go`.
+fn unshared_hog(group: &Memcg) -> memcg::Hog {
+    let hog = prog("oomkill_hog");
+    group.spawn(Path::new("/usr/bin/unshare"), &["--uts", "--ipc", "--", hog.to_str().unwrap(), "512"])
+}
+
 /// The attribution every record about a process of `group` carries.
 fn assert_in(record: &Value, group: &Memcg) {
     assert_eq!(record["cgroup"], group.path.as_str(), "{record:#}");
@@ -48,13 +53,10 @@ fn container_oomkill_names_the_victims_container() {
         return;
     }
     let Some(group) = docker("ctr-oomkill", 32) else { return };
-    let unshare = Path::new("/usr/bin/unshare");
-    let mut hog = group.spawn(unshare, &["--uts", "--ipc", "--", prog("oomkill_hog").to_str().unwrap(), "512"]);
+    let mut hog = unshared_hog(&group);
     let mut mt = Running::start(&["oomkill", "--json"]);
     mt.wait_ready();
-    hog.go();
-    let status = hog.wait(Duration::from_secs(60));
-    assert_eq!(status.signal(), Some(libc::SIGKILL), "the hog was not OOM-killed: {status}");
+    hog.go_until_oom_killed(Duration::from_secs(60));
     mt.wait_lines("{", 1);
     mt.signal(libc::SIGINT);
     let (status, stdout, stderr) = mt.finish(Duration::from_secs(20));
@@ -72,13 +74,10 @@ fn container_drsnoop_names_the_reclaimers_container() {
         return;
     }
     let Some(group) = docker("ctr-drsnoop", 32) else { return };
-    let unshare = Path::new("/usr/bin/unshare");
-    let mut hog = group.spawn(unshare, &["--uts", "--ipc", "--", prog("oomkill_hog").to_str().unwrap(), "512"]);
+    let mut hog = unshared_hog(&group);
     let mut mt = Running::start(&["drsnoop", "--memcg", "--json", "-p", &hog.pid.to_string()]);
     mt.wait_ready();
-    hog.go();
-    let status = hog.wait(Duration::from_secs(60));
-    assert_eq!(status.signal(), Some(libc::SIGKILL), "the hog was not OOM-killed: {status}");
+    hog.go_until_oom_killed(Duration::from_secs(60));
     let (status, stdout, stderr) = mt.finish(Duration::from_secs(20));
     assert!(status.success(), "{status}: {stderr}");
     let (events, _) = events_and_final(&stdout);

@@ -21,9 +21,7 @@ fn trace_hog(tag: &str, args: impl Fn(&Hog) -> Vec<String>) -> Option<(Hog, Vec<
     let args = args(&hog);
     let mut mt = Running::start(&args.iter().map(String::as_str).collect::<Vec<_>>());
     mt.wait_ready();
-    hog.go();
-    let status = hog.wait(Duration::from_secs(60));
-    assert_eq!(status.signal(), Some(libc::SIGKILL), "the hog was not OOM-killed: {status}");
+    hog.go_until_oom_killed(Duration::from_secs(60));
     // With -p the run ends by itself when the hog is gone.
     let (status, stdout, stderr) = mt.finish(Duration::from_secs(20));
     assert!(status.success(), "{status}: {stderr}");

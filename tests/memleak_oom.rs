@@ -11,7 +11,7 @@ mod gopprof;
 #[path = "common/memcg.rs"]
 mod memcg;
 
-use std::{os::unix::process::ExitStatusExt as _, path::Path, time::Duration};
+use std::{path::Path, time::Duration};
 
 use common::*;
 use memcg::Memcg;
@@ -117,9 +117,7 @@ fn memleak_oom_p_reports_the_heap_at_the_kill() {
     let pid = hog.pid.to_string();
     let mut mt = Running::start(&["memleak", "-T", "2", "-p", &pid]);
     mt.wait_ready();
-    hog.go();
-    let status = hog.wait(Duration::from_secs(120));
-    assert_eq!(status.signal(), Some(libc::SIGKILL), "oom_grow was not OOM-killed: {status}");
+    hog.go_until_oom_killed(Duration::from_secs(120));
     assert_eq!(group.oom_kills(), 1, "{} counted no OOM kill", group.path);
     // memleak -p ends with its process.
     let (status, stdout, stderr) = mt.finish(Duration::from_secs(30));

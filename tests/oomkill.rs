@@ -7,7 +7,7 @@ mod common;
 #[path = "common/memcg.rs"]
 mod memcg;
 
-use std::{os::unix::process::ExitStatusExt, time::Duration};
+use std::time::Duration;
 
 use common::*;
 use memcg::{Hog, Memcg};
@@ -23,9 +23,7 @@ fn provoke(group: &Memcg, start: impl FnOnce(&Hog)) -> Hog {
     let mut hog = group.spawn(&prog("oomkill_hog"), &[&HOG_MIB.to_string()]);
     std::fs::write(format!("/proc/{}/oom_score_adj", hog.pid), SCORE_ADJ.to_string()).unwrap();
     start(&hog);
-    hog.go();
-    let status = hog.wait(Duration::from_secs(60));
-    assert_eq!(status.signal(), Some(libc::SIGKILL), "the hog was not OOM-killed: {status}");
+    hog.go_until_oom_killed(Duration::from_secs(60));
     assert_eq!(group.oom_kills(), 1, "{} counted no OOM kill", group.path);
     hog
 }

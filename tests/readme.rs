@@ -13,7 +13,6 @@ mod memcg;
 
 use std::{
     collections::{BTreeSet, HashSet},
-    os::unix::process::ExitStatusExt,
     path::Path,
     process::{Command, Output, Stdio},
     time::Duration,
@@ -587,9 +586,7 @@ fn during_an_oom_kill(test: &str, example: &Example, rows: usize) -> Option<(Str
     let mut hog = group.spawn(&prog("oomkill_hog"), &["512"]);
     let mut mt = Running::spawn(command(example, None, true));
     mt.wait_ready();
-    hog.go();
-    let status = hog.wait(Duration::from_secs(60));
-    assert_eq!(status.signal(), Some(libc::SIGKILL), "the hog was not OOM-killed: {status}");
+    hog.go_until_oom_killed(Duration::from_secs(60));
     mt.wait_for(&format!("{rows} lines"), |out, _| out.len() >= rows);
     mt.signal(libc::SIGINT);
     let (status, stdout, stderr) = mt.finish(Duration::from_secs(30));

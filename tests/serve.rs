@@ -14,7 +14,6 @@ mod memcg;
 
 use std::{
     io::Write as _,
-    os::unix::process::ExitStatusExt as _,
     path::PathBuf,
     process::{Child, Command, Stdio},
     time::{Duration, Instant},
@@ -195,9 +194,7 @@ fn prometheus_scrapes_the_oom_kill_and_reclaim_of_a_memcg() {
     poll(Duration::from_secs(30), "the first scrape", || (prom.value("up{job=\"memtrace\"}")? == 1.0).then_some(()));
 
     let mut hog = group.spawn(&prog("oomkill_hog"), &["512"]);
-    hog.go();
-    let status = hog.wait(Duration::from_secs(60));
-    assert_eq!(status.signal(), Some(libc::SIGKILL), "the hog was not OOM-killed: {status}");
+    hog.go_until_oom_killed(Duration::from_secs(60));
     assert_eq!(group.oom_kills(), 1);
 
     let kills = format!("memtrace_oom_kills_total{{memcg=\"{}\",comm=\"oomkill_hog\"}}", group.path);
@@ -368,9 +365,7 @@ fn serve_keeps_the_heap_of_an_oom_killed_process() {
     let mut hog = group.spawn(&prog_nofp("oom_grow"), &[]);
     let pid = hog.pid;
     let (mut mt, addr) = start_serve(&["--memleak-pid", &pid.to_string(), "--interval", "1"]);
-    hog.go();
-    let status = hog.wait(Duration::from_secs(120));
-    assert_eq!(status.signal(), Some(libc::SIGKILL), "oom_grow was not OOM-killed: {status}");
+    hog.go_until_oom_killed(Duration::from_secs(120));
     let killed = format!("memtrace_heap_oom_killed{{pid=\"{pid}\",comm=\"oom_grow\"}}");
     poll_serve(&mut mt, Duration::from_secs(30), "the heap marked as killed", || {
         (series(&http::get_text(&addr, "/metrics")?, &killed)? == 1.0).then_some(())

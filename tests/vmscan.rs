@@ -7,7 +7,7 @@ mod common;
 #[path = "common/memcg.rs"]
 mod memcg;
 
-use std::{os::unix::process::ExitStatusExt, time::Duration};
+use std::time::Duration;
 
 use common::*;
 use memcg::Memcg;
@@ -22,9 +22,7 @@ fn vmscan_counts_memcg_reclaim_of_the_hog() {
     // Only the hog's reclaim, so that the numbers are its own.
     let mut mt = Running::start(&["vmscan", "--json", "--comm", "oomkill_hog", "1"]);
     mt.wait_ready();
-    hog.go();
-    let status = hog.wait(Duration::from_secs(60));
-    assert_eq!(status.signal(), Some(libc::SIGKILL), "the hog was not OOM-killed: {status}");
+    hog.go_until_oom_killed(Duration::from_secs(60));
     // Let one more row pass, so that the rows hold all of the hog's reclaim.
     std::thread::sleep(Duration::from_millis(1500));
     mt.signal(libc::SIGINT);

@@ -225,6 +225,14 @@ impl Hog {
             std::thread::sleep(Duration::from_millis(20));
         }
     }
+
+    /// Lets it go and waits (at most `limit`) for the OOM killer to end it.
+    pub fn go_until_oom_killed(&mut self, limit: Duration) {
+        use std::os::unix::process::ExitStatusExt as _;
+        self.go();
+        let status = self.wait(limit);
+        assert_eq!(status.signal(), Some(libc::SIGKILL), "pid {} was not OOM-killed: {status}", self.pid);
+    }
 }
 
 impl Drop for Hog {

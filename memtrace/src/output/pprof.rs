@@ -29,20 +29,10 @@ pub struct Notes {
     pub period: Option<(&'static str, &'static str, i64)>,
 }
 
-/// Writes the gzipped profile of `samples` to `path`. `sample_types` are (type, unit) pairs in
-/// the order of each sample's values; the last one is what pprof shows by default. `mapping`
-/// gives the file mapping of a process's user address.
+/// Writes the gzipped profile of `samples` to `path`, with `notes`. `sample_types` are (type,
+/// unit) pairs in the order of each sample's values; the last one is what pprof shows by
+/// default. `mapping` gives the file mapping of a process's user address.
 pub fn write(
-    path: &Path,
-    sample_types: &[(&str, &str)],
-    samples: &[Sample<'_>],
-    mapping: impl FnMut(u32, u64) -> Option<MappedFile>,
-) -> Result<()> {
-    write_noted(path, sample_types, samples, &Notes::default(), mapping)
-}
-
-/// `write`, with `notes` in the profile.
-pub fn write_noted(
     path: &Path,
     sample_types: &[(&str, &str)],
     samples: &[Sample<'_>],
@@ -60,8 +50,7 @@ pub fn write_noted(
         ));
         let target = if regular { aside.as_path() } else { path };
         let file = std::fs::File::create(target)?;
-        let profile = Builder::new(mapping).build(sample_types, samples, notes);
-        encode(std::io::BufWriter::new(file), &profile)?;
+        write_to(std::io::BufWriter::new(file), sample_types, samples, notes, mapping)?;
         if regular {
             std::fs::rename(&aside, path)?;
         }
@@ -75,9 +64,10 @@ pub fn write_to(
     out: impl Write,
     sample_types: &[(&str, &str)],
     samples: &[Sample<'_>],
+    notes: &Notes,
     mapping: impl FnMut(u32, u64) -> Option<MappedFile>,
 ) -> Result<()> {
-    encode(out, &Builder::new(mapping).build(sample_types, samples, &Notes::default()))
+    encode(out, &Builder::new(mapping).build(sample_types, samples, notes))
 }
 
 fn encode(out: impl Write, profile: &proto::Profile) -> Result<()> {
@@ -417,7 +407,14 @@ mod tests {
         };
         let mut out = Vec::new();
         let mapping = |pid: u32, addr: u64| (pid == 7 && (0x1000..0x2000).contains(&addr)).then(|| app.clone());
-        write_to(&mut out, &[("inuse_objects", "count"), ("inuse_space", "bytes")], &samples, mapping).unwrap();
+        write_to(
+            &mut out,
+            &[("inuse_objects", "count"), ("inuse_space", "bytes")],
+            &samples,
+            &Notes::default(),
+            mapping,
+        )
+        .unwrap();
         let p = decode(&out);
         let s = |i: i64| p.string_table[i as usize].as_str();
 
@@ -489,7 +486,7 @@ mod tests {
         let frames = [Frame::unknown(0x42)];
         let samples = [Sample { pid: 1, process: "[pid 1]".into(), frames: &frames, values: vec![5] }];
         let mut out = Vec::new();
-        write_to(&mut out, &[("faults", "count")], &samples, |_, _| None).unwrap();
+        write_to(&mut out, &[("faults", "count")], &samples, &Notes::default(), |_, _| None).unwrap();
         let p = decode(&out);
         assert_eq!(p.location.len(), 1);
         assert_eq!((p.location[0].address, p.location[0].line.len()), (0x42, 0));

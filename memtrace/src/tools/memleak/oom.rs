@@ -4,11 +4,10 @@
 
 use std::{
     fmt::Write as _,
-    io::Write,
     path::{Path, PathBuf},
 };
 
-use anyhow::{Context as _, Result};
+use anyhow::Result;
 use serde::Serialize;
 
 use crate::{
@@ -74,9 +73,10 @@ impl HeapAtKill {
         out.trim_end().to_string()
     }
 
-    /// The gzipped pprof profile of the whole heap (inuse_objects, inuse_space), readable
-    /// without the process: its mappings were kept.
-    pub fn write_pprof(&self, out: impl Write) -> Result<()> {
+    /// Writes the gzipped pprof profile of the whole heap (inuse_objects, inuse_space) to
+    /// `path`, readable without the process: its mappings were kept. A sampled run's says it
+    /// holds estimates.
+    fn write_pprof(&self, path: &Path) -> Result<()> {
         let root = output::process_root(self.pid, &self.comm);
         let samples: Vec<output::pprof::Sample> = self
             .stacks
@@ -89,7 +89,8 @@ impl HeapAtKill {
             })
             .collect();
         let types = [("inuse_objects", "count"), ("inuse_space", "bytes")];
-        output::pprof::write_to(out, &types, &samples, |_, addr| {
+        let notes = output::pprof::Notes { comments: self.estimated_from.iter().cloned().collect(), period: None };
+        output::pprof::write(path, &types, &samples, &notes, |_, addr| {
             self.mappings.iter().find(|m| (m.start..m.limit).contains(&addr)).cloned()
         })
     }
@@ -99,9 +100,7 @@ impl HeapAtKill {
     pub(super) fn write_files(&self, pprof: Option<&Path>, folded: Option<&Path>) -> Result<Vec<PathBuf>> {
         let mut written = Vec::new();
         if let Some(path) = pprof.map(|p| oom_path(p, self.pid)) {
-            let file = std::fs::File::create(&path).with_context(|| format!("cannot write {}", path.display()))?;
-            self.write_pprof(std::io::BufWriter::new(file))
-                .with_context(|| format!("cannot write {}", path.display()))?;
+            self.write_pprof(&path)?;
             written.push(path);
         }
         if let Some(path) = folded.map(|p| oom_path(p, self.pid)) {

@@ -746,7 +746,7 @@ impl<'a> Session<'a> {
                 },
             };
             let mapping = |pid, addr| self.user_sym.mapping(pid, addr).cloned();
-            output::pprof::write_noted(path, &types, &samples, &notes, mapping)?;
+            output::pprof::write(path, &types, &samples, &notes, mapping)?;
         }
         let folded = whole.map(|(pid, frames, _, bytes)| (folded_root(pid), frames.as_slice(), bytes));
         if is_final && let Some(path) = &self.args.folded {

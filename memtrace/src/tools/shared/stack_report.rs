@@ -102,7 +102,10 @@ impl StackRun {
         samples: &[output::pprof::Sample<'_>],
     ) -> Result<()> {
         match self.pprof.as_deref().filter(|_| is_final) {
-            Some(path) => output::pprof::write(path, sample_types, samples, |pid, addr| self.stacks.mapping(pid, addr)),
+            Some(path) => {
+                let mapping = |pid, addr| self.stacks.mapping(pid, addr);
+                output::pprof::write(path, sample_types, samples, &output::pprof::Notes::default(), mapping)
+            }
             None => Ok(()),
         }
     }
