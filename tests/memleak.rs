@@ -302,8 +302,11 @@ fn memleak_unwritable_folded_path_is_refused_before_attach() {
     let mounted = Command::new("mount").args(["-t", "tmpfs", "-o", "ro,size=64k", "tmpfs"]).arg(&dir).status().unwrap();
     assert!(mounted.success(), "mount a read-only tmpfs");
     let ro = dir.join("out.folded");
-    let ro_msg =
-        format!("--folded {}: cannot write {}: Read-only file system (os error 30)", ro.display(), dir.display());
+    let ro_msg = format!(
+        "--folded {}: cannot write {}: Read-only file system (os error 30); give a path memtrace can write",
+        ro.display(),
+        dir.display()
+    );
     let cases: [(&str, &str); 3] = [
         ("/tmp", "--folded /tmp is a directory: give a file path"),
         ("/nonexistent/out.folded", "--folded /nonexistent/out.folded: directory /nonexistent does not exist"),
@@ -370,7 +373,7 @@ fn memleak_checks_arguments_before_root() {
         as_nobody(&["memleak", "-p", "1", "--folded", "/etc/passwd"]),
         (
             Some(1),
-            "memtrace: error: --folded /etc/passwd: cannot write /etc/passwd: Permission denied (os error 13)".into()
+            "memtrace: error: --folded /etc/passwd: cannot write /etc/passwd: Permission denied (os error 13); give a path memtrace can write".into()
         )
     );
     assert_eq!(

@@ -266,8 +266,8 @@ fn memleak_command_bad_input_is_refused_before_attach() {
     assert_exact_error_of(
         &["memleak", "--folded", "/proc/version", "-c", "true"],
         &[
-            "--folded /proc/version: cannot write /proc/version: Input/output error (os error 5)",
-            "--folded /proc/version: cannot write /proc/version: I/O error (os error 5)",
+            "--folded /proc/version: cannot write /proc/version: Input/output error (os error 5); give a path memtrace can write",
+            "--folded /proc/version: cannot write /proc/version: I/O error (os error 5); give a path memtrace can write",
         ],
     );
     assert_exact_error(

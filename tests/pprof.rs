@@ -101,8 +101,8 @@ fn pprof_paths_that_cannot_be_written_are_one_line_errors() {
     assert_exact_error_of(
         &["faults", "--pprof", "/proc/version"],
         &[
-            "--pprof /proc/version: cannot write /proc/version: Input/output error (os error 5)",
-            "--pprof /proc/version: cannot write /proc/version: I/O error (os error 5)",
+            "--pprof /proc/version: cannot write /proc/version: Input/output error (os error 5); give a path memtrace can write",
+            "--pprof /proc/version: cannot write /proc/version: I/O error (os error 5); give a path memtrace can write",
         ],
     );
     assert_detached("memleak");

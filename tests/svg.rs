@@ -146,8 +146,8 @@ fn svg_paths_that_cannot_be_written_are_one_line_errors() {
     assert_exact_error_of(
         &["faults", "--svg", "/proc/version"],
         &[
-            "--svg /proc/version: cannot write /proc/version: Input/output error (os error 5)",
-            "--svg /proc/version: cannot write /proc/version: I/O error (os error 5)",
+            "--svg /proc/version: cannot write /proc/version: Input/output error (os error 5); give a path memtrace can write",
+            "--svg /proc/version: cannot write /proc/version: I/O error (os error 5); give a path memtrace can write",
         ],
     );
 }

@@ -112,7 +112,9 @@ pub fn check_writable(option: &str, path: &Path) -> Result<()> {
     if path.is_dir() {
         bail!("{option} {shown} is a directory: give a file path");
     }
-    let cannot = |err: io::Error| anyhow::anyhow!("{option} {shown}: cannot write {shown}: {err}");
+    let cannot = |err: io::Error| {
+        anyhow::anyhow!("{option} {shown}: cannot write {shown}: {err}; give a path memtrace can write")
+    };
     if let Ok(meta) = path.metadata() {
         // A FIFO's write waits for its reader, which may come only later.
         if meta.file_type().is_fifo() {
@@ -137,7 +139,7 @@ pub fn check_writable(option: &str, path: &Path) -> Result<()> {
     // SAFETY: a NUL-terminated path; faccessat reads it only.
     if unsafe { libc::faccessat(libc::AT_FDCWD, c_path.as_ptr(), libc::W_OK | libc::X_OK, libc::AT_EACCESS) } != 0 {
         let err = io::Error::last_os_error();
-        bail!("{option} {shown}: cannot write {}: {err}", parent.display());
+        bail!("{option} {shown}: cannot write {}: {err}; give a path memtrace can write", parent.display());
     }
     // Root passes that check in any directory, even one of /proc: create the file to be sure.
     std::fs::OpenOptions::new().write(true).create_new(true).open(path).map_err(cannot)?;
@@ -197,7 +199,10 @@ mod tests {
         let err = |p: &str| check_writable("--folded", Path::new(p)).unwrap_err().to_string();
         assert_eq!(err("/tmp"), "--folded /tmp is a directory: give a file path");
         assert_eq!(err("/nonexistent/f"), "--folded /nonexistent/f: directory /nonexistent does not exist");
-        assert_eq!(err("/proc/1/f"), "--folded /proc/1/f: cannot write /proc/1: Operation not permitted (os error 1)");
+        assert_eq!(
+            err("/proc/1/f"),
+            "--folded /proc/1/f: cannot write /proc/1: Operation not permitted (os error 1); give a path memtrace can write"
+        );
         let new = std::env::temp_dir().join(format!("memtrace-unwritten-{}", std::process::id()));
         assert!(check_writable("--folded", &new).is_ok());
         assert!(!new.exists(), "the check left {}", new.display());
@@ -208,7 +213,7 @@ mod tests {
         std::fs::remove_file(&new).unwrap();
         assert_eq!(
             err("/proc/version"),
-            "--folded /proc/version: cannot write /proc/version: Input/output error (os error 5)"
+            "--folded /proc/version: cannot write /proc/version: Input/output error (os error 5); give a path memtrace can write"
         );
         assert!(!std::env::temp_dir().join("memtrace-unwritten").exists(), "the check creates nothing");
     }
