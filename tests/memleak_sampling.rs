@@ -141,6 +141,7 @@ fn memleak_sampled_table_marks_its_estimates() {
         "  estimated from allocations sampled every 64.0 KiB on average (--sample-bytes 65536)",
         "{stdout}"
     );
+    assert_eq!(lines[title + 2], "  memory errors not checked: a sampled run leaves most blocks out", "{stdout}");
     let stacks: Vec<&&str> = lines.iter().filter(|l| l.contains(" allocations from stack ")).collect();
     assert!(!stacks.is_empty(), "{stdout}");
     for l in stacks {

@@ -797,6 +797,10 @@ fn render(report: &Report, sampling: Sampling) -> String {
     );
     if let Some(how) = sampling.describe() {
         let _ = writeln!(out, "  {how}");
+        // A quiet report must not read as "no double frees": the checks need every block.
+        if report.pid.is_some() {
+            let _ = writeln!(out, "  memory errors not checked: a sampled run leaves most blocks out");
+        }
     }
     // One process: its stacks as they come. Several (a command's tree): grouped by process.
     let several = report.processes.len() > 1;
