@@ -305,7 +305,18 @@ pub fn global_pressure(vm_mem: &Path) -> u64 {
         }
         eprintln!("global_pressure: {mib} MiB with {available_kib} KiB available: no direct reclaim yet");
     }
-    let stalls = allocstalls() - before;
+    // The kernel counts a stall as it begins and a tracer as it ends: a stall of another task
+    // still running now would be one and not the other. Wait for a second without a new one.
+    let mut now = allocstalls();
+    for _ in 0..20 {
+        std::thread::sleep(Duration::from_secs(1));
+        let later = allocstalls();
+        if later == now {
+            break;
+        }
+        now = later;
+    }
+    let stalls = now - before;
     assert!(stalls > 0, "4 rounds of memory pressure caused no direct reclaim");
     stalls
 }
